@@ -1,0 +1,96 @@
+"""Numbered SQL migrations, applied once each under an advisory lock.
+
+Migrations are the files ``federation/db/migrations/NNNN_name.sql``. Each is
+applied in its own transaction and recorded (with a checksum) in
+``schema_migrations``; an applied migration whose file later changes is an
+error, not something to silently re-run. Concurrent migrators serialise on a
+PostgreSQL advisory lock, so two processes starting at once do not collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+ADVISORY_LOCK_KEY = 0x46454452_4D494752  # "FEDRMIGR"
+_FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    """The migrations shipped with the package, in version order."""
+    found: list[Migration] = []
+    for entry in resources.files("federation.db.migrations").iterdir():
+        match = _FILE_PATTERN.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration numbers in {versions}")
+    return found
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+) -> list[int]:
+    """Apply every pending migration; return the versions applied by this call."""
+    migrations = load_migrations() if migrations is None else migrations
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        for migration in migrations:
+            if migration.version in done:
+                if done[migration.version] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} was changed after it "
+                        "was applied; add a new migration instead of editing an applied one"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version, migration.name, migration.checksum,
+                )
+            applied_now.append(migration.version)
+            log.info("applied migration", extra={"version": migration.version,
+                                                 "migration": migration.name})
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+    return applied_now

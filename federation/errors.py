@@ -1,0 +1,143 @@
+"""One error catalog for both edges of the federation.
+
+Domain code raises :class:`FederationError` with an :class:`ErrorCode`. The gRPC
+server interceptor turns it into a status (and a ``retry-after-ms`` trailer);
+gRPC clients turn the status back into the same error with
+:func:`from_rpc_error`; the HTTP gateway maps the code to an HTTP status and an
+OpenAI error ``type``. Those mappings live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+RETRY_AFTER_METADATA: Final = "retry-after-ms"
+"""Trailing metadata key carrying how long to wait before retrying, in ms."""
+
+PARAM_METADATA: Final = "error-param"
+"""Trailing metadata key naming the offending request parameter, if any."""
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    ABORTED = "aborted"
+    OUT_OF_RANGE = "out_of_range"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    DATA_LOSS = "data_loss"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    UNIMPLEMENTED = "unimplemented"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    grpc_status: grpc.StatusCode
+    http_status: int
+    openai_type: str
+
+
+CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
+    ErrorCode.INVALID_ARGUMENT: ErrorSpec(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
+    ),
+    ErrorCode.UNAUTHENTICATED: ErrorSpec(
+        grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"
+    ),
+    ErrorCode.PERMISSION_DENIED: ErrorSpec(
+        grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"
+    ),
+    ErrorCode.NOT_FOUND: ErrorSpec(grpc.StatusCode.NOT_FOUND, 404, "not_found_error"),
+    ErrorCode.ALREADY_EXISTS: ErrorSpec(grpc.StatusCode.ALREADY_EXISTS, 409, "conflict_error"),
+    ErrorCode.FAILED_PRECONDITION: ErrorSpec(
+        grpc.StatusCode.FAILED_PRECONDITION, 409, "conflict_error"
+    ),
+    ErrorCode.ABORTED: ErrorSpec(grpc.StatusCode.ABORTED, 409, "conflict_error"),
+    ErrorCode.OUT_OF_RANGE: ErrorSpec(
+        grpc.StatusCode.OUT_OF_RANGE, 400, "invalid_request_error"
+    ),
+    ErrorCode.RESOURCE_EXHAUSTED: ErrorSpec(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"
+    ),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(
+        grpc.StatusCode.OUT_OF_RANGE, 413, "invalid_request_error"
+    ),
+    ErrorCode.DATA_LOSS: ErrorSpec(grpc.StatusCode.DATA_LOSS, 400, "invalid_request_error"),
+    ErrorCode.UNAVAILABLE: ErrorSpec(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    ErrorCode.DEADLINE_EXCEEDED: ErrorSpec(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
+    ErrorCode.CANCELLED: ErrorSpec(grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    ErrorCode.UNIMPLEMENTED: ErrorSpec(grpc.StatusCode.UNIMPLEMENTED, 501, "not_implemented"),
+    ErrorCode.INTERNAL: ErrorSpec(grpc.StatusCode.INTERNAL, 500, "server_error"),
+}
+
+_BY_GRPC_STATUS: Final = {
+    spec.grpc_status: code
+    for code, spec in reversed(CATALOG.items())
+    if code is not ErrorCode.PAYLOAD_TOO_LARGE
+}
+
+INTERNAL_MESSAGE: Final = "Internal server error."
+
+
+class FederationError(Exception):
+    """An error whose message is safe to show to the caller."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return CATALOG[self.code]
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        pairs: list[tuple[str, str]] = []
+        if self.retry_after_seconds is not None:
+            pairs.append((RETRY_AFTER_METADATA, str(math.ceil(self.retry_after_seconds * 1000))))
+        if self.param:
+            pairs.append((PARAM_METADATA, self.param))
+        return tuple(pairs)
+
+    def __repr__(self) -> str:
+        return f"FederationError({self.code.name}, {self.message!r})"
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError:
+    """Turn a failed gRPC call back into the domain error the server raised."""
+    status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else None
+    code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
+    retry_after: float | None = None
+    param: str | None = None
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_METADATA:
+            retry_after = int(value) / 1000
+        elif key == PARAM_METADATA:
+            param = str(value)
+    message = details or status.name.lower()
+    if code is ErrorCode.UNAVAILABLE and not details:
+        message = "the node is unavailable"
+    return FederationError(code, message, param=param, retry_after_seconds=retry_after)

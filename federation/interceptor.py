@@ -1,0 +1,215 @@
+"""The one server interceptor every federation gRPC service runs behind.
+
+For each call it: establishes the caller's identity from the mTLS peer
+certificate, enforces the authorization table (PERMISSION_DENIED otherwise),
+puts the request id and caller in context variables for logs and handlers,
+translates :class:`FederationError` into a status (unknown exceptions become
+INTERNAL with a fixed public message), and records RPC metrics.
+
+An aio interceptor only sees the method name and metadata, and the peer's
+certificate is only reachable from the servicer context, so the checks run
+inside a wrapper around the method handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from federation import authz
+from federation.errors import INTERNAL_MESSAGE, FederationError
+from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
+from federation.pki import Identity, PKIError, parse_spiffe_id
+
+log = logging.getLogger(__name__)
+
+caller_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "caller", default=None
+)
+
+
+def current_caller() -> Identity:
+    """The authenticated identity of the call being served."""
+    caller = caller_var.get()
+    if caller is None:
+        raise RuntimeError("current_caller() used outside an RPC")
+    return caller
+
+
+class RpcMetrics:
+    """Prometheus series for served RPCs, following grpc-prometheus naming."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("grpc_service", "grpc_method", "grpc_code")
+        self.handled = Counter(
+            "federation_grpc_server_handled", "RPCs completed on the server.", labels,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "federation_grpc_server_handling_seconds", "RPC handling time.",
+            ("grpc_service", "grpc_method"), registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                     10, 30),
+        )
+        self.in_flight = Gauge(
+            "federation_grpc_server_in_flight", "RPCs being served.",
+            ("grpc_service", "grpc_method"), registry=registry,
+        )
+        self.denied = Counter(
+            "federation_grpc_server_denied", "Calls refused by authentication or authorization.",
+            ("grpc_service", "grpc_method", "reason"), registry=registry,
+        )
+
+
+def identity_from_context(context: grpc.aio.ServicerContext, trust_domain: str) -> Identity:
+    """The caller's SPIFFE identity; exactly one URI SAN is required."""
+    auth = context.auth_context()
+    uris = [
+        v.decode() for v in auth.get("x509_subject_alternative_name", [])
+        if v.decode().startswith("spiffe://")
+    ]
+    if len(uris) != 1:
+        raise PKIError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {len(uris)}")
+    return parse_spiffe_id(uris[0], trust_domain)
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.rpartition("/")
+    return service.lstrip("/"), name
+
+
+class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticate, authorize, contextualise, translate errors, measure."""
+
+    def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False):
+        self._trust_domain = trust_domain
+        self._metrics = metrics
+        self._insecure_dev = insecure_dev
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        request_id = clean_request_id(_metadata_value(handler_call_details, REQUEST_ID_HEADER))
+        return _wrap_handler(handler, lambda behavior: self._guard(method, request_id, behavior))
+
+    def _authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+        if self._insecure_dev:
+            return Identity(self._trust_domain, "insecure-dev", "admin")
+        return identity_from_context(context, self._trust_domain)
+
+    def _guard(self, method: str, request_id: str, behavior: Any) -> Any:
+        service, name = _split(method)
+        metrics = self._metrics
+
+        async def enter(context: grpc.aio.ServicerContext) -> tuple[contextvars.Token[str], ...]:
+            request_id_var.set(request_id)
+            try:
+                caller = self._authenticate(method, context)
+            except PKIError as exc:
+                metrics.denied.labels(service, name, "unauthenticated").inc()
+                log.warning("refused unauthenticated call", extra={"method": method,
+                                                                   "reason": str(exc)})
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                raise  # unreachable: abort raises
+            caller_var.set(caller)
+            peer_var.set(caller.spiffe_id)
+            if not authz.is_allowed(caller.role, method):
+                metrics.denied.labels(service, name, "permission_denied").inc()
+                log.warning(
+                    "permission denied",
+                    extra={"method": method, "caller": caller.spiffe_id, "role": caller.role},
+                )
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"role {caller.role!r} ({caller.spiffe_id}) may not call {method}",
+                )
+            return ()
+
+        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(exc, FederationError):
+                context.set_trailing_metadata(exc.trailing_metadata())
+                await context.abort(exc.spec.grpc_status, exc.message)
+            log.exception("unhandled error in %s", method, exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+        def finish(started: float, context: grpc.aio.ServicerContext) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            metrics.handled.labels(service, name, code_name).inc()
+            metrics.latency.labels(service, name).observe(time.perf_counter() - started)
+            metrics.in_flight.labels(service, name).dec()
+
+        async def unary_result(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            metrics.in_flight.labels(service, name).inc()
+            try:
+                await enter(context)
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                await fail(exc, context)
+            finally:
+                finish(started, context)
+
+        async def stream_result(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            metrics.in_flight.labels(service, name).inc()
+            try:
+                await enter(context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                await fail(exc, context)
+            finally:
+                finish(started, context)
+
+        return stream_result, unary_result
+
+
+def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for k, v in details.invocation_metadata or ():
+        if k == key:
+            return str(v)
+    return None
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, guard: Callable[[Any], Any]) -> Any:
+    if handler.unary_unary:
+        _, unary = guard(handler.unary_unary)
+        return grpc.unary_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        _, unary = guard(handler.stream_unary)
+        return grpc.stream_unary_rpc_method_handler(
+            unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        stream, _ = guard(handler.unary_stream)
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer
+        )
+    stream, _ = guard(handler.stream_stream)
+    return grpc.stream_stream_rpc_method_handler(
+        stream, handler.request_deserializer, handler.response_serializer
+    )

@@ -1,0 +1,160 @@
+"""A federation gRPC server: mTLS, authz, health, reflection, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from federation.channels import grpc_options
+from federation.config import GrpcConfig
+from federation.interceptor import FederationServerInterceptor, RpcMetrics
+from federation.pki import CertificateFiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service to host: its full name and how to add it to a server."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+def server_credentials(files: CertificateFiles) -> grpc.ServerCredentials:
+    """Require and verify a client certificate signed by the federation CA."""
+    key, cert, ca = files.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+class NodeServer:
+    """Hosts a set of services on one port with everything a node needs.
+
+    Lifecycle: ``await start()``, then ``await stop()``; ``stop`` first marks
+    every service NOT_SERVING, then refuses new calls and lets in-flight ones
+    finish within the grace period.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[ServiceRegistration],
+        *,
+        trust_domain: str,
+        grpc_config: GrpcConfig,
+        listen: str,
+        credentials: CertificateFiles | None,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """``credentials=None`` serves plaintext: only for ``--insecure-dev``."""
+        self._services = list(services)
+        self._trust_domain = trust_domain
+        self._config = grpc_config
+        self._listen = listen
+        self._credentials = credentials
+        self._metrics_host = metrics_host
+        self._metrics_port = metrics_port
+        self.registry = registry or CollectorRegistry()
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        interceptor = FederationServerInterceptor(
+            self._trust_domain, RpcMetrics(self.registry), insecure_dev=self._credentials is None
+        )
+        server = grpc.aio.server(
+            interceptors=[interceptor], options=grpc_options(self._config)
+        )
+        for service in self._services:
+            service.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [s.full_name for s in self._services]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        if self._credentials is None:
+            self.port = server.add_insecure_port(self._listen)
+        else:
+            self.port = server.add_secure_port(self._listen, server_credentials(self._credentials))
+        if self.port == 0:
+            raise OSError(f"could not listen on {self._listen}")
+        await server.start()
+        self._server = server
+        for name in names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self._metrics_port is not None:
+            await self._start_metrics()
+        log.info(
+            "serving",
+            extra={"listen": self._listen, "port": self.port, "metrics_port": self.metrics_port,
+                   "services": ",".join(names), "tls": self._credentials is not None},
+        )
+
+    async def _start_metrics(self) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(self.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._metrics_host, self._metrics_port)
+        await site.start()
+        self._metrics_runner = runner
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else 0
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self._config.grace_seconds if grace is None else grace
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            log.info("stopping", extra={"grace_seconds": grace})
+            await self._server.stop(grace)
+            self._server = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def unimplemented_servicer(servicer_base: type, service_name: str, note: str) -> Any:
+    """A servicer whose every method answers UNIMPLEMENTED with a clear message."""
+
+    def make(method: str) -> Callable[..., Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{service_name}/{method} is not implemented on this node yet ({note})",
+            )
+
+        return handler
+
+    methods = {
+        name: make(name)
+        for name in dir(servicer_base)
+        if not name.startswith("_") and callable(getattr(servicer_base, name))
+    }
+    return type(f"Unimplemented{servicer_base.__name__}", (servicer_base,), methods)()
