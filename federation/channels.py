@@ -8,7 +8,7 @@ metadata so one request can be followed through every node's logs and audit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -38,10 +38,10 @@ def client_credentials(files: CertificateFiles) -> grpc.ChannelCredentials:
 
 
 class _RequestIdInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
 ):
     """Adds the current request id to every outgoing call that lacks one."""
 
@@ -52,8 +52,11 @@ class _RequestIdInterceptor(
             return details
         metadata.append((REQUEST_ID_HEADER, request_id))
         return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, grpc.aio.Metadata(*metadata),
-            details.credentials, details.wait_for_ready,
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*metadata),
+            details.credentials,
+            details.wait_for_ready,
         )
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -81,12 +84,12 @@ def secure_channel(
         target,
         client_credentials(files),
         options=[*grpc_options(config), *extra_options],
-        interceptors=[_RequestIdInterceptor()],
+        interceptors=[cast(Any, _RequestIdInterceptor())],
     )
 
 
 def insecure_channel(target: str, config: GrpcConfig) -> grpc.aio.Channel:
     """Plaintext channel, only for nodes started with ``--insecure-dev``."""
     return grpc.aio.insecure_channel(
-        target, options=grpc_options(config), interceptors=[_RequestIdInterceptor()]
+        target, options=grpc_options(config), interceptors=[cast(Any, _RequestIdInterceptor())]
     )

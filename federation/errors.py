@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import grpc
 
@@ -131,7 +131,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError
     code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
     retry_after: float | None = None
     param: str | None = None
-    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == RETRY_AFTER_METADATA:
             retry_after = int(value) / 1000

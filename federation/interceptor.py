@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,9 +30,11 @@ from federation.pki import Identity, PKIError, parse_spiffe_id
 
 log = logging.getLogger(__name__)
 
-caller_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
-    "caller", default=None
-)
+if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+caller_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
 
 
 def current_caller() -> Identity:
@@ -49,30 +51,54 @@ class RpcMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("grpc_service", "grpc_method", "grpc_code")
         self.handled = Counter(
-            "federation_grpc_server_handled", "RPCs completed on the server.", labels,
+            "federation_grpc_server_handled",
+            "RPCs completed on the server.",
+            labels,
             registry=registry,
         )
         self.latency = Histogram(
-            "federation_grpc_server_handling_seconds", "RPC handling time.",
-            ("grpc_service", "grpc_method"), registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                     10, 30),
+            "federation_grpc_server_handling_seconds",
+            "RPC handling time.",
+            ("grpc_service", "grpc_method"),
+            registry=registry,
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+            ),
         )
         self.in_flight = Gauge(
-            "federation_grpc_server_in_flight", "RPCs being served.",
-            ("grpc_service", "grpc_method"), registry=registry,
+            "federation_grpc_server_in_flight",
+            "RPCs being served.",
+            ("grpc_service", "grpc_method"),
+            registry=registry,
         )
         self.denied = Counter(
-            "federation_grpc_server_denied", "Calls refused by authentication or authorization.",
-            ("grpc_service", "grpc_method", "reason"), registry=registry,
+            "federation_grpc_server_denied",
+            "Calls refused by authentication or authorization.",
+            ("grpc_service", "grpc_method", "reason"),
+            registry=registry,
         )
 
 
-def identity_from_context(context: grpc.aio.ServicerContext, trust_domain: str) -> Identity:
+def identity_from_context(context: Context, trust_domain: str) -> Identity:
     """The caller's SPIFFE identity; exactly one URI SAN is required."""
     auth = context.auth_context()
     uris = [
-        v.decode() for v in auth.get("x509_subject_alternative_name", [])
+        v.decode()
+        for v in auth.get("x509_subject_alternative_name", [])
         if v.decode().startswith("spiffe://")
     ]
     if len(uris) != 1:
@@ -85,7 +111,7 @@ def _split(method: str) -> tuple[str, str]:
     return service.lstrip("/"), name
 
 
-class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     """Authenticate, authorize, contextualise, translate errors, measure."""
 
     def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False):
@@ -95,17 +121,20 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method: str = handler_call_details.method
         request_id = clean_request_id(_metadata_value(handler_call_details, REQUEST_ID_HEADER))
-        return _wrap_handler(handler, lambda behavior: self._guard(method, request_id, behavior))
+        wrapped: Handler = _wrap_handler(
+            handler, lambda behavior: self._guard(method, request_id, behavior)
+        )
+        return wrapped
 
-    def _authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
+    def _authenticate(self, method: str, context: Context) -> Identity:
         if self._insecure_dev:
             return Identity(self._trust_domain, "insecure-dev", "admin")
         return identity_from_context(context, self._trust_domain)
@@ -114,14 +143,15 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         service, name = _split(method)
         metrics = self._metrics
 
-        async def enter(context: grpc.aio.ServicerContext) -> tuple[contextvars.Token[str], ...]:
+        async def enter(context: Context) -> tuple[contextvars.Token[str], ...]:
             request_id_var.set(request_id)
             try:
                 caller = self._authenticate(method, context)
             except PKIError as exc:
                 metrics.denied.labels(service, name, "unauthenticated").inc()
-                log.warning("refused unauthenticated call", extra={"method": method,
-                                                                   "reason": str(exc)})
+                log.warning(
+                    "refused unauthenticated call", extra={"method": method, "reason": str(exc)}
+                )
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
                 raise  # unreachable: abort raises
             caller_var.set(caller)
@@ -138,21 +168,21 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
                 )
             return ()
 
-        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        async def fail(exc: BaseException, context: Context) -> None:
             if isinstance(exc, FederationError):
                 context.set_trailing_metadata(exc.trailing_metadata())
                 await context.abort(exc.spec.grpc_status, exc.message)
             log.exception("unhandled error in %s", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
-        def finish(started: float, context: grpc.aio.ServicerContext) -> None:
+        def finish(started: float, context: Context) -> None:
             code = context.code() if hasattr(context, "code") else None
             code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
             metrics.handled.labels(service, name, code_name).inc()
             metrics.latency.labels(service, name).observe(time.perf_counter() - started)
             metrics.in_flight.labels(service, name).dec()
 
-        async def unary_result(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_result(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             metrics.in_flight.labels(service, name).inc()
             try:
@@ -165,7 +195,9 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             finally:
                 finish(started, context)
 
-        async def stream_result(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_result(
+            request: Any, context: Context
+        ) -> AsyncIterator[Any]:
             started = time.perf_counter()
             metrics.in_flight.labels(service, name).inc()
             try:
@@ -193,7 +225,7 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, guard: Callable[[Any], Any]) -> Any:
+def _wrap_handler(handler: Handler, guard: Callable[[Any], Any]) -> Any:
     if handler.unary_unary:
         _, unary = guard(handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(

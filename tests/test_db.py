@@ -13,7 +13,10 @@ from federation.db.migrate import Migration, MigrationError, apply_migrations, l
 async def _versions(url: str) -> list[int]:
     conn = await asyncpg.connect(url)
     try:
-        return [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+        return [
+            r["version"]
+            for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+        ]
     finally:
         await conn.close()
 

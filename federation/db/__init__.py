@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -43,7 +42,7 @@ class Database:
                 max_size=self._config.pool_max_size,
                 command_timeout=self._config.command_timeout_seconds,
             )
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         if self._migrate:
             async with self.pool.acquire() as conn:

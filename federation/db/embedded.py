@@ -38,7 +38,9 @@ class EmbeddedDsn:
     port: int
     password: str
 
-    def url(self, database: str = DATABASE, user: str = SUPERUSER, password: str | None = None) -> str:
+    def url(
+        self, database: str = DATABASE, user: str = SUPERUSER, password: str | None = None
+    ) -> str:
         return f"postgresql://{user}:{password or self.password}@{self.host}:{self.port}/{database}"
 
 
@@ -71,10 +73,22 @@ class EmbeddedPostgres:
             self._initdb(password)
         self.port = self.requested_port or _free_port(self.host)
         log_file = self.data_dir / "postgres.log"  # written by the postgres user
-        options = f"-h {self.host} -p {self.port} -c unix_socket_directories='' -c listen_addresses={self.host}"
+        # TCP on loopback only; no Unix socket, so no socket-directory permissions to manage.
+        options = f"-h {self.host} -p {self.port} -c unix_socket_directories=''"
         self._run(
-            ["pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-l", str(log_file),
-             "-o", options, "start"],
+            [
+                "pg_ctl",
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(log_file),
+                "-o",
+                options,
+                "start",
+            ],
             what="start PostgreSQL",
             log_file=log_file,
         )
@@ -84,8 +98,10 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         if not (self.data_dir / "postmaster.pid").exists():
             return
-        self._run(["pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop"],
-                  what="stop PostgreSQL")
+        self._run(
+            ["pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop"],
+            what="stop PostgreSQL",
+        )
         log.info("embedded postgres stopped", extra={"data": str(self.data_dir)})
 
     def _prepare_user(self) -> None:
@@ -100,6 +116,8 @@ class EmbeddedPostgres:
         )
 
         entry = ensure_user_exists(SYSTEM_USER)
+        if entry is None:
+            raise EmbeddedPostgresError(f"could not create the system user {SYSTEM_USER!r}")
         self._run_as = SYSTEM_USER
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         ensure_prefix_permissions(self.data_dir)
@@ -129,9 +147,20 @@ class EmbeddedPostgres:
             os.chown(pwfile, entry.pw_uid, entry.pw_gid)
         try:
             self._run(
-                ["initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "--pwfile", str(pwfile),
-                 "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8",
-                 "--locale=C", "--no-instructions"],
+                [
+                    "initdb",
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
                 what="initialise PostgreSQL",
             )
         finally:
@@ -141,7 +170,12 @@ class EmbeddedPostgres:
         argv = [str(self._bin / argv[0]), *argv[1:]]
         try:
             subprocess.run(
-                argv, check=True, capture_output=True, text=True, user=self._run_as, timeout=120,
+                argv,
+                check=True,
+                capture_output=True,
+                text=True,
+                user=self._run_as,
+                timeout=120,
                 cwd=str(self.data_dir.parent),
             )
         except subprocess.CalledProcessError as exc:

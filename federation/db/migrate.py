@@ -14,8 +14,10 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def load_migrations() -> list[Migration]:
 
 
 async def apply_migrations(
-    conn: asyncpg.Connection, migrations: list[Migration] | None = None
+    conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], migrations: list[Migration] | None = None
 ) -> list[int]:
     """Apply every pending migration; return the versions applied by this call."""
     migrations = load_migrations() if migrations is None else migrations
@@ -86,11 +88,15 @@ async def apply_migrations(
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version, migration.name, migration.checksum,
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
                 )
             applied_now.append(migration.version)
-            log.info("applied migration", extra={"version": migration.version,
-                                                 "migration": migration.name})
+            log.info(
+                "applied migration",
+                extra={"version": migration.version, "migration": migration.name},
+            )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     return applied_now

@@ -1,0 +1,63 @@
+# The README's set-up is two commands: `make run` and `make test`.
+# Everything else here is what those two are made of.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+# The whole dependency set is re-installed when pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: run test install protos check-protos lint-protos lint typecheck pytest bench clean
+
+run: $(STAMP)
+	$(BIN)/federation up
+
+test: $(STAMP) check-protos lint-protos lint typecheck pytest
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Installing the project (the first build of llama-cpp-python takes several minutes)..."
+	$(BIN)/python -m pip install --quiet -e '.[llm,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+# Regenerate the committed Python code from protos/ (grpcio-tools + mypy-protobuf).
+protos: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/gen_protos.sh .
+
+# Fail when the committed generated code differs from what protos/ produces.
+check-protos: $(STAMP)
+	@rm -rf .tools/gen-check && mkdir -p .tools/gen-check
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/gen_protos.sh .tools/gen-check
+	@diff -r -x __pycache__ federation/v1 .tools/gen-check/federation/v1 \
+		|| { echo "generated code in federation/v1 is stale: run 'make protos' and commit"; exit 1; }
+	@echo "generated code is up to date"
+
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+lint-protos: $(BUF)
+	$(BUF) lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check federation nodes gateway_http tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/keys.py
+	$(BIN)/python bench/gateway.py
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

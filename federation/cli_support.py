@@ -1,0 +1,72 @@
+"""What every CLI command shares: endpoints, the admin identity, output, failure."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from federation.channels import secure_channel
+from federation.config import Settings
+from federation.pki import CertificateFiles, PKIError, certificate_files
+
+ADMIN_NAME = "operator"
+"""Name of the admin identity ``federation up`` issues for the local operator."""
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr with a non-zero exit code."""
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"federation: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def load_endpoints(settings: Settings) -> dict[str, Any]:
+    """The running federation's addresses, written by ``federation up``."""
+    path = settings.endpoints_file
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CommandError(
+            f"no running federation found ({path} is missing); start one with `make run` "
+            "or `federation up`, or set FEDERATION_HOME"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path} is not valid JSON: {exc}") from exc
+    return data
+
+
+def admin_credentials(settings: Settings) -> CertificateFiles:
+    try:
+        return certificate_files(settings.home, settings.trust_domain, "admin", ADMIN_NAME)
+    except PKIError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def node_address(settings: Settings, role: str) -> str:
+    """Address of ``role``: peers configuration first, then endpoints.json."""
+    configured = settings.peers.addresses(role)
+    if configured:
+        return configured[0]
+    nodes = load_endpoints(settings).get("nodes", {})
+    if role not in nodes:
+        raise CommandError(f"the running federation has no {role} node")
+    return str(nodes[role]["grpc"])
+
+
+def admin_channel(settings: Settings, role: str) -> grpc.aio.Channel:
+    """An mTLS channel to ``role``'s node as the local operator (admin role)."""
+    return secure_channel(node_address(settings, role), admin_credentials(settings), settings.grpc)
+
+
+def home_path(settings: Settings) -> Path:
+    return settings.home.resolve()

@@ -1,0 +1,133 @@
+"""``federation node --role ROLE``: one role as a grpc.aio daemon.
+
+Start-up: identity → database (for roles that store state) → the role's
+service → the gRPC server → the ready file. Shutdown on SIGTERM/SIGINT runs the
+same steps in reverse: stop accepting, drain in-flight calls within the grace
+period, stop background work, close the pool; then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from federation.config import ROLES_WITH_SERVICES, Settings
+from federation.db import Database
+from federation.pki import PKIError, certificate_files
+from federation.server import NodeServer, ServiceRegistration
+from nodes.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+SERVICE_MODULES: dict[str, str] = {
+    "keys": "nodes.key_authority",
+    "memory": "nodes.thermal_memory",
+    "guardian": "nodes.guardian",
+    "inference": "nodes.inference",
+    "council": "nodes.council",
+    "broker": "nodes.edge_broker",
+}
+"""Which module implements the service of each role."""
+
+ROLES_WITH_DATABASE = frozenset({"keys", "memory", "guardian", "broker"})
+
+
+class _ServiceModule(Protocol):
+    async def create_service(self, runtime: NodeRuntime) -> ServiceRegistration: ...
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    role: str
+    listen: str
+    metrics_port: int | None = 0
+    insecure_dev: bool = False
+    ready_file: Path | None = None
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+async def serve(settings: Settings, options: DaemonOptions) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    if options.role not in ROLES_WITH_SERVICES:
+        raise DaemonError(
+            f"role {options.role!r} has no service to run; node roles are: "
+            + ", ".join(ROLES_WITH_SERVICES)
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        server = await _start(settings, options, stack)
+        if options.ready_file is not None:
+            _write_ready_file(options.ready_file, options.role, server)
+        await stop.wait()
+        log.info("shutdown requested")
+    log.info("stopped")
+
+
+async def _start(
+    settings: Settings, options: DaemonOptions, stack: contextlib.AsyncExitStack
+) -> NodeServer:
+    credentials = None
+    if not options.insecure_dev:
+        try:
+            credentials = certificate_files(
+                settings.home, settings.trust_domain, options.role, settings.node_name
+            )
+        except PKIError as exc:
+            raise DaemonError(str(exc)) from exc
+    database = None
+    if options.role in ROLES_WITH_DATABASE:
+        if not settings.database.url:
+            raise DaemonError(
+                f"the {options.role} node needs PostgreSQL: set FEDERATION_DATABASE_URL "
+                "(or start the whole federation with `federation up`)"
+            )
+        database = Database(settings.database.url, settings.database)
+        await database.start()
+        stack.push_async_callback(database.stop)
+    registry = CollectorRegistry()
+    cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
+    runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
+    module: _ServiceModule = importlib.import_module(SERVICE_MODULES[options.role])  # type: ignore[assignment]
+    registration = await module.create_service(runtime)
+    server = NodeServer(
+        [registration],
+        trust_domain=settings.trust_domain,
+        grpc_config=settings.grpc,
+        listen=options.listen,
+        credentials=credentials,
+        metrics_host=settings.nodes.metrics_host,
+        metrics_port=options.metrics_port,
+        registry=registry,
+    )
+    await server.start()
+    stack.push_async_callback(server.stop)
+    return server
+
+
+def _write_ready_file(path: Path, role: str, server: NodeServer) -> None:
+    info: dict[str, Any] = {
+        "role": role,
+        "pid": os.getpid(),
+        "grpc_port": server.port,
+        "metrics_port": server.metrics_port,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)

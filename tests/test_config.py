@@ -1,0 +1,46 @@
+"""Settings come from flags, then the environment, then the file, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from federation.config import ConfigError, load_settings
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    (tmp_path / "federation.toml").write_text(
+        "log_level = 'DEBUG'\n[gateway]\nhttp_port = 7000\nmax_body_bytes = 10\n"
+    )
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_GATEWAY_HTTP_PORT": "7100"}
+    settings = load_settings({"gateway.http_port": 7200}, env)
+    assert settings.gateway.http_port == 7200
+    assert load_settings({}, env).gateway.http_port == 7100
+    assert settings.gateway.max_body_bytes == 10
+    assert settings.log_level == "DEBUG"
+    assert settings.home == tmp_path
+
+
+def test_database_url_short_form(tmp_path: Path) -> None:
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_DATABASE_URL": "postgresql://x/y"}
+    assert load_settings({}, env).database.url == "postgresql://x/y"
+
+
+def test_defaults_without_anything() -> None:
+    settings = load_settings({}, {})
+    assert settings.home == Path(".federation")
+    assert settings.gateway.http_port == 8080
+    assert settings.grpc.max_message_bytes == 4 * 1024 * 1024
+
+
+def test_bad_values_and_unknown_keys_are_clear_errors(tmp_path: Path) -> None:
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_GATEWAY_HTTP_PORT": "eighty"}
+    with pytest.raises(ConfigError, match=r"gateway\.http_port"):
+        load_settings({}, env)
+    (tmp_path / "federation.toml").write_text("[gateway]\nhttp_prot = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting .gateway\.http_prot."):
+        load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+    (tmp_path / "federation.toml").write_text("[gateway\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
