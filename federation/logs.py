@@ -33,6 +33,21 @@ def clean_request_id(value: str | None) -> str:
     return new_request_id()
 
 
+class ContextFilter(logging.Filter):
+    """Stamps each record with the request id and caller of the RPC being served.
+
+    Runs when the record is logged, inside the caller's context, so the values
+    are right even if formatting happens later or elsewhere.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id") and (request_id := request_id_var.get()):
+            record.request_id = request_id
+        if not hasattr(record, "peer") and (peer := peer_var.get()):
+            record.peer = peer
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, context, extras."""
 
@@ -51,10 +66,6 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if request_id := request_id_var.get():
-            entry["request_id"] = request_id
-        if peer := peer_var.get():
-            entry["peer"] = peer
         for key, value in record.__dict__.items():
             if key not in self._STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
@@ -67,6 +78,7 @@ def configure(component: str, level: str = "INFO") -> None:
     """Send JSON logs to stderr. Called once by each process's entry point."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(component))
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import ssl
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import client_credentials
 from federation.config import GrpcConfig
+from federation.logs import ContextFilter, JsonFormatter
 from federation.server import NodeServer, pending_service
 from federation.v1 import council_pb2, council_pb2_grpc, guardian_pb2, guardian_pb2_grpc
 from tests.support import TestPKI, serving
@@ -102,14 +104,22 @@ async def test_role_not_allowed_is_denied_and_logged(
     pki: TestPKI, guardian_node: NodeServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="federation.interceptor")
+    caplog.handler.addFilter(ContextFilter())
     async with pki.channel(f"127.0.0.1:{guardian_node.port}", "edge", "phone-7") as channel:
         stub = guardian_pb2_grpc.GuardianServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReleaseShare(guardian_pb2.ReleaseShareRequest(tenant_id="t"), timeout=5)
+            await stub.ReleaseShare(
+                guardian_pb2.ReleaseShareRequest(tenant_id="t"), timeout=5,
+                metadata=(("x-request-id", "req-denied-1"),),
+            )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "GuardianService/ReleaseShare" in (info.value.details() or "")
     denied = [r for r in caplog.records if r.getMessage() == "permission denied"]
     assert denied and denied[0].__dict__["caller"] == "spiffe://federation.local/edge/phone-7"
+    # The request id travelled in gRPC metadata into the log record.
+    assert denied[0].__dict__["request_id"] == "req-denied-1"
+    line = json.loads(JsonFormatter("test").format(denied[0]))
+    assert line["request_id"] == "req-denied-1" and line["caller"].endswith("/edge/phone-7")
 
 
 async def test_allowed_role_reaches_the_service(pki: TestPKI, guardian_node: NodeServer) -> None:
