@@ -1,0 +1,1 @@
+"""API keys: format, strength model, authority (issue/verify/revoke/rotate), quotas, decay."""

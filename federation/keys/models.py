@@ -1,0 +1,143 @@
+"""The key authority's value types: keys, states, scopes, requests and results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Generic, TypeVar
+
+from federation.errors import ErrorCode, FederationError
+from federation.keys.strength import Accumulator
+
+SCOPES: Final = frozenset({
+    "chat", "council", "council:chiefs", "council:specialist", "memory:read", "memory:audit",
+    "edge", "admin", "vault:read", "vault:write",
+})
+"""Every scope a key may carry (common.proto lists them)."""
+
+MAX_DESCRIPTION_BYTES: Final = 256
+T = TypeVar("T")
+
+
+class KeyState(enum.Enum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+    EXPIRED = "expired"  # derived from expires_at, never stored
+
+
+class StrengthKind(enum.Enum):
+    ISSUED = "issued"
+    VERIFIED_USE = "verified_use"
+    FAILED_ATTEMPT = "failed_attempt"
+    DECAY = "decay"
+    ROTATION = "rotation"
+    SUSPENSION = "suspension"
+    REINSTATEMENT = "reinstatement"
+    REVOCATION = "revocation"
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key's stored state. Holds hashes, never the secret."""
+
+    tenant_id: str
+    key_id: str
+    scopes: tuple[str, ...]
+    description: str
+    stored_state: KeyState
+    secret_hash: bytes
+    old_secret_hash: bytes | None
+    old_secret_until: dt.datetime | None
+    created_at: dt.datetime
+    strength_epoch: dt.datetime
+    usage: Accumulator
+    last_used_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    requests_per_minute: int | None
+    token_quota: int | None
+    quota_period_seconds: int | None
+
+    def state_at(self, now: dt.datetime) -> KeyState:
+        if self.stored_state is KeyState.REVOKED:
+            return KeyState.REVOKED
+        if self.expires_at is not None and now >= self.expires_at:
+            return KeyState.EXPIRED
+        return self.stored_state
+
+    def grants(self, scope: str) -> bool:
+        """``council`` also grants ``council:chiefs``; an empty scope asks for nothing."""
+        return not scope or scope in self.scopes or scope.split(":", 1)[0] in self.scopes
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """A key as shown to callers: metadata plus its current strength in [0, 1]."""
+
+    record: KeyRecord
+    state: KeyState
+    strength: float
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    tenant_id: str
+    scopes: Sequence[str]
+    requests_per_minute: int | None = None
+    token_quota: int | None = None
+    quota_period_seconds: int | None = None
+    description: str = ""
+    ttl_seconds: float | None = None
+
+    def validated(self) -> IssueRequest:
+        if not self.tenant_id:
+            raise _invalid("tenant_id is required", "tenant_id")
+        if not self.scopes:
+            raise _invalid("at least one scope is required", "scopes")
+        unknown = sorted(set(self.scopes) - SCOPES)
+        if unknown:
+            raise _invalid(f"unknown scope(s) {', '.join(unknown)}; scopes are: "
+                           + ", ".join(sorted(SCOPES)), "scopes")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise _invalid("requests_per_minute must be positive", "requests_per_minute")
+        if self.token_quota is not None and self.token_quota <= 0:
+            raise _invalid("token_quota must be positive", "token_quota")
+        if (self.token_quota is None) != (self.quota_period_seconds is None):
+            raise _invalid("token_quota and quota_period go together", "quota_period")
+        if self.quota_period_seconds is not None and self.quota_period_seconds <= 0:
+            raise _invalid("quota_period must be positive", "quota_period")
+        if len(self.description.encode()) > MAX_DESCRIPTION_BYTES:
+            raise _invalid("description is longer than 256 bytes", "description")
+        if self.ttl_seconds is not None and self.ttl_seconds <= 0:
+            raise _invalid("ttl must be positive", "ttl")
+        return self
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new or rotated key: the full secret, shown this once."""
+
+    view: KeyView
+    secret: str = field(repr=False)
+    old_secret_expires_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class StrengthSample:
+    at: dt.datetime
+    strength: float
+    kind: StrengthKind
+    source: str
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+def _invalid(message: str, param: str) -> FederationError:
+    return FederationError(ErrorCode.INVALID_ARGUMENT, message, param=param)

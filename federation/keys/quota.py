@@ -1,0 +1,204 @@
+"""Per-key quotas: requests per minute and tokens per period, enforced in PostgreSQL.
+
+A charge is one conditional ``UPDATE … RETURNING``: it rolls an expired window
+over, adds the charge, and only matches the row if the result stays within
+both limits. PostgreSQL re-evaluates that condition against the newest row
+version when concurrent charges collide (READ COMMITTED re-check), so the
+limit holds across any number of gateway processes sharing the database;
+nothing is charged when either limit would be exceeded.
+
+Windows are fixed and start at the first charge after the previous one ended
+(so a client can get at most twice the limit across a window boundary).
+Time comes from the database clock (``statement_timestamp()``) so that every
+process agrees on it; tests may pin it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import asyncpg
+
+from federation.errors import ErrorCode, FederationError
+from federation.keys import keyformat
+from federation.memory.records import AuditEntry
+from federation.memory.sink import AuditSink
+
+_WINDOWS = """
+    WITH p AS (SELECT coalesce($3::timestamptz, statement_timestamp()) AS now),
+    cur AS (
+        SELECT q.tenant_id, q.key_id, k.requests_per_minute AS rpm, k.token_quota,
+               k.quota_period_seconds AS period, p.now,
+               (p.now >= q.minute_start + interval '1 minute') AS minute_over,
+               (k.quota_period_seconds IS NOT NULL AND
+                p.now >= q.period_start + make_interval(secs => k.quota_period_seconds))
+                   AS period_over,
+               q.minute_start, q.minute_requests, q.period_start, q.period_tokens
+        FROM api_key_quotas q JOIN api_keys k USING (tenant_id, key_id), p
+        WHERE q.key_id = $1 AND ($2::text IS NULL OR q.tenant_id = $2)
+    ),
+    nxt AS (
+        SELECT cur.*,
+            CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
+            CASE WHEN minute_over THEN 0 ELSE minute_requests END + $4 AS new_requests,
+            CASE WHEN period_over THEN now ELSE period_start END AS new_period_start,
+            CASE WHEN period_over THEN 0 ELSE period_tokens END + $5 AS new_tokens
+        FROM cur
+    )
+"""
+
+_FITS = (
+    "(rpm IS NULL OR new_requests <= rpm) AND (token_quota IS NULL OR new_tokens <= token_quota)"
+)
+
+_CHECK_SQL = _WINDOWS + f"SELECT nxt.*, ({_FITS}) AS fits FROM nxt"
+
+# The condition is on the row being updated (q), not on the CTE snapshot, so that the
+# READ COMMITTED re-check after a concurrent charge sees the newest counters.
+_CHARGE_SQL = _WINDOWS + """
+    UPDATE api_key_quotas q SET
+        minute_start = CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
+                            THEN nxt.now ELSE q.minute_start END,
+        minute_requests = CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
+                               THEN 0 ELSE q.minute_requests END + $4,
+        period_start = CASE WHEN nxt.period IS NOT NULL AND
+                                 nxt.now >= q.period_start + make_interval(secs => nxt.period)
+                            THEN nxt.now ELSE q.period_start END,
+        period_tokens = CASE WHEN nxt.period IS NOT NULL AND
+                                  nxt.now >= q.period_start + make_interval(secs => nxt.period)
+                             THEN 0 ELSE q.period_tokens END + $5
+    FROM nxt
+    WHERE q.tenant_id = nxt.tenant_id AND q.key_id = nxt.key_id
+      AND (nxt.rpm IS NULL OR
+           CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
+                THEN 0 ELSE q.minute_requests END + $4 <= nxt.rpm)
+      AND (nxt.token_quota IS NULL OR
+           CASE WHEN nxt.period IS NOT NULL AND
+                     nxt.now >= q.period_start + make_interval(secs => nxt.period)
+                THEN 0 ELSE q.period_tokens END + $5 <= nxt.token_quota)
+    RETURNING q.minute_start AS new_minute_start, q.minute_requests AS new_requests,
+              q.period_start AS new_period_start, q.period_tokens AS new_tokens,
+              nxt.rpm, nxt.token_quota, nxt.period, nxt.now
+"""
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    tokens_used: int
+    tokens_remaining: int | None
+    requests_remaining: int | None
+    requests_reset_in: float | None
+    period_end: dt.datetime | None
+    retry_after: float | None = None
+
+
+class QuotaService:
+    def __init__(self, pool: asyncpg.Pool, audit: AuditSink) -> None:
+        self._pool = pool
+        self._audit = audit
+
+    async def check(
+        self, key_id: str, tenant_id: str | None, *, tokens: int, is_request: bool,
+        at: dt.datetime | None = None,
+    ) -> tuple[bool, QuotaStatus]:
+        """Would this charge fit now? Charges nothing."""
+        row = await self._fetch(_CHECK_SQL, key_id, tenant_id, tokens, is_request, at)
+        fits = bool(row["fits"])
+        # Status of the window as it stands, without the prospective charge.
+        status = _status(row, tokens, 1 if is_request else 0, charged=False)
+        if not fits:
+            status = _with_retry(status, row, tokens, is_request)
+        return fits, status
+
+    async def consume(
+        self, key_id: str, tenant_id: str | None, *, tokens: int, is_request: bool,
+        actor: str, at: dt.datetime | None = None,
+    ) -> QuotaStatus:
+        """Charge atomically, or raise RESOURCE_EXHAUSTED having charged nothing."""
+        _validate(key_id, tokens)
+        row = await self._pool.fetchrow(
+            _CHARGE_SQL, key_id, tenant_id, at, 1 if is_request else 0, tokens
+        )
+        if row is not None:
+            return _status(row, 0, 0, charged=True)
+        fits, status = await self.check(key_id, tenant_id, tokens=tokens,
+                                        is_request=is_request, at=at)
+        if fits:  # the window rolled over between the two statements: try once more
+            return await self.consume(key_id, tenant_id, tokens=tokens, is_request=is_request,
+                                      actor=actor, at=at)
+        await self._refuse(key_id, tenant_id, status, tokens, actor)
+        raise AssertionError("unreachable")
+
+    async def _refuse(
+        self, key_id: str, tenant_id: str | None, status: QuotaStatus, tokens: int, actor: str
+    ) -> None:
+        retry = status.retry_after or 0.0
+        tenant = tenant_id or await self._pool.fetchval(
+            "SELECT tenant_id FROM api_keys WHERE key_id = $1", key_id
+        )
+        try:
+            await self._audit.record(AuditEntry(
+                actor=actor, action="key.quota_exhausted", tenant_id=str(tenant or ""),
+                subject=key_id, attributes={"tokens": str(tokens), "retry_after": f"{retry:.3f}"},
+            ))
+        except Exception as exc:
+            raise FederationError(ErrorCode.UNAVAILABLE,
+                                  "the audit log could not record key.quota_exhausted") from exc
+        raise FederationError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"quota exceeded for API key {key_id}; retry in {max(retry, 0.001):.3g}s",
+            retry_after_seconds=retry,
+        )
+
+    async def _fetch(
+        self, sql: str, key_id: str, tenant_id: str | None, tokens: int, is_request: bool,
+        at: dt.datetime | None,
+    ) -> asyncpg.Record:
+        _validate(key_id, tokens)
+        row = await self._pool.fetchrow(sql, key_id, tenant_id, at, 1 if is_request else 0,
+                                        tokens)
+        if row is None:
+            raise FederationError(ErrorCode.NOT_FOUND, f"no API key {key_id}", param="key_id")
+        return row
+
+
+def _validate(key_id: str, tokens: int) -> None:
+    keyformat.validate_key_id(key_id)
+    if tokens < 0:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "tokens must not be negative",
+                              param="tokens")
+
+
+def _status(row: asyncpg.Record, tokens: int, requests: int, *, charged: bool) -> QuotaStatus:
+    """Usage from a row's new_* columns; for a check, minus the prospective charge."""
+    used = int(row["new_tokens"]) - (0 if charged else tokens)
+    made = int(row["new_requests"]) - (0 if charged else requests)
+    now: dt.datetime = row["now"]
+    period_end = (
+        row["new_period_start"] + dt.timedelta(seconds=row["period"])
+        if row["period"] is not None else None
+    )
+    reset_in = (row["new_minute_start"] + dt.timedelta(minutes=1) - now).total_seconds()
+    return QuotaStatus(
+        tokens_used=used,
+        tokens_remaining=max(0, row["token_quota"] - used) if row["token_quota"] else None,
+        requests_remaining=max(0, row["rpm"] - made) if row["rpm"] else None,
+        requests_reset_in=reset_in if row["rpm"] else None,
+        period_end=period_end,
+    )
+
+
+def _with_retry(
+    status: QuotaStatus, row: asyncpg.Record, tokens: int, is_request: bool
+) -> QuotaStatus:
+    now: dt.datetime = row["now"]
+    waits: list[float] = []
+    if row["rpm"] is not None and is_request and row["new_requests"] > row["rpm"]:
+        waits.append((row["new_minute_start"] + dt.timedelta(minutes=1) - now).total_seconds())
+    if row["token_quota"] is not None and row["new_tokens"] > row["token_quota"]:
+        assert status.period_end is not None
+        waits.append((status.period_end - now).total_seconds())
+    retry = max(waits) if waits else 0.0
+    return QuotaStatus(status.tokens_used, status.tokens_remaining, status.requests_remaining,
+                       status.requests_reset_in, status.period_end, max(retry, 0.0))

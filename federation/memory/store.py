@@ -1,0 +1,297 @@
+"""Thermal memory over PostgreSQL: record, read (warms), search, verify, cool.
+
+``MemoryStore`` is the local :class:`~federation.memory.sink.AuditSink` (the
+memory node itself uses it) and the domain core behind ThermalMemoryService.
+Tenant scoping: every read takes ``tenant_id``; ``None`` means "any tenant" and
+is only passed for operator (admin) callers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+
+from federation.config import MemoryConfig
+from federation.errors import ErrorCode, FederationError
+from federation.memory.records import GENESIS_HASH, AuditEntry, MemoryRecord, Tier
+from federation.memory.writer import ChainWriter, Clock, utc_now
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    tenant_id: str | None
+    """``None``: every tenant (operators only)."""
+    action_prefix: str = ""
+    request_id: str = ""
+    actor: str = ""
+    start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+    tier: Tier | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    records: list[MemoryRecord]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """Outcome of walking (part of) the chain."""
+
+    intact: bool
+    records_checked: int
+    first_bad_sequence: int | None = None
+    problem: str = ""
+
+
+class MemoryStore:
+    """The thermal memory domain; ``start()`` before use, ``stop()`` after."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, config: MemoryConfig, *, clock: Clock = utc_now
+    ) -> None:
+        self._pool = pool
+        self._config = config
+        self._writer = ChainWriter(
+            pool, default_temperature=config.initial_temperature,
+            max_batch=config.max_batch, clock=clock,
+        )
+
+    async def start(self) -> None:
+        await self._writer.start()
+
+    async def stop(self) -> None:
+        await self._writer.stop()
+
+    async def record(self, entry: AuditEntry) -> MemoryRecord:
+        """Append ``entry``; returns once it is committed (AuditSink)."""
+        return await self._writer.append(entry)
+
+    async def read(self, tenant_id: str | None, sequence: int) -> MemoryRecord:
+        """One record; reading warms it by ``read_bump`` degrees."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE memory_records SET temperature = least(100, temperature + $3) "
+                "WHERE sequence = $1 AND ($2::text IS NULL OR tenant_id = $2) RETURNING *",
+                sequence, tenant_id, self._config.read_bump,
+            )
+            if row is None:
+                raise FederationError(
+                    ErrorCode.NOT_FOUND, f"no memory record {sequence} for this tenant",
+                    param="sequence",
+                )
+            record = record_from_row(row)
+            if record.compressed and record.temperature >= self._config.compress_below:
+                # Warm again: store it uncompressed, as the warm and hot tiers are.
+                await conn.execute(
+                    "UPDATE memory_records SET body = $2, compressed = false WHERE sequence = $1",
+                    sequence, record.body,
+                )
+                record = replace(record, compressed=False)
+        return record
+
+    async def search(self, query: SearchQuery) -> SearchPage:
+        """Matching records, newest first. Does not change temperatures."""
+        size = _page_size(query.page_size)
+        where, args = _search_filters(query)
+        args.append(size + 1)
+        rows = await self._pool.fetch(
+            f"SELECT * FROM memory_records WHERE {' AND '.join(where)} "
+            f"ORDER BY sequence DESC LIMIT ${len(args)}",
+            *args,
+        )
+        records = [record_from_row(r) for r in rows[:size]]
+        token = str(records[-1].sequence) if len(rows) > size else ""
+        return SearchPage(records, token)
+
+    async def trail(self, request_id: str, tenant_id: str | None = None) -> list[MemoryRecord]:
+        """Every record written while serving ``request_id``, oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM memory_records WHERE request_id = $1 "
+            "AND ($2::text IS NULL OR tenant_id = $2) ORDER BY sequence",
+            request_id, tenant_id,
+        )
+        return [record_from_row(r) for r in rows]
+
+    async def head(self) -> int:
+        """Sequence of the newest record (0 when empty)."""
+        value = await self._pool.fetchval("SELECT coalesce(max(sequence), 0) FROM memory_records")
+        return int(value)
+
+    async def verify_chain(self, from_sequence: int = 1, to_sequence: int = 0) -> ChainReport:
+        """Recompute every hash and link in the range; report the first problem."""
+        first = max(from_sequence, 1)
+        last = to_sequence or await self.head()
+        walker = _ChainWalker(first, await self._hash_before(first))
+        cursor = first
+        while cursor <= last:
+            rows = await self._pool.fetch(
+                "SELECT * FROM memory_records WHERE sequence >= $1 AND sequence <= $2 "
+                "ORDER BY sequence LIMIT $3",
+                cursor, last, self._config.verify_page_size,
+            )
+            if not rows:
+                break
+            for row in rows:
+                if not walker.check(row):
+                    return walker.report()
+            cursor = rows[-1]["sequence"] + 1
+        walker.expect_end(last)
+        return walker.report()
+
+    async def _hash_before(self, sequence: int) -> bytes | None:
+        if sequence == 1:
+            return GENESIS_HASH
+        value = await self._pool.fetchval(
+            "SELECT hash FROM memory_records WHERE sequence = $1", sequence - 1
+        )
+        return bytes(value) if value is not None else None
+
+    async def cool(self, degrees: int | None = None) -> int:
+        """Lower every record's temperature; compress what went cold. Returns rows cooled."""
+        amount = self._config.decay_amount if degrees is None else degrees
+        status = await self._pool.execute(
+            "UPDATE memory_records SET temperature = greatest(0, temperature - $1) "
+            "WHERE temperature > 0",
+            amount,
+        )
+        await self.compress_cold()
+        return int(status.split()[-1])
+
+    async def compress_cold(self, page: int = 500) -> int:
+        """Compress bodies of cold and ember records; never deletes anything."""
+        done = 0
+        while True:
+            rows = await self._pool.fetch(
+                "SELECT sequence, body FROM memory_records WHERE NOT compressed "
+                "AND temperature < $1 AND octet_length(body) > 64 ORDER BY sequence LIMIT $2",
+                self._config.compress_below, page,
+            )
+            if not rows:
+                return done
+            await self._pool.executemany(
+                "UPDATE memory_records SET body = $2, compressed = true WHERE sequence = $1",
+                [(r["sequence"], zlib.compress(bytes(r["body"]), 9)) for r in rows],
+            )
+            done += len(rows)
+
+
+class _ChainWalker:
+    """Checks records one by one, in order, remembering the first problem."""
+
+    def __init__(self, first: int, prev_hash: bytes | None) -> None:
+        self.expected = first
+        self.prev_hash = prev_hash
+        self.checked = 0
+        self.bad: int | None = None
+        self.problem = ""
+        if prev_hash is None:
+            self._fail(first - 1, f"record {first - 1} is missing")
+
+    def check(self, row: asyncpg.Record) -> bool:
+        if self.bad is not None:
+            return False
+        sequence = int(row["sequence"])
+        if sequence != self.expected:
+            return self._fail(self.expected, f"record {self.expected} is missing")
+        try:
+            record = record_from_row(row)
+        except zlib.error:
+            return self._fail(sequence, f"record {sequence} has a corrupt compressed body")
+        self.checked += 1
+        if record.prev_hash != self.prev_hash:
+            return self._fail(sequence, f"record {sequence} does not link to record {sequence - 1}")
+        if record.computed_hash() != record.hash:
+            return self._fail(sequence, f"record {sequence} was altered: its hash does not match")
+        self.prev_hash = record.hash
+        self.expected += 1
+        return True
+
+    def expect_end(self, last: int) -> None:
+        if self.bad is None and self.expected <= last:
+            self._fail(self.expected, f"record {self.expected} is missing")
+
+    def report(self) -> ChainReport:
+        return ChainReport(self.bad is None, self.checked, self.bad, self.problem)
+
+    def _fail(self, sequence: int, problem: str) -> bool:
+        if self.bad is None:
+            self.bad, self.problem = sequence, problem
+        return False
+
+
+def record_from_row(row: asyncpg.Record) -> MemoryRecord:
+    body = bytes(row["body"])
+    if row["compressed"]:
+        body = zlib.decompress(body)
+    return MemoryRecord(
+        sequence=row["sequence"], tenant_id=row["tenant_id"], actor=row["actor"],
+        action=row["action"], subject=row["subject"], request_id=row["request_id"],
+        created_at=row["created_at"], attributes=_attributes(row["attributes"]), body=body,
+        prev_hash=bytes(row["prev_hash"]), hash=bytes(row["hash"]),
+        temperature=row["temperature"], compressed=row["compressed"],
+    )
+
+
+def _attributes(raw: str | Mapping[str, Any]) -> dict[str, str]:
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    # Kept verbatim (no str() coercion) so a tampered non-string value changes the hash.
+    return dict(value)
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
+                              param="page_size")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _search_filters(query: SearchQuery) -> tuple[list[str], list[Any]]:
+    where: list[str] = ["true"]
+    args: list[Any] = []
+
+    def add(clause: str, value: Any) -> None:
+        args.append(value)
+        where.append(clause.replace("?", f"${len(args)}"))
+
+    if query.tenant_id is not None:
+        add("tenant_id = ?", query.tenant_id)
+    if query.action_prefix:
+        add("starts_with(action, ?)", query.action_prefix)
+    if query.request_id:
+        add("request_id = ?", query.request_id)
+    if query.actor:
+        add("actor = ?", query.actor)
+    if query.start_time is not None:
+        add("created_at >= ?", query.start_time)
+    if query.end_time is not None:
+        add("created_at < ?", query.end_time)
+    if query.tier is not None:
+        low, high = query.tier.bounds
+        add("temperature >= ?", low)
+        add("temperature <= ?", high)
+    if query.page_token:
+        add("sequence < ?", _parse_token(query.page_token))
+    return where, args
+
+
+def _parse_token(token: str) -> int:
+    if not token.isdigit():
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
+                              param="page_token")
+    return int(token)

@@ -1,0 +1,195 @@
+"""KeyAuthorityService: a thin adapter over :mod:`federation.keys`.
+
+Audit records go to the memory node through ``runtime.peer_channel("memory")``.
+Key-id based calls are open to any tenant for the roles the authorization
+table lets in (``admin`` for management, ``gateway`` for verify and quotas):
+the gateway acts for whichever tenant owns the presented key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from federation.errors import ErrorCode, FederationError
+from federation.interceptor import current_caller
+from federation.keys.authority import KeyAuthority
+from federation.keys.decay import strength_decay_job
+from federation.keys.models import IssueRequest, KeyState, KeyView, StrengthKind
+from federation.keys.quota import QuotaService, QuotaStatus
+from federation.memory.client import GrpcAuditSink
+from federation.memory.convert import timestamp
+from federation.server import ServiceRegistration
+from federation.v1 import key_authority_pb2 as pb
+from federation.v1 import key_authority_pb2_grpc as pb_grpc
+from nodes.runtime import NodeRuntime
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyAuthorityService"].full_name
+_ANY_TENANT_ROLES = frozenset({"admin", "gateway"})
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+_STATE = {
+    KeyState.ACTIVE: pb.KEY_STATE_ACTIVE, KeyState.SUSPENDED: pb.KEY_STATE_SUSPENDED,
+    KeyState.REVOKED: pb.KEY_STATE_REVOKED, KeyState.EXPIRED: pb.KEY_STATE_EXPIRED,
+}
+_KIND = {kind: getattr(pb, f"STRENGTH_EVENT_KIND_{kind.name}") for kind in StrengthKind}
+
+
+def caller_tenant_scope() -> None:
+    """Key-id calls act for any tenant, but only for roles trusted to do so."""
+    role = current_caller().role
+    if role not in _ANY_TENANT_ROLES:
+        raise FederationError(ErrorCode.PERMISSION_DENIED, f"role {role!r} may not manage keys")
+
+
+def key_to_proto(view: KeyView) -> pb.ApiKey:
+    record = view.record
+    message = pb.ApiKey(
+        key_id=record.key_id, tenant_id=record.tenant_id, scopes=list(record.scopes),
+        state=_STATE[view.state],  # type: ignore[arg-type]
+        strength=view.strength, create_time=timestamp(record.created_at),
+        description=record.description,
+    )
+    if record.last_used_at is not None:
+        message.last_used_time.CopyFrom(timestamp(record.last_used_at))
+    if record.revoked_at is not None:
+        message.revoke_time.CopyFrom(timestamp(record.revoked_at))
+    if record.expires_at is not None:
+        message.expire_time.CopyFrom(timestamp(record.expires_at))
+    if record.requests_per_minute is not None:
+        message.requests_per_minute = record.requests_per_minute
+    if record.token_quota is not None and record.quota_period_seconds is not None:
+        message.token_quota = record.token_quota
+        message.quota_period.CopyFrom(Duration(seconds=record.quota_period_seconds))
+    return message
+
+
+def quota_to_proto(status: QuotaStatus) -> pb.QuotaStatus:
+    message = pb.QuotaStatus(tokens_used=status.tokens_used)
+    if status.tokens_remaining is not None:
+        message.tokens_remaining = status.tokens_remaining
+    if status.requests_remaining is not None:
+        message.requests_remaining = status.requests_remaining
+    if status.requests_reset_in is not None:
+        message.requests_reset_in.CopyFrom(_duration(status.requests_reset_in))
+    if status.period_end is not None:
+        message.period_end_time.CopyFrom(timestamp(status.period_end))
+    if status.retry_after is not None:
+        message.retry_after.CopyFrom(_duration(status.retry_after))
+    return message
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return value
+
+
+class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
+    def __init__(self, authority: KeyAuthority, quotas: QuotaService) -> None:
+        self._keys = authority
+        self._quotas = quotas
+
+    async def IssueKey(self, request: pb.IssueKeyRequest, context: Context) -> pb.IssueKeyResponse:
+        caller_tenant_scope()
+        issued = await self._keys.issue(IssueRequest(
+            tenant_id=request.tenant_id, scopes=list(request.scopes),
+            requests_per_minute=(request.requests_per_minute
+                                 if request.HasField("requests_per_minute") else None),
+            token_quota=request.token_quota if request.HasField("token_quota") else None,
+            quota_period_seconds=(request.quota_period.seconds
+                                  if request.HasField("quota_period") else None),
+            description=request.description,
+            ttl_seconds=request.ttl.ToTimedelta().total_seconds()
+            if request.HasField("ttl") else None,
+        ), actor=current_caller().spiffe_id)
+        return pb.IssueKeyResponse(key=key_to_proto(issued.view), secret=issued.secret)
+
+    async def VerifyKey(
+        self, request: pb.VerifyKeyRequest, context: Context
+    ) -> pb.VerifyKeyResponse:
+        source = request.source or current_caller().spiffe_id
+        view = await self._keys.verify(request.key, source, request.required_scope)
+        return pb.VerifyKeyResponse(key=key_to_proto(view), strength=view.strength)
+
+    async def RevokeKey(
+        self, request: pb.RevokeKeyRequest, context: Context
+    ) -> pb.RevokeKeyResponse:
+        caller_tenant_scope()
+        view = await self._keys.revoke(request.key_id, None, current_caller().spiffe_id,
+                                       request.reason)
+        return pb.RevokeKeyResponse(key=key_to_proto(view))
+
+    async def RotateKey(
+        self, request: pb.RotateKeyRequest, context: Context
+    ) -> pb.RotateKeyResponse:
+        caller_tenant_scope()
+        grace = (request.grace_period.ToTimedelta().total_seconds()
+                 if request.HasField("grace_period") else 0.0)
+        rotated = await self._keys.rotate(request.key_id, None, current_caller().spiffe_id,
+                                          grace)
+        response = pb.RotateKeyResponse(key=key_to_proto(rotated.view), secret=rotated.secret)
+        if rotated.old_secret_expires_at is not None:
+            response.old_secret_expires_at.CopyFrom(timestamp(rotated.old_secret_expires_at))
+        return response
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Context) -> pb.ListKeysResponse:
+        caller_tenant_scope()
+        page = await self._keys.list_keys(
+            request.tenant_id, include_revoked=request.include_revoked,
+            page_size=request.page_size, page_token=request.page_token,
+        )
+        return pb.ListKeysResponse(keys=[key_to_proto(v) for v in page.items],
+                                   next_page_token=page.next_page_token)
+
+    async def GetKeyStrengthHistory(
+        self, request: pb.GetKeyStrengthHistoryRequest, context: Context
+    ) -> pb.GetKeyStrengthHistoryResponse:
+        caller_tenant_scope()
+        page = await self._keys.history(request.key_id, None, page_size=request.page_size,
+                                        page_token=request.page_token)
+        samples = [
+            pb.StrengthSample(time=timestamp(s.at), strength=s.strength,
+                              kind=_KIND[s.kind], source=s.source)
+            for s in page.items
+        ]
+        return pb.GetKeyStrengthHistoryResponse(samples=samples,
+                                                next_page_token=page.next_page_token)
+
+    async def CheckQuota(
+        self, request: pb.CheckQuotaRequest, context: Context
+    ) -> pb.CheckQuotaResponse:
+        caller_tenant_scope()
+        allowed, status = await self._quotas.check(
+            request.key_id, None, tokens=request.tokens, is_request=request.is_request)
+        return pb.CheckQuotaResponse(allowed=allowed, status=quota_to_proto(status))
+
+    async def ConsumeQuota(
+        self, request: pb.ConsumeQuotaRequest, context: Context
+    ) -> pb.ConsumeQuotaResponse:
+        caller_tenant_scope()
+        status = await self._quotas.consume(
+            request.key_id, None, tokens=request.tokens, is_request=request.is_request,
+            actor=current_caller().spiffe_id)
+        return pb.ConsumeQuotaResponse(status=quota_to_proto(status))
+
+
+async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
+    settings = runtime.settings
+    pool = runtime.require_database().pool
+    audit = GrpcAuditSink(runtime.peer_channel("memory"),
+                          timeout_seconds=settings.grpc.call_timeout_seconds)
+    authority = KeyAuthority(pool, settings.keys, audit)
+    await authority.start()
+    runtime.cleanup.push_async_callback(authority.stop)
+    decay = strength_decay_job(authority, pool, settings.keys.decay_interval_seconds)
+    await decay.start()
+    runtime.cleanup.push_async_callback(decay.stop)
+    servicer = KeyAuthorityServicer(authority, QuotaService(pool, audit))
+
+    def add(server: grpc.aio.Server) -> None:
+        pb_grpc.add_KeyAuthorityServiceServicer_to_server(servicer, server)
+
+    return ServiceRegistration(SERVICE_NAME, add)

@@ -1,0 +1,192 @@
+"""Key authority and thermal memory nodes through real grpc.aio servers with mTLS."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from prometheus_client import CollectorRegistry
+
+from federation.cli import build_parser
+from federation.cli_support import ADMIN_NAME
+from federation.config import PeersConfig, Settings
+from federation.db import Database
+from federation.errors import ErrorCode, from_rpc_error
+from federation.server import NodeServer
+from federation.v1 import key_authority_pb2 as kpb
+from federation.v1 import key_authority_pb2_grpc as kgrpc
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
+from nodes import key_authority, thermal_memory
+from nodes.runtime import NodeRuntime
+from tests.support import TestPKI, serving
+
+
+@dataclass
+class Federation:
+    pki: TestPKI
+    keys: NodeServer
+    memory: NodeServer
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def _channel(self, port: int, role: str) -> grpc.aio.Channel:
+        # Stubs do not keep their channel alive: hold it here until teardown.
+        self.channels.append(self.pki.channel(f"127.0.0.1:{port}", role))
+        return self.channels[-1]
+
+    def keys_stub(self, role: str) -> kgrpc.KeyAuthorityServiceAsyncStub:
+        return kgrpc.KeyAuthorityServiceStub(self._channel(self.keys.port, role))
+
+    def memory_stub(self, role: str) -> mgrpc.ThermalMemoryServiceAsyncStub:
+        return mgrpc.ThermalMemoryServiceStub(self._channel(self.memory.port, role))
+
+
+@contextlib.asynccontextmanager
+async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
+               module: object) -> AsyncIterator[NodeServer]:
+    async with contextlib.AsyncExitStack() as cleanup:
+        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
+                              CollectorRegistry(), cleanup)
+        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
+        async with serving(pki, [registration], role=role) as server:
+            yield server
+
+
+@pytest.fixture
+async def federation(tmp_path: Path, database: Database) -> AsyncIterator[Federation]:
+    pki = TestPKI(tmp_path / "home")
+    async with node(pki, "memory", Settings(), database, thermal_memory) as memory:
+        settings = Settings(peers=PeersConfig(memory=f"127.0.0.1:{memory.port}"))
+        async with node(pki, "keys", settings, database, key_authority) as keys:
+            fed = Federation(pki, keys, memory)
+            try:
+                yield fed
+            finally:
+                for channel in fed.channels:
+                    await channel.close()
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call  # type: ignore[misc]
+    return failed.value
+
+
+async def test_issue_verify_and_quota_over_mtls(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    issued = await admin.IssueKey(
+        kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"], requests_per_minute=2),
+        metadata=(("x-request-id", "req_issue_1"),),
+    )
+    assert issued.secret.startswith("fed_") and issued.key.state == kpb.KEY_STATE_ACTIVE
+    assert issued.key.requests_per_minute == 2
+
+    gateway = federation.keys_stub("gateway")
+    verified = await gateway.VerifyKey(
+        kpb.VerifyKeyRequest(key=issued.secret, source="203.0.113.9:4000", required_scope="chat"))
+    assert verified.key.tenant_id == "acme" and 0 < verified.strength <= 1
+    for _ in range(2):
+        await gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=issued.key.key_id,
+                                                           is_request=True))
+    refused = from_rpc_error(await rpc_error(gateway.ConsumeQuota(
+        kpb.ConsumeQuotaRequest(key_id=issued.key.key_id, is_request=True))))
+    assert refused.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert refused.retry_after_seconds is not None and 0 < refused.retry_after_seconds <= 60
+
+    memory = federation.memory_stub("admin")
+    trail = await memory.SearchMemory(mpb.SearchMemoryRequest(request_id="req_issue_1"))
+    assert [(r.action, r.tenant_id) for r in trail.records] == [("key.issue", "acme")]
+    assert trail.records[0].actor.endswith("/admin")
+    chain = await memory.VerifyChain(mpb.VerifyChainRequest())
+    assert chain.intact and chain.records_checked == 2  # key.issue, key.quota_exhausted
+
+
+async def test_bad_keys_and_roles_are_refused(federation: Federation) -> None:
+    gateway = federation.keys_stub("gateway")
+    malformed = await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(key="fed_nope")))
+    assert malformed.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "malformed" in (malformed.details() or "")
+    denied = await rpc_error(gateway.IssueKey(kpb.IssueKeyRequest(tenant_id="a", scopes=["chat"])))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    search = await rpc_error(federation.memory_stub("gateway").SearchMemory(
+        mpb.SearchMemoryRequest()))
+    assert search.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_rotate_revoke_list_history(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+    key_id = issued.key.key_id
+    rotated = await admin.RotateKey(kpb.RotateKeyRequest(key_id=key_id,
+                                                         grace_period=Duration(seconds=60)))
+    assert rotated.secret != issued.secret and rotated.HasField("old_secret_expires_at")
+    revoked = await admin.RevokeKey(kpb.RevokeKeyRequest(key_id=key_id, reason="test"))
+    assert revoked.key.state == kpb.KEY_STATE_REVOKED
+    listed = await admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme", include_revoked=True))
+    assert [k.key_id for k in listed.keys] == [key_id]
+    assert (await admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme"))).keys == []
+    history = await admin.GetKeyStrengthHistory(kpb.GetKeyStrengthHistoryRequest(key_id=key_id))
+    assert [s.kind for s in history.samples] == [
+        kpb.STRENGTH_EVENT_KIND_REVOCATION, kpb.STRENGTH_EVENT_KIND_ROTATION,
+        kpb.STRENGTH_EVENT_KIND_ISSUED,
+    ]
+
+
+async def test_keys_fail_closed_when_memory_is_down(
+    federation: Federation, database: Database
+) -> None:
+    await federation.memory.stop(0)
+    admin = federation.keys_stub("admin")
+    failed = await rpc_error(admin.IssueKey(kpb.IssueKeyRequest(tenant_id="a", scopes=["chat"])))
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert "nothing was changed" in (failed.details() or "")
+    assert await database.pool.fetchval("SELECT count(*) FROM api_keys") == 0
+
+
+def cli_settings(federation: Federation) -> Settings:
+    federation.pki.identity("admin", ADMIN_NAME)
+    return Settings(home=federation.pki.home, peers=PeersConfig(
+        keys=f"127.0.0.1:{federation.keys.port}", memory=f"127.0.0.1:{federation.memory.port}"))
+
+
+async def run_cli(settings: Settings, *argv: str) -> int:
+    args = build_parser().parse_args(list(argv))
+    return int(await args.handler(settings, args))
+
+
+async def test_cli_keys_and_audit_verify(
+    federation: Federation, capsys: pytest.CaptureFixture[str], pg_url: str
+) -> None:
+    settings = cli_settings(federation)
+    assert await run_cli(settings, "keys", "issue", "--tenant", "acme", "--scope", "chat",
+                         "--rpm", "5") == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("fed_") and "\n" not in key
+    key_id = key.split("_")[1]
+    assert await run_cli(settings, "keys", "list", "--tenant", "acme", "--json") == 0
+    assert key_id in capsys.readouterr().out
+    assert await run_cli(settings, "keys", "rotate", key_id, "--grace", "1h") == 0
+    assert capsys.readouterr().out.strip() != key
+    assert await run_cli(settings, "keys", "strength", key_id) == 0
+    assert "rotation" in capsys.readouterr().out
+    assert await run_cli(settings, "keys", "revoke", key_id, "--reason", "done") == 0
+    assert await run_cli(settings, "audit", "verify") == 0
+    assert "3 records verified" in capsys.readouterr().out
+
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("UPDATE memory_records SET actor = 'someone else' WHERE sequence = 2")
+    finally:
+        await conn.close()
+    with pytest.raises(SystemExit) as exited:
+        await run_cli(settings, "audit", "verify")
+    assert exited.value.code != 0
+    assert "broken at record 2" in capsys.readouterr().err
+    assert await run_cli(settings, "audit", "verify", "--json") == 1
