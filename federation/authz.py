@@ -43,6 +43,10 @@ _DEVICE_METHODS: Final = tuple(
     )
 )
 
+UNAUTHENTICATED_METHODS: Final[tuple[str, ...]] = (BROKER + "Enroll",)
+"""Methods a TLS peer *without* a client certificate may call (only the broker's
+enrollment port accepts such peers). Everything else answers UNAUTHENTICATED."""
+
 _AUDIT_WRITE: Final = (MEMORY + "RecordMemory",)
 
 ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
@@ -76,7 +80,9 @@ ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
     # The guardian audits releases and signs checkpoints of the memory chain.
     "guardian": (*_AUDIT_WRITE, MEMORY + "VerifyChain", MEMORY + "SearchMemory"),
     # The memory node asks the guardian to sign chain-head checkpoints.
-    "memory": (GUARDIAN + "SignCheckpoint", GUARDIAN + "ListCheckpoints"),
+    "memory": (
+        GUARDIAN + "SignCheckpoint", GUARDIAN + "GetCheckpoint", GUARDIAN + "ListCheckpoints",
+    ),
     # Phones reach the broker's device methods and nothing else.
     "edge": _DEVICE_METHODS,
 }

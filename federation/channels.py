@@ -8,7 +8,7 @@ metadata so one request can be followed through every node's logs and audit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -37,39 +37,53 @@ def client_credentials(files: CertificateFiles) -> grpc.ChannelCredentials:
     )
 
 
-class _RequestIdInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the current request id to every outgoing call that lacks one."""
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    request_id = request_id_var.get()
+    metadata = list(details.metadata or ())
+    if not request_id or any(k == REQUEST_ID_HEADER for k, _ in metadata):
+        return details
+    metadata.append((REQUEST_ID_HEADER, request_id))
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
 
-    def _with_request_id(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        request_id = request_id_var.get()
-        metadata = list(details.metadata or ())
-        if not request_id or any(k == REQUEST_ID_HEADER for k, _ in metadata):
-            return details
-        metadata.append((REQUEST_ID_HEADER, request_id))
-        return grpc.aio.ClientCallDetails(
-            details.method,
-            details.timeout,
-            grpc.aio.Metadata(*metadata),
-            details.credentials,
-            details.wait_for_ready,
-        )
 
+# grpc.aio files each interceptor under the first call kind it implements, so
+# one class implementing all four would only ever see unary-unary calls.
+class _UnaryUnaryRequestId(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_request_id(details), request)
+        return await continuation(_with_request_id(details), request)
 
+
+class _UnaryStreamRequestId(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_request_id(details), request)
+        return await continuation(_with_request_id(details), request)
 
+
+class _StreamUnaryRequestId(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_request_id(details), requests)
+        return await continuation(_with_request_id(details), requests)
 
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._with_request_id(details), requests)
+
+class _StreamStreamRequestId(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, requests: Any
+    ) -> Any:
+        return await continuation(_with_request_id(details), requests)
+
+
+def _request_id_interceptors() -> list[Any]:
+    """Interceptors adding the current request id to every outgoing call that lacks one."""
+    return [
+        _UnaryUnaryRequestId(),
+        _UnaryStreamRequestId(),
+        _StreamUnaryRequestId(),
+        _StreamStreamRequestId(),
+    ]
 
 
 def secure_channel(
@@ -84,12 +98,12 @@ def secure_channel(
         target,
         client_credentials(files),
         options=[*grpc_options(config), *extra_options],
-        interceptors=[cast(Any, _RequestIdInterceptor())],
+        interceptors=_request_id_interceptors(),
     )
 
 
 def insecure_channel(target: str, config: GrpcConfig) -> grpc.aio.Channel:
     """Plaintext channel, only for nodes started with ``--insecure-dev``."""
     return grpc.aio.insecure_channel(
-        target, options=grpc_options(config), interceptors=[cast(Any, _RequestIdInterceptor())]
+        target, options=grpc_options(config), interceptors=_request_id_interceptors()
     )

@@ -106,6 +106,12 @@ def identity_from_context(context: Context, trust_domain: str) -> Identity:
     return parse_spiffe_id(uris[0], trust_domain)
 
 
+def _presented_no_certificate(context: Context) -> bool:
+    """A TLS peer that sent no client certificate (possible only on a port that
+    does not require one, i.e. the broker's enrollment port)."""
+    return "x509_pem_cert" not in context.auth_context()
+
+
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.rpartition("/")
     return service.lstrip("/"), name
@@ -145,6 +151,14 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def enter(context: Context) -> tuple[contextvars.Token[str], ...]:
             request_id_var.set(request_id)
+            if not self._insecure_dev and _presented_no_certificate(context):
+                if method in authz.UNAUTHENTICATED_METHODS:
+                    caller_var.set(None)
+                    return ()
+                metrics.denied.labels(service, name, "unauthenticated").inc()
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED, f"{method} requires a client certificate"
+                )
             try:
                 caller = self._authenticate(method, context)
             except PKIError as exc:

@@ -31,11 +31,18 @@ class ServiceRegistration:
     add_to_server: Callable[[grpc.aio.Server], None]
 
 
-def server_credentials(files: CertificateFiles) -> grpc.ServerCredentials:
-    """Require and verify a client certificate signed by the federation CA."""
+def server_credentials(
+    files: CertificateFiles, *, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
+    """Require and verify a client certificate signed by the federation CA.
+
+    ``require_client_auth=False`` is only for the broker's enrollment port: a
+    certificate, if sent, is still verified, and the interceptor lets callers
+    without one reach ``authz.UNAUTHENTICATED_METHODS`` only.
+    """
     key, cert, ca = files.read()
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
+        [(key, cert)], root_certificates=ca, require_client_auth=require_client_auth
     )
 
 
@@ -58,8 +65,13 @@ class NodeServer:
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
         registry: CollectorRegistry | None = None,
+        enrollment_listen: str | None = None,
     ) -> None:
-        """``credentials=None`` serves plaintext: only for ``--insecure-dev``."""
+        """``credentials=None`` serves plaintext: only for ``--insecure-dev``.
+
+        ``enrollment_listen``: a second TLS port that does not require a client
+        certificate (the broker's, for Enroll); ignored without credentials.
+        """
         self._services = list(services)
         self._trust_domain = trust_domain
         self._config = grpc_config
@@ -71,8 +83,10 @@ class NodeServer:
         self.health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._enrollment_listen = enrollment_listen
         self.port = 0
         self.metrics_port = 0
+        self.enrollment_port = 0
 
     async def start(self) -> None:
         interceptor = FederationServerInterceptor(
@@ -97,6 +111,11 @@ class NodeServer:
             self.port = server.add_secure_port(self._listen, server_credentials(self._credentials))
         if self.port == 0:
             raise OSError(f"could not listen on {self._listen}")
+        if self._enrollment_listen is not None and self._credentials is not None:
+            anonymous = server_credentials(self._credentials, require_client_auth=False)
+            self.enrollment_port = server.add_secure_port(self._enrollment_listen, anonymous)
+            if self.enrollment_port == 0:
+                raise OSError(f"could not listen on {self._enrollment_listen}")
         await server.start()
         self._server = server
         for name in names:
@@ -163,7 +182,9 @@ def unimplemented_servicer(servicer_base: type, service_name: str, note: str) ->
     """A servicer whose every method answers UNIMPLEMENTED with a clear message."""
 
     def make(method: str) -> Callable[..., Any]:
-        async def handler(_self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def handler(
+            _self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{service_name}/{method} is not implemented on this node yet ({note})",

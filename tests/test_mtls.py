@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import client_credentials
 from federation.config import GrpcConfig
-from federation.logs import ContextFilter, JsonFormatter
+from federation.logs import ContextFilter, JsonFormatter, request_id_var
 from federation.server import NodeServer, pending_service
 from federation.v1 import council_pb2, council_pb2_grpc, guardian_pb2, guardian_pb2_grpc
 from tests.support import TestPKI, serving
@@ -169,3 +169,27 @@ async def test_client_credentials_helper_builds_mtls(
     creds = client_credentials(pki.identity("admin", "ops"))
     async with grpc.aio.secure_channel(f"127.0.0.1:{guardian_node.port}", creds) as channel:
         assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_request_id_travels_on_unary_and_streaming_calls(
+    pki: TestPKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's request id (a context variable) reaches the server's logs, all call kinds."""
+    caplog.set_level(logging.WARNING, logger="federation.interceptor")
+    caplog.handler.addFilter(ContextFilter())
+    token = request_id_var.set("req-from-caller")
+    council = pending_service(council_pb2_grpc, "CouncilService", 6)
+    try:
+        async with serving(pki, [council], role="council") as node, \
+                pki.channel(f"127.0.0.1:{node.port}", "edge") as channel:
+            stub = council_pb2_grpc.CouncilServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.VoteUnary(council_pb2.VoteUnaryRequest(question="q"), timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in stub.Vote(council_pb2.VoteRequest(question="q"), timeout=5):
+                    pass
+    finally:
+        request_id_var.reset(token)
+    denied = [r for r in caplog.records if r.getMessage() == "permission denied"]
+    assert [r.__dict__["method"].rsplit("/", 1)[1] for r in denied] == ["VoteUnary", "Vote"]
+    assert {r.__dict__["request_id"] for r in denied} == {"req-from-caller"}

@@ -55,7 +55,8 @@ def load_migrations() -> list[Migration]:
 
 
 async def apply_migrations(
-    conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], migrations: list[Migration] | None = None
+    conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+    migrations: list[Migration] | None = None,
 ) -> list[int]:
     """Apply every pending migration; return the versions applied by this call."""
     migrations = load_migrations() if migrations is None else migrations

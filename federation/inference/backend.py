@@ -1,0 +1,141 @@
+"""The backend interface and the set of backends one inference node hosts.
+
+A backend serves one or more models. ``generate`` is an async iterator of
+:class:`TokenDelta` followed by exactly one :class:`GenerationFinished`. The
+consumer may stop early (``aclose()`` or task cancellation); a backend must
+then stop producing promptly and release its slot, because nobody will read
+the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from federation.config import InferenceConfig, ModelConfig
+from federation.errors import ErrorCode, FederationError
+from federation.inference.types import (
+    GenerationEvent,
+    GenerationRequest,
+    LoadSnapshot,
+    ModelInfo,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+
+
+class Backend(Protocol):
+    async def start(self) -> None:
+        """Load weights / open connections. Called once before any generate."""
+
+    async def stop(self) -> None:
+        """Release everything; running generations are abandoned."""
+
+    def models(self) -> Sequence[ModelInfo]:
+        """The models this backend serves."""
+
+    def load(self) -> LoadSnapshot:
+        """Current load, for routing and GetLoad."""
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream deltas, then one GenerationFinished. Raises FederationError."""
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Checks every backend relies on; the gateway checks more, with HTTP names."""
+    if not request.messages:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT, "messages must not be empty", param="messages"
+        )
+    sampling = request.sampling
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed",
+            param="stop",
+        )
+    if sampling.max_tokens is not None and sampling.max_tokens < 1:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT, "max_tokens must be at least 1", param="max_tokens"
+        )
+    if request.response_format.type == "json_schema" and not request.response_format.json_schema:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            "response_format json_schema needs a schema",
+            param="response_format",
+        )
+
+
+class BackendSet:
+    """Every backend of a node, addressed by model id."""
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = list(backends)
+        self._by_model: dict[str, Backend] = {}
+        for backend in self._backends:
+            for info in backend.models():
+                if info.id in self._by_model:
+                    raise ValueError(f"model {info.id!r} is configured twice")
+                self._by_model[info.id] = backend
+        if not self._by_model:
+            raise ValueError("an inference node needs at least one model")
+        self.default_model = next(iter(self._by_model))
+
+    async def start(self) -> None:
+        for backend in self._backends:
+            await backend.start()
+
+    async def stop(self) -> None:
+        for backend in reversed(self._backends):
+            try:
+                await backend.stop()
+            except Exception:
+                # Keep stopping the others: one failed teardown must not leak the rest.
+                log.exception("backend stop failed")
+
+    def models(self) -> list[ModelInfo]:
+        return [info for backend in self._backends for info in backend.models()]
+
+    def load(self) -> LoadSnapshot:
+        loads = [backend.load() for backend in self._backends]
+        return LoadSnapshot(
+            in_flight=sum(x.in_flight for x in loads),
+            queued=sum(x.queued for x in loads),
+            capacity=sum(x.capacity for x in loads),
+        )
+
+    def backend_for(self, model: str) -> Backend:
+        backend = self._by_model.get(model or self.default_model)
+        if backend is None:
+            raise FederationError(
+                ErrorCode.NOT_FOUND, f"model {model!r} is not served here", param="model"
+            )
+        return backend
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        validate_request(request)
+        return self.backend_for(request.model).generate(request)
+
+
+def build_backend(model: ModelConfig) -> Backend:
+    """The backend for one configured model. Heavy imports happen only when used."""
+    if model.backend == "test":
+        from federation.inference.test_backend import TestBackend
+
+        return TestBackend.from_config(model)
+    if model.backend == "openai":
+        from federation.inference.openai_upstream import OpenAIUpstreamBackend
+
+        return OpenAIUpstreamBackend(model)
+    if model.backend == "llamacpp":
+        from federation.inference.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(model)
+    raise ValueError(f"model {model.id!r}: unknown backend {model.backend!r}")
+
+
+def build_backend_set(config: InferenceConfig) -> BackendSet:
+    return BackendSet([build_backend(model) for model in config.models])

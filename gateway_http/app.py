@@ -1,0 +1,197 @@
+"""The aiohttp application of the OpenAI-compatible gateway, and its process lifecycle.
+
+``create_app`` builds the app; its dependencies (channels to the other nodes,
+the inference router, the key verifier and audit writer, background work)
+live in one ``cleanup_ctx`` entry and are torn down in reverse order.
+``GatewayServer`` hosts the app on an ``AppRunner`` inside an event loop the
+caller owns (so it shares the loop with grpc.aio); ``run_gateway`` is the
+``federation gateway`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from federation.channels import insecure_channel, secure_channel
+from federation.config import ConfigError, Settings
+from federation.pki import CertificateFiles, certificate_files
+from federation.routing import InferenceRouter
+from gateway_http import health, models, openapi
+from gateway_http.auth import (
+    AuditWriter,
+    BackgroundTasks,
+    CachedKeyVerifier,
+    GrpcAuditWriter,
+    GrpcKeyVerifier,
+    KeyVerifier,
+)
+from gateway_http.chat import routes as chat_routes
+from gateway_http.chat.serving import ChatServing
+from gateway_http.errors import error_middleware
+from gateway_http.lifecycle import add_request_id_header, lifecycle_middleware
+from gateway_http.metrics import GatewayMetrics, metrics_handler
+from gateway_http.state import STATE, GatewayState
+
+log = logging.getLogger(__name__)
+
+PEER_ROLES = ("keys", "memory", "guardian", "council", "broker")
+
+
+def create_app(
+    settings: Settings,
+    credentials: CertificateFiles | None,
+    *,
+    keys: KeyVerifier | None = None,
+    audit: AuditWriter | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """The gateway app. ``keys``/``audit`` replace the gRPC clients (tests, benchmarks);
+    ``credentials=None`` talks plaintext to nodes started with ``--insecure-dev``."""
+    app = web.Application(
+        client_max_size=settings.gateway.max_body_bytes,
+        middlewares=[lifecycle_middleware, error_middleware],
+    )
+    app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
+    app.on_response_prepare.append(add_request_id_header)
+    chat_routes.add_routes(app)
+    models.add_routes(app)
+    health.add_routes(app)
+    openapi.add_routes(app)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def _dependencies(
+    settings: Settings,
+    credentials: CertificateFiles | None,
+    keys: KeyVerifier | None,
+    audit: AuditWriter | None,
+    registry: CollectorRegistry | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            channels: dict[str, grpc.aio.Channel] = {}
+            for role in PEER_ROLES:
+                addresses = settings.peers.addresses(role)
+                if addresses:
+                    channels[role] = _channel(addresses[0], credentials, settings)
+                    stack.push_async_callback(channels[role].close, None)
+            gateway = settings.gateway
+            timeout = settings.grpc.call_timeout_seconds
+            router = InferenceRouter(
+                settings.peers.addresses("inference"), credentials, settings.grpc,
+                refresh_seconds=gateway.route_refresh_seconds,
+                probe_timeout_seconds=gateway.health_timeout_seconds,
+                attempts=gateway.route_attempts,
+            )
+            stack.push_async_callback(router.stop)
+            await router.start()
+            background = BackgroundTasks()
+            stack.push_async_callback(background.drain)  # before the channels close
+            app[STATE] = GatewayState(
+                settings=settings,
+                router=router,
+                keys=CachedKeyVerifier(
+                    keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
+                    gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
+                ),
+                audit=audit or GrpcAuditWriter(_required(channels, "memory"), timeout),
+                metrics=GatewayMetrics(registry or CollectorRegistry()),
+                background=background,
+                chat=ChatServing(router, gateway.request_timeout_seconds),
+                channels=channels,
+            )
+            yield
+
+    return context
+
+
+def _channel(target: str, credentials: CertificateFiles | None, settings: Settings
+             ) -> grpc.aio.Channel:
+    if credentials is None:
+        return insecure_channel(target, settings.grpc)
+    return secure_channel(target, credentials, settings.grpc)
+
+
+def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Channel:
+    if role not in channels:
+        raise ConfigError(f"the gateway needs the {role} node: set peers.{role}")
+    return channels[role]
+
+
+class GatewayServer:
+    """The gateway app on ``AppRunner`` + ``TCPSite``; ``port`` is the bound port."""
+
+    def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
+                 keys: KeyVerifier | None = None, audit: AuditWriter | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
+        self._settings = settings
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def state(self) -> GatewayState:
+        return self.app[STATE]
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            # A client that disconnects cancels its handler, which cancels the
+            # gRPC call, which stops the generation on the node.
+            handler_cancellation=True,
+            shutdown_timeout=self._settings.grpc.grace_seconds,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self._settings.gateway.http_host,
+                           self._settings.gateway.http_port)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+        log.info("gateway serving", extra={"host": self._settings.gateway.http_host,
+                                           "port": self.port})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def run_gateway(settings: Settings, *, ready_file: str | None = None) -> int:
+    """The ``federation gateway`` process: serve until SIGTERM/SIGINT."""
+    credentials = certificate_files(settings.home, settings.trust_domain, "gateway",
+                                    settings.node_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = GatewayServer(settings, credentials)
+    await server.start()
+    try:
+        if ready_file:
+            _write_ready_file(Path(ready_file), server.port)
+        await stop.wait()
+        log.info("shutdown requested")
+    finally:
+        await server.stop()
+    return 0
+
+
+def _write_ready_file(path: Path, port: int) -> None:
+    info = {"role": "gateway", "pid": os.getpid(), "http_port": port}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)

@@ -1,0 +1,116 @@
+"""The per-request frame around every handler: request id, metrics, quota and audit.
+
+Runs outside ``error_middleware``, so it sees the final status of every
+request, including refused ones, and the ``FederationError`` they carried.
+Charging tokens and writing the audit record happen in the background after
+the response, so neither adds latency; both are awaited at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from federation.errors import ErrorCode, FederationError
+from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
+from gateway_http.auth import AuditEntry
+from gateway_http.chat.serving import ChatOutcome
+from gateway_http.errors import ERROR_KEY
+from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, REQUEST_ID, STATE, GatewayState
+
+CLIENT_CLOSED = 499
+"""Status recorded when the client went away before the response was complete."""
+
+_UPSTREAM_CODES = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL,
+                             ErrorCode.DEADLINE_EXCEEDED})
+
+
+@web.middleware
+async def lifecycle_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    state = request.app[STATE]
+    request_id = clean_request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = request_id
+    request_id_var.set(request_id)  # reaches gRPC metadata through channels.py
+    route = _route_name(request)
+    started = time.perf_counter()
+    in_flight = state.metrics.in_flight.labels(route)
+    in_flight.inc()
+    status = CLIENT_CLOSED
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        outcome = request.get(OUTCOME)
+        if outcome is not None and outcome.error is None:
+            outcome.error = FederationError(ErrorCode.CANCELLED, "the client went away")
+        raise
+    finally:
+        in_flight.dec()
+        _finish(request, state, route, status, time.perf_counter() - started)
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams and errors included."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _finish(request: web.Request, state: GatewayState, route: str, status: int,
+            elapsed: float) -> None:
+    model = request.get(MODEL, "")
+    outcome = request.get(OUTCOME)
+    error = request.get(ERROR_KEY) or (outcome.error if outcome else None)
+    metrics = state.metrics
+    metrics.requests.labels(route, model, str(status)).inc()
+    metrics.latency.labels(route, model, str(status)).observe(elapsed)
+    if error is not None and error.code in _UPSTREAM_CODES and model:
+        metrics.upstream_errors.labels(model, error.code.value).inc()
+    if outcome is not None:
+        _observe_generation(state, model, outcome, streamed_error=status == 200)
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return  # unauthenticated requests are counted, not audited (no flood into the chain)
+    if outcome is not None and outcome.finished is not None:
+        state.background.spawn(
+            state.keys.consume(principal.key_id, tokens=outcome.finished.total_tokens,
+                               is_request=False),
+            "quota charge", on_failure=lambda: metrics.background_failures.labels("quota").inc(),
+        )
+    entry = AuditEntry(
+        request_id=request[REQUEST_ID], key_id=principal.key_id, tenant_id=principal.tenant_id,
+        route=route, model=model, status=status, latency_ms=elapsed * 1000,
+        prompt_tokens=outcome.prompt_tokens if outcome else 0,
+        completion_tokens=outcome.completion_tokens if outcome else 0,
+        stream=bool(outcome and outcome.stream),
+        finish_reason=outcome.finished.finish_reason if outcome and outcome.finished else "",
+        error_code=error.code.value if error else "",
+    )
+    state.background.spawn(state.audit.record(entry), "audit record",
+                           on_failure=lambda: metrics.background_failures.labels("audit").inc())
+
+
+def _observe_generation(state: GatewayState, model: str, outcome: ChatOutcome,
+                        *, streamed_error: bool) -> None:
+    metrics = state.metrics
+    if outcome.first_token_at is not None:
+        metrics.time_to_first_token.labels(model).observe(outcome.first_token_at - outcome.started)
+    if outcome.finished is not None:
+        metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
+        metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+        if outcome.first_token_at is not None and outcome.finished_at is not None:
+            span = outcome.finished_at - outcome.first_token_at
+            if span > 0 and outcome.completion_tokens > 1:
+                metrics.tokens_per_second.labels(model).observe(
+                    (outcome.completion_tokens - 1) / span)
+    if streamed_error and outcome.error is not None:
+        metrics.stream_errors.labels(model, outcome.error.code.value).inc()

@@ -1,0 +1,38 @@
+"""Typed application and request state of the gateway (aiohttp ``AppKey``/``RequestKey``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from federation.config import Settings
+from federation.routing import InferenceRouter
+from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
+from gateway_http.chat.serving import ChatOutcome, ChatServing
+from gateway_http.metrics import GatewayMetrics
+
+
+@dataclass
+class GatewayState:
+    """Everything the handlers share, built once at startup (see ``app.py``)."""
+
+    settings: Settings
+    router: InferenceRouter
+    keys: KeyVerifier
+    audit: AuditWriter
+    metrics: GatewayMetrics
+    background: BackgroundTasks
+    chat: ChatServing
+    channels: dict[str, grpc.aio.Channel]
+    """Channels to the other components (by role), for health probes."""
+
+
+STATE = web.AppKey("gateway_state", GatewayState)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", KeyPrincipal)
+MODEL = web.RequestKey("model", str)
+"""Set only once the model is known to exist, so metrics labels stay bounded."""
+OUTCOME = web.RequestKey("chat_outcome", ChatOutcome)

@@ -1,0 +1,342 @@
+"""The gateway driven by the official openai SDK, over real mTLS inference nodes.
+
+Keys and audit use in-process stand-ins of the KeyVerifier / AuditWriter
+protocols here; ``test_gateway_integration.py`` runs the same path against the
+real key authority and thermal memory nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from federation.inference.test_backend import TestBackend
+from gateway_http.app import GatewayServer
+from tests.gateway_support import (
+    FakeAudit,
+    FakeKeys,
+    InferenceNode,
+    eventually,
+    gateway_settings,
+    inference_nodes,
+)
+from tests.support import TestPKI
+
+MODEL = "test-model"
+KEY = "sk-good"
+
+
+@dataclass
+class Env:
+    nodes: list[InferenceNode]
+    server: GatewayServer
+    keys: FakeKeys
+    audit: FakeAudit
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def client(self, key: str = KEY) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
+
+    @property
+    def backends(self) -> list[TestBackend]:
+        return [n.backend for n in self.nodes]
+
+    async def settle(self) -> None:
+        """Wait for the background audit/charge tasks of finished requests."""
+        await self.server.state.background.drain()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    pki = TestPKI(tmp_path / "home")
+    async with inference_nodes(pki, [TestBackend(), TestBackend()]) as nodes:
+        keys, audit = FakeKeys(), FakeAudit()
+        keys.add(KEY, "key_1", "tenant_a")
+        keys.add("sk-admin-only", "key_2", "tenant_a", ("admin",))
+        keys.add("sk-suspended", "key_3", "tenant_b")
+        keys.suspended.add("sk-suspended")
+        keys.add("sk-limited", "key_4", "tenant_b")
+        keys.limited.add("key_4")
+        settings = gateway_settings(tmp_path / "home", [n.address for n in nodes],
+                                    max_body_bytes=64 * 1024, route_refresh_seconds=60)
+        server = GatewayServer(settings, pki.identity("gateway"), keys=keys, audit=audit)
+        await server.start()
+        try:
+            yield Env(nodes, server, keys, audit)
+        finally:
+            await server.stop()
+
+
+def user(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+# ---- happy paths -----------------------------------------------------------------------------
+
+async def test_non_streaming_completion(env: Env) -> None:
+    async with env.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=user("hello brave new world"))
+        completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content == "hello brave new world"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert (completion.usage.completion_tokens, completion.usage.prompt_tokens) == (4, 5)
+    assert completion.usage.total_tokens == 9
+    assert raw.headers["x-request-id"].startswith("req_")
+
+
+async def test_sampling_limits_are_applied(env: Env) -> None:
+    async with env.client() as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=user("one two three four five"), max_tokens=2)
+    assert completion.choices[0].message.content == "one two"
+    assert completion.choices[0].finish_reason == "length"
+
+
+async def test_streaming_arrives_before_generation_ends(env: Env) -> None:
+    for backend in env.backends:
+        backend.token_delay = 0.05
+    words = "a b c d e f g h"
+    started = time.perf_counter()
+    arrivals: list[tuple[float, Any]] = []
+    async with env.client() as client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=user(words), stream=True,
+            stream_options={"include_usage": True})
+        async for chunk in stream:
+            arrivals.append((time.perf_counter() - started, chunk))
+    chunks = [c for _, c in arrivals]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == words
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []  # the usage chunk comes last
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    first_content = next(t for t, c in arrivals if c.choices and c.choices[0].delta.content)
+    total = arrivals[-1][0]
+    # 8 tokens x 50 ms: the first token must not wait for the other seven.
+    assert total >= 0.35
+    assert first_content < total - 0.25
+
+
+async def test_stream_without_usage_has_no_usage_chunk(env: Env) -> None:
+    async with env.client() as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=user("x y"),
+                                                      stream=True)
+        chunks = [c async for c in stream]
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_models_list_and_retrieve(env: Env) -> None:
+    async with env.client() as client:
+        listed = await client.models.list()
+        assert [m.id for m in listed.data] == [MODEL]
+        assert (await client.models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("nope")
+
+
+async def test_request_id_is_kept_propagated_and_audited(env: Env) -> None:
+    async with env.client() as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=user("trace me"), extra_headers={"x-request-id": "abc-123"})
+    assert raw.headers["x-request-id"] == "abc-123"
+    assert "abc-123" in [rid for b in env.backends for rid in b.request_ids]
+    await env.settle()
+    (entry,) = [e for e in env.audit.entries if e.request_id == "abc-123"]
+    assert (entry.key_id, entry.tenant_id, entry.model, entry.status) == (
+        "key_1", "tenant_a", MODEL, 200)
+    assert (entry.prompt_tokens, entry.completion_tokens) == (3, 2)
+    assert "trace me" not in json.dumps(entry.attributes())  # prompts are not stored
+    assert ("key_1", 5, False) in env.keys.charges  # tokens charged after the response
+    assert ("key_1", 0, True) in env.keys.charges  # the request counted before it
+
+
+async def test_key_verification_is_cached(env: Env) -> None:
+    async with env.client() as client:
+        for _ in range(3):
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert env.keys.verify_calls == 1
+
+
+# ---- errors, through the SDK's typed exceptions ---------------------------------------------
+
+async def test_authentication_errors(env: Env) -> None:
+    async with env.client("sk-wrong") as client:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert caught.value.status_code == 401
+    assert caught.value.body["type"] == "authentication_error"  # type: ignore[index]
+    async with aiohttp.ClientSession() as http, http.post(
+            env.base + "/v1/chat/completions", json={}) as response:
+        assert response.status == 401
+        assert "x-request-id" in response.headers
+
+
+@pytest.mark.parametrize("key", ["sk-admin-only", "sk-suspended"])
+async def test_permission_errors(env: Env, key: str) -> None:
+    async with env.client(key) as client:
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+
+
+async def test_unknown_model_is_404(env: Env) -> None:
+    async with env.client() as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="gpt-9", messages=user("hi"))
+    assert caught.value.param == "model"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "fake_role", "content": "hi"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]"),
+    ({"model": MODEL, "messages": user("hi"), "temperature": 5}, "temperature"),
+    ({"model": MODEL, "messages": user("hi"), "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "messages": user("hi"), "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "messages": user("hi"), "top_p": 0}, "top_p"),
+    ({"model": MODEL, "messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": MODEL, "messages": user("hi"), "stream": False,
+      "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": MODEL, "messages": user("hi"), "response_format": {"type": "xml"}},
+     "response_format.type"),
+    ({"model": MODEL, "messages": user("hi"), "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ({"model": MODEL, "messages": user("hi"), "n": 2}, "n"),
+    ({"model": MODEL, "messages": user("hi"), "tool_choice": "invalid"}, "tool_choice"),
+    ({"model": MODEL, "messages": user("hi"), "tool_choice": "required"}, "tool_choice"),
+    ({"model": MODEL, "messages": user("hi"), "tools": [{"type": "invalid"}]}, "tools[0].type"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_invalid_bodies_are_400_naming_the_param(env: Env, body: dict[str, Any],
+                                                       param: str, stream: bool) -> None:
+    if stream:
+        body = {"stream": True, **body}
+    async with env.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.post("/chat/completions", body=body, cast_to=object, stream=stream,
+                               stream_cls=openai.AsyncStream[object])
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert env.backends[0].started + env.backends[1].started == 0
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
+async def test_malformed_bodies_are_400(env: Env, raw: bytes) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(
+            env.base + "/v1/chat/completions", data=raw, headers=headers) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+async def test_body_too_large_is_413(env: Env) -> None:
+    async with env.client() as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=user("x" * 100_000))
+    assert caught.value.status_code == 413
+    assert caught.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+async def test_rate_limit_is_429_with_retry_after(env: Env) -> None:
+    async with env.client("sk-limited") as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert caught.value.response.headers["Retry-After"] == "30"
+
+
+async def test_no_healthy_node_is_503(env: Env) -> None:
+    for node in env.nodes:
+        await node.kill()
+    await env.server.state.router.refresh()
+    async with env.client() as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert caught.value.status_code == 503
+    assert f"no healthy inference node serves model {MODEL}" in caught.value.message
+
+
+async def test_unknown_routes_and_methods_are_json_errors(env: Env) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(env.base + "/v2/nothing") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["type"] == "not_found_error"
+        async with http.get(env.base + "/v1/chat/completions") as resp:
+            assert resp.status == 405
+            assert "error" in await resp.json()
+
+
+# ---- failures in flight -----------------------------------------------------------------------
+
+async def test_node_killed_mid_stream(env: Env) -> None:
+    for backend in env.backends:
+        backend.token_delay = 0.05
+    async with env.client() as doomed_client, env.client() as other_client:
+        stream = await doomed_client.chat.completions.create(
+            model=MODEL, messages=user("w " * 40), stream=True)
+        iterator = stream.__aiter__()
+        await anext(iterator)  # role chunk
+        await anext(iterator)  # first token: the stream is live on one node
+        victim = next(n for n in env.nodes if n.backend.in_flight)
+        survivor = asyncio.create_task(other_client.chat.completions.create(
+            model=MODEL, messages=user("still standing")))
+        await asyncio.sleep(0.1)
+        await victim.kill()
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in iterator:
+                pass
+        assert "inference node" in caught.value.message
+        completion = await survivor
+    assert completion.choices[0].message.content == "still standing"
+
+
+async def _cancelled_after_disconnect(env: Env, stream: bool) -> None:
+    for backend in env.backends:
+        backend.token_delay = 0.05
+    body = {"model": MODEL, "messages": user("z " * 100), "stream": stream}
+    async with aiohttp.ClientSession() as http:
+        request = http.post(env.base + "/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {KEY}"})
+        if stream:
+            async with request as response:
+                await response.content.readline()
+        else:
+            with pytest.raises(asyncio.TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await request
+    await eventually(lambda: not sum(b.in_flight for b in env.backends))
+    assert sum(b.cancelled for b in env.backends) == 1
+    assert sum(b.completed for b in env.backends) == 0
+
+
+async def test_client_disconnect_stops_streaming_generation(env: Env) -> None:
+    await _cancelled_after_disconnect(env, stream=True)
+
+
+async def test_client_disconnect_stops_non_streaming_generation(env: Env) -> None:
+    await _cancelled_after_disconnect(env, stream=False)

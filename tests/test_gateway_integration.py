@@ -1,0 +1,134 @@
+"""The whole path with the real key authority and thermal memory nodes (real PostgreSQL),
+real mTLS inference nodes, and the gateway driven by the openai SDK."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from prometheus_client import CollectorRegistry
+
+from federation.config import PeersConfig, Settings
+from federation.db import Database
+from federation.inference.test_backend import TestBackend
+from federation.server import NodeServer
+from federation.v1 import key_authority_pb2 as kpb
+from federation.v1 import key_authority_pb2_grpc as kgrpc
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
+from gateway_http.app import GatewayServer
+from nodes import key_authority, thermal_memory
+from nodes.runtime import NodeRuntime
+from tests.gateway_support import gateway_settings, inference_nodes
+from tests.support import TestPKI, serving
+
+MODEL = "test-model"
+TOKEN_QUOTA = 10_000
+
+
+@contextlib.asynccontextmanager
+async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
+               module: object) -> AsyncIterator[NodeServer]:
+    async with contextlib.AsyncExitStack() as cleanup:
+        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
+                              CollectorRegistry(), cleanup)
+        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
+        async with serving(pki, [registration], role=role) as server:
+            yield server
+
+
+@dataclass
+class Stack:
+    pki: TestPKI
+    gateway: GatewayServer
+    keys: kgrpc.KeyAuthorityServiceAsyncStub
+    memory: mgrpc.ThermalMemoryServiceAsyncStub
+    backend: TestBackend
+
+    def client(self, key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{self.gateway.port}/v1",
+                                  api_key=key, max_retries=0)
+
+    async def issue(self, tenant: str, scopes: list[str], **limits: object) -> kpb.IssueKeyResponse:
+        return await self.keys.IssueKey(kpb.IssueKeyRequest(tenant_id=tenant, scopes=scopes,
+                                                            **limits))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, database: Database) -> AsyncIterator[Stack]:
+    pki = TestPKI(tmp_path / "home")
+    backend = TestBackend()
+    async with contextlib.AsyncExitStack() as stack:
+        memory = await stack.enter_async_context(
+            node(pki, "memory", Settings(), database, thermal_memory))
+        memory_address = f"127.0.0.1:{memory.port}"
+        keys = await stack.enter_async_context(node(
+            pki, "keys", Settings(peers=PeersConfig(memory=memory_address)), database,
+            key_authority))
+        nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))
+        settings = gateway_settings(pki.home, [nodes[0].address])
+        settings = dataclasses.replace(settings, peers=dataclasses.replace(
+            settings.peers, keys=f"127.0.0.1:{keys.port}", memory=memory_address))
+        gateway = GatewayServer(settings, pki.identity("gateway"))  # real gRPC clients
+        await gateway.start()
+        stack.push_async_callback(gateway.stop)
+        admin_keys = pki.channel(f"127.0.0.1:{keys.port}", "admin")
+        admin_memory = pki.channel(memory_address, "admin")
+        stack.push_async_callback(admin_keys.close, None)
+        stack.push_async_callback(admin_memory.close, None)
+        yield Stack(pki, gateway, kgrpc.KeyAuthorityServiceStub(admin_keys),
+                    mgrpc.ThermalMemoryServiceStub(admin_memory), backend)
+
+
+async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
+    issued = await stack.issue("tenant_a", ["chat"], token_quota=TOKEN_QUOTA,
+                               quota_period=Duration(seconds=3600))
+    async with stack.client(issued.secret) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "secret plans here"}],
+            extra_headers={"x-request-id": "rid-integration-1"})
+        completion = raw.parse()
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "and streamed"}], stream=True,
+            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+    assert completion.choices[0].message.content == "secret plans here"
+    assert chunks[-1].usage is not None
+    await stack.gateway.state.background.drain()
+
+    found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
+        tenant_id="tenant_a", request_id="rid-integration-1"))
+    (record,) = [r for r in found.records if r.action == "gateway.request"]
+    attributes = dict(record.payload.attributes)
+    assert (record.actor, record.subject, record.request_id) == (
+        issued.key.key_id, MODEL, "rid-integration-1")
+    assert (attributes["status"], attributes["total_tokens"]) == ("200", "7")
+    assert "secret plans" not in str(record)  # no prompt or completion text
+    assert stack.backend.request_ids[0] == "rid-integration-1"
+
+    charged = completion.usage.total_tokens + chunks[-1].usage.total_tokens  # type: ignore[union-attr]
+    quota = await stack.keys.CheckQuota(kpb.CheckQuotaRequest(key_id=issued.key.key_id))
+    assert quota.status.tokens_remaining == TOKEN_QUOTA - charged
+
+
+async def test_real_key_authority_refusals(stack: Stack) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    async with stack.client("fed_not_a_real_key") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    reader = await stack.issue("tenant_b", ["memory:read"])
+    async with stack.client(reader.secret) as client:
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    limited = await stack.issue("tenant_b", ["chat"], requests_per_minute=1)
+    async with stack.client(limited.secret) as client:
+        await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    assert 1 <= int(caught.value.response.headers["Retry-After"]) <= 60

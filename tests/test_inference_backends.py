@@ -1,0 +1,324 @@
+"""One backend contract, run against every backend implementation.
+
+The ``openai`` backend talks to a small aiohttp stand-in for an
+OpenAI-compatible server (the real upstream lives outside the federation);
+the ``llamacpp`` backend runs the real SmolLM2 model when llama_cpp is
+installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from federation.config import ModelConfig
+from federation.errors import ErrorCode, FederationError
+from federation.inference.backend import Backend, BackendSet
+from federation.inference.openai_upstream import OpenAIUpstreamBackend
+from federation.inference.test_backend import TestBackend, _apply_limits, echo_tokens
+from federation.inference.types import (
+    ChatMessage,
+    GenerationEvent,
+    GenerationFinished,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingParams,
+    TokenDelta,
+)
+from tests.gateway_support import eventually
+
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+
+
+def request(model: str, text: str = "alpha beta gamma delta epsilon", **sampling: Any
+            ) -> GenerationRequest:
+    return GenerationRequest(
+        model, (ChatMessage("system", "Be brief."), ChatMessage("user", text)),
+        SamplingParams(**sampling),
+    )
+
+
+async def collect(events: AsyncIterator[GenerationEvent]) -> tuple[str, GenerationFinished]:
+    text, finished = "", None
+    async for event in events:
+        assert finished is None, "GenerationFinished must be the last event"
+        if isinstance(event, TokenDelta):
+            text += event.text
+        else:
+            finished = event
+    assert finished is not None, "a generation must end with GenerationFinished"
+    return text, finished
+
+
+async def wait_idle(backend: Backend) -> None:
+    await eventually(lambda: not backend.load().in_flight)
+
+
+# ---- a deterministic OpenAI-compatible upstream -----------------------------------------------
+
+class FakeUpstream:
+    """Streams the test backend's echo as OpenAI SSE; records what it was sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.status = 200
+        self.open_streams = 0
+        self.token_delay = 0.0
+
+    async def chat(self, http: web.Request) -> web.StreamResponse:
+        body = await http.json()
+        self.bodies.append(body)
+        if self.status != 200:
+            return web.json_response({"error": {"message": "slow down"}}, status=self.status,
+                                     headers={"Retry-After": "7"})
+        fmt = body.get("response_format", {}).get("type", "text")
+        req = GenerationRequest(
+            body["model"], tuple(ChatMessage(m["role"], m["content"]) for m in body["messages"]),
+            SamplingParams(max_tokens=body.get("max_tokens"), stop=tuple(body.get("stop", ()))),
+            ResponseFormat(fmt),
+        )
+        tokens = _apply_limits(echo_tokens(req), req)
+        full = len(echo_tokens(req))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(http)
+        self.open_streams += 1
+        try:
+            for token in tokens:
+                await asyncio.sleep(self.token_delay)
+                await self._send(response, {"choices": [{"index": 0, "delta": {"content": token},
+                                                         "finish_reason": None}]})
+            limited = body.get("max_tokens") is not None and len(tokens) < full
+            reason = "length" if limited and len(tokens) == body["max_tokens"] else "stop"
+            await self._send(response, {"choices": [{"index": 0, "delta": {},
+                                                     "finish_reason": reason}]})
+            await self._send(response, {"choices": [], "usage": {
+                "prompt_tokens": 11, "completion_tokens": len(tokens),
+                "total_tokens": 11 + len(tokens)}})
+            await response.write(b"data: [DONE]\n\n")
+        finally:
+            self.open_streams -= 1
+        return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+
+@pytest.fixture(scope="module")
+async def upstream() -> AsyncIterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield fake, f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
+# ---- the contract ------------------------------------------------------------------------------
+
+class BackendContract:
+    """Behaviour every backend must show. Subclasses provide ``backend`` and ``model``."""
+
+    long_prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+
+    async def test_lists_its_model(self, backend: Backend, model: str) -> None:
+        assert model in [m.id for m in backend.models()]
+        assert backend.load().capacity > 0
+
+    async def test_streams_deltas_then_one_finished(self, backend: Backend, model: str) -> None:
+        text, finished = await collect(backend.generate(request(model, max_tokens=8)))
+        assert text
+        assert finished.prompt_tokens > 0
+        assert 1 <= finished.completion_tokens <= 8
+        assert finished.finish_reason in ("stop", "length")
+
+    async def test_max_tokens_ends_with_length(self, backend: Backend, model: str) -> None:
+        _, finished = await collect(backend.generate(request(model, self.long_prompt,
+                                                             max_tokens=3)))
+        assert finished.finish_reason == "length"
+        assert finished.completion_tokens == 3
+
+    async def test_stop_sequence_is_not_emitted(self, backend: Backend, model: str) -> None:
+        text, finished = await collect(backend.generate(
+            request(model, self.long_prompt, max_tokens=12, stop=("e",))))
+        assert "e" not in text
+        assert finished.finish_reason in ("stop", "length")
+
+    async def test_json_object_format(self, backend: Backend, model: str) -> None:
+        req = GenerationRequest(
+            model, (ChatMessage("user", "Reply with a JSON object with key echo."),),
+            SamplingParams(max_tokens=10, temperature=0.0),
+            ResponseFormat("json_object"),
+        )
+        text, _ = await collect(backend.generate(req))
+        assert text.strip().startswith("{")
+
+    async def test_closing_early_stops_generation(self, backend: Backend, model: str) -> None:
+        events = backend.generate(request(model, self.long_prompt, max_tokens=200))
+        first = await anext(events)
+        assert isinstance(first, TokenDelta)
+        await events.aclose()
+        await wait_idle(backend)
+        _, finished = await collect(backend.generate(request(model, max_tokens=2)))
+        assert finished.completion_tokens <= 2
+
+    async def test_cancelling_the_consumer_stops_generation(self, backend: Backend, model: str
+                                                            ) -> None:
+        got_first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in backend.generate(request(model, self.long_prompt, max_tokens=200)):
+                got_first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(got_first.wait(), 10)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await wait_idle(backend)
+
+
+class TestTestBackend(BackendContract):
+    @pytest.fixture
+    def model(self) -> str:
+        return "test-model"
+
+    @pytest.fixture
+    def backend(self) -> TestBackend:
+        # A small delay so cancellation tests catch it mid-generation.
+        return TestBackend(token_delay=0.005)
+
+    async def test_echo_is_deterministic(self, backend: TestBackend, model: str) -> None:
+        text, finished = await collect(backend.generate(request(model, "one two three")))
+        assert text == "one two three"
+        assert (finished.finish_reason, finished.completion_tokens) == ("stop", 3)
+
+    async def test_cancellation_is_counted(self, backend: TestBackend, model: str) -> None:
+        events = backend.generate(request(model, self.long_prompt))
+        await anext(events)
+        await events.aclose()
+        assert (backend.cancelled, backend.completed) == (1, 0)
+
+
+class TestOpenAIUpstreamBackend(BackendContract):
+    @pytest.fixture
+    def model(self) -> str:
+        return "upstream-model"
+
+    @pytest.fixture
+    async def backend(self, upstream: tuple[FakeUpstream, str]
+                      ) -> AsyncIterator[OpenAIUpstreamBackend]:
+        fake, url = upstream
+        fake.status, fake.token_delay = 200, 0.005
+        backend = OpenAIUpstreamBackend(ModelConfig(
+            id="upstream-model", backend="openai", base_url=url, upstream_model="real-name"))
+        await backend.start()
+        yield backend
+        await backend.stop()
+
+    async def test_passes_parameters_through(self, backend: OpenAIUpstreamBackend, model: str,
+                                             upstream: tuple[FakeUpstream, str]) -> None:
+        req = GenerationRequest(model, (ChatMessage("user", "hi there"),),
+                                SamplingParams(temperature=0.5, seed=3, stop=("x",)),
+                                ResponseFormat("json_schema", '{"type": "object"}', "thing"))
+        await collect(backend.generate(req))
+        sent = upstream[0].bodies[-1]
+        assert sent["model"] == "real-name"
+        assert (sent["temperature"], sent["seed"], sent["stop"]) == (0.5, 3, ["x"])
+        assert "top_p" not in sent  # unset fields stay unset
+        assert sent["response_format"] == {
+            "type": "json_schema", "json_schema": {"name": "thing", "schema": {"type": "object"}}}
+        assert sent["stream_options"] == {"include_usage": True}
+
+    async def test_upstream_usage_is_reported(self, backend: OpenAIUpstreamBackend, model: str
+                                              ) -> None:
+        _, finished = await collect(backend.generate(request(model, "a b c")))
+        assert (finished.prompt_tokens, finished.completion_tokens) == (11, 3)
+
+    async def test_upstream_429_maps_to_resource_exhausted(
+        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[FakeUpstream, str]
+    ) -> None:
+        upstream[0].status = 429
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(request(model)))
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert caught.value.retry_after_seconds == 7
+
+    async def test_unreachable_upstream_is_unavailable(self) -> None:
+        backend = OpenAIUpstreamBackend(ModelConfig(
+            id="m", backend="openai", base_url="http://127.0.0.1:9/v1",
+            connect_timeout_seconds=1))
+        await backend.start()
+        try:
+            with pytest.raises(FederationError) as caught:
+                await collect(backend.generate(request("m")))
+            assert caught.value.code is ErrorCode.UNAVAILABLE
+        finally:
+            await backend.stop()
+
+
+@pytest.fixture(scope="module")
+async def llama_backend() -> AsyncIterator[Backend]:
+    """One loaded model for every llamacpp contract test (loading takes ~1 s)."""
+    from federation.inference.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(ModelConfig(id="smollm2", context_length=512,
+                                          queue_capacity=1, n_threads=2))
+    await backend.start()
+    yield backend
+    await backend.stop()
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama_cpp (the optional 'llm' extra) not installed")
+class TestLlamaCppBackend(BackendContract):
+    long_prompt = "Write a very long story about a dragon who learns to bake bread."
+
+    @pytest.fixture
+    def model(self) -> str:
+        return "smollm2"
+
+    @pytest.fixture
+    def backend(self, llama_backend: Backend) -> Backend:
+        return llama_backend
+
+    async def test_queue_full_is_resource_exhausted(self, backend: Backend, model: str) -> None:
+        running = backend.generate(request(model, self.long_prompt, max_tokens=200))
+        await anext(running)  # holds the model
+        waiting = asyncio.create_task(collect(backend.generate(request(model, max_tokens=1))))
+        await asyncio.sleep(0.05)
+        assert backend.load().queued == 1
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(request(model, max_tokens=1)))
+        assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        await running.aclose()
+        await asyncio.wait_for(waiting, 30)
+
+    async def test_seed_makes_sampling_reproducible(self, backend: Backend, model: str) -> None:
+        kwargs: dict[str, Any] = {"max_tokens": 8, "temperature": 1.0, "seed": 42}
+        first, _ = await collect(backend.generate(request(model, self.long_prompt, **kwargs)))
+        second, _ = await collect(backend.generate(request(model, self.long_prompt, **kwargs)))
+        assert first == second
+
+
+async def test_backend_set_routes_by_model_and_refuses_unknown() -> None:
+    backends = BackendSet([TestBackend(("a",)), TestBackend(("b",))])
+    assert [m.id for m in backends.models()] == ["a", "b"]
+    _, finished = await collect(backends.generate(request("b", "x y")))
+    assert finished.model == "b"
+    with pytest.raises(FederationError) as caught:
+        backends.generate(request("nope"))
+    assert caught.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(FederationError) as caught:
+        backends.generate(GenerationRequest("a", ()))
+    assert caught.value.param == "messages"

@@ -1,0 +1,218 @@
+"""The inference node over real mTLS, and the router that spreads calls across nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from federation.config import GrpcConfig
+from federation.errors import ErrorCode, FederationError
+from federation.inference.test_backend import TestBackend
+from federation.inference.types import (
+    ChatMessage,
+    GenerationEvent,
+    GenerationFinished,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+)
+from federation.routing import InferenceRouter
+from federation.v1 import inference_pb2, inference_pb2_grpc
+from tests.gateway_support import InferenceNode, eventually, inference_nodes
+from tests.support import TestPKI
+
+MODEL = "test-model"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPKI:
+    return TestPKI(tmp_path / "home")
+
+
+def chat(text: str, model: str = MODEL, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(model, (ChatMessage("user", text),),
+                             SamplingParams(**sampling))  # type: ignore[arg-type]
+
+
+async def drain(events: AsyncIterator[GenerationEvent]) -> tuple[str, GenerationFinished]:
+    text = ""
+    async for event in events:
+        if isinstance(event, TokenDelta):
+            text += event.text
+        else:
+            return text, event
+    raise AssertionError("no GenerationFinished")
+
+
+until = eventually
+
+
+@pytest.fixture
+async def router_factory(pki: TestPKI) -> AsyncIterator[object]:
+    routers: list[InferenceRouter] = []
+
+    async def make(nodes: list[InferenceNode], **kwargs: object) -> InferenceRouter:
+        router = InferenceRouter([n.address for n in nodes], pki.identity("gateway"),
+                                 GrpcConfig(), refresh_seconds=60, **kwargs)  # type: ignore[arg-type]
+        await router.start()
+        routers.append(router)
+        return router
+
+    yield make
+    for router in routers:
+        await router.stop()
+
+
+# ---- the servicer over mTLS ---------------------------------------------------------------------
+
+async def test_generate_streams_deltas_then_usage(pki: TestPKI) -> None:
+    async with inference_nodes(pki, [TestBackend()]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        request = inference_pb2.GenerateRequest(
+            model=MODEL, messages=[inference_pb2.ChatMessage(
+                role=inference_pb2.CHAT_ROLE_USER, content="red green blue")])
+        responses = [r async for r in stub.Generate(request)]
+        assert [r.delta.text for r in responses[:-1]] == ["red", " green", " blue"]
+        assert [r.delta.index for r in responses[:-1]] == [0, 1, 2]
+        finished = responses[-1].finished
+        assert finished.finish_reason == inference_pb2.FINISH_REASON_STOP
+        assert (finished.usage.completion_tokens, finished.usage.total_tokens) == (3, 7)
+        assert finished.total_time.ToNanoseconds() >= finished.time_to_first_token.ToNanoseconds()
+
+
+async def test_list_models_and_load(pki: TestPKI) -> None:
+    backend = TestBackend(token_delay=0.05)
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        listed = await stub.ListModels(inference_pb2.ListModelsRequest())
+        assert [(m.id, m.backend) for m in listed.models] == [(MODEL, "test")]
+        call = stub.Generate(inference_pb2.GenerateRequest(model=MODEL, messages=[
+            inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER, content="a b c")]))
+        await call.read()
+        load = await stub.GetLoad(inference_pb2.GetLoadRequest())
+        assert (load.in_flight, load.queue_capacity) == (1, 64)
+        call.cancel()
+
+
+async def test_client_cancel_stops_backend(pki: TestPKI) -> None:
+    backend = TestBackend(token_delay=0.05)
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        call = stub.Generate(inference_pb2.GenerateRequest(model=MODEL, messages=[
+            inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER, content="x " * 100)]))
+        await call.read()
+        call.cancel()
+        await until(lambda: backend.in_flight == 0)
+        assert (backend.cancelled, backend.completed) == (1, 0)
+
+
+async def test_bad_requests_map_to_status(pki: TestPKI) -> None:
+    async with inference_nodes(pki, [TestBackend()]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Generate(inference_pb2.GenerateRequest(model=MODEL)):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailers: list[Any] = list(caught.value.trailing_metadata() or ())
+        assert ("error-param", "messages") in [tuple(m) for m in trailers]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Generate(inference_pb2.GenerateRequest(
+                    model="nope", messages=[inference_pb2.ChatMessage(
+                        role=inference_pb2.CHAT_ROLE_USER, content="hi")])):
+                pass
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_edge_devices_may_not_generate(pki: TestPKI) -> None:
+    async with inference_nodes(pki, [TestBackend()]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "edge"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListModels(inference_pb2.ListModelsRequest())
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---- the router ---------------------------------------------------------------------------------
+
+async def test_router_spreads_concurrent_calls(pki: TestPKI, router_factory: object) -> None:
+    backends = [TestBackend(token_delay=0.02), TestBackend(token_delay=0.02)]
+    async with inference_nodes(pki, backends) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        assert [m.id for m in router.list_models()] == [MODEL]
+        results = await asyncio.gather(*(drain(router.generate(chat("a b c"))) for _ in range(4)))
+        assert all(text == "a b c" for text, _ in results)
+        assert [b.completed for b in backends] == [2, 2]
+
+
+async def test_router_retries_before_first_token(pki: TestPKI, router_factory: object) -> None:
+    broken, healthy = TestBackend(), TestBackend()
+    broken.fail_before_first = FederationError(ErrorCode.UNAVAILABLE, "warming up")
+    async with inference_nodes(pki, [broken, healthy]) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        for _ in range(3):
+            text, _ = await drain(router.generate(chat("hello there")))
+            assert text == "hello there"
+        assert healthy.completed == 3
+        assert router.upstream_errors >= 1
+
+
+async def test_router_does_not_retry_bad_requests(pki: TestPKI, router_factory: object) -> None:
+    backends = [TestBackend(), TestBackend()]
+    async with inference_nodes(pki, backends) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        with pytest.raises(FederationError) as caught:
+            await drain(router.generate(chat("hi", max_tokens=0)))
+        assert (caught.value.code, caught.value.param) == (ErrorCode.INVALID_ARGUMENT,
+                                                           "max_tokens")
+        assert all(node.healthy for node in router.nodes)
+        with pytest.raises(FederationError) as caught:
+            await drain(router.generate(chat("hi", model="unknown")))
+        assert caught.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_node_dying_mid_stream(pki: TestPKI, router_factory: object) -> None:
+    backends = [TestBackend(token_delay=0.05), TestBackend(token_delay=0.05)]
+    async with inference_nodes(pki, backends) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        doomed = router.generate(chat("w " * 40))
+        assert isinstance(await anext(doomed), TokenDelta)
+        victim = next(n for n in nodes if n.backend.in_flight)
+        survivor_task = asyncio.create_task(drain(router.generate(chat("still standing"))))
+        await until(lambda: sum(b.in_flight for b in backends) == 2)
+        await victim.kill()
+        with pytest.raises(FederationError) as caught:
+            async for _ in doomed:
+                pass
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        text, finished = await survivor_task
+        assert (text, finished.finish_reason) == ("still standing", "stop")
+        # Later requests avoid the dead node.
+        text, _ = await drain(router.generate(chat("after")))
+        assert text == "after"
+
+
+async def test_no_healthy_node_is_unavailable(pki: TestPKI, router_factory: object) -> None:
+    async with inference_nodes(pki, [TestBackend()]) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        await nodes[0].kill()
+        await router.refresh()
+        with pytest.raises(FederationError) as caught:
+            await drain(router.generate(chat("hi")))
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        assert f"no healthy inference node serves model {MODEL}" in caught.value.message
+
+
+async def test_router_cancels_the_node_call(pki: TestPKI, router_factory: object) -> None:
+    backend = TestBackend(token_delay=0.05)
+    async with inference_nodes(pki, [backend]) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        events = router.generate(chat("z " * 50))
+        await anext(events)
+        await events.aclose()
+        await until(lambda: backend.in_flight == 0)
+        assert backend.cancelled == 1
+        assert router.nodes[0].local_in_flight == 0
