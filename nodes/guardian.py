@@ -1,11 +1,167 @@
-"""GuardianService: the contract is in protos/federation/v1; behaviour lands with issue #7."""
+"""GuardianService: share custody and audit checkpoints (issue #7).
+
+A thin adapter: requests become calls on :class:`GuardianCustody` and
+:class:`CheckpointLog` with the mTLS caller's identity; domain errors become
+statuses in the shared interceptor. Key files (wrapping key, checkpoint
+signing key) live under ``$FEDERATION_HOME/guardian/`` and are created 0600 on
+first start.
+"""
 
 from __future__ import annotations
 
-from federation.server import ServiceRegistration, pending_service
-from federation.v1 import guardian_pb2_grpc
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from federation.crypto.keyfile import load_or_create_key
+from federation.errors import ErrorCode, FederationError
+from federation.guardian.checkpoints import Checkpoint, CheckpointLog, load_signing_key
+from federation.guardian.custody import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    GuardianCustody,
+    ShareInfo,
+)
+from federation.interceptor import current_caller
+from federation.memory.client import GrpcAuditSink
+from federation.server import ServiceRegistration
+from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from nodes.runtime import NodeRuntime
+
+if TYPE_CHECKING:
+    import grpc
+
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME = "federation.v1.GuardianService"
+
+
+def _timestamp(moment: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def share_record(info: ShareInfo) -> guardian_pb2.ShareRecord:
+    record = guardian_pb2.ShareRecord(
+        tenant_id=info.tenant_id, object_id=info.object_id, key_id=info.key_id,
+        share_index=info.share_index,
+        state=guardian_pb2.SHARE_STATE_HELD if info.held else guardian_pb2.SHARE_STATE_DESTROYED,
+        deposit_time=_timestamp(info.deposit_time), release_count=info.release_count,
+    )
+    if info.destroy_time is not None:
+        record.destroy_time.CopyFrom(_timestamp(info.destroy_time))
+    if info.last_release_time is not None:
+        record.last_release_time.CopyFrom(_timestamp(info.last_release_time))
+    return record
+
+
+def checkpoint_message(checkpoint: Checkpoint) -> guardian_pb2.Checkpoint:
+    return guardian_pb2.Checkpoint(
+        sequence=checkpoint.sequence, chain_head_hash=checkpoint.chain_head_hash,
+        sign_time=_timestamp(checkpoint.sign_time), signature=checkpoint.signature,
+        key_fingerprint=checkpoint.key_fingerprint,
+    )
+
+
+class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
+    def __init__(self, custody: GuardianCustody, checkpoints: CheckpointLog) -> None:
+        self._custody = custody
+        self._checkpoints = checkpoints
+
+    async def DepositShare(
+        self, request: guardian_pb2.DepositShareRequest, context: Context
+    ) -> guardian_pb2.DepositShareResponse:
+        info = await self._custody.deposit(
+            current_caller(), tenant_id=request.tenant_id, object_id=request.object_id,
+            key_id=request.key_id, share_index=request.share_index, share_text=request.share,
+        )
+        return guardian_pb2.DepositShareResponse(record=share_record(info))
+
+    async def ReleaseShare(
+        self, request: guardian_pb2.ReleaseShareRequest, context: Context
+    ) -> guardian_pb2.ReleaseShareResponse:
+        share, info = await self._custody.release(
+            current_caller(), tenant_id=request.tenant_id, object_id=request.object_id,
+            key_id=request.key_id, requested_by_key_id=request.requested_by_key_id,
+            reason=request.reason,
+        )
+        return guardian_pb2.ReleaseShareResponse(share=share, record=share_record(info))
+
+    async def DestroyShare(
+        self, request: guardian_pb2.DestroyShareRequest, context: Context
+    ) -> guardian_pb2.DestroyShareResponse:
+        info = await self._custody.destroy(
+            current_caller(), tenant_id=request.tenant_id, object_id=request.object_id,
+            key_id=request.key_id, reason=request.reason,
+        )
+        return guardian_pb2.DestroyShareResponse(record=share_record(info))
+
+    async def ListShares(
+        self, request: guardian_pb2.ListSharesRequest, context: Context
+    ) -> guardian_pb2.ListSharesResponse:
+        page = await self._custody.list(request.tenant_id, request.page_size, request.page_token)
+        return guardian_pb2.ListSharesResponse(
+            shares=[share_record(s) for s in page.shares], next_page_token=page.next_page_token
+        )
+
+    async def SignCheckpoint(
+        self, request: guardian_pb2.SignCheckpointRequest, context: Context
+    ) -> guardian_pb2.SignCheckpointResponse:
+        checkpoint = await self._checkpoints.sign(request.sequence, request.chain_head_hash)
+        return guardian_pb2.SignCheckpointResponse(checkpoint=checkpoint_message(checkpoint))
+
+    async def GetCheckpoint(
+        self, request: guardian_pb2.GetCheckpointRequest, context: Context
+    ) -> guardian_pb2.GetCheckpointResponse:
+        if request.sequence < 0:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "sequence must not be negative",
+                                  param="sequence")
+        checkpoint = self._checkpoints.get(request.sequence)
+        if checkpoint is None:
+            raise FederationError(ErrorCode.NOT_FOUND, "no such checkpoint")
+        return guardian_pb2.GetCheckpointResponse(checkpoint=checkpoint_message(checkpoint))
+
+    async def ListCheckpoints(
+        self, request: guardian_pb2.ListCheckpointsRequest, context: Context
+    ) -> guardian_pb2.ListCheckpointsResponse:
+        if request.page_size < 0:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
+                                  param="page_size")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        newest = self._checkpoints.newest_first()
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
+                                      param="page_token")
+            below = int(request.page_token)
+            newest = [c for c in newest if c.sequence < below]
+        page = newest[:size]
+        token = str(page[-1].sequence) if len(newest) > size else ""
+        return guardian_pb2.ListCheckpointsResponse(
+            checkpoints=[checkpoint_message(c) for c in page], next_page_token=token
+        )
+
+
+def registration(servicer: GuardianServicer) -> ServiceRegistration:
+    return ServiceRegistration(
+        SERVICE_NAME,
+        lambda server: guardian_pb2_grpc.add_GuardianServiceServicer_to_server(servicer, server),
+    )
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
-    return pending_service(guardian_pb2_grpc, "GuardianService", issue=7)
+    settings = runtime.settings
+    config = settings.guardian
+    database = runtime.require_database()
+    wrapping_key = load_or_create_key(settings.home / config.wrapping_key_file)
+    checkpoints = CheckpointLog(
+        settings.home / config.checkpoint_file,
+        load_signing_key(settings.home / config.signing_key_file),
+    )
+    audit = GrpcAuditSink(
+        runtime.peer_channel("memory"), timeout_seconds=settings.grpc.call_timeout_seconds
+    )
+    custody = GuardianCustody(database.pool, wrapping_key, audit, config)
+    return registration(GuardianServicer(custody, checkpoints))

@@ -1,0 +1,51 @@
+"""Long-lived secret key files: created once, 0600, refused when others can read them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+
+class KeyFileError(RuntimeError):
+    pass
+
+
+def load_or_create_key(
+    path: Path, *, size: int = 32, generate: Callable[[], bytes] | None = None
+) -> bytes:
+    """The key stored at ``path``; created (mode 0600) with fresh random bytes if absent.
+
+    Creation is atomic and exclusive: the key is written to a temporary file and
+    hard-linked into place, so two processes starting at once end up with the
+    same key instead of one overwriting the other's.
+    """
+    make = generate or (lambda: secrets.token_bytes(size))
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, make())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # someone else created it first: use theirs
+        finally:
+            tmp.unlink()
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+            f"run `chmod 600 {path}`"
+        )
+    data = path.read_bytes()
+    if len(data) != size:
+        raise KeyFileError(f"{path} does not hold a {size}-byte key")
+    return data

@@ -1,0 +1,350 @@
+"""Guardian-signed checkpoints of the thermal-memory chain head, kept off the database.
+
+Why: the audit chain lives in PostgreSQL, and whoever owns the database can
+edit a record and recompute every hash after it; the chain then verifies. A
+checkpoint is the guardian's Ed25519 signature over ``(sequence, head hash,
+sign time)``, stored by the guardian in an append-only JSON-lines file under
+its home (``guardian/checkpoints.jsonl``), not in the database. Verification
+compares the chain against every checkpoint: a rewrite that reaches back before
+a checkpoint changes that record's hash and is caught, and the report names the
+first record after the last checkpoint that still matches.
+
+Design (the simplest robust one): *the memory node pushes*. It is the only
+writer of the chain, so it knows when N records have been appended; it calls
+``GuardianService.SignCheckpoint(sequence, hash)`` every N records or T seconds
+(whichever first, and only when the head moved), using
+:class:`CheckpointScheduler` below. The guardian refuses to sign a sequence at
+or below the last one it signed with a different hash: such a request is itself
+evidence of a rewrite. Records after the newest checkpoint are protected only
+by the chain itself until the next checkpoint (at most N records / T seconds).
+
+Checkpoints are not themselves written to thermal memory (each would add a
+record and so trigger the next checkpoint forever); the signed log is their
+audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from federation.crypto.keyfile import load_or_create_key
+from federation.errors import ErrorCode, FederationError
+
+log = logging.getLogger(__name__)
+
+_TAG: Final = b"federation.checkpoint.v1\x00"
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+HASH_BYTES: Final = 32
+PUBLIC_KEY_SUFFIX: Final = ".pub"
+
+
+def _micros(moment: dt.datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def signed_message(sequence: int, chain_head_hash: bytes, sign_time: dt.datetime) -> bytes:
+    return _TAG + struct.pack(">q", sequence) + chain_head_hash + struct.pack(
+        ">q", _micros(sign_time)
+    )
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    sequence: int
+    chain_head_hash: bytes
+    sign_time: dt.datetime
+    signature: bytes
+    key_fingerprint: str
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        if self.key_fingerprint != fingerprint(public_key):
+            return False
+        try:
+            public_key.verify(
+                self.signature, signed_message(self.sequence, self.chain_head_hash, self.sign_time)
+            )
+        except InvalidSignature:
+            return False
+        return True
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "sequence": self.sequence, "chain_head_hash": self.chain_head_hash.hex(),
+            "sign_time_us": _micros(self.sign_time), "signature": self.signature.hex(),
+            "key_fingerprint": self.key_fingerprint,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> Checkpoint:
+        data = json.loads(line)
+        return cls(
+            sequence=int(data["sequence"]),
+            chain_head_hash=bytes.fromhex(data["chain_head_hash"]),
+            sign_time=_EPOCH + dt.timedelta(microseconds=int(data["sign_time_us"])),
+            signature=bytes.fromhex(data["signature"]),
+            key_fingerprint=str(data["key_fingerprint"]),
+        )
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """The guardian's signing key (raw 32 bytes, 0600), created on first use; the public
+    key is written next to it as ``<name>.pub`` (PEM, public) for verifiers."""
+    raw = load_or_create_key(path, size=32)
+    key = Ed25519PrivateKey.from_private_bytes(raw)
+    public_path = path.with_name(path.name + PUBLIC_KEY_SUFFIX)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if not public_path.exists() or public_path.read_bytes() != pem:
+        public_path.write_bytes(pem)
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """A guardian's checkpoint verification key from its ``.pub`` PEM file."""
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+Clock = Callable[[], dt.datetime]
+
+
+class CheckpointLog:
+    """The guardian's signed checkpoints: an append-only, fsynced JSON-lines file."""
+
+    def __init__(
+        self, path: Path, signing_key: Ed25519PrivateKey,
+        clock: Clock = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._path = path
+        self._key = signing_key
+        self._public = signing_key.public_key()
+        self._fingerprint = fingerprint(self._public)
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._checkpoints: list[Checkpoint] = []
+        self._load()
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self._public
+
+    def _load(self) -> None:
+        if not self._path.exists():
+            return
+        lines = self._path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                checkpoint = Checkpoint.from_json(line)
+            except (ValueError, KeyError):
+                if number == len(lines):  # a write cut short by a crash: drop it
+                    log.warning("ignoring a truncated last checkpoint line")
+                    continue
+                raise
+            if not checkpoint.verify(self._public):
+                raise ValueError(f"{self._path}:{number}: checkpoint signature does not verify")
+            self._checkpoints.append(checkpoint)
+
+    async def sign(self, sequence: int, chain_head_hash: bytes) -> Checkpoint:
+        if sequence < 1:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "sequence must be at least 1",
+                                  param="sequence")
+        if len(chain_head_hash) != HASH_BYTES:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "chain_head_hash must be 32 bytes",
+                                  param="chain_head_hash")
+        async with self._lock:
+            if self._checkpoints:
+                last = self._checkpoints[-1]
+                existing = self.get(sequence) if sequence <= last.sequence else None
+                if existing is not None and existing.chain_head_hash == chain_head_hash:
+                    return existing  # a retried request: idempotent
+                if sequence <= last.sequence:
+                    log.error("checkpoint request conflicts with the signed log",
+                              extra={"sequence": sequence, "last": last.sequence})
+                    raise FederationError(
+                        ErrorCode.FAILED_PRECONDITION,
+                        f"sequence {sequence} is not after the last signed checkpoint "
+                        f"({last.sequence})" + (
+                            "; its hash differs from the one signed: the chain was rewritten"
+                            if existing is not None else ""
+                        ),
+                    )
+            sign_time = self._clock()
+            checkpoint = Checkpoint(
+                sequence, chain_head_hash, sign_time,
+                self._key.sign(signed_message(sequence, chain_head_hash, sign_time)),
+                self._fingerprint,
+            )
+            await asyncio.to_thread(self._append, checkpoint)
+            self._checkpoints.append(checkpoint)
+            return checkpoint
+
+    def _append(self, checkpoint: Checkpoint) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (checkpoint.to_json() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def get(self, sequence: int) -> Checkpoint | None:
+        """The checkpoint at ``sequence``; 0 = the latest. ``None`` if there is none."""
+        if not self._checkpoints:
+            return None
+        if sequence == 0:
+            return self._checkpoints[-1]
+        for checkpoint in self._checkpoints:
+            if checkpoint.sequence == sequence:
+                return checkpoint
+        return None
+
+    def newest_first(self) -> list[Checkpoint]:
+        return list(reversed(self._checkpoints))
+
+
+# ---- verification of the chain against the checkpoints ---------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    intact: bool
+    checkpoints_checked: int
+    last_good_checkpoint: int | None
+    """Sequence of the newest checkpoint the chain still matches (None: none matches)."""
+    first_bad_sequence: int | None = None
+    problem: str = ""
+
+
+async def verify_against_checkpoints(
+    checkpoints: Sequence[Checkpoint],
+    hash_at: Callable[[int], Awaitable[bytes | None]],
+    public_key: Ed25519PublicKey | None,
+) -> CheckpointReport:
+    """Compare the stored chain with every signed checkpoint, oldest first.
+
+    ``hash_at(sequence)`` returns the stored hash of that record (``None`` if it is
+    missing). ``public_key``: the guardian's verification key; when given, every
+    checkpoint's signature must verify (a checkpoint that does not is a problem).
+    A mismatch at checkpoint C means the chain was changed at or before C and after
+    the last checkpoint that matches, L: the report names L + 1.
+    """
+    last_good: int | None = None
+    checked = 0
+    for checkpoint in sorted(checkpoints, key=lambda c: c.sequence):
+        checked += 1
+        first_after_good = (last_good or 0) + 1
+        if public_key is not None and not checkpoint.verify(public_key):
+            return CheckpointReport(
+                False, checked, last_good, first_after_good,
+                f"checkpoint {checkpoint.sequence} is not signed by the guardian's key",
+            )
+        stored = await hash_at(checkpoint.sequence)
+        if stored is None:
+            return CheckpointReport(
+                False, checked, last_good, first_after_good,
+                f"record {checkpoint.sequence}, covered by a signed checkpoint, is missing",
+            )
+        if stored != checkpoint.chain_head_hash:
+            since = f"checkpoint {last_good}" if last_good else "the start of the chain"
+            return CheckpointReport(
+                False, checked, last_good, first_after_good,
+                f"record {checkpoint.sequence} does not match the guardian-signed checkpoint: "
+                f"the chain was rewritten after {since}; the first record after the last good "
+                f"checkpoint is {first_after_good}",
+            )
+        last_good = checkpoint.sequence
+    return CheckpointReport(True, checked, last_good)
+
+
+# ---- the memory side: when to ask for a checkpoint ---------------------------------------------
+
+
+class CheckpointScheduler:
+    """Asks the guardian for a checkpoint every ``every_records`` or ``every_seconds``.
+
+    The memory node calls :meth:`observe` with the sequence of each committed record
+    (or of the last record of a committed batch). ``head()`` returns the current
+    ``(sequence, hash)`` (or ``None`` when the chain is empty); ``sign(sequence, hash)``
+    calls ``GuardianService.SignCheckpoint``. Failures (guardian down) are logged and
+    retried at the next tick: checkpoints never block audit writes.
+    """
+
+    def __init__(
+        self,
+        head: Callable[[], Awaitable[tuple[int, bytes] | None]],
+        sign: Callable[[int, bytes], Awaitable[object]],
+        *,
+        every_records: int,
+        every_seconds: float,
+    ) -> None:
+        self._head = head
+        self._sign = sign
+        self._every_records = max(1, every_records)
+        self._every_seconds = every_seconds
+        self._last_signed = 0
+        self._observed = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def observe(self, sequence: int) -> None:
+        self._observed = max(self._observed, sequence)
+        if self._observed - self._last_signed >= self._every_records:
+            self._wakeup.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="checkpoint-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def checkpoint_now(self) -> int | None:
+        """Sign the current head if it moved; returns the signed sequence."""
+        head = await self._head()
+        if head is None or head[0] <= self._last_signed:
+            return None
+        await self._sign(head[0], head[1])
+        self._last_signed = head[0]
+        return head[0]
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._every_seconds)
+            self._wakeup.clear()
+            try:
+                await self.checkpoint_now()
+            except Exception as exc:  # the guardian may be down: try again next tick
+                self.failures += 1
+                log.warning("audit checkpoint failed", extra={"error": str(exc)[:200]})

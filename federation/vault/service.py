@@ -1,0 +1,484 @@
+"""The tenant vault: secrets that no single party can open.
+
+Each secret version is sealed (AES-256-GCM) under a fresh data key, split 2-of-3:
+
+* share 1, the **client** share, is returned once at creation and never stored;
+* share 2, the **gateway** share, is stored in ``vault_secrets`` wrapped under the
+  gateway wrapping key (a 0600 file, never in the database);
+* share 3, the **guardian** share, is deposited with the guardian over mTLS.
+
+Reading takes the client share (client + gateway; the guardian may be down).
+Recovery without the client share takes gateway + guardian, is audited by the
+guardian and rate-limited there, and re-seals the secret under a new key with
+new shares: the old client share stops working. Creation fails closed when the
+guardian is unreachable (there would be no recovery path). Every state change,
+and by default every read, is written to thermal memory, and fails if it cannot
+be. All SQL runs under ``SET LOCAL ROLE federation_gateway``, which cannot read
+the guardian's schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+from federation.config import DatabaseConfig, VaultConfig
+from federation.crypto.envelope import (
+    CiphertextInvalid,
+    SealedObject,
+    UnwrapError,
+    new_data_key,
+    open_sealed,
+    open_with_shares,
+    recover_key,
+    seal,
+    unwrap,
+    wrap,
+    wrap_context,
+)
+from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
+from federation.db import DatabaseUnavailable
+from federation.errors import ErrorCode, FederationError
+from federation.guardian.client import GuardianClient
+from federation.memory import AuditEntry, AuditSink
+
+log = logging.getLogger(__name__)
+
+ROLE: Final = "federation_gateway"
+CLIENT_INDEX: Final = 1
+GATEWAY_INDEX: Final = 2
+GUARDIAN_INDEX: Final = 3
+SHARE_HEADER: Final = "X-Federation-Share"
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 1000
+_MAX_NAME: Final = 200
+
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """Metadata of a secret; never its value or any share."""
+
+    id: str
+    tenant_id: str
+    name: str
+    version: int
+    state: str
+    created_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    destroyed_at: dt.datetime | None
+    recoveries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "vault.secret", "tenant_id": self.tenant_id,
+            "name": self.name, "version": self.version, "state": self.state,
+            "created_by": self.created_by, "created_at": int(self.created_at.timestamp()),
+            "updated_at": int(self.updated_at.timestamp()),
+            "destroyed_at": int(self.destroyed_at.timestamp()) if self.destroyed_at else None,
+            "recoveries": self.recoveries,
+        }
+
+
+@dataclass(frozen=True, repr=False)
+class IssuedShare:
+    """A secret's metadata and its (new) client share, shown to the caller once."""
+
+    info: SecretInfo
+    client_share: str
+
+    def __repr__(self) -> str:
+        return f"IssuedShare(info={self.info!r})"
+
+
+@dataclass(frozen=True)
+class SecretPage:
+    secrets: list[SecretInfo]
+    next_page_token: str
+
+
+def _info(row: asyncpg.Record) -> SecretInfo:
+    return SecretInfo(
+        id=row["id"], tenant_id=row["tenant_id"], name=row["name"], version=row["version"],
+        state=row["state"], created_by=row["created_by"], created_at=row["created_at"],
+        updated_at=row["updated_at"], destroyed_at=row["destroyed_at"],
+        recoveries=row["recoveries"],
+    )
+
+
+def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
+    return wrap_context("vault-gateway-share", tenant_id, secret_id, version, key_id)
+
+
+def _sealed(row: asyncpg.Record) -> SealedObject:
+    return SealedObject(
+        tenant_id=row["tenant_id"], object_id=row["id"], version=row["version"],
+        key_id=row["key_id"], nonce=bytes(row["nonce"]), ciphertext=bytes(row["ciphertext"]),
+        kcv=bytes(row["kcv"]),
+    )
+
+
+def parse_client_share(text: str) -> Share:
+    try:
+        share = Share.decode(text)
+    except MalformedShare as exc:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, str(exc), param=SHARE_HEADER) from None
+    if share.index != CLIENT_INDEX:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT, "invalid share: this is not a client share",
+            param=SHARE_HEADER,
+        )
+    return share
+
+
+def _text(value: str, name: str, limit: int = _MAX_NAME) -> str:
+    value = value.strip()
+    if not value:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} is required", param=name)
+    if len(value) > limit or not value.isprintable():
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{name} must be printable text of at most {limit} characters", param=name,
+        )
+    return value
+
+
+class VaultService:
+    """The vault's domain core; transports (HTTP routes, CLI) only convert and delegate."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        wrapping_key: bytes,
+        guardian: GuardianClient,
+        audit: AuditSink,
+        config: VaultConfig,
+        *,
+        clock: Clock = utc_now,
+        pool_is_gateway_role: bool = False,
+    ) -> None:
+        """``pool_is_gateway_role``: every connection of ``pool`` already runs as
+        ``federation_gateway`` (see :func:`create_gateway_pool`), so single reads skip the
+        per-transaction ``SET LOCAL ROLE`` (3 round trips fewer on the hot path)."""
+        self._pool = pool
+        self._role_bound = pool_is_gateway_role
+        self._wrapping_key = wrapping_key
+        self._guardian = guardian
+        self._audit = audit
+        self._config = config
+        self._clock = clock
+
+    # ---- create ----------------------------------------------------------------------------
+
+    async def create(self, *, tenant_id: str, name: str, value: bytes, actor: str) -> IssuedShare:
+        tenant_id = _text(tenant_id, "tenant_id")
+        name = _text(name, "name")
+        if len(value) > self._config.max_value_bytes:
+            raise FederationError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"a secret value is at most {self._config.max_value_bytes} bytes", param="value",
+            )
+        secret_id = "vs_" + secrets.token_hex(12)
+        key, key_id = new_data_key(), new_key_id()
+        sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=1,
+                      key_id=key_id)
+        client, gateway, guardian = split_key(key, key_id)
+        # First the guardian: without its share there is no recovery path, so fail closed.
+        await self._guardian.deposit(
+            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
+        )
+        now = self._clock()
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+                row = await conn.fetchrow(
+                    "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
+                    " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
+                    " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
+                    " RETURNING *",
+                    secret_id, tenant_id, name, key_id, sealed.nonce, sealed.ciphertext,
+                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, 1), actor, now,
+                )
+                assert row is not None
+                await self._record("vault.secret.create", actor, tenant_id, secret_id,
+                                   {"name": name, "version": "1", "key_id": key_id})
+        except BaseException as exc:
+            await self._discard_guardian_share(tenant_id, secret_id, key_id, "creation failed")
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                raise FederationError(
+                    ErrorCode.ALREADY_EXISTS, f"tenant already has a secret named {name!r}",
+                    param="name",
+                ) from None
+            raise
+        return IssuedShare(_info(row), client.encode())
+
+    # ---- read ------------------------------------------------------------------------------
+
+    async def read(
+        self, *, tenant_id: str | None, secret_id: str, client_share: str, actor: str
+    ) -> tuple[SecretInfo, bytes]:
+        """Open with the client share and the gateway share; the guardian is not involved."""
+        share = parse_client_share(client_share)
+        row = await self._active_row(tenant_id, secret_id)
+        try:
+            value = open_with_shares(share, self._gateway_share(row), _sealed(row))
+        except InvalidShare as exc:
+            raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
+                                  param=SHARE_HEADER) from None
+        except CiphertextInvalid:
+            log.error("vault ciphertext does not authenticate", extra={"secret_id": secret_id})
+            raise FederationError(
+                ErrorCode.DATA_LOSS, "the stored secret is corrupted (it does not authenticate)"
+            ) from None
+        if self._config.audit_reads:
+            await self._record("vault.secret.read", actor, row["tenant_id"], secret_id,
+                               {"version": str(row["version"])})
+        return _info(row), value
+
+    # ---- recover and rotate ----------------------------------------------------------------
+
+    async def recover(
+        self, *, tenant_id: str | None, secret_id: str, requested_by_key_id: str, reason: str
+    ) -> IssuedShare:
+        """Gateway + guardian shares open the secret; it is re-sealed with new shares and the
+        new client share returned. Rate limit and audit of the release are the guardian's."""
+        reason = _text(reason, "reason", 1000)
+        requested_by_key_id = _text(requested_by_key_id, "requested_by_key_id")
+        row = await self._active_row(tenant_id, secret_id)
+        gateway = self._gateway_share(row)
+        guardian = await self._guardian.release(
+            tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
+            requested_by_key_id=requested_by_key_id, reason=reason,
+        )
+        sealed = _sealed(row)
+        try:
+            value = open_sealed(recover_key(gateway, guardian, sealed), sealed)
+        except (InvalidShare, CiphertextInvalid) as exc:
+            log.error("gateway and guardian shares do not open a secret",
+                      extra={"secret_id": secret_id, "error": type(exc).__name__})
+            raise FederationError(
+                ErrorCode.DATA_LOSS, "the gateway and guardian shares do not open this secret"
+            ) from None
+        return await self._reseal(row, value, "vault.secret.recover", requested_by_key_id,
+                                  {"reason": reason}, recovered=True)
+
+    async def rotate(
+        self, *, tenant_id: str | None, secret_id: str, client_share: str, actor: str
+    ) -> IssuedShare:
+        """New data key, re-encrypted, new shares; needs the current client share."""
+        share = parse_client_share(client_share)
+        row = await self._active_row(tenant_id, secret_id)
+        try:
+            value = open_with_shares(share, self._gateway_share(row), _sealed(row))
+        except InvalidShare as exc:
+            raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
+                                  param=SHARE_HEADER) from None
+        except CiphertextInvalid:
+            raise FederationError(ErrorCode.DATA_LOSS, "the stored secret is corrupted") from None
+        return await self._reseal(row, value, "vault.secret.rotate", actor, {})
+
+    async def _reseal(
+        self, row: asyncpg.Record, value: bytes, action: str, actor: str,
+        attributes: Mapping[str, str], *, recovered: bool = False,
+    ) -> IssuedShare:
+        tenant_id, secret_id = row["tenant_id"], row["id"]
+        old_key_id, version = row["key_id"], row["version"] + 1
+        key, key_id = new_data_key(), new_key_id()
+        sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=version,
+                      key_id=key_id)
+        client, gateway, guardian = split_key(key, key_id)
+        await self._guardian.deposit(
+            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
+        )
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+                updated = await conn.fetchrow(
+                    "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
+                    " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
+                    " recoveries = recoveries + $10"
+                    " WHERE id = $1 AND version = $2 AND state = 'active' RETURNING *",
+                    secret_id, row["version"], version, key_id, sealed.nonce, sealed.ciphertext,
+                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, version),
+                    self._clock(), 1 if recovered else 0,
+                )
+                if updated is None:
+                    raise FederationError(
+                        ErrorCode.ABORTED, "the secret changed meanwhile; try again"
+                    )
+                await self._record(action, actor, tenant_id, secret_id,
+                                   {**attributes, "version": str(version), "key_id": key_id})
+        except BaseException:
+            await self._discard_guardian_share(tenant_id, secret_id, key_id, f"{action} failed")
+            raise
+        # The superseded guardian share is useless without the old gateway share, which is
+        # gone; destroy it anyway, best-effort (the old client share + it could open backups).
+        await self._discard_guardian_share(
+            tenant_id, secret_id, old_key_id, f"superseded by version {version}"
+        )
+        return IssuedShare(_info(updated), client.encode())
+
+    # ---- list and destroy ------------------------------------------------------------------
+
+    async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SecretPage:
+        if page_size < 0:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
+                                  param="page_size")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_time, after_id = _parse_token(page_token)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            rows = await conn.fetch(
+                "SELECT id, tenant_id, name, version, state, created_by, created_at, updated_at,"
+                " destroyed_at, recoveries FROM vault_secrets WHERE tenant_id = $1"
+                " AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4",
+                tenant_id, after_time, after_id, size + 1,
+            )
+        page = [_info(r) for r in rows[:size]]
+        token = _make_token(page[-1]) if len(rows) > size else ""
+        return SecretPage(page, token)
+
+    async def get_info(self, tenant_id: str | None, secret_id: str) -> SecretInfo:
+        return _info(await self._row(tenant_id, secret_id))
+
+    async def destroy(
+        self, *, tenant_id: str | None, secret_id: str, reason: str, actor: str
+    ) -> SecretInfo:
+        """Crypto-shredding: the guardian's and the gateway's shares (and the ciphertext) are
+        erased; the client share alone opens nothing. Idempotent."""
+        reason = _text(reason, "reason", 1000)
+        row = await self._row(tenant_id, secret_id)
+        if row["state"] == "destroyed":
+            return _info(row)
+        try:
+            await self._guardian.destroy(
+                tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
+                reason=reason,
+            )
+        except FederationError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            updated = await conn.fetchrow(
+                "UPDATE vault_secrets SET state = 'destroyed', wrapped_share = NULL,"
+                " ciphertext = NULL, nonce = NULL, kcv = NULL, destroyed_at = $2, updated_at = $2"
+                " WHERE id = $1 AND state = 'active' RETURNING *",
+                secret_id, self._clock(),
+            )
+            if updated is None:
+                return _info(await self._row(tenant_id, secret_id))
+            await self._record("vault.secret.destroy", actor, row["tenant_id"], secret_id,
+                               {"reason": reason, "version": str(row["version"])})
+        return _info(updated)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    async def _row(self, tenant_id: str | None, secret_id: str) -> asyncpg.Record:
+        query = (
+            "SELECT * FROM vault_secrets WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)"
+        )
+        if self._role_bound:
+            row = await self._pool.fetchrow(query, secret_id, tenant_id)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+                row = await conn.fetchrow(query, secret_id, tenant_id)
+        if row is None:
+            raise FederationError(ErrorCode.NOT_FOUND, f"no secret {secret_id!r} for this tenant")
+        return row
+
+    async def _active_row(self, tenant_id: str | None, secret_id: str) -> asyncpg.Record:
+        row = await self._row(tenant_id, secret_id)
+        if row["state"] != "active":
+            raise FederationError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"secret {secret_id!r} was destroyed; nothing can open it",
+            )
+        return row
+
+    def _wrap_gateway(self, share: Share, tenant_id: str, secret_id: str, version: int) -> bytes:
+        return wrap(self._wrapping_key, share.encode().encode(),
+                    _gateway_context(tenant_id, secret_id, version, share.key_id))
+
+    def _gateway_share(self, row: asyncpg.Record) -> Share:
+        try:
+            text = unwrap(
+                self._wrapping_key, bytes(row["wrapped_share"]),
+                _gateway_context(row["tenant_id"], row["id"], row["version"], row["key_id"]),
+            )
+            return Share.decode(text.decode())
+        except (UnwrapError, MalformedShare, UnicodeDecodeError):
+            log.error("gateway share does not unwrap", extra={"secret_id": row["id"]})
+            raise FederationError(
+                ErrorCode.DATA_LOSS,
+                "the gateway's share of this secret does not open under its wrapping key",
+            ) from None
+
+    async def _record(
+        self, action: str, actor: str, tenant_id: str, secret_id: str,
+        attributes: Mapping[str, str],
+    ) -> None:
+        await self._audit.record(AuditEntry(
+            actor=actor, action=action, tenant_id=tenant_id, subject=secret_id,
+            attributes=dict(attributes),
+        ))
+
+    async def _discard_guardian_share(
+        self, tenant_id: str, secret_id: str, key_id: str, reason: str
+    ) -> None:
+        try:
+            await self._guardian.destroy(
+                tenant_id=tenant_id, object_id=secret_id, key_id=key_id, reason=reason
+            )
+        except Exception as exc:
+            log.warning("could not destroy a guardian share",
+                        extra={"secret_id": secret_id, "error": str(exc)[:200]})
+
+
+async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
+    # ``role`` is not reset by RESET ALL (asyncpg's reset on release), so it sticks.
+    await conn.execute(f"SET ROLE {ROLE}")
+
+
+async def create_gateway_pool(url: str, config: DatabaseConfig) -> asyncpg.Pool:
+    """A pool whose every connection runs as ``federation_gateway`` (migrations must have
+    run: the role is created by migration 0020)."""
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            url, min_size=config.pool_min_size, max_size=config.pool_max_size,
+            command_timeout=config.command_timeout_seconds, init=_as_gateway_role,
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    return pool
+
+
+def _make_token(info: SecretInfo) -> str:
+    raw = f"{info.created_at.isoformat()}|{info.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _parse_token(token: str) -> tuple[dt.datetime, str]:
+    if not token:
+        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC), ""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        moment, _, secret_id = raw.partition("|")
+        return dt.datetime.fromisoformat(moment), secret_id
+    except (ValueError, UnicodeDecodeError):
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
+                              param="page_token") from None

@@ -1,0 +1,202 @@
+"""Audit checkpoints: signed by the guardian, kept off the database, catching full rewrites."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from federation.db import Database
+from federation.errors import FederationError
+from federation.guardian.checkpoints import (
+    CheckpointLog,
+    CheckpointScheduler,
+    load_public_key,
+    load_signing_key,
+    verify_against_checkpoints,
+)
+from federation.memory import AuditEntry
+from federation.memory.records import chain_hash
+from federation.memory.store import MemoryStore, record_from_row
+from federation.v1 import guardian_pb2, guardian_pb2_grpc
+from tests.guardian_support import (
+    GuardianNode,
+    SwitchableSink,
+    build_guardian,
+    memory_store,
+    start_guardian,
+)
+from tests.support import TestPKI
+
+
+@pytest.fixture
+async def store(database: Database) -> AsyncIterator[MemoryStore]:
+    async with memory_store(database) as memory:
+        yield memory
+
+
+@pytest.fixture
+async def guardian(database: Database, home: Path, store: MemoryStore
+                   ) -> AsyncIterator[GuardianNode]:
+    custody, log = build_guardian(database, home, SwitchableSink(store))
+    node = await start_guardian(TestPKI(home), custody, log)
+    try:
+        yield node
+    finally:
+        await node.server.stop(0)
+
+
+def log_at(path: Path) -> CheckpointLog:
+    return CheckpointLog(path / "checkpoints.jsonl", load_signing_key(path / "signing.key"))
+
+
+async def test_checkpoints_are_signed_monotonic_and_persisted(tmp_path: Path) -> None:
+    log = log_at(tmp_path)
+    first = await log.sign(10, b"\x01" * 32)
+    assert first.verify(log.public_key)
+    assert await log.sign(10, b"\x01" * 32) == first  # a retry is idempotent
+    with pytest.raises(FederationError, match="rewritten"):
+        await log.sign(10, b"\x02" * 32)
+    with pytest.raises(FederationError, match="not after"):
+        await log.sign(5, b"\x02" * 32)
+    with pytest.raises(FederationError, match="32 bytes"):
+        await log.sign(11, b"\x02")
+    await log.sign(20, b"\x03" * 32)
+    reloaded = log_at(tmp_path)
+    assert [c.sequence for c in reloaded.newest_first()] == [20, 10]
+    assert reloaded.get(0) == reloaded.get(20) and reloaded.get(15) is None
+    assert (tmp_path / "checkpoints.jsonl").stat().st_mode & 0o777 == 0o600
+    assert load_public_key(tmp_path / "signing.key.pub") is not None
+
+
+async def test_a_forged_checkpoint_in_the_file_is_refused(tmp_path: Path) -> None:
+    log = log_at(tmp_path)
+    await log.sign(10, b"\x01" * 32)
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(path.read_text().replace("01" * 32, "02" * 32))
+    with pytest.raises(ValueError, match="does not verify"):
+        log_at(tmp_path)
+
+
+async def test_only_the_memory_node_and_admins_request_checkpoints(guardian: GuardianNode) -> None:
+    request = guardian_pb2.SignCheckpointRequest(sequence=1, chain_head_hash=b"\x00" * 32)
+    for role in ("gateway", "edge", "inference"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await guardian_pb2_grpc.GuardianServiceStub(guardian.channel(role)).SignCheckpoint(
+                request)
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    memory = guardian_pb2_grpc.GuardianServiceStub(guardian.channel("memory"))
+    signed = await memory.SignCheckpoint(request)
+    assert signed.checkpoint.sequence == 1
+    latest = await memory.GetCheckpoint(guardian_pb2.GetCheckpointRequest(sequence=0))
+    assert latest.checkpoint == signed.checkpoint
+    listed = await memory.ListCheckpoints(guardian_pb2.ListCheckpointsRequest())
+    assert [c.sequence for c in listed.checkpoints] == [1]
+
+
+async def _hash_at(pg_url: str, sequence: int) -> bytes | None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        value = await conn.fetchval("SELECT hash FROM memory_records WHERE sequence = $1", sequence)
+    finally:
+        await conn.close()
+    return bytes(value) if value is not None else None
+
+
+async def _rewrite_chain_as_superuser(pg_url: str, edit_sequence: int) -> None:
+    """Edit one record, then recompute every hash from there on, as the database owner can."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET session_replication_role = replica")  # triggers off
+        await conn.execute(
+            "UPDATE memory_records SET attributes = '{\"n\": \"forged\"}' WHERE sequence = $1",
+            edit_sequence,
+        )
+        rows = await conn.fetch(
+            "SELECT * FROM memory_records WHERE sequence >= $1 ORDER BY sequence", edit_sequence)
+        prev = bytes(await conn.fetchval(
+            "SELECT hash FROM memory_records WHERE sequence = $1", edit_sequence - 1))
+        for row in rows:
+            r = record_from_row(row)
+            digest = chain_hash(
+                prev, sequence=r.sequence, tenant_id=r.tenant_id, actor=r.actor,
+                action=r.action, subject=r.subject, request_id=r.request_id,
+                created_at=r.created_at, attributes=r.attributes, body=r.body)
+            await conn.execute(
+                "UPDATE memory_records SET prev_hash = $2, hash = $3 WHERE sequence = $1",
+                r.sequence, prev, digest)
+            prev = digest
+    finally:
+        await conn.close()
+
+
+async def _wait_for_checkpoint(log: CheckpointLog, sequence: int) -> None:
+    for _ in range(200):
+        latest = log.get(0)
+        if latest is not None and latest.sequence >= sequence:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no checkpoint at {sequence}")
+
+
+async def test_a_full_rewrite_by_the_database_owner_is_still_detected(
+    guardian: GuardianNode, store: MemoryStore, pg_url: str
+) -> None:
+    stub = guardian_pb2_grpc.GuardianServiceStub(guardian.channel("memory"))
+
+    async def head() -> tuple[int, bytes] | None:
+        sequence = await store.head()
+        value = await _hash_at(pg_url, sequence) if sequence else None
+        return (sequence, value) if value is not None else None
+
+    async def sign(sequence: int, digest: bytes) -> object:
+        return await stub.SignCheckpoint(
+            guardian_pb2.SignCheckpointRequest(sequence=sequence, chain_head_hash=digest))
+
+    scheduler = CheckpointScheduler(head, sign, every_records=10, every_seconds=3600)
+    await scheduler.start()
+    try:
+        for batch in range(5):  # 50 records; a checkpoint after every 10
+            records = await asyncio.gather(*(
+                store.record(AuditEntry(actor="keys", action="key.issue", tenant_id="t1",
+                                        subject=f"k{batch}-{i}", attributes={"n": str(i)}))
+                for i in range(10)))
+            scheduler.observe(max(r.sequence for r in records))
+            await _wait_for_checkpoint(guardian.checkpoints, (batch + 1) * 10)
+    finally:
+        await scheduler.stop()
+    assert [c.sequence for c in guardian.checkpoints.newest_first()] == [50, 40, 30, 20, 10]
+
+    public_key = load_public_key(guardian.pki.home / "guardian/checkpoint_signing.key.pub")
+
+    async def hash_at(sequence: int) -> bytes | None:
+        return await _hash_at(pg_url, sequence)
+
+    before = await verify_against_checkpoints(
+        guardian.checkpoints.newest_first(), hash_at, public_key)
+    assert before.intact and before.checkpoints_checked == 5
+
+    await _rewrite_chain_as_superuser(pg_url, edit_sequence=27)
+    chain = await store.verify_chain()
+    assert chain.intact  # the hash chain alone no longer notices...
+    after = await verify_against_checkpoints(
+        guardian.checkpoints.newest_first(), hash_at, public_key)
+    assert not after.intact  # ...the guardian's checkpoints do,
+    assert after.last_good_checkpoint == 20
+    assert after.first_bad_sequence == 21  # naming the first record after the last good one
+    assert "first record after the last good checkpoint is 21" in after.problem
+
+
+async def test_a_truncated_chain_is_detected(tmp_path: Path) -> None:
+    log = log_at(tmp_path)
+    await log.sign(5, b"\x05" * 32)
+
+    async def missing(sequence: int) -> bytes | None:
+        return None
+
+    report = await verify_against_checkpoints(log.newest_first(), missing, log.public_key)
+    assert not report.intact and report.first_bad_sequence == 1 and "missing" in report.problem

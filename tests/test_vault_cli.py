@@ -1,0 +1,61 @@
+"""``federation vault`` handlers over the real vault (the federation's channels replaced)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from federation import cli_vault
+from federation.config import Settings
+from federation.vault.service import VaultService
+from tests.test_vault_service import (  # noqa: F401 - fixtures
+    gateway_channel,
+    guardian,
+    sink,
+    store,
+    vault,
+)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli_vault.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["vault", *argv])
+
+
+async def run(settings: Settings, *argv: str) -> str:
+    args = parse(*argv)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert await args.handler(settings, args) == 0
+    return out.getvalue()
+
+
+async def test_put_get_recover_list_destroy(
+    vault: VaultService, home: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    @contextlib.asynccontextmanager
+    async def fake_open(settings: Settings) -> AsyncIterator[VaultService]:
+        yield vault
+
+    monkeypatch.setattr(cli_vault, "open_vault", fake_open)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"p@ss\n")))
+    settings = Settings(home=home)
+    put = json.loads(await run(settings, "put", "--tenant", "t1", "db", "--json"))
+    assert put["name"] == "db" and put["client_share"].startswith("fedshare_")
+    got = json.loads(await run(settings, "get", put["id"], "--share", put["client_share"],
+                               "--json"))
+    assert got["value"] == "p@ss\n"
+    recovered = json.loads(await run(settings, "recover", put["id"], "--reason", "lost",
+                                     "--json"))
+    assert recovered["version"] == 2
+    listed = await run(settings, "list", "--tenant", "t1")
+    assert put["id"] in listed and "fedshare_" not in listed
+    assert "destroyed" in await run(settings, "destroy", put["id"])
