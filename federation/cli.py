@@ -25,7 +25,9 @@ from federation.pki import CertificateAuthority, PKIError, load_ca
 
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
-COMMAND_MODULES: tuple[str, ...] = ("federation.cli_keys", "federation.cli_audit")
+COMMAND_MODULES: tuple[str, ...] = (
+    "federation.cli_keys", "federation.cli_audit", "federation.cli_edge", "federation.cli_vault",
+)
 """Modules that add command groups of their own."""
 
 

@@ -310,6 +310,9 @@ class Federation:
             for role, child in self.children.items()
             if role != GATEWAY
         }
+        for role, child in self.children.items():
+            if "enrollment_port" in child.info:  # the broker's port for Enroll
+                nodes[role]["enrollment"] = f"{host}:{child.info['enrollment_port']}"
         return {
             "home": str(self.home),
             "gateway": {

@@ -114,10 +114,20 @@ async def _start(
         metrics_host=settings.nodes.metrics_host,
         metrics_port=options.metrics_port,
         registry=registry,
+        enrollment_listen=_enrollment_listen(settings, options),
     )
     await server.start()
     stack.push_async_callback(server.stop)
     return server
+
+
+def _enrollment_listen(settings: Settings, options: DaemonOptions) -> str | None:
+    """The broker's second port, on the same host, where devices without a
+    certificate may call Enroll (TLS, no client certificate)."""
+    if options.role != "broker" or options.insecure_dev:
+        return None
+    host = options.listen.rsplit(":", 1)[0]
+    return f"{host}:{settings.edge.enrollment_port}"
 
 
 def _write_ready_file(path: Path, role: str, server: NodeServer) -> None:
@@ -127,6 +137,8 @@ def _write_ready_file(path: Path, role: str, server: NodeServer) -> None:
         "grpc_port": server.port,
         "metrics_port": server.metrics_port,
     }
+    if server.enrollment_port:
+        info["enrollment_port"] = server.enrollment_port
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(info))

@@ -455,6 +455,7 @@ class HeartbeatRequest(_message.Message):
     CHARGING_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     ECHO_TIME_FIELD_NUMBER: _builtins.int
+    ECHO_HOLD_FIELD_NUMBER: _builtins.int
     battery_percent: _builtins.int
     """Battery charge, 0 to 100."""
     charging: _builtins.bool
@@ -470,6 +471,13 @@ class HeartbeatRequest(_message.Message):
         first heartbeat.
         """
 
+    @_builtins.property
+    def echo_hold(self) -> _duration_pb2.Duration:
+        """How long the device held echo_time before sending this request (its
+        heartbeat wait). The broker subtracts it, so the measured round trip is
+        network and processing time only, not the heartbeat interval.
+        """
+
     def __init__(
         self,
         *,
@@ -477,10 +485,11 @@ class HeartbeatRequest(_message.Message):
         charging: _builtins.bool = ...,
         load: _builtins.float = ...,
         echo_time: _timestamp_pb2.Timestamp | None = ...,
+        echo_hold: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["echo_time", b"echo_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["echo_hold", b"echo_hold", "echo_time", b"echo_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["battery_percent", b"battery_percent", "charging", b"charging", "echo_time", b"echo_time", "load", b"load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["battery_percent", b"battery_percent", "charging", b"charging", "echo_hold", b"echo_hold", "echo_time", b"echo_time", "load", b"load"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,123 @@
+"""Job events to thermal memory: a transactional outbox drained into an AuditSink.
+
+State changes (submission, completion, dead-lettering, expiry, cancellation)
+insert their event into ``edge_audit_outbox`` in the same transaction, so an
+event exists exactly when its change committed, and a slow or unreachable
+memory node never holds a row lock or fails a device's call. The broker
+drains the outbox in order into an :class:`~federation.memory.sink.AuditSink`:
+in production :class:`RemoteAuditSink` (``ThermalMemoryService.RecordMemory``
+on the memory peer), in tests the memory node's own ``MemoryStore``.
+Delivery is at least once: a crash between append and delete repeats one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+import asyncpg
+import grpc
+
+from federation.errors import FederationError, from_rpc_error
+from federation.memory.records import AuditEntry, MemoryRecord
+from federation.memory.sink import AuditSink
+from federation.v1 import thermal_memory_pb2, thermal_memory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LOCK_KEY = 0x46454452_41554454  # "FEDRAUDT"
+
+
+class RemoteAuditSink:
+    """An :class:`AuditSink` that appends through the memory node over mTLS."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_seconds: float = 10.0) -> None:
+        self._stub = thermal_memory_pb2_grpc.ThermalMemoryServiceStub(channel)
+        self._timeout = timeout_seconds
+
+    async def record(self, entry: AuditEntry) -> MemoryRecord:
+        request = thermal_memory_pb2.RecordMemoryRequest(
+            tenant_id=entry.tenant_id,
+            actor=entry.actor,
+            action=entry.action,
+            subject=entry.subject,
+            payload=thermal_memory_pb2.AuditPayload(
+                attributes=dict(entry.attributes), body=entry.body
+            ),
+        )
+        metadata = (("x-request-id", entry.request_id),) if entry.request_id else None
+        try:
+            reply = await self._stub.RecordMemory(
+                request, timeout=self._timeout, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        r = reply.record
+        return MemoryRecord(
+            sequence=r.sequence, tenant_id=r.tenant_id, actor=r.actor, action=r.action,
+            subject=r.subject, request_id=r.request_id,
+            created_at=r.create_time.ToDatetime(tzinfo=dt.UTC),
+            attributes=dict(r.payload.attributes), body=r.payload.body,
+            prev_hash=r.prev_hash, hash=r.hash, temperature=r.temperature,
+            compressed=r.compressed,
+        )
+
+
+def entry_from_row(row: Any) -> AuditEntry:
+    attributes = row["attributes"]
+    if isinstance(attributes, str):
+        attributes = json.loads(attributes)
+    return AuditEntry(
+        actor=row["actor"],
+        action=row["action"],
+        tenant_id=row["tenant_id"],
+        subject=row["subject"],
+        attributes={str(k): str(v) for k, v in attributes.items()},
+        request_id=row["request_id"],
+    )
+
+
+class AuditOutbox:
+    """Drains ``edge_audit_outbox`` into a sink, oldest first, one drainer at a time."""
+
+    def __init__(self, pool: asyncpg.Pool, sink: AuditSink | None, batch: int = 200) -> None:
+        self._pool = pool
+        self._sink = sink
+        self._batch = batch
+
+    async def flush_once(self) -> int:
+        """Deliver pending events; returns how many. Stops at the first sink failure."""
+        if self._sink is None:
+            return 0
+        delivered = 0
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK_KEY):
+                return 0  # another broker process is draining
+            try:
+                rows = await conn.fetch(
+                    "SELECT * FROM edge_audit_outbox ORDER BY id LIMIT $1", self._batch
+                )
+                for row in rows:
+                    await self._sink.record(entry_from_row(row))
+                    await conn.execute(
+                        "DELETE FROM edge_audit_outbox WHERE tenant_id = $1 AND id = $2",
+                        row["tenant_id"],
+                        row["id"],
+                    )
+                    delivered += 1
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
+        return delivered
+
+    async def run(self, interval_seconds: float) -> None:
+        """Flush every ``interval_seconds`` until cancelled; failures are retried."""
+        while True:
+            try:
+                while await self.flush_once() >= self._batch:
+                    pass
+            except (FederationError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("audit outbox flush failed; will retry", exc_info=True)
+            await asyncio.sleep(interval_seconds)

@@ -1,0 +1,78 @@
+"""The edge broker's domain objects wired together, and its background work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from federation.config import EdgeConfig
+from federation.edge.audit import AuditOutbox
+from federation.edge.devices import DeviceRegistry, RevocationCache
+from federation.edge.enrollment import Enrollment
+from federation.edge.jobs import JobQueue
+from federation.edge.reaper import Reaper
+from federation.edge.uploads import UploadStore
+from federation.memory.sink import AuditSink
+from federation.pki import CertificateAuthority
+
+
+@dataclass
+class EdgeBroker:
+    config: EdgeConfig
+    queue: JobQueue
+    devices: DeviceRegistry
+    revocations: RevocationCache
+    uploads: UploadStore
+    enrollment: Enrollment | None
+    """``None`` when this process has no CA key: Enroll/RenewCertificate are UNAVAILABLE."""
+    reaper: Reaper
+    outbox: AuditOutbox
+
+    @classmethod
+    def create(
+        cls,
+        pool: asyncpg.Pool,
+        config: EdgeConfig,
+        home: Path,
+        ca: CertificateAuthority | None,
+        sink: AuditSink | None,
+    ) -> EdgeBroker:
+        devices = DeviceRegistry(pool, config)
+        return cls(
+            config=config,
+            queue=JobQueue(pool, config),
+            devices=devices,
+            revocations=RevocationCache(devices, config.revocation_cache_seconds),
+            uploads=UploadStore(pool, config, home),
+            enrollment=Enrollment(pool, config, ca) if ca is not None else None,
+            reaper=Reaper(pool, config),
+            outbox=AuditOutbox(pool, sink),
+        )
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Run the reaper and the audit outbox drain until the block exits."""
+        tasks = [
+            asyncio.create_task(self.reaper.run(), name="edge-reaper"),
+            asyncio.create_task(
+                self.outbox.run(self.config.audit_flush_seconds), name="edge-audit-outbox"
+            ),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Best effort: deliver what the last calls queued before the pool closes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.outbox.flush_once(), timeout=2)
+
+    def heartbeat_interval(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.config.heartbeat_interval_seconds)

