@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     audit = subparsers.add_parser("audit", help="the tamper-evident audit log (thermal memory)")
     sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
-    verify = sub.add_parser("verify", help="recompute the hash chain; non-zero if broken")
+    verify = sub.add_parser(
+        "verify", help="recompute the hash chain, check it against the guardian's signed "
+                       "checkpoints; non-zero if either fails")
     verify.add_argument("--from", dest="from_sequence", type=int, default=0)
     verify.add_argument("--to", dest="to_sequence", type=int, default=0)
     verify.add_argument("--json", action="store_true")
@@ -43,10 +45,14 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
         print_json(MessageToDict(report, preserving_proto_field_name=True,
                                  always_print_fields_with_no_presence=True))
         return 0 if report.intact else 1
+    checkpoint = (
+        f"last guardian checkpoint: record {report.last_checkpoint_sequence}"
+        if report.HasField("last_checkpoint_sequence") else "no guardian checkpoint"
+    )
     if not report.intact:
         fail(f"audit chain broken at record {report.first_bad_sequence}: {report.problem} "
-             f"({report.records_checked} records verified before it)")
-    print(f"audit chain intact: {report.records_checked} records verified")
+             f"({report.records_checked} records verified; {checkpoint})")
+    print(f"audit chain intact: {report.records_checked} records verified ({checkpoint})")
     return 0
 
 

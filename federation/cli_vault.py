@@ -78,11 +78,13 @@ def register(commands: Any) -> None:
     destroy.set_defaults(handler=_destroy)
 
 
-def _actor(settings: Settings) -> str:
+def operator_actor(settings: Settings) -> str:
+    """The audit actor of operator commands: the local admin identity's SPIFFE id."""
     return f"spiffe://{settings.trust_domain}/node/{ADMIN_NAME}/admin"
 
 
-def _database_url(settings: Settings) -> str:
+def database_url(settings: Settings) -> str:
+    """The federation's database: FEDERATION_DATABASE_URL, else endpoints.json."""
     if settings.database.url:
         return settings.database.url
     dsn = load_endpoints(settings).get("database", {}).get("dsn")
@@ -94,7 +96,7 @@ def _database_url(settings: Settings) -> str:
 @contextlib.asynccontextmanager
 async def open_vault(settings: Settings) -> AsyncIterator[VaultService]:
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_gateway_pool(_database_url(settings), settings.database)
+        pool = await create_gateway_pool(database_url(settings), settings.database)
         stack.push_async_callback(pool.close)
         guardian = admin_channel(settings, "guardian")
         stack.push_async_callback(guardian.close)
@@ -125,14 +127,14 @@ async def _put(settings: Settings, args: argparse.Namespace) -> int:
         value = value[:-1]
     async with open_vault(settings) as vault:
         issued = await vault.create(tenant_id=args.tenant, name=args.name, value=value,
-                                    actor=_actor(settings))
+                                    actor=operator_actor(settings))
     return _issued(issued, args)
 
 
 async def _get(settings: Settings, args: argparse.Namespace) -> int:
     async with open_vault(settings) as vault:
         info, value = await vault.read(tenant_id=None, secret_id=args.id,
-                                       client_share=args.share, actor=_actor(settings))
+                                       client_share=args.share, actor=operator_actor(settings))
     if args.json:
         print_json({**info.to_json(), "value": value.decode(errors="replace")})
     else:
@@ -144,14 +146,15 @@ async def _get(settings: Settings, args: argparse.Namespace) -> int:
 async def _recover(settings: Settings, args: argparse.Namespace) -> int:
     async with open_vault(settings) as vault:
         issued = await vault.recover(tenant_id=None, secret_id=args.id,
-                                     requested_by_key_id=_actor(settings), reason=args.reason)
+                                     requested_by_key_id=operator_actor(settings),
+                                     reason=args.reason)
     return _issued(issued, args)
 
 
 async def _rotate(settings: Settings, args: argparse.Namespace) -> int:
     async with open_vault(settings) as vault:
         issued = await vault.rotate(tenant_id=None, secret_id=args.id, client_share=args.share,
-                                    actor=_actor(settings))
+                                    actor=operator_actor(settings))
     return _issued(issued, args)
 
 
@@ -175,7 +178,7 @@ async def _list(settings: Settings, args: argparse.Namespace) -> int:
 async def _destroy(settings: Settings, args: argparse.Namespace) -> int:
     async with open_vault(settings) as vault:
         info = await vault.destroy(tenant_id=None, secret_id=args.id, reason=args.reason,
-                                   actor=_actor(settings))
+                                   actor=operator_actor(settings))
     if args.json:
         print_json(info.to_json())
     else:

@@ -41,7 +41,9 @@ from gateway_http.chat.serving import ChatServing
 from gateway_http.errors import error_middleware
 from gateway_http.lifecycle import add_request_id_header, lifecycle_middleware
 from gateway_http.metrics import GatewayMetrics, metrics_handler
-from gateway_http.state import STATE, GatewayState
+from gateway_http.state import PRINCIPAL, STATE, GatewayState
+from gateway_http.transcripts import transcript_middleware
+from gateway_http.vault_routes import add_vault_routes
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,17 @@ def create_app(
     health.add_routes(app)
     openapi.add_routes(app)
     app.router.add_get("/metrics", metrics_handler)
+    if vault_enabled(settings):
+        add_vault_routes(app, settings, credentials)
+        app.middlewares.append(transcript_middleware(PRINCIPAL))
     return app
+
+
+def vault_enabled(settings: Settings) -> bool:
+    """The vault and tenant transcripts need PostgreSQL and a guardian; a gateway
+    configured without them serves the OpenAI API alone (and no tenant can have opted
+    in to transcripts, which live in that database)."""
+    return bool(settings.database.url and settings.peers.addresses("guardian"))
 
 
 def _dependencies(

@@ -96,7 +96,102 @@ MODEL = {"type": "object", "properties": {
     "owned_by": {"type": "string"}}}
 
 
-def document() -> dict[str, Any]:
+SECRET = {"type": "object", "description": "A vault secret's metadata; never its value or "
+                                          "a share.", "properties": {
+    "id": {"type": "string"}, "object": {"const": "vault.secret"},
+    "tenant_id": {"type": "string"}, "name": {"type": "string"},
+    "version": {"type": "integer"}, "state": {"enum": ["active", "destroyed"]},
+    "created_by": {"type": "string"}, "created_at": {"type": "integer"},
+    "updated_at": {"type": "integer"}, "destroyed_at": {"type": ["integer", "null"]},
+    "recoveries": {"type": "integer"}}}
+
+ISSUED = {"allOf": [{"$ref": "#/components/schemas/VaultSecret"}, {"type": "object", "properties": {
+    "client_share": {"type": "string", "description": "The client share (`fedshare_...`), "
+                                                      "shown once: the federation does not "
+                                                      "keep it."}}}]}
+
+_SHARE_HEADER = {"name": "X-Federation-Share", "in": "header", "required": True,
+                 "description": "The secret's client share (`fedshare_...`).",
+                 "schema": {"type": "string"}}
+_SECRET_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_GUARDIAN_DOWN = ("503 when the guardian is unreachable (fail closed: without its share "
+                  "there is no recovery path).")
+
+
+def _vault_paths() -> dict[str, Any]:
+    secret = {"$ref": "#/components/schemas/VaultSecret"}
+    issued = {"$ref": "#/components/schemas/VaultIssuedShare"}
+    body = {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "maxLength": 200},
+            "value": {"type": "string"}, "value_base64": {"type": "string"}}}}}}
+    reason = {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["reason"],
+        "properties": {"reason": {"type": "string", "minLength": 1}}}}}}
+    return {
+        "/v1/vault/secrets": {
+            "post": {"operationId": "createVaultSecret", "security": [{"bearer": []}],
+                     "description": "Scope `vault:write`. " + _GUARDIAN_DOWN,
+                     "requestBody": body,
+                     "responses": {"201": _json(issued, "Created; the client share, once."),
+                                   **_errors(400, 401, 403, 409, 413, 503)}},
+            "get": {"operationId": "listVaultSecrets", "security": [{"bearer": []}],
+                    "description": "Scope `vault:read`. Metadata of the caller's tenant.",
+                    "parameters": [
+                        {"name": "page_size", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "page_token", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "object": {"const": "list"}, "data": {"type": "array", "items": secret},
+                        "next_page_token": {"type": "string"}}}, "Metadata only."),
+                        **_errors(400, 401, 403)}},
+        },
+        "/v1/vault/secrets/{id}": {
+            "get": {"operationId": "readVaultSecret", "security": [{"bearer": []}],
+                    "description": "Scope `vault:read`. Client + gateway shares open it; the "
+                                   "guardian is not involved and may be down.",
+                    "parameters": [_SECRET_ID, _SHARE_HEADER],
+                    "responses": {"200": _json({"allOf": [secret, {"type": "object",
+                                                                    "properties": {
+                        "value": {"type": ["string", "null"]},
+                        "value_base64": {"type": "string"}}}]}, "The value."),
+                        **_errors(400, 401, 403, 404, 409)}},
+            "delete": {"operationId": "destroyVaultSecret", "security": [{"bearer": []}],
+                       "description": "Scope `vault:write`. Crypto-shredding: irreversible.",
+                       "parameters": [_SECRET_ID, {"name": "reason", "in": "query",
+                                                   "schema": {"type": "string"}}],
+                       "responses": {"200": _json(secret, "Destroyed."),
+                                     **_errors(401, 403, 404, 503)}},
+        },
+        "/v1/vault/secrets/{id}/rotate": {"post": {
+            "operationId": "rotateVaultSecret", "security": [{"bearer": []}],
+            "description": "Scope `vault:write`. New data key and shares. " + _GUARDIAN_DOWN,
+            "parameters": [_SECRET_ID, _SHARE_HEADER],
+            "responses": {"200": _json(issued, "Rotated; the new client share."),
+                          **_errors(400, 401, 403, 404, 409, 503)}}},
+        "/v1/vault/secrets/{id}/recover": {"post": {
+            "operationId": "recoverVaultSecret", "security": [{"bearer": []}],
+            "description": "Scope `admin`, a non-empty reason. Gateway + guardian shares; "
+                           "the guardian audits the release and rate-limits it per tenant "
+                           "(429 with Retry-After). The old client share stops working. "
+                           + _GUARDIAN_DOWN,
+            "parameters": [_SECRET_ID], "requestBody": reason,
+            "responses": {"200": _json(issued, "Recovered; a new client share."),
+                          **_errors(400, 401, 403, 404, 409, 429, 503)}}},
+    }
+
+
+def document(*, vault: bool = False) -> dict[str, Any]:
+    """The API description; ``vault``: include the vault routes (served only when the
+    gateway has a database and a guardian)."""
+    doc = _document()
+    if vault:
+        doc["paths"].update(_vault_paths())
+        doc["components"]["schemas"].update({"VaultSecret": SECRET,
+                                             "VaultIssuedShare": ISSUED})
+    return doc
+
+
+def _document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Federation OpenAI-compatible gateway", "version": "1"},
@@ -152,7 +247,8 @@ def document() -> dict[str, Any]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    vault = any(r.canonical.startswith("/v1/vault/") for r in request.app.router.resources())
+    return web.json_response(document(vault=vault))
 
 
 def add_routes(app: web.Application) -> None:

@@ -21,7 +21,9 @@ Wiring (in ``gateway_http/app.py::create_app``)::
 
 ``add_vault_routes`` registers a ``cleanup_ctx`` entry that opens the database
 pool, loads the gateway wrapping key and builds the guardian and thermal-memory
-clients; ``vault=`` and ``keys=`` replace them in tests.
+clients, and the tenant-transcript recorder on the same vault
+(``gateway_http/transcripts.py``); ``vault=`` and ``keys=`` replace them in tests
+(no transcripts then).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
 from federation.memory.client import GrpcAuditSink
 from federation.pki import CertificateFiles
+from federation.tenants import TenantSettingsReader
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
 from gateway_http.state import PRINCIPAL, STATE
+from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder
 
 VAULT = web.AppKey("vault_service", VaultService)
 VAULT_KEYS = web.AppKey("vault_key_verifier", KeyVerifier)
@@ -121,6 +125,8 @@ def _vault_context(
                 config,
                 pool_is_gateway_role=True,
             )
+            # Tenant transcripts are vault objects: same pool, wrapping key and guardian.
+            app[TRANSCRIPTS] = TranscriptRecorder(app[VAULT], TenantSettingsReader(pool))
             yield
 
     return context

@@ -3,15 +3,30 @@
 Tenant scoping: ``tenant_id`` names the tenant whose records are read. The
 gateway, the guardian and operators may name any tenant; only operators
 (role ``admin``) may leave it empty to mean every tenant.
+
+Audit checkpoints (issue #7): when a guardian is configured (``peers.guardian``),
+the node asks it to sign the chain head every N records or T seconds (a failure
+is logged and retried, never blocks an append), and ``VerifyChain`` also checks
+the chain against every signed checkpoint, so a rewrite of the whole chain by
+the database owner is still caught. See ``federation/guardian/chain_checks.py``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from federation.errors import ErrorCode, FederationError
+from federation.guardian.chain_checks import (
+    GuardianCheckpoints,
+    guardian_public_key,
+    verify_with_checkpoints,
+)
+from federation.guardian.checkpoints import CheckpointScheduler
 from federation.interceptor import current_caller
 from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
 from federation.memory.decay import temperature_decay_job
@@ -21,6 +36,8 @@ from federation.server import ServiceRegistration
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
 from nodes.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ThermalMemoryService"].full_name
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -41,8 +58,17 @@ def tenant_scope(tenant_id: str) -> str | None:
 
 
 class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(
+        self, store: MemoryStore, *, guardian: GuardianCheckpoints | None = None,
+        scheduler: CheckpointScheduler | None = None,
+        guardian_key: Callable[[], Ed25519PublicKey | None] = lambda: None,
+    ) -> None:
+        """``guardian``: where the signed checkpoints are (``None``: no guardian
+        configured, chain-only verification); ``scheduler`` hears of every append."""
         self._store = store
+        self._guardian = guardian
+        self._scheduler = scheduler
+        self._guardian_key = guardian_key
 
     async def RecordMemory(
         self, request: pb.RecordMemoryRequest, context: Context
@@ -59,6 +85,8 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
             attributes=dict(request.payload.attributes), body=request.payload.body,
             temperature=request.temperature if request.HasField("temperature") else None,
         ))
+        if self._scheduler is not None:
+            self._scheduler.observe(record.sequence)
         return pb.RecordMemoryResponse(record=record_to_proto(record))
 
     async def ReadMemory(
@@ -84,11 +112,18 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     async def VerifyChain(
         self, request: pb.VerifyChainRequest, context: Context
     ) -> pb.VerifyChainResponse:
-        report = await self._store.verify_chain(request.from_sequence, request.to_sequence)
-        return pb.VerifyChainResponse(
+        checkpoints = await self._guardian.list_all() if self._guardian is not None else None
+        report = await verify_with_checkpoints(
+            self._store, checkpoints, self._guardian_key(), request.from_sequence,
+            request.to_sequence,
+        )
+        response = pb.VerifyChainResponse(
             intact=report.intact, records_checked=report.records_checked,
             first_bad_sequence=report.first_bad_sequence, problem=report.problem,
         )
+        if report.last_checkpoint_sequence is not None:
+            response.last_checkpoint_sequence = report.last_checkpoint_sequence
+        return response
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
@@ -99,9 +134,32 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     decay = temperature_decay_job(store, config.decay_interval_seconds)
     await decay.start()
     runtime.cleanup.push_async_callback(decay.stop)
-    servicer = ThermalMemoryServicer(store)
+    servicer = await _servicer(runtime, store)
 
     def add(server: grpc.aio.Server) -> None:
         pb_grpc.add_ThermalMemoryServiceServicer_to_server(servicer, server)
 
     return ServiceRegistration(SERVICE_NAME, add)
+
+
+async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemoryServicer:
+    """With a guardian configured: the scheduler asking it for checkpoints (stopped on
+    ``runtime.cleanup``) and the client listing them for VerifyChain."""
+    settings = runtime.settings
+    if not settings.peers.addresses("guardian"):
+        log.info("no guardian configured (peers.guardian): no audit checkpoints")
+        return ThermalMemoryServicer(store)
+    guardian = GuardianCheckpoints(
+        runtime.peer_channel("guardian"), settings.grpc.call_timeout_seconds
+    )
+    config = settings.guardian
+    scheduler = CheckpointScheduler(
+        store.head_hash, guardian.sign,
+        every_records=config.checkpoint_every_records,
+        every_seconds=config.checkpoint_every_seconds,
+    )
+    await scheduler.start()
+    runtime.cleanup.push_async_callback(scheduler.stop)
+    key_path = settings.home / config.signing_key_file
+    return ThermalMemoryServicer(store, guardian=guardian, scheduler=scheduler,
+                                 guardian_key=lambda: guardian_public_key(key_path))

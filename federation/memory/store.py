@@ -133,6 +133,21 @@ class MemoryStore:
         value = await self._pool.fetchval("SELECT coalesce(max(sequence), 0) FROM memory_records")
         return int(value)
 
+    async def hash_at(self, sequence: int) -> bytes | None:
+        """The stored hash of record ``sequence`` (``None`` if missing). Unlike
+        :meth:`read`, it does not warm the record: verification is not a use."""
+        value = await self._pool.fetchval(
+            "SELECT hash FROM memory_records WHERE sequence = $1", sequence
+        )
+        return bytes(value) if value is not None else None
+
+    async def head_hash(self) -> tuple[int, bytes] | None:
+        """``(sequence, hash)`` of the newest record, ``None`` when the chain is empty."""
+        row = await self._pool.fetchrow(
+            "SELECT sequence, hash FROM memory_records ORDER BY sequence DESC LIMIT 1"
+        )
+        return (int(row["sequence"]), bytes(row["hash"])) if row is not None else None
+
     async def verify_chain(self, from_sequence: int = 1, to_sequence: int = 0) -> ChainReport:
         """Recompute every hash and link in the range; report the first problem."""
         first = max(from_sequence, 1)

@@ -104,6 +104,21 @@ class IssuedShare:
         return f"IssuedShare(info={self.info!r})"
 
 
+@dataclass(frozen=True, repr=False)
+class PendingObject:
+    """A reserved escrowed object: its data key and gateway share live only in memory
+    until :meth:`VaultService.commit_escrowed` seals and stores them."""
+
+    tenant_id: str
+    object_id: str
+    key_id: str
+    key: bytes
+    gateway_share: Share
+
+    def __repr__(self) -> str:
+        return f"PendingObject(tenant_id={self.tenant_id!r}, object_id={self.object_id!r})"
+
+
 @dataclass(frozen=True)
 class SecretPage:
     secrets: list[SecretInfo]
@@ -224,6 +239,57 @@ class VaultService:
                 ) from None
             raise
         return IssuedShare(_info(row), client.encode())
+
+    # ---- escrowed objects (no client share: tenant transcripts) ----------------------------
+
+    async def reserve_escrowed(self, *, tenant_id: str, prefix: str = "vt_") -> PendingObject:
+        """First half of storing an object that gets no client share: a fresh data key,
+        split 2-of-3, the guardian's share deposited now (so a guardian outage fails the
+        caller *before* it does the work), the client share dropped at once. Finish
+        with :meth:`commit_escrowed` or :meth:`abandon_escrowed`."""
+        tenant_id = _text(tenant_id, "tenant_id")
+        object_id = prefix + secrets.token_hex(12)
+        key, key_id = new_data_key(), new_key_id()
+        _, gateway, guardian = split_key(key, key_id)  # the client share is never kept
+        await self._guardian.deposit(
+            tenant_id=tenant_id, object_id=object_id, key_id=key_id, share=guardian
+        )
+        return PendingObject(tenant_id, object_id, key_id, key, gateway)
+
+    async def commit_escrowed(
+        self, pending: PendingObject, *, name: str, value: bytes, actor: str, action: str,
+        attributes: Mapping[str, str],
+    ) -> SecretInfo:
+        """Seal ``value`` under the reserved key and store it; audited in the same
+        transaction (``action`` on the object, ``attributes`` must hold no secret).
+        Opening it later takes gateway + guardian: the admin recovery path."""
+        name = _text(name, "name")
+        sealed = seal(pending.key, value, tenant_id=pending.tenant_id,
+                      object_id=pending.object_id, version=1, key_id=pending.key_id)
+        wrapped = self._wrap_gateway(pending.gateway_share, pending.tenant_id,
+                                     pending.object_id, 1)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not self._role_bound:
+                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            now = self._clock()
+            row = await conn.fetchrow(
+                "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
+                " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
+                " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
+                " RETURNING *",
+                pending.object_id, pending.tenant_id, name, pending.key_id, sealed.nonce,
+                sealed.ciphertext, sealed.kcv, wrapped, actor, now,
+            )
+            assert row is not None
+            await self._record(action, actor, pending.tenant_id, pending.object_id,
+                               {**attributes, "key_id": pending.key_id})
+        return _info(row)
+
+    async def abandon_escrowed(self, pending: PendingObject, reason: str) -> None:
+        """Best effort: the guardian's share of a reservation that was never committed
+        (useless alone: the gateway share was never stored)."""
+        await self._discard_guardian_share(pending.tenant_id, pending.object_id,
+                                           pending.key_id, reason)
 
     # ---- read ------------------------------------------------------------------------------
 

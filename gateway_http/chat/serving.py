@@ -20,6 +20,7 @@ from typing import Any
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
 from federation.routing import InferenceRouter
+from gateway_http import transcripts
 from gateway_http.chat.protocol import (
     DONE,
     ChatCall,
@@ -55,7 +56,8 @@ class ChatServing:
 
     async def create(self, call: ChatCall, outcome: ChatOutcome
                      ) -> dict[str, Any] | AsyncGenerator[bytes, None]:
-        events = self._router.generate(call.generation, deadline_seconds=self._timeout)
+        events = await transcripts.tap(  # stores opted-in tenants' transcripts (issue #7)
+            call, self._router.generate(call.generation, deadline_seconds=self._timeout))
         if not call.stream:
             async with contextlib.aclosing(events):
                 return await self._complete(call, events, outcome)

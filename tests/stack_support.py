@@ -1,0 +1,104 @@
+"""The whole federation in the test process: real memory, key authority and guardian nodes
+(real PostgreSQL, mTLS), a real inference node, and the gateway app exactly as
+``federation gateway`` builds it (database + guardian configured, so the vault routes and
+tenant transcripts are wired). Only the HTTP client is the test."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+
+from federation.cli_support import ADMIN_NAME
+from federation.config import PeersConfig, Settings
+from federation.db import Database
+from federation.inference.test_backend import TestBackend
+from federation.v1 import key_authority_pb2 as kpb
+from federation.v1 import key_authority_pb2_grpc as kgrpc
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
+from gateway_http.app import GatewayServer
+from nodes import guardian as guardian_node
+from nodes import key_authority, thermal_memory
+from tests.gateway_support import gateway_settings, inference_nodes
+from tests.nodes_support import RunningNode, running
+from tests.support import TestPKI
+
+MODEL = "test-model"
+
+
+@dataclass
+class Stack:
+    pki: TestPKI
+    memory: RunningNode
+    keys_node: RunningNode
+    guardian: RunningNode
+    gateway: GatewayServer
+    backend: TestBackend
+    keys: kgrpc.KeyAuthorityServiceAsyncStub
+    memory_admin: mgrpc.ThermalMemoryServiceAsyncStub
+    http: aiohttp.ClientSession
+    settings: Settings
+    """The gateway's settings (also the operator's: home, peers, database URL)."""
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.port}"
+
+    async def issue(self, tenant: str, scopes: list[str]) -> kpb.IssueKeyResponse:
+        """A key issued by the real key authority (``.secret``, ``.key.key_id``)."""
+        return await self.keys.IssueKey(kpb.IssueKeyRequest(tenant_id=tenant, scopes=scopes))
+
+    async def records(self, tenant: str, action_prefix: str) -> list[mpb.MemoryRecord]:
+        found = await self.memory_admin.SearchMemory(mpb.SearchMemoryRequest(
+            tenant_id=tenant, action_prefix=action_prefix, page_size=1000))
+        return list(found.records)
+
+    async def call(self, method: str, path: str, key: str, *, share: str | None = None,
+                   json: Any = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        headers = {"Authorization": f"Bearer {key}"}
+        if share is not None:
+            headers["X-Federation-Share"] = share
+        async with self.http.request(method, self.base + path, headers=headers,
+                                     json=json) as response:
+            return response.status, await response.json(), dict(response.headers)
+
+
+@contextlib.asynccontextmanager
+async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
+                           **guardian_config: Any) -> AsyncIterator[Stack]:
+    pki = TestPKI(tmp_path / "home")
+    pki.identity("admin", ADMIN_NAME)
+    backend = TestBackend()
+    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
+    keys = RunningNode(pki, "keys", Settings(), database, key_authority)
+    guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))
+        base = gateway_settings(pki.home, [nodes[0].address])
+        settings = dataclasses.replace(
+            base,
+            peers=PeersConfig(memory=memory.address, keys=keys.address,
+                              guardian=guardian.address, inference=nodes[0].address),
+            database=dataclasses.replace(base.database, url=pg_url),
+            guardian=dataclasses.replace(base.guardian, **guardian_config),
+        )
+        memory.settings = keys.settings = guardian.settings = settings
+        await stack.enter_async_context(running(memory, guardian, keys))
+        gateway = GatewayServer(settings, pki.identity("gateway"))
+        await gateway.start()
+        stack.push_async_callback(gateway.stop)
+        channels: list[grpc.aio.Channel] = [pki.channel(keys.address, "admin"),
+                                            pki.channel(memory.address, "admin")]
+        for channel in channels:
+            stack.push_async_callback(channel.close, None)
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        yield Stack(pki, memory, keys, guardian, gateway, backend,
+                    kgrpc.KeyAuthorityServiceStub(channels[0]),
+                    mgrpc.ThermalMemoryServiceStub(channels[1]), http, settings)

@@ -1,0 +1,183 @@
+"""Audit checkpoints through the real nodes: the memory node asks the real guardian node
+to sign its chain head, and ``federation audit verify`` (its handler, in process, over
+mTLS as the operator) checks the chain against the signed checkpoints. A rewrite of the
+whole chain by the database superuser is still caught, and so is a truncation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from federation import cli_audit
+from federation.cli_support import ADMIN_NAME
+from federation.config import GuardianConfig, PeersConfig, Settings
+from federation.db import Database
+from federation.v1 import guardian_pb2, guardian_pb2_grpc
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
+from nodes import guardian as guardian_node
+from nodes import thermal_memory
+from tests.nodes_support import RunningNode, running
+from tests.support import TestPKI
+from tests.test_guardian_checkpoints import _rewrite_chain_as_superuser
+
+EVERY = 10
+
+
+@dataclass
+class Cluster:
+    pki: TestPKI
+    memory: RunningNode
+    guardian: RunningNode
+    settings: Settings
+    """The operator's settings (home, peers) for the CLI handlers."""
+    channels: dict[tuple[str, str], grpc.aio.Channel] = field(default_factory=dict)
+
+    def _channel(self, address: str, role: str) -> grpc.aio.Channel:
+        if (address, role) not in self.channels:
+            self.channels[address, role] = self.pki.channel(address, role)
+        return self.channels[address, role]
+
+    def stub(self, role: str) -> mgrpc.ThermalMemoryServiceAsyncStub:
+        return mgrpc.ThermalMemoryServiceStub(self._channel(self.memory.address, role))
+
+    def guardian_stub(self) -> guardian_pb2_grpc.GuardianServiceAsyncStub:
+        return guardian_pb2_grpc.GuardianServiceStub(
+            self._channel(self.guardian.address, "admin"))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, database: Database) -> AsyncIterator[Cluster]:
+    pki = TestPKI(tmp_path / "home")
+    pki.identity("admin", ADMIN_NAME)  # the operator identity the CLI uses
+    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
+    guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
+    peers = PeersConfig(memory=memory.address, guardian=guardian.address)
+    settings = Settings(home=pki.home, peers=peers, guardian=GuardianConfig(
+        checkpoint_every_records=EVERY, checkpoint_every_seconds=3600))
+    memory.settings = guardian.settings = settings
+    async with running(guardian, memory):
+        cluster = Cluster(pki, memory, guardian, settings)
+        try:
+            yield cluster
+        finally:
+            for channel in cluster.channels.values():
+                await channel.close()
+
+
+async def write_records(cluster: Cluster, count: int) -> None:
+    """``count`` records, waiting for the checkpoint after every ``EVERY``-th, so that
+    checkpoints fall exactly on multiples of ``EVERY``."""
+    stub = cluster.stub("keys")
+    guardian = cluster.guardian_stub()
+    for n in range(1, count + 1):
+        written = await stub.RecordMemory(mpb.RecordMemoryRequest(
+            action="key.issue", tenant_id="t1", subject=f"k{n}",
+            payload=mpb.AuditPayload(attributes={"n": str(n)})))
+        if written.record.sequence % EVERY == 0:
+            await wait_for_checkpoint(guardian, written.record.sequence)
+
+
+async def wait_for_checkpoint(stub: guardian_pb2_grpc.GuardianServiceAsyncStub,
+                              sequence: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                latest = await stub.GetCheckpoint(guardian_pb2.GetCheckpointRequest())
+                if latest.checkpoint.sequence >= sequence:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise
+            await asyncio.sleep(0.02)
+
+
+async def audit_verify(settings: Settings, *argv: str) -> tuple[int, str, str]:
+    """``federation audit verify`` through its handler: exit code, stdout, stderr."""
+    parser = argparse.ArgumentParser()
+    cli_audit.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["audit", "verify", *argv])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = await args.handler(settings, args)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        except grpc.aio.AioRpcError as exc:  # what ``federation.cli.main`` reports
+            print(exc.details(), file=err)
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_a_full_rewrite_is_caught_by_audit_verify_through_the_nodes(
+    cluster: Cluster, pg_url: str
+) -> None:
+    await write_records(cluster, 5 * EVERY)
+    listed = await cluster.guardian_stub().ListCheckpoints(guardian_pb2.ListCheckpointsRequest())
+    assert [c.sequence for c in listed.checkpoints] == [50, 40, 30, 20, 10]
+
+    code, out, _ = await audit_verify(cluster.settings)
+    assert code == 0
+    assert "intact: 50 records verified (last guardian checkpoint: record 50)" in out
+
+    await _rewrite_chain_as_superuser(pg_url, edit_sequence=27)
+    admin = cluster.stub("admin")
+    report = await admin.VerifyChain(mpb.VerifyChainRequest())
+    assert not report.intact
+    assert report.first_bad_sequence == 21  # the first record after the last good checkpoint
+    assert report.last_checkpoint_sequence == 50
+    assert "first record after the last good checkpoint is 21" in report.problem
+
+    code, out, err = await audit_verify(cluster.settings)
+    assert code == 1 and out == ""
+    assert "audit chain broken at record 21" in err
+    assert "last guardian checkpoint: record 50" in err
+
+    code, out, _ = await audit_verify(cluster.settings, "--json")
+    assert code == 1 and '"first_bad_sequence": "21"' in out
+
+
+async def test_records_deleted_from_the_end_are_caught(
+    cluster: Cluster, pg_url: str
+) -> None:
+    await write_records(cluster, 3 * EVERY)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET session_replication_role = replica")  # triggers off
+        await conn.execute("DELETE FROM memory_records WHERE sequence > 25")
+    finally:
+        await conn.close()
+    code, _, err = await audit_verify(cluster.settings)
+    assert code == 1
+    assert "record 30, covered by a signed checkpoint, is missing" in err
+    assert "broken at record 21" in err
+
+
+async def test_appends_do_not_wait_for_a_stopped_guardian(cluster: Cluster) -> None:
+    await cluster.guardian.stop()
+    stub = cluster.stub("keys")
+    async with asyncio.timeout(5):  # well under the guardian call timeout
+        for n in range(2 * EVERY):
+            await stub.RecordMemory(mpb.RecordMemoryRequest(action="key.issue", subject=str(n)))
+    # Verification needs the checkpoints: with the guardian down it says so and fails.
+    code, _, err = await audit_verify(cluster.settings)
+    assert code != 0 and "guardian is unavailable" in err
+    await cluster.guardian.start()
+    async with asyncio.timeout(10):  # back: appends trigger the overdue checkpoint again
+        while True:
+            await stub.RecordMemory(mpb.RecordMemoryRequest(action="key.issue", subject="x"))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wait_for_checkpoint(cluster.guardian_stub(), 2 * EVERY + 1)
+                    break
+    code, out, _ = await audit_verify(cluster.settings)
+    assert code == 0 and "last guardian checkpoint: record" in out
