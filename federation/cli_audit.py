@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli_support import admin_channel, fail, print_json
+from federation.cli_support import admin_channel, all_pages, fail, print_json
 from federation.config import Settings
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
@@ -57,17 +58,14 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def request_trail(settings: Settings, args: argparse.Namespace) -> int:
-    records: list[pb.MemoryRecord] = []
-    token = ""
     async with admin_channel(settings, "memory") as channel:
-        while True:
+        async def fetch(token: str) -> tuple[Sequence[pb.MemoryRecord], str]:
             page = await _stub(channel).SearchMemory(pb.SearchMemoryRequest(
                 tenant_id=args.tenant, request_id=args.request_id, page_size=1000,
                 page_token=token), timeout=settings.grpc.call_timeout_seconds)
-            records += page.records
-            token = page.next_page_token
-            if not token:
-                break
+            return page.records, page.next_page_token
+
+        records = await all_pages(fetch)
     records.reverse()  # oldest first reads as a story
     if args.json:
         print_json([MessageToDict(r, preserving_proto_field_name=True) for r in records])

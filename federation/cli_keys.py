@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli_support import admin_channel, print_json
+from federation.cli_support import admin_channel, all_pages, print_json
 from federation.config import Settings
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
@@ -104,17 +105,14 @@ async def issue_key(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def list_keys(settings: Settings, args: argparse.Namespace) -> int:
-    keys: list[pb.ApiKey] = []
-    token = ""
     async with admin_channel(settings, "keys") as channel:
-        while True:
+        async def fetch(token: str) -> tuple[Sequence[pb.ApiKey], str]:
             page = await _stub(channel).ListKeys(pb.ListKeysRequest(
                 tenant_id=args.tenant, include_revoked=args.include_revoked, page_size=1000,
                 page_token=token), timeout=settings.grpc.call_timeout_seconds)
-            keys += page.keys
-            token = page.next_page_token
-            if not token:
-                break
+            return page.keys, page.next_page_token
+
+        keys = await all_pages(fetch)
     if args.json:
         print_json([_dict(k) for k in keys])
         return 0

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from federation.channels import secure_channel
 from federation.config import Settings
 from federation.pki import CertificateFiles, PKIError, certificate_files
+
+T = TypeVar("T")
 
 ADMIN_NAME = "operator"
 """Name of the admin identity ``federation up`` issues for the local operator."""
@@ -28,6 +31,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+async def all_pages(fetch: Callable[[str], Awaitable[tuple[Sequence[T], str]]]) -> list[T]:
+    """Every item of a paged listing; ``fetch(page_token)`` returns (items, next token)."""
+    items: list[T] = []
+    token = ""
+    while True:
+        page, token = await fetch(token)
+        items += page
+        if not token:
+            return items
 
 
 def load_endpoints(settings: Settings) -> dict[str, Any]:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from federation.cli_support import (
     ADMIN_NAME,
     CommandError,
     admin_channel,
+    all_pages,
     load_endpoints,
     print_json,
 )
@@ -34,7 +35,7 @@ from federation.config import Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.guardian.client import GrpcGuardianClient
 from federation.memory.client import GrpcAuditSink
-from federation.vault.service import IssuedShare, VaultService, create_gateway_pool
+from federation.vault.service import IssuedShare, SecretInfo, VaultService, create_gateway_pool
 
 
 def register(commands: Any) -> None:
@@ -160,13 +161,11 @@ async def _rotate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _list(settings: Settings, args: argparse.Namespace) -> int:
     async with open_vault(settings) as vault:
-        infos, token = [], ""
-        while True:
+        async def fetch(token: str) -> tuple[Sequence[SecretInfo], str]:
             page = await vault.list(args.tenant, 1000, token)
-            infos += page.secrets
-            token = page.next_page_token
-            if not token:
-                break
+            return page.secrets, page.next_page_token
+
+        infos = await all_pages(fetch)
     if args.json:
         print_json([i.to_json() for i in infos])
     else:
