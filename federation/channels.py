@@ -86,24 +86,41 @@ def _request_id_interceptors() -> list[Any]:
     ]
 
 
+def request_id_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The current request id as call metadata, for channels built without interceptors."""
+    request_id = request_id_var.get()
+    return ((REQUEST_ID_HEADER, request_id),) if request_id else None
+
+
 def secure_channel(
     target: str,
     files: CertificateFiles,
     config: GrpcConfig,
     *,
     extra_options: Sequence[tuple[str, Any]] = (),
+    forward_request_id: bool = True,
 ) -> grpc.aio.Channel:
-    """An mTLS channel to ``target`` (``host:port``) as the identity in ``files``."""
+    """An mTLS channel to ``target`` (``host:port``) as the identity in ``files``.
+
+    ``forward_request_id=False`` leaves out the interceptors: grpc.aio runs an
+    intercepted call through an extra task and wraps every streamed read, a cost
+    a per-token hot path should not pay. Such callers pass
+    ``metadata=request_id_metadata()`` themselves.
+    """
     return grpc.aio.secure_channel(
         target,
         client_credentials(files),
         options=[*grpc_options(config), *extra_options],
-        interceptors=_request_id_interceptors(),
+        interceptors=_request_id_interceptors() if forward_request_id else None,
     )
 
 
-def insecure_channel(target: str, config: GrpcConfig) -> grpc.aio.Channel:
+def insecure_channel(
+    target: str, config: GrpcConfig, *, forward_request_id: bool = True
+) -> grpc.aio.Channel:
     """Plaintext channel, only for nodes started with ``--insecure-dev``."""
     return grpc.aio.insecure_channel(
-        target, options=grpc_options(config), interceptors=_request_id_interceptors()
+        target,
+        options=grpc_options(config),
+        interceptors=_request_id_interceptors() if forward_request_id else None,
     )

@@ -194,6 +194,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (every process of a federation starts here)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def _operator_errors() -> tuple[type[Exception], ...]:
     from federation.db import DatabaseUnavailable
     from federation.db.embedded import EmbeddedPostgresError
@@ -221,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(_overrides(args))
         handler: Handler = args.handler
-        return asyncio.run(handler(settings, args))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(handler(settings, args))
     except KeyboardInterrupt:
         return 130
     except _OPERATOR_ERRORS as exc:

@@ -24,7 +24,7 @@ from typing import Final, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.channels import insecure_channel, secure_channel
+from federation.channels import insecure_channel, request_id_metadata, secure_channel
 from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.inference.convert import finished_from_pb, model_from_pb, request_to_pb
@@ -101,17 +101,21 @@ class InferenceRouter:
 
     async def start(self) -> None:
         for address in self._addresses:
-            channel = (
-                secure_channel(address, self._credentials, self._grpc_config)
-                if self._credentials is not None
-                else insecure_channel(address, self._grpc_config)
-            )
+            channel = self._channel(address)
             self._nodes.append(NodeState(
                 address, channel, inference_pb2_grpc.InferenceServiceStub(channel),
                 health_pb2_grpc.HealthStub(channel),
             ))
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="inference-router")
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        # Without interceptors: their per-message cost is paid per token here;
+        # ``generate`` sends the request id itself.
+        if self._credentials is None:
+            return insecure_channel(address, self._grpc_config, forward_request_id=False)
+        return secure_channel(address, self._credentials, self._grpc_config,
+                              forward_request_id=False)
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -212,6 +216,7 @@ class InferenceRouter:
         """
         self.check_model(request.model)
         message = request_to_pb(request)
+        metadata = request_id_metadata()
         tried: set[str] = set()
         last_error: FederationError | None = None
         for _ in range(self._attempts):
@@ -221,7 +226,7 @@ class InferenceRouter:
                 break
             tried.add(node.address)
             node.local_in_flight += 1
-            call = node.stub.Generate(message, timeout=deadline_seconds)
+            call = node.stub.Generate(message, timeout=deadline_seconds, metadata=metadata)
             try:
                 try:
                     first = await self._first_event(node, call)

@@ -1,22 +1,26 @@
 """The inference node's gRPC service: a thin adapter over a :class:`BackendSet`.
 
-Generate forwards each delta as soon as the backend produces it. If the caller
-cancels, grpc.aio cancels this handler's task; the cancellation reaches the
-backend's iterator (closed by ``aclosing``), which stops the generation.
+Generate forwards each delta as soon as the backend produces it; deltas produced
+while the previous message was being sent travel together in one message (see
+:class:`_Coalescer`), so ``TokenDelta.index`` counts messages, not tokens. If the
+caller cancels, grpc.aio cancels this handler's task; the cancellation reaches
+the backend's iterator, which stops the generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
 
+from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import BackendSet, build_backend_set
 from federation.inference.convert import finished_to_pb, model_to_pb, request_from_pb
-from federation.inference.types import TokenDelta
+from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
 from federation.server import ServiceRegistration
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -52,21 +56,90 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         first_token: float | None = None
         index = 0
         events = self._backends.generate(request_from_pb(request))
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, TokenDelta):
+        async with _Coalescer(events) as batches:
+            async for batch in batches:
+                if isinstance(batch, str):
                     if first_token is None:
                         first_token = time.perf_counter() - started
                     yield inference_pb2.GenerateResponse(
-                        delta=inference_pb2.TokenDelta(text=event.text, index=index)
+                        delta=inference_pb2.TokenDelta(text=batch, index=index)
                     )
                     index += 1
                     continue
-                finished = finished_to_pb(event)
+                finished = finished_to_pb(batch)
                 finished.total_time.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
                 ttft = first_token if first_token is not None else time.perf_counter() - started
                 finished.time_to_first_token.FromNanoseconds(int(ttft * 1e9))
                 yield inference_pb2.GenerateResponse(finished=finished)
+                return
+
+
+class _Coalescer:
+    """Reads a generation in its own task and hands over what has piled up since the
+    last message: the text of every delta produced meanwhile, joined, and then the
+    ``GenerationFinished``.
+
+    A delta is sent as soon as the previous message has been handed to gRPC, so a
+    slow backend's tokens go out one by one, with no added delay; when the backend
+    is faster than the stream (or produces several tokens at once), several tokens
+    share one message instead of paying gRPC's per-message cost each. The first
+    delta is never delayed: the consumer wakes at the first event.
+
+    Errors of the generation are raised from the iteration; leaving the ``async
+    with`` (done, cancelled or failed) cancels the reader, which closes the
+    backend's iterator, which stops the generation.
+    """
+
+    def __init__(self, events: AsyncGenerator[GenerationEvent, None]) -> None:
+        self._events = events
+        self._texts: list[str] = []
+        self._end: GenerationFinished | Exception | None = None
+        self._ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncIterator[str | GenerationFinished]:
+        self._reader = asyncio.create_task(self._read())  # copies the request-id context
+        return self._batches()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._reader is not None
+        if not self._reader.done():
+            self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    async def _read(self) -> None:
+        try:
+            async with contextlib.aclosing(self._events):
+                async for event in self._events:
+                    if isinstance(event, TokenDelta):
+                        self._texts.append(event.text)
+                        self._ready.set()
+                    else:
+                        self._end = event
+                        break
+        except Exception as exc:  # handed to the consumer, which raises it
+            self._end = exc
+        else:
+            if self._end is None:
+                self._end = FederationError(ErrorCode.INTERNAL,
+                                            "the backend ended without finishing")
+        finally:
+            self._ready.set()
+
+    async def _batches(self) -> AsyncIterator[str | GenerationFinished]:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._texts:
+                text = "".join(self._texts)
+                self._texts.clear()
+                yield text
+            end = self._end
+            if isinstance(end, Exception):
+                raise end
+            if end is not None:
+                yield end
                 return
 
 

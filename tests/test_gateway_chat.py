@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from pydantic import BaseModel
 
 from federation.inference.test_backend import TestBackend
 from gateway_http.app import GatewayServer
@@ -340,3 +341,35 @@ async def test_client_disconnect_stops_streaming_generation(env: Env) -> None:
 
 async def test_client_disconnect_stops_non_streaming_generation(env: Env) -> None:
     await _cancelled_after_disconnect(env, stream=False)
+
+
+# ---- structured output -------------------------------------------------------------------------
+
+class _Step(BaseModel):
+    explanation: str
+    output: str
+
+
+class _MathReasoning(BaseModel):
+    steps: list[_Step]
+    final_answer: str
+
+
+async def test_json_schema_with_defs_reaches_the_backend_unchanged(env: Env) -> None:
+    """A pydantic schema (``$defs``/``$ref``, arrays of objects) arrives at the backend as
+    the same document, so the backend's grammar sees every definition."""
+    schema = _MathReasoning.model_json_schema()
+    assert "$defs" in schema
+    async with env.client() as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "solve 8x + 7 = -23"}],
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "math_reasoning", "schema": schema,
+                                             "strict": True}})
+    assert json.loads(completion.choices[0].message.content or "")  # JSON text came back
+    received = [r for b in env.backends for r in b.requests]
+    assert len(received) == 1
+    fmt = received[0].response_format
+    assert (fmt.type, fmt.schema_name) == ("json_schema", "math_reasoning")
+    assert json.loads(fmt.json_schema) == schema
+    assert list(json.loads(fmt.json_schema)["properties"]) == ["steps", "final_answer"]

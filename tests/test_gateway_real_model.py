@@ -12,8 +12,18 @@ from pathlib import Path
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field
 
 from federation.config import InferenceConfig, ModelConfig
+from federation.inference.llamacpp import LlamaCppBackend, json_schema_grammar
+from federation.inference.types import (
+    ChatMessage,
+    GenerationFinished,
+    GenerationRequest,
+    ResponseFormat,
+    SamplingParams,
+    TokenDelta,
+)
 from gateway_http.app import GatewayServer
 from nodes import inference
 from nodes.runtime import NodeRuntime
@@ -68,3 +78,51 @@ async def test_smollm2_end_to_end(tmp_path: Path) -> None:
     person = json.loads(streamed)  # the grammar guarantees the schema's shape
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 3
+
+
+# ---- structured output with a pydantic schema ($defs/$ref, arrays of objects) -----------------
+
+class _Step(BaseModel):
+    explanation: str = Field(max_length=32)
+    output: str = Field(max_length=16)
+
+
+class _MathReasoning(BaseModel):
+    # Bounded so that even a rambling 135M model finishes within max_tokens.
+    steps: list[_Step] = Field(max_length=2)
+    final_answer: str = Field(max_length=16)
+
+
+def test_schema_grammar_resolves_defs_and_keeps_strings_valid_json() -> None:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    grammar = json_schema_grammar(json.dumps(_MathReasoning.model_json_schema()))
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
+    step = rules["steps-item"].strip()  # the $ref'd definition became a rule of its own
+    assert "explanation-kv" in rules[step] and "output-kv" in rules[step]
+    # No raw control character inside a JSON string (llama-cpp-python's own rule allows them).
+    assert rules["char"].startswith(r'[^"\\\x7F\x00-\x1F] |')
+    LlamaGrammar.from_string(grammar, verbose=False)  # llama.cpp accepts it
+
+
+async def test_smollm2_output_validates_against_a_pydantic_schema_with_defs() -> None:
+    backend = LlamaCppBackend(ModelConfig(id=MODEL, backend="llamacpp", context_length=1024,
+                                          n_threads=2))
+    await backend.start()
+    try:
+        request = GenerationRequest(
+            MODEL,
+            (ChatMessage("system", "You are a helpful math tutor. Guide the user through the "
+                                   "solution step by step."),
+             ChatMessage("user", "how can I solve 8x + 7 = -23")),
+            SamplingParams(temperature=0, seed=1, max_tokens=200),
+            ResponseFormat("json_schema", json.dumps(_MathReasoning.model_json_schema()),
+                           "math_reasoning"),
+        )
+        events = [event async for event in backend.generate(request)]
+    finally:
+        await backend.stop()
+    text = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    finished = events[-1]
+    assert isinstance(finished, GenerationFinished) and finished.finish_reason == "stop"
+    _MathReasoning.model_validate_json(text)

@@ -77,12 +77,43 @@ async def test_generate_streams_deltas_then_usage(pki: TestPKI) -> None:
             model=MODEL, messages=[inference_pb2.ChatMessage(
                 role=inference_pb2.CHAT_ROLE_USER, content="red green blue")])
         responses = [r async for r in stub.Generate(request)]
-        assert [r.delta.text for r in responses[:-1]] == ["red", " green", " blue"]
-        assert [r.delta.index for r in responses[:-1]] == [0, 1, 2]
+        # A zero-delay backend produces every token before the first message is
+        # sent: they travel together in one delta.
+        assert [r.delta.text for r in responses[:-1]] == ["red green blue"]
+        assert [r.delta.index for r in responses[:-1]] == [0]
         finished = responses[-1].finished
         assert finished.finish_reason == inference_pb2.FINISH_REASON_STOP
         assert (finished.usage.completion_tokens, finished.usage.total_tokens) == (3, 7)
         assert finished.total_time.ToNanoseconds() >= finished.time_to_first_token.ToNanoseconds()
+
+
+async def test_generate_sends_slow_tokens_one_message_each(pki: TestPKI) -> None:
+    async with inference_nodes(pki, [TestBackend(token_delay=0.02)]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        request = inference_pb2.GenerateRequest(
+            model=MODEL, messages=[inference_pb2.ChatMessage(
+                role=inference_pb2.CHAT_ROLE_USER, content="red green blue")])
+        responses = [r async for r in stub.Generate(request)]
+        assert [r.delta.text for r in responses[:-1]] == ["red", " green", " blue"]
+        assert [r.delta.index for r in responses[:-1]] == [0, 1, 2]
+        assert responses[-1].HasField("finished")
+
+
+async def test_generate_sends_tokens_before_a_mid_stream_failure(pki: TestPKI) -> None:
+    backend = TestBackend()
+    backend.fail_after_tokens = 2
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        call = stub.Generate(inference_pb2.GenerateRequest(
+            model=MODEL, messages=[inference_pb2.ChatMessage(
+                role=inference_pb2.CHAT_ROLE_USER, content="red green blue")]))
+        first = await call.read()
+        assert isinstance(first, inference_pb2.GenerateResponse)
+        assert first.delta.text == "red green"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        await until(lambda: backend.in_flight == 0)
 
 
 async def test_list_models_and_load(pki: TestPKI) -> None:

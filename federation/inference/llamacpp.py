@@ -62,6 +62,30 @@ def embedded_model_path() -> Path:
     )
 
 
+# llama-cpp-python's JSON-schema converter (0.3.x) lets a string hold any character but
+# '"' and '\\', raw control characters included: a model may then "end" a string with a
+# bare newline or tab, which no JSON parser accepts. llama.cpp's own converter (and
+# llama-cpp-python's JSON_GBNF for json_object) exclude them, as JSON requires.
+_LOOSE_CHAR_RULE = r'char ::= [^"\\] |'
+_JSON_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def json_schema_grammar(schema: str) -> str:
+    """The GBNF grammar of a JSON Schema (JSON text), as llama.cpp takes it.
+
+    llama-cpp-python's converter resolves local ``$ref``s (pydantic's ``$defs``), keeps
+    the properties in schema order and allows no extra ones; its string rule is
+    tightened here so every string the grammar admits is valid JSON.
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return "\n".join(
+        _JSON_CHAR_RULE + line[len(_LOOSE_CHAR_RULE):] if line.startswith(_LOOSE_CHAR_RULE)
+        else line
+        for line in json_schema_to_gbnf(schema).splitlines()
+    )
+
+
 @dataclass
 class _Run:
     """One generation's link between the worker thread and the event loop."""
@@ -262,7 +286,8 @@ class LlamaCppBackend:
         fmt = request.response_format
         try:
             if fmt.type == "json_schema":
-                return self._grammar_cls.from_json_schema(fmt.json_schema, verbose=False)
+                return self._grammar_cls.from_string(json_schema_grammar(fmt.json_schema),
+                                                     verbose=False)
             if fmt.type == "json_object":
                 return self._grammar_cls.from_string(self._json_gbnf, verbose=False)
         except Exception as exc:

@@ -69,6 +69,8 @@ class TestBackend:
         self.cancelled = 0
         self.request_ids: list[str] = []
         """``x-request-id`` seen by each generation (set by the node's interceptor)."""
+        self.requests: list[GenerationRequest] = []
+        """Every request that started generating, as the backend received it."""
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> TestBackend:
@@ -97,6 +99,7 @@ class TestBackend:
             raise self.fail_before_first
         self.started += 1
         self.request_ids.append(request_id_var.get())
+        self.requests.append(request)
         self.in_flight += 1
         finished = False
         try:
