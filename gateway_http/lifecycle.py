@@ -2,8 +2,11 @@
 
 Runs outside ``error_middleware``, so it sees the final status of every
 request, including refused ones, and the ``FederationError`` they carried.
-Charging tokens and writing the audit record happen in the background after
-the response, so neither adds latency; both are awaited at shutdown.
+A successful chat completion writes its audit record *before* its response
+completes (:func:`record_audit_now`, called by the chat route), so a failure to
+audit fails the request; every other request (refusals, errors, listings) is
+audited in the background after the response. Charging tokens happens in the
+background too; both are awaited at shutdown.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from gateway_http.auth import AuditEntry
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY
-from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, REQUEST_ID, STATE, GatewayState
+from gateway_http.state import (
+    AUDITED,
+    MODEL,
+    OUTCOME,
+    PRINCIPAL,
+    REQUEST_ID,
+    STARTED,
+    STATE,
+    GatewayState,
+)
 
 CLIENT_CLOSED = 499
 """Status recorded when the client went away before the response was complete."""
@@ -35,7 +47,7 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
     request[REQUEST_ID] = request_id
     request_id_var.set(request_id)  # reaches gRPC metadata through channels.py
     route = _route_name(request)
-    started = time.perf_counter()
+    started = request[STARTED] = time.perf_counter()
     in_flight = state.metrics.in_flight.labels(route)
     in_flight.inc()
     status = CLIENT_CLOSED
@@ -86,17 +98,49 @@ def _finish(request: web.Request, state: GatewayState, route: str, status: int,
                                is_request=False),
             "quota charge", on_failure=lambda: metrics.background_failures.labels("quota").inc(),
         )
-    entry = AuditEntry(
+    if request.get(AUDITED):
+        return
+    state.background.spawn(
+        state.audit.record(_audit_entry(request, route, status, elapsed, error)),
+        "audit record", on_failure=lambda: metrics.background_failures.labels("audit").inc(),
+    )
+
+
+async def record_audit_now(request: web.Request) -> None:
+    """Write this successful request's audit record and wait until it is durable.
+
+    Raises :class:`FederationError` (UNAVAILABLE) when it cannot be written: the
+    caller then fails the request instead of answering it unaudited.
+    """
+    state = request.app[STATE]
+    entry = _audit_entry(request, _route_name(request), 200,
+                         time.perf_counter() - request[STARTED], None)
+    try:
+        await state.audit.record(entry)
+    except Exception as exc:
+        state.metrics.background_failures.labels("audit").inc()
+        raise FederationError(
+            ErrorCode.UNAVAILABLE,
+            "the request could not be recorded in the audit log, so its result is withheld; "
+            "retry shortly",
+            retry_after_seconds=1,
+        ) from exc
+    request[AUDITED] = True
+
+
+def _audit_entry(request: web.Request, route: str, status: int, elapsed: float,
+                 error: FederationError | None) -> AuditEntry:
+    principal = request[PRINCIPAL]
+    outcome = request.get(OUTCOME)
+    return AuditEntry(
         request_id=request[REQUEST_ID], key_id=principal.key_id, tenant_id=principal.tenant_id,
-        route=route, model=model, status=status, latency_ms=elapsed * 1000,
+        route=route, model=request.get(MODEL, ""), status=status, latency_ms=elapsed * 1000,
         prompt_tokens=outcome.prompt_tokens if outcome else 0,
         completion_tokens=outcome.completion_tokens if outcome else 0,
         stream=bool(outcome and outcome.stream),
         finish_reason=outcome.finished.finish_reason if outcome and outcome.finished else "",
         error_code=error.code.value if error else "",
     )
-    state.background.spawn(state.audit.record(entry), "audit record",
-                           on_failure=lambda: metrics.background_failures.labels("audit").inc())
 
 
 def _observe_generation(state: GatewayState, model: str, outcome: ChatOutcome,

@@ -36,3 +36,6 @@ PRINCIPAL = web.RequestKey("principal", KeyPrincipal)
 MODEL = web.RequestKey("model", str)
 """Set only once the model is known to exist, so metrics labels stay bounded."""
 OUTCOME = web.RequestKey("chat_outcome", ChatOutcome)
+AUDITED = web.RequestKey("audited", bool)
+"""Set once the request's audit record is durably written (before its response completed)."""
+STARTED = web.RequestKey("started", float)

@@ -50,6 +50,7 @@ class Stack:
     keys: kgrpc.KeyAuthorityServiceAsyncStub
     memory: mgrpc.ThermalMemoryServiceAsyncStub
     backend: TestBackend
+    memory_node: NodeServer
 
     def client(self, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{self.gateway.port}/v1",
@@ -83,7 +84,7 @@ async def stack(tmp_path: Path, database: Database) -> AsyncIterator[Stack]:
         stack.push_async_callback(admin_keys.close, None)
         stack.push_async_callback(admin_memory.close, None)
         yield Stack(pki, gateway, kgrpc.KeyAuthorityServiceStub(admin_keys),
-                    mgrpc.ThermalMemoryServiceStub(admin_memory), backend)
+                    mgrpc.ThermalMemoryServiceStub(admin_memory), backend, memory)
 
 
 async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
@@ -132,3 +133,34 @@ async def test_real_key_authority_refusals(stack: Stack) -> None:
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
     assert 1 <= int(caught.value.response.headers["Retry-After"]) <= 60
+
+
+async def test_no_answer_leaves_unaudited(stack: Stack) -> None:
+    """The audit record is durable before the answer arrives; without thermal memory
+    there is no answer: 503, or an error event before [DONE] on a stream."""
+    issued = await stack.issue("tenant_c", ["chat"])
+    messages = [{"role": "user", "content": "hello there"}]
+    async with stack.client(issued.secret) as client:
+        await client.chat.completions.create(
+            model=MODEL, messages=messages,  # type: ignore[arg-type]
+            extra_headers={"x-request-id": "rid-audited-first"})
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True,  # type: ignore[arg-type]
+            extra_headers={"x-request-id": "rid-audited-stream"})
+        assert [c async for c in stream]
+        for request_id in ("rid-audited-first", "rid-audited-stream"):  # no drain() needed
+            found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
+                tenant_id="tenant_c", request_id=request_id))
+            assert [r.action for r in found.records] == ["gateway.request"]
+
+        await stack.memory_node.stop(0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(
+                model=MODEL, messages=messages)  # type: ignore[arg-type]
+        assert refused.value.status_code == 503
+        assert "audit" in refused.value.message
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True)  # type: ignore[arg-type]
+        with pytest.raises(openai.APIError, match="audit"):
+            async for _ in stream:
+                pass

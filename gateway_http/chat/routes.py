@@ -11,8 +11,10 @@ from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
 from gateway_http.auth import CHAT_SCOPE, authenticate
-from gateway_http.chat.protocol import parse_chat_request
+from gateway_http.chat.protocol import DONE, parse_chat_request
 from gateway_http.chat.serving import ChatOutcome
+from gateway_http.errors import sse_error
+from gateway_http.lifecycle import record_audit_now
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, STATE
 
 _SSE_HEADERS = {
@@ -34,6 +36,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     outcome = request[OUTCOME] = ChatOutcome(started, stream=call.stream)
     result = await state.chat.create(call, outcome)
     if isinstance(result, dict):
+        await record_audit_now(request)  # no answer leaves unaudited
         return web.json_response(result, dumps=_dumps)
     return await _stream(request, result, outcome)
 
@@ -48,12 +51,24 @@ async def _stream(request: web.Request, events: AsyncGenerator[bytes, None],
         await response.prepare(request)
         try:
             async for data in events:
+                if data == DONE and outcome.error is None:
+                    data = await _audited_end(request, outcome)
                 await response.write(data)
         except ConnectionResetError:
             outcome.error = FederationError(ErrorCode.CANCELLED, "the client went away")
             return response
     await response.write_eof()
     return response
+
+
+async def _audited_end(request: web.Request, outcome: ChatOutcome) -> bytes:
+    """``[DONE]`` once the audit record is durable; an error event first if it is not."""
+    try:
+        await record_audit_now(request)
+    except FederationError as error:
+        outcome.error = error
+        return sse_error(error) + DONE
+    return DONE
 
 
 def _dumps(value: object) -> str:
