@@ -55,9 +55,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Benchmarks print figures (recorded in bench/README.md); they assert nothing.
 bench: $(STAMP)
-	$(BIN)/python bench/keys.py
+	$(BIN)/python -m bench.keys
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python -m bench.vault
+	$(BIN)/python -m bench.edge
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
