@@ -10,9 +10,12 @@ Runs, in one go, against an embedded PostgreSQL in a temporary home:
 * lease throughput in jobs/s with PostgreSQL: devices leasing (up to 3) and
   completing jobs concurrently through the job queue, across two pools;
 * heartbeats/s from 1,000 simulated devices in one process, each with its own
-  certificate and channel, against the broker over mTLS.
+  certificate and channel, against the broker over mTLS, next to a raw gRPC
+  baseline: the same number of mTLS channels calling a unary method that
+  echoes its request (the ceiling any unary RPC reaches on this machine).
 
-The servers run in a child process, the clients in this one.
+The servers run in a child process on the event loop a federation node uses
+(uvloop where installed, see ``federation.cli``), the clients in this one.
 
 Usage: python bench/edge.py [--upload-mib N] [--jobs N] [--devices N] [--seconds S]
 """
@@ -53,6 +56,7 @@ from federation.v1 import edge_broker_pb2_grpc  # noqa: E402
 
 MIB = 1 << 20
 SINK = "/bench.Sink/Write"
+ECHO = "/bench.Sink/Echo"
 TRUST_DOMAIN = "federation.local"
 
 
@@ -93,15 +97,21 @@ def _sink_handler() -> grpc.GenericRpcHandler:
             total += len(data)
         return str(total).encode()
 
-    handler = grpc.stream_unary_rpc_method_handler(write)
-    return grpc.method_handlers_generic_handler("bench.Sink", {"Write": handler})
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Write": grpc.stream_unary_rpc_method_handler(write),
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+    }
+    return grpc.method_handlers_generic_handler("bench.Sink", handlers)
 
 
 # -- uploads ---------------------------------------------------------------------------
 
 
 async def raw_upload(channel: grpc.aio.Channel, data: bytes, chunk: int) -> float:
-    write = channel.stream_unary(SINK)
+    write: Any = channel.stream_unary(SINK)
 
     async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(data), chunk):
@@ -239,10 +249,9 @@ async def bench_heartbeats(
     ports: dict[str, int], ca: CertificateAuthority, devices: int, seconds: float
 ) -> list[str]:
     config = GrpcConfig()
-    channels = [
-        secure_channel(f"localhost:{ports['broker']}", ca.issue("edge", f"hb-{n}"), config)
-        for n in range(devices)
-    ]
+    files = [ca.issue("edge", f"hb-{n}") for n in range(devices)]
+    raw_rate = await _raw_unary_rate(ports["tls"], files, config, seconds)
+    channels = [secure_channel(f"localhost:{ports['broker']}", f, config) for f in files]
     stubs = [edge_broker_pb2_grpc.EdgeBrokerServiceStub(c) for c in channels]
     await asyncio.gather(*(s.RegisterDevice(pb.RegisterDeviceRequest()) for s in stubs))
     count = 0
@@ -263,8 +272,35 @@ async def bench_heartbeats(
     elapsed = time.perf_counter() - started
     for channel in channels:
         await channel.close()
-    return [f"| heartbeats, {devices} devices in one process | mTLS + PostgreSQL | "
-            f"{count / elapsed:8.0f} heartbeats/s |"]
+    return [
+        f"| unary calls, {devices} mTLS channels | raw gRPC echo | {raw_rate:8.0f} calls/s |",
+        f"| heartbeats, {devices} devices in one process | mTLS + PostgreSQL | "
+        f"{count / elapsed:8.0f} heartbeats/s |",
+    ]
+
+
+async def _raw_unary_rate(
+    port: int, files: list[CertificateFiles], config: GrpcConfig, seconds: float
+) -> float:
+    """Unary calls/s through as many mTLS channels, to a handler that does nothing."""
+    channels = [secure_channel(f"localhost:{port}", f, config) for f in files]
+    calls: list[Any] = [c.unary_unary(ECHO) for c in channels]
+    await asyncio.gather(*(call(b"warm-up") for call in calls))
+    count = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def device(call: Any) -> None:
+        nonlocal count
+        while time.perf_counter() < stop_at:
+            await call(b"battery=80 load=0.2")
+            count += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(device(call) for call in calls))
+    elapsed = time.perf_counter() - started
+    for channel in channels:
+        await channel.close()
+    return count / elapsed
 
 
 # -- driver ----------------------------------------------------------------------------
@@ -315,6 +351,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     cli_args = parser.parse_args()
     if cli_args.serve:
-        asyncio.run(serve(Path(cli_args.serve[0]), cli_args.serve[1]))
+        try:  # as every federation process (federation.cli): uvloop where installed
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(Path(cli_args.serve[0]), cli_args.serve[1]))
+        else:
+            uvloop.run(serve(Path(cli_args.serve[0]), cli_args.serve[1]))
     else:
         asyncio.run(main(cli_args))

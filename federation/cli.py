@@ -27,7 +27,7 @@ Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_MODULES: tuple[str, ...] = (
     "federation.cli_keys", "federation.cli_audit", "federation.cli_edge", "federation.cli_vault",
-    "federation.cli_tenants",
+    "federation.cli_tenants", "federation.cli_council",
 )
 """Modules that add command groups of their own."""
 

@@ -401,6 +401,10 @@ class CouncilConfig:
     temperature: float = 0.2
     """Sampling temperature of votes and synthesis: low, for stable structured output."""
 
+    repeat_penalty: float = 1.15
+    """Repetition penalty of votes and synthesis. Small models under a JSON grammar
+    otherwise loop inside a string ("1.1.1.1…") until max_tokens cuts the object."""
+
     members_file: str = ""
     """A members TOML replacing the shipped one. Empty: ``$FEDERATION_HOME/council/
     members.toml`` if it exists, else the file shipped in ``federation/council``."""

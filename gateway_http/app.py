@@ -38,6 +38,7 @@ from gateway_http.auth import (
 )
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
+from gateway_http.council_routes import add_council_routes
 from gateway_http.errors import error_middleware
 from gateway_http.lifecycle import add_request_id_header, lifecycle_middleware
 from gateway_http.metrics import GatewayMetrics, metrics_handler
@@ -74,6 +75,8 @@ def create_app(
     if vault_enabled(settings):
         add_vault_routes(app, settings, credentials)
         app.middlewares.append(transcript_middleware(PRINCIPAL))
+    if settings.peers.council:
+        add_council_routes(app)
     return app
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import ModelInfo
 from gateway_http.auth import authenticate
+from gateway_http.council_routes import council_model_objects
 from gateway_http.state import PRINCIPAL, STATE
 
 
@@ -21,7 +22,8 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     request[PRINCIPAL] = await authenticate(request, state.keys, scope="")
     models = state.router.list_models()
-    return web.json_response({"object": "list", "data": [model_object(m) for m in models]})
+    data = [model_object(m) for m in models] + council_model_objects(request.app)
+    return web.json_response({"object": "list", "data": data})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
@@ -31,6 +33,9 @@ async def retrieve_model(request: web.Request) -> web.Response:
     for info in state.router.list_models():
         if info.id == wanted:
             return web.json_response(model_object(info))
+    for council in council_model_objects(request.app):
+        if council["id"] == wanted:
+            return web.json_response(council)
     raise FederationError(ErrorCode.NOT_FOUND, f"The model '{wanted}' does not exist",
                           param="model")
 

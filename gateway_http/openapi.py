@@ -6,6 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway_http import council_routes
+
 _ERROR = {"$ref": "#/components/responses/Error"}
 
 
@@ -184,6 +186,8 @@ def document(*, vault: bool = False) -> dict[str, Any]:
     """The API description; ``vault``: include the vault routes (served only when the
     gateway has a database and a guardian)."""
     doc = _document()
+    doc["paths"].update(council_routes.OPENAPI_PATHS)
+    doc["components"]["schemas"].update(council_routes.OPENAPI_SCHEMAS)
     if vault:
         doc["paths"].update(_vault_paths())
         doc["components"]["schemas"].update({"VaultSecret": SECRET,

@@ -48,12 +48,17 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
 
     async def _device(self) -> str:
         """The calling device's id; only edge identities are devices."""
+        device_id = self._edge_caller()
+        await self._broker.revocations.ensure_not_revoked(device_id)
+        return device_id
+
+    @staticmethod
+    def _edge_caller() -> str:
         caller = current_caller()
         if caller.role != "edge":
             raise FederationError(
                 ErrorCode.PERMISSION_DENIED, f"{caller.spiffe_id} is not an edge device"
             )
-        await self._broker.revocations.ensure_not_revoked(caller.name)
         return caller.name
 
     async def _uploader(self) -> str:
@@ -109,15 +114,25 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
-        device_id = await self._device()
+        # No cached revocation lookup first: the heartbeat's own conditional
+        # UPDATE refuses a revoked device, fresher than the cache could.
+        device_id = self._edge_caller()
+        revocations = self._broker.revocations
+        revocations.ensure_not_known_revoked(device_id)
         now = dt.datetime.now(dt.UTC)
-        device = await self._broker.devices.heartbeat(
-            device_id,
-            battery_percent=request.battery_percent,
-            charging=request.charging,
-            load=request.load,
-            round_trip_ms=_round_trip_ms(request, now),
-        )
+        try:
+            device = await self._broker.devices.heartbeat(
+                device_id,
+                battery_percent=request.battery_percent,
+                charging=request.charging,
+                load=request.load,
+                round_trip_ms=_round_trip_ms(request, now),
+            )
+        except FederationError as exc:
+            if exc.code is ErrorCode.UNAUTHENTICATED:
+                revocations.note_revoked(device_id)
+            raise
+        revocations.note_live(device_id)
         reply = pb.HeartbeatResponse(
             server_time=convert.timestamp(dt.datetime.now(dt.UTC)),
             heartbeat_interval=convert.duration(self._broker.config.heartbeat_interval_seconds),

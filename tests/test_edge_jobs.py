@@ -231,6 +231,41 @@ async def test_smoothed_latency_is_an_ewma(registry: DeviceRegistry) -> None:
         assert dev.smoothed_latency_ms == pytest.approx(expected)
 
 
+async def test_batched_heartbeats_each_get_their_own_outcome(
+    registry: DeviceRegistry, database: Database
+) -> None:
+    """Concurrent heartbeats share one UPDATE, but a revoked or unknown device in
+    the batch is refused alone, and two beats of one device apply in order."""
+    live = [f"batch-{n}" for n in range(20)]
+    for name in live:
+        await registry.register(name, PHONE)
+    await registry.register("batch-revoked", PHONE)
+    await registry.revoke("batch-revoked")
+
+    async def beat(name: str, sample: float | None) -> object:
+        try:
+            return await registry.heartbeat(
+                name, battery_percent=40, charging=True, load=0.5, round_trip_ms=sample
+            )
+        except FederationError as exc:
+            return exc.code
+
+    outcomes = await asyncio.gather(
+        *(beat(name, 100.0) for name in live),
+        beat("batch-revoked", 1.0),
+        beat("batch-ghost", 1.0),
+        beat(live[0], 200.0),  # a second beat of the same device: applied after the first
+    )
+    assert all(o.state.value == "online" for o in outcomes[:20])  # type: ignore[attr-defined]
+    assert outcomes[20:22] == [ErrorCode.UNAUTHENTICATED, ErrorCode.FAILED_PRECONDITION]
+    assert (await registry.get(live[0])).smoothed_latency_ms == pytest.approx(120.0)
+    assert (await registry.get(live[1])).smoothed_latency_ms == pytest.approx(100.0)
+    assert (await registry.get("batch-revoked")).state.value == "revoked"
+    assert await database.pool.fetchval(
+        "SELECT count(*) FROM edge_devices WHERE device_id = 'batch-ghost'"
+    ) == 0
+
+
 async def test_only_one_reaper_per_pass(database: Database, pg_url: str) -> None:
     other = Database(pg_url, DatabaseConfig(pool_min_size=1, pool_max_size=2), migrate=False)
     await other.start()

@@ -14,7 +14,9 @@ import pytest
 
 from federation.db import Database
 from federation.edge.checksum import crc32c, crc32c_python
+from federation.edge.uploads import UploadStore
 from federation.edge_device import describe_file, download_blob, upload_file, upload_status
+from federation.errors import ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import FAST_EDGE, broker_server, device_stub
 from tests.support import TestPKI
@@ -177,3 +179,47 @@ async def test_digest_mismatch_discards_upload(home: Path, database: Database) -
         assert not list((home / "blobs").rglob("*")) or not any(
             p.is_file() for p in (home / "blobs").rglob("*")
         )
+
+
+async def test_a_failed_background_write_is_never_committed(
+    home: Path, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are written in a worker thread while the next one arrives: if a
+    write fails, the bytes from its offset on are neither committed nor hashed,
+    and the bytes before it still are."""
+    from federation.edge import uploads
+
+    store = UploadStore(database.pool, CONFIG, home)
+    data = os.urandom(4 * CHUNK)
+    real = uploads.UploadSession._absorb
+
+    def flaky(self: uploads.UploadSession, offset: int, chunk: bytes) -> None:
+        if offset == 2 * CHUNK:
+            raise OSError(28, "No space left on device")
+        real(self, offset, chunk)
+
+    monkeypatch.setattr(uploads.UploadSession, "_absorb", flaky)
+    session = await store.open("spiffe://t/edge/cam", "flaky", len(data),
+                               hashlib.sha256(data).digest())
+    with pytest.raises(OSError):
+        async with session:
+            for offset in range(0, len(data), CHUNK):
+                await session.write(offset, data[offset : offset + CHUNK],
+                                    crc32c(data[offset : offset + CHUNK]))
+            await session.finish()
+    status = await store.status("spiffe://t/edge/cam", "flaky")
+    assert status.committed_size == 2 * CHUNK and not status.complete
+
+    monkeypatch.setattr(uploads.UploadSession, "_absorb", real)
+    resumed = await store.open("spiffe://t/edge/cam", "flaky", len(data),
+                               hashlib.sha256(data).digest())
+    async with resumed:
+        with pytest.raises(FederationError) as wrong:
+            await resumed.write(3 * CHUNK, data[3 * CHUNK :], crc32c(data[3 * CHUNK :]))
+        assert wrong.value.code is ErrorCode.FAILED_PRECONDITION
+        for offset in range(2 * CHUNK, len(data), CHUNK):
+            await resumed.write(offset, data[offset : offset + CHUNK],
+                                crc32c(data[offset : offset + CHUNK]))
+        digest = await resumed.finish()
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.blobs.path(digest).read_bytes() == data

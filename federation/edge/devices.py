@@ -5,12 +5,21 @@ online or offline: a revoked device stays revoked and a deleted one stays
 deleted, whatever it sends. Round-trip latency is measured by the broker from
 its own echoed timestamp (see ``HeartbeatRequest.echo_time``), so device clocks
 do not matter, and smoothed with an exponentially weighted moving average.
+
+Heartbeats are applied in batches: calls that arrive while a batch is being
+written join the next one, which is one ``UPDATE … FROM unnest(…)`` with the
+same condition for every row; each caller gets its own row (or none, and the
+reason). A device appears at most once per batch, so its latency samples are
+smoothed in the order they arrived.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -52,24 +61,49 @@ WHERE d.state <> 'revoked'
 RETURNING *
 """
 
-_HEARTBEAT = """
-UPDATE edge_devices SET
+_HEARTBEAT_BATCH = """
+UPDATE edge_devices AS d SET
     state = 'online', last_heartbeat_at = now(),
-    battery_percent = $2, charging = $3, load = $4,
+    battery_percent = b.battery_percent, charging = b.charging, load = b.load,
     smoothed_latency_ms = CASE
-        WHEN $5::float8 IS NULL THEN smoothed_latency_ms
-        WHEN smoothed_latency_ms IS NULL THEN $5::float8
-        ELSE $6::float8 * $5::float8 + (1 - $6::float8) * smoothed_latency_ms
+        WHEN b.sample IS NULL THEN d.smoothed_latency_ms
+        WHEN d.smoothed_latency_ms IS NULL THEN b.sample
+        ELSE $6::float8 * b.sample + (1 - $6::float8) * d.smoothed_latency_ms
     END
-WHERE device_id = $1 AND state IN ('online', 'offline')
-RETURNING *
+FROM unnest($1::text[], $2::integer[], $3::boolean[], $4::float8[], $5::float8[])
+    AS b(device_id, battery_percent, charging, load, sample)
+WHERE d.device_id = b.device_id AND d.state IN ('online', 'offline')
+RETURNING d.*
 """
+
+_MAX_BATCH = 512
+"""Most heartbeats written by one statement."""
+
+_BATCH_LINGER_SECONDS = 0.002
+"""How long a batch waits for company before it is written. Latency samples do not
+include it: the echoed time is taken when the reply is built, after the write."""
+
+_DEADLOCK_RETRIES = 3
+"""A batch locks many rows; should it deadlock with another writer (the reaper's
+offline sweep, another broker's batch), PostgreSQL aborts it and it is retried."""
+
+
+@dataclass
+class _Beat:
+    device_id: str
+    battery_percent: int
+    charging: bool
+    load: float
+    sample: float | None
+    reply: asyncio.Future[asyncpg.Record | None] = field(repr=False)
 
 
 class DeviceRegistry:
     def __init__(self, pool: asyncpg.Pool, config: EdgeConfig) -> None:
         self._pool = pool
         self._config = config
+        self._beats: collections.deque[_Beat] = collections.deque()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def register(self, device_id: str, caps: Capabilities) -> Device:
         """Record capabilities and mark online; creates the row for a device whose
@@ -98,19 +132,82 @@ class DeviceRegistry:
         load: float,
         round_trip_ms: float | None,
     ) -> Device:
-        sample = None if round_trip_ms is None else max(round_trip_ms, 0.0)
-        row = await self._pool.fetchrow(
-            _HEARTBEAT,
+        """Mark the device online with its battery, load and latency sample.
+
+        Refused (UNAUTHENTICATED) for a revoked device, FAILED_PRECONDITION for
+        an unknown one; neither is created or revived.
+        """
+        beat = _Beat(
             device_id,
             min(max(battery_percent, 0), 100),
             charging,
             max(load, 0.0),
-            sample,
-            self._config.latency_smoothing,
+            None if round_trip_ms is None else max(round_trip_ms, 0.0),
+            asyncio.get_running_loop().create_future(),
         )
+        self._beats.append(beat)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._write_beats())
+        row = await beat.reply
         if row is None:
             raise await self._why_not_live(device_id)
         return device_from_row(row)
+
+    async def _write_beats(self) -> None:
+        """Write queued heartbeats, a batch at a time, until none are left."""
+        while self._beats:
+            if len(self._beats) < _MAX_BATCH:
+                await asyncio.sleep(_BATCH_LINGER_SECONDS)
+            batch: dict[str, _Beat] = {}
+            later: list[_Beat] = []
+            while self._beats and len(batch) < _MAX_BATCH:
+                beat = self._beats.popleft()
+                if beat.reply.done():  # the caller went away
+                    continue
+                if beat.device_id in batch:  # once per batch, in arrival order
+                    later.append(beat)
+                else:
+                    batch[beat.device_id] = beat
+            self._beats.extendleft(reversed(later))
+            if batch:
+                await self._write_batch(list(batch.values()))
+
+    async def _write_batch(self, batch: list[_Beat]) -> None:
+        try:
+            rows = await self._update(batch)
+        except BaseException as exc:
+            for beat in batch:
+                if beat.reply.done():
+                    continue
+                if isinstance(exc, Exception):
+                    beat.reply.set_exception(exc)
+                else:
+                    beat.reply.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        by_device = {row["device_id"]: row for row in rows}
+        for beat in batch:
+            if not beat.reply.done():
+                beat.reply.set_result(by_device.get(beat.device_id))
+
+    async def _update(self, batch: list[_Beat]) -> list[asyncpg.Record]:
+        for attempt in range(_DEADLOCK_RETRIES + 1):
+            try:
+                rows: list[asyncpg.Record] = await self._pool.fetch(
+                    _HEARTBEAT_BATCH,
+                    [b.device_id for b in batch],
+                    [b.battery_percent for b in batch],
+                    [b.charging for b in batch],
+                    [b.load for b in batch],
+                    [b.sample for b in batch],
+                    self._config.latency_smoothing,
+                )
+                return rows
+            except asyncpg.DeadlockDetectedError:
+                if attempt == _DEADLOCK_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _why_not_live(self, device_id: str) -> FederationError:
         state = await self._pool.fetchval(
@@ -187,9 +284,23 @@ class RevocationCache:
             self._revoked.add(device_id)
             self._checked.pop(device_id, None)
             raise _revoked(device_id)
+        self.note_live(device_id)
+
+    def ensure_not_known_revoked(self, device_id: str) -> None:
+        """The local half of :meth:`ensure_not_revoked`, for calls whose own
+        statement refuses a revoked device anyway (a heartbeat)."""
+        if device_id in self._revoked:
+            raise _revoked(device_id)
+
+    def note_live(self, device_id: str) -> None:
+        """The database just showed the device not revoked."""
         if len(self._checked) > 100_000:  # bound memory under many devices
             self._checked.clear()
         self._checked[device_id] = self._clock()
+
+    def note_revoked(self, device_id: str) -> None:
+        self._revoked.add(device_id)
+        self._checked.pop(device_id, None)
 
 
 def _revoked(device_id: str) -> FederationError:

@@ -255,6 +255,10 @@ class UploadSession:
         """SHA-256 of bytes 0..written, kept as chunks arrive: finishing never re-reads."""
         self._committing: asyncio.Task[None] | None = None
         self._target = self.committed
+        self._absorbing: asyncio.Future[None] | None = None
+        """The last accepted chunk's write + hash, running in a worker thread."""
+        self._absorbing_offset = self.committed
+        self._failure: BaseException | None = None
 
     async def open_part(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +277,13 @@ class UploadSession:
         await asyncio.shield(self.close())
 
     async def write(self, offset: int, data: bytes, checksum: int) -> None:
+        """Verify one chunk and take it; its bytes reach the file in the background.
+
+        The CRC32C is checked here, before the chunk is accepted. Writing and
+        hashing run in a worker thread (both release the GIL) while the next
+        chunk is received; one chunk at a time, in order, so ``written`` bytes
+        are on their way to the file in sequence and a commit waits for them.
+        """
         self._check_chunk(offset, data)
         if crc32c(data) != checksum:
             raise _refuse(
@@ -281,8 +292,13 @@ class UploadSession:
                 f"(committed_size={self.committed})",
                 "crc32c",
             )
-        if len(data) >= _THREAD_OFFLOAD_BYTES:  # hashlib and pwrite release the GIL
-            await asyncio.to_thread(self._absorb, offset, data)
+        await self._absorbed()  # the previous chunk is written and hashed (or failed)
+        if self._failure is not None:
+            raise self._failure
+        if len(data) >= _THREAD_OFFLOAD_BYTES:
+            loop = asyncio.get_running_loop()
+            self._absorbing = loop.run_in_executor(None, self._absorb, offset, data)
+            self._absorbing_offset = offset
         else:
             self._absorb(offset, data)
         self.written += len(data)
@@ -293,8 +309,33 @@ class UploadSession:
 
     def _absorb(self, offset: int, data: bytes) -> None:
         assert self._fd is not None
-        os.pwrite(self._fd, data, offset)
+        view = memoryview(data)
+        done = 0
+        while done < len(view):  # pwrite may write less than asked
+            done += os.pwrite(self._fd, view[done:], offset + done)
         self._hasher.update(data)
+
+    async def _absorbed(self) -> None:
+        """Wait for the chunk being written in the background. If it failed, the
+        bytes from its offset on are not ``written``; the failure is kept in
+        ``_failure`` (raised by the next write and by finish)."""
+        pending = self._absorbing
+        if pending is None:
+            return
+        if not pending.done():
+            # asyncio.wait, not await: a cancelled handler must not cancel the future
+            # of a write still running in its thread (close() waits for it to fsync).
+            await asyncio.wait([pending])
+        if self._absorbing is not pending:
+            return  # another waiter settled it meanwhile
+        self._absorbing = None
+        failure = pending.exception()
+        if failure is not None:
+            self.written = min(self.written, self._absorbing_offset)
+            if self._failure is None:
+                log.error("upload write failed", exc_info=failure,
+                          extra={"upload": self.upload_id})
+                self._failure = failure
 
     def _check_chunk(self, offset: int, data: bytes) -> None:
         if self.complete:
@@ -336,7 +377,7 @@ class UploadSession:
         self._last_commit = time.monotonic()
         if self.written > self.committed and self._fd is not None:
             self._target = self.written
-            self._committing = asyncio.create_task(self._commit_to(self.written))
+            self._committing = asyncio.create_task(self._commit_to(self.written, self._absorbing))
 
     async def _wait_commit(self) -> None:
         task, self._committing = self._committing, None
@@ -346,14 +387,24 @@ class UploadSession:
     async def commit(self) -> None:
         """Everything written so far: fsynced, then recorded as committed."""
         await self._wait_commit()
+        await self._absorbed()
         self._last_commit = time.monotonic()
         if self.written > self.committed and self._fd is not None:
-            await self._commit_to(self.written)
+            await self._commit_to(self.written, None)
 
-    async def _commit_to(self, size: int) -> None:
-        """fsync, then record ``size`` as committed (never backwards)."""
+    async def _commit_to(self, size: int, after: asyncio.Future[None] | None) -> None:
+        """fsync, then record ``size`` as committed (never backwards).
+
+        ``after`` is the background write of the bytes just below ``size``: the
+        fsync waits for it, and nothing is committed if it failed.
+        """
         assert self._fd is not None
-        await asyncio.to_thread(os.fsync, self._fd)
+        if after is not None:
+            if not after.done():
+                await asyncio.wait([after])  # not cancelled with us, as in _absorbed
+            if after.cancelled() or after.exception() is not None:
+                return  # the failed write is reported by _absorbed
+        await asyncio.to_thread(_sync_and_drop, self._fd, self.committed, size)
         done = await self._store._pool.fetchval(
             """
             UPDATE edge_uploads SET committed_size = $4, updated_at = now(),
@@ -373,6 +424,8 @@ class UploadSession:
         if self.complete:
             return self.blob_digest
         await self.commit()
+        if self._failure is not None:
+            raise self._failure
         if self.committed != self.total_size:
             raise _refuse(
                 ErrorCode.FAILED_PRECONDITION,
@@ -429,6 +482,20 @@ def _hash_prefix(path: Path, size: int, hasher: Any) -> None:
         while size > 0 and (block := f.read(min(1 << 20, size))):
             hasher.update(block)
             size -= len(block)
+
+
+def _sync_and_drop(fd: int, start: int, end: int) -> None:
+    """fsync, then drop the now clean pages of ``[start, end)`` from the page cache.
+
+    Nothing reads them back (the SHA-256 is computed as chunks arrive), and a
+    page cache that keeps growing with upload bytes makes every later write pay
+    for reclaim: measured here, buffered writes fell from ~3 GB/s to ~300 MB/s
+    once ~1 GB of written pages had accumulated.
+    """
+    os.fsync(fd)
+    if end > start and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,0 +1,99 @@
+"""The council's breadcrumb trail in thermal memory, written before any answer leaves.
+
+Records of one deliberation share its request id and are written in stages, so
+that their chain order tells the story: the request, then each round's votes
+(in the order they arrived), then the synthesis. A stage's writes start as soon
+as their content exists, concurrently with the rest of the deliberation, but
+each waits for the previous stage's writes to commit first. The caller awaits
+:meth:`AuditTrail.close` before returning an answer: if any write failed, the
+council answers nothing (Two Wolves: no answer without its complete record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from federation.errors import ErrorCode, FederationError
+from federation.memory.records import AuditEntry
+from federation.memory.sink import AuditSink
+
+log = logging.getLogger(__name__)
+
+ACTOR: Final = "council"
+ACTION_REQUEST: Final = "council.request"
+ACTION_VOTE: Final = "council.vote"
+ACTION_SYNTHESIS: Final = "council.synthesis"
+ACTION_UNAVAILABLE: Final = "council.unavailable"
+
+
+def audit_failed() -> FederationError:
+    return FederationError(
+        ErrorCode.UNAVAILABLE,
+        "the council could not record its deliberation in thermal memory, so it gives no "
+        "answer",
+        retry_after_seconds=1.0,
+    )
+
+
+class AuditTrail:
+    def __init__(self, sink: AuditSink, *, request_id: str, tenant_id: str) -> None:
+        self._sink = sink
+        self._request_id = request_id
+        self._tenant_id = tenant_id
+        self._previous: list[asyncio.Task[int]] = []
+        self._current: list[asyncio.Task[int]] = []
+        self._all: list[asyncio.Task[int]] = []
+
+    def next_stage(self) -> None:
+        """Writes spawned from now on commit after every write spawned so far."""
+        if self._current:
+            self._previous, self._current = self._current, []
+
+    def write(self, action: str, subject: str, attributes: Mapping[str, str],
+              body: Mapping[str, Any]) -> None:
+        entry = AuditEntry(
+            actor=ACTOR, action=action, tenant_id=self._tenant_id, subject=subject,
+            attributes=dict(attributes), request_id=self._request_id,
+            body=json.dumps(body, separators=(",", ":"), ensure_ascii=False,
+                            sort_keys=True).encode(),
+        )
+        task = asyncio.create_task(self._write(entry, list(self._previous)))
+        self._current.append(task)
+        self._all.append(task)
+
+    async def _write(self, entry: AuditEntry, after: list[asyncio.Task[int]]) -> int:
+        if after:
+            await asyncio.gather(*after)  # an earlier failure fails this write too
+        record = await self._sink.record(entry)
+        return record.sequence
+
+    def failed(self) -> bool:
+        """True as soon as any finished write has failed (lets callers stop early)."""
+        return any(t.done() and not t.cancelled() and t.exception() is not None
+                   for t in self._all)
+
+    async def close(self) -> list[int]:
+        """Wait for every write; their sequences in spawn order. Raises if any failed."""
+        results = await asyncio.gather(*self._all, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            log.error("council audit write failed", extra={
+                "request_id": self._request_id, "error": repr(errors[0])[:200]})
+            raise audit_failed() from errors[0]
+        return [r for r in results if isinstance(r, int)]
+
+    def detach(self) -> None:
+        """The caller went away: let pending writes finish on their own (what was
+        computed is still recorded) and log, rather than leak, their failures."""
+        for task in self._all:
+            task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("council audit write failed after the caller left",
+                    extra={"error": repr(task.exception())[:200]})
