@@ -299,16 +299,7 @@ class VaultService:
         """Open with the client share and the gateway share; the guardian is not involved."""
         share = parse_client_share(client_share)
         row = await self._active_row(tenant_id, secret_id)
-        try:
-            value = open_with_shares(share, self._gateway_share(row), _sealed(row))
-        except InvalidShare as exc:
-            raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
-                                  param=SHARE_HEADER) from None
-        except CiphertextInvalid:
-            log.error("vault ciphertext does not authenticate", extra={"secret_id": secret_id})
-            raise FederationError(
-                ErrorCode.DATA_LOSS, "the stored secret is corrupted (it does not authenticate)"
-            ) from None
+        value = self._open_with_client_share(row, share)
         if self._config.audit_reads:
             await self._record("vault.secret.read", actor, row["tenant_id"], secret_id,
                                {"version": str(row["version"])})
@@ -347,14 +338,22 @@ class VaultService:
         """New data key, re-encrypted, new shares; needs the current client share."""
         share = parse_client_share(client_share)
         row = await self._active_row(tenant_id, secret_id)
+        value = self._open_with_client_share(row, share)
+        return await self._reseal(row, value, "vault.secret.rotate", actor, {})
+
+    def _open_with_client_share(self, row: asyncpg.Record, share: Share) -> bytes:
+        """Client share + gateway share; a bad share is the caller's fault, a ciphertext
+        that does not authenticate is ours."""
         try:
-            value = open_with_shares(share, self._gateway_share(row), _sealed(row))
+            return open_with_shares(share, self._gateway_share(row), _sealed(row))
         except InvalidShare as exc:
             raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
                                   param=SHARE_HEADER) from None
         except CiphertextInvalid:
-            raise FederationError(ErrorCode.DATA_LOSS, "the stored secret is corrupted") from None
-        return await self._reseal(row, value, "vault.secret.rotate", actor, {})
+            log.error("vault ciphertext does not authenticate", extra={"secret_id": row["id"]})
+            raise FederationError(
+                ErrorCode.DATA_LOSS, "the stored secret is corrupted (it does not authenticate)"
+            ) from None
 
     async def _reseal(
         self, row: asyncpg.Record, value: bytes, action: str, actor: str,
