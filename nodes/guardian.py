@@ -17,14 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.checkpoints import Checkpoint, CheckpointLog, load_signing_key
-from federation.guardian.custody import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
-    GuardianCustody,
-    ShareInfo,
-)
+from federation.guardian.custody import GuardianCustody, ShareInfo
 from federation.interceptor import current_caller
 from federation.memory.client import GrpcAuditSink
+from federation.paging import page_size
 from federation.server import ServiceRegistration
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -126,10 +122,7 @@ class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
     async def ListCheckpoints(
         self, request: guardian_pb2.ListCheckpointsRequest, context: Context
     ) -> guardian_pb2.ListCheckpointsResponse:
-        if request.page_size < 0:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
-                                  param="page_size")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_size(request.page_size)
         newest = self._checkpoints.newest_first()
         if request.page_token:
             if not request.page_token.isdigit():

@@ -45,9 +45,7 @@ from federation.edge.model import (
 )
 from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
+from federation.paging import page_size as checked_page_size
 
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
     Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
@@ -240,9 +238,7 @@ class JobQueue:
         """A page of the tenant's jobs, newest first (keyset pagination)."""
         if not tenant_id:
             raise _error(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", "tenant_id")
-        if page_size < 0:
-            raise _error(ErrorCode.INVALID_ARGUMENT, "page_size must be >= 0", "page_size")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = checked_page_size(page_size)
         after_time, after_id = _decode_page_token(page_token)
         rows = await self._pool.fetch(
             """

@@ -28,14 +28,13 @@ from federation.crypto.envelope import UnwrapError, unwrap, wrap, wrap_context
 from federation.crypto.shares import MalformedShare, Share
 from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry, AuditSink
+from federation.paging import page_size as checked_page_size
 from federation.pki import Identity
 
 log = logging.getLogger(__name__)
 
 ROLE: Final = "federation_guardian"
 RELEASE_ROLES: Final = frozenset({"gateway", "admin"})
-DEFAULT_PAGE_SIZE: Final = 50
-MAX_PAGE_SIZE: Final = 1000
 _MAX_ID: Final = 200
 _MAX_REASON: Final = 1000
 
@@ -264,11 +263,7 @@ class GuardianCustody:
 
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SharePage:
         tenant_id = _require(tenant_id, "tenant_id")
-        if page_size < 0:
-            raise FederationError(
-                ErrorCode.INVALID_ARGUMENT, "page_size must not be negative", param="page_size"
-            )
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = checked_page_size(page_size)
         after = _parse_token(page_token)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {ROLE}")

@@ -52,12 +52,12 @@ from federation.keys.strength import (
 )
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
+from federation.paging import page_size as checked_page_size
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIST_PAGE = 50
 DEFAULT_HISTORY_PAGE = 100
-MAX_PAGE = 1000
 Clock = Callable[[], float]
 
 
@@ -261,7 +261,7 @@ class KeyAuthority:
         if not tenant_id:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "tenant_id is required",
                                   param="tenant_id")
-        size = _page_size(page_size, DEFAULT_LIST_PAGE)
+        size = checked_page_size(page_size, DEFAULT_LIST_PAGE)
         records = await repo.list_keys(
             self._pool, tenant_id, include_revoked=include_revoked,
             after=_list_cursor(page_token), limit=size + 1,
@@ -277,7 +277,7 @@ class KeyAuthority:
         self, key_id: str, tenant_id: str | None, *, page_size: int = 0, page_token: str = ""
     ) -> Page[StrengthSample]:
         view = await self.get(key_id, tenant_id)
-        size = _page_size(page_size, DEFAULT_HISTORY_PAGE)
+        size = checked_page_size(page_size, DEFAULT_HISTORY_PAGE)
         before = _int_token(page_token)
         rows = await repo.strength_history(
             self._pool, view.record.tenant_id, key_id, before_id=before, limit=size + 1
@@ -524,11 +524,6 @@ def _not_found(key_id: str) -> FederationError:
     return FederationError(ErrorCode.NOT_FOUND, f"no API key {key_id}", param="key_id")
 
 
-def _page_size(requested: int, default: int) -> int:
-    if requested < 0:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
-                              param="page_size")
-    return min(requested or default, MAX_PAGE)
 
 
 def _int_token(token: str) -> int | None:

@@ -22,11 +22,10 @@ from federation.config import MemoryConfig
 from federation.errors import ErrorCode, FederationError
 from federation.memory.records import GENESIS_HASH, AuditEntry, MemoryRecord, Tier
 from federation.memory.writer import ChainWriter, Clock, utc_now
+from federation.paging import page_size as checked_page_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class MemoryStore:
 
     async def search(self, query: SearchQuery) -> SearchPage:
         """Matching records, newest first. Does not change temperatures."""
-        size = _page_size(query.page_size)
+        size = checked_page_size(query.page_size)
         where, args = _search_filters(query)
         args.append(size + 1)
         rows = await self._pool.fetch(
@@ -269,11 +268,6 @@ def _attributes(raw: str | Mapping[str, Any]) -> dict[str, str]:
     return dict(value)
 
 
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
-                              param="page_size")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _search_filters(query: SearchQuery) -> tuple[list[str], list[Any]]:

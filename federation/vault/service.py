@@ -48,6 +48,7 @@ from federation.db import DatabaseUnavailable
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
+from federation.paging import page_size as checked_page_size
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
-DEFAULT_PAGE_SIZE: Final = 50
-MAX_PAGE_SIZE: Final = 1000
 _MAX_NAME: Final = 200
 
 Clock = Callable[[], dt.datetime]
@@ -399,10 +398,7 @@ class VaultService:
     # ---- list and destroy ------------------------------------------------------------------
 
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SecretPage:
-        if page_size < 0:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must not be negative",
-                                  param="page_size")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = checked_page_size(page_size)
         after_time, after_id = _parse_token(page_token)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {ROLE}")
