@@ -285,3 +285,45 @@ async def test_concurrent_votes_do_not_mix(pki: TestPKI, database: Database) -> 
     for i, trail in enumerate(trails):
         assert len(trail) == 9
         assert json.loads(trail[0].body)["question"] == f"Question {i}?"
+
+
+# Deadlines far beyond the test's patience: only the cancellation can stop the members.
+LONG = {"member_deadline": seconds(300), "overall_deadline": seconds(600)}
+
+
+async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
+    async with asyncio.timeout(seconds):
+        while backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_cancels_stops_every_member_call(
+    pki: TestPKI, database: Database
+) -> None:
+    backend = ScriptedCouncilBackend(default=Script([HANG]))
+    async with council_stack(pki, database, backend) as stack:
+        call = stack.stub().Vote(council_pb2.VoteRequest(question="Hang on?", **LONG))
+        started = 0
+        async for event in call:
+            started += event.HasField("member_started")
+            if started == 7:
+                break
+        async with asyncio.timeout(5):  # every member's generation has reached the model
+            while backend.in_flight < 7:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        call.cancel()
+        await wait_until_idle(backend)  # the inference node saw each call cancelled
+        assert sum(backend.calls.values()) == 7  # and nothing was retried elsewhere
+
+
+async def test_a_unary_caller_whose_deadline_passes_stops_the_members(
+    pki: TestPKI, database: Database
+) -> None:
+    backend = ScriptedCouncilBackend(default=Script([HANG]))
+    async with council_stack(pki, database, backend) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub().VoteUnary(
+                council_pb2.VoteUnaryRequest(question="Hang on?", **LONG), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until_idle(backend)
+        assert sum(backend.calls.values()) == 7

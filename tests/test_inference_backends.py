@@ -310,6 +310,22 @@ class TestLlamaCppBackend(BackendContract):
         second, _ = await collect(backend.generate(request(model, self.long_prompt, **kwargs)))
         assert first == second
 
+    async def test_a_schema_llama_cpp_rejects_is_refused_not_a_crash(
+        self, backend: Backend, model: str
+    ) -> None:
+        # The converter emits a grammar for this property name that llama.cpp's parser
+        # rejects; sampling with it used to kill the process with SIGSEGV.
+        schema = json.dumps({"type": "object", "properties": {'a b"c': {"type": "string"}}})
+        req = GenerationRequest(model, (ChatMessage("user", "JSON please."),),
+                                SamplingParams(max_tokens=10),
+                                ResponseFormat("json_schema", schema, "odd"))
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(req))
+        assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+        assert caught.value.param == "response_format"
+        text, _ = await collect(backend.generate(request(model, max_tokens=2)))
+        assert text  # and the model still serves the next request
+
 
 async def test_backend_set_routes_by_model_and_refuses_unknown() -> None:
     backends = BackendSet([TestBackend(("a",)), TestBackend(("b",))])

@@ -286,14 +286,38 @@ class LlamaCppBackend:
         fmt = request.response_format
         try:
             if fmt.type == "json_schema":
-                return self._grammar_cls.from_string(json_schema_grammar(fmt.json_schema),
-                                                     verbose=False)
-            if fmt.type == "json_object":
-                return self._grammar_cls.from_string(self._json_gbnf, verbose=False)
+                grammar = self._grammar_cls.from_string(json_schema_grammar(fmt.json_schema),
+                                                        verbose=False)
+            elif fmt.type == "json_object":
+                grammar = self._grammar_cls.from_string(self._json_gbnf, verbose=False)
+            else:
+                return None
         except Exception as exc:
-            raise FederationError(
-                ErrorCode.INVALID_ARGUMENT,
-                "response_format: this JSON schema cannot be turned into a grammar",
-                param="response_format",
-            ) from exc
-        return None
+            raise _unusable_schema() from exc
+        if not self._compiles(grammar):
+            raise _unusable_schema()
+        return grammar
+
+    def _compiles(self, grammar: Any) -> bool:
+        """Whether llama.cpp accepts the grammar. ``LlamaGrammar.from_string`` only
+        stores the text; llama.cpp parses it when sampling starts, and llama-cpp-python
+        does not check the result there: a grammar it rejects crashes the process
+        (SIGSEGV). So parse it once here, on the same code path, and refuse the request
+        instead."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._llm._model.vocab, grammar._grammar.encode("utf-8"),
+            grammar._root.encode("utf-8"))
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
+
+def _unusable_schema() -> FederationError:
+    return FederationError(
+        ErrorCode.INVALID_ARGUMENT,
+        "response_format: this JSON schema cannot be turned into a grammar",
+        param="response_format",
+    )
