@@ -42,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from federation.clock import Clock, utc_now
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
 
@@ -129,7 +130,6 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-Clock = Callable[[], dt.datetime]
 
 
 class CheckpointLog:
@@ -137,7 +137,7 @@ class CheckpointLog:
 
     def __init__(
         self, path: Path, signing_key: Ed25519PrivateKey,
-        clock: Clock = lambda: dt.datetime.now(dt.UTC),
+        clock: Clock = utc_now,
     ) -> None:
         self._path = path
         self._key = signing_key

@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
 
+from federation.clock import Clock, utc_now
 from federation.config import GuardianConfig
 from federation.crypto.envelope import UnwrapError, unwrap, wrap, wrap_context
 from federation.crypto.shares import MalformedShare, Share
@@ -38,11 +38,6 @@ RELEASE_ROLES: Final = frozenset({"gateway", "admin"})
 _MAX_ID: Final = 200
 _MAX_REASON: Final = 1000
 
-Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)

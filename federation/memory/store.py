@@ -18,10 +18,11 @@ from typing import Any
 
 import asyncpg
 
+from federation.clock import Clock, utc_now
 from federation.config import MemoryConfig
 from federation.errors import ErrorCode, FederationError
 from federation.memory.records import GENESIS_HASH, AuditEntry, MemoryRecord, Tier
-from federation.memory.writer import ChainWriter, Clock, utc_now
+from federation.memory.writer import ChainWriter
 from federation.paging import page_size as checked_page_size
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Final
 
 import asyncpg
 
+from federation.clock import Clock, utc_now
 from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
 from federation.memory.records import (
@@ -41,12 +40,7 @@ COLUMNS: Final = (
     "attributes", "body", "prev_hash", "hash", "temperature", "compressed",
 )
 
-Clock = Callable[[], dt.datetime]
 _Pending = tuple[AuditEntry, "asyncio.Future[MemoryRecord]"]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class ChainWriter:

@@ -23,12 +23,13 @@ import base64
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
 
+from federation.clock import Clock, utc_now
 from federation.config import DatabaseConfig, VaultConfig
 from federation.crypto.envelope import (
     CiphertextInvalid,
@@ -59,11 +60,6 @@ GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
 _MAX_NAME: Final = 200
 
-Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
