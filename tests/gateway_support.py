@@ -1,4 +1,6 @@
-"""Helpers for the inference and gateway tests: real mTLS inference nodes on loopback."""
+"""Helpers for the inference and gateway tests: real mTLS inference nodes on loopback.
+
+The key authority and thermal memory the gateway needs: ``tests/keys_support.py``."""
 
 from __future__ import annotations
 
@@ -10,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from federation.config import GrpcConfig, PeersConfig, Settings
-from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import BackendSet
 from federation.inference.test_backend import TestBackend
 from federation.server import NodeServer
-from gateway_http.auth import AuditEntry, KeyPrincipal
 from nodes.inference import InferenceServicer, registration
 from tests.support import TestPKI
 
@@ -57,46 +57,6 @@ async def inference_nodes(pki: TestPKI, backends: Sequence[TestBackend]
     finally:
         for node in nodes:
             await node.kill()
-
-
-# ---- stand-ins for the key authority and thermal memory (protocol implementations) -------------
-
-class FakeKeys:
-    """A KeyVerifier: secrets map to principals; some are suspended or rate limited."""
-
-    def __init__(self) -> None:
-        self.principals: dict[str, KeyPrincipal] = {}
-        self.suspended: set[str] = set()
-        self.limited: set[str] = set()
-        self.verify_calls = 0
-        self.charges: list[tuple[str, int, bool]] = []
-
-    def add(self, secret: str, key_id: str, tenant: str, scopes: Sequence[str] = ("chat",)
-            ) -> None:
-        self.principals[secret] = KeyPrincipal(key_id, tenant, frozenset(scopes))
-
-    async def verify(self, key: str, *, scope: str, source: str) -> KeyPrincipal:
-        self.verify_calls += 1
-        principal = self.principals.get(key)
-        if principal is None:
-            raise FederationError(ErrorCode.UNAUTHENTICATED, "invalid API key")
-        if key in self.suspended or (scope and scope not in principal.scopes):
-            raise FederationError(ErrorCode.PERMISSION_DENIED, "key may not do this")
-        return principal
-
-    async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
-        if key_id in self.limited:
-            raise FederationError(ErrorCode.RESOURCE_EXHAUSTED, "rate limit exceeded",
-                                  retry_after_seconds=30)
-        self.charges.append((key_id, tokens, is_request))
-
-
-class FakeAudit:
-    def __init__(self) -> None:
-        self.entries: list[AuditEntry] = []
-
-    async def record(self, entry: AuditEntry) -> None:
-        self.entries.append(entry)
 
 
 def gateway_settings(home: Path, inference: Sequence[str], **gateway: object) -> Settings:

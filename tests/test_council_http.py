@@ -1,5 +1,6 @@
 """The council over HTTP: /v1/council/vote (JSON and SSE) and the ``council`` OpenAI models,
-through the real gateway app, the council node and scripted members on an inference node."""
+through the real gateway app, the council node and scripted members on an inference node,
+with keys minted by the real key authority and audit in the real thermal memory."""
 
 from __future__ import annotations
 
@@ -23,19 +24,23 @@ from federation.council.scripted_backend import (
     vote_json,
 )
 from federation.db import Database
+from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
-from gateway_http.council_routes import OPENAPI_PATHS, add_council_routes, council_model_objects
+from gateway_http.council_routes import OPENAPI_PATHS, council_model_objects
 from tests.council_support import CouncilStack, council_stack
-from tests.gateway_support import FakeAudit, FakeKeys, gateway_settings
+from tests.gateway_support import gateway_settings
+from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
 
+TENANT = "tenant_a"
+RPM = 1000
 KEYS = {
-    "sk-council": ("council",),
-    "sk-chiefs": ("council", "council:chiefs"),
-    "sk-audit": ("council", "memory:audit"),
-    "sk-chat": ("chat",),
+    "council": ("council",),
+    "chiefs": ("council", "council:chiefs"),
+    "audit": ("council", "memory:audit"),
+    "chat": ("chat",),
 }
 
 
@@ -43,28 +48,33 @@ KEYS = {
 class Env:
     stack: CouncilStack
     server: GatewayServer
-    keys: FakeKeys
-    audit: FakeAudit
+    federation: KeyNodes
+    keys: dict[str, kpb.IssueKeyResponse]
+    """Minted by the key authority for ``TENANT``, by name (see ``KEYS``)."""
     backend: ScriptedCouncilBackend
     scripts: dict[str, Script]
+
+    def secret(self, name: str) -> str:
+        return self.keys[name].secret
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
 
-    async def post(self, body: dict[str, Any], key: str = "sk-council"
+    async def post(self, body: dict[str, Any], key: str = "council"
                    ) -> tuple[int, CIMultiDict[str], Any]:
         async with aiohttp.ClientSession() as session, session.post(
             self.base + "/v1/council/vote", json=body,
-            headers={"Authorization": f"Bearer {key}"},
+            headers={"Authorization": f"Bearer {self.secret(key)}"},
         ) as response:
             text = await response.text()
             ctype = response.headers.get("Content-Type", "")
             payload = json.loads(text) if ctype.startswith("application/json") else text
             return response.status, CIMultiDict(response.headers), payload
 
-    def client(self, key: str = "sk-council") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
+    def client(self, key: str = "council") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key=self.secret(key),
+                                  max_retries=0)
 
 
 @pytest.fixture
@@ -73,19 +83,22 @@ async def env(home: Path, database: Database) -> AsyncIterator[Env]:
     scripts: dict[str, Script] = {
         "crawdad": Script([vote_json("approve", 0.8, "ok", ["rotate keys"])])}
     backend = ScriptedCouncilBackend(scripts=scripts)
-    async with council_stack(pki, database, backend) as stack:
-        keys, audit = FakeKeys(), FakeAudit()
-        for secret, scopes in KEYS.items():
-            keys.add(secret, "key_" + secret[3:], "tenant_a", scopes)
-        base = gateway_settings(home, [stack.router.nodes[0].address],
-                                route_refresh_seconds=60)
+    async with (
+        council_stack(pki, database, backend) as stack,
+        # One thermal memory for the federation: the council's.
+        key_nodes(pki, database,
+                  memory_address=f"127.0.0.1:{stack.memory_server.port}") as federation,
+    ):
+        keys = {name: await federation.issue(TENANT, scopes, requests_per_minute=RPM)
+                for name, scopes in KEYS.items()}
+        base = federation.wire(gateway_settings(home, [stack.router.nodes[0].address],
+                                                route_refresh_seconds=60))
         settings = dataclasses.replace(
             base, peers=dataclasses.replace(base.peers, council=stack.council_address))
-        server = GatewayServer(settings, pki.identity("gateway"), keys=keys, audit=audit)
-        add_council_routes(server.app)
+        server = GatewayServer(settings, pki.identity("gateway"))  # council routes: peers.council
         await server.start()
         try:
-            yield Env(stack, server, keys, audit, backend, scripts)
+            yield Env(stack, server, federation, keys, backend, scripts)
         finally:
             await server.stop()
 
@@ -99,10 +112,16 @@ async def test_vote_returns_the_answer_at_level_one(env: Env) -> None:
     assert body["quorum"] == {"asked": 7, "voted": 7, "required": 5, "missing": []}
     assert "members" not in body and "audit_sequences" not in body
     await env.server.state.background.drain()
-    assert ("key_council", 0, True) in env.keys.charges
-    assert any(c[0] == "key_council" and c[1] > 0 and not c[2] for c in env.keys.charges)
-    assert [(e.route, e.model, e.status) for e in env.audit.entries] == [
-        ("/v1/council/vote", "council", 200)]
+    key_id = env.keys["council"].key.key_id
+    # Charged by the key authority: the request before the vote, its tokens after it.
+    window = await env.federation.quota(key_id)
+    assert window.requests_remaining == RPM - 1 and window.tokens_used > 0
+    # Audited in thermal memory: this one request, and nothing else from the gateway.
+    (record,) = await env.federation.gateway_records(TENANT)
+    attributes = dict(record.payload.attributes)
+    assert (attributes["route"], record.subject, attributes["status"]) == (
+        "/v1/council/vote", "council", "200")
+    assert (record.actor, record.request_id) == (key_id, body["request_id"])
 
 
 async def test_levels_need_their_scopes(env: Env) -> None:
@@ -110,24 +129,26 @@ async def test_levels_need_their_scopes(env: Env) -> None:
     assert status == 403
     assert body["error"]["type"] == "permission_error" and "council:chiefs" in body[
         "error"]["message"]
-    status, _, body = await env.post({"question": "q?"}, key="sk-chat")
-    assert status == 403
-    status, _, body = await env.post({"question": "q?", "level": 2}, key="sk-chiefs")
+    status, _, body = await env.post({"question": "q?"}, key="chat")
+    assert status == 403  # refused by the key authority itself:
+    assert "lacks the 'council' scope" in body["error"]["message"]
+    status, _, body = await env.post({"question": "q?", "level": 2}, key="chiefs")
     assert status == 200 and len(body["members"]) == 7
     crawdad = next(m for m in body["members"] if m["member"] == "crawdad")
     assert crawdad == {"member": "crawdad", "name": "Crawdad", "specialty": "security",
                        "round": 1, "stance": "approve", "confidence": 0.8,
                        "concerns": ["rotate keys"]}
-    status, _, body = await env.post({"question": "q?", "level": 4}, key="sk-audit")
+    status, _, body = await env.post({"question": "q?", "level": 4}, key="audit")
     assert status == 200 and body["audit_sequences"]
     assert all("rationale" in m and "prompt_sha256" in m for m in body["members"])
     assert env.backend.calls["chair"] == 2  # the refused calls never reached the council
 
 
 async def test_bad_bodies_are_400(env: Env) -> None:
-    for body, param in [({}, "question"), ({"question": "q", "rounds": 5}, "rounds"),
-                        ({"question": "q", "level": "2"}, "level"),
-                        ({"question": "q", "council": "legal"}, None)]:
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        ({}, "question"), ({"question": "q", "rounds": 5}, "rounds"),
+        ({"question": "q", "level": "2"}, "level"), ({"question": "q", "council": "legal"}, None)]
+    for body, param in cases:
         status, _, answer = await env.post(body)
         assert status == 400, body
         if param:
@@ -148,7 +169,7 @@ async def test_vote_streams_progress_events_then_the_result(env: Env) -> None:
     env.scripts["spider"] = Script(["garbage", "more garbage"])
     async with aiohttp.ClientSession() as session, session.post(
         env.base + "/v1/council/vote", json={"question": "Ship?", "stream": True, "level": 2},
-        headers={"Authorization": "Bearer sk-chiefs"},
+        headers={"Authorization": f"Bearer {env.secret('chiefs')}"},
     ) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream"
@@ -190,7 +211,7 @@ async def test_the_council_is_an_openai_model(env: Env) -> None:
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(
                 model="council/legal", messages=[{"role": "user", "content": "q"}])
-    async with env.client("sk-chat") as client:
+    async with env.client("chat") as client:
         with pytest.raises(openai.PermissionDeniedError):
             await client.chat.completions.create(
                 model="council", messages=[{"role": "user", "content": "q"}])

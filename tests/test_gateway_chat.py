@@ -1,18 +1,19 @@
-"""The gateway driven by the official openai SDK, over real mTLS inference nodes.
+"""The gateway driven by the official openai SDK, over real mTLS inference nodes, with
+the real key authority and thermal memory nodes (real PostgreSQL) behind it.
 
-Keys and audit use in-process stand-ins of the KeyVerifier / AuditWriter
-protocols here; ``test_gateway_integration.py`` runs the same path against the
-real key authority and thermal memory nodes.
+The key authority and thermal memory are started once for the module (keys are minted
+per test, each test on its own tenant); inference nodes and the gateway are per test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,34 +22,47 @@ import pytest
 from pydantic import BaseModel
 
 from federation.inference.test_backend import TestBackend
+from federation.keys import keyformat
+from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
 from tests.gateway_support import (
-    FakeAudit,
-    FakeKeys,
     InferenceNode,
     eventually,
     gateway_settings,
     inference_nodes,
 )
+from tests.keys_support import KeyNodes, key_nodes, scratch_database
 from tests.support import TestPKI
 
 MODEL = "test-model"
-KEY = "sk-good"
+RPM = 1000
+TOKEN_QUOTA = 1_000_000
 
 
 @dataclass
 class Env:
     nodes: list[InferenceNode]
     server: GatewayServer
-    keys: FakeKeys
-    audit: FakeAudit
+    federation: KeyNodes
+    tenant: str
+    issued: kpb.IssueKeyResponse
+    """This test's chat key (tenant ``tenant``, with request and token quotas)."""
+
+    @property
+    def key(self) -> str:
+        return self.issued.secret
+
+    @property
+    def key_id(self) -> str:
+        return self.issued.key.key_id
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
 
-    def client(self, key: str = KEY) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0)
+    def client(self, key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key=key or self.key,
+                                  max_retries=0)
 
     @property
     def backends(self) -> list[TestBackend]:
@@ -59,23 +73,28 @@ class Env:
         await self.server.state.background.drain()
 
 
+@pytest.fixture(scope="module")
+async def federation(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory
+                     ) -> AsyncIterator[KeyNodes]:
+    pki = TestPKI(tmp_path_factory.mktemp("gateway-chat") / "home")
+    async with scratch_database(pg_admin_url) as database, key_nodes(pki, database) as nodes:
+        yield nodes
+
+
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    pki = TestPKI(tmp_path / "home")
+async def env(federation: KeyNodes) -> AsyncIterator[Env]:
+    pki = federation.pki
+    tenant = "tenant_" + uuid.uuid4().hex[:8]
+    issued = await federation.issue(tenant, ["chat"], requests_per_minute=RPM,
+                                    token_quota=TOKEN_QUOTA)
     async with inference_nodes(pki, [TestBackend(), TestBackend()]) as nodes:
-        keys, audit = FakeKeys(), FakeAudit()
-        keys.add(KEY, "key_1", "tenant_a")
-        keys.add("sk-admin-only", "key_2", "tenant_a", ("admin",))
-        keys.add("sk-suspended", "key_3", "tenant_b")
-        keys.suspended.add("sk-suspended")
-        keys.add("sk-limited", "key_4", "tenant_b")
-        keys.limited.add("key_4")
-        settings = gateway_settings(tmp_path / "home", [n.address for n in nodes],
-                                    max_body_bytes=64 * 1024, route_refresh_seconds=60)
-        server = GatewayServer(settings, pki.identity("gateway"), keys=keys, audit=audit)
+        settings = federation.wire(gateway_settings(
+            pki.home, [n.address for n in nodes], max_body_bytes=64 * 1024,
+            route_refresh_seconds=60))
+        server = GatewayServer(settings, pki.identity("gateway"))  # the production clients
         await server.start()
         try:
-            yield Env(nodes, server, keys, audit)
+            yield Env(nodes, server, federation, tenant, issued)
         finally:
             await server.stop()
 
@@ -163,26 +182,37 @@ async def test_request_id_is_kept_propagated_and_audited(env: Env) -> None:
     assert raw.headers["x-request-id"] == "abc-123"
     assert "abc-123" in [rid for b in env.backends for rid in b.request_ids]
     await env.settle()
-    (entry,) = [e for e in env.audit.entries if e.request_id == "abc-123"]
-    assert (entry.key_id, entry.tenant_id, entry.model, entry.status) == (
-        "key_1", "tenant_a", MODEL, 200)
-    assert (entry.prompt_tokens, entry.completion_tokens) == (3, 2)
-    assert "trace me" not in json.dumps(entry.attributes())  # prompts are not stored
-    assert ("key_1", 5, False) in env.keys.charges  # tokens charged after the response
-    assert ("key_1", 0, True) in env.keys.charges  # the request counted before it
+    # The audit record, as thermal memory holds it.
+    (record,) = await env.federation.gateway_records(env.tenant, "abc-123")
+    attributes = dict(record.payload.attributes)
+    assert (record.request_id, record.actor, record.tenant_id, record.subject) == (
+        "abc-123", env.key_id, env.tenant, MODEL)
+    assert (attributes["key_id"], attributes["route"], attributes["status"]) == (
+        env.key_id, "/v1/chat/completions", "200")
+    assert (attributes["prompt_tokens"], attributes["completion_tokens"]) == ("3", "2")
+    assert "trace me" not in str(record)  # prompts are not stored
+    # The charges, as the key authority holds them: the request counted before the
+    # response, its 5 tokens after it.
+    window = await env.federation.quota(env.key_id)
+    assert (window.requests_remaining, window.tokens_used) == (RPM - 1, 5)
+    assert window.tokens_remaining == TOKEN_QUOTA - 5
 
 
 async def test_key_verification_is_cached(env: Env) -> None:
+    verified = env.federation.rpcs("VerifyKey")
     async with env.client() as client:
         for _ in range(3):
             await client.chat.completions.create(model=MODEL, messages=user("hi"))
-    assert env.keys.verify_calls == 1
+    assert env.federation.rpcs("VerifyKey") - verified == 1  # one round trip, not three
+    assert (await env.federation.quota(env.key_id)).requests_remaining == RPM - 3
 
 
 # ---- errors, through the SDK's typed exceptions ---------------------------------------------
 
-async def test_authentication_errors(env: Env) -> None:
-    async with env.client("sk-wrong") as client:
+@pytest.mark.parametrize("key", ["sk-wrong", keyformat.generate()[1]],
+                         ids=["malformed", "unknown"])
+async def test_authentication_errors(env: Env, key: str) -> None:
+    async with env.client(key) as client:
         with pytest.raises(openai.AuthenticationError) as caught:
             await client.chat.completions.create(model=MODEL, messages=user("hi"))
     assert caught.value.status_code == 401
@@ -193,11 +223,18 @@ async def test_authentication_errors(env: Env) -> None:
         assert "x-request-id" in response.headers
 
 
-@pytest.mark.parametrize("key", ["sk-admin-only", "sk-suspended"])
-async def test_permission_errors(env: Env, key: str) -> None:
-    async with env.client(key) as client:
-        with pytest.raises(openai.PermissionDeniedError):
+@pytest.mark.parametrize(("kind", "reason"), [("admin-only", "lacks the 'chat' scope"),
+                                              ("suspended", "is suspended")])
+async def test_permission_errors(env: Env, kind: str, reason: str) -> None:
+    issued = await env.federation.issue(env.tenant, ["admin"] if kind == "admin-only" else
+                                        ["chat"])
+    if kind == "suspended":
+        await env.federation.suspend(env.tenant, issued.key.key_id)
+    async with env.client(issued.secret) as client:
+        with pytest.raises(openai.PermissionDeniedError) as caught:
             await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert reason in caught.value.message
+    assert env.backends[0].started + env.backends[1].started == 0
 
 
 async def test_unknown_model_is_404(env: Env) -> None:
@@ -248,7 +285,7 @@ async def test_invalid_bodies_are_400_naming_the_param(env: Env, body: dict[str,
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
 async def test_malformed_bodies_are_400(env: Env, raw: bytes) -> None:
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {env.key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as http, http.post(
             env.base + "/v1/chat/completions", data=raw, headers=headers) as resp:
         assert resp.status == 400
@@ -265,10 +302,21 @@ async def test_body_too_large_is_413(env: Env) -> None:
 
 
 async def test_rate_limit_is_429_with_retry_after(env: Env) -> None:
-    async with env.client("sk-limited") as client:
+    limited = await env.federation.issue(env.tenant, ["chat"], requests_per_minute=1)
+    key_id = limited.key.key_id
+    await env.federation.spend_requests(key_id, 1)  # this minute's one request is gone
+    async with env.client(limited.secret) as client:
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(model=MODEL, messages=user("hi"))
-    assert caught.value.response.headers["Retry-After"] == "30"
+    retry_after = int(caught.value.response.headers["Retry-After"])
+    window = await env.federation.quota(key_id)
+    reset = window.requests_reset_in.ToTimedelta().total_seconds()
+    assert window.requests_remaining == 0
+    # The key authority's own wait, rounded up (read a moment after the refusal).
+    assert math.ceil(reset) <= retry_after <= math.ceil(reset) + 1 and retry_after <= 60
+    refusals = await env.federation.records(env.tenant, action_prefix="key.quota_exhausted")
+    assert [r.subject for r in refusals] == [key_id]
+    assert env.backends[0].started + env.backends[1].started == 0
 
 
 async def test_no_healthy_node_is_503(env: Env) -> None:
@@ -322,7 +370,7 @@ async def _cancelled_after_disconnect(env: Env, stream: bool) -> None:
     body = {"model": MODEL, "messages": user("z " * 100), "stream": stream}
     async with aiohttp.ClientSession() as http:
         request = http.post(env.base + "/v1/chat/completions", json=body,
-                            headers={"Authorization": f"Bearer {KEY}"})
+                            headers={"Authorization": f"Bearer {env.key}"})
         if stream:
             async with request as response:
                 await response.content.readline()

@@ -1,20 +1,31 @@
-"""Operational endpoints of the gateway: /health, /metrics, /openapi.json."""
+"""Operational endpoints of the gateway: /health, /metrics, /openapi.json, with the real
+key authority and thermal memory nodes (real PostgreSQL) configured as its peers."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
+from federation.db import Database
 from federation.inference.test_backend import TestBackend
 from gateway_http.app import GatewayServer
-from tests.gateway_support import FakeAudit, FakeKeys, gateway_settings, inference_nodes
+from tests.gateway_support import InferenceNode, gateway_settings, inference_nodes
+from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
+
+
+@dataclass
+class Gateway:
+    base: str
+    nodes: list[InferenceNode]
+    key: str
+    """A chat key minted by the key authority."""
 
 
 @pytest.fixture
@@ -23,15 +34,19 @@ def pki(tmp_path: Path) -> TestPKI:
 
 
 @pytest.fixture
-async def gateway(pki: TestPKI) -> AsyncIterator[tuple[str, list[TestBackend], object]]:
-    backends = [TestBackend(), TestBackend()]
-    async with inference_nodes(pki, backends) as nodes:
-        keys = FakeKeys()
-        keys.add("sk", "key_1", "t")
-        server = GatewayServer(gateway_settings(pki.home, [n.address for n in nodes]),
-                               pki.identity("gateway"), keys=keys, audit=FakeAudit())
+async def federation(pki: TestPKI, database: Database) -> AsyncIterator[KeyNodes]:
+    async with key_nodes(pki, database) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def gateway(pki: TestPKI, federation: KeyNodes) -> AsyncIterator[Gateway]:
+    key = (await federation.issue("t", ["chat"])).secret
+    async with inference_nodes(pki, [TestBackend(), TestBackend()]) as nodes:
+        settings = federation.wire(gateway_settings(pki.home, [n.address for n in nodes]))
+        server = GatewayServer(settings, pki.identity("gateway"))
         await server.start()
-        yield f"http://127.0.0.1:{server.port}", backends, nodes
+        yield Gateway(f"http://127.0.0.1:{server.port}", nodes, key)
         await server.stop()
 
 
@@ -41,9 +56,8 @@ async def get(url: str) -> tuple[int, dict[str, str], str]:
         return response.status, headers, await response.text()
 
 
-async def test_health_lists_components(gateway: tuple[str, list[TestBackend], object]) -> None:
-    base, _, nodes = gateway
-    status, headers, body = await get(base + "/health")
+async def test_health_lists_components(gateway: Gateway) -> None:
+    status, headers, body = await get(gateway.base + "/health")
     assert status == 200
     assert "x-request-id" in headers
     report = json.loads(body)
@@ -51,33 +65,41 @@ async def test_health_lists_components(gateway: tuple[str, list[TestBackend], ob
     inference = report["components"]["inference"]
     assert inference["status"] == "serving"
     assert [n["status"] for n in inference["nodes"]] == ["serving", "serving"]
-    assert report["components"]["keys"]["status"] == "not_configured"
-    for node in nodes:  # type: ignore[attr-defined]
+    components = report["components"]
+    assert (components["keys"]["status"], components["memory"]["status"]) == (
+        "serving", "serving")
+    assert components["guardian"]["status"] == "not_configured"
+    for node in gateway.nodes:
         await node.kill()
-    status, _, body = await get(base + "/health")
+    status, _, body = await get(gateway.base + "/health")
     assert status == 503
     assert '"inference":{"status":"down"' in body.replace(" ", "")
 
 
-async def test_health_is_503_when_a_component_is_down(pki: TestPKI) -> None:
+async def test_health_is_503_when_a_component_is_down(
+    pki: TestPKI, federation: KeyNodes
+) -> None:
+    assert federation.memory_node is not None
+    await federation.memory_node.stop()
     async with inference_nodes(pki, [TestBackend()]) as nodes:
-        settings = gateway_settings(pki.home, [nodes[0].address], health_timeout_seconds=0.5)
-        settings = dataclasses.replace(settings, peers=dataclasses.replace(
-            settings.peers, memory="127.0.0.1:9"))
-        server = GatewayServer(settings, pki.identity("gateway"), keys=FakeKeys(),
-                               audit=FakeAudit())
+        settings = federation.wire(gateway_settings(pki.home, [nodes[0].address],
+                                                    health_timeout_seconds=0.5))
+        server = GatewayServer(settings, pki.identity("gateway"))
         await server.start()
         try:
             status, _, body = await get(f"http://127.0.0.1:{server.port}/health")
         finally:
             await server.stop()
     assert status == 503
-    assert '"memory":{"status":"unreachable"}' in body.replace(" ", "")
+    compact = body.replace(" ", "")
+    assert '"memory":{"status":"unreachable"}' in compact
+    assert '"keys":{"status":"serving"}' in compact
 
 
-async def test_metrics_after_traffic(gateway: tuple[str, list[TestBackend], object]) -> None:
-    base, _, _ = gateway
-    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="sk", max_retries=0) as client:
+async def test_metrics_after_traffic(gateway: Gateway) -> None:
+    base = gateway.base
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key=gateway.key,
+                                  max_retries=0) as client:
         await client.chat.completions.create(
             model="test-model", messages=[{"role": "user", "content": "a b c"}])
         stream = await client.chat.completions.create(
@@ -99,9 +121,9 @@ async def test_metrics_after_traffic(gateway: tuple[str, list[TestBackend], obje
     assert "federation_gateway_upstream_errors_total" in text
 
 
-async def test_openapi_document(gateway: tuple[str, list[TestBackend], object]) -> None:
-    base, _, _ = gateway
-    async with aiohttp.ClientSession() as http, http.get(base + "/openapi.json") as response:
+async def test_openapi_document(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http, http.get(
+            gateway.base + "/openapi.json") as response:
         document = await response.json()
     assert document["openapi"] == "3.1.0"
     assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(document["paths"])

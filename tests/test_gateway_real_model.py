@@ -1,5 +1,6 @@
 """SmolLM2 through the whole stack: openai SDK → gateway → mTLS gRPC → inference node →
-llama.cpp. The one test that runs a real model (a few seconds on 2 cores)."""
+llama.cpp, with the real key authority and thermal memory nodes (real PostgreSQL) behind
+the gateway. The one test that runs a real model (a few seconds on 2 cores)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 
 from federation.config import InferenceConfig, ModelConfig
+from federation.db import Database
 from federation.inference.llamacpp import LlamaCppBackend, json_schema_grammar
 from federation.inference.types import (
     ChatMessage,
@@ -27,7 +29,8 @@ from federation.inference.types import (
 from gateway_http.app import GatewayServer
 from nodes import inference
 from nodes.runtime import NodeRuntime
-from tests.gateway_support import FakeAudit, FakeKeys, gateway_settings
+from tests.gateway_support import gateway_settings
+from tests.keys_support import key_nodes
 from tests.support import TestPKI, serving
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 MODEL = "smollm2-135m-instruct"
 
 
-async def test_smollm2_end_to_end(tmp_path: Path) -> None:
+async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
     pki = TestPKI(tmp_path / "home")
     model = ModelConfig(id=MODEL, backend="llamacpp", context_length=1024, n_threads=2)
     node_settings = dataclasses.replace(gateway_settings(pki.home, []),
@@ -45,15 +48,18 @@ async def test_smollm2_end_to_end(tmp_path: Path) -> None:
         runtime = NodeRuntime(node_settings, "inference", pki.identity("inference", "server"),
                               None, CollectorRegistry(), cleanup)
         registration = await inference.create_service(runtime)
-        async with serving(pki, [registration], role="inference") as node:
-            keys = FakeKeys()
-            keys.add("sk", "key_1", "tenant")
-            gateway = GatewayServer(gateway_settings(pki.home, [f"127.0.0.1:{node.port}"]),
-                                    pki.identity("gateway"), keys=keys, audit=FakeAudit())
+        async with (
+            serving(pki, [registration], role="inference") as node,
+            key_nodes(pki, database) as federation,
+        ):
+            key = (await federation.issue("tenant", ["chat"])).secret
+            gateway = GatewayServer(
+                federation.wire(gateway_settings(pki.home, [f"127.0.0.1:{node.port}"])),
+                pki.identity("gateway"))
             await gateway.start()
             try:
                 async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1",
-                                              api_key="sk", max_retries=0) as client:
+                                              api_key=key, max_retries=0) as client:
                     assert [m.id for m in (await client.models.list()).data] == [MODEL]
                     completion = await client.chat.completions.create(
                         model=MODEL, temperature=0, seed=1, max_tokens=24,

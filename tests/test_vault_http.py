@@ -1,138 +1,102 @@
-"""The vault's HTTP routes on a real aiohttp server, over the real vault, guardian and memory."""
+"""The vault's HTTP routes in the gateway app as deployed (``peers.keys``, ``peers.memory``,
+``peers.guardian`` and the database configured): keys minted by the real key authority,
+the real guardian and thermal memory nodes, real PostgreSQL, mTLS everywhere."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from federation.errors import ErrorCode, FederationError
-from federation.vault.service import VaultService
-from gateway_http.auth import KeyPrincipal
-from gateway_http.errors import error_middleware
-from gateway_http.vault_routes import add_vault_routes
-from tests.guardian_support import GuardianNode
-from tests.test_vault_service import (  # noqa: F401 - fixtures
-    gateway_channel,
-    guardian,
-    sink,
-    store,
-    vault,
-)
+from federation.db import Database
+from tests.stack_support import Stack, federation_stack
 
-PRINCIPALS = {
-    "sk-writer": KeyPrincipal("key_w", "t1", frozenset({"vault:write", "vault:read"})),
-    "sk-reader-t2": KeyPrincipal("key_r2", "t2", frozenset({"vault:read"})),
-    "sk-admin": KeyPrincipal("key_adm", "ops", frozenset({"admin"})),
-    "sk-chat": KeyPrincipal("key_c", "t1", frozenset({"chat"})),
-}
+SECRETS = "/v1/vault/secrets"
 
 
-class FakeKeys:
-    async def verify(self, key: str, *, scope: str, source: str) -> KeyPrincipal:
-        principal = PRINCIPALS.get(key)
-        if principal is None:
-            raise FederationError(ErrorCode.UNAUTHENTICATED, "unknown API key")
-        if scope not in principal.scopes:
-            raise FederationError(ErrorCode.PERMISSION_DENIED, f"the key lacks scope {scope}")
-        return principal
-
-    async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
-        return None
+@dataclass
+class Keys:
+    writer: str
+    """Tenant t1: vault:write and vault:read."""
+    reader_t2: str
+    """Tenant t2: vault:read."""
+    admin: str
+    """Tenant ops: admin."""
+    chat: str
+    """Tenant t1: chat only."""
 
 
 @pytest.fixture
-async def http(vault: VaultService) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:  # noqa: F811
-    app = web.Application(middlewares=[error_middleware])
-    add_vault_routes(app, vault=vault, keys=FakeKeys())
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, str(server.make_url("/v1/vault/secrets"))
-    finally:
-        await server.close()
+async def stack(tmp_path: Path, database: Database, pg_url: str) -> AsyncIterator[Stack]:
+    async with federation_stack(tmp_path, database, pg_url) as running:
+        yield running
 
 
-def auth(key: str, share: str | None = None) -> dict[str, str]:
-    headers = {"Authorization": f"Bearer {key}"}
-    if share is not None:
-        headers["X-Federation-Share"] = share
-    return headers
+@pytest.fixture
+async def keys(stack: Stack) -> Keys:
+    async def secret(tenant: str, *scopes: str) -> str:
+        return (await stack.issue(tenant, list(scopes))).secret
+
+    return Keys(await secret("t1", "vault:write", "vault:read"), await secret("t2", "vault:read"),
+                await secret("ops", "admin"), await secret("t1", "chat"))
 
 
-async def test_create_read_rotate_recover_destroy_over_http(
-    http: tuple[aiohttp.ClientSession, str],
-) -> None:
-    session, base = http
-    async with session.post(base, json={"name": "api-token", "value": "s3cr3t"},
-                            headers=auth("sk-writer")) as resp:
-        assert resp.status == 201 and resp.headers["Cache-Control"] == "no-store"
-        created = await resp.json()
-    url, share = f"{base}/{created['id']}", created["client_share"]
-    async with session.get(url, headers=auth("sk-writer", share)) as resp:
-        assert resp.status == 200
-        assert (await resp.json())["value"] == "s3cr3t"
-    async with session.get(url, headers=auth("sk-writer")) as resp:
-        assert resp.status == 400
-        assert "X-Federation-Share" in (await resp.json())["error"]["message"]
-    async with session.get(url, headers=auth("sk-reader-t2", share)) as resp:
-        assert resp.status == 404  # another tenant's key does not see it
-    async with session.post(base, json={"name": "x", "value": "y"},
-                            headers=auth("sk-chat")) as resp:
-        assert resp.status == 403
-    async with session.post(f"{url}/rotate", headers=auth("sk-writer", share)) as resp:
-        assert resp.status == 200
-        share = (await resp.json())["client_share"]
-    async with session.post(f"{url}/recover", json={"reason": "lost"},
-                            headers=auth("sk-writer")) as resp:
-        assert resp.status == 403  # recovery needs the admin scope
-    async with session.post(f"{url}/recover", json={"reason": ""},
-                            headers=auth("sk-admin")) as resp:
-        assert resp.status == 400
-    async with session.post(f"{url}/recover", json={"reason": "lost device"},
-                            headers=auth("sk-admin")) as resp:
-        assert resp.status == 200
-        new_share = (await resp.json())["client_share"]
-    async with session.get(url, headers=auth("sk-writer", share)) as resp:
-        assert resp.status == 403 and "invalid share" in (await resp.json())["error"]["message"]
-    async with session.get(base, headers=auth("sk-writer")) as resp:
-        listed = await resp.json()
-        assert [s["name"] for s in listed["data"]] == ["api-token"]
-        assert new_share not in str(listed)
-    async with session.delete(url, params={"reason": "done"}, headers=auth("sk-writer")) as resp:
-        assert resp.status == 200 and (await resp.json())["state"] == "destroyed"
-    async with session.get(url, headers=auth("sk-writer", new_share)) as resp:
-        assert resp.status == 409
+async def test_create_read_rotate_recover_destroy_over_http(stack: Stack, keys: Keys) -> None:
+    status, created, headers = await stack.call("POST", SECRETS, keys.writer,
+                                                json={"name": "api-token", "value": "s3cr3t"})
+    assert status == 201 and headers["Cache-Control"] == "no-store"
+    url, share = f"{SECRETS}/{created['id']}", created["client_share"]
+    status, body, _ = await stack.call("GET", url, keys.writer, share=share)
+    assert (status, body["value"]) == (200, "s3cr3t")
+    status, body, _ = await stack.call("GET", url, keys.writer)
+    assert status == 400 and "X-Federation-Share" in body["error"]["message"]
+    status, _, _ = await stack.call("GET", url, keys.reader_t2, share=share)
+    assert status == 404  # another tenant's key does not see it
+    status, _, _ = await stack.call("POST", SECRETS, keys.chat, json={"name": "x", "value": "y"})
+    assert status == 403
+    status, body, _ = await stack.call("POST", f"{url}/rotate", keys.writer, share=share)
+    assert status == 200
+    share = body["client_share"]
+    status, _, _ = await stack.call("POST", f"{url}/recover", keys.writer,
+                                    json={"reason": "lost"})
+    assert status == 403  # recovery needs the admin scope
+    status, _, _ = await stack.call("POST", f"{url}/recover", keys.admin, json={"reason": ""})
+    assert status == 400
+    status, body, _ = await stack.call("POST", f"{url}/recover", keys.admin,
+                                       json={"reason": "lost device"})
+    assert status == 200
+    new_share = body["client_share"]
+    status, body, _ = await stack.call("GET", url, keys.writer, share=share)
+    assert status == 403 and "invalid share" in body["error"]["message"]
+    status, listed, _ = await stack.call("GET", SECRETS, keys.writer)
+    assert [s["name"] for s in listed["data"]] == ["api-token"]
+    assert new_share not in str(listed)
+    status, body, _ = await stack.call("DELETE", f"{url}?reason=done", keys.writer)
+    assert status == 200 and body["state"] == "destroyed"
+    status, _, _ = await stack.call("GET", url, keys.writer, share=new_share)
+    assert status == 409
 
 
-async def test_recovery_rate_limit_is_429_with_retry_after(
-    http: tuple[aiohttp.ClientSession, str],
-) -> None:
-    session, base = http
-    async with session.post(base, json={"name": "n", "value": "v"},
-                            headers=auth("sk-writer")) as resp:
-        url = f"{base}/{(await resp.json())['id']}"
+async def test_recovery_rate_limit_is_429_with_retry_after(stack: Stack, keys: Keys) -> None:
+    _, created, _ = await stack.call("POST", SECRETS, keys.writer,
+                                     json={"name": "n", "value": "v"})
+    url = f"{SECRETS}/{created['id']}"
     statuses = []
     for _ in range(6):
-        async with session.post(f"{url}/recover", json={"reason": "drill"},
-                                headers=auth("sk-admin")) as resp:
-            statuses.append(resp.status)
-            retry_after = resp.headers.get("Retry-After")
+        status, _, headers = await stack.call("POST", f"{url}/recover", keys.admin,
+                                              json={"reason": "drill"})
+        statuses.append(status)
+        retry_after = headers.get("Retry-After")
     assert statuses == [200] * 5 + [429]
     assert retry_after is not None and int(retry_after) > 3000
 
 
-async def test_creation_is_503_when_the_guardian_is_down(
-    http: tuple[aiohttp.ClientSession, str], guardian: GuardianNode,  # noqa: F811
-) -> None:
-    session, base = http
-    await guardian.server.stop(0)
-    async with session.post(base, json={"name": "n", "value": "v"},
-                            headers=auth("sk-writer")) as resp:
-        assert resp.status == 503
-        assert "guardian is unavailable" in (await resp.json())["error"]["message"]
-        assert resp.headers.get("Retry-After")
+async def test_creation_is_503_when_the_guardian_is_down(stack: Stack, keys: Keys) -> None:
+    await stack.guardian.stop()
+    status, body, headers = await stack.call("POST", SECRETS, keys.writer,
+                                             json={"name": "n", "value": "v"})
+    assert status == 503
+    assert "guardian is unavailable" in body["error"]["message"]
+    assert headers.get("Retry-After")
