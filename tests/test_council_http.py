@@ -4,6 +4,7 @@ with keys minted by the real key authority and audit in the real thermal memory.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 from multidict import CIMultiDict
 
 from federation.council.scripted_backend import (
+    HANG,
     MODEL,
     Script,
     ScriptedCouncilBackend,
@@ -186,6 +188,42 @@ async def test_vote_streams_progress_events_then_the_result(env: Env) -> None:
     voted = next(e for e in events if e["type"] == "member_voted")
     assert voted["vote"]["stance"] == "approve"
     assert events[-1]["quorum"]["missing"] == [{"member": "spider", "reason": "unparseable"}]
+
+
+async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
+    """Members hang with the default 60 s deadline: only a cancellation ends them sooner."""
+    async with asyncio.timeout(seconds):
+        while backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_leaving_the_stream_stops_the_members(env: Env) -> None:
+    env.scripts.clear()
+    env.backend.default = Script([HANG])
+    async with aiohttp.ClientSession() as session, session.post(
+        env.base + "/v1/council/vote", json={"question": "Hang on?", "stream": True},
+        headers={"Authorization": f"Bearer {env.secret('council')}"},
+    ) as response:
+        assert response.status == 200
+        started = 0
+        async for line in response.content:
+            started += b'"member_started"' in line
+            if started == 7:
+                break
+        async with asyncio.timeout(5):
+            while env.backend.in_flight < 7:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    await wait_until_idle(env.backend)  # the connection closed: every member call ended
+
+
+async def test_a_client_giving_up_on_a_completion_stops_the_members(env: Env) -> None:
+    env.scripts.clear()
+    env.backend.default = Script([HANG])
+    async with env.client() as client:
+        with pytest.raises(openai.APITimeoutError):
+            await client.with_options(timeout=1.0).chat.completions.create(
+                model="council", messages=[{"role": "user", "content": "Hang on?"}])
+    await wait_until_idle(env.backend)
 
 
 async def test_the_council_is_an_openai_model(env: Env) -> None:
