@@ -193,6 +193,18 @@ def test_synthesis_parses_and_needs_an_answer() -> None:
         parse_synthesis('{"answer": "", "decision": "blocked", "remaining_concerns": []}')
 
 
+@pytest.mark.parametrize("answer", [",.29,", ", approved, authorized", "42", "- - -"])
+def test_a_synthesis_answer_that_is_not_prose_is_refused(answer: str) -> None:
+    # What SmolLM2-135M produced under the grammar in `make run`; the repair attempt
+    # or the fallback synthesis serves the user better.
+    with pytest.raises(ParseError, match="sentences in words"):
+        parse_synthesis(json.dumps({"answer": answer, "decision": "authorized",
+                                    "remaining_concerns": []}))
+    assert parse_synthesis(json.dumps({"answer": "“Yes” — 2 nodes agree.",
+                                       "decision": "authorized",
+                                       "remaining_concerns": []})).answer
+
+
 @given(st.text(max_size=200))
 def test_the_parser_never_raises_anything_but_parse_error(text: str) -> None:
     with contextlib.suppress(ParseError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -119,6 +120,10 @@ def parse_synthesis(text: str) -> Synthesis:
     answer = _short_text(data.get("answer", ""), "answer", MAX_ANSWER_CHARS)
     if not answer:
         raise ParseError('"answer" must be a non-empty string')
+    if not _reads_as_prose(answer):
+        # Small models under a grammar sometimes fill the field with punctuation and
+        # stray words (", approved, authorized"); the user would see that as the answer.
+        raise ParseError('"answer" must be sentences in words, starting with a word')
     return Synthesis(answer, decision, _concerns(data.get("remaining_concerns", [])))
 
 
@@ -128,6 +133,14 @@ def vote_to_json(vote: Vote) -> dict[str, Any]:
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W\d_]{2,}")
+
+
+def _reads_as_prose(text: str) -> bool:
+    """Starts like a sentence (a letter, digit or opening quote) and has a real word."""
+    return (text[0].isalnum() or text[0] in "\"'(\u201c") and _WORD.search(text) is not None
+
 
 def _object(text: str) -> dict[str, Any]:
     """The first JSON object in ``text``, tolerating fences and prose around it."""
