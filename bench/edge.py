@@ -10,14 +10,29 @@ Runs, in one go, against an embedded PostgreSQL in a temporary home:
 * lease throughput in jobs/s with PostgreSQL: devices leasing (up to 3) and
   completing jobs concurrently through the job queue, across two pools;
 * heartbeats/s from 1,000 simulated devices in one process, each with its own
-  certificate and channel, against the broker over mTLS, next to a raw gRPC
-  baseline: the same number of mTLS channels calling a unary method that
-  echoes its request (the ceiling any unary RPC reaches on this machine).
+  certificate and channel, against the broker over mTLS: unary ``Heartbeat``
+  calls and ``HeartbeatStream`` (one stream per device, one heartbeat answered
+  at a time), next to raw gRPC baselines over the same number of mTLS channels:
+  a unary method and a bidirectional stream that echo their messages (the
+  ceilings a unary call and a streamed message reach on this machine). The
+  simulated devices' channels carry no client interceptor, as a device has no
+  request id to forward; every row uses the same kind of channel.
 
 The servers run in a child process on the event loop a federation node uses
 (uvloop where installed, see ``federation.cli``), the clients in this one.
 
-Usage: python bench/edge.py [--upload-mib N] [--jobs N] [--devices N] [--seconds S]
+Usage: python bench/edge.py [--upload-mib N] [--rounds N] [--jobs N] [--devices N]
+                            [--seconds S] [--only uploads|leases|heartbeats]
+                            [--compare TREE] [--profile-broker FILE]
+
+Uploads run ``--rounds`` times per chunk size, every target once per round in
+turn, and print min – max (median). ``--compare TREE`` starts a second broker
+process whose code comes from another checkout (e.g. ``git archive HEAD``
+unpacked somewhere) and uploads to it in the same rounds: an A/B under the same
+machine load.
+
+``--profile-broker FILE`` runs the broker process under cProfile and writes its
+statistics to FILE (read with ``python -m pstats FILE``); figures are then lower.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import hashlib
 import json
 import os
@@ -32,14 +48,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+TREE_ENV = "EDGE_BENCH_TREE"
+"""Set for a ``--compare`` child: its federation code is imported from that tree."""
+sys.path.insert(0, os.environ.get(TREE_ENV) or str(ROOT))
 
 from federation.channels import secure_channel  # noqa: E402
 from federation.config import DatabaseConfig, EdgeConfig, GrpcConfig  # noqa: E402
@@ -57,6 +75,7 @@ from federation.v1 import edge_broker_pb2_grpc  # noqa: E402
 MIB = 1 << 20
 SINK = "/bench.Sink/Write"
 ECHO = "/bench.Sink/Echo"
+ECHO_STREAM = "/bench.Sink/EchoStream"
 TRUST_DOMAIN = "federation.local"
 
 
@@ -69,7 +88,7 @@ async def serve(home: Path, dsn: str) -> None:
     from nodes.edge_broker import registration
 
     ca = load_ca(home, TRUST_DOMAIN)
-    files = ca.issue("broker", "bench")
+    files = ca.issue("broker", f"bench-{os.getpid()}")  # one per child: they start together
     database = Database(dsn, DatabaseConfig(pool_min_size=4, pool_max_size=20), migrate=False)
     await database.start()
     broker = EdgeBroker.create(database.pool, EdgeConfig(), home, ca, None)
@@ -90,6 +109,24 @@ async def serve(home: Path, dsn: str) -> None:
     await database.stop()
 
 
+def run_child(home: Path, dsn: str, profile: str | None) -> None:
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    with contextlib.suppress(ImportError):  # as every federation process: uvloop if installed
+        import uvloop
+
+        run = uvloop.run
+    if profile is None:
+        run(serve(home, dsn))
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        run(serve(home, dsn))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
+
+
 def _sink_handler() -> grpc.GenericRpcHandler:
     async def write(requests: AsyncIterator[bytes], context: Any) -> bytes:
         total = 0
@@ -100,9 +137,14 @@ def _sink_handler() -> grpc.GenericRpcHandler:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
+    async def echo_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request
+
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Write": grpc.stream_unary_rpc_method_handler(write),
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
     }
     return grpc.method_handlers_generic_handler("bench.Sink", handlers)
 
@@ -142,26 +184,44 @@ async def broker_upload(stub: Any, data: bytes, chunk: int) -> float:
     return len(data) / MIB / (time.perf_counter() - started)
 
 
-async def bench_uploads(ports: dict[str, int], files: CertificateFiles, mib: int) -> list[str]:
-    rows = []
+async def bench_uploads(
+    ports: dict[str, int], files: CertificateFiles, mib: int, rounds: int,
+    compare: dict[str, int] | None,
+) -> list[str]:
+    """Each round uploads once to every target in turn, so all see the same load
+    (the two brokers swap places every other round)."""
     config = GrpcConfig()
     plain = grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}")
     tls = secure_channel(f"localhost:{ports['tls']}", files, config)
-    broker = secure_channel(f"localhost:{ports['broker']}", files, config)
-    stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(broker)
+    channels = [plain, tls, secure_channel(f"localhost:{ports['broker']}", files, config)]
+    if compare is not None:
+        channels.append(secure_channel(f"localhost:{compare['broker']}", files, config))
+    stubs = [edge_broker_pb2_grpc.EdgeBrokerServiceStub(c) for c in channels[2:]]
+    names = ["broker Upload, mTLS", "broker Upload, mTLS, --compare tree"]
+    rows = []
     for chunk in (64 * 1024, MIB):
-        data = os.urandom(mib * MIB)  # fresh content: every run really stores a new blob
-        await raw_upload(plain, data[: 8 * MIB], chunk)  # warm-up (connection, TLS)
-        results = {
-            "raw gRPC, plaintext": await raw_upload(plain, data, chunk),
-            "raw gRPC, mTLS": await raw_upload(tls, data, chunk),
-            "broker Upload, mTLS": await broker_upload(stub, data, chunk),
-        }
-        for name, rate in results.items():
-            rows.append(f"| upload {chunk // 1024:>5} KiB chunks | {name:<22} | {rate:8.0f} MB/s |")
-    for channel in (plain, tls, broker):
+        base = os.urandom(mib * MIB)
+        await raw_upload(plain, base[: 8 * MIB], chunk)  # warm-up (connection, TLS)
+        rates: dict[str, list[float]] = {}
+        for n in range(rounds):
+            rates.setdefault("raw gRPC, plaintext", []).append(
+                await raw_upload(plain, base, chunk))
+            rates.setdefault("raw gRPC, mTLS", []).append(await raw_upload(tls, base, chunk))
+            brokers = list(zip(names, stubs, strict=False))
+            for name, stub in brokers[:: -1 if n % 2 else 1]:  # alternate who goes first
+                fresh = f"{chunk}-{n}-{name}".encode().ljust(64) + base[64:]  # a new blob
+                rates.setdefault(name, []).append(await broker_upload(stub, fresh, chunk))
+        rows += [f"| upload {chunk // 1024:>5} KiB chunks, {rounds} rounds | {name:<36} | "
+                 f"{_spread(values)} MB/s |" for name, values in rates.items()]
+    for channel in channels:
         await channel.close()
     return rows
+
+
+def _spread(values: list[float]) -> str:
+    """min–max (median) of a run's rounds."""
+    ordered = sorted(values)
+    return f"{ordered[0]:6.0f} – {ordered[-1]:6.0f} ({ordered[len(ordered) // 2]:.0f})"
 
 
 # -- leases ----------------------------------------------------------------------------
@@ -245,65 +305,154 @@ async def _lease_only_rate(
 # -- heartbeats ------------------------------------------------------------------------
 
 
+def device_channel(port: int, files: CertificateFiles, config: GrpcConfig) -> grpc.aio.Channel:
+    return secure_channel(f"localhost:{port}", files, config, forward_request_id=False)
+
+
 async def bench_heartbeats(
     ports: dict[str, int], ca: CertificateAuthority, devices: int, seconds: float
 ) -> list[str]:
     config = GrpcConfig()
     files = [ca.issue("edge", f"hb-{n}") for n in range(devices)]
-    raw_rate = await _raw_unary_rate(ports["tls"], files, config, seconds)
-    channels = [secure_channel(f"localhost:{ports['broker']}", f, config) for f in files]
+    raw = [device_channel(ports["tls"], f, config) for f in files]
+    raw_unary = await _closed_loop(seconds, [_raw_unary(c) for c in raw])
+    raw_stream = await _closed_loop(seconds, [_raw_stream(c) for c in raw])
+    await asyncio.gather(*(c.close() for c in raw))
+    channels = [device_channel(ports["broker"], f, config) for f in files]
     stubs = [edge_broker_pb2_grpc.EdgeBrokerServiceStub(c) for c in channels]
     await asyncio.gather(*(s.RegisterDevice(pb.RegisterDeviceRequest()) for s in stubs))
-    count = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def device(stub: Any) -> None:
-        nonlocal count
-        echo = None
-        while time.perf_counter() < stop_at:
-            request = pb.HeartbeatRequest(battery_percent=80, load=0.2)
-            if echo is not None:
-                request.echo_time.CopyFrom(echo)
-            echo = (await stub.Heartbeat(request)).server_time
-            count += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(device(s) for s in stubs))
-    elapsed = time.perf_counter() - started
-    for channel in channels:
-        await channel.close()
+    unary = await _closed_loop(seconds, [_unary_heartbeats(s) for s in stubs])
+    streamed = await _closed_loop(seconds, [_streamed_heartbeats(s) for s in stubs])
+    await asyncio.gather(*(c.close() for c in channels))
+    where = f"{devices} mTLS channels"
     return [
-        f"| unary calls, {devices} mTLS channels | raw gRPC echo | {raw_rate:8.0f} calls/s |",
-        f"| heartbeats, {devices} devices in one process | mTLS + PostgreSQL | "
-        f"{count / elapsed:8.0f} heartbeats/s |",
+        f"| unary calls, {where} | raw gRPC echo | {raw_unary:8.0f} calls/s |",
+        f"| streamed messages, {where}, one stream each | raw gRPC echo | "
+        f"{raw_stream:8.0f} messages/s |",
+        f"| heartbeats, {devices} devices in one process | unary Heartbeat, mTLS + PostgreSQL | "
+        f"{unary:8.0f} heartbeats/s |",
+        f"| heartbeats, {devices} devices in one process | HeartbeatStream, mTLS + PostgreSQL | "
+        f"{streamed:8.0f} heartbeats/s |",
     ]
 
 
-async def _raw_unary_rate(
-    port: int, files: list[CertificateFiles], config: GrpcConfig, seconds: float
-) -> float:
-    """Unary calls/s through as many mTLS channels, to a handler that does nothing."""
-    channels = [secure_channel(f"localhost:{port}", f, config) for f in files]
-    calls: list[Any] = [c.unary_unary(ECHO) for c in channels]
-    await asyncio.gather(*(call(b"warm-up") for call in calls))
-    count = 0
-    stop_at = time.perf_counter() + seconds
+class _Clock:
+    """Starts timing once every device has made one round trip (connection, TLS
+    handshake, stream set-up), then lets them run for ``seconds``."""
 
-    async def device(call: Any) -> None:
-        nonlocal count
-        while time.perf_counter() < stop_at:
-            await call(b"battery=80 load=0.2")
+    def __init__(self, devices: int, seconds: float) -> None:
+        self._warming = devices
+        self._ready = asyncio.Event()
+        self._seconds = seconds
+        self.started = 0.0
+
+    async def run(self, round_trip: Callable[[], Awaitable[None]]) -> int:
+        """One device, closed loop: its next message once the last is answered."""
+        await round_trip()
+        self._warming -= 1
+        if not self._warming:
+            self.started = time.perf_counter()
+            self._ready.set()
+        await self._ready.wait()
+        count = 0
+        while time.perf_counter() < self.started + self._seconds:
+            await round_trip()
             count += 1
+        return count
 
-    started = time.perf_counter()
-    await asyncio.gather(*(device(call) for call in calls))
-    elapsed = time.perf_counter() - started
-    for channel in channels:
-        await channel.close()
-    return count / elapsed
+
+Device = Callable[[_Clock], Awaitable[int]]
+
+
+async def _closed_loop(seconds: float, devices: list[Device]) -> float:
+    """Round trips/s of all devices together."""
+    clock = _Clock(len(devices), seconds)
+    counts = await asyncio.gather(*(device(clock) for device in devices))
+    return sum(counts) / (time.perf_counter() - clock.started)
+
+
+def _heartbeat(echo: Any) -> pb.HeartbeatRequest:
+    request = pb.HeartbeatRequest(battery_percent=80, load=0.2)
+    if echo is not None:
+        request.echo_time.CopyFrom(echo)
+    return request
+
+
+def _raw_unary(channel: grpc.aio.Channel) -> Device:
+    call: Any = channel.unary_unary(ECHO)
+
+    async def round_trip() -> None:
+        await call(b"battery=80 load=0.2")
+
+    async def device(clock: _Clock) -> int:
+        return await clock.run(round_trip)
+
+    return device
+
+
+def _raw_stream(channel: grpc.aio.Channel) -> Device:
+    async def device(clock: _Clock) -> int:
+        call: Any = channel.stream_stream(ECHO_STREAM)()
+
+        async def round_trip() -> None:
+            await call.write(b"battery=80 load=0.2")
+            await call.read()
+
+        count = await clock.run(round_trip)
+        await call.done_writing()
+        return count
+
+    return device
+
+
+def _unary_heartbeats(stub: Any) -> Device:
+    async def device(clock: _Clock) -> int:
+        echo = None
+
+        async def round_trip() -> None:
+            nonlocal echo
+            echo = (await stub.Heartbeat(_heartbeat(echo))).server_time
+
+        return await clock.run(round_trip)
+
+    return device
+
+
+def _streamed_heartbeats(stub: Any) -> Device:
+    async def device(clock: _Clock) -> int:
+        call = stub.HeartbeatStream()
+        echo = None
+
+        async def round_trip() -> None:
+            nonlocal echo
+            await call.write(pb.HeartbeatStreamRequest(heartbeat=_heartbeat(echo)))
+            echo = (await call.read()).heartbeat.server_time
+
+        count = await clock.run(round_trip)
+        await call.done_writing()
+        return count
+
+    return device
 
 
 # -- driver ----------------------------------------------------------------------------
+
+
+def _start_child(
+    home: Path, dsn: str, extra: list[str], tree: str | None
+) -> subprocess.Popen[str]:
+    """The servers' process; with ``tree``, the broker's code comes from that tree."""
+    env = {**os.environ, TREE_ENV: str(Path(tree).resolve())} if tree else None
+    return subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(home), dsn, *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+
+
+async def _ports(child: subprocess.Popen[str]) -> dict[str, int]:
+    assert child.stdout is not None
+    ports: dict[str, int] = json.loads(await asyncio.to_thread(child.stdout.readline))
+    return ports
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -319,21 +468,27 @@ async def main(args: argparse.Namespace) -> None:
             db = Database(dsn, DatabaseConfig())
             await db.start()  # migrate
             await db.stop()
-            child = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
-                [sys.executable, __file__, "--serve", str(home), dsn],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )
+            profile = ["--profile-broker", args.profile_broker] if args.profile_broker else []
+            children = [_start_child(home, dsn, profile, None)]
+            if args.compare:
+                children.append(_start_child(home, dsn, [], args.compare))
             try:
-                assert child.stdout is not None
-                ports = json.loads(await asyncio.to_thread(child.stdout.readline))
-                rows = await bench_uploads(ports, client, args.upload_mib)
-                rows += await bench_leases(dsn, args.jobs, args.lease_devices)
-                rows += await bench_heartbeats(ports, ca, args.devices, args.seconds)
+                ports, *others = [await _ports(child) for child in children]
+                rows = []
+                if args.only in (None, "uploads"):
+                    rows += await bench_uploads(
+                        ports, client, args.upload_mib, args.rounds, others[0] if others else None
+                    )
+                if args.only in (None, "leases"):
+                    rows += await bench_leases(dsn, args.jobs, args.lease_devices)
+                if args.only in (None, "heartbeats"):
+                    rows += await bench_heartbeats(ports, ca, args.devices, args.seconds)
             finally:
-                with contextlib.suppress(Exception):
-                    assert child.stdin is not None
-                    child.stdin.close()
-                    child.wait(10)
+                for child in children:
+                    with contextlib.suppress(Exception):
+                        assert child.stdin is not None
+                        child.stdin.close()
+                        child.wait(10)
         finally:
             await asyncio.to_thread(pg.stop)
     print(f"edge broker benchmark ({os.cpu_count()} CPUs, grpcio {grpc.__version__})")
@@ -349,13 +504,13 @@ if __name__ == "__main__":
     parser.add_argument("--lease-devices", type=int, default=50)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--only", choices=("uploads", "leases", "heartbeats"))
+    parser.add_argument("--rounds", type=int, default=3, help="upload rounds per chunk size")
+    parser.add_argument("--compare", metavar="TREE",
+                        help="also upload to a broker running another source tree's code")
+    parser.add_argument("--profile-broker", metavar="FILE")
     cli_args = parser.parse_args()
     if cli_args.serve:
-        try:  # as every federation process (federation.cli): uvloop where installed
-            import uvloop
-        except ImportError:
-            asyncio.run(serve(Path(cli_args.serve[0]), cli_args.serve[1]))
-        else:
-            uvloop.run(serve(Path(cli_args.serve[0]), cli_args.serve[1]))
+        run_child(Path(cli_args.serve[0]), cli_args.serve[1], cli_args.profile_broker)
     else:
         asyncio.run(main(cli_args))

@@ -33,6 +33,7 @@ _DEVICE_METHODS: Final = tuple(
         "RenewCertificate",
         "RegisterDevice",
         "Heartbeat",
+        "HeartbeatStream",
         "LeaseJobs",
         "RenewLease",
         "CompleteJob",

@@ -26,7 +26,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the async stub class exists only in the type stubs
     Stub = edge_broker_pb2_grpc.EdgeBrokerServiceAsyncStub
 else:
     Stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub
+HeartbeatCall = grpc.aio.StreamStreamCall[pb.HeartbeatStreamRequest, pb.HeartbeatStreamResponse]
 INLINE_RESULT_LIMIT = 64 * 1024
 
 
@@ -71,6 +72,37 @@ class AgentOptions:
     charging: bool = True
     renew_certificate_before_seconds: float = 3600.0
     """With a certificate directory: renew when less than this validity remains."""
+
+
+@dataclass
+class _Echo:
+    """The broker's latest ``server_time`` and when it arrived: echoed with the time
+    held in the next heartbeat, on whichever stream carries it."""
+
+    server_time: Timestamp | None = None
+    received: float = 0.0
+    measured: bool = False
+    """The first answer was echoed at once."""
+    fresh: bool = False
+    """Answered since the last stream failure (so backoff starts over)."""
+
+    def request(self, *, battery_percent: int, charging: bool, load: float
+                ) -> pb.HeartbeatRequest:
+        request = pb.HeartbeatRequest(battery_percent=battery_percent, charging=charging,
+                                      load=load)
+        if self.server_time is not None:
+            request.echo_time.CopyFrom(self.server_time)
+            request.echo_hold.CopyFrom(duration(time.monotonic() - self.received))
+        return request
+
+    def answered(self, reply: pb.HeartbeatResponse) -> None:
+        self.server_time, self.received, self.fresh = reply.server_time, time.monotonic(), True
+
+
+async def _until_none(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """The items put in ``queue`` until ``None``: a stream's requests."""
+    while (item := await queue.get()) is not None:
+        yield item
 
 
 class EdgeAgent:
@@ -101,9 +133,12 @@ class EdgeAgent:
         instead is a crash: leases are left to expire (what a killed app does)."""
         reply = await self._register()
         self._interval = seconds(reply.heartbeat_interval) or self._interval
-        loops = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._work())]
+        loops = [asyncio.create_task(self._heartbeats(), name="heartbeat"),
+                 asyncio.create_task(self._work(), name="work")]
         if self._cert_dir is not None and self._rebuild_stub is not None:
-            loops.append(asyncio.create_task(self._renewals()))
+            loops.append(asyncio.create_task(self._renewals(), name="renewal"))
+        for loop in loops:  # a loop that dies must not leave a device that looks alive
+            loop.add_done_callback(self._loop_ended)
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._fatal.wait())]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -157,6 +192,14 @@ class EdgeAgent:
                     ),
                 )
 
+    def _loop_ended(self, loop: asyncio.Task[None]) -> None:
+        if loop.cancelled() or self._fatal.is_set():
+            return
+        error = loop.exception()
+        reason = f"{type(error).__name__}: {error}" if error else "it returned"
+        self._die(FederationError(ErrorCode.INTERNAL,
+                                  f"the agent's {loop.get_name()} loop ended ({reason})"))
+
     def _die(self, error: FederationError) -> None:
         log.error("agent stopping: %s", error.message)
         self.fatal_error = error
@@ -173,6 +216,13 @@ class EdgeAgent:
             if error.code is ErrorCode.UNAUTHENTICATED:
                 self._die(error)  # revoked: nothing this device sends will be accepted
             raise error from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this task is being cancelled: stop (or a crash)
+            # Only the call was cancelled, e.g. its channel closed after a certificate
+            # renewal: a failed call, not a reason for the loop making it to end.
+            raise FederationError(ErrorCode.CANCELLED, "the call was cancelled") from None
         if half:
             await asyncio.sleep(half)
         return reply
@@ -180,35 +230,82 @@ class EdgeAgent:
     # -- heartbeats ----------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        echo: Timestamp | None = None
-        received = 0.0
+        """Heartbeat over one HeartbeatStream, reopened with backoff and jitter when
+        it fails, and at once on the new stub after a certificate renewal."""
+        echo = _Echo()
         failures = 0
-        measured = False
         while True:
-            request = pb.HeartbeatRequest(
-                battery_percent=self._options.battery_percent,
-                charging=self._options.charging,
-                load=_load(),
-            )
-            if echo is not None:
-                request.echo_time.CopyFrom(echo)
-                request.echo_hold.CopyFrom(duration(time.monotonic() - received))
             try:
-                reply: pb.HeartbeatResponse = await self._rpc(self._stub.Heartbeat, request)
+                await self._heartbeat_stream(self._stub, echo)
             except FederationError as exc:
-                failures += 1
+                failures = 1 if echo.fresh else failures + 1
+                echo.fresh = False
                 backoff = min(30.0, 0.5 * 2**failures) * random.uniform(0.5, 1.0)
-                log.warning("heartbeat failed (%s); retrying in %.1fs", exc.message, backoff)
+                log.warning("heartbeat stream failed (%s); reopening in %.1fs",
+                            exc.message, backoff)
                 await asyncio.sleep(backoff)
-                continue
-            failures = 0
-            echo, received = reply.server_time, time.monotonic()
-            self._interval = seconds(reply.heartbeat_interval) or self._interval
-            if not measured:  # echo at once, so latency is known seconds after start
-                measured = True
-                continue
-            # Jitter below the interval: spreads devices without risking a miss.
-            await asyncio.sleep(self._interval * random.uniform(0.8, 1.0))
+
+    async def _heartbeat_stream(self, stub: Stub, echo: _Echo) -> None:
+        """Heartbeat on one stream until it fails (raises) or ``self._stub`` is
+        replaced (returns: a live channel keeps its old certificate)."""
+        # Requests go through our own queue rather than call.write(): ending the
+        # iterator below releases grpc's task that sends them even when the call
+        # has already failed (cancel() does not then), and write() on an
+        # intercepted call costs extra tasks per message.
+        outbox: asyncio.Queue[pb.HeartbeatStreamRequest | None] = asyncio.Queue()
+        call = stub.HeartbeatStream(_until_none(outbox))
+        try:
+            while self._stub is stub:
+                reply = await self._stream_beat(call, outbox, echo)
+                self._interval = seconds(reply.heartbeat_interval) or self._interval
+                if not echo.measured:  # echo at once, so latency is known seconds after start
+                    echo.measured = True
+                    continue
+                # Jitter below the interval: spreads devices without risking a miss.
+                await asyncio.sleep(self._interval * random.uniform(0.8, 1.0))
+        finally:
+            outbox.put_nowait(None)
+            call.cancel()
+
+    async def _stream_beat(
+        self, call: HeartbeatCall, outbox: asyncio.Queue[pb.HeartbeatStreamRequest | None],
+        echo: _Echo,
+    ) -> pb.HeartbeatResponse:
+        request = pb.HeartbeatStreamRequest(heartbeat=echo.request(
+            battery_percent=self._options.battery_percent,
+            charging=self._options.charging,
+            load=_load(),
+        ))
+        half = self._options.simulate_latency_ms / 2000
+        if half:
+            await asyncio.sleep(half)
+        outbox.put_nowait(request)
+        try:
+            async with asyncio.timeout(self._options.rpc_timeout_seconds):
+                message = await call.read()  # a finished call raises its status here
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if error.code is ErrorCode.UNAUTHENTICATED:
+                self._die(error)  # revoked: nothing this device sends will be accepted
+            raise error from exc
+        except TimeoutError:
+            raise FederationError(
+                ErrorCode.DEADLINE_EXCEEDED, "no heartbeat answer in time"
+            ) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the agent is stopping
+            # Only the call was cancelled: its channel was closed under it (the old
+            # one, after a certificate renewal). Reopen rather than stop heartbeating.
+            raise FederationError(ErrorCode.CANCELLED, "the heartbeat channel was closed") from None
+        if not isinstance(message, pb.HeartbeatStreamResponse):  # EOF
+            raise FederationError(ErrorCode.UNAVAILABLE, "the broker ended the heartbeat stream")
+        if half:
+            await asyncio.sleep(half)
+        reply: pb.HeartbeatResponse = message.heartbeat
+        echo.answered(reply)
+        return reply
 
     # -- work ------------------------------------------------------------------
 
@@ -299,14 +396,25 @@ class EdgeAgent:
 
     async def _renewals(self) -> None:
         assert self._cert_dir is not None and self._rebuild_stub is not None
+        before = self._options.renew_certificate_before_seconds
+        failures = 0
         while True:
-            remaining = _certificate_remaining(self._cert_dir)
-            if remaining < self._options.renew_certificate_before_seconds:
-                with contextlib.suppress(FederationError, grpc.aio.AioRpcError):
-                    await renew_certificate(self._stub, self._cert_dir)
+            if _certificate_remaining(self._cert_dir) < before:
+                try:
+                    await renew_certificate(
+                        self._stub, self._cert_dir, self._options.rpc_timeout_seconds
+                    )
+                except (FederationError, grpc.aio.AioRpcError) as exc:
+                    failures += 1
+                    log.warning("certificate renewal failed: %s", exc)
+                else:
+                    failures = 0
                     self._stub = self._rebuild_stub()  # a live channel keeps its old cert
                     log.info("renewed the device certificate")
-            await asyncio.sleep(60)
+            # Look again when renewal falls due (at most a minute away), not on a
+            # fixed period that can step over a renewal window shorter than it.
+            due = _certificate_remaining(self._cert_dir) - before
+            await asyncio.sleep(min(60.0, 2.0**failures if failures else max(1.0, due)))
 
 
 # -- job kinds --------------------------------------------------------------------

@@ -111,12 +111,12 @@ def device_files(cert_dir: Path) -> CertificateFiles:
 
 
 async def renew_certificate(
-    stub: Stub, cert_dir: Path
+    stub: Stub, cert_dir: Path, rpc_seconds: float = 30.0
 ) -> None:
     """Swap in a fresh certificate on a new key; callers rebuild their channel."""
     key, csr_der = new_key_and_csr()
     reply: pb.RenewCertificateResponse = await stub.RenewCertificate(
-        pb.RenewCertificateRequest(csr_der=csr_der)
+        pb.RenewCertificateRequest(csr_der=csr_der), timeout=rpc_seconds
     )
     write_private_file(cert_dir / KEY_FILE, _key_pem(key))
     (cert_dir / CERT_FILE).write_bytes(_der_to_pem(reply.certificate_der))

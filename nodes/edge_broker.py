@@ -114,9 +114,23 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: Context
     ) -> pb.HeartbeatResponse:
+        return await self._beat(self._edge_caller(), request)
+
+    async def HeartbeatStream(
+        self, request_iterator: AsyncIterator[pb.HeartbeatStreamRequest], context: Context
+    ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
+        # The interceptor authenticated and authorized the caller once, for the
+        # stream; each heartbeat still goes through the registry's conditional
+        # UPDATE, so a device revoked mid-stream is refused at its next one and
+        # the stream ends with UNAUTHENTICATED.
+        device_id = self._edge_caller()
+        async for message in request_iterator:
+            reply = await self._beat(device_id, message.heartbeat)
+            yield pb.HeartbeatStreamResponse(heartbeat=reply)
+
+    async def _beat(self, device_id: str, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         # No cached revocation lookup first: the heartbeat's own conditional
         # UPDATE refuses a revoked device, fresher than the cache could.
-        device_id = self._edge_caller()
         revocations = self._broker.revocations
         revocations.ensure_not_known_revoked(device_id)
         now = dt.datetime.now(dt.UTC)

@@ -1,23 +1,37 @@
-"""Two brokers on one database, real agents over mTLS, a killed agent, audit."""
+"""Two broker processes on one database, real agents over mTLS, a killed agent process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
 import pytest
 
-from federation.config import DatabaseConfig
+from federation.config import GrpcConfig, MemoryConfig
 from federation.db import Database
 from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub
+from federation.edge_device import Stub, device_channel
 from federation.errors import FederationError
+from federation.memory.store import MemoryStore
 from federation.v1 import edge_broker_pb2 as pb
-from tests.edge_support import admin_stub, broker_server, device_stub
+from federation.v1 import edge_broker_pb2_grpc
+from tests.edge_support import (
+    FAST_EDGE,
+    admin_stub,
+    broker_environment,
+    broker_server,
+    device_stub,
+    enroll_device,
+    node_processes,
+    rpc_count,
+    stop_process,
+    wait_for,
+)
 from tests.support import TestPKI
 
 FAST_AGENT = AgentOptions(poll_seconds=0.05, lease_seconds=5.0)
@@ -35,99 +49,141 @@ async def submit(stub: Stub, n: int, **kw: object) -> list[str]:
     return ids
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> None:
-    """Poll ``predicate``: the agents' progress has no event to wait on."""
-    async with asyncio.timeout(seconds):
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
-async def test_two_brokers_twenty_agents(home: Path, database: Database, pg_url: str) -> None:
+async def test_two_broker_processes_twenty_agents(
+    home: Path, database: Database, pg_url: str, tmp_path: Path
+) -> None:
+    """Two `federation node --role broker` processes on one database, twenty agents
+    leasing at once (ten on each): no job is held by two devices, none is lost, and
+    both processes handed out leases. A memory node process receives the audit."""
     pki = TestPKI(home)
-    second_db = Database(pg_url, DatabaseConfig(pool_min_size=2, pool_max_size=10), migrate=False)
-    await second_db.start()
-    stop = asyncio.Event()
-    try:
-        async with (
-            broker_server(pki, database, home) as (one, _, memory),
-            broker_server(pki, second_db, home) as (two, _, _),
-        ):
-            admin = admin_stub(pki, one.port)
-            ids = set(await submit(admin, 120))
-            agents = [
-                EdgeAgent(device_stub(pki, (one if n % 2 else two).port, f"a{n}"), FAST_AGENT)
-                for n in range(20)
-            ]
+    env = broker_environment(home, pg_url)
+    async with contextlib.AsyncExitStack() as stack:  # brokers stop first, then memory
+        (memory,) = await stack.enter_async_context(
+            node_processes(pki, env, tmp_path, 1, role="memory")
+        )
+        env["FEDERATION_PEERS_MEMORY"] = memory.address
+        brokers = await stack.enter_async_context(node_processes(pki, env, tmp_path, 2))
+        stop = asyncio.Event()
+        ids = set(await submit(admin_stub(pki, brokers[0].grpc_port), 120))
+        served_by = {f"a{n}": brokers[n % 2] for n in range(20)}
+        agents = {
+            name: EdgeAgent(device_stub(pki, broker.grpc_port, name), FAST_AGENT)
+            for name, broker in served_by.items()
+        }
+        overlaps: list[str] = []
+        tasks = [asyncio.create_task(a.run(stop)) for a in agents.values()]
+
+        async def drained() -> bool:
             held: dict[str, str] = {}
-            overlaps: list[str] = []
-            tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+            for name, agent in agents.items():  # no job in two agents' hands at once
+                for job_id in agent.leases:
+                    if held.setdefault(job_id, name) != name:
+                        overlaps.append(job_id)
+            return sum(len(a.completed) for a in agents.values()) >= len(ids)
 
-            async def drained() -> bool:
-                for n, agent in enumerate(agents):  # no job in two agents' hands at once
-                    for job_id in agent.leases:
-                        if held.setdefault(job_id, f"a{n}") != f"a{n}":
-                            overlaps.append(job_id)
-                held.clear()
-                return sum(len(a.completed) for a in agents) >= len(ids)
-
+        try:
             await wait_for(drained)
+        finally:
             stop.set()
             await asyncio.gather(*tasks)
-            assert overlaps == []
-            completed = [j for a in agents for j in a.completed]
-            assert sorted(completed) == sorted(ids)  # each exactly once, none lost
-            rows = await database.pool.fetch("SELECT state, attempts FROM edge_jobs")
-            assert {(r["state"], r["attempts"]) for r in rows} == {("succeeded", 1)}
-            assert sum(1 for a in agents if a.completed) > 1  # work really was shared
+        assert overlaps == []
+        completed = [j for a in agents.values() for j in a.completed]
+        assert sorted(completed) == sorted(ids)  # each exactly once, none lost
 
-            async def audited() -> bool:
-                n = await database.pool.fetchval(
-                    "SELECT count(*) FROM memory_records WHERE action = 'edge.job.complete'"
-                )
-                return bool(n == len(ids))
+        # The job rows: every job succeeded on its first and only lease (a second
+        # lease, even a concurrent one, would have bumped attempts and the token).
+        rows = await database.pool.fetch(
+            "SELECT job_id::text, state, attempts, fencing_token, leased_by FROM edge_jobs"
+        )
+        assert {r["job_id"] for r in rows} == ids
+        assert {(r["state"], r["attempts"], r["fencing_token"]) for r in rows} == {
+            ("succeeded", 1, 1)
+        }
+        for name, agent in agents.items():
+            assert sorted(agent.completed) == sorted(
+                r["job_id"] for r in rows if r["leased_by"] == name
+            )
+        # Both processes leased: each served the completions of the jobs its own
+        # devices leased, by the rows and by its own RPC metrics.
+        per_broker = Counter(served_by[r["leased_by"]].grpc_port for r in rows)
+        for broker in brokers:
+            assert per_broker[broker.grpc_port] > 0
+            assert await rpc_count(broker.metrics_port, "CompleteJob") == (
+                per_broker[broker.grpc_port]
+            )
+            assert await rpc_count(broker.metrics_port, "LeaseJobs") > 0
+        assert sum(1 for a in agents.values() if a.completed) > 2  # work really was shared
 
-            await wait_for(audited)
-            assert (await memory.verify_chain()).intact
-    finally:
-        stop.set()
-        await second_db.stop()
+        # One completion event per job, drained from the outbox by the brokers
+        # into the memory node's hash chain.
+        async def audited() -> bool:
+            return not await database.pool.fetchval("SELECT count(*) FROM edge_audit_outbox")
+
+        await wait_for(audited)
+        events = await database.pool.fetch(
+            "SELECT subject, actor FROM memory_records WHERE action = 'edge.job.complete'"
+        )
+        assert sorted((e["subject"], e["actor"]) for e in events) == sorted(
+            (r["job_id"], r["leased_by"]) for r in rows
+        )
+        assert (await MemoryStore(database.pool, MemoryConfig()).verify_chain()).intact
 
 
-async def test_killed_agent_lease_expires_and_late_answer_refused(
-    home: Path, database: Database
+async def test_killed_agent_process_lease_expires_and_late_answer_refused(
+    home: Path, database: Database, pg_url: str, tmp_path: Path
 ) -> None:
+    """`federation edge agent` killed (SIGKILL) mid-job on one broker process: its
+    lease lapses, an agent on the other process completes the job, and the dead
+    holder's late answer is refused."""
     pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        admin = admin_stub(pki, server.port)
-        (job_id,) = await submit(admin, 1, kind="sleep", inline_payload=b"0.3")
-        doomed_stub = device_stub(pki, server.port, "doomed")
-        doomed = EdgeAgent(doomed_stub, dataclasses.replace(FAST_AGENT, lease_seconds=0.6))
-        crash = asyncio.create_task(doomed.run(asyncio.Event()))
+    env = broker_environment(home, pg_url, dataclasses.replace(FAST_EDGE, max_lease_seconds=2.0))
+    async with node_processes(pki, env, tmp_path, 2) as (one, two):
+        admin = admin_stub(pki, one.grpc_port)
+        creds = await enroll_device(
+            database.pool, pki, one.enrollment_port, "doomed", tmp_path / "doomed"
+        )
+        (job_id,) = await submit(admin, 1, kind="sleep", inline_payload=b"3")
+        doomed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "federation.cli", "edge", "agent", "--cert-dir", str(creds),
+            "--broker", one.address, env=env, stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            async def leased() -> bool:
+                holder = await database.pool.fetchval(
+                    "SELECT leased_by FROM edge_jobs WHERE job_id = $1::uuid AND state = 'leased'",
+                    job_id,
+                )
+                return bool(holder == "doomed")
 
-        async def started() -> bool:
-            return job_id in doomed.leases
-
-        await wait_for(started)
-        stale = doomed.leases[job_id]
-        crash.cancel()  # killed mid-job: no goodbye, the lease is left to lapse
-        with contextlib.suppress(asyncio.CancelledError):
-            await crash
+            await wait_for(leased)
+            doomed.kill()  # mid-job, no goodbye: the lease is left to lapse
+            await doomed.wait()
+        finally:
+            await stop_process(doomed)
+        stale = await database.pool.fetchval(
+            "SELECT fencing_token FROM edge_jobs WHERE job_id = $1::uuid", job_id
+        )
         stop = asyncio.Event()
-        survivor = EdgeAgent(device_stub(pki, server.port, "survivor"), FAST_AGENT)
+        survivor = EdgeAgent(
+            device_stub(pki, two.grpc_port, "survivor"),
+            dataclasses.replace(FAST_AGENT, lease_seconds=2.0),
+        )
         running = asyncio.create_task(survivor.run(stop))
 
         async def done() -> bool:
             return job_id in survivor.completed
 
-        await wait_for(done)
-        stop.set()
-        await running
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await doomed_stub.CompleteJob(
-                pb.CompleteJobRequest(
-                    job_id=job_id, fencing_token=stale.fencing_token, inline_result=b"late"
+        try:
+            await wait_for(done)
+        finally:
+            stop.set()
+            await running
+        async with device_channel(one.address, creds, GrpcConfig()) as channel:
+            late_stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await late_stub.CompleteJob(
+                    pb.CompleteJobRequest(job_id=job_id, fencing_token=stale, inline_result=b"late")
                 )
-            )
         assert late.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         job = (await admin.GetJob(pb.GetJobRequest(job_id=job_id))).job
         assert job.state == pb.JOB_STATE_SUCCEEDED and job.inline_result == b"slept"

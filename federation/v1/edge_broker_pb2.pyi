@@ -532,6 +532,58 @@ class HeartbeatResponse(_message.Message):
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
 
 @_typing.final
+class HeartbeatStreamRequest(_message.Message):
+    """Streamed request of EdgeBrokerService.HeartbeatStream: one heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatRequest:
+        """The heartbeat, as in Heartbeat. echo_time may be the server_time of any
+        earlier response, on this stream or a previous one.
+        """
+
+    def __init__(
+        self,
+        *,
+        heartbeat: Global___HeartbeatRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatStreamRequest: _TypeAlias = HeartbeatStreamRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatStreamResponse(_message.Message):
+    """Streamed response of EdgeBrokerService.HeartbeatStream: the answer to
+    one HeartbeatStreamRequest, sent in request order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatResponse:
+        """The answer, as Heartbeat gives it."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat: Global___HeartbeatResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatStreamResponse: _TypeAlias = HeartbeatStreamResponse  # noqa: Y015
+
+@_typing.final
 class JobRequirements(_message.Message):
     """What a device must offer to run a job. Empty fields impose no constraint."""
 

@@ -65,6 +65,11 @@ class EdgeBrokerServiceStub:
                 request_serializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/federation.v1.EdgeBrokerService/HeartbeatStream',
+                request_serializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamResponse.FromString,
+                _registered_method=True)
         self.SubmitJob = channel.unary_unary(
                 '/federation.v1.EdgeBrokerService/SubmitJob',
                 request_serializer=federation_dot_v1_dot_edge__broker__pb2.SubmitJobRequest.SerializeToString,
@@ -165,6 +170,18 @@ class EdgeBrokerServiceServicer:
 
     def Heartbeat(self, request, context):
         """Keeps the calling device online and reports its current condition.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatStream(self, request_iterator, context):
+        """Heartbeats over one long-lived stream: the device sends a heartbeat
+        whenever one is due and the broker answers each, in order, as Heartbeat
+        would. The caller is authenticated once per stream instead of once per
+        heartbeat. A heartbeat the broker refuses ends the stream with that
+        status (UNAUTHENTICATED once the device is revoked); reopen it after
+        any other end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +294,11 @@ def add_EdgeBrokerServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatRequest.FromString,
                     response_serializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
+                    request_deserializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamResponse.SerializeToString,
             ),
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
@@ -458,6 +480,33 @@ class EdgeBrokerService:
             '/federation.v1.EdgeBrokerService/Heartbeat',
             federation_dot_v1_dot_edge__broker__pb2.HeartbeatRequest.SerializeToString,
             federation_dot_v1_dot_edge__broker__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/federation.v1.EdgeBrokerService/HeartbeatStream',
+            federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamRequest.SerializeToString,
+            federation_dot_v1_dot_edge__broker__pb2.HeartbeatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

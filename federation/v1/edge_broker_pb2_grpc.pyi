@@ -56,6 +56,14 @@ class EdgeBrokerServiceStub:
     """Announces the calling device's capabilities and marks it online."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_edge_broker_pb2.HeartbeatRequest, _edge_broker_pb2.HeartbeatResponse]
     """Keeps the calling device online and reports its current condition."""
+    HeartbeatStream: _grpc.StreamStreamMultiCallable[_edge_broker_pb2.HeartbeatStreamRequest, _edge_broker_pb2.HeartbeatStreamResponse]
+    """Heartbeats over one long-lived stream: the device sends a heartbeat
+    whenever one is due and the broker answers each, in order, as Heartbeat
+    would. The caller is authenticated once per stream instead of once per
+    heartbeat. A heartbeat the broker refuses ends the stream with that
+    status (UNAUTHENTICATED once the device is revoked); reopen it after
+    any other end.
+    """
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_edge_broker_pb2.SubmitJobRequest, _edge_broker_pb2.SubmitJobResponse]
     """Queues a job for execution on a device."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_edge_broker_pb2.GetJobRequest, _edge_broker_pb2.GetJobResponse]
@@ -109,6 +117,14 @@ class EdgeBrokerServiceAsyncStub(EdgeBrokerServiceStub):
     """Announces the calling device's capabilities and marks it online."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_edge_broker_pb2.HeartbeatRequest, _edge_broker_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Keeps the calling device online and reports its current condition."""
+    HeartbeatStream: _aio.StreamStreamMultiCallable[_edge_broker_pb2.HeartbeatStreamRequest, _edge_broker_pb2.HeartbeatStreamResponse]  # type: ignore[assignment]
+    """Heartbeats over one long-lived stream: the device sends a heartbeat
+    whenever one is due and the broker answers each, in order, as Heartbeat
+    would. The caller is authenticated once per stream instead of once per
+    heartbeat. A heartbeat the broker refuses ends the stream with that
+    status (UNAUTHENTICATED once the device is revoked); reopen it after
+    any other end.
+    """
     SubmitJob: _aio.UnaryUnaryMultiCallable[_edge_broker_pb2.SubmitJobRequest, _edge_broker_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Queues a job for execution on a device."""
     GetJob: _aio.UnaryUnaryMultiCallable[_edge_broker_pb2.GetJobRequest, _edge_broker_pb2.GetJobResponse]  # type: ignore[assignment]
@@ -183,6 +199,20 @@ class EdgeBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_edge_broker_pb2.HeartbeatResponse, _abc.Awaitable[_edge_broker_pb2.HeartbeatResponse]]:
         """Keeps the calling device online and reports its current condition."""
+
+    @_abc_1.abstractmethod
+    def HeartbeatStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_edge_broker_pb2.HeartbeatStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_edge_broker_pb2.HeartbeatStreamResponse], _abc.AsyncIterator[_edge_broker_pb2.HeartbeatStreamResponse]]:
+        """Heartbeats over one long-lived stream: the device sends a heartbeat
+        whenever one is due and the broker answers each, in order, as Heartbeat
+        would. The caller is authenticated once per stream instead of once per
+        heartbeat. A heartbeat the broker refuses ends the stream with that
+        status (UNAUTHENTICATED once the device is revoked); reopen it after
+        any other end.
+        """
 
     @_abc_1.abstractmethod
     def SubmitJob(
