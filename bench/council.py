@@ -201,6 +201,9 @@ async def real_model(db: Database, home: Path, n: int) -> dict[str, Any]:
                 body = json.loads(record.body)
                 if body["vote"] is None:
                     failed += 1
+                    outputs = [a["output"][:160] for a in body["attempts"]]
+                    print(f"  vote failed: {body['failure']}: {body['detail'][:160]} "
+                          f"outputs {outputs}", file=sys.stderr)
                 elif len(body["attempts"]) == 1:
                     first_try += 1
                 else:

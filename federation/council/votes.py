@@ -43,16 +43,21 @@ class Decision(enum.Enum):
     NEEDS_REVIEW = "needs_review"
 
 
-# No maxLength on strings: llama.cpp expands it into one nested rule per character and
-# refuses grammars that large. Length is bounded by max_tokens and cut by the parser.
+# Grammar-bound lengths keep a whole vote within vote_max_tokens (256): ~75 tokens of
+# rationale, ~30 per concern, so a verbose member is never cut off mid-object (which
+# fails the parse). llama.cpp expands maxLength into one nested rule per character;
+# these sizes compile (llama_sampler_init_grammar) and sample at the usual speed.
+SCHEMA_RATIONALE_CHARS: Final = 300
+SCHEMA_CONCERN_CHARS: Final = 120
 VOTE_SCHEMA_NAME: Final = "council_vote"
 VOTE_SCHEMA: Final[dict[str, Any]] = {
     "type": "object",
     "properties": {
         "stance": {"type": "string", "enum": [s.value for s in Stance]},
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "rationale": {"type": "string"},
-        "concerns": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_CONCERNS},
+        "rationale": {"type": "string", "maxLength": SCHEMA_RATIONALE_CHARS},
+        "concerns": {"type": "array", "maxItems": MAX_CONCERNS,
+                     "items": {"type": "string", "maxLength": SCHEMA_CONCERN_CHARS}},
     },
     "required": ["stance", "confidence", "rationale", "concerns"],
     "additionalProperties": False,
