@@ -7,16 +7,14 @@ Set FEDERATION_TEST_DATABASE_URL to run the suite against an external cluster
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from federation.config import DatabaseConfig
 from federation.db import Database
 from federation.db.embedded import EmbeddedPostgres
+from tests.db_support import fresh_database_url, started_database
 
 
 @pytest.fixture(scope="session")
@@ -34,37 +32,18 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
 @pytest.fixture
 async def pg_url(pg_admin_url: str) -> AsyncIterator[str]:
     """DSN of a brand-new, empty database, dropped after the test."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_database(pg_admin_url, name)
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database_url(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture
 async def database(pg_url: str) -> AsyncIterator[Database]:
     """A started, migrated :class:`Database` on a fresh database."""
-    db = Database(pg_url, DatabaseConfig(pool_min_size=1, pool_max_size=20))
-    await db.start()
-    try:
+    async with started_database(pg_url) as db:
         yield db
-    finally:
-        await db.stop()
 
 
 @pytest.fixture

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
-import asyncpg
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
-from federation.config import DatabaseConfig, GrpcConfig, PeersConfig, Settings
+from federation.config import GrpcConfig, PeersConfig, Settings
 from federation.db import Database
 from federation.keys.authority import KeyAuthority
 from federation.memory.client import GrpcAuditSink
@@ -41,32 +39,6 @@ from nodes.runtime import NodeRuntime
 from tests.support import TestPKI
 
 KEYS_SERVICE = "federation.v1.KeyAuthorityService"
-
-
-@contextlib.asynccontextmanager
-async def scratch_database(pg_admin_url: str) -> AsyncIterator[Database]:
-    """A started, migrated :class:`Database` on a brand-new database, dropped at exit
-    (``conftest.database`` for fixtures wider than one test)."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    db = Database(f"{pg_admin_url.rpartition('/')[0]}/{name}",
-                  DatabaseConfig(pool_min_size=1, pool_max_size=20))
-    try:
-        await db.start()
-        try:
-            yield db
-        finally:
-            await db.stop()
-    finally:
-        admin = await asyncpg.connect(pg_admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @dataclass

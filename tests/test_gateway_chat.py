@@ -25,13 +25,14 @@ from federation.inference.test_backend import TestBackend
 from federation.keys import keyformat
 from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
+from tests.db_support import scratch_database
 from tests.gateway_support import (
     InferenceNode,
     eventually,
     gateway_settings,
     inference_nodes,
 )
-from tests.keys_support import KeyNodes, key_nodes, scratch_database
+from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
 
 MODEL = "test-model"
