@@ -29,6 +29,7 @@ from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
 from federation.edge_agent import AgentOptions, EdgeAgent
 from federation.edge_device import (
+    DeviceChannels,
     ProgressBar,
     Stub,
     device_channel,
@@ -212,16 +213,9 @@ async def _agent(settings: Settings, args: argparse.Namespace) -> int:
         simulate_latency_ms=args.simulate_latency_ms,
         capabilities=pb.DeviceCapabilities(sensors=args.sensor),
     )
-    channels = [device_channel(args.broker, args.cert_dir, settings.grpc)]
-
-    def rebuild() -> Stub:  # after a certificate renewal: a live channel keeps the old one
-        channels.append(device_channel(args.broker, args.cert_dir, settings.grpc))
-        return edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[-1])
-
-    agent = EdgeAgent(
-        edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[0]), options,
-        cert_dir=args.cert_dir, rebuild_stub=rebuild,
-    )
+    channels = DeviceChannels(args.broker, args.cert_dir, settings.grpc)
+    agent = EdgeAgent(channels.stub(), options, cert_dir=args.cert_dir,
+                      rebuild_stub=channels.rebuild)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -232,8 +226,7 @@ async def _agent(settings: Settings, args: argparse.Namespace) -> int:
     try:
         await agent.run(stop)
     finally:
-        for channel in channels:
-            await channel.close()
+        await channels.close()
     print(f"stopped after {len(agent.completed)} jobs; held leases returned", file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import sys
 import time
@@ -96,6 +97,7 @@ async def enroll(
 
 def device_files(cert_dir: Path) -> CertificateFiles:
     """The device's credentials as written by :func:`enroll`."""
+    _finish_renewal(cert_dir)
     cert_path = cert_dir / CERT_FILE
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -118,12 +120,68 @@ async def renew_certificate(
     reply: pb.RenewCertificateResponse = await stub.RenewCertificate(
         pb.RenewCertificateRequest(csr_der=csr_der), timeout=rpc_seconds
     )
-    write_private_file(cert_dir / KEY_FILE, _key_pem(key))
-    (cert_dir / CERT_FILE).write_bytes(_der_to_pem(reply.certificate_der))
+    # Both files are written in full beside the live ones, then swapped in. A crash
+    # between the two renames leaves the ``.new`` cert behind, and device_files()
+    # finishes the swap, so the key and certificate on disk always match.
+    write_private_file(_pending(cert_dir / KEY_FILE), _key_pem(key))
+    write_private_file(_pending(cert_dir / CERT_FILE), _der_to_pem(reply.certificate_der))
+    _finish_renewal(cert_dir)
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
+
+
+def _finish_renewal(cert_dir: Path) -> None:
+    """Move a fully written renewal into place: the key first, the certificate last
+    (its ``.new`` file marks an unfinished swap)."""
+    if not _pending(cert_dir / CERT_FILE).exists():
+        return
+    for name in (KEY_FILE, CERT_FILE):
+        if _pending(cert_dir / name).exists():
+            os.replace(_pending(cert_dir / name), cert_dir / name)
 
 
 def device_channel(broker: str, cert_dir: Path, config: GrpcConfig) -> grpc.aio.Channel:
     return secure_channel(broker, device_files(cert_dir), config)
+
+
+class DeviceChannels:
+    """A device's channel to its broker, replaced after a certificate renewal.
+
+    A live channel keeps presenting the certificate it was built with, so after a
+    renewal :meth:`rebuild` builds a new one for new calls and retires the old one:
+    it closes once its calls in flight are done, or after ``retire_grace_seconds``
+    (cancelling what is left), instead of piling up for the life of the agent.
+    """
+
+    def __init__(self, broker: str, cert_dir: Path, config: GrpcConfig,
+                 *, retire_grace_seconds: float = 30.0) -> None:
+        self._broker, self._cert_dir, self._config = broker, cert_dir, config
+        self._grace = retire_grace_seconds
+        self.channel = device_channel(broker, cert_dir, config)
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.retired = 0
+        """Replaced channels closed so far."""
+
+    def stub(self) -> Stub:
+        return edge_broker_pb2_grpc.EdgeBrokerServiceStub(self.channel)
+
+    def rebuild(self) -> Stub:
+        """A stub on a new channel from the credentials now on disk."""
+        retire = asyncio.create_task(self._retire(self.channel))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+        self.channel = device_channel(self._broker, self._cert_dir, self._config)
+        return self.stub()
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        await channel.close(grace=self._grace)
+        self.retired += 1
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
 # -- uploads --------------------------------------------------------------------

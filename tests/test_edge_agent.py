@@ -6,16 +6,19 @@ import asyncio
 import dataclasses
 import datetime as dt
 import importlib.util
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from federation import edge_device
 from federation.config import GrpcConfig
 from federation.db import Database
 from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub, device_channel
+from federation.edge_device import DeviceChannels, Stub, device_channel
 from federation.errors import ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -57,17 +60,18 @@ async def test_agent_renews_its_certificate_and_keeps_working(
             database.pool, pki, server.enrollment_port, "renewer", tmp_path / "renewer"
         )
         enrolled = _certificate(creds)
-        address = f"localhost:{server.port}"
-        channels = [device_channel(address, creds, GrpcConfig())]
+        # What `federation edge agent` uses; a short grace so the call held below
+        # on the enrollment-time channel is cancelled when that channel retires.
+        channels = DeviceChannels(f"localhost:{server.port}", creds, GrpcConfig(),
+                                  retire_grace_seconds=0.5)
         rebuilt_at: list[dt.datetime] = []
 
-        def rebuild() -> Stub:  # what `federation edge agent` does
+        def rebuild() -> Stub:
             rebuilt_at.append(dt.datetime.now(dt.UTC))
-            channels.append(device_channel(address, creds, GrpcConfig()))
-            return edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[-1])
+            return channels.rebuild()
 
         agent = EdgeAgent(
-            edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[0]),
+            channels.stub(),
             dataclasses.replace(FAST_AGENT, renew_certificate_before_seconds=6.0),
             cert_dir=creds, rebuild_stub=rebuild,
         )
@@ -81,8 +85,8 @@ async def test_agent_renews_its_certificate_and_keeps_working(
 
             await wait_for(completed_before)
 
-            async def renewed() -> bool:
-                return len(channels) > 1
+            async def old_channel_retired() -> bool:
+                return channels.retired == 1
 
             async with database.pool.acquire() as conn, conn.transaction():
                 # Hold the device row: the agent's next LeaseJobs, made on the
@@ -91,8 +95,9 @@ async def test_agent_renews_its_certificate_and_keeps_working(
                     "SELECT 1 FROM edge_devices WHERE device_id = 'renewer' FOR UPDATE"
                 )
                 assert not rebuilt_at  # not due yet: 12 s certificate, 6 s margin
-                await wait_for(renewed)
-                await channels[0].close()  # gone for good, cancelling that call
+                # Renewed, and the old channel closed after its grace, cancelling
+                # the call still held there.
+                await wait_for(old_channel_retired)
             # Not before it was due: under 6 s of the first certificate were left.
             left = enrolled.not_valid_after_utc - rebuilt_at[0]
             assert left < dt.timedelta(seconds=6), left
@@ -113,8 +118,7 @@ async def test_agent_renews_its_certificate_and_keeps_working(
         finally:
             stop.set()
             await running
-            for channel in channels:
-                await channel.close()
+            await channels.close()
         job = (await admin.GetJob(pb.GetJobRequest(job_id=after))).job
         assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempts == 1
         assert job.inline_result.startswith(b"sha256:ba7816bf")
@@ -171,3 +175,41 @@ async def test_an_agent_whose_loop_dies_stops_instead_of_looking_alive(
             await asyncio.wait_for(running, 10)
     assert caught.value.code is ErrorCode.INTERNAL
     assert "loop ended" in caught.value.message
+
+
+async def test_a_renewal_cut_short_between_the_two_files_is_finished_on_load(
+    home: Path, database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies after the new key is in place but before the new certificate:
+    the next load finishes the swap, so key and certificate still belong together."""
+    pki = TestPKI(home)
+    async with broker_server(pki, database, home) as (server, _, _):
+        creds = await enroll_device(
+            database.pool, pki, server.enrollment_port, "crashy", tmp_path / "crashy")
+        channel = device_channel(f"localhost:{server.port}", creds, GrpcConfig())
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        replaced: list[str] = []
+        real_replace = os.replace
+
+        def crash_before_the_certificate(src: Any, dst: Any) -> None:
+            if str(dst) == str(creds / "cert.pem"):
+                raise KeyboardInterrupt("power cut")
+            replaced.append(Path(dst).name)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", crash_before_the_certificate)
+        with pytest.raises(KeyboardInterrupt):
+            await edge_device.renew_certificate(stub, creds)
+        monkeypatch.setattr(os, "replace", real_replace)
+        await channel.close()
+        assert replaced == ["key.pem.new", "cert.pem.new", "key.pem"]  # written, half swapped
+        assert (creds / "cert.pem.new").exists()
+        files = edge_device.device_files(creds)  # what the next start of the agent does
+        assert not (creds / "cert.pem.new").exists()
+        key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        channel = device_channel(f"localhost:{server.port}", creds, GrpcConfig())
+        await edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel).RegisterDevice(
+            pb.RegisterDeviceRequest())  # and the broker accepts the pair
+        await channel.close()
