@@ -29,6 +29,10 @@ class ServiceRegistration:
 
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    on_drain: Callable[[], None] | None = None
+    """Called when the server starts its graceful stop, for services with long-lived
+    streams: ending them then (clients reconnect) beats holding the stop for the
+    whole grace period and being cancelled at its end."""
 
 
 def server_credentials(
@@ -50,8 +54,8 @@ class NodeServer:
     """Hosts a set of services on one port with everything a node needs.
 
     Lifecycle: ``await start()``, then ``await stop()``; ``stop`` first marks
-    every service NOT_SERVING, then refuses new calls and lets in-flight ones
-    finish within the grace period.
+    every service NOT_SERVING and tells services to end their long-lived streams,
+    then refuses new calls and lets in-flight ones finish within the grace period.
     """
 
     def __init__(
@@ -153,6 +157,9 @@ class NodeServer:
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             log.info("stopping", extra={"grace_seconds": grace})
+            for service in self._services:
+                if service.on_drain is not None:
+                    service.on_drain()
             await self._server.stop(grace)
             self._server = None
         if self._metrics_runner is not None:

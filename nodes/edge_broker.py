@@ -9,6 +9,7 @@ revoked (cached briefly, ``edge.revocation_cache_seconds``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -40,9 +41,40 @@ _MAX_ECHO_AGE = dt.timedelta(minutes=10)
 """Echoed timestamps older than this are ignored rather than taken as latency."""
 
 
+def _shutting_down() -> FederationError:
+    return FederationError(ErrorCode.UNAVAILABLE,
+                           "the broker is shutting down; reconnect", retry_after_seconds=1.0)
+
+
+async def _until_drained(messages: AsyncIterator[Any], draining: asyncio.Event
+                         ) -> AsyncIterator[Any]:
+    """The stream's messages, until the broker starts to drain: then UNAVAILABLE, so
+    the device reconnects (to another broker, or this one restarted) at once."""
+    drained = asyncio.create_task(draining.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(messages))
+            await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                raise _shutting_down()
+            try:
+                message = following.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        drained.cancel()
+
+
 class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     def __init__(self, broker: EdgeBroker) -> None:
         self._broker = broker
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """End the long-lived streams (heartbeats, job watches): the node is stopping."""
+        self._draining.set()
 
     # -- identity ------------------------------------------------------------
 
@@ -124,7 +156,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         # UPDATE, so a device revoked mid-stream is refused at its next one and
         # the stream ends with UNAUTHENTICATED.
         device_id = self._edge_caller()
-        async for message in request_iterator:
+        async for message in _until_drained(request_iterator, self._draining):
             reply = await self._beat(device_id, message.heartbeat)
             yield pb.HeartbeatStreamResponse(heartbeat=reply)
 
@@ -202,7 +234,9 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         job = await queue.get(request.job_id)
         yield pb.WatchJobResponse(job=convert.job_to_pb(job))
         while not job.state.terminal:
-            await asyncio.sleep(poll)
+            with contextlib.suppress(TimeoutError):  # the usual case: poll again
+                await asyncio.wait_for(self._draining.wait(), poll)
+                raise _shutting_down()  # not a timeout: the broker is draining
             latest = await queue.get(request.job_id)
             if (latest.updated_at, latest.state) != (job.updated_at, job.state):
                 job = latest
@@ -326,6 +360,7 @@ def registration(broker: EdgeBroker) -> ServiceRegistration:
         lambda server: edge_broker_pb2_grpc.add_EdgeBrokerServiceServicer_to_server(
             servicer, server
         ),
+        on_drain=servicer.drain,
     )
 
 

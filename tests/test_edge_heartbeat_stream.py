@@ -378,3 +378,46 @@ async def test_agent_reopens_its_stream_on_the_renewed_certificate(
         await asyncio.gather(*closing)
         for channel in channels:
             await channel.close()
+
+
+async def test_a_stopping_broker_ends_its_streams_at_once_instead_of_after_the_grace(
+    home: Path, database: Database
+) -> None:
+    """A heartbeat stream and a job watch never end by themselves: with a 30 s grace,
+    the stop would wait 30 s and then cancel them. Draining ends both with
+    UNAVAILABLE as the stop begins, so devices reconnect and the node stops quickly."""
+    pki = TestPKI(home)
+    broker = EdgeBroker.create(database.pool, CONFIG, home, pki.ca, None)
+    server = NodeServer(
+        [registration(broker)], trust_domain=pki.ca.trust_domain,
+        grpc_config=GrpcConfig(grace_seconds=30), listen="127.0.0.1:0",
+        credentials=pki.identity("broker", "server"), metrics_port=None,
+    )
+    await server.start()
+    async with broker.background(), _stopped_on_failure(server):
+        device = device_stub(pki, server.port, "drained")
+        await register(device)
+        stream = Stream(device)
+        await stream.beat()
+        admin = admin_stub(pki, server.port)
+        job = (await admin.SubmitJob(pb.SubmitJobRequest(
+            tenant_id="acme", kind="echo", type=pb.JOB_TYPE_BATCH, inline_payload=b"x"))).job
+        watch = admin.WatchJob(pb.WatchJobRequest(job_id=job.job_id))
+        await watch.read()  # the job as it is now; the watch then waits for changes
+        started = time.monotonic()
+        await server.stop()
+        assert time.monotonic() - started < 5
+    for call in (stream.call, watch):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(caught.value.details())
+    stream.close()
+
+
+@contextlib.asynccontextmanager
+async def _stopped_on_failure(server: NodeServer) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await server.stop(0)  # a no-op once the test has stopped it
