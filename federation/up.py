@@ -360,10 +360,16 @@ class Federation:
 
 
 async def _terminate(child: Child, grace: float) -> None:
-    process = child.process
-    if process is None or process.returncode is not None:
+    if child.process is not None:
+        await terminate(child.process, grace)
+
+
+async def terminate(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM (a node's graceful stop), then SIGKILL if it has not exited in ``grace``."""
+    if process.returncode is not None:
         return
-    process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # exited since the check
+        process.send_signal(signal.SIGTERM)
     try:
         await asyncio.wait_for(process.wait(), grace)
     except TimeoutError:

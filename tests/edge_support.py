@@ -9,7 +9,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from federation.edge.enrollment import create_token
 from federation.edge_device import Stub, enroll
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
+from federation.up import terminate
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 from nodes.edge_broker import registration
@@ -170,14 +170,7 @@ async def start_node(
 
 async def stop_process(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
     """SIGTERM (a graceful stop), then SIGKILL after ``grace`` seconds."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), grace)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+    await terminate(process, grace)
 
 
 @contextlib.asynccontextmanager
