@@ -19,11 +19,11 @@ import grpc
 
 from federation.config import ConfigError
 from federation.edge import convert
-from federation.edge.audit import RemoteAuditSink
 from federation.edge.broker import EdgeBroker
 from federation.edge.convert import STATE_FROM_PB
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import current_caller
+from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import CertificateAuthority, PKIError, load_ca
 from federation.server import ServiceRegistration
@@ -391,5 +391,5 @@ def _audit_sink(runtime: NodeRuntime) -> AuditSink | None:
     except ConfigError:
         log.warning("no memory peer configured: job events stay in the audit outbox")
         return None
-    return RemoteAuditSink(channel, runtime.settings.grpc.call_timeout_seconds)
+    return GrpcAuditSink(channel, timeout_seconds=runtime.settings.grpc.call_timeout_seconds)
 

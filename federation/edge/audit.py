@@ -5,65 +5,28 @@ insert their event into ``edge_audit_outbox`` in the same transaction, so an
 event exists exactly when its change committed, and a slow or unreachable
 memory node never holds a row lock or fails a device's call. The broker
 drains the outbox in order into an :class:`~federation.memory.sink.AuditSink`:
-in production :class:`RemoteAuditSink` (``ThermalMemoryService.RecordMemory``
-on the memory peer), in tests the memory node's own ``MemoryStore``.
+in production :class:`~federation.memory.client.GrpcAuditSink`
+(``ThermalMemoryService.RecordMemory`` on the memory peer), in tests also the
+memory node's own ``MemoryStore``.
 Delivery is at least once: a crash between append and delete repeats one event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 from typing import Any
 
 import asyncpg
-import grpc
 
-from federation.errors import FederationError, from_rpc_error
-from federation.memory.records import AuditEntry, MemoryRecord
+from federation.errors import FederationError
+from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
-from federation.v1 import thermal_memory_pb2, thermal_memory_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 OUTBOX_LOCK_KEY = 0x46454452_41554454  # "FEDRAUDT"
-
-
-class RemoteAuditSink:
-    """An :class:`AuditSink` that appends through the memory node over mTLS."""
-
-    def __init__(self, channel: grpc.aio.Channel, timeout_seconds: float = 10.0) -> None:
-        self._stub = thermal_memory_pb2_grpc.ThermalMemoryServiceStub(channel)
-        self._timeout = timeout_seconds
-
-    async def record(self, entry: AuditEntry) -> MemoryRecord:
-        request = thermal_memory_pb2.RecordMemoryRequest(
-            tenant_id=entry.tenant_id,
-            actor=entry.actor,
-            action=entry.action,
-            subject=entry.subject,
-            payload=thermal_memory_pb2.AuditPayload(
-                attributes=dict(entry.attributes), body=entry.body
-            ),
-        )
-        metadata = (("x-request-id", entry.request_id),) if entry.request_id else None
-        try:
-            reply = await self._stub.RecordMemory(
-                request, timeout=self._timeout, metadata=metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
-        r = reply.record
-        return MemoryRecord(
-            sequence=r.sequence, tenant_id=r.tenant_id, actor=r.actor, action=r.action,
-            subject=r.subject, request_id=r.request_id,
-            created_at=r.create_time.ToDatetime(tzinfo=dt.UTC),
-            attributes=dict(r.payload.attributes), body=r.payload.body,
-            prev_hash=r.prev_hash, hash=r.hash, temperature=r.temperature,
-            compressed=r.compressed,
-        )
 
 
 def entry_from_row(row: Any) -> AuditEntry:
