@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from federation.config import MemoryConfig
 from federation.db import Database
 from federation.db.embedded import EmbeddedPostgres
+from federation.memory.store import MemoryStore
 from tests.db_support import fresh_database_url, started_database
 
 
@@ -44,6 +46,17 @@ async def database(pg_url: str) -> AsyncIterator[Database]:
     """A started, migrated :class:`Database` on a fresh database."""
     async with started_database(pg_url) as db:
         yield db
+
+
+@pytest.fixture
+async def store(database: Database) -> AsyncIterator[MemoryStore]:
+    """Thermal memory (the chain writer started) on the test's database."""
+    memory = MemoryStore(database.pool, MemoryConfig())
+    await memory.start()
+    try:
+        yield memory
+    finally:
+        await memory.stop()
 
 
 @pytest.fixture

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from federation.channels import client_credentials
-from federation.config import GrpcConfig, GuardianConfig, MemoryConfig
+from federation.config import GrpcConfig, GuardianConfig
 from federation.crypto.keyfile import load_or_create_key
 from federation.db import Database
 from federation.errors import ErrorCode, FederationError
@@ -48,16 +46,6 @@ class SwitchableSink:
             raise FederationError(ErrorCode.UNAVAILABLE, "thermal memory could not store it")
         self.written.append(entry)
         return await self.store.record(entry)
-
-
-@contextlib.asynccontextmanager
-async def memory_store(database: Database) -> AsyncIterator[MemoryStore]:
-    store = MemoryStore(database.pool, MemoryConfig())
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.stop()
 
 
 @dataclass

@@ -21,7 +21,6 @@ from tests.guardian_support import (
     GuardianNode,
     SwitchableSink,
     build_guardian,
-    memory_store,
     start_guardian,
 )
 from tests.support import TestPKI
@@ -30,12 +29,6 @@ from tests.support import TestPKI
 @pytest.fixture
 def pki(home: Path) -> TestPKI:
     return TestPKI(home)
-
-
-@pytest.fixture
-async def store(database: Database) -> AsyncIterator[MemoryStore]:
-    async with memory_store(database) as memory:
-        yield memory
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import zlib
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import asyncpg
@@ -18,16 +17,6 @@ from federation.logs import request_id_var
 from federation.memory import AuditEntry, Tier, tier_for
 from federation.memory.records import GENESIS_HASH
 from federation.memory.store import MemoryStore, SearchQuery
-
-
-@pytest.fixture
-async def store(database: Database) -> AsyncIterator[MemoryStore]:
-    memory = MemoryStore(database.pool, MemoryConfig())
-    await memory.start()
-    try:
-        yield memory
-    finally:
-        await memory.stop()
 
 
 def entry(n: int, tenant: str = "t1", body: bytes = b"") -> AuditEntry:

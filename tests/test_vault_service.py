@@ -28,16 +28,9 @@ from tests.guardian_support import (
     GuardianNode,
     SwitchableSink,
     build_guardian,
-    memory_store,
     start_guardian,
 )
 from tests.support import TestPKI
-
-
-@pytest.fixture
-async def store(database: Database) -> AsyncIterator[MemoryStore]:
-    async with memory_store(database) as memory:
-        yield memory
 
 
 @pytest.fixture
