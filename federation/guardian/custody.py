@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from federation.clock import Clock, utc_now
 from federation.config import GuardianConfig
@@ -160,13 +161,7 @@ class GuardianCustody:
                 "SELECT pg_advisory_xact_lock(hashtextextended('guardian-release:' || $1, 0))",
                 tenant_id,
             )
-            row = await conn.fetchrow(
-                "SELECT * FROM guardian.shares WHERE tenant_id = $1 AND object_id = $2 "
-                "AND key_id = $3 FOR UPDATE",
-                tenant_id, object_id, key_id,
-            )
-            if row is None:
-                raise FederationError(ErrorCode.NOT_FOUND, "the guardian holds no such share")
+            row = await _locked_share(conn, tenant_id, object_id, key_id)
             if row["state"] != "held":
                 raise FederationError(
                     ErrorCode.FAILED_PRECONDITION, "that share was destroyed; it cannot be released"
@@ -235,13 +230,7 @@ class GuardianCustody:
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {ROLE}")
-            row = await conn.fetchrow(
-                "SELECT * FROM guardian.shares WHERE tenant_id = $1 AND object_id = $2 "
-                "AND key_id = $3 FOR UPDATE",
-                tenant_id, object_id, key_id,
-            )
-            if row is None:
-                raise FederationError(ErrorCode.NOT_FOUND, "the guardian holds no such share")
+            row = await _locked_share(conn, tenant_id, object_id, key_id)
             if row["state"] == "destroyed":
                 return _info(row)
             updated = await conn.fetchrow(
@@ -303,3 +292,16 @@ def _human(window: dt.timedelta) -> str:
         hours = seconds // 3600
         return "hour" if hours == 1 else f"{hours} hours"
     return f"{seconds} seconds"
+
+
+async def _locked_share(conn: PoolConnectionProxy[Any], tenant_id: str, object_id: str,
+                        key_id: str) -> asyncpg.Record:
+    """The share's row, locked for this transaction; NOT_FOUND when there is none."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM guardian.shares WHERE tenant_id = $1 AND object_id = $2 "
+        "AND key_id = $3 FOR UPDATE",
+        tenant_id, object_id, key_id,
+    )
+    if row is None:
+        raise FederationError(ErrorCode.NOT_FOUND, "the guardian holds no such share")
+    return row
