@@ -19,7 +19,6 @@ from tests.test_vault_service import (  # noqa: F401 - fixtures
     gateway_channel,
     guardian,
     sink,
-    store,
     vault,
 )
 
