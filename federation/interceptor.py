@@ -14,6 +14,8 @@ inside a wrapper around the method handler.
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import functools
 import inspect
 import logging
 import time
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from federation import authz
@@ -94,7 +97,8 @@ class RpcMetrics:
 
 
 def identity_from_context(context: Context, trust_domain: str) -> Identity:
-    """The caller's SPIFFE identity; exactly one URI SAN is required."""
+    """The caller's SPIFFE identity; exactly one URI SAN is required, and the
+    certificate must still be valid."""
     auth = context.auth_context()
     uris = [
         v.decode()
@@ -103,7 +107,30 @@ def identity_from_context(context: Context, trust_domain: str) -> Identity:
     ]
     if len(uris) != 1:
         raise PKIError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {len(uris)}")
+    ensure_unexpired(certificate_not_after(context))
     return parse_spiffe_id(uris[0], trust_domain)
+
+
+def certificate_not_after(context: Context) -> dt.datetime | None:
+    """When the caller's certificate expires (``None`` without one)."""
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    return _not_after(pem) if pem else None
+
+
+def ensure_unexpired(not_after: dt.datetime | None) -> None:
+    """TLS checks validity only at the handshake, and a connection (with every call
+    and stream on it) may outlive the certificate it was opened with: a short-lived
+    certificate means something only if each call checks it too."""
+    if not_after is not None and dt.datetime.now(dt.UTC) >= not_after:
+        raise PKIError(f"the client certificate expired at {not_after:%Y-%m-%d %H:%M:%S} UTC; "
+                       "renew it and reconnect")
+
+
+@functools.lru_cache(maxsize=4096)
+def _not_after(pem: bytes) -> dt.datetime:
+    # Cached: parsing costs tens of microseconds, and a peer sends the same
+    # certificate on every call of its connection.
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc
 
 
 def _presented_no_certificate(context: Context) -> bool:

@@ -22,7 +22,7 @@ from federation.edge import convert
 from federation.edge.broker import EdgeBroker
 from federation.edge.convert import STATE_FROM_PB
 from federation.errors import ErrorCode, FederationError
-from federation.interceptor import current_caller
+from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import CertificateAuthority, PKIError, load_ca
@@ -39,6 +39,13 @@ if TYPE_CHECKING:  # the stubs are generic, the runtime class is not
 
 _MAX_ECHO_AGE = dt.timedelta(minutes=10)
 """Echoed timestamps older than this are ignored rather than taken as latency."""
+
+
+def _ensure_unexpired(not_after: dt.datetime | None) -> None:
+    try:
+        ensure_unexpired(not_after)
+    except PKIError as exc:
+        raise FederationError(ErrorCode.UNAUTHENTICATED, str(exc)) from None
 
 
 def _shutting_down() -> FederationError:
@@ -156,7 +163,9 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         # UPDATE, so a device revoked mid-stream is refused at its next one and
         # the stream ends with UNAUTHENTICATED.
         device_id = self._edge_caller()
+        not_after = certificate_not_after(context)
         async for message in _until_drained(request_iterator, self._draining):
+            _ensure_unexpired(not_after)  # the stream may outlive the certificate
             reply = await self._beat(device_id, message.heartbeat)
             yield pb.HeartbeatStreamResponse(heartbeat=reply)
 

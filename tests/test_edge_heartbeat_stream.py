@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
+from federation.channels import secure_channel
 from federation.config import EdgeConfig, GrpcConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
@@ -146,6 +148,29 @@ async def test_revoked_device_stream_ends_unauthenticated_without_reviving(
             await reopened.beat()
         assert refused_again.value.code() is grpc.StatusCode.UNAUTHENTICATED
         reopened.close()
+
+
+async def test_a_stream_outliving_the_device_certificate_is_refused(
+    home: Path, database: Database
+) -> None:
+    """Authenticated once, at the stream's start: the stream must still end when the
+    certificate it was opened with expires (the device should have renewed)."""
+    pki = TestPKI(home)
+    files = pki.ca.issue("edge", "lapsed", validity=dt.timedelta(seconds=2))
+    expires = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        channel = secure_channel(f"localhost:{server.port}", files, GrpcConfig())
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        await register(stub)
+        stream = Stream(stub)
+        await stream.beat()
+        await asyncio.sleep((expires - dt.datetime.now(dt.UTC)).total_seconds() + 0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stream.beat()
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "certificate expired" in (refused.value.details() or "")
+        stream.close()
+        await channel.close()
 
 
 async def test_unregistered_device_stream_ends_failed_precondition(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import socket
@@ -13,9 +14,10 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.channels import client_credentials
+from federation.channels import client_credentials, secure_channel
 from federation.config import GrpcConfig
 from federation.logs import ContextFilter, JsonFormatter, request_id_var
 from federation.server import NodeServer, pending_service
@@ -130,6 +132,26 @@ async def test_allowed_role_reaches_the_service(pki: TestPKI, guardian_node: Nod
             await stub.ReleaseShare(guardian_pb2.ReleaseShareRequest(tenant_id="t"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "issue #7" in (info.value.details() or "")
+
+
+async def test_a_connection_outliving_its_certificate_is_refused(
+    pki: TestPKI, guardian_node: NodeServer
+) -> None:
+    """TLS checked the certificate at the handshake; the interceptor checks it on every
+    call, so a connection kept open past the certificate's expiry stops working."""
+    files = pki.ca.issue("gateway", "short-lived", validity=dt.timedelta(seconds=2))
+    not_after = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
+    async with secure_channel(f"127.0.0.1:{guardian_node.port}", files, GrpcConfig()) as channel:
+        stub = guardian_pb2_grpc.GuardianServiceStub(channel)
+        request = guardian_pb2.ReleaseShareRequest(tenant_id="t")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReleaseShare(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # valid: authorized
+        await asyncio.sleep((not_after - dt.datetime.now(dt.UTC)).total_seconds() + 0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReleaseShare(request, timeout=5)  # the same, still open connection
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "certificate expired" in (info.value.details() or "")
 
 
 async def test_metrics_endpoint_counts_denials(pki: TestPKI, guardian_node: NodeServer) -> None:
