@@ -27,7 +27,7 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,11 +209,22 @@ class EdgeAgent:
         self._fatal.set()
 
     async def _rpc(self, method: Any, request: Any) -> Any:
-        half = self._options.simulate_latency_ms / 2000
-        if half:
-            await asyncio.sleep(half)
-        try:
+        await self._network_leg()
+        with self._call_errors("the call was cancelled"):
             reply = await method(request, timeout=self._options.rpc_timeout_seconds)
+        await self._network_leg()
+        return reply
+
+    async def _network_leg(self) -> None:
+        """One way of the simulated round trip (``--simulate-latency-ms``)."""
+        if self._options.simulate_latency_ms:
+            await asyncio.sleep(self._options.simulate_latency_ms / 2000)
+
+    @contextlib.contextmanager
+    def _call_errors(self, cancelled: str) -> Iterator[None]:
+        """A call's failure as a FederationError; UNAUTHENTICATED stops the agent."""
+        try:
+            yield
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             if error.code is ErrorCode.UNAUTHENTICATED:
@@ -225,10 +236,7 @@ class EdgeAgent:
                 raise  # this task is being cancelled: stop (or a crash)
             # Only the call was cancelled, e.g. its channel closed after a certificate
             # renewal: a failed call, not a reason for the loop making it to end.
-            raise FederationError(ErrorCode.CANCELLED, "the call was cancelled") from None
-        if half:
-            await asyncio.sleep(half)
-        return reply
+            raise FederationError(ErrorCode.CANCELLED, cancelled) from None
 
     # -- heartbeats ----------------------------------------------------------
 
@@ -279,33 +287,21 @@ class EdgeAgent:
             charging=self._options.charging,
             load=_load(),
         ))
-        half = self._options.simulate_latency_ms / 2000
-        if half:
-            await asyncio.sleep(half)
+        await self._network_leg()
         outbox.put_nowait(request)
         try:
-            async with asyncio.timeout(self._options.rpc_timeout_seconds):
-                message = await call.read()  # a finished call raises its status here
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            if error.code is ErrorCode.UNAUTHENTICATED:
-                self._die(error)  # revoked: nothing this device sends will be accepted
-            raise error from exc
+            # A cancelled read means its channel was closed under it (the old one,
+            # after a certificate renewal): the stream is reopened, not abandoned.
+            with self._call_errors("the heartbeat channel was closed"):
+                async with asyncio.timeout(self._options.rpc_timeout_seconds):
+                    message = await call.read()  # a finished call raises its status here
         except TimeoutError:
             raise FederationError(
                 ErrorCode.DEADLINE_EXCEEDED, "no heartbeat answer in time"
             ) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise  # the agent is stopping
-            # Only the call was cancelled: its channel was closed under it (the old
-            # one, after a certificate renewal). Reopen rather than stop heartbeating.
-            raise FederationError(ErrorCode.CANCELLED, "the heartbeat channel was closed") from None
         if not isinstance(message, pb.HeartbeatStreamResponse):  # EOF
             raise FederationError(ErrorCode.UNAVAILABLE, "the broker ended the heartbeat stream")
-        if half:
-            await asyncio.sleep(half)
+        await self._network_leg()
         reply: pb.HeartbeatResponse = message.heartbeat
         echo.answered(reply)
         return reply
