@@ -19,7 +19,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -107,13 +107,17 @@ def identity_from_context(context: Context, trust_domain: str) -> Identity:
     ]
     if len(uris) != 1:
         raise PKIError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {len(uris)}")
-    ensure_unexpired(certificate_not_after(context))
+    ensure_unexpired(_auth_not_after(auth))
     return parse_spiffe_id(uris[0], trust_domain)
 
 
 def certificate_not_after(context: Context) -> dt.datetime | None:
     """When the caller's certificate expires (``None`` without one)."""
-    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    return _auth_not_after(context.auth_context())
+
+
+def _auth_not_after(auth: Mapping[str, Iterable[bytes]]) -> dt.datetime | None:
+    pem = next(iter(auth.get("x509_pem_cert", ())), None)
     return _not_after(pem) if pem else None
 
 
