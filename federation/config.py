@@ -74,6 +74,23 @@ class DatabaseConfig:
     """asyncpg pool bounds per process."""
 
     command_timeout_seconds: float = 10.0
+    """Longest a single statement may run. Our statements are small; one that takes
+    longer means PostgreSQL is stalled, and the caller gets UNAVAILABLE (HTTP 503)."""
+
+    connect_timeout_seconds: float = 5.0
+    """Longest a new connection (TCP, TLS, authentication) may take."""
+
+    acquire_timeout_seconds: float = 5.0
+    """Longest a caller waits for a pooled connection (connecting one included). asyncpg
+    waits for ever by default; during an outage requests would pile up behind the pool."""
+
+    probe_interval_seconds: float = 1.0
+    """How often a node checks that PostgreSQL answers, to report NOT_SERVING on gRPC
+    health (and 503 on the gateway's ``/health``) within about a second of an outage."""
+
+    probe_timeout_seconds: float = 2.0
+    """A probe slower than this counts as "unreachable": a stalled server looks the same
+    as a dead one to a caller waiting on it."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,19 @@ class GatewayConfig:
 
     route_refresh_seconds: float = 2.0
     """How often the router re-probes health, models and load of every inference node."""
+
+    outbox_dir: str = "gateway/outbox"
+    """Spool of the records the gateway writes after deciding an answer (audit records of
+    refusals and failures), relative to the home; see ``gateway_http/outbox.py``."""
+
+    outbox_max_records: int = 100_000
+    """Most spooled records waiting for delivery (a few hundred bytes each). When full,
+    new requests are refused with 503: the gateway does not serve what it cannot audit."""
+
+    outbox_retry_initial_seconds: float = 0.2
+    outbox_retry_max_seconds: float = 30.0
+    """Delivery retries back off exponentially between these bounds while the memory
+    node (or its database) is down."""
 
 
 @dataclass(frozen=True)

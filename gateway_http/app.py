@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -25,10 +26,12 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
+from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
 from federation.routing import InferenceRouter
 from gateway_http import health, models, openapi
 from gateway_http.auth import (
+    AuditEntry,
     AuditWriter,
     BackgroundTasks,
     CachedKeyVerifier,
@@ -40,8 +43,9 @@ from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
 from gateway_http.council_routes import add_council_routes
 from gateway_http.errors import error_middleware
-from gateway_http.lifecycle import add_request_id_header, lifecycle_middleware
+from gateway_http.lifecycle import AUDIT_RECORD, add_request_id_header, lifecycle_middleware
 from gateway_http.metrics import GatewayMetrics, metrics_handler
+from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault_routes import add_vault_routes
@@ -114,6 +118,11 @@ def _dependencies(
             await router.start()
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
+            metrics = GatewayMetrics(registry or CollectorRegistry())
+            writer = audit or GrpcAuditWriter(_required(channels, "memory"), timeout)
+            outbox = _outbox(settings, metrics, writer)
+            await outbox.start()
+            stack.push_async_callback(outbox.stop, settings.grpc.grace_seconds)
             app[STATE] = GatewayState(
                 settings=settings,
                 router=router,
@@ -121,15 +130,37 @@ def _dependencies(
                     keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
                     gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
                 ),
-                audit=audit or GrpcAuditWriter(_required(channels, "memory"), timeout),
-                metrics=GatewayMetrics(registry or CollectorRegistry()),
+                audit=writer,
+                metrics=metrics,
                 background=background,
                 chat=ChatServing(router, gateway.request_timeout_seconds),
                 channels=channels,
+                outbox=outbox,
             )
             yield
 
     return context
+
+
+def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter) -> Outbox:
+    gateway = settings.gateway
+    outbox = Outbox(
+        OutboxConfig(
+            directory=settings.home / gateway.outbox_dir,
+            max_records=gateway.outbox_max_records,
+            retry_initial_seconds=gateway.outbox_retry_initial_seconds,
+            retry_max_seconds=gateway.outbox_retry_max_seconds,
+        ),
+        OutboxMetrics(metrics.registry),
+    )
+
+    async def deliver_audit(payload: Mapping[str, Any]) -> None:
+        entry = AuditEntry(**payload)
+        request_id_var.set(entry.request_id)  # the record keeps its request's id
+        await audit.record(entry)
+
+    outbox.register(AUDIT_RECORD, deliver_audit)
+    return outbox
 
 
 def _channel(target: str, credentials: CertificateFiles | None, settings: Settings

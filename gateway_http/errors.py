@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from federation.db.errors import outage_error
 from federation.errors import CATALOG, INTERNAL_MESSAGE, ErrorCode, FederationError
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if exc.status in (405, 415):  # keep statuses the catalog has no code for
             answer.set_status(exc.status)
         return answer
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        request[ERROR_KEY] = error = FederationError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+    except Exception as exc:
+        outage = outage_error(exc)  # the vault's own database: 503, not 500
+        if outage is None:
+            log.exception("unhandled error", extra={"path": request.path})
+        request[ERROR_KEY] = error = outage or FederationError(ErrorCode.INTERNAL,
+                                                                INTERNAL_MESSAGE)
         return error_response(error)
 
 

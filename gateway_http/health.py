@@ -2,8 +2,9 @@
 
 200 when every configured component serves, 503 otherwise. Inference counts
 as up while at least one node serves (the router works around the others);
-each node's own status is listed. Addresses are not shown: the endpoint is
-unauthenticated.
+each node's own status is listed. The database is probed directly (``SELECT 1``
+through the gateway's own pool) when the gateway has one. Addresses are not
+shown: the endpoint is unauthenticated.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway_http.state import STATE
+from federation.db import probe as probe_database
+from gateway_http.state import DATABASE_POOL, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")
 
@@ -35,9 +37,12 @@ async def health(request: web.Request) -> web.Response:
     timeout = state.settings.gateway.health_timeout_seconds
     roles = [r for r in COMPONENTS if r in state.channels]
     nodes = list(state.router.nodes)
-    statuses = await asyncio.gather(
-        *(probe(state.channels[r], timeout) for r in roles),
-        *(probe(n.channel, timeout, "federation.v1.InferenceService") for n in nodes),
+    statuses, database = await asyncio.gather(
+        asyncio.gather(
+            *(probe(state.channels[r], timeout) for r in roles),
+            *(probe(n.channel, timeout, "federation.v1.InferenceService") for n in nodes),
+        ),
+        _database_status(request.app, timeout),
     )
     components: dict[str, Any] = {}
     for role, status in zip(roles, statuses[: len(roles)], strict=True):
@@ -52,11 +57,19 @@ async def health(request: web.Request) -> web.Response:
             for i, (n, s) in enumerate(zip(nodes, node_statuses, strict=True))
         ],
     }
+    components["database"] = {"status": database}
     healthy = all(c["status"] in ("serving", "not_configured") for c in components.values())
     return web.json_response(
         {"status": "ok" if healthy else "unavailable", "components": components},
         status=200 if healthy else 503,
     )
+
+
+async def _database_status(app: web.Application, deadline: float) -> str:
+    pool = app.get(DATABASE_POOL)
+    if pool is None:
+        return "not_configured"
+    return "serving" if await probe_database(pool, deadline) else "unreachable"
 
 
 def add_routes(app: web.Application) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 from aiohttp import web
 
@@ -12,6 +13,7 @@ from federation.routing import InferenceRouter
 from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
+from gateway_http.outbox import Outbox
 
 
 @dataclass
@@ -27,9 +29,13 @@ class GatewayState:
     chat: ChatServing
     channels: dict[str, grpc.aio.Channel]
     """Channels to the other components (by role), for health probes."""
+    outbox: Outbox
+    """Durable spool of the records written after an answer is decided."""
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
+DATABASE_POOL = web.AppKey("database_pool", asyncpg.Pool)
+"""The gateway's own pool (the vault's), probed by ``/health``; absent without a database."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", KeyPrincipal)

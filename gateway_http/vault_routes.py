@@ -49,7 +49,7 @@ from federation.pki import CertificateFiles
 from federation.tenants import TenantSettingsReader
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
-from gateway_http.state import PRINCIPAL, STATE
+from gateway_http.state import DATABASE_POOL, PRINCIPAL, STATE
 from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder
 
 VAULT = web.AppKey("vault_service", VaultService)
@@ -107,6 +107,7 @@ def _vault_context(
                 await conn.close()
             pool = await create_gateway_pool(settings.database.url, settings.database)
             stack.push_async_callback(pool.close)
+            app[DATABASE_POOL] = pool
             channels = {}
             for role in ("guardian", "memory"):
                 target = settings.peers.address(role)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
-from federation.db import Database
+from federation.db import Database, DatabaseWatch
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
 from nodes.runtime import NodeRuntime
@@ -118,6 +118,11 @@ async def _start(
     )
     await server.start()
     stack.push_async_callback(server.stop)
+    if database is not None:
+        # NOT_SERVING on gRPC health while PostgreSQL is unreachable, SERVING again after.
+        watch = DatabaseWatch(database, server.set_serving)
+        await watch.start()
+        stack.push_async_callback(watch.stop)
     return server
 
 

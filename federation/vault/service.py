@@ -45,7 +45,7 @@ from federation.crypto.envelope import (
     wrap_context,
 )
 from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
-from federation.db import DatabaseUnavailable
+from federation.db import create_pool
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
@@ -514,14 +514,7 @@ async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
 async def create_gateway_pool(url: str, config: DatabaseConfig) -> asyncpg.Pool:
     """A pool whose every connection runs as ``federation_gateway`` (migrations must have
     run: the role is created by migration 0020)."""
-    try:
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            url, min_size=config.pool_min_size, max_size=config.pool_max_size,
-            command_timeout=config.command_timeout_seconds, init=_as_gateway_role,
-        )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-    return pool
+    return await create_pool(url, config, init=_as_gateway_role)
 
 
 def _make_token(info: SecretInfo) -> str:
