@@ -2,9 +2,11 @@
 
 200 when every configured component serves, 503 otherwise. Inference counts
 as up while at least one node serves (the router works around the others);
-each node's own status is listed. The database is probed directly (``SELECT 1``
-through the gateway's own pool) when the gateway has one. Addresses are not
-shown: the endpoint is unauthenticated.
+each node's own status is listed. The database's status is the gateway's own
+database watch (a ``SELECT 1`` every second on a connection of its own) when
+the gateway has a database: probing through the pool could hang a caller of
+``/health`` for the pool's timeouts. Addresses are not shown: the endpoint is
+unauthenticated.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.db import probe as probe_database
-from gateway_http.state import DATABASE_POOL, STATE
+from gateway_http.state import DATABASE_WATCH, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")
 
@@ -37,12 +38,9 @@ async def health(request: web.Request) -> web.Response:
     timeout = state.settings.gateway.health_timeout_seconds
     roles = [r for r in COMPONENTS if r in state.channels]
     nodes = list(state.router.nodes)
-    statuses, database = await asyncio.gather(
-        asyncio.gather(
-            *(probe(state.channels[r], timeout) for r in roles),
-            *(probe(n.channel, timeout, "federation.v1.InferenceService") for n in nodes),
-        ),
-        _database_status(request.app, timeout),
+    statuses = await asyncio.gather(
+        *(probe(state.channels[r], timeout) for r in roles),
+        *(probe(n.channel, timeout, "federation.v1.InferenceService") for n in nodes),
     )
     components: dict[str, Any] = {}
     for role, status in zip(roles, statuses[: len(roles)], strict=True):
@@ -57,7 +55,7 @@ async def health(request: web.Request) -> web.Response:
             for i, (n, s) in enumerate(zip(nodes, node_statuses, strict=True))
         ],
     }
-    components["database"] = {"status": database}
+    components["database"] = {"status": _database_status(request.app)}
     healthy = all(c["status"] in ("serving", "not_configured") for c in components.values())
     return web.json_response(
         {"status": "ok" if healthy else "unavailable", "components": components},
@@ -65,11 +63,11 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-async def _database_status(app: web.Application, deadline: float) -> str:
-    pool = app.get(DATABASE_POOL)
-    if pool is None:
+def _database_status(app: web.Application) -> str:
+    watch = app.get(DATABASE_WATCH)
+    if watch is None:
         return "not_configured"
-    return "serving" if await probe_database(pool, deadline) else "unreachable"
+    return "serving" if watch.reachable else "unreachable"
 
 
 def add_routes(app: web.Application) -> None:

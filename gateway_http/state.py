@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
 import grpc
 from aiohttp import web
 
 from federation.config import Settings
+from federation.db import DatabaseWatch
 from federation.routing import InferenceRouter
 from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome, ChatServing
@@ -34,8 +34,8 @@ class GatewayState:
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
-DATABASE_POOL = web.AppKey("database_pool", asyncpg.Pool)
-"""The gateway's own pool (the vault's), probed by ``/health``; absent without a database."""
+DATABASE_WATCH = web.AppKey("database_watch", DatabaseWatch)
+"""Watches the gateway's own database (the vault's) for ``/health``; absent without one."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", KeyPrincipal)

@@ -41,6 +41,7 @@ from aiohttp import web
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
 from federation.crypto.keyfile import load_or_create_key
+from federation.db import DatabaseWatch
 from federation.db.migrate import apply_migrations
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
@@ -49,7 +50,7 @@ from federation.pki import CertificateFiles
 from federation.tenants import TenantSettingsReader
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
-from gateway_http.state import DATABASE_POOL, PRINCIPAL, STATE
+from gateway_http.state import DATABASE_WATCH, PRINCIPAL, STATE
 from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder
 
 VAULT = web.AppKey("vault_service", VaultService)
@@ -107,7 +108,11 @@ def _vault_context(
                 await conn.close()
             pool = await create_gateway_pool(settings.database.url, settings.database)
             stack.push_async_callback(pool.close)
-            app[DATABASE_POOL] = pool
+            # Fail fast (503 at once) while PostgreSQL is unreachable, not after timeouts.
+            watch = app[DATABASE_WATCH] = DatabaseWatch(settings.database.url,
+                                                        settings.database, pool)
+            await watch.start()
+            stack.push_async_callback(watch.stop)
             channels = {}
             for role in ("guardian", "memory"):
                 target = settings.peers.address(role)

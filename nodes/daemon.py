@@ -120,7 +120,7 @@ async def _start(
     stack.push_async_callback(server.stop)
     if database is not None:
         # NOT_SERVING on gRPC health while PostgreSQL is unreachable, SERVING again after.
-        watch = DatabaseWatch(database, server.set_serving)
+        watch = DatabaseWatch.of(database, server.set_serving)
         await watch.start()
         stack.push_async_callback(watch.stop)
     return server

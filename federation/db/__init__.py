@@ -30,19 +30,30 @@ class DatabaseUnavailable(RuntimeError):
     pass
 
 
+class DatabaseUnreachable(ConnectionError):
+    """Raised at once, without touching the network, while the database is known to be
+    unreachable (see :class:`DatabaseWatch`)."""
+
+
 class BoundedPool(asyncpg.Pool):
-    """An asyncpg pool whose ``acquire()`` waits at most the configured time.
+    """An asyncpg pool whose ``acquire()`` waits at most the configured time, and fails
+    at once while the database is known to be down.
 
     asyncpg's own default is to wait for ever, and ``pool.fetchrow`` and friends
     call ``acquire()`` without a timeout: while PostgreSQL is stalled, every
-    request would queue behind the pool with no bound.
+    request would queue behind the pool with no bound. Even bounded, every caller
+    would wait the whole timeout during an outage the process already knows about;
+    ``known_unreachable`` (set by the database watch) answers them in microseconds.
     """
 
     def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.acquire_timeout = acquire_timeout
+        self.known_unreachable = False
 
     def acquire(self, *, timeout: float | None = None) -> Any:
+        if self.known_unreachable:
+            raise DatabaseUnreachable("the database is unreachable")
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
 
 
@@ -53,7 +64,7 @@ async def create_pool(
     init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
-) -> asyncpg.Pool:
+) -> BoundedPool:
     """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there."""
     pool = BoundedPool(
         url,
@@ -86,10 +97,10 @@ class Database:
         self.url = url
         self.config = config
         self._migrate = migrate
-        self._pool: asyncpg.Pool | None = None
+        self._pool: BoundedPool | None = None
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> BoundedPool:
         if self._pool is None:
             raise RuntimeError("Database.start() has not been awaited")
         return self._pool
@@ -105,20 +116,6 @@ class Database:
             await self._pool.close()
             self._pool = None
 
-    async def reachable(self) -> bool:
-        """One ``SELECT 1`` within the probe timeout: is PostgreSQL answering now?"""
-        return await probe(self.pool, self.config.probe_timeout_seconds)
-
-
-async def probe(pool: asyncpg.Pool, deadline_seconds: float) -> bool:
-    """Whether ``pool`` can run ``SELECT 1`` within ``deadline_seconds`` (acquire included)."""
-    try:
-        async with asyncio.timeout(deadline_seconds):
-            await pool.fetchval("SELECT 1")
-    except Exception as exc:  # any failure means "not now"; the reason is logged
-        log.debug("database probe failed", extra={"error": str(exc)[:200]})
-        return False
-    return True
 
 
 class DatabaseWatch:
@@ -126,30 +123,69 @@ class DatabaseWatch:
 
     A node whose service needs PostgreSQL tells its callers through gRPC health
     (NOT_SERVING while the database is unreachable), so load balancers, the
-    gateway's ``/health`` and ``federation status`` see the outage, and it comes
-    back by itself: the pool reconnects on the next acquire once PostgreSQL does.
-    ``start()`` and ``stop()`` are those of the underlying :class:`PeriodicTask`.
+    gateway's ``/health`` and ``federation status`` see the outage; meanwhile its
+    pool fails fast (:attr:`BoundedPool.known_unreachable`), so callers get 503 at
+    once instead of after the timeouts. It comes back by itself: the first probe
+    that succeeds reopens the pool, which reconnects on its next acquire.
+
+    The probe has a connection of its own, outside the pool: a pool saturated by
+    load must not look like an outage. ``start()``/``stop()`` run it periodically.
     """
 
     def __init__(
-        self, database: Database, on_change: Callable[[bool], Awaitable[None]]
+        self, url: str, config: DatabaseConfig, pool: BoundedPool,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
-        self._database = database
+        self._url = url
+        self._config = config
+        self._pool = pool
         self._on_change = on_change
+        self._connection: asyncpg.Connection | None = None
         self.reachable = True
-        task = PeriodicTask("database-watch", database.config.probe_interval_seconds, self.check)
-        self.start, self.stop = task.start, task.stop
+        self._task = PeriodicTask("database-watch", config.probe_interval_seconds, self.check)
+
+    @classmethod
+    def of(cls, database: Database, on_change: Callable[[bool], Awaitable[None]] | None = None
+           ) -> DatabaseWatch:
+        return cls(database.url, database.config, database.pool, on_change)
+
+    async def start(self) -> None:
+        await self._task.start()
+
+    async def stop(self) -> None:
+        await self._task.stop()
+        self._drop_connection()
 
     async def check(self) -> None:
-        reachable = await self._database.reachable()
+        reachable = await self._probe()
         if reachable == self.reachable:
             return
         self.reachable = reachable
+        self._pool.known_unreachable = not reachable
         if reachable:
             log.info("database reachable again")
         else:
-            log.warning("database unreachable: serving NOT_SERVING until it returns")
-        await self._on_change(reachable)
+            log.warning("database unreachable: failing fast until it returns")
+        if self._on_change is not None:
+            await self._on_change(reachable)
+
+    async def _probe(self) -> bool:
+        try:
+            async with asyncio.timeout(self._config.probe_timeout_seconds):
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await asyncpg.connect(self._url)
+                await self._connection.fetchval("SELECT 1")
+        except Exception as exc:  # any failure means "not now"
+            log.debug("database probe failed", extra={"error": str(exc)[:200]})
+            self._drop_connection()
+            return False
+        return True
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            # terminate(), not close(): close() waits for a server that may be stalled.
+            self._connection.terminate()
+            self._connection = None
 
 
 async def ensure_database(admin_url: str, name: str) -> None:

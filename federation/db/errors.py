@@ -14,6 +14,7 @@ from typing import Final
 
 import asyncpg
 
+from federation.db import DatabaseUnreachable
 from federation.errors import ErrorCode, FederationError
 
 RETRY_AFTER_SECONDS: Final = 2.0
@@ -28,6 +29,7 @@ _SERVER_OUTAGES: Final = (
     asyncpg.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
     asyncpg.QueryCanceledError,  # 57014: statement timeout (stalled server)
     asyncpg.TooManyConnectionsError,  # 53300
+    DatabaseUnreachable,  # a pool failing fast during an outage it knows of
 )
 
 _CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError)

@@ -45,7 +45,7 @@ from federation.crypto.envelope import (
     wrap_context,
 )
 from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
-from federation.db import create_pool
+from federation.db import BoundedPool, create_pool
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
@@ -511,7 +511,7 @@ async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
     await conn.execute(f"SET ROLE {ROLE}")
 
 
-async def create_gateway_pool(url: str, config: DatabaseConfig) -> asyncpg.Pool:
+async def create_gateway_pool(url: str, config: DatabaseConfig) -> BoundedPool:
     """A pool whose every connection runs as ``federation_gateway`` (migrations must have
     run: the role is created by migration 0020)."""
     return await create_pool(url, config, init=_as_gateway_role)
