@@ -25,27 +25,28 @@ def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[str, 
     return {str(s): _ERROR for s in sorted(every)}
 
 
-MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
-                                        "properties": {"type": {"const": "text"},
-                                                       "text": {"type": "string"}}}},
-            {"type": "null"},
-        ]},
-        "name": {"type": "string"},
-    },
-}
+_CONTENT = [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"},
+                                               "text": {"type": "string"}}}},
+]
+
+MESSAGE = {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "tool"]},
+        "content": {"oneOf": _CONTENT}, "name": {"type": "string"}}},
+    {"type": "object", "required": ["role"], "description": "Only an assistant message "
+     "may come without content.", "properties": {
+         "role": {"const": "assistant"},
+         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"}}},
+]}
 
 CHAT_REQUEST = {
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
-        "model": {"type": "string"},
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
         "messages": {"type": "array", "minItems": 1,
                      "items": {"$ref": "#/components/schemas/Message"}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},

@@ -9,7 +9,6 @@ route a gateway with a real council node (``tests/council_support.py``).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,15 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from federation.council.scripted_backend import Script, ScriptedCouncilBackend, vote_json
 from federation.db import Database
-from gateway_http.app import GatewayServer
-from tests.council_support import council_stack
+from tests.council_gateway_support import CouncilGateway, council_gateway
 from tests.edge_http_support import RawResponse, exchange, request_bytes
-from tests.gateway_support import gateway_settings
-from tests.keys_support import key_nodes
 from tests.stack_support import MODEL, Stack, federation_stack
-from tests.support import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -215,52 +209,31 @@ async def test_bad_chunked_body_is_json_400(stack: Stack) -> None:
 
 # ---- the council ------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Council:
-    server: GatewayServer
-    key: str
-
-    async def vote(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        async with aiohttp.ClientSession() as http, http.post(
-                f"http://127.0.0.1:{self.server.port}/v1/council/vote", data=body,
-                headers={"Authorization": f"Bearer {self.key}"}) as response:
-            assert response.content_type == "application/json", await response.text()
-            return response.status, await response.json()
+async def vote(council: CouncilGateway, body: bytes) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.post(
+            council.base + "/v1/council/vote", data=body,
+            headers={"Authorization": f"Bearer {council.key}"}) as response:
+        assert response.content_type == "application/json", await response.text()
+        return response.status, await response.json()
 
 
 @pytest.fixture
-async def council(home: Path, database: Database) -> AsyncIterator[Council]:
-    pki = TestPKI(home)
-    backend = ScriptedCouncilBackend(scripts={"crawdad": Script([vote_json("approve", 0.8,
-                                                                           "ok", [])])})
-    async with (
-        council_stack(pki, database, backend) as stack,
-        key_nodes(pki, database,
-                  memory_address=f"127.0.0.1:{stack.memory_server.port}") as federation,
-    ):
-        issued = await federation.issue("t1", ("council",), requests_per_minute=1000)
-        base = federation.wire(gateway_settings(home, [stack.router.nodes[0].address]))
-        settings = dataclasses.replace(
-            base, peers=dataclasses.replace(base.peers, council=stack.council_address))
-        server = GatewayServer(settings, pki.identity("gateway"))
-        await server.start()
-        try:
-            yield Council(server, issued.secret)
-        finally:
-            await server.stop()
+async def council(home: Path, database: Database) -> AsyncIterator[CouncilGateway]:
+    async with council_gateway(home, database) as running:
+        yield running
 
 
-async def test_deep_json_on_council_vote_is_400(council: Council) -> None:
-    status, body = await council.vote(b'{"question": "q", "x": ' + b"[" * DEEP
-                                      + b"]" * DEEP + b"}")
+async def test_deep_json_on_council_vote_is_400(council: CouncilGateway) -> None:
+    deep = b'{"question": "q", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    status, body = await vote(council, deep)
     assert_invalid(status, body["error"], None, "nested more than 64 levels")
 
 
-async def test_council_vote_integer_question_names_its_type(council: Council) -> None:
-    status, body = await council.vote(json.dumps({"question": 42}).encode())
+async def test_council_vote_integer_question_names_its_type(council: CouncilGateway) -> None:
+    status, body = await vote(council, json.dumps({"question": 42}).encode())
     assert_invalid(status, body["error"], "question", "Invalid type for 'question'",
                    "expected a string", "got an integer")
-    status, body = await council.vote(b"{}")
+    status, body = await vote(council, b"{}")
     assert_invalid(status, body["error"], "question", "Missing required parameter")
-    status, body = await council.vote(json.dumps({"question": "Ship it?"}).encode())
+    status, body = await vote(council, json.dumps({"question": "Ship it?"}).encode())
     assert status == 200, body
