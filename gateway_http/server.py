@@ -22,7 +22,8 @@ empty reply). Each connection here has:
 
 The HTTP parser's own refusals (a header too long, a bad Content-Length, a NUL in a
 header) are answered in OpenAI's error JSON (``gateway_http/errors.py``) instead of
-aiohttp's text/plain.
+aiohttp's text/plain; one that comes while a handler waits for the body (a bad chunk)
+fails that handler's read at once (400) rather than leaving it to the body deadline.
 
 How: :class:`EdgeRunner` is ``web.AppRunner`` serving through an :class:`EdgeServer`,
 a ``web.Server`` whose connections are :class:`EdgeRequestHandler` protocols. The
@@ -39,13 +40,20 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web, web_protocol
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
 
 from federation.config import GatewayConfig
 from federation.errors import ErrorCode, FederationError
 from federation.logs import REQUEST_ID_HEADER, new_request_id
-from gateway_http.errors import error_response, protocol_error, raw_error_response
+from gateway_http.errors import (
+    error_response,
+    parser_refusal,
+    protocol_error,
+    raw_error_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +144,21 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         self._head_started = False
+        message, payload = self._messages[-1] if self._messages else (None, None)
+        if not isinstance(message, RawRequestMessage):
+            # The parser refused what came (a bad chunk, say): a body still being
+            # received will not complete, so its handler learns it now, not at the deadline.
+            if self._body is not None and not self._body.is_eof():
+                error = parser_refusal(getattr(message, "exc", None),
+                                       getattr(message, "message", None))
+                self._fail_body(self._body, RequestPayloadError(error.message))
+            self._body_done()
+            return
         self._body_done()
-        if self._messages:
-            payload = self._messages[-1][1]
-            if not payload.is_eof():
-                self._body = payload
-                self._body_timer = self._loop.call_later(
-                    self._edge.limits.body_timeout_seconds, self._body_timed_out)
+        if payload is not None and not payload.is_eof():
+            self._body = payload
+            self._body_timer = self._loop.call_later(
+                self._edge.limits.body_timeout_seconds, self._body_timed_out)
 
     def _body_done(self) -> None:
         if self._body_timer is not None:
@@ -161,8 +177,9 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
                                     "The request head did not arrive within the gateway's "
                                     "header read timeout; the connection is closed.")
             self.transport.write(raw_error_response(error, 408))
-        log.info("closed a connection whose request head did not arrive in time",
-                 extra={"partial_head": self._head_started})
+        # Debug: under a slowloris flood this is one line per connection.
+        log.debug("closed a connection whose request head did not arrive in time",
+                  extra={"partial_head": self._head_started})
         self.force_close()
 
     def _body_timed_out(self) -> None:
@@ -170,15 +187,18 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         body, self._body = self._body, None
         if body is None or body.is_eof() or self.transport is None:
             return
-        log.info("request body did not arrive in time; closing the connection")
+        log.debug("request body did not arrive in time; closing the connection")
+        self._fail_body(body, BodyReadTimeout())
+
+    def _fail_body(self, body: StreamReader, exc: Exception) -> None:
+        """The handler's read of ``body`` fails with ``exc`` (it answers 408 or 400), and
+        the connection closes right after that answer instead of reading on."""
         if self._current_request is None:  # nobody reads it (aiohttp's lingering read)
             self.force_close()
             return
-        # The handler's read fails, it answers 408, and the connection closes right
-        # after that answer instead of waiting for the rest of the body.
         self._lingering_time = 0.0
         self.close()
-        body.set_exception(BodyReadTimeout())
+        body.set_exception(exc)
 
     def _cancel_timers(self) -> None:
         for timer in (self._head_timer, self._body_timer):

@@ -8,8 +8,10 @@ route a gateway with a real council node (``tests/council_support.py``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 
 from federation.db import Database
 from tests.council_gateway_support import CouncilGateway, council_gateway
-from tests.edge_http_support import RawResponse, exchange, request_bytes
+from tests.edge_http_support import RawResponse, exchange, parse_response, request_bytes
 from tests.stack_support import MODEL, Stack, federation_stack
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,3 +239,18 @@ async def test_council_vote_integer_question_names_its_type(council: CouncilGate
     assert_invalid(status, body["error"], "question", "Missing required parameter")
     status, body = await vote(council, json.dumps({"question": "Ship it?"}).encode())
     assert status == 200, body
+
+
+async def test_bad_chunk_after_the_head_is_json_400_at_once(stack: Stack) -> None:
+    """The head is in and the handler waits for the body when the bad chunk comes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    writer.write(request_bytes("POST", CHAT, headers={"Transfer-Encoding": "chunked"}))
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+    async with asyncio.timeout(10):
+        response = parse_response(await reader.read())
+    writer.close()
+    assert time.monotonic() - started < 5
+    parser_refusal(response)
