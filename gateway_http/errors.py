@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from federation.errors import CATALOG, INTERNAL_MESSAGE, ErrorCode, FederationError
+from federation.logs import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def raw_error_response(error: FederationError, status: int) -> bytes:
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
             "Content-Type: application/json; charset=utf-8",
             f"Content-Length: {len(body)}", "Connection: close",
+            f"{REQUEST_ID_HEADER}: {new_request_id()}",
             *(f"{name}: {value}" for name, value in _retry_after(error).items())]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 

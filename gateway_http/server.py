@@ -228,13 +228,12 @@ class EdgeRequestHandler(web_protocol.RequestHandler):
         OpenAI's error JSON; the connection is closed after it, as aiohttp does."""
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already started; it cannot become an error")
+        error = protocol_error(status, exc, message)
         if isinstance(exc, HttpProcessingError):
-            log.info("refused a malformed HTTP request",
-                     extra={"reason": (exc.message or "").splitlines()[0][:100] if exc.message
-                            else type(exc).__name__})
+            log.info("refused a malformed HTTP request", extra={"reason": error.message})
         else:
             log.error("request failed outside the app", exc_info=exc)
-        response = error_response(protocol_error(status, exc, message), status)
+        response = error_response(error, status)
         response.headers[REQUEST_ID_HEADER] = new_request_id()
         response.force_close()
         return response
