@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -58,6 +59,7 @@ WRITE_SCOPE = "vault:write"
 READ_SCOPE = "vault:read"
 ADMIN_SCOPE = "admin"
 _NO_STORE = {"Cache-Control": "no-store"}
+_QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 def add_vault_routes(
@@ -205,7 +207,7 @@ async def list_secrets(request: web.Request) -> web.Response:
 
 def _query_int(request: web.Request, name: str) -> int:
     text = request.query.get(name, "0").strip()
-    if not text.lstrip("-").isdecimal() or len(text) > 19:
+    if _QUERY_INT.fullmatch(text) is None:
         raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} must be an integer",
                               param=name)
     return int(text)

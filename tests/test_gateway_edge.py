@@ -141,7 +141,7 @@ async def test_vault_page_token_holding_a_nul_is_400_naming_it(stack: Stack) -> 
 
 async def test_vault_page_size_that_is_not_an_integer_is_400(stack: Stack) -> None:
     key = (await stack.issue("t1", ["vault:read"])).secret
-    for size in ("x", "1e3", "-1", "9" * 30):
+    for size in ("x", "1e3", "-1", "--5", "٣", "9" * 30):
         status, body, _ = await stack.call("GET", f"{SECRETS}?page_size={size}", key)
         assert_invalid(status, body["error"], "page_size", "page_size")
 
