@@ -39,6 +39,7 @@ from gateway_http.auth import (
     GrpcKeyVerifier,
     KeyVerifier,
 )
+from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
 from gateway_http.council_routes import add_council_routes
@@ -46,6 +47,7 @@ from gateway_http.errors import error_middleware
 from gateway_http.lifecycle import AUDIT_RECORD, add_request_id_header, lifecycle_middleware
 from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
+from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault_routes import add_vault_routes
@@ -67,7 +69,10 @@ def create_app(
     ``credentials=None`` talks plaintext to nodes started with ``--insecure-dev``."""
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes,
-        middlewares=[lifecycle_middleware, error_middleware],
+        # The body is read and parsed (depth and number ranges checked) inside the
+        # error guard and before the council and transcript middlewares, which
+        # add_council_routes / create_app append after it.
+        middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
@@ -177,7 +182,9 @@ def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Chan
 
 
 class GatewayServer:
-    """The gateway app on ``AppRunner`` + ``TCPSite``; ``port`` is the bound port."""
+    """The gateway app on an :class:`~gateway_http.server.EdgeRunner` (``AppRunner``
+    with head/body deadlines and a connection limit) + ``TCPSite``; ``port`` is the
+    bound port."""
 
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
                  keys: KeyVerifier | None = None, audit: AuditWriter | None = None,
@@ -191,19 +198,28 @@ class GatewayServer:
     def state(self) -> GatewayState:
         return self.app[STATE]
 
+    @property
+    def edge(self) -> EdgeServer:
+        """The HTTP server: open connections, refusals over the limit, limits in effect."""
+        assert self._runner is not None and isinstance(self._runner.server, EdgeServer)
+        return self._runner.server
+
     async def start(self) -> None:
-        runner = web.AppRunner(
+        config = self._settings.gateway
+        runner = EdgeRunner(
             self.app,
+            limits=EdgeLimits.from_config(config, fit_connection_limit(config.max_connections)),
             access_log=None,
             # A client that disconnects cancels its handler, which cancels the
             # gRPC call, which stops the generation on the node.
             handler_cancellation=True,
+            keepalive_timeout=config.keepalive_timeout_seconds,
             shutdown_timeout=self._settings.grpc.grace_seconds,
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self._settings.gateway.http_host,
-                           self._settings.gateway.http_port)
+        site = web.TCPSite(runner, config.http_host, config.http_port,
+                           backlog=config.listen_backlog)
         await site.start()
         self.port = int(runner.addresses[0][1])
         log.info("gateway serving", extra={"host": self._settings.gateway.http_host,

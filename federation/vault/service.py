@@ -525,10 +525,23 @@ def _make_token(info: SecretInfo) -> str:
 def _parse_token(token: str) -> tuple[dt.datetime, str]:
     if not token:
         return dt.datetime(1970, 1, 1, tzinfo=dt.UTC), ""
+    decoded = _decode_token(token)
+    if decoded is None:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
+                              param="page_token")
+    return decoded
+
+
+def _decode_token(token: str) -> tuple[dt.datetime, str] | None:
+    """What ``_make_token`` wrote, or ``None``: an aware time and an id of printable
+    ASCII (anything else, a NUL say, would reach PostgreSQL, which refuses it)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         moment, _, secret_id = raw.partition("|")
-        return dt.datetime.fromisoformat(moment), secret_id
+        after = dt.datetime.fromisoformat(moment)
     except (ValueError, UnicodeDecodeError):
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token") from None
+        return None
+    if (after.tzinfo is None or not secret_id.isascii() or not secret_id.isprintable()
+            or len(secret_id) > _MAX_NAME):
+        return None
+    return after, secret_id
