@@ -261,7 +261,8 @@ steps = st.lists(st.one_of(
 ), max_size=25)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # a new key per example
 @given(steps)
 async def test_reservations_follow_the_rules(
     database: Database, quotas: QuotaService, memory: MemoryStore,
