@@ -48,6 +48,7 @@ from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
 from gateway_http.chat.protocol import ChunkWriter, completion_id, completion_object
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import sse_error
+from gateway_http.quota import reserve_council
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, REQUEST_ID, STATE
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ async def council_vote(request: web.Request) -> web.StreamResponse:
     body = parse_vote_body(await request.read())
     check_access(level_from_int(body.level), principal.scopes)
     request[MODEL] = COUNCIL_MODEL
-    await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
+    await reserve_council(request, gateway.keys, principal.key_id, body.council, body.rounds)
     outcome = request[OUTCOME] = ChatOutcome(time.perf_counter(), stream=body.stream)
     vote = _vote_request(body, principal)
     metadata = _metadata(request, principal)
@@ -253,7 +254,7 @@ async def council_chat_completion(request: web.Request, model: str) -> web.Strea
     data = json.loads(await request.read())
     question = _last_user_message(data.get("messages"))
     request[MODEL] = model
-    await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
+    await reserve_council(request, gateway.keys, principal.key_id, council, 0)
     stream = data.get("stream") is True
     outcome = request[OUTCOME] = ChatOutcome(time.perf_counter(), stream=stream)
     vote = council_pb2.VoteRequest(question=question, council=council,

@@ -5,8 +5,9 @@ request, including refused ones, and the ``FederationError`` they carried.
 A successful chat completion writes its audit record *before* its response
 completes (:func:`record_audit_now`, called by the chat route), so a failure to
 audit fails the request; every other request (refusals, errors, listings) is
-audited in the background after the response. Charging tokens happens in the
-background too; both are awaited at shutdown.
+audited in the background after the response. Settling a request's token
+reservation to what it used (``gateway_http.quota``) happens in the background
+too; both are awaited at shutdown.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from gateway_http.auth import AuditEntry
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY
+from gateway_http.quota import QUOTA_HOLD, tokens_used
 from gateway_http.state import (
     AUDITED,
     MODEL,
@@ -92,11 +94,15 @@ def _finish(request: web.Request, state: GatewayState, route: str, status: int,
     principal = request.get(PRINCIPAL)
     if principal is None:
         return  # unauthenticated requests are counted, not audited (no flood into the chain)
-    if outcome is not None and outcome.finished is not None:
+    hold = request.get(QUOTA_HOLD)
+    if hold is not None:
+        client_left = status == CLIENT_CLOSED or (
+            error is not None and error.code is ErrorCode.CANCELLED)
         state.background.spawn(
-            state.keys.consume(principal.key_id, tokens=outcome.finished.total_tokens,
-                               is_request=False),
-            "quota charge", on_failure=lambda: metrics.background_failures.labels("quota").inc(),
+            state.keys.settle(hold.reservation,
+                              tokens_used(hold, outcome, client_left=client_left)),
+            "quota settlement",
+            on_failure=lambda: metrics.background_failures.labels("quota").inc(),
         )
     if request.get(AUDITED):
         return
