@@ -38,6 +38,10 @@ from gateway_http.state import STATE
 FALLBACK_CONTEXT_LENGTH: Final = 4096
 """Context assumed for a model no inference node describes (it will fail to run)."""
 
+MAX_RESERVATION: Final = 2**53
+"""Most tokens one request asks to reserve (far beyond any model's context; keeps an
+absurd ``max_tokens`` inside what the key authority accepts)."""
+
 COUNCIL_ATTEMPTS: Final = 2
 """Model calls per member and round, and for the synthesis: the first, and one repair
 (see ``federation.council.engine.Council._structured``)."""
@@ -66,7 +70,7 @@ def chat_reservation_size(generation: GenerationRequest, context_length: int) ->
     counts the prompt exactly, refuses a budget its prompt does not fit.
     """
     completion = generation.sampling.max_tokens or context_length
-    tokens = prompt_token_bound(generation.messages) + completion
+    tokens = min(prompt_token_bound(generation.messages) + completion, MAX_RESERVATION)
     return tokens, min(tokens, len(generation.messages) + 1)
 
 

@@ -232,3 +232,16 @@ async def test_settling_over_grpc_is_idempotent(stack: Stack) -> None:
     assert (second.settled, second.released_tokens) == (False, 0)
     status = (await stack.keys.CheckQuota(kpb.CheckQuotaRequest(key_id=key_id))).status
     assert status.tokens_used == 300
+
+
+async def test_a_quota_larger_than_any_budget_still_serves(stack: Stack) -> None:
+    """Budgets travel as uint32; a bigger quota is simply no limit on one generation."""
+    issued = await issue(stack, 10**12)
+    async with client(stack, issued.secret) as openai_client:
+        completion = await openai_client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": WORDS_81}],
+            max_tokens=2**32 - 1)
+    assert completion.usage is not None and completion.usage.total_tokens == 81
+    assert stack.backend.requests[-1].token_budget == 2**32 - 1
+    status = await settled(stack, issued.key.key_id)
+    assert status.tokens_used == 81

@@ -45,6 +45,7 @@ _FINISH_TO_PB: Final[dict[FinishReason, int]] = {
     "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 _FINISH_FROM_PB: Final[dict[int, FinishReason]] = {v: k for k, v in _FINISH_TO_PB.items()}
+_UINT32_MAX: Final = 2**32 - 1
 
 
 def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
@@ -71,7 +72,8 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
         ),
     )
     if request.token_budget is not None:
-        message.token_budget = request.token_budget
+        # A quota beyond uint32 is more than any context: the clamp changes nothing real.
+        message.token_budget = min(request.token_budget, _UINT32_MAX)
     return message
 
 
