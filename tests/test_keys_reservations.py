@@ -79,7 +79,7 @@ async def test_a_reservation_bigger_than_what_remains_is_capped(
     refused = await reserve(quotas, key_id, 4096, min_tokens=20)
     assert isinstance(refused, FederationError)
     assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
-    assert "19 of 100 tokens remain" in refused.message
+    assert "19 of 100 tokens remain in this period, which ends in 60 min" in refused.message
     assert refused.retry_after_seconds == pytest.approx(HOUR)
     assert await used(database, key_id) == (81, 1)  # the refused request was not counted
     last = await reserve(quotas, key_id, 4096, min_tokens=19)

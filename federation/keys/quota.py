@@ -392,7 +392,7 @@ def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus) -> F
         wait = (row["new_minute_start"] + dt.timedelta(minutes=1) - now).total_seconds()
         return FederationError(
             ErrorCode.RESOURCE_EXHAUSTED,
-            f"request rate limit reached for API key {key_id}; retry in {max(wait, 0.001):.3g}s",
+            f"request rate limit reached for API key {key_id}; retry in {_wait_text(wait)}",
             retry_after_seconds=max(wait, 0.0),
         )
     assert status.period_end is not None  # only a key with a token quota runs short of tokens
@@ -401,6 +401,15 @@ def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus) -> F
     return FederationError(
         ErrorCode.INSUFFICIENT_QUOTA,
         f"token quota exhausted for API key {key_id}: {remaining} of {row['token_quota']} "
-        f"tokens remain in this period; the quota resets in {max(wait, 0.001):.3g}s",
+        f"tokens remain in this period, which ends in {_wait_text(wait)}",
         retry_after_seconds=wait,
     )
+
+
+def _wait_text(seconds: float) -> str:
+    """A wait as people read it: ``40 s``, ``15 min``, ``24.0 h``."""
+    if seconds < 120:
+        return f"{max(seconds, 0.0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
