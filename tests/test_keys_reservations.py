@@ -79,7 +79,9 @@ async def test_a_reservation_bigger_than_what_remains_is_capped(
     refused = await reserve(quotas, key_id, 4096, min_tokens=20)
     assert isinstance(refused, FederationError)
     assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
-    assert "19 of 100 tokens remain in this period, which ends in 60 min" in refused.message
+    assert refused.message == (
+        f"this request needs at least 20 tokens of API key {key_id}'s quota: 19 of 100 tokens "
+        "remain in this period, which ends in 60 min")
     assert refused.retry_after_seconds == pytest.approx(HOUR)
     assert await used(database, key_id) == (81, 1)  # the refused request was not counted
     last = await reserve(quotas, key_id, 4096, min_tokens=19)
@@ -98,6 +100,7 @@ async def test_an_exact_fit_then_zero_remaining(
                                 at=T0 + dt.timedelta(seconds=15))
         assert isinstance(refused, FederationError)
         assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
+        assert refused.message.startswith(f"token quota exhausted for API key {key_id}: 0 of")
         assert refused.retry_after_seconds == pytest.approx(45)
     assert await used(database, key_id) == (100, 1)
     audit = await memory.search(SearchQuery(tenant_id="acme", action_prefix="key.quota"))

@@ -274,7 +274,7 @@ class QuotaService:
         if row["granted"]:
             return Reservation(reservation_id, int(row["reserved"]),
                                row["token_quota"] is not None, status)
-        error = _reserve_refusal(key_id, row, status)
+        error = _reserve_refusal(key_id, row, status, max(min_tokens, 1))
         await self._refuse(key_id, row["tenant_id"],
                            replace(status, retry_after=error.retry_after_seconds), tokens,
                            actor, error)
@@ -385,7 +385,8 @@ def _with_retry(
                        status.requests_reset_in, status.period_end, max(retry, 0.0))
 
 
-def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus) -> FederationError:
+def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int
+                     ) -> FederationError:
     """Why a reservation was refused: the request rate first, else the token quota."""
     now: dt.datetime = row["now"]
     if not row["requests_fit"]:
@@ -398,10 +399,12 @@ def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus) -> F
     assert status.period_end is not None  # only a key with a token quota runs short of tokens
     wait = max((status.period_end - now).total_seconds(), 0.0)
     remaining = status.tokens_remaining or 0
+    short = ("token quota exhausted for API key " + key_id if remaining == 0 else
+             f"this request needs at least {min_tokens} tokens of API key {key_id}'s quota")
     return FederationError(
         ErrorCode.INSUFFICIENT_QUOTA,
-        f"token quota exhausted for API key {key_id}: {remaining} of {row['token_quota']} "
-        f"tokens remain in this period, which ends in {_wait_text(wait)}",
+        f"{short}: {remaining} of {row['token_quota']} tokens remain in this period, which "
+        f"ends in {_wait_text(wait)}",
         retry_after_seconds=wait,
     )
 
