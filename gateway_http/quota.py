@@ -61,29 +61,29 @@ QUOTA_HOLD = web.RequestKey("quota_hold", QuotaHold)
 
 # ---- chat ----------------------------------------------------------------------------------
 
-def chat_reservation_size(generation: GenerationRequest, context_length: int) -> tuple[int, int]:
+def chat_reservation_size(generation: GenerationRequest, prompt_bound: int,
+                          context_length: int) -> tuple[int, int]:
     """(tokens, min_tokens) to reserve for a chat completion.
 
-    ``tokens``: an upper bound of the prompt (:func:`prompt_token_bound`) plus the
-    completion limit (``max_tokens``, else the model's context). ``min_tokens``: every
-    message is at least one token, and a completion needs one more; the node, which
-    counts the prompt exactly, refuses a budget its prompt does not fit.
+    ``tokens``: an upper bound of the prompt plus the completion limit (``max_tokens``,
+    else the model's context). ``min_tokens``: every message is at least one token, and
+    a completion needs one more; the node, which counts the prompt exactly, refuses a
+    budget its prompt does not fit.
     """
     completion = generation.sampling.max_tokens or context_length
-    tokens = min(prompt_token_bound(generation.messages) + completion, MAX_RESERVATION)
+    tokens = min(prompt_bound + completion, MAX_RESERVATION)
     return tokens, min(tokens, len(generation.messages) + 1)
 
 
 async def reserve_chat(request: web.Request, keys: KeyVerifier, key_id: str,
                        generation: GenerationRequest) -> Reservation:
     """Reserve for a chat completion and remember it on ``request`` for settlement."""
-    router = request.app[STATE].router
-    info = router.model_info(generation.model)
+    info = request.app[STATE].router.model_info(generation.model)
+    prompt_bound = prompt_token_bound(generation.messages)
     tokens, min_tokens = chat_reservation_size(
-        generation, info.context_length if info else FALLBACK_CONTEXT_LENGTH)
+        generation, prompt_bound, info.context_length if info else FALLBACK_CONTEXT_LENGTH)
     reservation = await keys.reserve(key_id, tokens=tokens, min_tokens=min_tokens)
-    prompt = prompt_token_bound(generation.messages)
-    request[QUOTA_HOLD] = QuotaHold(reservation, min(prompt, reservation.tokens))
+    request[QUOTA_HOLD] = QuotaHold(reservation, min(prompt_bound, reservation.tokens))
     return reservation
 
 
