@@ -18,6 +18,7 @@ lifecycle middleware settles it (one ``SettleQuota``) to what was really used:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -87,10 +88,20 @@ async def reserve_chat(request: web.Request, keys: KeyVerifier, key_id: str,
     return reservation
 
 
-def with_quota_retry(error: FederationError, reservation: Reservation) -> FederationError:
-    """The node refused the budget: say when the key's quota period resets."""
-    if error.code is ErrorCode.INSUFFICIENT_QUOTA and error.retry_after_seconds is None:
-        error.retry_after_seconds = reservation.retry_after()
+async def refused_by_node(request: web.Request, keys: KeyVerifier,
+                          error: FederationError) -> FederationError:
+    """The node refused the budget before generating (the prompt does not fit): release
+    the reservation now, so the client's next request finds the tokens free, and say
+    when the key's quota period resets. Should releasing fail, the settlement after the
+    response tries again."""
+    hold = request.get(QUOTA_HOLD)
+    if error.code is not ErrorCode.INSUFFICIENT_QUOTA or hold is None:
+        return error
+    if error.retry_after_seconds is None:
+        error.retry_after_seconds = hold.reservation.retry_after()
+    with contextlib.suppress(FederationError):
+        await keys.settle(hold.reservation, 0)
+        del request[QUOTA_HOLD]
     return error
 
 

@@ -100,6 +100,9 @@ async def test_a_quota_of_50_serves_nothing_and_a_request_within_it_is_capped(
             await openai_client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "y " * 60}])
         assert refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+        # The node refused the prompt; the gateway releases the reservation after the
+        # response (a request arriving sooner finds the tokens held: retry in 1 s).
+        assert (await settled(stack, issued.key.key_id)).tokens_used == 0
         # A shorter prompt fits, and its completion is cut where the quota ends.
         completion = await openai_client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": WORDS_81}])

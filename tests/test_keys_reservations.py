@@ -95,6 +95,7 @@ async def test_an_exact_fit_then_zero_remaining(
     key_id = await issue(database, memory, token_quota=100, quota_period_seconds=60)
     exact = await reserve(quotas, key_id, 100, min_tokens=100)
     assert isinstance(exact, Reservation) and exact.tokens == 100
+    await quotas.settle(key_id, exact.reservation_id, used_tokens=100, at=T0)
     for min_tokens in (0, 1):  # at least one token is always required
         refused = await reserve(quotas, key_id, 10, min_tokens=min_tokens,
                                 at=T0 + dt.timedelta(seconds=15))
@@ -149,6 +150,28 @@ async def test_bad_arguments_are_refused(
     assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, param)
     missing = await reserve(quotas, "A" * 16, 10)
     assert isinstance(missing, FederationError) and missing.code is ErrorCode.NOT_FOUND
+
+
+async def test_tokens_held_by_requests_in_flight_are_worth_a_short_retry(
+    database: Database, quotas: QuotaService, memory: MemoryStore
+) -> None:
+    """Refused now, but not for the whole period: running requests release what they
+    do not use when they settle."""
+    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=HOUR)
+    running = await reserve(quotas, key_id, 90)
+    assert isinstance(running, Reservation)
+    refused = await reserve(quotas, key_id, 50, min_tokens=20)
+    assert isinstance(refused, FederationError)
+    assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
+    assert refused.retry_after_seconds == 1.0
+    assert "90 are reserved by requests in flight" in refused.message
+    await quotas.settle(key_id, running.reservation_id, used_tokens=30, at=T0)
+    admitted = await reserve(quotas, key_id, 50, min_tokens=20)
+    assert isinstance(admitted, Reservation) and admitted.tokens == 50
+    # Nothing in flight can make room for more than the quota itself.
+    await quotas.settle(key_id, admitted.reservation_id, used_tokens=50, at=T0)
+    spent = await reserve(quotas, key_id, 50, min_tokens=21)
+    assert isinstance(spent, FederationError) and spent.retry_after_seconds == pytest.approx(HOUR)
 
 
 # ---- settlement ------------------------------------------------------------------------------

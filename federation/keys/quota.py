@@ -178,6 +178,15 @@ _SETTLE_SQL = """
 
 _PURGE_SQL = "DELETE FROM api_key_quota_reservations WHERE created_at < $1"
 
+_IN_FLIGHT_SQL = """
+    SELECT coalesce(sum(tokens), 0) FROM api_key_quota_reservations
+    WHERE tenant_id = $1 AND key_id = $2 AND period_start = $3
+"""
+
+IN_FLIGHT_RETRY_SECONDS = 1.0
+"""Retry hint when the tokens a request needs are held by reservations of requests still
+running: they settle (and release what they did not use) as they finish."""
+
 MAX_TOKENS = 2**62
 """Largest token figure accepted (the counters are PostgreSQL bigints)."""
 
@@ -274,7 +283,11 @@ class QuotaService:
         if row["granted"]:
             return Reservation(reservation_id, int(row["reserved"]),
                                row["token_quota"] is not None, status)
-        error = _reserve_refusal(key_id, row, status, max(min_tokens, 1))
+        in_flight = 0
+        if row["requests_fit"]:  # short of tokens: are they only held by running requests?
+            in_flight = int(await self._pool.fetchval(
+                _IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
+        error = _reserve_refusal(key_id, row, status, max(min_tokens, 1), in_flight)
         await self._refuse(key_id, row["tenant_id"],
                            replace(status, retry_after=error.retry_after_seconds), tokens,
                            actor, error)
@@ -385,9 +398,10 @@ def _with_retry(
                        status.requests_reset_in, status.period_end, max(retry, 0.0))
 
 
-def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int
-                     ) -> FederationError:
-    """Why a reservation was refused: the request rate first, else the token quota."""
+def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
+                     in_flight: int) -> FederationError:
+    """Why a reservation was refused: the request rate first, else the token quota, which
+    is either spent for the period or, for now, held by requests in flight."""
     now: dt.datetime = row["now"]
     if not row["requests_fit"]:
         wait = (row["new_minute_start"] + dt.timedelta(minutes=1) - now).total_seconds()
@@ -399,6 +413,15 @@ def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_
     assert status.period_end is not None  # only a key with a token quota runs short of tokens
     wait = max((status.period_end - now).total_seconds(), 0.0)
     remaining = status.tokens_remaining or 0
+    if remaining + in_flight >= min_tokens:
+        return FederationError(
+            ErrorCode.INSUFFICIENT_QUOTA,
+            f"API key {key_id} has {remaining} of {row['token_quota']} tokens free: "
+            f"{in_flight} are reserved by requests in flight, which release what they do not "
+            f"use when they end; this request needs at least {min_tokens}; retry in "
+            f"{_wait_text(IN_FLIGHT_RETRY_SECONDS)}",
+            retry_after_seconds=IN_FLIGHT_RETRY_SECONDS,
+        )
     short = ("token quota exhausted for API key " + key_id if remaining == 0 else
              f"this request needs at least {min_tokens} tokens of API key {key_id}'s quota")
     return FederationError(

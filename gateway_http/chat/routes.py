@@ -16,7 +16,7 @@ from gateway_http.chat.protocol import DONE, parse_chat_request
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import sse_error
 from gateway_http.lifecycle import record_audit_now
-from gateway_http.quota import reserve_chat, with_quota_retry
+from gateway_http.quota import refused_by_node, reserve_chat
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, STATE
 
 _SSE_HEADERS = {
@@ -41,7 +41,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         result = await state.chat.create(budgeted, outcome)
     except FederationError as error:
-        raise with_quota_retry(error, reservation) from None
+        raise await refused_by_node(request, state.keys, error) from None
     if isinstance(result, dict):
         await record_audit_now(request)  # no answer leaves unaudited
         return web.json_response(result, dumps=_dumps)
