@@ -125,7 +125,10 @@ def council_token_bound(asked: Sequence[Member], chair: Member, rounds: int,
 async def reserve_council(request: web.Request, keys: KeyVerifier, key_id: str, council: str,
                           rounds: int) -> None:
     """Reserve a council vote's worst case in full, or refuse it (the council's model calls
-    carry no budget, so a partial reservation could not be enforced)."""
+    carry no budget, so a partial reservation could not be enforced).
+
+    The members file is read per vote: a few kilobytes, against a vote that takes seconds,
+    and no state to keep on the frozen app."""
     state = request.app[STATE]
     config: CouncilConfig = state.settings.council
     roster = load_roster(members_file_for(state.settings.home, config.members_file))
