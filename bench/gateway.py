@@ -14,9 +14,9 @@ direct (gateway percentile − direct percentile), and requests/s of non-streami
 completions.
 
 Keys and audit use in-process stand-ins in the gateway (cached key verification is the
-hot path anyway; the per-request ConsumeQuota round trip to a real key authority and the
-background audit write to thermal memory are not included, though the gateway still does
-all its own work for both).
+hot path anyway; the per-request ReserveQuota round trip to a real key authority, the
+SettleQuota after it and the background audit write to thermal memory are not included,
+though the gateway still does all its own work for them).
 
 In a closed loop, latency at concurrency c is at least c / throughput (Little's law): once
 the gateway saturates the machine, latency at c=16 and c=64 measures queueing, not the
@@ -78,7 +78,7 @@ async def serve_gateway(home: Path, node: str) -> None:
     from federation.errors import ErrorCode, FederationError
     from federation.pki import certificate_files
     from gateway_http.app import GatewayServer
-    from gateway_http.auth import AuditEntry, KeyPrincipal
+    from gateway_http.auth import AuditEntry, KeyPrincipal, Reservation
     from tests.gateway_support import gateway_settings
     from tests.support import TRUST_DOMAIN
 
@@ -88,7 +88,10 @@ async def serve_gateway(home: Path, node: str) -> None:
                 raise FederationError(ErrorCode.UNAUTHENTICATED, "bad key")
             return KeyPrincipal("key_bench", "bench", frozenset({"chat"}))
 
-        async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
+        async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> Reservation:
+            return Reservation(key_id, "rsv_bench", tokens, None)
+
+        async def settle(self, reservation: Reservation, used_tokens: int) -> None:
             return None
 
     class Audit:

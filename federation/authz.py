@@ -61,6 +61,8 @@ ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
         KEYS + "VerifyKey",
         KEYS + "CheckQuota",
         KEYS + "ConsumeQuota",
+        KEYS + "ReserveQuota",
+        KEYS + "SettleQuota",
         MEMORY + "*",
         GUARDIAN + "DepositShare",
         GUARDIAN + "ReleaseShare",

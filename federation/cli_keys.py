@@ -29,7 +29,8 @@ def parse_duration(text: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    keys = subparsers.add_parser("keys", help="API keys: issue, list, revoke, rotate, strength")
+    keys = subparsers.add_parser(
+        "keys", help="API keys: issue, list, revoke, rotate, quota, strength")
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     issue = sub.add_parser("issue", help="issue a key; prints only the key unless --json")
@@ -62,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="how long the old secret keeps working (default: keys setting)")
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(handler=rotate_key)
+
+    quota = sub.add_parser("quota", help="a key's quota usage in the current windows")
+    quota.add_argument("key_id", metavar="KEY_ID")
+    quota.add_argument("--json", action="store_true")
+    quota.set_defaults(handler=key_quota)
 
     strength = sub.add_parser("strength", help="a key's current strength and its history")
     strength.add_argument("key_id", metavar="KEY_ID")
@@ -168,4 +174,28 @@ async def key_strength(settings: Settings, args: argparse.Namespace) -> int:
         kind = pb.StrengthEventKind.Name(sample.kind).removeprefix("STRENGTH_EVENT_KIND_").lower()
         source = f"  from {sample.source}" if sample.source else ""
         print(f"  {sample.time.ToJsonString()}  {sample.strength:.3f}  {kind}{source}")
+    return 0
+
+
+async def key_quota(settings: Settings, args: argparse.Namespace) -> int:
+    async with admin_channel(settings, "keys") as channel:
+        response = await _stub(channel).CheckQuota(
+            pb.CheckQuotaRequest(key_id=args.key_id),
+            timeout=settings.grpc.call_timeout_seconds)
+    status = response.status
+    if args.json:
+        print_json({"key_id": args.key_id, **_dict(status)})
+        return 0
+    if status.HasField("tokens_remaining"):
+        total = status.tokens_used + status.tokens_remaining
+        print(f"tokens: {status.tokens_used} of {total} used, {status.tokens_remaining} left "
+              f"(in-flight reservations count as used); period ends "
+              f"{status.period_end_time.ToJsonString()}")
+    else:
+        print(f"tokens: {status.tokens_used} used, no token quota")
+    if status.HasField("requests_remaining"):
+        reset = status.requests_reset_in.ToTimedelta().total_seconds()
+        print(f"requests: {status.requests_remaining} left this minute (resets in {reset:.0f}s)")
+    else:
+        print("requests: no rate limit")
     return 0

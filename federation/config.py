@@ -332,6 +332,11 @@ class KeysConfig:
     """Verified uses are aggregated in memory and written at this period.
     Failed attempts are written at once."""
 
+    unsettled_reservation_seconds: float = 3600.0
+    """A token reservation not settled within this long (its gateway died) is forgotten,
+    staying charged in full; the purge runs at the same period. Well above the longest
+    request (``gateway.request_timeout_seconds``, the council's overall deadline)."""
+
 
 @dataclass(frozen=True)
 class MemoryConfig:

@@ -22,6 +22,10 @@ RETRY_AFTER_METADATA: Final = "retry-after-ms"
 PARAM_METADATA: Final = "error-param"
 """Trailing metadata key naming the offending request parameter, if any."""
 
+CODE_METADATA: Final = "error-code"
+"""Trailing metadata key carrying the domain code when it is not the one its gRPC
+status maps back to (two codes share RESOURCE_EXHAUSTED, two OUT_OF_RANGE)."""
+
 
 class ErrorCode(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
@@ -33,6 +37,7 @@ class ErrorCode(enum.Enum):
     ABORTED = "aborted"
     OUT_OF_RANGE = "out_of_range"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    INSUFFICIENT_QUOTA = "insufficient_quota"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     DATA_LOSS = "data_loss"
     UNAVAILABLE = "unavailable"
@@ -71,6 +76,10 @@ CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
     ErrorCode.RESOURCE_EXHAUSTED: ErrorSpec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"
     ),
+    # A key's token quota cannot cover the request: OpenAI's own type and code.
+    ErrorCode.INSUFFICIENT_QUOTA: ErrorSpec(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "insufficient_quota"
+    ),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(
         grpc.StatusCode.OUT_OF_RANGE, 413, "invalid_request_error"
     ),
@@ -82,10 +91,10 @@ CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
     ErrorCode.INTERNAL: ErrorSpec(grpc.StatusCode.INTERNAL, 500, "server_error"),
 }
 
+# The first code listed for a status is the one the bare status maps back to; the
+# others travel with a CODE_METADATA trailer.
 _BY_GRPC_STATUS: Final = {
-    spec.grpc_status: code
-    for code, spec in reversed(CATALOG.items())
-    if code is not ErrorCode.PAYLOAD_TOO_LARGE
+    spec.grpc_status: code for code, spec in reversed(CATALOG.items())
 }
 
 INTERNAL_MESSAGE: Final = "Internal server error."
@@ -118,6 +127,8 @@ class FederationError(Exception):
             pairs.append((RETRY_AFTER_METADATA, str(math.ceil(self.retry_after_seconds * 1000))))
         if self.param:
             pairs.append((PARAM_METADATA, self.param))
+        if _BY_GRPC_STATUS[self.spec.grpc_status] is not self.code:
+            pairs.append((CODE_METADATA, self.code.value))
         return tuple(pairs)
 
     def __repr__(self) -> str:
@@ -137,7 +148,18 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError
             retry_after = int(value) / 1000
         elif key == PARAM_METADATA:
             param = str(value)
+        elif key == CODE_METADATA:
+            code = _refined(code, str(value))
     message = details or status.name.lower()
     if code is ErrorCode.UNAVAILABLE and not details:
         message = "the node is unavailable"
     return FederationError(code, message, param=param, retry_after_seconds=retry_after)
+
+
+def _refined(code: ErrorCode, value: str) -> ErrorCode:
+    """The trailer's code when it names one with the same gRPC status; else ``code``."""
+    try:
+        named = ErrorCode(value)
+    except ValueError:
+        return code
+    return named if CATALOG[named].grpc_status is CATALOG[code].grpc_status else code

@@ -27,7 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from federation.channels import insecure_channel, request_id_metadata, secure_channel
 from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError, from_rpc_error
-from federation.inference.convert import finished_from_pb, model_from_pb, request_to_pb
+from federation.inference.convert import (
+    delta_from_pb,
+    finished_from_pb,
+    model_from_pb,
+    request_to_pb,
+)
 from federation.inference.types import (
     GenerationEvent,
     GenerationRequest,
@@ -173,6 +178,13 @@ class InferenceRouter:
                     seen.setdefault(info.id, info)
         return sorted(seen.values(), key=lambda m: m.id)
 
+    def model_info(self, model: str) -> ModelInfo | None:
+        """What the nodes last said about ``model`` (its context length, …); ``None`` if
+        no node is known to serve it. Healthy nodes' answers are preferred."""
+        known = [node.models[model] for node in sorted(self._nodes, key=lambda n: not n.healthy)
+                 if model in node.models]
+        return known[0] if known else None
+
     def check_model(self, model: str) -> None:
         """NOT_FOUND for a model no node is known to serve; UNAVAILABLE if none is up.
 
@@ -296,5 +308,5 @@ class InferenceRouter:
 
 def _event(response: inference_pb2.GenerateResponse) -> GenerationEvent:
     if response.WhichOneof("event") == "delta":
-        return TokenDelta(response.delta.text)
+        return delta_from_pb(response.delta)
     return finished_from_pb(response.finished)

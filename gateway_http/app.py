@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -44,7 +45,13 @@ from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
 from gateway_http.council_routes import add_council_routes
 from gateway_http.errors import error_middleware
-from gateway_http.lifecycle import AUDIT_RECORD, add_request_id_header, lifecycle_middleware
+from gateway_http.lifecycle import (
+    AUDIT_RECORD,
+    QUOTA_SETTLEMENT,
+    add_request_id_header,
+    lifecycle_middleware,
+    settle_from_outbox,
+)
 from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
@@ -125,16 +132,17 @@ def _dependencies(
             stack.push_async_callback(background.drain)  # before the channels close
             metrics = GatewayMetrics(registry or CollectorRegistry())
             writer = audit or GrpcAuditWriter(_required(channels, "memory"), timeout)
-            outbox = _outbox(settings, metrics, writer)
+            verifier = CachedKeyVerifier(
+                keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
+                gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
+            )
+            outbox = _outbox(settings, metrics, writer, verifier)
             await outbox.start()
             stack.push_async_callback(outbox.stop, settings.grpc.grace_seconds)
             app[STATE] = GatewayState(
                 settings=settings,
                 router=router,
-                keys=CachedKeyVerifier(
-                    keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
-                    gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
-                ),
+                keys=verifier,
                 audit=writer,
                 metrics=metrics,
                 background=background,
@@ -147,7 +155,8 @@ def _dependencies(
     return context
 
 
-def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter) -> Outbox:
+def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
+            keys: KeyVerifier) -> Outbox:
     gateway = settings.gateway
     outbox = Outbox(
         OutboxConfig(
@@ -165,6 +174,7 @@ def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter) -> 
         await audit.record(entry)
 
     outbox.register(AUDIT_RECORD, deliver_audit)
+    outbox.register(QUOTA_SETTLEMENT, functools.partial(settle_from_outbox, keys))
     return outbox
 
 

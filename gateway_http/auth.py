@@ -10,6 +10,7 @@ trip per request; the price is that a revocation takes up to the TTL to bite.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -41,12 +42,37 @@ class KeyPrincipal:
     scopes: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens reserved against a key's quota before a generation, settled after it."""
+
+    key_id: str
+    reservation_id: str
+    tokens: int
+    token_budget: int | None
+    """What the generation may use, prompt and completion together (the inference node
+    enforces it); ``None`` when the key has no token quota."""
+    period_end: float | None = None
+    """When the key's token quota period ends (``time.time()`` scale)."""
+
+    def retry_after(self) -> float | None:
+        """Seconds until the token quota period resets, if the key has one."""
+        return None if self.period_end is None else max(1.0, self.period_end - time.time())
+
+
 class KeyVerifier(Protocol):
     async def verify(self, key: str, *, scope: str, source: str) -> KeyPrincipal:
         """The key's principal; FederationError UNAUTHENTICATED / PERMISSION_DENIED."""
 
-    async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
-        """Charge the quota; FederationError RESOURCE_EXHAUSTED with retry_after_seconds."""
+    async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> Reservation:
+        """Count the request and reserve up to ``tokens`` (capped to what remains).
+
+        FederationError RESOURCE_EXHAUSTED (request rate) or INSUFFICIENT_QUOTA (fewer
+        than ``min_tokens`` left), with retry_after_seconds; nothing is charged then.
+        """
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        """Charge what the request used and release the rest; idempotent."""
 
 
 @dataclass(frozen=True)
@@ -105,25 +131,36 @@ class GrpcKeyVerifier:
         k = response.key
         return KeyPrincipal(k.key_id, k.tenant_id, frozenset(k.scopes))
 
-    async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
+    async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> Reservation:
         try:
-            response = await self._stub.ConsumeQuota(
-                key_authority_pb2.ConsumeQuotaRequest(
-                    key_id=key_id, tokens=tokens, is_request=is_request),
+            response = await self._stub.ReserveQuota(
+                key_authority_pb2.ReserveQuotaRequest(
+                    key_id=key_id, tokens=tokens, min_tokens=min_tokens),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
-            if error.code is ErrorCode.RESOURCE_EXHAUSTED and error.retry_after_seconds is None:
+            if error.spec.http_status == 429 and error.retry_after_seconds is None:
                 error.retry_after_seconds = 1.0
             raise error from None
         status = response.status
-        if is_request and status.HasField("tokens_remaining") and status.tokens_remaining == 0:
-            # The token budget is spent: refuse now rather than generate for free.
-            wait = max(1.0, status.period_end_time.ToDatetime().timestamp() - time.time()) \
-                if status.HasField("period_end_time") else 60.0
-            raise FederationError(ErrorCode.RESOURCE_EXHAUSTED, "token quota exhausted",
-                                  retry_after_seconds=wait)
+        return Reservation(
+            key_id, response.reservation_id, response.reserved_tokens,
+            response.token_budget if response.HasField("token_budget") else None,
+            status.period_end_time.ToDatetime(dt.UTC).timestamp()
+            if status.HasField("period_end_time") else None,
+        )
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        try:
+            await self._stub.SettleQuota(
+                key_authority_pb2.SettleQuotaRequest(
+                    key_id=reservation.key_id, reservation_id=reservation.reservation_id,
+                    used_tokens=used_tokens),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
 
 
 class GrpcAuditWriter:
@@ -188,8 +225,11 @@ class CachedKeyVerifier:
         self._cache[slot] = (now + self._ttl, principal)
         return principal
 
-    async def consume(self, key_id: str, *, tokens: int, is_request: bool) -> None:
-        await self._inner.consume(key_id, tokens=tokens, is_request=is_request)
+    async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> Reservation:
+        return await self._inner.reserve(key_id, tokens=tokens, min_tokens=min_tokens)
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        await self._inner.settle(reservation, used_tokens)
 
 
 class BackgroundTasks:

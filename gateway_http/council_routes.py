@@ -49,6 +49,7 @@ from gateway_http.body import json_body
 from gateway_http.chat.protocol import ChunkWriter, completion_id, completion_object
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import AUTH_STATUSES, BODY_STATUSES, EDGE_STATUSES, sse_error
+from gateway_http.quota import reserve_council
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, REQUEST_ID, STATE
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ async def council_vote(request: web.Request) -> web.StreamResponse:
     body = parse_vote_body(json_body(request))
     check_access(level_from_int(body.level), principal.scopes)
     request[MODEL] = COUNCIL_MODEL
-    await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
+    await reserve_council(request, gateway.keys, principal.key_id, body.council, body.rounds)
     outcome = request[OUTCOME] = ChatOutcome(time.perf_counter(), stream=body.stream)
     vote = _vote_request(body, principal)
     metadata = _metadata(request, principal)
@@ -223,8 +224,12 @@ async def _stream_vote(request: web.Request, call: Any, first: council_pb2.VoteR
     except FederationError as exc:
         outcome.error = exc
         await response.write(sse_error(exc))
+    except ConnectionResetError:  # the client went away between two events
+        call.cancel()  # stop the council's work
+        outcome.error = FederationError(ErrorCode.CANCELLED, "the client went away")
+        return response
     except BaseException:
-        call.cancel()  # the client went away: stop the council's work
+        call.cancel()  # cancelled (the client went away): stop the council's work
         raise
     await response.write(_DONE)
     await response.write_eof()
@@ -258,7 +263,7 @@ async def council_chat_completion(request: web.Request, model: str) -> web.Strea
         raise _invalid(None, "The request body must be a JSON object.")
     question = _last_user_message(data.get("messages"))
     request[MODEL] = model
-    await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
+    await reserve_council(request, gateway.keys, principal.key_id, council, 0)
     stream = data.get("stream") is True
     outcome = request[OUTCOME] = ChatOutcome(time.perf_counter(), stream=stream)
     vote = council_pb2.VoteRequest(question=question, council=council,

@@ -8,7 +8,9 @@ audit fails the request. Every other authenticated request (refusals, errors,
 listings) has its record spooled to the durable outbox (fsynced) before its
 answer leaves, and delivered to thermal memory from there, retried until the
 memory node takes it: a memory outage delays those records, it does not lose
-them. While the outbox is full, requests are refused with 503.
+them. Settling a request's token reservation to what it used
+(``gateway_http.quota``) goes through the same outbox. While the outbox is
+full, requests are refused with 503.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
-from gateway_http.auth import AuditEntry
+from gateway_http.auth import AuditEntry, KeyVerifier, Reservation
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY, error_response
 from gateway_http.outbox import OutboxFull
+from gateway_http.quota import QUOTA_HOLD, tokens_used
 from gateway_http.state import (
     AUDITED,
     MODEL,
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 
 AUDIT_RECORD = "audit"
 """Outbox kind of a gateway request's audit record (payload: ``AuditEntry`` fields)."""
+
+QUOTA_SETTLEMENT = "quota_settlement"
+"""Outbox kind of a token reservation's settlement (payload: :func:`settlement`)."""
 
 CLIENT_CLOSED = 499
 """Status recorded when the client went away before the response was complete."""
@@ -64,6 +71,7 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
         return error_response(full)
     in_flight = state.metrics.in_flight.labels(route)
     in_flight.inc()
+    state.in_progress += 1
     status = CLIENT_CLOSED
     try:
         response: web.StreamResponse = await handler(request)
@@ -76,7 +84,10 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
         raise
     finally:
         in_flight.dec()
-        await _finish(request, state, route, status, time.perf_counter() - started)
+        try:
+            await _finish(request, state, route, status, time.perf_counter() - started)
+        finally:
+            state.in_progress -= 1
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -106,22 +117,37 @@ async def _finish(request: web.Request, state: GatewayState, route: str, status:
     principal = request.get(PRINCIPAL)
     if principal is None:
         return  # unauthenticated requests are counted, not audited (no flood into the chain)
-    if outcome is not None and outcome.finished is not None:
-        state.background.spawn(
-            state.keys.consume(principal.key_id, tokens=outcome.finished.total_tokens,
-                               is_request=False),
-            "quota charge", on_failure=lambda: metrics.background_failures.labels("quota").inc(),
-        )
-    if request.get(AUDITED):
-        return
-    entry = _audit_entry(request, route, status, elapsed, error)
+    # Spooled (durable) before the answer leaves: the response is sent after the middleware.
+    hold = request.get(QUOTA_HOLD)
+    if hold is not None:
+        client_left = status == CLIENT_CLOSED or (
+            error is not None and error.code is ErrorCode.CANCELLED)
+        used = tokens_used(hold, outcome, client_left=client_left)
+        await _spool(state, QUOTA_SETTLEMENT, settlement(hold.reservation, used), "quota")
+    if not request.get(AUDITED):
+        entry = _audit_entry(request, route, status, elapsed, error)
+        await _spool(state, AUDIT_RECORD, dataclasses.asdict(entry), "audit")
+
+
+async def _spool(state: GatewayState, kind: str, payload: dict[str, Any], what: str) -> None:
     try:
-        # Durable before the answer leaves (the response is sent after the middleware).
-        await state.outbox.put(AUDIT_RECORD, dataclasses.asdict(entry))
+        await state.outbox.put(kind, payload)
     except FederationError as exc:
-        metrics.background_failures.labels("audit").inc()
-        log.error("audit record could not be spooled",
-                  extra={"request_id": entry.request_id, "error": exc.message})
+        state.metrics.background_failures.labels(what).inc()
+        log.error("a record could not be spooled to the outbox",
+                  extra={"kind": kind, "request_id": request_id_var.get(),
+                         "error": exc.message})
+
+
+def settlement(reservation: Reservation, used_tokens: int) -> dict[str, Any]:
+    """The outbox payload of a settlement (see :func:`settle_from_outbox`)."""
+    return {"reservation": dataclasses.asdict(reservation), "used_tokens": used_tokens}
+
+
+async def settle_from_outbox(keys: KeyVerifier, payload: Mapping[str, Any]) -> None:
+    """Deliver a spooled settlement; ``SettleQuota`` is idempotent, so a redelivery after
+    a crash charges nothing twice."""
+    await keys.settle(Reservation(**payload["reservation"]), int(payload["used_tokens"]))
 
 
 async def record_audit_now(request: web.Request) -> None:

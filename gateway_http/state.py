@@ -31,6 +31,9 @@ class GatewayState:
     """Channels to the other components (by role), for health probes."""
     outbox: Outbox
     """Durable spool of the records written after an answer is decided."""
+    in_progress: int = 0
+    """Requests whose handling, spooling of their after-work included, has not ended
+    (a streamed response is on the wire before its settlement is spooled)."""
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

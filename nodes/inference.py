@@ -19,7 +19,12 @@ import grpc
 
 from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import BackendSet, build_backend_set
-from federation.inference.convert import finished_to_pb, model_to_pb, request_from_pb
+from federation.inference.convert import (
+    delta_to_pb,
+    finished_to_pb,
+    model_to_pb,
+    request_from_pb,
+)
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
 from federation.server import ServiceRegistration
 from federation.v1 import inference_pb2, inference_pb2_grpc
@@ -58,12 +63,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         events = self._backends.generate(request_from_pb(request))
         async with _Coalescer(events) as batches:
             async for batch in batches:
-                if isinstance(batch, str):
+                if isinstance(batch, TokenDelta):
                     if first_token is None:
                         first_token = time.perf_counter() - started
-                    yield inference_pb2.GenerateResponse(
-                        delta=inference_pb2.TokenDelta(text=batch, index=index)
-                    )
+                    yield inference_pb2.GenerateResponse(delta=delta_to_pb(batch, index))
                     index += 1
                     continue
                 finished = finished_to_pb(batch)
@@ -76,7 +79,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 class _Coalescer:
     """Reads a generation in its own task and hands over what has piled up since the
-    last message: the text of every delta produced meanwhile, joined, and then the
+    last message: every delta produced meanwhile, joined into one (text concatenated,
+    tokens summed, the first delta's prompt count kept), and then the
     ``GenerationFinished``.
 
     A delta is sent as soon as the previous message has been handed to gRPC, so a
@@ -92,12 +96,12 @@ class _Coalescer:
 
     def __init__(self, events: AsyncGenerator[GenerationEvent, None]) -> None:
         self._events = events
-        self._texts: list[str] = []
+        self._deltas: list[TokenDelta] = []
         self._end: GenerationFinished | Exception | None = None
         self._ready = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> AsyncIterator[str | GenerationFinished]:
+    async def __aenter__(self) -> AsyncIterator[TokenDelta | GenerationFinished]:
         self._reader = asyncio.create_task(self._read())  # copies the request-id context
         return self._batches()
 
@@ -113,7 +117,7 @@ class _Coalescer:
             async with contextlib.aclosing(self._events):
                 async for event in self._events:
                     if isinstance(event, TokenDelta):
-                        self._texts.append(event.text)
+                        self._deltas.append(event)
                         self._ready.set()
                     else:
                         self._end = event
@@ -127,20 +131,27 @@ class _Coalescer:
         finally:
             self._ready.set()
 
-    async def _batches(self) -> AsyncIterator[str | GenerationFinished]:
+    async def _batches(self) -> AsyncIterator[TokenDelta | GenerationFinished]:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            if self._texts:
-                text = "".join(self._texts)
-                self._texts.clear()
-                yield text
+            if self._deltas:
+                batch = _joined(self._deltas)
+                self._deltas.clear()
+                yield batch
             end = self._end
             if isinstance(end, Exception):
                 raise end
             if end is not None:
                 yield end
                 return
+
+
+def _joined(deltas: list[TokenDelta]) -> TokenDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    prompt = next((d.prompt_tokens for d in deltas if d.prompt_tokens is not None), None)
+    return TokenDelta("".join(d.text for d in deltas), sum(d.tokens for d in deltas), prompt)
 
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:

@@ -8,6 +8,7 @@ the gateway acts for whichever tenant owns the presented key.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, TypeAlias
 
 import grpc
@@ -21,6 +22,7 @@ from federation.keys.models import IssueRequest, KeyState, KeyView, StrengthKind
 from federation.keys.quota import QuotaService, QuotaStatus
 from federation.memory.client import GrpcAuditSink
 from federation.memory.convert import timestamp
+from federation.periodic import PeriodicTask
 from federation.server import ServiceRegistration
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
@@ -175,6 +177,37 @@ class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
             actor=current_caller().spiffe_id)
         return pb.ConsumeQuotaResponse(status=quota_to_proto(status))
 
+    async def ReserveQuota(
+        self, request: pb.ReserveQuotaRequest, context: Context
+    ) -> pb.ReserveQuotaResponse:
+        caller_tenant_scope()
+        reservation = await self._quotas.reserve(
+            request.key_id, None, tokens=request.tokens, min_tokens=request.min_tokens,
+            actor=current_caller().spiffe_id)
+        response = pb.ReserveQuotaResponse(
+            reservation_id=reservation.reservation_id, reserved_tokens=reservation.tokens,
+            status=quota_to_proto(reservation.status))
+        if reservation.limited:
+            response.token_budget = reservation.tokens
+        return response
+
+    async def SettleQuota(
+        self, request: pb.SettleQuotaRequest, context: Context
+    ) -> pb.SettleQuotaResponse:
+        caller_tenant_scope()
+        settlement = await self._quotas.settle(request.key_id, request.reservation_id,
+                                               used_tokens=request.used_tokens)
+        return pb.SettleQuotaResponse(settled=settlement.settled,
+                                      released_tokens=settlement.released)
+
+
+def unsettled_reservation_purge(quotas: QuotaService, seconds: float) -> PeriodicTask:
+    """Forget, every ``seconds``, reservations left unsettled for longer than that."""
+    async def run() -> int:
+        return await quotas.purge_unsettled(dt.timedelta(seconds=seconds))
+
+    return PeriodicTask("quota-reservation-purge", seconds, run)
+
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     settings = runtime.settings
@@ -187,7 +220,11 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     decay = strength_decay_job(authority, pool, settings.keys.decay_interval_seconds)
     await decay.start()
     runtime.cleanup.push_async_callback(decay.stop)
-    servicer = KeyAuthorityServicer(authority, QuotaService(pool, audit))
+    quotas = QuotaService(pool, audit)
+    purge = unsettled_reservation_purge(quotas, settings.keys.unsettled_reservation_seconds)
+    await purge.start()
+    runtime.cleanup.push_async_callback(purge.stop)
+    servicer = KeyAuthorityServicer(authority, quotas)
 
     def add(server: grpc.aio.Server) -> None:
         pb_grpc.add_KeyAuthorityServiceServicer_to_server(servicer, server)

@@ -15,6 +15,7 @@ from federation.config import GrpcConfig, PeersConfig, Settings
 from federation.inference.backend import BackendSet
 from federation.inference.test_backend import TestBackend
 from federation.server import NodeServer
+from gateway_http.app import GatewayServer
 from nodes.inference import InferenceServicer, registration
 from tests.support import TestPKI
 
@@ -74,3 +75,12 @@ async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> Non
     async with asyncio.timeout(seconds):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+async def quiesce(gateway: GatewayServer) -> None:
+    """Wait until every request the gateway took has ended, its after-work (audit
+    records, quota settlements) spooled and delivered: a streamed answer reaches the
+    client before its settlement is spooled."""
+    await eventually(lambda: gateway.state.in_progress == 0)
+    await gateway.state.background.drain()
+    assert await gateway.state.outbox.drain(), "the outbox did not drain"

@@ -30,7 +30,7 @@ from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
 from gateway_http.council_routes import OPENAPI_PATHS, council_model_objects
 from tests.council_support import CouncilStack, council_stack
-from tests.gateway_support import gateway_settings
+from tests.gateway_support import gateway_settings, quiesce
 from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
 
@@ -113,8 +113,7 @@ async def test_vote_returns_the_answer_at_level_one(env: Env) -> None:
     assert body["request_id"] == headers["x-request-id"]
     assert body["quorum"] == {"asked": 7, "voted": 7, "required": 5, "missing": []}
     assert "members" not in body and "audit_sequences" not in body
-    await env.server.state.background.drain()
-    assert await env.server.state.outbox.drain()
+    await quiesce(env.server)
     key_id = env.keys["council"].key.key_id
     # Charged by the key authority: the request before the vote, its tokens after it.
     window = await env.federation.quota(key_id)

@@ -31,6 +31,7 @@ from tests.gateway_support import (
     eventually,
     gateway_settings,
     inference_nodes,
+    quiesce,
 )
 from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
@@ -71,8 +72,7 @@ class Env:
 
     async def settle(self) -> None:
         """Wait for the background audit/charge tasks of finished requests."""
-        await self.server.state.background.drain()
-        assert await self.server.state.outbox.drain()
+        await quiesce(self.server)
 
 
 @pytest.fixture(scope="module")

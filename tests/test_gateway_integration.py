@@ -25,7 +25,7 @@ from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
 from nodes import key_authority, thermal_memory
 from nodes.runtime import NodeRuntime
-from tests.gateway_support import gateway_settings, inference_nodes
+from tests.gateway_support import gateway_settings, inference_nodes, quiesce
 from tests.support import TestPKI, serving
 
 MODEL = "test-model"
@@ -101,8 +101,7 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
         chunks = [c async for c in stream]
     assert completion.choices[0].message.content == "secret plans here"
     assert chunks[-1].usage is not None
-    await stack.gateway.state.background.drain()
-    assert await stack.gateway.state.outbox.drain()
+    await quiesce(stack.gateway)
 
     found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
         tenant_id="tenant_a", request_id="rid-integration-1"))

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from aiohttp import web
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import Backend, BackendSet
+from federation.inference.budget import prompt_token_bound
 from federation.inference.openai_upstream import OpenAIUpstreamBackend
 from federation.inference.test_backend import TestBackend, _apply_limits, echo_tokens
 from federation.inference.types import (
@@ -189,6 +191,63 @@ class BackendContract:
         await wait_idle(backend)
 
 
+    # -- token budgets (the API key's reservation) -------------------------------------------
+
+    delta_token_slack = 0
+    """How many tokens more than the completion a stream's deltas may count."""
+
+    async def first_delta(self, backend: Backend, req: GenerationRequest) -> TokenDelta:
+        events = backend.generate(req)
+        try:
+            first = await anext(events)
+        finally:
+            await events.aclose()
+        await wait_idle(backend)
+        assert isinstance(first, TokenDelta)
+        return first
+
+    async def test_deltas_count_the_prompt_and_their_tokens(
+        self, backend: Backend, model: str
+    ) -> None:
+        req = request(model, self.long_prompt, max_tokens=6)
+        deltas: list[TokenDelta] = []
+        finished = None
+        async for event in backend.generate(req):
+            if isinstance(event, TokenDelta):
+                deltas.append(event)
+            else:
+                finished = event
+        assert finished is not None
+        prompts = [d.prompt_tokens for d in deltas]
+        assert prompts[0] is not None and prompts[0] >= finished.prompt_tokens
+        assert prompts[1:] == [None] * (len(deltas) - 1)  # the first delta only
+        counted = sum(d.tokens for d in deltas)
+        assert finished.completion_tokens <= counted
+        assert counted <= finished.completion_tokens + self.delta_token_slack
+
+    async def test_a_budget_caps_the_completion(self, backend: Backend, model: str) -> None:
+        req = request(model, self.long_prompt, max_tokens=50)
+        prompt = (await self.first_delta(backend, req)).prompt_tokens
+        assert prompt is not None
+        _, finished = await collect(backend.generate(replace(req, token_budget=prompt + 3)))
+        assert (finished.finish_reason, finished.completion_tokens) == ("length", 3)
+        assert finished.total_tokens <= prompt + 3
+
+    async def test_a_prompt_the_budget_cannot_hold_is_refused(
+        self, backend: Backend, model: str
+    ) -> None:
+        req = request(model, self.long_prompt, max_tokens=50)
+        prompt = (await self.first_delta(backend, req)).prompt_tokens
+        assert prompt is not None
+        for budget in (prompt, 0):
+            with pytest.raises(FederationError) as caught:
+                await collect(backend.generate(replace(req, token_budget=budget)))
+            assert caught.value.code is ErrorCode.INSUFFICIENT_QUOTA
+        await wait_idle(backend)
+        _, finished = await collect(backend.generate(replace(req, token_budget=prompt + 1)))
+        assert finished.completion_tokens == 1  # one token of room is enough
+
+
 class TestTestBackend(BackendContract):
     @pytest.fixture
     def model(self) -> str:
@@ -241,6 +300,19 @@ class TestOpenAIUpstreamBackend(BackendContract):
             "type": "json_schema", "json_schema": {"name": "thing", "schema": {"type": "object"}}}
         assert sent["stream_options"] == {"include_usage": True}
 
+    async def test_a_budget_caps_max_tokens_by_a_prompt_bound(
+        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[FakeUpstream, str]
+    ) -> None:
+        req = request(model, "a b c", max_tokens=40)
+        bound = prompt_token_bound(req.messages)
+        await collect(backend.generate(replace(req, token_budget=bound + 25)))
+        assert upstream[0].bodies[-1]["max_tokens"] == 25
+        await collect(backend.generate(replace(req, token_budget=bound + 100)))
+        assert upstream[0].bodies[-1]["max_tokens"] == 40  # the request's own limit
+        unlimited = request(model, "a b c")
+        await collect(backend.generate(replace(unlimited, token_budget=bound + 7)))
+        assert upstream[0].bodies[-1]["max_tokens"] == 7
+
     async def test_upstream_usage_is_reported(self, backend: OpenAIUpstreamBackend, model: str
                                               ) -> None:
         _, finished = await collect(backend.generate(request(model, "a b c")))
@@ -283,6 +355,9 @@ async def llama_backend() -> AsyncIterator[Backend]:
 @pytest.mark.skipif(not HAVE_LLAMA, reason="llama_cpp (the optional 'llm' extra) not installed")
 class TestLlamaCppBackend(BackendContract):
     long_prompt = "Write a very long story about a dragon who learns to bake bread."
+    delta_token_slack = 2
+    """A delta's count includes what llama.cpp sampled before it: the end-of-sequence
+    token, and the stopping criteria's last check after the loop."""
 
     @pytest.fixture
     def model(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ async def test_generate_streams_deltas_then_usage(pki: TestPKI) -> None:
         # sent: they travel together in one delta.
         assert [r.delta.text for r in responses[:-1]] == ["red green blue"]
         assert [r.delta.index for r in responses[:-1]] == [0]
+        # The joined delta counts its three tokens and carries the prompt's count.
+        assert (responses[0].delta.tokens, responses[0].delta.prompt_tokens) == (3, 4)
         finished = responses[-1].finished
         assert finished.finish_reason == inference_pb2.FINISH_REASON_STOP
         assert (finished.usage.completion_tokens, finished.usage.total_tokens) == (3, 7)
@@ -96,6 +99,8 @@ async def test_generate_sends_slow_tokens_one_message_each(pki: TestPKI) -> None
         responses = [r async for r in stub.Generate(request)]
         assert [r.delta.text for r in responses[:-1]] == ["red", " green", " blue"]
         assert [r.delta.index for r in responses[:-1]] == [0, 1, 2]
+        assert [r.delta.tokens for r in responses[:-1]] == [1, 1, 1]
+        assert [r.delta.HasField("prompt_tokens") for r in responses[:-1]] == [True, False, False]
         assert responses[-1].HasField("finished")
 
 
@@ -203,6 +208,25 @@ async def test_router_does_not_retry_bad_requests(pki: TestPKI, router_factory: 
         with pytest.raises(FederationError) as caught:
             await drain(router.generate(chat("hi", model="unknown")))
         assert caught.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_a_token_budget_travels_to_the_node(pki: TestPKI, router_factory: object
+                                                 ) -> None:
+    backends = [TestBackend(), TestBackend()]
+    async with inference_nodes(pki, backends) as nodes:
+        router = await router_factory(nodes)  # type: ignore[operator]
+        words = "one two three four five six"  # 7 prompt tokens
+        text, finished = await drain(router.generate(replace(chat(words), token_budget=10)))
+        assert (text, finished.finish_reason, finished.total_tokens) == (
+            "one two three", "length", 10)
+        # A prompt the budget cannot hold: refused as insufficient quota (the code survives
+        # the trip through gRPC), and not retried elsewhere: the request's budget is short,
+        # not the node.
+        with pytest.raises(FederationError) as caught:
+            await drain(router.generate(replace(chat(words), token_budget=7)))
+        assert caught.value.code is ErrorCode.INSUFFICIENT_QUOTA
+        assert router.upstream_errors == 0
+        assert all(node.healthy for node in router.nodes)
 
 
 async def test_node_dying_mid_stream(pki: TestPKI, router_factory: object) -> None:

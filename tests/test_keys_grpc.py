@@ -175,6 +175,10 @@ async def test_cli_keys_and_audit_verify(
     assert capsys.readouterr().out.strip() != key
     assert await run_cli(settings, "keys", "strength", key_id) == 0
     assert "rotation" in capsys.readouterr().out
+    assert await run_cli(settings, "keys", "quota", key_id) == 0
+    tokens, requests = capsys.readouterr().out.splitlines()
+    assert tokens == "tokens: 0 used, no token quota"
+    assert requests.startswith("requests: 5 left this minute (resets in ")
     assert await run_cli(settings, "keys", "revoke", key_id, "--reason", "done") == 0
     assert await run_cli(settings, "audit", "verify") == 0
     assert "3 records verified" in capsys.readouterr().out

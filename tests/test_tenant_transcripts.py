@@ -22,6 +22,7 @@ from federation import cli_tenants, cli_vault
 from federation.config import Settings
 from federation.db import Database
 from gateway_http.transcripts import TRANSCRIPTS
+from tests.gateway_support import quiesce
 from tests.stack_support import MODEL, Stack, federation_stack
 
 
@@ -102,8 +103,7 @@ async def test_opted_in_transcripts_are_sealed_and_recoverable_by_admin_only(
     assert dict(linked[0].payload.attributes)["model"] == MODEL
     assert await stack.records("plain", "gateway.transcript") == []
 
-    await stack.gateway.state.background.drain()
-    assert await stack.gateway.state.outbox.drain()
+    await quiesce(stack.gateway)
     memory = await stack.records("", "")
     haystacks = {"pg_dump": await pg_dump(pg_url, tmp_path / "dump.sql"),
                  "vault_secrets": table,

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from federation.config import InferenceConfig, ModelConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.budget import completion_limit
 from federation.inference.types import (
     GenerationEvent,
     GenerationRequest,
@@ -61,6 +62,8 @@ def validate_request(request: GenerationRequest) -> None:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, "max_tokens must be at least 1", param="max_tokens"
         )
+    if request.token_budget is not None:
+        completion_limit(request.token_budget, 0, None)  # a budget of 0 leaves nothing
     if request.response_format.type == "json_schema" and not request.response_format.json_schema:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT,

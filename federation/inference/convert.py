@@ -19,6 +19,7 @@ from federation.inference.types import (
     ResponseFormat,
     Role,
     SamplingParams,
+    TokenDelta,
 )
 from federation.v1 import common_pb2, inference_pb2
 
@@ -44,6 +45,7 @@ _FINISH_TO_PB: Final[dict[FinishReason, int]] = {
     "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 _FINISH_FROM_PB: Final[dict[int, FinishReason]] = {v: k for k, v in _FINISH_TO_PB.items()}
+_UINT32_MAX: Final = 2**32 - 1
 
 
 def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
@@ -55,7 +57,7 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
         if value is not None:
             _set_field(sampling, name, value)
     fmt = request.response_format
-    return inference_pb2.GenerateRequest(
+    message = inference_pb2.GenerateRequest(
         tenant_id=request.tenant_id,
         model=request.model,
         messages=[
@@ -69,6 +71,10 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
             schema_name=fmt.schema_name,
         ),
     )
+    if request.token_budget is not None:
+        # A quota beyond uint32 is more than any context: the clamp changes nothing real.
+        message.token_budget = min(request.token_budget, _UINT32_MAX)
+    return message
 
 
 def _set_field(message: inference_pb2.SamplingParams, name: str, value: float) -> None:
@@ -110,7 +116,20 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
         json_schema=pb.response_format.json_schema,
         schema_name=pb.response_format.schema_name,
     )
-    return GenerationRequest(pb.model, tuple(messages), sampling, fmt, pb.tenant_id)
+    budget = pb.token_budget if pb.HasField("token_budget") else None
+    return GenerationRequest(pb.model, tuple(messages), sampling, fmt, pb.tenant_id, budget)
+
+
+def delta_to_pb(delta: TokenDelta, index: int) -> inference_pb2.TokenDelta:
+    message = inference_pb2.TokenDelta(text=delta.text, index=index, tokens=delta.tokens)
+    if delta.prompt_tokens is not None:
+        message.prompt_tokens = delta.prompt_tokens
+    return message
+
+
+def delta_from_pb(pb: inference_pb2.TokenDelta) -> TokenDelta:
+    return TokenDelta(pb.text, pb.tokens or 1,  # 0: a node that does not count
+                      pb.prompt_tokens if pb.HasField("prompt_tokens") else None)
 
 
 def finished_to_pb(event: GenerationFinished) -> inference_pb2.GenerationFinished:

@@ -27,6 +27,7 @@ from typing import Any
 
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.budget import completion_limit
 from federation.inference.types import (
     FinishReason,
     GenerationEvent,
@@ -233,9 +234,14 @@ class LlamaCppBackend:
                 f"{self._config.context_length}",
                 param="messages",
             )
-        max_tokens = min(request.sampling.max_tokens or room, room)
+        max_tokens = completion_limit(request.token_budget, len(prompt),
+                                      min(request.sampling.max_tokens or room, room))
+        assert max_tokens is not None
+        sampled = 0  # tokens llama.cpp has sampled so far (the criteria run once per token)
 
         def cancelled(_ids: Any, _logits: Any) -> bool:
+            nonlocal sampled
+            sampled += 1
             return run.cancel.is_set()
 
         criteria = llama_cpp.StoppingCriteriaList([cancelled])
@@ -252,12 +258,18 @@ class LlamaCppBackend:
         )
         text: list[str] = []
         reason: FinishReason = "stop"
+        reported = 0
         try:
             for chunk in stream:
                 choice = chunk["choices"][0]
                 if choice["text"]:
                     text.append(choice["text"])
-                    yield TokenDelta(choice["text"])
+                    # Text held back (a partial character, a possible stop sequence) is
+                    # counted with the delta that finally carries it.
+                    tokens = max(1, sampled - reported)
+                    reported += tokens
+                    yield TokenDelta(choice["text"], tokens, len(prompt) if len(text) == 1
+                                     else None)
                 if choice.get("finish_reason") == "length":
                     reason = "length"
                 if run.cancel.is_set():

@@ -17,6 +17,7 @@ import aiohttp
 
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.budget import completion_limit, prompt_token_bound
 from federation.inference.types import (
     FinishReason,
     GenerationEvent,
@@ -44,8 +45,15 @@ _FINISH: dict[str, FinishReason] = {
 
 
 def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
-    """The upstream chat-completions body; unset sampling fields are left out."""
+    """The upstream chat-completions body; unset sampling fields are left out.
+
+    With a token budget, ``max_tokens`` is capped to the budget minus an upper bound of
+    the prompt (:func:`prompt_token_bound`): the upstream counts the prompt only after
+    the fact.
+    """
     s = request.sampling
+    max_tokens = completion_limit(request.token_budget, prompt_token_bound(request.messages),
+                                  s.max_tokens)
     body: dict[str, Any] = {
         "model": upstream_model,
         "messages": [
@@ -58,7 +66,7 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
     optional = {
         "temperature": s.temperature,
         "top_p": s.top_p,
-        "max_tokens": s.max_tokens,
+        "max_tokens": max_tokens,
         "seed": s.seed,
         "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty,
@@ -119,12 +127,13 @@ class OpenAIUpstreamBackend:
         if self._in_flight >= self._config.queue_capacity:
             raise FederationError(ErrorCode.RESOURCE_EXHAUSTED, "too many requests upstream")
         body = request_body(request, self._config.upstream_model or self._config.id)
+        prompt = prompt_token_bound(request.messages)
         self._in_flight += 1
         try:
             async with self._session.post(self._url, json=body) as response:
                 if response.status != 200:
                     raise await _upstream_error(response)
-                async for event in _events(response, request.model):
+                async for event in _events(response, request.model, prompt):
                     yield event
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("upstream call failed", extra={"url": self._url, "error": repr(exc)})
@@ -169,8 +178,12 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def _events(response: aiohttp.ClientResponse, model: str
+async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: int
                   ) -> AsyncGenerator[GenerationEvent, None]:
+    """Deltas (one token each: upstreams stream token by token) and the finished event.
+
+    The first delta carries ``prompt_bound`` as its prompt count, the upstream's own
+    count arriving only with the final usage."""
     reason: FinishReason | None = None
     usage: dict[str, Any] | None = None
     deltas = 0
@@ -185,7 +198,7 @@ async def _events(response: aiohttp.ClientResponse, model: str
             text = (choice.get("delta") or {}).get("content")
             if text:
                 deltas += 1
-                yield TokenDelta(text)
+                yield TokenDelta(text, 1, prompt_bound if deltas == 1 else None)
             if choice.get("finish_reason"):
                 reason = _FINISH.get(choice["finish_reason"], "stop")
     if reason is None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.budget import completion_limit
 from federation.inference.types import (
     FinishReason,
     GenerationEvent,
@@ -39,6 +40,7 @@ def echo_tokens(request: GenerationRequest) -> list[str]:
 
 
 def prompt_token_count(request: GenerationRequest) -> int:
+    """The prompt's tokens as this backend counts them: each message's words, plus one."""
     return sum(len(m.content.split()) + 1 for m in request.messages)
 
 
@@ -97,6 +99,8 @@ class TestBackend:
             raise FederationError(ErrorCode.RESOURCE_EXHAUSTED, "test backend is full")
         if self.fail_before_first is not None:
             raise self.fail_before_first
+        prompt = prompt_token_count(request)
+        limit = completion_limit(request.token_budget, prompt, request.sampling.max_tokens)
         self.started += 1
         self.request_ids.append(request_id_var.get())
         self.requests.append(request)
@@ -107,18 +111,17 @@ class TestBackend:
                 await asyncio.sleep(self.first_token_delay)
             count = 0
             reason: FinishReason = "stop"
-            for text in _apply_limits(echo_tokens(request), request):
+            for text in _apply_limits(echo_tokens(request), request, limit):
                 if self.fail_after_tokens is not None and count >= self.fail_after_tokens:
                     raise FederationError(ErrorCode.INTERNAL, "injected failure")
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 count += 1
-                yield TokenDelta(text)
-            limit = request.sampling.max_tokens
+                yield TokenDelta(text, 1, prompt if count == 1 else None)
             if limit is not None and count >= limit and count < len(echo_tokens(request)):
                 reason = "length"
             finished = True
-            yield GenerationFinished(reason, prompt_token_count(request), count, request.model)
+            yield GenerationFinished(reason, prompt, count, request.model)
         finally:
             self.in_flight -= 1
             if finished:
@@ -127,9 +130,12 @@ class TestBackend:
                 self.cancelled += 1
 
 
-def _apply_limits(tokens: list[str], request: GenerationRequest) -> list[str]:
-    """Cut at max_tokens, then before the first stop sequence (which is not emitted)."""
-    limit = request.sampling.max_tokens
+def _apply_limits(tokens: list[str], request: GenerationRequest, limit: int | None = None
+                  ) -> list[str]:
+    """Cut at ``limit`` (default max_tokens), then before the first stop sequence (which
+    is not emitted)."""
+    if limit is None:
+        limit = request.sampling.max_tokens
     kept = tokens[:limit] if limit is not None else tokens
     stops = [s for s in request.sampling.stop if s]
     out: list[str] = []

@@ -52,11 +52,19 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
     tenant_id: str = ""
+    token_budget: int | None = None
+    """Most tokens, prompt and completion together, this generation may use (what was
+    reserved against the API key's token quota); ``None``: no budget."""
 
 
 @dataclass(frozen=True)
 class TokenDelta:
     text: str
+    tokens: int = 1
+    """Tokens generated for this text (several when deltas were joined)."""
+    prompt_tokens: int | None = None
+    """The prompt's tokens, on a generation's first delta only: with the deltas'
+    tokens, what a generation cut before its end has used."""
 
 
 @dataclass(frozen=True)

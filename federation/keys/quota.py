@@ -11,12 +11,24 @@ Windows are fixed and start at the first charge after the previous one ended
 (so a client can get at most twice the limit across a window boundary).
 Time comes from the database clock (``statement_timestamp()``) so that every
 process agrees on it; tests may pin it.
+
+A generation reserves before it starts and settles after it ends
+(:meth:`QuotaService.reserve`, :meth:`QuotaService.settle`), each one statement.
+Reserving locks the key's counter row (``SELECT … FOR UPDATE``, which under READ
+COMMITTED waits for a concurrent charge and then reads its result), counts the
+request, adds ``min(tokens, remaining)`` to the period's tokens and records the
+reservation, or changes nothing when the request rate is spent or fewer than
+``min_tokens`` remain. Settling deletes the reservation (so a second settlement
+finds nothing to do) and, only while the counter is still in the period the
+reservation was charged to, replaces the reserved tokens with the used ones. A
+reservation nobody settles stays charged in full; its row is purged later.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -83,6 +95,102 @@ _CHARGE_SQL = _WINDOWS + """
 """
 
 
+# One statement: lock the counter row (waiting for, then reading, a concurrent charge),
+# roll expired windows over, and when the request fits count it, reserve
+# min($4, remaining) tokens and record the reservation. The plan row comes back either
+# way, so a refusal needs no second query to say why.
+_RESERVE_SQL = """
+    WITH p AS (SELECT coalesce($3::timestamptz, statement_timestamp()) AS now),
+    cur AS (
+        SELECT q.tenant_id, q.key_id, k.requests_per_minute AS rpm, k.token_quota,
+               k.quota_period_seconds AS period, p.now,
+               q.minute_start, q.minute_requests, q.period_start, q.period_tokens
+        FROM api_key_quotas q JOIN api_keys k USING (tenant_id, key_id), p
+        WHERE q.key_id = $1 AND ($2::text IS NULL OR q.tenant_id = $2)
+        FOR UPDATE OF q
+    ),
+    win AS (
+        SELECT cur.*,
+            (now >= minute_start + interval '1 minute') AS minute_over,
+            (period IS NOT NULL AND now >= period_start + make_interval(secs => period))
+                AS period_over
+        FROM cur
+    ),
+    nxt AS (
+        SELECT win.*,
+            CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
+            CASE WHEN minute_over THEN 0 ELSE minute_requests END + 1 AS new_requests,
+            CASE WHEN period_over THEN now ELSE period_start END AS new_period_start,
+            CASE WHEN period_over THEN 0 ELSE period_tokens END AS used
+        FROM win
+    ),
+    plan AS (
+        SELECT nxt.*,
+            CASE WHEN token_quota IS NULL THEN $4::bigint
+                 ELSE least($4::bigint, greatest(token_quota - used, 0)) END AS reserved,
+            (rpm IS NULL OR new_requests <= rpm) AS requests_fit,
+            (token_quota IS NULL OR token_quota - used >= $5::bigint) AS tokens_fit
+        FROM nxt
+    ),
+    upd AS (
+        UPDATE api_key_quotas q SET
+            minute_start = plan.new_minute_start, minute_requests = plan.new_requests,
+            period_start = plan.new_period_start, period_tokens = plan.used + plan.reserved
+        FROM plan
+        WHERE q.tenant_id = plan.tenant_id AND q.key_id = plan.key_id
+          AND plan.requests_fit AND plan.tokens_fit
+        RETURNING q.key_id
+    ),
+    ins AS (
+        INSERT INTO api_key_quota_reservations
+            (tenant_id, key_id, reservation_id, period_start, tokens, created_at)
+        SELECT plan.tenant_id, plan.key_id, $6, plan.new_period_start, plan.reserved, plan.now
+        FROM plan JOIN upd USING (key_id)
+    )
+    SELECT plan.*, plan.used + CASE WHEN granted THEN plan.reserved ELSE 0 END AS new_tokens,
+           granted
+    FROM plan, (SELECT EXISTS (SELECT 1 FROM upd) AS granted) g
+"""
+
+# One statement: delete the reservation (a second settlement, or a concurrent one,
+# finds nothing) and, while the counter is still in the reservation's period, swap
+# its reserved tokens for the used ones.
+_SETTLE_SQL = """
+    WITH p AS (SELECT coalesce($4::timestamptz, statement_timestamp()) AS now),
+    r AS (
+        DELETE FROM api_key_quota_reservations r USING api_keys k
+        WHERE k.key_id = $1 AND r.tenant_id = k.tenant_id AND r.key_id = k.key_id
+          AND r.reservation_id = $2
+        RETURNING r.tenant_id, r.key_id, r.period_start, r.tokens,
+                  k.quota_period_seconds AS period
+    ),
+    q AS (
+        UPDATE api_key_quotas q SET
+            period_tokens = greatest(0, q.period_tokens - r.tokens + $3::bigint)
+        FROM r, p
+        WHERE q.tenant_id = r.tenant_id AND q.key_id = r.key_id
+          AND q.period_start = r.period_start
+          AND (r.period IS NULL OR p.now < r.period_start + make_interval(secs => r.period))
+        RETURNING q.key_id
+    )
+    SELECT r.tokens, EXISTS (SELECT 1 FROM q) AS in_period FROM r
+"""
+
+_PURGE_SQL = "DELETE FROM api_key_quota_reservations WHERE created_at < $1"
+
+_IN_FLIGHT_SQL = """
+    SELECT coalesce(sum(tokens), 0) FROM api_key_quota_reservations
+    WHERE tenant_id = $1 AND key_id = $2 AND period_start = $3
+"""
+
+IN_FLIGHT_RETRY_SECONDS = 1.0
+"""Retry hint when the tokens a request needs are held by reservations of requests still
+running: they settle (and release what they did not use) as they finish."""
+
+MAX_TOKENS = 2**62
+"""Largest token figure accepted (the counters are PostgreSQL bigints)."""
+
+
 @dataclass(frozen=True)
 class QuotaStatus:
     tokens_used: int
@@ -91,6 +199,24 @@ class QuotaStatus:
     requests_reset_in: float | None
     period_end: dt.datetime | None
     retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    reservation_id: str
+    tokens: int
+    """Tokens reserved: the request's bound, capped to what remained."""
+    limited: bool
+    """The key has a token quota, so ``tokens`` bounds the generation."""
+    status: QuotaStatus
+
+
+@dataclass(frozen=True)
+class Settlement:
+    settled: bool
+    """False when the reservation was already settled, purged or never existed."""
+    released: int
+    """Tokens given back to the reservation's period."""
 
 
 class QuotaService:
@@ -130,8 +256,76 @@ class QuotaService:
         await self._refuse(key_id, tenant_id, status, tokens, actor)
         raise AssertionError("unreachable")
 
+    async def reserve(
+        self, key_id: str, tenant_id: str | None, *, tokens: int, min_tokens: int,
+        actor: str, at: dt.datetime | None = None,
+    ) -> Reservation:
+        """Count one request and reserve ``min(tokens, remaining)`` tokens, atomically.
+
+        Refused, having charged nothing, with RESOURCE_EXHAUSTED when the request
+        rate is spent, or INSUFFICIENT_QUOTA when fewer than ``min_tokens`` (at least
+        one) tokens remain; both carry the time until the window resets.
+        """
+        _validate(key_id, tokens)
+        if not 1 <= tokens <= MAX_TOKENS:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"tokens must be between 1 and {MAX_TOKENS}", param="tokens")
+        if not 0 <= min_tokens <= tokens:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  "min_tokens must be between 0 and tokens", param="min_tokens")
+        reservation_id = "rsv_" + secrets.token_hex(12)
+        row = await self._pool.fetchrow(_RESERVE_SQL, key_id, tenant_id, at, tokens,
+                                        max(min_tokens, 1), reservation_id)
+        if row is None:
+            raise FederationError(ErrorCode.NOT_FOUND, f"no API key {key_id}", param="key_id")
+        # Refused: new_requests still holds the request that was not counted.
+        status = _status(row, 0, 1, charged=bool(row["granted"]))
+        if row["granted"]:
+            return Reservation(reservation_id, int(row["reserved"]),
+                               row["token_quota"] is not None, status)
+        in_flight = 0
+        if row["requests_fit"]:  # short of tokens: are they only held by running requests?
+            in_flight = int(await self._pool.fetchval(
+                _IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
+        error = _reserve_refusal(key_id, row, status, max(min_tokens, 1), in_flight)
+        await self._refuse(key_id, row["tenant_id"],
+                           replace(status, retry_after=error.retry_after_seconds), tokens,
+                           actor, error)
+        raise AssertionError("unreachable")
+
+    async def settle(
+        self, key_id: str, reservation_id: str, *, used_tokens: int,
+        at: dt.datetime | None = None,
+    ) -> Settlement:
+        """Charge what a reservation used; give the rest back to its own period only.
+
+        Idempotent: a reservation already settled (or purged, or unknown) is left
+        alone. ``used_tokens`` above the reservation is charged too (same period).
+        """
+        _validate(key_id, used_tokens)
+        if used_tokens > MAX_TOKENS:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"used_tokens must be at most {MAX_TOKENS}",
+                                  param="used_tokens")
+        row = await self._pool.fetchrow(_SETTLE_SQL, key_id, reservation_id, used_tokens, at)
+        if row is None:
+            return Settlement(False, 0)
+        released = max(0, int(row["tokens"]) - used_tokens) if row["in_period"] else 0
+        return Settlement(True, released)
+
+    async def purge_unsettled(self, older_than: dt.timedelta) -> int:
+        """Forget reservations nobody settled (their gateway died): they stay charged.
+
+        Only a settlement could still change their charge, and none is coming this
+        late; deleting the row leaves the counters alone.
+        """
+        now = await self._pool.fetchval("SELECT statement_timestamp()")
+        result = await self._pool.execute(_PURGE_SQL, now - older_than)
+        return int(result.split()[-1])
+
     async def _refuse(
-        self, key_id: str, tenant_id: str | None, status: QuotaStatus, tokens: int, actor: str
+        self, key_id: str, tenant_id: str | None, status: QuotaStatus, tokens: int, actor: str,
+        error: FederationError | None = None,
     ) -> None:
         retry = status.retry_after or 0.0
         tenant = tenant_id or await self._pool.fetchval(
@@ -145,7 +339,7 @@ class QuotaService:
         except Exception as exc:
             raise FederationError(ErrorCode.UNAVAILABLE,
                                   "the audit log could not record key.quota_exhausted") from exc
-        raise FederationError(
+        raise error or FederationError(
             ErrorCode.RESOURCE_EXHAUSTED,
             f"quota exceeded for API key {key_id}; retry in {max(retry, 0.001):.3g}s",
             retry_after_seconds=retry,
@@ -202,3 +396,46 @@ def _with_retry(
     retry = max(waits) if waits else 0.0
     return QuotaStatus(status.tokens_used, status.tokens_remaining, status.requests_remaining,
                        status.requests_reset_in, status.period_end, max(retry, 0.0))
+
+
+def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
+                     in_flight: int) -> FederationError:
+    """Why a reservation was refused: the request rate first, else the token quota, which
+    is either spent for the period or, for now, held by requests in flight."""
+    now: dt.datetime = row["now"]
+    if not row["requests_fit"]:
+        wait = (row["new_minute_start"] + dt.timedelta(minutes=1) - now).total_seconds()
+        return FederationError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"request rate limit reached for API key {key_id}; retry in {_wait_text(wait)}",
+            retry_after_seconds=max(wait, 0.0),
+        )
+    assert status.period_end is not None  # only a key with a token quota runs short of tokens
+    wait = max((status.period_end - now).total_seconds(), 0.0)
+    remaining = status.tokens_remaining or 0
+    if remaining + in_flight >= min_tokens:
+        return FederationError(
+            ErrorCode.INSUFFICIENT_QUOTA,
+            f"API key {key_id} has {remaining} of {row['token_quota']} tokens free: "
+            f"{in_flight} are reserved by requests in flight, which release what they do not "
+            f"use when they end; this request needs at least {min_tokens}; retry in "
+            f"{_wait_text(IN_FLIGHT_RETRY_SECONDS)}",
+            retry_after_seconds=IN_FLIGHT_RETRY_SECONDS,
+        )
+    short = ("token quota exhausted for API key " + key_id if remaining == 0 else
+             f"this request needs at least {min_tokens} tokens of API key {key_id}'s quota")
+    return FederationError(
+        ErrorCode.INSUFFICIENT_QUOTA,
+        f"{short}: {remaining} of {row['token_quota']} tokens remain in this period, which "
+        f"ends in {_wait_text(wait)}",
+        retry_after_seconds=wait,
+    )
+
+
+def _wait_text(seconds: float) -> str:
+    """A wait as people read it: ``40 s``, ``15 min``, ``24.0 h``."""
+    if seconds < 120:
+        return f"{max(seconds, 0.0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

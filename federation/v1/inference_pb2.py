@@ -26,19 +26,19 @@ from federation.v1 import common_pb2 as federation_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x65ration/v1/inference.proto\x12\rfederation.v1\x1a\x1a\x66\x65\x64\x65ration/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.federation.v1.Model\"N\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\"\xca\x01\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.federation.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.federation.v1.SamplingParams\x12\x36\n\x0fresponse_format\x18\x05 \x01(\x0b\x32\x1d.federation.v1.ResponseFormat\"~\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.federation.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x02 \x01(\x0b\x32!.federation.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"S\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.federation.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xc4\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"k\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.federation.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\")\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\"\xe3\x01\n\x12GenerationFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.federation.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.federation.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x10\n\x0eGetLoadRequest\"L\n\x0fGetLoadResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x32\xfe\x01\n\x10InferenceService\x12Q\n\nListModels\x12 .federation.v1.ListModelsRequest\x1a!.federation.v1.ListModelsResponse\x12M\n\x08Generate\x12\x1e.federation.v1.GenerateRequest\x1a\x1f.federation.v1.GenerateResponse0\x01\x12H\n\x07GetLoad\x12\x1d.federation.v1.GetLoadRequest\x1a\x1e.federation.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x65ration/v1/inference.proto\x12\rfederation.v1\x1a\x1a\x66\x65\x64\x65ration/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.federation.v1.Model\"N\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\"\xf6\x01\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.federation.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.federation.v1.SamplingParams\x12\x36\n\x0fresponse_format\x18\x05 \x01(\x0b\x32\x1d.federation.v1.ResponseFormat\x12\x19\n\x0ctoken_budget\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_token_budget\"~\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.federation.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x02 \x01(\x0b\x32!.federation.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"S\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.federation.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xc4\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"k\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.federation.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\"g\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x1a\n\rprompt_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_prompt_tokens\"\xe3\x01\n\x12GenerationFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.federation.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.federation.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x10\n\x0eGetLoadRequest\"L\n\x0fGetLoadResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x32\xfe\x01\n\x10InferenceService\x12Q\n\nListModels\x12 .federation.v1.ListModelsRequest\x1a!.federation.v1.ListModelsResponse\x12M\n\x08Generate\x12\x1e.federation.v1.GenerateRequest\x1a\x1f.federation.v1.GenerateResponse0\x01\x12H\n\x07GetLoad\x12\x1d.federation.v1.GetLoadRequest\x1a\x1e.federation.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'federation.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATROLE']._serialized_start=1492
-  _globals['_CHATROLE']._serialized_end=1616
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1619
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1784
-  _globals['_FINISHREASON']._serialized_start=1787
-  _globals['_FINISHREASON']._serialized_end=1916
+  _globals['_CHATROLE']._serialized_start=1598
+  _globals['_CHATROLE']._serialized_end=1722
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=1725
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=1890
+  _globals['_FINISHREASON']._serialized_start=1893
+  _globals['_FINISHREASON']._serialized_end=2022
   _globals['_LISTMODELSREQUEST']._serialized_start=108
   _globals['_LISTMODELSREQUEST']._serialized_end=127
   _globals['_LISTMODELSRESPONSE']._serialized_start=129
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL']._serialized_start=189
   _globals['_MODEL']._serialized_end=267
   _globals['_GENERATEREQUEST']._serialized_start=270
-  _globals['_GENERATEREQUEST']._serialized_end=472
-  _globals['_GENERATERESPONSE']._serialized_start=474
-  _globals['_GENERATERESPONSE']._serialized_end=600
-  _globals['_CHATMESSAGE']._serialized_start=602
-  _globals['_CHATMESSAGE']._serialized_end=685
-  _globals['_SAMPLINGPARAMS']._serialized_start=688
-  _globals['_SAMPLINGPARAMS']._serialized_end=1012
-  _globals['_RESPONSEFORMAT']._serialized_start=1014
-  _globals['_RESPONSEFORMAT']._serialized_end=1121
-  _globals['_TOKENDELTA']._serialized_start=1123
-  _globals['_TOKENDELTA']._serialized_end=1164
-  _globals['_GENERATIONFINISHED']._serialized_start=1167
-  _globals['_GENERATIONFINISHED']._serialized_end=1394
-  _globals['_GETLOADREQUEST']._serialized_start=1396
-  _globals['_GETLOADREQUEST']._serialized_end=1412
-  _globals['_GETLOADRESPONSE']._serialized_start=1414
-  _globals['_GETLOADRESPONSE']._serialized_end=1490
-  _globals['_INFERENCESERVICE']._serialized_start=1919
-  _globals['_INFERENCESERVICE']._serialized_end=2173
+  _globals['_GENERATEREQUEST']._serialized_end=516
+  _globals['_GENERATERESPONSE']._serialized_start=518
+  _globals['_GENERATERESPONSE']._serialized_end=644
+  _globals['_CHATMESSAGE']._serialized_start=646
+  _globals['_CHATMESSAGE']._serialized_end=729
+  _globals['_SAMPLINGPARAMS']._serialized_start=732
+  _globals['_SAMPLINGPARAMS']._serialized_end=1056
+  _globals['_RESPONSEFORMAT']._serialized_start=1058
+  _globals['_RESPONSEFORMAT']._serialized_end=1165
+  _globals['_TOKENDELTA']._serialized_start=1167
+  _globals['_TOKENDELTA']._serialized_end=1270
+  _globals['_GENERATIONFINISHED']._serialized_start=1273
+  _globals['_GENERATIONFINISHED']._serialized_end=1500
+  _globals['_GETLOADREQUEST']._serialized_start=1502
+  _globals['_GETLOADREQUEST']._serialized_end=1518
+  _globals['_GETLOADRESPONSE']._serialized_start=1520
+  _globals['_GETLOADRESPONSE']._serialized_end=1596
+  _globals['_INFERENCESERVICE']._serialized_start=2025
+  _globals['_INFERENCESERVICE']._serialized_end=2279
 # @@protoc_insertion_point(module_scope)

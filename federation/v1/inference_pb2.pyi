@@ -197,12 +197,22 @@ class GenerateRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant on whose behalf the generation runs. Used for per-tenant fair
     scheduling and logging; authorization happens before this call.
     """
     model: _builtins.str
     """Model id as returned by ListModels. Empty selects the node's default."""
+    token_budget: _builtins.int
+    """Most tokens this generation may use, prompt and completion together: what
+    the caller reserved against an API key's token quota. The node counts the
+    prompt (exactly, or for an upstream with a conservative estimate), fails
+    with RESOURCE_EXHAUSTED and the trailer `error-code: insufficient_quota`
+    when the prompt leaves no room for one completion token, and otherwise
+    caps the completion to the rest (finish reason LENGTH when the cap ends
+    it). Unset means no budget: only max_tokens and the context limit apply.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The conversation so far, oldest first. Must not be empty."""
@@ -223,12 +233,15 @@ class GenerateRequest(_message.Message):
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
         response_format: Global___ResponseFormat | None = ...,
+        token_budget: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["response_format", b"response_format", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget", "response_format", b"response_format", "sampling", b"sampling", "token_budget", b"token_budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "response_format", b"response_format", "sampling", b"sampling", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget", "messages", b"messages", "model", b"model", "response_format", b"response_format", "sampling", b"sampling", "tenant_id", b"tenant_id", "token_budget", b"token_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__token_budget: _TypeAlias = _typing.Literal["token_budget"]  # noqa: Y015
+    _WhichOneofArgType__token_budget: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_budget) -> _WhichOneofReturnType__token_budget | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -418,23 +431,39 @@ class TokenDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text to append to the output. May hold several tokens; never splits a
     UTF-8 character across deltas.
     """
     index: _builtins.int
     """0-based position of this delta in the stream (0, 1, 2, ...)."""
+    tokens: _builtins.int
+    """Tokens generated for this delta (several when deltas were coalesced). 0
+    means not counted: count the delta as one token.
+    """
+    prompt_tokens: _builtins.int
+    """The prompt's tokens, on the first delta only, so that a stream cut before
+    GenerationFinished can be charged for what was generated (prompt plus the
+    deltas' tokens). A conservative estimate for upstreams that report usage
+    only at the end.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         index: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        prompt_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens", "index", b"index", "prompt_tokens", b"prompt_tokens", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prompt_tokens: _TypeAlias = _typing.Literal["prompt_tokens"]  # noqa: Y015
+    _WhichOneofArgType__prompt_tokens: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_tokens) -> _WhichOneofReturnType__prompt_tokens | None: ...
 
 Global___TokenDelta: _TypeAlias = TokenDelta  # noqa: Y015
 

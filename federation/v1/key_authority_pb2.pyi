@@ -793,3 +793,139 @@ class ConsumeQuotaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeQuotaResponse: _TypeAlias = ConsumeQuotaResponse  # noqa: Y015
+
+@_typing.final
+class ReserveQuotaRequest(_message.Message):
+    """Request for KeyAuthorityService.ReserveQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Key to charge."""
+    tokens: _builtins.int
+    """Most tokens the request may use: an upper bound of its prompt plus its
+    completion limit. The reservation is this, capped to what remains.
+    """
+    min_tokens: _builtins.int
+    """Fewest tokens worth reserving (at least 1 is always required when the
+    key has a token quota): when less remains, the request is refused.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        min_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "min_tokens", b"min_tokens", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveQuotaRequest: _TypeAlias = ReserveQuotaRequest  # noqa: Y015
+
+@_typing.final
+class ReserveQuotaResponse(_message.Message):
+    """Response for KeyAuthorityService.ReserveQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    """Opaque id to pass to SettleQuota."""
+    reserved_tokens: _builtins.int
+    """Tokens reserved: `tokens` capped to what remained of the token quota."""
+    token_budget: _builtins.int
+    """Most tokens (prompt + completion) the generation may use: equal to
+    reserved_tokens. Unset when the key has no token quota.
+    """
+    @_builtins.property
+    def status(self) -> Global___QuotaStatus:
+        """Usage after the reservation (reserved tokens count as used until
+        settled).
+        """
+
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        reserved_tokens: _builtins.int = ...,
+        token_budget: _builtins.int | None = ...,
+        status: Global___QuotaStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget", "status", b"status", "token_budget", b"token_budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget", "reservation_id", b"reservation_id", "reserved_tokens", b"reserved_tokens", "status", b"status", "token_budget", b"token_budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__token_budget: _TypeAlias = _typing.Literal["token_budget"]  # noqa: Y015
+    _WhichOneofArgType__token_budget: _TypeAlias = _typing.Literal["_token_budget", b"_token_budget"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_budget) -> _WhichOneofReturnType__token_budget | None: ...
+
+Global___ReserveQuotaResponse: _TypeAlias = ReserveQuotaResponse  # noqa: Y015
+
+@_typing.final
+class SettleQuotaRequest(_message.Message):
+    """Request for KeyAuthorityService.SettleQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Key the reservation was taken for."""
+    reservation_id: _builtins.str
+    """ReserveQuotaResponse.reservation_id."""
+    used_tokens: _builtins.int
+    """Tokens the request really used (prompt + completion)."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        used_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "reservation_id", b"reservation_id", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleQuotaRequest: _TypeAlias = SettleQuotaRequest  # noqa: Y015
+
+@_typing.final
+class SettleQuotaResponse(_message.Message):
+    """Response for KeyAuthorityService.SettleQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLED_FIELD_NUMBER: _builtins.int
+    RELEASED_TOKENS_FIELD_NUMBER: _builtins.int
+    settled: _builtins.bool
+    """True when this call settled the reservation; false when it had already
+    been settled (or never existed): then nothing changed.
+    """
+    released_tokens: _builtins.int
+    """Tokens given back to the reservation's quota period (0 when the period
+    has ended or when the request used its whole reservation).
+    """
+    def __init__(
+        self,
+        *,
+        settled: _builtins.bool = ...,
+        released_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released_tokens", b"released_tokens", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleQuotaResponse: _TypeAlias = SettleQuotaResponse  # noqa: Y015

@@ -77,6 +77,16 @@ class KeyAuthorityServiceStub:
                 request_serializer=federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaResponse.FromString,
                 _registered_method=True)
+        self.ReserveQuota = channel.unary_unary(
+                '/federation.v1.KeyAuthorityService/ReserveQuota',
+                request_serializer=federation_dot_v1_dot_key__authority__pb2.ReserveQuotaRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_key__authority__pb2.ReserveQuotaResponse.FromString,
+                _registered_method=True)
+        self.SettleQuota = channel.unary_unary(
+                '/federation.v1.KeyAuthorityService/SettleQuota',
+                request_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAuthorityServiceServicer:
@@ -147,6 +157,29 @@ class KeyAuthorityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveQuota(self, request, context):
+        """Before a generation: counts one request against requests_per_minute and
+        reserves up to `tokens` of the token quota (capped to what remains), in
+        one atomic step. Fails with RESOURCE_EXHAUSTED (nothing charged; the
+        `retry-after-ms` trailer says when to retry) when the request rate is spent,
+        or when fewer than `min_tokens` tokens remain (then with the trailer
+        `error-code: insufficient_quota`). A reservation never settled stays
+        charged in full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleQuota(self, request, context):
+        """After a generation: charges what a reservation really used and gives the
+        rest back to the quota period the reservation was taken in (nothing is
+        given back once that period has ended). Idempotent: settling a
+        reservation again, or an unknown one, changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAuthorityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +222,16 @@ def add_KeyAuthorityServiceServicer_to_server(servicer, server):
                     servicer.ConsumeQuota,
                     request_deserializer=federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaRequest.FromString,
                     response_serializer=federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaResponse.SerializeToString,
+            ),
+            'ReserveQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveQuota,
+                    request_deserializer=federation_dot_v1_dot_key__authority__pb2.ReserveQuotaRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_key__authority__pb2.ReserveQuotaResponse.SerializeToString,
+            ),
+            'SettleQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleQuota,
+                    request_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +453,60 @@ class KeyAuthorityService:
             '/federation.v1.KeyAuthorityService/ConsumeQuota',
             federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaRequest.SerializeToString,
             federation_dot_v1_dot_key__authority__pb2.ConsumeQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.KeyAuthorityService/ReserveQuota',
+            federation_dot_v1_dot_key__authority__pb2.ReserveQuotaRequest.SerializeToString,
+            federation_dot_v1_dot_key__authority__pb2.ReserveQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.KeyAuthorityService/SettleQuota',
+            federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.SerializeToString,
+            federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,

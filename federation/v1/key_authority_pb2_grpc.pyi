@@ -62,6 +62,21 @@ class KeyAuthorityServiceStub:
     RESOURCE_EXHAUSTED (nothing charged) when a limit would be exceeded;
     the error carries a RetryInfo detail matching QuotaStatus.retry_after.
     """
+    ReserveQuota: _grpc.UnaryUnaryMultiCallable[_key_authority_pb2.ReserveQuotaRequest, _key_authority_pb2.ReserveQuotaResponse]
+    """Before a generation: counts one request against requests_per_minute and
+    reserves up to `tokens` of the token quota (capped to what remains), in
+    one atomic step. Fails with RESOURCE_EXHAUSTED (nothing charged; the
+    `retry-after-ms` trailer says when to retry) when the request rate is spent,
+    or when fewer than `min_tokens` tokens remain (then with the trailer
+    `error-code: insufficient_quota`). A reservation never settled stays
+    charged in full.
+    """
+    SettleQuota: _grpc.UnaryUnaryMultiCallable[_key_authority_pb2.SettleQuotaRequest, _key_authority_pb2.SettleQuotaResponse]
+    """After a generation: charges what a reservation really used and gives the
+    rest back to the quota period the reservation was taken in (nothing is
+    given back once that period has ended). Idempotent: settling a
+    reservation again, or an unknown one, changes nothing.
+    """
 
 @_typing.type_check_only
 class KeyAuthorityServiceAsyncStub(KeyAuthorityServiceStub):
@@ -96,6 +111,21 @@ class KeyAuthorityServiceAsyncStub(KeyAuthorityServiceStub):
     """Charges tokens and/or one request against the key's quotas. Fails with
     RESOURCE_EXHAUSTED (nothing charged) when a limit would be exceeded;
     the error carries a RetryInfo detail matching QuotaStatus.retry_after.
+    """
+    ReserveQuota: _aio.UnaryUnaryMultiCallable[_key_authority_pb2.ReserveQuotaRequest, _key_authority_pb2.ReserveQuotaResponse]  # type: ignore[assignment]
+    """Before a generation: counts one request against requests_per_minute and
+    reserves up to `tokens` of the token quota (capped to what remains), in
+    one atomic step. Fails with RESOURCE_EXHAUSTED (nothing charged; the
+    `retry-after-ms` trailer says when to retry) when the request rate is spent,
+    or when fewer than `min_tokens` tokens remain (then with the trailer
+    `error-code: insufficient_quota`). A reservation never settled stays
+    charged in full.
+    """
+    SettleQuota: _aio.UnaryUnaryMultiCallable[_key_authority_pb2.SettleQuotaRequest, _key_authority_pb2.SettleQuotaResponse]  # type: ignore[assignment]
+    """After a generation: charges what a reservation really used and gives the
+    rest back to the quota period the reservation was taken in (nothing is
+    given back once that period has ended). Idempotent: settling a
+    reservation again, or an unknown one, changes nothing.
     """
 
 class KeyAuthorityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -176,6 +206,33 @@ class KeyAuthorityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Charges tokens and/or one request against the key's quotas. Fails with
         RESOURCE_EXHAUSTED (nothing charged) when a limit would be exceeded;
         the error carries a RetryInfo detail matching QuotaStatus.retry_after.
+        """
+
+    @_abc_1.abstractmethod
+    def ReserveQuota(
+        self,
+        request: _key_authority_pb2.ReserveQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_authority_pb2.ReserveQuotaResponse, _abc.Awaitable[_key_authority_pb2.ReserveQuotaResponse]]:
+        """Before a generation: counts one request against requests_per_minute and
+        reserves up to `tokens` of the token quota (capped to what remains), in
+        one atomic step. Fails with RESOURCE_EXHAUSTED (nothing charged; the
+        `retry-after-ms` trailer says when to retry) when the request rate is spent,
+        or when fewer than `min_tokens` tokens remain (then with the trailer
+        `error-code: insufficient_quota`). A reservation never settled stays
+        charged in full.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleQuota(
+        self,
+        request: _key_authority_pb2.SettleQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_authority_pb2.SettleQuotaResponse, _abc.Awaitable[_key_authority_pb2.SettleQuotaResponse]]:
+        """After a generation: charges what a reservation really used and gives the
+        rest back to the quota period the reservation was taken in (nothing is
+        given back once that period has ended). Idempotent: settling a
+        reservation again, or an unknown one, changes nothing.
         """
 
 def add_KeyAuthorityServiceServicer_to_server(servicer: KeyAuthorityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -16,6 +17,7 @@ from gateway_http.chat.protocol import DONE, parse_chat_request
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import sse_error
 from gateway_http.lifecycle import record_audit_now
+from gateway_http.quota import refused_by_node, reserve_chat
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, STATE
 
 _SSE_HEADERS = {
@@ -33,9 +35,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call = parse_chat_request(json_body(request), principal.tenant_id)
     state.router.check_model(call.generation.model)
     request[MODEL] = call.generation.model
-    await state.keys.consume(principal.key_id, tokens=0, is_request=True)
+    reservation = await reserve_chat(request, state.keys, principal.key_id, call.generation)
     outcome = request[OUTCOME] = ChatOutcome(started, stream=call.stream)
-    result = await state.chat.create(call, outcome)
+    budgeted = replace(call, generation=replace(call.generation,
+                                                token_budget=reservation.token_budget))
+    try:
+        result = await state.chat.create(budgeted, outcome)
+    except FederationError as error:
+        raise await refused_by_node(request, state.keys, error) from None
     if isinstance(result, dict):
         await record_audit_now(request)  # no answer leaves unaudited
         return web.json_response(result, dumps=_dumps)

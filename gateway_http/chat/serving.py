@@ -39,14 +39,19 @@ class ChatOutcome:
     finished_at: float | None = None
     finished: GenerationFinished | None = None
     error: FederationError | None = None
+    deltas_seen: int = 0
+    prompt_seen: int | None = None
+    """The prompt's tokens as the node reported them on the first delta."""
+    completion_seen: int = 0
+    """Tokens of the deltas received: what a generation cut before its end produced."""
 
     @property
     def prompt_tokens(self) -> int:
-        return self.finished.prompt_tokens if self.finished else 0
+        return self.finished.prompt_tokens if self.finished else (self.prompt_seen or 0)
 
     @property
     def completion_tokens(self) -> int:
-        return self.finished.completion_tokens if self.finished else 0
+        return self.finished.completion_tokens if self.finished else self.completion_seen
 
 
 class ChatServing:
@@ -76,6 +81,10 @@ class ChatServing:
         if isinstance(event, TokenDelta):
             if outcome.first_token_at is None:
                 outcome.first_token_at = now
+            outcome.deltas_seen += 1
+            outcome.completion_seen += event.tokens
+            if outcome.prompt_seen is None:
+                outcome.prompt_seen = event.prompt_tokens
         else:
             outcome.finished, outcome.finished_at = event, now
 
