@@ -26,12 +26,14 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
+    # As root, pytest's private /tmp/pytest-of-root makes the data live under
+    # /var/lib/federation (see federation.db.embedded): delete it with the run.
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
-    dsn = server.start()
     try:
-        yield dsn.url("postgres")
+        yield server.start().url("postgres")
     finally:
         server.stop()
+        server.delete_cluster()
 
 
 @pytest.fixture
