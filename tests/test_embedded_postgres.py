@@ -3,6 +3,7 @@ private directory (finding 9: never widen a mode the federation does not own).""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ import asyncpg
 import psutil
 import pytest
 
-from federation.db.embedded import EmbeddedPostgres, installed_wheel_bin
+from federation.db.embedded import SYSTEM_USER, EmbeddedPostgres, installed_wheel_bin
 from tests.up_support import ancestor_modes
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as a system "
@@ -33,17 +34,25 @@ async def _select_one(server: EmbeddedPostgres, password: str) -> int:
 async def test_a_stale_lock_file_naming_a_reused_pid_does_not_block_the_start(
         tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "pg" / "data")
+    other: asyncio.subprocess.Process | None = None
     try:
         server.start()
         server.stop()
         # A crash left postmaster.pid behind, and its PID now belongs to another process
-        # (here: this one). PostgreSQL alone would refuse: "lock file already exists".
+        # of the same user (PostgreSQL cannot probe other users' PIDs, so they do not
+        # count). PostgreSQL alone refuses: "lock file "postmaster.pid" already exists".
+        other = await asyncio.create_subprocess_exec(
+            "sleep", "60", user=SYSTEM_USER if os.geteuid() == 0 else None)
         pid_file = server.data_dir / "postmaster.pid"
-        pid_file.write_text(f"{os.getpid()}\n{server.data_dir}\n1000000000\n{server.port}\n"
+        pid_file.write_text(f"{other.pid}\n{server.data_dir}\n1000000000\n{server.port}\n"
                             "\n127.0.0.1\n  0 0\nready   \n")
         dsn = server.start()
         assert await _select_one(server, dsn.password) == 1
+        assert other.returncode is None, "the process holding the PID was signalled"
     finally:
+        if other is not None:
+            other.kill()
+            await other.wait()
         server.stop()
         server.delete_cluster()
 
