@@ -13,6 +13,7 @@ import argparse
 import asyncio
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -75,7 +76,9 @@ async def _probe_all(settings: Settings, endpoints: dict[str, Any],
     database = endpoints.get("database", {})
     if database.get("dsn"):
         name = "postgres" if database.get("embedded") else "database"
-        targets.append((name, "", _probe_database(database["dsn"], timeout)))
+        dsn = urlsplit(database["dsn"])  # host and port only: the DSN holds the password
+        targets.append((name, f"{dsn.hostname}:{dsn.port}",
+                        _probe_database(database["dsn"], timeout)))
     for role, node in endpoints.get("nodes", {}).items():
         targets.append((role, node["grpc"],
                         _probe_node(node["grpc"], credentials, settings, timeout)))

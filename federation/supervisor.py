@@ -183,7 +183,7 @@ class Supervised:
                     await self._kill_unready()
                 continue  # the exit is reported, and counted, by the next turn
             self._ready()
-            self._report(f"{self.name:<9} serving again (pid {self.process.pid}, "
+            self._report(f"{self.name} serving again (pid {self.process.pid}, "
                          f"{time.monotonic() - exited_at:.1f}s after the exit)")
 
     async def _wait_exit(self) -> int | None:
@@ -205,7 +205,8 @@ class Supervised:
         self.status.restarts += 1
         self._set(ChildState.RESTARTING)
         self._report(f"{self.name} exited ({self.status.last_exit} after {uptime:.1f}s); "
-                     f"restart {self.status.restarts} in {delay:.1f}s (log {self.spec.log_path})")
+                     f"restarting in {delay:.1f}s (restart {self.status.restarts}; log "
+                     f"{self.spec.log_path})")
         return delay
 
     async def _kill_unready(self) -> None:
