@@ -105,6 +105,7 @@ class Supervised:
         self._on_change = on_change
         self._report = report
         self._started_at = 0.0
+        self._exited_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -147,8 +148,8 @@ class Supervised:
     # -- internals ---------------------------------------------------------------
 
     def _spawn(self) -> None:
-        self.process = self.spec.spawn()
         self._started_at = time.monotonic()
+        self.process = self.spec.spawn()
         self.status.pid = self.process.pid
         self.status.create_time = process_start_time(self.process.pid)
         self._on_change()
@@ -163,50 +164,57 @@ class Supervised:
         self._on_change()
 
     async def _supervise(self) -> None:
-        while True:
-            returncode = await self._wait_exit()
-            exited_at = time.monotonic()
-            delay = self._record_exit(returncode, exited_at)
-            if delay is None:
-                return
+        ended = describe_exit(await self._wait_exit())
+        while (delay := self._record_exit(ended, time.monotonic())) is not None:
             await asyncio.sleep(delay)
-            try:
-                self._spawn()
-                assert self.process is not None
-                await self.spec.wait_ready(self.process)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.process is not None and self.process.poll() is None:
-                    self._report(f"{self.name} did not become ready ({_first_line(exc)}); "
-                                 "killing it")
-                    await self._kill_unready()
-                continue  # the exit is reported, and counted, by the next turn
-            self._ready()
-            self._report(f"{self.name} serving again (pid {self.process.pid}, "
-                         f"{time.monotonic() - exited_at:.1f}s after the exit)")
+            restarted = await self._restart()
+            ended = restarted or describe_exit(await self._wait_exit())
+
+    async def _restart(self) -> str | None:
+        """Start the child again; ``None`` once it serves, else how this attempt ended."""
+        exited_at = self._exited_at
+        try:
+            self._spawn()
+        except OSError as exc:  # e.g. out of file descriptors or processes
+            return f"could not start: {exc}"
+        assert self.process is not None
+        try:
+            await self.spec.wait_ready(self.process)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self.process.poll() is None:
+                self._report(f"{self.name} did not become ready ({_first_line(exc)}); "
+                             "killing it")
+                await self._kill_unready()
+            return describe_exit(await self._wait_exit())
+        self._ready()
+        self._report(f"{self.name} serving again (pid {self.process.pid}, "
+                     f"{time.monotonic() - exited_at:.1f}s after the exit)")
+        return None
 
     async def _wait_exit(self) -> int | None:
         return None if self.process is None else await process_exit(self.process)
 
-    def _record_exit(self, returncode: int | None, now: float) -> float | None:
-        """Record an exit; the delay before the restart, or ``None`` (crash loop)."""
+    def _record_exit(self, ended: str, now: float) -> float | None:
+        """Record how the child ended; the delay before its restart, or ``None`` when
+        that makes a crash loop."""
         uptime = now - self._started_at
-        self.status.last_exit = describe_exit(returncode)
+        self._exited_at = now
+        self.status.last_exit = ended
         self.status.last_exit_at = time.time()
         delay = self._policy.next_delay(now, uptime)
         if delay is None:
             self._set(ChildState.FAILED)
             self._report(
-                f"{self.name} FAILED: crash loop ({self.status.last_exit} after "
-                f"{uptime:.1f}s, {self.status.restarts} restarts already); left stopped, "
-                f"everything else keeps running. Log {self.spec.log_path}:\n{self.log_tail()}")
+                f"{self.name} FAILED: crash loop ({ended} after {uptime:.1f}s, "
+                f"{self.status.restarts} restarts already); left stopped, everything else "
+                f"keeps running. Log {self.spec.log_path}:\n{self.log_tail()}")
             return None
         self.status.restarts += 1
         self._set(ChildState.RESTARTING)
-        self._report(f"{self.name} exited ({self.status.last_exit} after {uptime:.1f}s); "
-                     f"restarting in {delay:.1f}s (restart {self.status.restarts}; log "
-                     f"{self.spec.log_path})")
+        self._report(f"{self.name} exited ({ended} after {uptime:.1f}s); restarting in "
+                     f"{delay:.1f}s (restart {self.status.restarts}; log {self.spec.log_path})")
         return delay
 
     async def _kill_unready(self) -> None:

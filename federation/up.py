@@ -370,10 +370,15 @@ class Federation:
     # -- report --------------------------------------------------------------
 
     def children_changed(self) -> None:
-        """Record every child's state; once up, keep endpoints.json's PIDs current."""
-        write_state(self.home, self.state)
-        if self._endpoints_written:
-            self.write_endpoints()
+        """Record every child's state; once up, keep endpoints.json's PIDs current.
+
+        A failure to write (a full disk) is reported, and supervision goes on."""
+        try:
+            write_state(self.home, self.state)
+            if self._endpoints_written:
+                self.write_endpoints()
+        except OSError as exc:
+            self.progress.step(f"could not record the children's state: {exc}")
 
     def _pid(self, name: str) -> int | None:
         status = self.children[name].status

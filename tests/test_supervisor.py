@@ -3,6 +3,7 @@ and the clean-up after a dead supervisor, which never signals a process that is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from federation.cli_support import CommandError
 from federation.config import SupervisorConfig
-from federation.supervisor import HomeLock, RestartPolicy, clean_up_previous
+from federation.supervisor import HomeLock, RestartPolicy, Supervised, clean_up_previous
 from federation.supervisor_state import (
     ChildState,
     ChildStatus,
@@ -114,3 +115,71 @@ def test_a_live_supervisor_of_an_earlier_version_is_refused_and_left_alone(
     with pytest.raises(CommandError, match=rf"supervisor pid {sleeper.pid}\)"):
         clean_up_previous(tmp_path, None, print)
     assert sleeper.poll() is None
+
+
+class _ExitingChild:
+    """Runs ``argv``; ready once it has lived 0.2 s (a crash loop exits before that)."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.name = "broken"
+        self.argv = argv
+        self.log_path = log_path
+        self.spawned = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.spawned += 1
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(self.argv, stdout=log, stderr=log)
+
+    async def wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        await asyncio.sleep(0.2)
+        if process.poll() is not None:
+            raise RuntimeError("exited during start-up")
+
+    async def stop(self, process: subprocess.Popen[bytes]) -> None:
+        process.kill()
+        process.wait()
+
+    def on_ready(self, process: subprocess.Popen[bytes]) -> None:
+        pass
+
+
+FAST = SupervisorConfig(restart_initial_delay_seconds=0.01, crash_loop_restarts=2)
+
+
+async def _supervise_until_failed(spec: _ExitingChild, first: subprocess.Popen[bytes]
+                                  ) -> tuple[Supervised, list[str]]:
+    reports: list[str] = []
+    changes: list[str] = []
+    child = Supervised(spec, FAST, lambda: changes.append(str(child.status.state)),
+                       reports.append)
+    child.process = first  # as if its first start had succeeded
+    child.watch()
+    for _ in range(100):
+        if child.status.state == ChildState.FAILED:
+            break
+        await asyncio.sleep(0.05)
+    await child.stop()
+    assert changes[-1] == "failed", changes  # recorded, and stop() leaves it failed
+    return child, reports
+
+
+async def test_a_child_exiting_at_once_is_restarted_then_failed_and_reported(
+        tmp_path: Path) -> None:
+    spec = _ExitingChild([sys.executable, "-c", "print('bad config'); raise SystemExit(3)"],
+                         tmp_path / "broken.log")
+    child, reports = await _supervise_until_failed(spec, spec.spawn())
+    assert spec.spawned == 3
+    assert (child.status.restarts, child.status.last_exit) == (2, "exit status 3")
+    assert [r.split(" (")[0] for r in reports] == [
+        "broken exited", "broken exited", "broken FAILED: crash loop"]
+    assert f"Log {tmp_path / 'broken.log'}:\n    bad config" in reports[-1]
+
+
+async def test_a_child_that_cannot_even_be_started_ends_failed_saying_why(
+        tmp_path: Path) -> None:
+    spec = _ExitingChild([sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "x.log")
+    first = spec.spawn()
+    spec.argv = [str(tmp_path / "no-such-program")]  # e.g. the venv was removed
+    child, _ = await _supervise_until_failed(spec, first)
+    assert child.status.last_exit.startswith("could not start: [Errno 2]")

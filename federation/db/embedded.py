@@ -24,7 +24,8 @@ under ``/var/lib/federation`` (the FHS place for a service's state, root-owned,
   ``bin``, ``lib`` and ``share`` (and its bundled libraries), shared by every home
   on the machine; it is made once per version, atomically (copy, then rename).
 * ``/var/lib/federation/<name>-<hash of the data path>/data``: the cluster, owned by
-  ``embedded_postgres``, 0700; a ``HOME`` file beside it names the home it belongs to.
+  ``embedded_postgres``, 0700; a ``HOME`` file beside it names (first line) the link
+  in the home that points to it.
 
 The home keeps a symbolic link in the data directory's place (``postgres/data ->
 /var/lib/federation/…/data``): operators find the data with ``ls -l``, every later
@@ -359,8 +360,9 @@ class EmbeddedPostgres:
         owned = self._owned_root_dir() / f"{name}-{digest}"
         owned.mkdir(mode=0o755, exist_ok=True)
         (owned / "HOME").write_text(
-            f"Embedded PostgreSQL data of the federation home {requested.parent.parent}\n"
-            f"(linked from {requested}). Delete this directory with that home.\n")
+            f"{requested}\n"
+            f"The line above links here: this is the embedded PostgreSQL data of the "
+            f"federation home {requested.parent.parent}. Delete it with that home.\n")
         data = owned / "data"
         data.mkdir(mode=0o700, exist_ok=True)
         requested.symlink_to(data, target_is_directory=True)
