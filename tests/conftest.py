@@ -29,7 +29,6 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     # As root, pytest's private /tmp/pytest-of-root makes the data live under
     # /var/lib/federation (see federation.db.embedded): delete it with the run.
-    _remove_clusters_of_dead_sessions(tmp_path_factory.getbasetemp().parent)
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     try:
         yield server.start().url("postgres")
@@ -38,9 +37,11 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.delete_cluster()
 
 
-def _remove_clusters_of_dead_sessions(pytest_root: Path) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _remove_clusters_of_dead_sessions(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Relocated clusters of test runs that died before their teardown (a crash): their
     link under pytest's directory is gone and no server runs on them."""
+    pytest_root = tmp_path_factory.getbasetemp().parent
     for note in OWNED_ROOT.glob("*/HOME"):
         link = Path(note.read_text().splitlines()[0])
         if not link.is_relative_to(pytest_root) or link.is_symlink():

