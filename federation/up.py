@@ -204,9 +204,12 @@ class PostgresChild:
 
     def on_ready(self, process: subprocess.Popen[bytes]) -> None:
         if not self.ready_once:
+            data = f"data {self.server.data_dir}"
+            if self.server.requested_dir.is_symlink():
+                data += f", linked from {self.server.requested_dir}"
             self.federation.progress.step(
                 f"PostgreSQL: embedded server on {self.server.host}:{self.server.port} "
-                f"(pid {process.pid}, data {self.server.data_dir})")
+                f"(pid {process.pid}, {data})")
         self.ready_once = True
         self.federation.children_changed()
 

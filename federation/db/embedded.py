@@ -356,7 +356,8 @@ class EmbeddedPostgres:
 
     def _relocate(self, requested: Path) -> Path:
         digest = hashlib.sha256(str(requested).encode()).hexdigest()[:12]
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", requested.parent.parent.name or "home")
+        home_name = re.sub(r"[^A-Za-z0-9_.-]", "_", requested.parent.parent.name)
+        name = home_name.lstrip("._-") or "home"  # no hidden directory for ".federation"
         owned = self._owned_root_dir() / f"{name}-{digest}"
         data = owned / "data"
         if data.exists() and any(data.iterdir()):
