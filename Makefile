@@ -11,6 +11,18 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
+# llama.cpp is built for x86-64-v3 (AVX2, FMA, F16C), not with -march=native: these
+# VMs report AMX in cpuid but fault on AMX tile instructions (SIGILL in decode), and a
+# wheel built natively on one machine crashes on another. pip's own cache ignores
+# CMAKE_ARGS, so the wheel is built once per flag set into a wheelhouse of its own.
+ARCH := $(shell uname -m)
+ifeq ($(ARCH),x86_64)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+LLAMA_VERSION := 0.3.36
+WHEELHOUSE := $(HOME)/.cache/federation/wheels/llama-$(LLAMA_VERSION)-$(ARCH)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+
 .PHONY: run test install protos check-protos lint-protos lint typecheck pytest bench clean
 
 run: $(STAMP)
@@ -22,6 +34,10 @@ $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing the project (the first build of llama-cpp-python takes several minutes)..."
+	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(BIN)/python -m pip wheel --quiet --no-deps --no-cache-dir -w $(WHEELHOUSE) \
+		'llama-cpp-python==$(LLAMA_VERSION)'
+	$(BIN)/python -m pip install --quiet $(WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install --quiet -e '.[llm,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@

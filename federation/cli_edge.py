@@ -24,6 +24,7 @@ import asyncpg
 
 from federation.cli_support import CommandError, admin_channel, load_endpoints, print_json
 from federation.config import Settings
+from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB, from_timestamp, timestamp
 from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
@@ -142,9 +143,10 @@ def _database_url(settings: Settings) -> str:
 
 async def _with_pool(settings: Settings) -> asyncpg.Pool:
     try:
-        return await asyncpg.create_pool(_database_url(settings), min_size=1, max_size=2)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise CommandError(f"cannot connect to PostgreSQL: {exc}") from exc
+        return await create_pool(_database_url(settings), settings.database,
+                                 min_size=1, max_size=2)
+    except DatabaseUnavailable as exc:
+        raise CommandError(str(exc)) from exc
 
 
 async def _token(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import asyncpg
-
 from federation.cli_support import admin_channel, print_json
 from federation.cli_vault import database_url, operator_actor
 from federation.config import Settings
-from federation.db import DatabaseUnavailable
+from federation.db import create_pool
 from federation.memory.client import GrpcAuditSink
 from federation.tenants import set_store_transcripts
 
@@ -39,10 +37,7 @@ def register(commands: Any) -> None:
 
 
 async def _transcripts(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        pool = await asyncpg.create_pool(database_url(settings), min_size=1, max_size=2)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    pool = await create_pool(database_url(settings), settings.database, min_size=1, max_size=2)
     try:
         async with admin_channel(settings, "memory") as channel:
             audit = GrpcAuditSink(channel, timeout_seconds=settings.grpc.call_timeout_seconds)

@@ -74,6 +74,23 @@ class DatabaseConfig:
     """asyncpg pool bounds per process."""
 
     command_timeout_seconds: float = 10.0
+    """Longest a single statement may run. Our statements are small; one that takes
+    longer means PostgreSQL is stalled, and the caller gets UNAVAILABLE (HTTP 503)."""
+
+    connect_timeout_seconds: float = 5.0
+    """Longest a new connection (TCP, TLS, authentication) may take."""
+
+    acquire_timeout_seconds: float = 5.0
+    """Longest a caller waits for a pooled connection (connecting one included). asyncpg
+    waits for ever by default; during an outage requests would pile up behind the pool."""
+
+    probe_interval_seconds: float = 1.0
+    """How often a node checks that PostgreSQL answers, to report NOT_SERVING on gRPC
+    health (and 503 on the gateway's ``/health``) within about a second of an outage."""
+
+    probe_timeout_seconds: float = 2.0
+    """A probe slower than this counts as "unreachable": a stalled server looks the same
+    as a dead one to a caller waiting on it."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +201,53 @@ class GatewayConfig:
 
     route_refresh_seconds: float = 2.0
     """How often the router re-probes health, models and load of every inference node."""
+
+    outbox_dir: str = "gateway/outbox"
+    """Spool of the records the gateway writes after deciding an answer (audit records of
+    refusals and failures), relative to the home; see ``gateway_http/outbox.py``."""
+
+    outbox_max_records: int = 100_000
+    """Most spooled records waiting for delivery (a few hundred bytes each). When full,
+    new requests are refused with 503: the gateway does not serve what it cannot audit."""
+
+    outbox_retry_initial_seconds: float = 0.2
+    outbox_retry_max_seconds: float = 30.0
+    """Delivery retries back off exponentially between these bounds while the memory
+    node (or its database) is down."""
+
+    header_read_timeout_seconds: float = 10.0
+    """Time a client has to send a complete request head (request line and headers),
+    counted from the connection's opening or the first byte of a kept-alive
+    connection's next request. A real client sends its head in one packet; this only
+    ends connections that trickle a head or send nothing (slowloris), answering 408
+    when part of a head came. Short, because every such connection holds a file
+    descriptor."""
+
+    body_read_timeout_seconds: float = 30.0
+    """Time a client has to send a whole request body once its head is in. Bodies are
+    at most ``max_body_bytes`` (1 MiB), which a 300 kbit/s link delivers in 30 s; a
+    client still sending after that gets 408 and the connection is closed."""
+
+    keepalive_timeout_seconds: float = 75.0
+    """How long an idle kept-alive connection stays open between requests. Longer than
+    the 60 s idle timeout of common reverse proxies and load balancers, so they close
+    first and never reuse a connection the gateway is closing."""
+
+    max_connections: int = 4096
+    """Open client connections at most; beyond it a new connection gets one 503 and is
+    closed. Keeps the gateway below its file-descriptor limit (the process raises its
+    own soft RLIMIT_NOFILE toward the hard limit to fit this, and lowers this limit,
+    with a warning, when the hard limit is smaller), so a flood of slow or idle
+    clients cannot make ``accept`` fail for everyone."""
+
+    listen_backlog: int = 1024
+    """Pending connections the kernel queues before the gateway accepts them (capped
+    by ``net.core.somaxconn``): room for a burst of new clients."""
+
+    max_json_depth: int = 64
+    """Deepest nesting of arrays and objects accepted in a JSON body; deeper bodies are
+    refused with 400 when parsed, before any other work. OpenAI request bodies nest a
+    handful of levels (a JSON schema in ``response_format`` a few more)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from federation import authz
+from federation.db.errors import outage_error
 from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import Identity, PKIError, parse_spiffe_id
@@ -214,11 +215,16 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return ()
 
         async def fail(exc: BaseException, context: Context) -> None:
-            if isinstance(exc, FederationError):
-                context.set_trailing_metadata(exc.trailing_metadata())
-                await context.abort(exc.spec.grpc_status, exc.message)
-            log.exception("unhandled error in %s", method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            if not isinstance(exc, FederationError):
+                outage = outage_error(exc)
+                if outage is None:
+                    log.exception("unhandled error in %s", method, exc_info=exc)
+                    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+                log.warning("database unavailable in %s", method,
+                            extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+                exc = outage
+            context.set_trailing_metadata(exc.trailing_metadata())
+            await context.abort(exc.spec.grpc_status, exc.message)
 
         def finish(started: float, context: Context) -> None:
             code = context.code() if hasattr(context, "code") else None

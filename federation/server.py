@@ -122,9 +122,7 @@ class NodeServer:
                 raise OSError(f"could not listen on {self._enrollment_listen}")
         await server.start()
         self._server = server
-        for name in names:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(True)
         if self._metrics_port is not None:
             await self._start_metrics()
         log.info(
@@ -137,6 +135,14 @@ class NodeServer:
                 "tls": self._credentials is not None,
             },
         )
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report every hosted service (and the server as a whole) as SERVING or
+        NOT_SERVING on gRPC health, e.g. while a dependency is unreachable."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *(s.full_name for s in self._services)):
+            await self.health.set(name, status)
 
     async def _start_metrics(self) -> None:
         async def metrics(_: web.Request) -> web.Response:

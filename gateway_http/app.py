@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -26,10 +27,12 @@ from prometheus_client import CollectorRegistry
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
 from federation.lifeline import watch_lifeline
+from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
 from federation.routing import InferenceRouter
 from gateway_http import health, models, openapi
 from gateway_http.auth import (
+    AuditEntry,
     AuditWriter,
     BackgroundTasks,
     CachedKeyVerifier,
@@ -37,12 +40,15 @@ from gateway_http.auth import (
     GrpcKeyVerifier,
     KeyVerifier,
 )
+from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
 from gateway_http.council_routes import add_council_routes
 from gateway_http.errors import error_middleware
-from gateway_http.lifecycle import add_request_id_header, lifecycle_middleware
+from gateway_http.lifecycle import AUDIT_RECORD, add_request_id_header, lifecycle_middleware
 from gateway_http.metrics import GatewayMetrics, metrics_handler
+from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
+from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault_routes import add_vault_routes
@@ -64,7 +70,10 @@ def create_app(
     ``credentials=None`` talks plaintext to nodes started with ``--insecure-dev``."""
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes,
-        middlewares=[lifecycle_middleware, error_middleware],
+        # The body is read and parsed (depth and number ranges checked) inside the
+        # error guard and before the council and transcript middlewares, which
+        # add_council_routes / create_app append after it.
+        middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
@@ -115,6 +124,11 @@ def _dependencies(
             await router.start()
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
+            metrics = GatewayMetrics(registry or CollectorRegistry())
+            writer = audit or GrpcAuditWriter(_required(channels, "memory"), timeout)
+            outbox = _outbox(settings, metrics, writer)
+            await outbox.start()
+            stack.push_async_callback(outbox.stop, settings.grpc.grace_seconds)
             app[STATE] = GatewayState(
                 settings=settings,
                 router=router,
@@ -122,15 +136,37 @@ def _dependencies(
                     keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
                     gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
                 ),
-                audit=audit or GrpcAuditWriter(_required(channels, "memory"), timeout),
-                metrics=GatewayMetrics(registry or CollectorRegistry()),
+                audit=writer,
+                metrics=metrics,
                 background=background,
                 chat=ChatServing(router, gateway.request_timeout_seconds),
                 channels=channels,
+                outbox=outbox,
             )
             yield
 
     return context
+
+
+def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter) -> Outbox:
+    gateway = settings.gateway
+    outbox = Outbox(
+        OutboxConfig(
+            directory=settings.home / gateway.outbox_dir,
+            max_records=gateway.outbox_max_records,
+            retry_initial_seconds=gateway.outbox_retry_initial_seconds,
+            retry_max_seconds=gateway.outbox_retry_max_seconds,
+        ),
+        OutboxMetrics(metrics.registry),
+    )
+
+    async def deliver_audit(payload: Mapping[str, Any]) -> None:
+        entry = AuditEntry(**payload)
+        request_id_var.set(entry.request_id)  # the record keeps its request's id
+        await audit.record(entry)
+
+    outbox.register(AUDIT_RECORD, deliver_audit)
+    return outbox
 
 
 def _channel(target: str, credentials: CertificateFiles | None, settings: Settings
@@ -147,7 +183,9 @@ def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Chan
 
 
 class GatewayServer:
-    """The gateway app on ``AppRunner`` + ``TCPSite``; ``port`` is the bound port."""
+    """The gateway app on an :class:`~gateway_http.server.EdgeRunner` (``AppRunner``
+    with head/body deadlines and a connection limit) + ``TCPSite``; ``port`` is the
+    bound port."""
 
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
                  keys: KeyVerifier | None = None, audit: AuditWriter | None = None,
@@ -161,19 +199,28 @@ class GatewayServer:
     def state(self) -> GatewayState:
         return self.app[STATE]
 
+    @property
+    def edge(self) -> EdgeServer:
+        """The HTTP server: open connections, refusals over the limit, limits in effect."""
+        assert self._runner is not None and isinstance(self._runner.server, EdgeServer)
+        return self._runner.server
+
     async def start(self) -> None:
-        runner = web.AppRunner(
+        config = self._settings.gateway
+        runner = EdgeRunner(
             self.app,
+            limits=EdgeLimits.from_config(config, fit_connection_limit(config.max_connections)),
             access_log=None,
             # A client that disconnects cancels its handler, which cancels the
             # gRPC call, which stops the generation on the node.
             handler_cancellation=True,
+            keepalive_timeout=config.keepalive_timeout_seconds,
             shutdown_timeout=self._settings.grpc.grace_seconds,
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self._settings.gateway.http_host,
-                           self._settings.gateway.http_port)
+        site = web.TCPSite(runner, config.http_host, config.http_port,
+                           backlog=config.listen_backlog)
         await site.start()
         self.port = int(runner.addresses[0][1])
         log.info("gateway serving", extra={"host": self._settings.gateway.http_host,

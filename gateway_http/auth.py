@@ -150,7 +150,12 @@ class GrpcAuditWriter:
 # ---- caching and background auditing -------------------------------------------------------
 
 class CachedKeyVerifier:
-    """Remembers verification results briefly; quota calls always go through."""
+    """Remembers verification results briefly; quota calls always go through.
+
+    A verdict is remembered per (key, scope, source): the key authority suspends a key
+    per source after repeated failures, so one source's answer, success or refusal,
+    must never answer another source's request.
+    """
 
     def __init__(self, inner: KeyVerifier, ttl: float, negative_ttl: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -158,11 +163,12 @@ class CachedKeyVerifier:
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._clock = clock
-        self._cache: dict[tuple[bytes, str], tuple[float, KeyPrincipal | FederationError]] = {}
+        self._cache: dict[tuple[bytes, str, str],
+                          tuple[float, KeyPrincipal | FederationError]] = {}
 
     async def verify(self, key: str, *, scope: str, source: str) -> KeyPrincipal:
         # Keyed by a hash so raw secrets do not sit in a long-lived dict.
-        slot = (hashlib.sha256(key.encode()).digest(), scope)
+        slot = (hashlib.sha256(key.encode()).digest(), scope, source)
         now = self._clock()
         cached = self._cache.get(slot)
         if cached is not None and cached[0] > now:

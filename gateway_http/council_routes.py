@@ -45,9 +45,10 @@ from federation.inference.types import GenerationFinished
 from federation.logs import REQUEST_ID_HEADER, request_id_var
 from federation.v1 import council_pb2, council_pb2_grpc
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
+from gateway_http.body import json_body
 from gateway_http.chat.protocol import ChunkWriter, completion_id, completion_object
 from gateway_http.chat.serving import ChatOutcome
-from gateway_http.errors import sse_error
+from gateway_http.errors import AUTH_STATUSES, BODY_STATUSES, EDGE_STATUSES, sse_error
 from gateway_http.state import MODEL, OUTCOME, PRINCIPAL, REQUEST_ID, STATE
 
 log = logging.getLogger(__name__)
@@ -150,17 +151,18 @@ class VoteBody:
     stream: bool = False
 
 
-def parse_vote_body(raw: bytes) -> VoteBody:
-    try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _invalid(None, f"We could not parse the JSON body of your request: {exc}"
-                       ) from None
+def parse_vote_body(data: Any) -> VoteBody:
+    """``data``: the parsed JSON body (``gateway_http/body.py``; ``None`` without one)."""
     if not isinstance(data, dict):
         raise _invalid(None, "The request body must be a JSON object.")
     question = data.get("question")
-    if not isinstance(question, str) or not question.strip():
+    if question is None:
         raise _invalid("question", "Missing required parameter: 'question'.")
+    if not isinstance(question, str):
+        raise _invalid("question", "Invalid type for 'question': expected a string, got "
+                                   f"{_json_type(question)}.")
+    if not question.strip():
+        raise _invalid("question", "Invalid value for 'question': it must not be empty.")
     fields: dict[str, Any] = {"question": question}
     for name, kind in (("council", str), ("specialty", str), ("rounds", int), ("level", int),
                        ("stream", bool)):
@@ -168,7 +170,8 @@ def parse_vote_body(raw: bytes) -> VoteBody:
         if value is None:
             continue
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise _invalid(name, f"Invalid type for '{name}': expected {kind.__name__}.")
+            raise _invalid(name, f"Invalid type for '{name}': expected {_JSON_TYPES[kind]}, "
+                                 f"got {_json_type(value)}.")
         fields[name] = value
     unknown = sorted(set(data) - {"question", "council", "specialty", "rounds", "level",
                                   "stream"})
@@ -185,7 +188,7 @@ async def council_vote(request: web.Request) -> web.StreamResponse:
     gateway = request.app[COUNCIL_GATEWAY]
     principal = await authenticate(request, gateway.keys, BASE_SCOPE)
     request[PRINCIPAL] = principal
-    body = parse_vote_body(await request.read())
+    body = parse_vote_body(json_body(request))
     check_access(level_from_int(body.level), principal.scopes)
     request[MODEL] = COUNCIL_MODEL
     await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
@@ -234,7 +237,7 @@ async def _stream_vote(request: web.Request, call: Any, first: council_pb2.VoteR
 async def council_chat_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Answer chat completions addressed to a council model; pass the rest through."""
     if request.method == "POST" and request.path == "/v1/chat/completions":
-        model = _peek_model(await request.read())  # aiohttp caches the body for the handler
+        model = _peek_model(json_body(request))
         if model is not None and is_council_model(model):
             return await council_chat_completion(request, model)
     response: web.StreamResponse = await handler(request)
@@ -250,7 +253,9 @@ async def council_chat_completion(request: web.Request, model: str) -> web.Strea
     if model not in council_model_ids(gateway.councils):
         raise FederationError(ErrorCode.NOT_FOUND, f"The model '{model}' does not exist",
                               param="model")
-    data = json.loads(await request.read())
+    data = json_body(request)
+    if not isinstance(data, dict):
+        raise _invalid(None, "The request body must be a JSON object.")
     question = _last_user_message(data.get("messages"))
     request[MODEL] = model
     await gateway.keys.consume(principal.key_id, tokens=0, is_request=True)
@@ -443,11 +448,7 @@ def _charge(outcome: ChatOutcome, result: council_pb2.CouncilResult) -> Generati
     return finished
 
 
-def _peek_model(raw: bytes) -> str | None:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # the normal handler reports the malformed body
+def _peek_model(data: Any) -> str | None:
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else None
 
@@ -475,6 +476,23 @@ def _comment(event: council_pb2.VoteResponse) -> bytes:
 
 def _sse(value: dict[str, Any]) -> bytes:
     return b"data: " + _dumps(value).encode() + b"\n\n"
+
+
+_JSON_TYPES: Final = {str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else "null"
 
 
 def _invalid(param: str | None, message: str) -> FederationError:
@@ -558,8 +576,8 @@ OPENAPI_PATHS: Final[dict[str, Any]] = {
                         "application/json": {
                             "schema": {"$ref": "#/components/schemas/CouncilResult"}},
                         "text/event-stream": {"schema": {"type": "string"}}}},
-            "400": _ERROR, "401": _ERROR, "403": _ERROR, "429": _ERROR,
-            "503": _ERROR, "504": _ERROR,
+            **{str(status): _ERROR for status in sorted(
+                {404, 409, 429, *EDGE_STATUSES, *AUTH_STATUSES, *BODY_STATUSES})},
         },
     }},
 }

@@ -2,7 +2,10 @@
 
 200 when every configured component serves, 503 otherwise. Inference counts
 as up while at least one node serves (the router works around the others);
-each node's own status is listed. Under ``federation up`` each component also
+each node's own status is listed. The database's status is the gateway's own
+database watch (a ``SELECT 1`` every second on a connection of its own) when
+the gateway has a database: probing through the pool could hang a caller of
+``/health`` for the pool's timeouts. Under ``federation up`` each component also
 shows its supervision state (``supervisor``: running, restarting or failed,
 restarts, last exit). Addresses and PIDs are not shown: the endpoint is
 unauthenticated.
@@ -19,7 +22,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.supervisor_state import live_state
-from gateway_http.state import STATE
+from gateway_http.state import DATABASE_WATCH, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")
 
@@ -56,6 +59,7 @@ async def health(request: web.Request) -> web.Response:
             for i, (n, s) in enumerate(zip(nodes, node_statuses, strict=True))
         ],
     }
+    components["database"] = {"status": _database_status(request.app)}
     healthy = all(c["status"] in ("serving", "not_configured") for c in components.values())
     body: dict[str, Any] = {"status": "ok" if healthy else "unavailable",
                             "components": components}
@@ -79,6 +83,13 @@ def _add_supervision(body: dict[str, Any], home: Path) -> None:
         if component is not None:
             component["supervisor"] = public
     body["supervisor"] = {"children": children}
+
+
+def _database_status(app: web.Application) -> str:
+    watch = app.get(DATABASE_WATCH)
+    if watch is None:
+        return "not_configured"
+    return "serving" if watch.reachable else "unreachable"
 
 
 def add_routes(app: web.Application) -> None:

@@ -4,14 +4,18 @@ Runs outside ``error_middleware``, so it sees the final status of every
 request, including refused ones, and the ``FederationError`` they carried.
 A successful chat completion writes its audit record *before* its response
 completes (:func:`record_audit_now`, called by the chat route), so a failure to
-audit fails the request; every other request (refusals, errors, listings) is
-audited in the background after the response. Charging tokens happens in the
-background too; both are awaited at shutdown.
+audit fails the request. Every other authenticated request (refusals, errors,
+listings) has its record spooled to the durable outbox (fsynced) before its
+answer leaves, and delivered to thermal memory from there, retried until the
+memory node takes it: a memory outage delays those records, it does not lose
+them. While the outbox is full, requests are refused with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -21,7 +25,8 @@ from federation.errors import ErrorCode, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from gateway_http.auth import AuditEntry
 from gateway_http.chat.serving import ChatOutcome
-from gateway_http.errors import ERROR_KEY
+from gateway_http.errors import ERROR_KEY, error_response
+from gateway_http.outbox import OutboxFull
 from gateway_http.state import (
     AUDITED,
     MODEL,
@@ -32,6 +37,11 @@ from gateway_http.state import (
     STATE,
     GatewayState,
 )
+
+log = logging.getLogger(__name__)
+
+AUDIT_RECORD = "audit"
+"""Outbox kind of a gateway request's audit record (payload: ``AuditEntry`` fields)."""
 
 CLIENT_CLOSED = 499
 """Status recorded when the client went away before the response was complete."""
@@ -48,6 +58,10 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
     request_id_var.set(request_id)  # reaches gRPC metadata through channels.py
     route = _route_name(request)
     started = request[STARTED] = time.perf_counter()
+    if state.outbox.full:  # cannot audit what it would serve: refuse before any work
+        full = OutboxFull(state.settings.gateway.outbox_max_records)
+        state.metrics.requests.labels(route, "", "503").inc()
+        return error_response(full)
     in_flight = state.metrics.in_flight.labels(route)
     in_flight.inc()
     status = CLIENT_CLOSED
@@ -62,7 +76,7 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
         raise
     finally:
         in_flight.dec()
-        _finish(request, state, route, status, time.perf_counter() - started)
+        await _finish(request, state, route, status, time.perf_counter() - started)
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -77,8 +91,8 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _finish(request: web.Request, state: GatewayState, route: str, status: int,
-            elapsed: float) -> None:
+async def _finish(request: web.Request, state: GatewayState, route: str, status: int,
+                  elapsed: float) -> None:
     model = request.get(MODEL, "")
     outcome = request.get(OUTCOME)
     error = request.get(ERROR_KEY) or (outcome.error if outcome else None)
@@ -100,10 +114,14 @@ def _finish(request: web.Request, state: GatewayState, route: str, status: int,
         )
     if request.get(AUDITED):
         return
-    state.background.spawn(
-        state.audit.record(_audit_entry(request, route, status, elapsed, error)),
-        "audit record", on_failure=lambda: metrics.background_failures.labels("audit").inc(),
-    )
+    entry = _audit_entry(request, route, status, elapsed, error)
+    try:
+        # Durable before the answer leaves (the response is sent after the middleware).
+        await state.outbox.put(AUDIT_RECORD, dataclasses.asdict(entry))
+    except FederationError as exc:
+        metrics.background_failures.labels("audit").inc()
+        log.error("audit record could not be spooled",
+                  extra={"request_id": entry.request_id, "error": exc.message})
 
 
 async def record_audit_now(request: web.Request) -> None:

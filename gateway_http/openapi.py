@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway_http import council_routes
+from gateway_http.errors import AUTH_STATUSES, BODY_STATUSES, EDGE_STATUSES
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 
@@ -15,41 +16,47 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): _ERROR for s in statuses}
+def _errors(*statuses: int, auth: bool = True, body: bool = False) -> dict[str, Any]:
+    """The error responses of an operation: ``statuses`` of its own, plus what any
+    request can meet (``EDGE_STATUSES``), key verification (``auth``) and reading a
+    body (``body``)."""
+    every = {*statuses, *EDGE_STATUSES, *(AUTH_STATUSES if auth else ()),
+             *(BODY_STATUSES if body else ())}
+    return {str(s): _ERROR for s in sorted(every)}
 
 
-MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
-                                        "properties": {"type": {"const": "text"},
-                                                       "text": {"type": "string"}}}},
-            {"type": "null"},
-        ]},
-        "name": {"type": "string"},
-    },
-}
+_CONTENT = [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"},
+                                               "text": {"type": "string"}}}},
+]
+
+MESSAGE = {"oneOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "tool"]},
+        "content": {"oneOf": _CONTENT}, "name": {"type": "string"}}},
+    {"type": "object", "required": ["role"], "description": "Only an assistant message "
+     "may come without content.", "properties": {
+         "role": {"const": "assistant"},
+         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"}}},
+]}
 
 CHAT_REQUEST = {
     "type": "object",
     "required": ["model", "messages"],
     "properties": {
-        "model": {"type": "string"},
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
         "messages": {"type": "array", "minItems": 1,
                      "items": {"$ref": "#/components/schemas/Message"}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
         "n": {"const": 1},
         "stop": {"oneOf": [{"type": "string"},
                            {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-        "seed": {"type": "integer"},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
         "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
         "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
         "repeat_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 10,
@@ -136,16 +143,20 @@ def _vault_paths() -> dict[str, Any]:
                      "description": "Scope `vault:write`. " + _GUARDIAN_DOWN,
                      "requestBody": body,
                      "responses": {"201": _json(issued, "Created; the client share, once."),
-                                   **_errors(400, 401, 403, 409, 413, 503)}},
+                                   **_errors(409, body=True)}},
             "get": {"operationId": "listVaultSecrets", "security": [{"bearer": []}],
                     "description": "Scope `vault:read`. Metadata of the caller's tenant.",
                     "parameters": [
-                        {"name": "page_size", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "page_token", "in": "query", "schema": {"type": "string"}}],
+                        {"name": "page_size", "in": "query", "description": "0 or absent: "
+                         "50; at most 1000 are returned.",
+                         "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "page_token", "in": "query", "description": "The "
+                         "`next_page_token` of the previous page.",
+                         "schema": {"type": "string"}}],
                     "responses": {"200": _json({"type": "object", "properties": {
                         "object": {"const": "list"}, "data": {"type": "array", "items": secret},
                         "next_page_token": {"type": "string"}}}, "Metadata only."),
-                        **_errors(400, 401, 403)}},
+                        **_errors()}},
         },
         "/v1/vault/secrets/{id}": {
             "get": {"operationId": "readVaultSecret", "security": [{"bearer": []}],
@@ -156,20 +167,25 @@ def _vault_paths() -> dict[str, Any]:
                                                                     "properties": {
                         "value": {"type": ["string", "null"]},
                         "value_base64": {"type": "string"}}}]}, "The value."),
-                        **_errors(400, 401, 403, 404, 409)}},
+                        **_errors(404, 409)}},
             "delete": {"operationId": "destroyVaultSecret", "security": [{"bearer": []}],
-                       "description": "Scope `vault:write`. Crypto-shredding: irreversible.",
+                       "description": "Scope `vault:write`. Crypto-shredding: irreversible. "
+                                      "The reason (printable, at most 1000 characters) in "
+                                      "the query or the JSON body.",
                        "parameters": [_SECRET_ID, {"name": "reason", "in": "query",
                                                    "schema": {"type": "string"}}],
+                       "requestBody": {"required": False, "content": {"application/json": {
+                           "schema": {"type": "object",
+                                      "properties": {"reason": {"type": "string"}}}}}},
                        "responses": {"200": _json(secret, "Destroyed."),
-                                     **_errors(401, 403, 404, 503)}},
+                                     **_errors(404, 409, body=True)}},
         },
         "/v1/vault/secrets/{id}/rotate": {"post": {
             "operationId": "rotateVaultSecret", "security": [{"bearer": []}],
             "description": "Scope `vault:write`. New data key and shares. " + _GUARDIAN_DOWN,
             "parameters": [_SECRET_ID, _SHARE_HEADER],
             "responses": {"200": _json(issued, "Rotated; the new client share."),
-                          **_errors(400, 401, 403, 404, 409, 503)}}},
+                          **_errors(404, 409, body=True)}}},
         "/v1/vault/secrets/{id}/recover": {"post": {
             "operationId": "recoverVaultSecret", "security": [{"bearer": []}],
             "description": "Scope `admin`, a non-empty reason. Gateway + guardian shares; "
@@ -178,16 +194,17 @@ def _vault_paths() -> dict[str, Any]:
                            + _GUARDIAN_DOWN,
             "parameters": [_SECRET_ID], "requestBody": reason,
             "responses": {"200": _json(issued, "Recovered; a new client share."),
-                          **_errors(400, 401, 403, 404, 409, 429, 503)}}},
+                          **_errors(404, 409, 429, body=True)}}},
     }
 
 
-def document(*, vault: bool = False) -> dict[str, Any]:
-    """The API description; ``vault``: include the vault routes (served only when the
-    gateway has a database and a guardian)."""
+def document(*, vault: bool = False, council: bool = False) -> dict[str, Any]:
+    """The API description of the routes this gateway serves: ``vault`` (only with a
+    database and a guardian) and ``council`` (only with a council node) are optional."""
     doc = _document()
-    doc["paths"].update(council_routes.OPENAPI_PATHS)
-    doc["components"]["schemas"].update(council_routes.OPENAPI_SCHEMAS)
+    if council:
+        doc["paths"].update(council_routes.OPENAPI_PATHS)
+        doc["components"]["schemas"].update(council_routes.OPENAPI_SCHEMAS)
     if vault:
         doc["paths"].update(_vault_paths())
         doc["components"]["schemas"].update({"VaultSecret": SECRET,
@@ -221,7 +238,7 @@ def _document() -> dict[str, Any]:
                                 "application/json": {
                                     "schema": {"$ref": "#/components/schemas/ChatCompletion"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-                    **_errors(400, 401, 403, 404, 413, 429, 503),
+                    **_errors(404, 409, 429, body=True),
                 },
             }},
             "/v1/models": {"get": {
@@ -229,30 +246,37 @@ def _document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "properties": {
                     "object": {"const": "list"},
                     "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
-                    "Models served by healthy inference nodes."), **_errors(401, 403)},
+                    "Models served by healthy inference nodes."), **_errors()},
             }},
             "/v1/models/{model}": {"get": {
                 "operationId": "retrieveModel", "security": [{"bearer": []}],
                 "parameters": [{"name": "model", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Model"}, "The model."),
-                              **_errors(401, 403, 404)},
+                              **_errors(404)},
             }},
             "/health": {"get": {"operationId": "health", "responses": {
+                **_errors(auth=False),
                 "200": _json({"type": "object"}, "Every component serves."),
-                "503": _json({"type": "object"}, "At least one component is down.")}}},
+                "503": {"description": "At least one component is down (the components "
+                                       "object), or the gateway is at its connection "
+                                       "limit (an error object).",
+                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/metrics": {"get": {"operationId": "metrics", "responses": {
                 "200": {"description": "Prometheus text exposition.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **_errors(auth=False)}}},
             "/openapi.json": {"get": {"operationId": "openapi", "responses": {
-                "200": _json({"type": "object"}, "This document.")}}},
+                "200": _json({"type": "object"}, "This document."), **_errors(auth=False)}}},
         },
     }
 
 
 async def openapi(request: web.Request) -> web.Response:
-    vault = any(r.canonical.startswith("/v1/vault/") for r in request.app.router.resources())
-    return web.json_response(document(vault=vault))
+    served = [r.canonical for r in request.app.router.resources()]
+    return web.json_response(document(
+        vault=any(path.startswith("/v1/vault/") for path in served),
+        council="/v1/council/vote" in served))
 
 
 def add_routes(app: web.Application) -> None:

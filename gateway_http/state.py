@@ -8,10 +8,12 @@ import grpc
 from aiohttp import web
 
 from federation.config import Settings
+from federation.db import DatabaseWatch
 from federation.routing import InferenceRouter
 from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
+from gateway_http.outbox import Outbox
 
 
 @dataclass
@@ -27,9 +29,13 @@ class GatewayState:
     chat: ChatServing
     channels: dict[str, grpc.aio.Channel]
     """Channels to the other components (by role), for health probes."""
+    outbox: Outbox
+    """Durable spool of the records written after an answer is decided."""
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
+DATABASE_WATCH = web.AppKey("database_watch", DatabaseWatch)
+"""Watches the gateway's own database (the vault's) for ``/health``; absent without one."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", KeyPrincipal)

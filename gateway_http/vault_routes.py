@@ -29,9 +29,8 @@ clients, and the tenant-transcript recorder on the same vault
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
-import json
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,6 +40,7 @@ from aiohttp import web
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
 from federation.crypto.keyfile import load_or_create_key
+from federation.db import DatabaseWatch
 from federation.db.migrate import apply_migrations
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
@@ -49,7 +49,8 @@ from federation.pki import CertificateFiles
 from federation.tenants import TenantSettingsReader
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
-from gateway_http.state import PRINCIPAL, STATE
+from gateway_http.body import has_json_body, json_body
+from gateway_http.state import DATABASE_WATCH, PRINCIPAL, STATE
 from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder
 
 VAULT = web.AppKey("vault_service", VaultService)
@@ -59,6 +60,7 @@ WRITE_SCOPE = "vault:write"
 READ_SCOPE = "vault:read"
 ADMIN_SCOPE = "admin"
 _NO_STORE = {"Cache-Control": "no-store"}
+_QUERY_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 def add_vault_routes(
@@ -107,6 +109,11 @@ def _vault_context(
                 await conn.close()
             pool = await create_gateway_pool(settings.database.url, settings.database)
             stack.push_async_callback(pool.close)
+            # Fail fast (503 at once) while PostgreSQL is unreachable, not after timeouts.
+            watch = app[DATABASE_WATCH] = DatabaseWatch(settings.database.url,
+                                                        settings.database, pool)
+            await watch.start()
+            stack.push_async_callback(watch.stop)
             channels = {}
             for role in ("guardian", "memory"):
                 target = settings.peers.address(role)
@@ -139,13 +146,11 @@ async def _principal(request: web.Request, scope: str) -> KeyPrincipal:
     return principal
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
-    if not request.body_exists:
+def _json(request: web.Request) -> dict[str, Any]:
+    """The JSON object body (parsed by ``gateway_http/body.py``); ``{}`` without one."""
+    if not has_json_body(request):
         return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "the body is not valid JSON") from None
+    body = json_body(request)
     if not isinstance(body, dict):
         raise FederationError(ErrorCode.INVALID_ARGUMENT, "the body must be a JSON object")
     return body
@@ -172,7 +177,7 @@ def _value(body: dict[str, Any]) -> bytes:
     if "value_base64" in body:
         try:
             return base64.b64decode(_string(body, "value_base64"), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character outside ASCII
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "value_base64 is not base64",
                                   param="value_base64") from None
     if "value" not in body:
@@ -182,7 +187,7 @@ def _value(body: dict[str, Any]) -> bytes:
 
 async def create_secret(request: web.Request) -> web.Response:
     principal = await _principal(request, WRITE_SCOPE)
-    body = await _json(request)
+    body = _json(request)
     issued = await request.app[VAULT].create(
         tenant_id=principal.tenant_id, name=_string(body, "name"), value=_value(body),
         actor=principal.key_id,
@@ -196,11 +201,7 @@ async def create_secret(request: web.Request) -> web.Response:
 
 async def list_secrets(request: web.Request) -> web.Response:
     principal = await _principal(request, READ_SCOPE)
-    try:
-        page_size = int(request.query.get("page_size", "0"))
-    except ValueError:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_size must be an integer",
-                              param="page_size") from None
+    page_size = _query_int(request, "page_size")
     page = await request.app[VAULT].list(
         principal.tenant_id, page_size, request.query.get("page_token", "")
     )
@@ -208,6 +209,14 @@ async def list_secrets(request: web.Request) -> web.Response:
         "object": "list", "data": [s.to_json() for s in page.secrets],
         "next_page_token": page.next_page_token,
     })
+
+
+def _query_int(request: web.Request, name: str) -> int:
+    text = request.query.get(name, "0").strip()
+    if _QUERY_INT.fullmatch(text) is None:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} must be an integer",
+                              param=name)
+    return int(text)
 
 
 async def read_secret(request: web.Request) -> web.Response:
@@ -238,7 +247,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
 
 async def recover_secret(request: web.Request) -> web.Response:
     principal = await _principal(request, ADMIN_SCOPE)
-    body = await _json(request)
+    body = _json(request)
     issued = await request.app[VAULT].recover(
         tenant_id=None, secret_id=request.match_info["id"],
         requested_by_key_id=principal.key_id, reason=_string(body, "reason"),
@@ -249,7 +258,7 @@ async def recover_secret(request: web.Request) -> web.Response:
 
 async def destroy_secret(request: web.Request) -> web.Response:
     principal = await _principal(request, WRITE_SCOPE)
-    body = await _json(request)
+    body = _json(request)
     reason = request.query.get("reason") or _string(body, "reason") or (
         f"destroyed by {principal.key_id}"
     )

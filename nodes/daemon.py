@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
-from federation.db import Database
+from federation.db import Database, DatabaseWatch
 from federation.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
@@ -125,6 +125,11 @@ async def _start(
     )
     await server.start()
     stack.push_async_callback(server.stop)
+    if database is not None:
+        # NOT_SERVING on gRPC health while PostgreSQL is unreachable, SERVING again after.
+        watch = DatabaseWatch.of(database, server.set_serving)
+        await watch.start()
+        stack.push_async_callback(watch.stop)
     return server
 
 

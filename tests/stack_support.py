@@ -72,6 +72,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
+                           gateway_config: dict[str, Any] | None = None,
                            **guardian_config: Any) -> AsyncIterator[Stack]:
     pki = TestPKI(tmp_path / "home")
     pki.identity("admin", ADMIN_NAME)
@@ -81,7 +82,7 @@ async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
     guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
     async with contextlib.AsyncExitStack() as stack:
         nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))
-        base = gateway_settings(pki.home, [nodes[0].address])
+        base = gateway_settings(pki.home, [nodes[0].address], **(gateway_config or {}))
         settings = dataclasses.replace(
             base,
             peers=PeersConfig(memory=memory.address, keys=keys.address,

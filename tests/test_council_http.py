@@ -114,6 +114,7 @@ async def test_vote_returns_the_answer_at_level_one(env: Env) -> None:
     assert body["quorum"] == {"asked": 7, "voted": 7, "required": 5, "missing": []}
     assert "members" not in body and "audit_sequences" not in body
     await env.server.state.background.drain()
+    assert await env.server.state.outbox.drain()
     key_id = env.keys["council"].key.key_id
     # Charged by the key authority: the request before the vote, its tokens after it.
     window = await env.federation.quota(key_id)

@@ -72,6 +72,7 @@ class Env:
     async def settle(self) -> None:
         """Wait for the background audit/charge tasks of finished requests."""
         await self.server.state.background.drain()
+        assert await self.server.state.outbox.drain()
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
     assert completion.choices[0].message.content == "secret plans here"
     assert chunks[-1].usage is not None
     await stack.gateway.state.background.drain()
+    assert await stack.gateway.state.outbox.drain()
 
     found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
         tenant_id="tenant_a", request_id="rid-integration-1"))

@@ -103,6 +103,7 @@ async def test_opted_in_transcripts_are_sealed_and_recoverable_by_admin_only(
     assert await stack.records("plain", "gateway.transcript") == []
 
     await stack.gateway.state.background.drain()
+    assert await stack.gateway.state.outbox.drain()
     memory = await stack.records("", "")
     haystacks = {"pg_dump": await pg_dump(pg_url, tmp_path / "dump.sql"),
                  "vault_secrets": table,

@@ -1,20 +1,91 @@
-"""PostgreSQL access: one asyncpg pool per process, migrated at start."""
+"""PostgreSQL access: one asyncpg pool per process, migrated at start.
+
+Every pool is built by :func:`create_pool`, so every wait on the database is
+bounded by configuration: connecting (``connect_timeout_seconds``), waiting for
+a pooled connection (``acquire_timeout_seconds``, applied to every
+``acquire()``, including the implicit one of ``pool.fetch*``) and each
+statement (``command_timeout_seconds``). When PostgreSQL is gone or stalled, a
+caller gets an error within those bounds, which :mod:`federation.db.errors`
+turns into UNAVAILABLE with a retry hint, instead of hanging.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from federation.config import DatabaseConfig
 from federation.db.migrate import apply_migrations
+from federation.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
 
 class DatabaseUnavailable(RuntimeError):
     pass
+
+
+class DatabaseUnreachable(ConnectionError):
+    """Raised at once, without touching the network, while the database is known to be
+    unreachable (see :class:`DatabaseWatch`)."""
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose ``acquire()`` waits at most the configured time, and fails
+    at once while the database is known to be down.
+
+    asyncpg's own default is to wait for ever, and ``pool.fetchrow`` and friends
+    call ``acquire()`` without a timeout: while PostgreSQL is stalled, every
+    request would queue behind the pool with no bound. Even bounded, every caller
+    would wait the whole timeout during an outage the process already knows about;
+    ``known_unreachable`` (set by the database watch) answers them in microseconds.
+    """
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout = acquire_timeout
+        self.known_unreachable = False
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        if self.known_unreachable:
+            raise DatabaseUnreachable("the database is unreachable")
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
+async def create_pool(
+    url: str,
+    config: DatabaseConfig,
+    *,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> BoundedPool:
+    """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there."""
+    pool = BoundedPool(
+        url,
+        acquire_timeout=config.acquire_timeout_seconds,
+        min_size=config.pool_min_size if min_size is None else min_size,
+        max_size=config.pool_max_size if max_size is None else max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        command_timeout=config.command_timeout_seconds,
+        timeout=config.connect_timeout_seconds,
+        init=init,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+    )
+    try:
+        await pool
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        await pool.close()
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    return pool
 
 
 class Database:
@@ -24,26 +95,18 @@ class Database:
         if not url:
             raise ValueError("a database URL is required")
         self.url = url
-        self._config = config
+        self.config = config
         self._migrate = migrate
-        self._pool: asyncpg.Pool | None = None
+        self._pool: BoundedPool | None = None
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> BoundedPool:
         if self._pool is None:
             raise RuntimeError("Database.start() has not been awaited")
         return self._pool
 
     async def start(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.url,
-                min_size=self._config.pool_min_size,
-                max_size=self._config.pool_max_size,
-                command_timeout=self._config.command_timeout_seconds,
-            )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        self._pool = await create_pool(self.url, self.config)
         if self._migrate:
             async with self.pool.acquire() as conn:
                 await apply_migrations(conn)
@@ -52,6 +115,77 @@ class Database:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+
+
+class DatabaseWatch:
+    """Probes the database periodically and reports each change of reachability.
+
+    A node whose service needs PostgreSQL tells its callers through gRPC health
+    (NOT_SERVING while the database is unreachable), so load balancers, the
+    gateway's ``/health`` and ``federation status`` see the outage; meanwhile its
+    pool fails fast (:attr:`BoundedPool.known_unreachable`), so callers get 503 at
+    once instead of after the timeouts. It comes back by itself: the first probe
+    that succeeds reopens the pool, which reconnects on its next acquire.
+
+    The probe has a connection of its own, outside the pool: a pool saturated by
+    load must not look like an outage. ``start()``/``stop()`` run it periodically.
+    """
+
+    def __init__(
+        self, url: str, config: DatabaseConfig, pool: BoundedPool,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self._url = url
+        self._config = config
+        self._pool = pool
+        self._on_change = on_change
+        self._connection: asyncpg.Connection | None = None
+        self.reachable = True
+        self._task = PeriodicTask("database-watch", config.probe_interval_seconds, self.check)
+
+    @classmethod
+    def of(cls, database: Database, on_change: Callable[[bool], Awaitable[None]] | None = None
+           ) -> DatabaseWatch:
+        return cls(database.url, database.config, database.pool, on_change)
+
+    async def start(self) -> None:
+        await self._task.start()
+
+    async def stop(self) -> None:
+        await self._task.stop()
+        self._drop_connection()
+
+    async def check(self) -> None:
+        reachable = await self._probe()
+        if reachable == self.reachable:
+            return
+        self.reachable = reachable
+        self._pool.known_unreachable = not reachable
+        if reachable:
+            log.info("database reachable again")
+        else:
+            log.warning("database unreachable: failing fast until it returns")
+        if self._on_change is not None:
+            await self._on_change(reachable)
+
+    async def _probe(self) -> bool:
+        try:
+            async with asyncio.timeout(self._config.probe_timeout_seconds):
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await asyncpg.connect(self._url)
+                await self._connection.fetchval("SELECT 1")
+        except Exception as exc:  # any failure means "not now"
+            log.debug("database probe failed", extra={"error": str(exc)[:200]})
+            self._drop_connection()
+            return False
+        return True
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            # terminate(), not close(): close() waits for a server that may be stalled.
+            self._connection.terminate()
+            self._connection = None
 
 
 async def ensure_database(admin_url: str, name: str) -> None:

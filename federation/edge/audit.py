@@ -20,7 +20,6 @@ from typing import Any
 
 import asyncpg
 
-from federation.errors import FederationError
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 
@@ -81,6 +80,6 @@ class AuditOutbox:
             try:
                 while await self.flush_once() >= self._batch:
                     pass
-            except (FederationError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception:  # an outage (timeouts included) must not end the flusher
                 log.warning("audit outbox flush failed; will retry", exc_info=True)
             await asyncio.sleep(interval_seconds)

@@ -117,6 +117,6 @@ class Reaper:
         while True:
             try:
                 await self.reap_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception:  # an outage (timeouts included) must not end the reaper
                 log.exception("reaper pass failed; retrying next interval")
             await asyncio.sleep(self._config.reaper_interval_seconds)

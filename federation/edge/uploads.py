@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from federation.config import EdgeConfig
+from federation.durable import fsync_directory
 from federation.edge.checksum import crc32c
 from federation.edge.model import blob_digest, parse_blob_digest
 from federation.errors import ErrorCode, FederationError
@@ -114,7 +115,7 @@ class BlobStore:
             part.unlink(missing_ok=True)
             return
         os.replace(part, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
 
 
 class UploadStore:
@@ -548,11 +549,3 @@ def _sync_and_drop(fd: int, start: int, end: int) -> None:
     if end > start and hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -53,7 +53,7 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
                  "presence_penalty", "frequency_penalty"):
         value = getattr(s, name)
         if value is not None:
-            setattr(sampling, name, value)
+            _set_field(sampling, name, value)
     fmt = request.response_format
     return inference_pb2.GenerateRequest(
         tenant_id=request.tenant_id,
@@ -69,6 +69,19 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
             schema_name=fmt.schema_name,
         ),
     )
+
+
+def _set_field(message: inference_pb2.SamplingParams, name: str, value: float) -> None:
+    """protobuf refuses a value its field cannot hold (``max_tokens`` is ``uint32``,
+    ``seed`` ``int64``) with ValueError: that is the caller's bad argument, named."""
+    try:
+        setattr(message, name, value)
+    except (ValueError, TypeError):
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Invalid value for '{name}': {value!r} is out of range for this parameter.",
+            param=name,
+        ) from None
 
 
 def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:

@@ -15,7 +15,7 @@ import asyncpg
 from federation.keys import repository as repo
 from federation.keys.authority import KeyAuthority
 from federation.keys.models import StrengthKind, StrengthSample
-from federation.memory.decay import PeriodicTask
+from federation.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from federation.crypto.envelope import (
     wrap_context,
 )
 from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
-from federation.db import DatabaseUnavailable
+from federation.db import BoundedPool, create_pool
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
@@ -511,17 +511,10 @@ async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
     await conn.execute(f"SET ROLE {ROLE}")
 
 
-async def create_gateway_pool(url: str, config: DatabaseConfig) -> asyncpg.Pool:
+async def create_gateway_pool(url: str, config: DatabaseConfig) -> BoundedPool:
     """A pool whose every connection runs as ``federation_gateway`` (migrations must have
     run: the role is created by migration 0020)."""
-    try:
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            url, min_size=config.pool_min_size, max_size=config.pool_max_size,
-            command_timeout=config.command_timeout_seconds, init=_as_gateway_role,
-        )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-    return pool
+    return await create_pool(url, config, init=_as_gateway_role)
 
 
 def _make_token(info: SecretInfo) -> str:
@@ -532,10 +525,23 @@ def _make_token(info: SecretInfo) -> str:
 def _parse_token(token: str) -> tuple[dt.datetime, str]:
     if not token:
         return dt.datetime(1970, 1, 1, tzinfo=dt.UTC), ""
+    decoded = _decode_token(token)
+    if decoded is None:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
+                              param="page_token")
+    return decoded
+
+
+def _decode_token(token: str) -> tuple[dt.datetime, str] | None:
+    """What ``_make_token`` wrote, or ``None``: an aware time and an id of printable
+    ASCII (anything else, a NUL say, would reach PostgreSQL, which refuses it)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         moment, _, secret_id = raw.partition("|")
-        return dt.datetime.fromisoformat(moment), secret_id
+        after = dt.datetime.fromisoformat(moment)
     except (ValueError, UnicodeDecodeError):
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token") from None
+        return None
+    if (after.tzinfo is None or not secret_id.isascii() or not secret_id.isprintable()
+            or len(secret_id) > _MAX_NAME):
+        return None
+    return after, secret_id

@@ -1,8 +1,11 @@
 """The OpenAI chat-completions wire format: request validation and response objects.
 
-Requests are parsed straight from the body bytes with pydantic in strict JSON
+Requests arrive as JSON already parsed (and checked for depth and number
+range) by ``gateway_http/body.py``, and are validated with pydantic in strict
 mode (no silent "0.5" → 0.5 coercion), then checked for what a text-only
-gateway cannot do. Every refusal is a FederationError INVALID_ARGUMENT naming
+gateway cannot do. Integer fields are bounded by their wire types (``uint32``
+token counts, ``int64`` seed), so an oversized value is a 400 naming it, not a
+failure converting to protobuf. Every refusal is a FederationError INVALID_ARGUMENT naming
 the offending parameter the way OpenAI does (``messages[0].role``). Unknown
 fields are accepted, as OpenAI's API does, but logged, so a client relying on
 one sees why it has no effect.
@@ -31,6 +34,11 @@ from federation.inference.types import (
 )
 
 log = logging.getLogger(__name__)
+
+UINT32_MAX = 2**32 - 1
+"""``max_tokens`` travels as protobuf ``uint32``."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""``seed`` travels as protobuf ``int64``."""
 
 
 class OpenAIBaseModel(BaseModel):
@@ -71,11 +79,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
     messages: list[MessageIn] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     n: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repeat_penalty: float | None = Field(default=None, gt=0, le=10)
@@ -104,9 +112,10 @@ class ChatCall:
     include_usage: bool
 
 
-def parse_chat_request(body: bytes, tenant_id: str = "") -> ChatCall:
+def parse_chat_request(body: Any, tenant_id: str = "") -> ChatCall:
+    """``body``: the parsed JSON body (``None`` when the request had none)."""
     try:
-        parsed = ChatCompletionRequest.model_validate_json(body)
+        parsed = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(parsed)
@@ -129,9 +138,6 @@ def invalid(param: str | None, message: str) -> FederationError:
 
 def _validation_error(exc: ValidationError) -> FederationError:
     first = exc.errors(include_url=False)[0]
-    if first["type"] == "json_invalid":
-        return invalid(None, "We could not parse the JSON body of your request: "
-                             f"{first.get('ctx', {}).get('error', 'invalid JSON')}")
     param = _param(first["loc"])
     if not param:
         return invalid(None, "The request body must be a JSON object.")

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
 from gateway_http.auth import CHAT_SCOPE, authenticate
+from gateway_http.body import json_body
 from gateway_http.chat.protocol import DONE, parse_chat_request
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import sse_error
@@ -29,7 +30,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     principal = await authenticate(request, state.keys, CHAT_SCOPE)
     request[PRINCIPAL] = principal
-    call = parse_chat_request(await request.read(), principal.tenant_id)
+    call = parse_chat_request(json_body(request), principal.tenant_id)
     state.router.check_model(call.generation.model)
     request[MODEL] = call.generation.model
     await state.keys.consume(principal.key_id, tokens=0, is_request=True)

@@ -1,0 +1,71 @@
+"""Which database failures are outages, and what a caller is told about them.
+
+An outage (PostgreSQL gone, restarting, stalled or out of connections) is not a
+bug of ours and not the caller's fault: it is UNAVAILABLE (HTTP 503) with a
+retry hint, never INTERNAL (500) and never an authentication failure. Both
+edges (the gRPC interceptor and the HTTP gateway) ask :func:`outage_error`
+before falling back to "Internal server error.".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import asyncpg
+
+from federation.db import DatabaseUnreachable
+from federation.errors import ErrorCode, FederationError
+
+RETRY_AFTER_SECONDS: Final = 2.0
+"""What callers are told to wait: about one probe interval plus a reconnect."""
+
+OUTAGE_MESSAGE: Final = "the database is unavailable; retry shortly"
+
+_SERVER_OUTAGES: Final = (
+    asyncpg.PostgresConnectionError,  # class 08: connection lost, refused, rejected
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01: the server is being stopped
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
+    asyncpg.QueryCanceledError,  # 57014: statement timeout (stalled server)
+    asyncpg.TooManyConnectionsError,  # 53300
+    DatabaseUnreachable,  # a pool failing fast during an outage it knows of
+)
+
+_CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError)
+"""Raised by the client library when the server is gone or silent (connect, acquire
+and command timeouts, refused or reset sockets, "connection is closed"). The same
+types can come from elsewhere (a full disk is an OSError too), so they count only
+when asyncpg raised them."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) means the database is unreachable."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _SERVER_OUTAGES):
+            return True
+        if isinstance(current, _CLIENT_SIDE) and _raised_in_asyncpg(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}asyncpg{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def outage_error(exc: BaseException) -> FederationError | None:
+    """The UNAVAILABLE error to answer ``exc`` with, or ``None`` if it is not an outage."""
+    if isinstance(exc, FederationError) or not is_outage(exc):
+        return None
+    return FederationError(
+        ErrorCode.UNAVAILABLE, OUTAGE_MESSAGE, retry_after_seconds=RETRY_AFTER_SECONDS
+    )

@@ -1,0 +1,191 @@
+"""A database outage seen from the nodes: UNAVAILABLE with a retry hint, NOT_SERVING on
+gRPC health, and recovery by itself when PostgreSQL returns.
+
+Real processes: a PostgreSQL cluster of the test's own (it gets killed and stopped),
+and the memory and key authority nodes started as ``federation node`` starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from federation.cli_support import ADMIN_NAME
+from federation.db import ensure_database
+from federation.db.embedded import EmbeddedPostgres
+from federation.errors import RETRY_AFTER_METADATA
+from federation.pki import CertificateAuthority, ensure_identity
+from federation.v1 import key_authority_pb2 as kpb
+from federation.v1 import key_authority_pb2_grpc as kgrpc
+from tests.nodes_support import free_port
+from tests.support import TestPKI
+
+# Small bounds so that the test sees each outage answered quickly.
+TIMEOUTS = {
+    "FEDERATION_DATABASE_CONNECT_TIMEOUT_SECONDS": "1",
+    "FEDERATION_DATABASE_ACQUIRE_TIMEOUT_SECONDS": "1.5",
+    "FEDERATION_DATABASE_COMMAND_TIMEOUT_SECONDS": "2",
+    "FEDERATION_DATABASE_PROBE_INTERVAL_SECONDS": "0.5",
+    "FEDERATION_DATABASE_PROBE_TIMEOUT_SECONDS": "1",
+}
+ANSWER_WITHIN = 6.0
+"""Seconds a caller may wait for an answer during an outage: the bounds above plus slack
+for a loaded 2-core machine."""
+KEYS_SERVICE = "federation.v1.KeyAuthorityService"
+
+
+@dataclass
+class Cluster:
+    server: EmbeddedPostgres
+    url: str
+
+    @property
+    def postmaster_pid(self) -> int:
+        return int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
+
+    def processes(self) -> list[psutil.Process]:
+        postmaster = psutil.Process(self.postmaster_pid)
+        return [postmaster, *postmaster.children(recursive=True)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    server = EmbeddedPostgres(tmp_path / "pg" / "data", port=free_port())
+    dsn = server.start()
+    asyncio.run(ensure_database(dsn.url("postgres"), "federation"))
+    try:
+        yield Cluster(server, dsn.url())
+    finally:
+        with contextlib.suppress(Exception):
+            for process in Cluster(server, dsn.url()).processes():
+                process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+@dataclass
+class Node:
+    role: str
+    process: asyncio.subprocess.Process
+    address: str
+
+
+@contextlib.asynccontextmanager
+async def node_process(home: Path, role: str, env: dict[str, str]) -> AsyncIterator[Node]:
+    ready = home / "run" / f"{role}.json"
+    port = int(env[f"FEDERATION_PEERS_{role.upper()}"].rsplit(":", 1)[1])
+    log = (home / f"{role}.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "federation.cli", "--home", str(home), "node", "--role", role,
+        "--listen", f"127.0.0.1:{port}", "--metrics-port", "0", "--ready-file", str(ready),
+        env=env, stdout=log, stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.returncode is None, (home / f"{role}.log").read_text()
+            assert time.monotonic() < deadline, f"the {role} node did not start"
+            await asyncio.sleep(0.1)
+        yield Node(role, process, f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        log.close()
+
+
+async def health(channel: grpc.aio.Channel) -> int:
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=KEYS_SERVICE), timeout=2)
+    except grpc.aio.AioRpcError:
+        return -1
+    return int(reply.status)
+
+
+async def wait_for_health(channel: grpc.aio.Channel, status: int, within: float) -> float:
+    started = time.monotonic()
+    while await health(channel) != status:
+        assert time.monotonic() - started < within, f"health did not become {status}"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def issue(stub: kgrpc.KeyAuthorityServiceAsyncStub) -> grpc.aio.AioRpcError | None:
+    """Issue a key; the call's error, or ``None`` when it succeeded."""
+    try:
+        await stub.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]), timeout=20)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return None
+
+
+def assert_unavailable(error: grpc.aio.AioRpcError | None) -> None:
+    assert error is not None, "the call succeeded while the database was down"
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, (error.code(), error.details())
+    assert "database" in (error.details() or "")
+    trailers = dict(error.trailing_metadata() or ())
+    assert RETRY_AFTER_METADATA in trailers, trailers
+
+
+@contextlib.asynccontextmanager
+async def key_authority(tmp_path: Path, cluster: Cluster
+                        ) -> AsyncIterator[tuple[kgrpc.KeyAuthorityServiceAsyncStub,
+                                                 grpc.aio.Channel, list[Node]]]:
+    home = tmp_path / "home"
+    pki = TestPKI(home)
+    ca: CertificateAuthority = pki.ca
+    for role in ("keys", "memory"):
+        ensure_identity(ca, role, "local")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+    env |= TIMEOUTS | {
+        "FEDERATION_DATABASE_URL": cluster.url,
+        "FEDERATION_PEERS_KEYS": f"127.0.0.1:{free_port()}",
+        "FEDERATION_PEERS_MEMORY": f"127.0.0.1:{free_port()}",
+    }
+    async with node_process(home, "memory", env) as memory, \
+            node_process(home, "keys", env) as keys:
+        channel = pki.channel(keys.address, "admin", ADMIN_NAME)
+        try:
+            yield kgrpc.KeyAuthorityServiceStub(channel), channel, [memory, keys]
+        finally:
+            await channel.close()
+
+
+async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
+                                                             cluster: Cluster) -> None:
+    async with key_authority(tmp_path, cluster) as (stub, channel, nodes):
+        assert await issue(stub) is None
+        stalled = cluster.processes()
+        for process in stalled:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert_unavailable(await issue(stub))
+            assert time.monotonic() - started < ANSWER_WITHIN
+            await wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING,
+                                  ANSWER_WITHIN)
+            assert_unavailable(await issue(stub))  # still a clean 503, never INTERNAL
+        finally:
+            for process in stalled:
+                process.send_signal(signal.SIGCONT)
+        await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15)
+        assert await issue(stub) is None
+        assert all(node.process.returncode is None for node in nodes), "a node restarted"
+
