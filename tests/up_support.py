@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.db import embedded_data_dir
 from federation.db.embedded import EmbeddedPostgres
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 
 READY_WITHIN_SECONDS = 60.0
 TEST_MODEL = "test-model"
@@ -114,10 +117,65 @@ class RunningUp:
                 self.gateway + "/health") as response:
             return response.status, await response.json()
 
+    async def audited_answers(self) -> Counter[str]:
+        """Request ids of the gateway's audit records with status 200 (ThermalMemory API)."""
+        pki = self.endpoints["pki"]
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(pki["ca_cert"]).read_bytes(),
+            private_key=Path(pki["admin_key"]).read_bytes(),
+            certificate_chain=Path(pki["admin_cert"]).read_bytes())
+        found: Counter[str] = Counter()
+        async with grpc.aio.secure_channel(self.endpoints["nodes"]["memory"]["grpc"],
+                                           creds) as channel:
+            stub = mgrpc.ThermalMemoryServiceStub(channel)
+            token = ""
+            while True:
+                page = await stub.SearchMemory(mpb.SearchMemoryRequest(
+                    tenant_id="t", action_prefix="gateway.request", page_size=1000,
+                    page_token=token), timeout=30)
+                for record in page.records:
+                    if record.payload.attributes.get("status") == "200":
+                        found[record.payload.attributes["request_id"]] += 1
+                token = page.next_page_token
+                if not token:
+                    return found
+
     def processes(self) -> list[psutil.Process]:
         """The supervisor and every process under it (PostgreSQL's included)."""
         root = psutil.Process(self.process.pid)
         return [root, *root.children(recursive=True)]
+
+
+@dataclass
+class ChatClient:
+    """Sequential chat completions against the gateway until stopped."""
+
+    url: str
+    key: str
+    outcomes: list[tuple[float, int | str, str]] = field(default_factory=list)
+    """(time, HTTP status or the connection error, x-request-id or body)."""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        body = {"model": TEST_MODEL, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hello"}]}
+        headers = {"Authorization": f"Bearer {self.key}"}
+        async with aiohttp.ClientSession() as session:
+            while not self.stop.is_set():
+                try:
+                    async with session.post(self.url + "/v1/chat/completions", json=body,
+                                            headers=headers,
+                                            timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                        text = await resp.text()
+                        detail = resp.headers.get("x-request-id", "") if resp.status == 200 \
+                            else text[:300]
+                        self.outcomes.append((time.monotonic(), resp.status, detail))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.outcomes.append((time.monotonic(), type(exc).__name__, str(exc)))
+                await asyncio.sleep(0.02)
+
+    def ok_since(self, moment: float) -> bool:
+        return any(at > moment and status == 200 for at, status, _ in self.outcomes)
 
 
 async def start_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TOML
@@ -175,6 +233,16 @@ async def federation_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TO
     finally:
         await stop_up(running)
         delete_embedded_data(home)
+
+
+async def until(condition: Callable[[], bool], seconds: float) -> float:
+    """Seconds until ``condition()`` holds; fails the test past ``seconds``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"not within {seconds}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
 
 
 def running_processes(processes: list[psutil.Process]) -> list[psutil.Process]:
