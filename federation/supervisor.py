@@ -90,7 +90,7 @@ class ChildSpec(Protocol):
         """Stop it gracefully (and forcibly past a grace period)."""
 
     def on_ready(self, process: subprocess.Popen[bytes]) -> None:
-        """Called each time a (re)started process serves, e.g. to rewrite endpoints.json."""
+        """Called each time a (re)started process serves, after its state was recorded."""
 
 
 class Supervised:

@@ -144,7 +144,6 @@ class NodeChild(_PythonChild):
                 f"{self.info['grpc_port']} (metrics :{self.info['metrics_port']}, "
                 f"pid {process.pid})")
         self.ready_once = True
-        self.federation.children_changed()
 
 
 class GatewayChild(_PythonChild):
@@ -173,7 +172,6 @@ class GatewayChild(_PythonChild):
             self.federation.progress.step(
                 f"{GATEWAY:<9} serving on {self.federation.gateway_url} (pid {process.pid})")
         self.ready_once = True
-        self.federation.children_changed()
 
 
 class PostgresChild:
@@ -211,7 +209,6 @@ class PostgresChild:
                 f"PostgreSQL: embedded server on {self.server.host}:{self.server.port} "
                 f"(pid {process.pid}, {data})")
         self.ready_once = True
-        self.federation.children_changed()
 
 
 # -- the federation ----------------------------------------------------------------
