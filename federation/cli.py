@@ -27,7 +27,7 @@ Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_MODULES: tuple[str, ...] = (
     "federation.cli_keys", "federation.cli_audit", "federation.cli_edge", "federation.cli_vault",
-    "federation.cli_tenants", "federation.cli_council",
+    "federation.cli_tenants", "federation.cli_council", "federation.cli_status",
 )
 """Modules that add command groups of their own."""
 
@@ -74,6 +74,9 @@ def _add_pki(commands: Any) -> None:
     issue.set_defaults(handler=_pki_issue)
 
 
+_LIFELINE_HELP = "stop when this inherited descriptor closes (set by `federation up`)"
+
+
 def _add_node(commands: Any) -> None:
     node = commands.add_parser("node", help="run one role as a gRPC daemon")
     node.add_argument("--role", required=True, choices=ALL_ROLES)
@@ -88,6 +91,7 @@ def _add_node(commands: Any) -> None:
         help="serve plaintext without client certificates (development only)",
     )
     node.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
+    node.add_argument("--lifeline-fd", type=int, help=_LIFELINE_HELP)
     node.set_defaults(handler=_node)
 
 
@@ -105,6 +109,7 @@ def _add_gateway(commands: Any) -> None:
     gateway.add_argument("--http-port", type=int, help="HTTP port (default 8080; 0 = free)")
     gateway.add_argument("--http-host", help="HTTP host (default 127.0.0.1)")
     gateway.add_argument("--ready-file", help="write the bound port here as JSON once serving")
+    gateway.add_argument("--lifeline-fd", type=int, help=_LIFELINE_HELP)
     gateway.set_defaults(handler=_gateway)
 
 
@@ -162,6 +167,7 @@ async def _node(settings: Settings, args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         insecure_dev=args.insecure_dev,
         ready_file=Path(args.ready_file) if args.ready_file else None,
+        lifeline_fd=args.lifeline_fd,
     )
     logs.configure(f"node:{args.role}", settings.log_level)
     await serve(settings, options)
@@ -178,7 +184,8 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
     from gateway_http.app import run_gateway
 
     logs.configure("gateway", settings.log_level)
-    exit_code: int = await run_gateway(settings, ready_file=args.ready_file)
+    exit_code: int = await run_gateway(settings, ready_file=args.ready_file,
+                                       lifeline_fd=args.lifeline_fd)
     return exit_code
 
 

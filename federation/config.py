@@ -110,6 +110,43 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    """How ``federation up`` restarts what it runs (nodes, gateway, embedded PostgreSQL).
+
+    A crashed child is restarted after a delay that starts at
+    ``restart_initial_delay_seconds`` and doubles with each crash, up to
+    ``restart_max_delay_seconds``; ``crash_loop_restarts`` restarts within
+    ``crash_loop_window_seconds`` make a crash loop: the child is reported, marked
+    ``failed`` and left stopped while everything else keeps running.
+    """
+
+    restart_initial_delay_seconds: float = 0.5
+    """Short: a one-off crash (an OOM kill, a stray signal) costs clients the restart
+    time plus this, and the node's port is free again at once."""
+
+    restart_max_delay_seconds: float = 30.0
+    """Cap of the doubling delay: a child failing on a condition that clears (a full
+    disk, a port briefly taken) is retried at least this often until it is failed."""
+
+    crash_loop_restarts: int = 5
+    """Restarts within the window that count as a crash loop. Five with the defaults
+    spans about 15 s of back-off: long enough to ride out a transient fault, short
+    enough that a broken configuration is reported within half a minute."""
+
+    crash_loop_window_seconds: float = 120.0
+    """Window over which restarts are counted for ``crash_loop_restarts``."""
+
+    stable_after_seconds: float = 30.0
+    """A child that has run this long counts as healthy again: its next crash is
+    restarted after the initial delay, not the doubled one."""
+
+    orphan_stop_seconds: float = 3.0
+    """How long a node or the gateway whose supervisor died may take to stop
+    gracefully before it exits anyway; with PostgreSQL's fast shutdown this keeps a
+    killed ``federation up`` from leaving any process behind after 5 s."""
+
+
+@dataclass(frozen=True)
 class PeersConfig:
     """Where to reach each role's gRPC service (``host:port``).
 
@@ -552,6 +589,7 @@ class Settings:
     vault: VaultConfig = field(default_factory=VaultConfig)
     council: CouncilConfig = field(default_factory=CouncilConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
 

@@ -1,10 +1,19 @@
-"""``federation up``: the whole federation on one machine.
+"""``federation up``: the whole federation on one machine, supervised.
 
-Creates the PKI if missing, starts PostgreSQL (embedded unless a URL is
-given), applies migrations, starts every node role and the HTTP gateway as
-separate processes talking mTLS gRPC, waits until all are healthy, prints and
-writes ``endpoints.json``, and on Ctrl-C (or SIGTERM) stops everything in
-reverse order, leaving nothing running.
+Takes the home's lock (one supervisor per home; a second ``federation up`` is
+refused with the first one's PID), stops whatever a dead supervisor left
+behind, creates the PKI if missing, starts PostgreSQL (embedded unless a URL is
+given) as a supervised foreground child, applies migrations, starts every node
+role and the HTTP gateway as separate processes talking mTLS gRPC, waits until
+all are healthy, and prints and writes ``endpoints.json``.
+
+Then it supervises (:mod:`federation.supervisor`): a child that exits is
+restarted on the same ports with exponential back-off; a crash loop is reported
+and that child marked ``failed`` while the others keep running. Every change is
+written to ``run/supervisor.json`` (read by ``GET /health`` and ``federation
+status``), and ``endpoints.json`` follows each new PID. Children never outlive
+the supervisor (:mod:`federation.lifeline`). Ctrl-C (or SIGTERM) stops
+everything in reverse order, PostgreSQL last with a fast shutdown.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +40,7 @@ from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import embedded_data_dir, ensure_database
 from federation.db.embedded import DATABASE, EmbeddedPostgres
 from federation.db.migrate import apply_migrations
+from federation.lifeline import Lifeline
 from federation.pki import (
     CertificateAuthority,
     CertificateFiles,
@@ -39,32 +49,21 @@ from federation.pki import (
     load_ca,
     write_private_file,
 )
+from federation.supervisor import HomeLock, Supervised, clean_up_previous, process_exit
+from federation.supervisor_state import (
+    ChildState,
+    SupervisorState,
+    process_start_time,
+    write_state,
+)
 
 GATEWAY = "gateway"
+POSTGRES = "postgres"
+STOP_ORDER = (GATEWAY, "council", "inference", "broker", "guardian", "keys", "memory", POSTGRES)
+"""Front door first, then the nodes that call others, then the ones they call, then
+the database."""
+
 _STOP_ORDER_TIMEOUT = 5.0
-
-
-@dataclass
-class Child:
-    """One process the supervisor started."""
-
-    role: str
-    argv: list[str]
-    log_path: Path
-    ready_file: Path
-    process: asyncio.subprocess.Process | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    def log_tail(self, lines: int = 12) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 class Progress:
@@ -83,27 +82,163 @@ class Progress:
         return time.monotonic() - self._started
 
 
+# -- the children ------------------------------------------------------------------
+
+
+class _PythonChild:
+    """A ``federation node`` or ``federation gateway`` process (see ``ChildSpec``)."""
+
+    def __init__(self, federation: Federation, name: str, argv: list[str]) -> None:
+        self.federation = federation
+        self.name = name
+        self.log_path = federation.home / "logs" / f"{name}.log"
+        self.ready_file = federation.home / "run" / f"{name}.json"
+        self.argv = [*argv, "--ready-file", str(self.ready_file),
+                     "--lifeline-fd", str(federation.lifeline.child_fd)]
+        self.info: dict[str, Any] = {}
+        self.ready_once = False
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.ready_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=self.federation.env,
+                # Own session: Ctrl-C reaches only the supervisor, which then stops the
+                # children in order. The lifeline stops them if the supervisor dies.
+                start_new_session=True,
+                pass_fds=(self.federation.lifeline.child_fd,),
+            )
+
+    async def stop(self, process: subprocess.Popen[bytes]) -> None:
+        await terminate(process, self.federation.settings.grpc.grace_seconds
+                        + _STOP_ORDER_TIMEOUT)
+
+    async def _wait_ready_file(self, process: subprocess.Popen[bytes], deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                self.info = json.loads(self.ready_file.read_text())
+                return
+            if process.poll() is not None:
+                raise CommandError(
+                    f"the {self.name} process exited during start-up "
+                    f"(log {self.log_path}):\n{_tail(self.log_path)}")
+            await asyncio.sleep(0.05)
+        raise CommandError(f"the {self.name} process did not start in time "
+                           f"(log {self.log_path})")
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.federation.settings.nodes.startup_timeout_seconds
+
+
+class NodeChild(_PythonChild):
+    async def wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        deadline = self._deadline()
+        await self._wait_ready_file(process, deadline)
+        await self.federation.wait_serving(self.name, int(self.info["grpc_port"]), deadline)
+
+    def on_ready(self, process: subprocess.Popen[bytes]) -> None:
+        if not self.ready_once:
+            self.federation.progress.step(
+                f"{self.name:<9} serving on {self.federation.settings.nodes.host}:"
+                f"{self.info['grpc_port']} (metrics :{self.info['metrics_port']}, "
+                f"pid {process.pid})")
+        self.ready_once = True
+
+
+class GatewayChild(_PythonChild):
+    async def wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        """The first start waits for ``/health`` 200 (everything reachable); a restart
+        only for an answer, since a node may be restarting or failed meanwhile."""
+        deadline = self._deadline()
+        await self._wait_ready_file(process, deadline)
+        url = f"{self.federation.gateway_url}/health"
+        last = ""
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                        last = f"HTTP {resp.status}: {await resp.text()}"
+                        if resp.status == 200 or self.ready_once:
+                            return
+                except aiohttp.ClientError as exc:
+                    last = str(exc)
+                await asyncio.sleep(0.2)
+        raise CommandError(f"the gateway did not become healthy ({last}); log "
+                           f"{self.log_path}:\n{_tail(self.log_path)}")
+
+    def on_ready(self, process: subprocess.Popen[bytes]) -> None:
+        if not self.ready_once:
+            self.federation.progress.step(
+                f"{GATEWAY:<9} serving on {self.federation.gateway_url} (pid {process.pid})")
+        self.ready_once = True
+
+
+class PostgresChild:
+    """The embedded postmaster, in the foreground (see ``federation.db.embedded``)."""
+
+    name = POSTGRES
+
+    def __init__(self, federation: Federation, server: EmbeddedPostgres) -> None:
+        self.federation = federation
+        self.server = server
+        self.log_path = server.log_file
+        self.ready_once = False
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        return self.server.spawn()
+
+    async def wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        timeout = self.federation.settings.nodes.startup_timeout_seconds
+        deadline = time.monotonic() + timeout
+        while not self.server.ready(process):
+            if time.monotonic() >= deadline:
+                raise self.server.not_ready_error(timeout)
+            await asyncio.sleep(0.05)
+
+    async def stop(self, process: subprocess.Popen[bytes]) -> None:
+        await asyncio.to_thread(self.server.shutdown, process)
+        self.federation.progress.step("PostgreSQL: embedded server stopped")
+
+    def on_ready(self, process: subprocess.Popen[bytes]) -> None:
+        if not self.ready_once:
+            data = f"data {self.server.data_dir}"
+            if self.server.requested_dir.is_symlink():
+                data += f", linked from {self.server.requested_dir}"
+            self.federation.progress.step(
+                f"PostgreSQL: embedded server on {self.server.host}:{self.server.port} "
+                f"(pid {process.pid}, {data})")
+        self.ready_once = True
+
+
+# -- the federation ----------------------------------------------------------------
+
+
 class Federation:
-    """The supervisor's state; ``start()`` then ``stop()``."""
+    """The supervisor's state; ``start()``, ``watch()``, then ``stop()``."""
 
     def __init__(self, settings: Settings, progress: Progress) -> None:
         self.settings = settings
         self.home = settings.home.resolve()
         self.progress = progress
-        self.children: dict[str, Child] = {}
+        self.children: dict[str, Supervised] = {}
         self.embedded: EmbeddedPostgres | None = None
         self.database_url = settings.database.url
         self.admin: CertificateFiles | None = None
         self.ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
         self.http_port = 0
         self.env: dict[str, str] = {}
+        self.lifeline = Lifeline()
+        pid = os.getpid()
+        self.state = SupervisorState(pid, process_start_time(pid) or time.time())
+        self._endpoints_written = False
 
     # -- start ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "run").mkdir(exist_ok=True)
-        (self.home / "logs").mkdir(exist_ok=True)
+        for directory in (self.home, self.home / "run", self.home / "logs"):
+            directory.mkdir(parents=True, exist_ok=True)
         ca = self._ensure_pki()
         await self._start_database()
         self._allocate_ports()
@@ -111,14 +246,23 @@ class Federation:
         nodes = []
         for role in ROLES_WITH_SERVICES:
             ensure_identity(ca, role, self.settings.node_name)
-            nodes.append(self._new_child(role, self._node_argv(role)))
+            nodes.append(self._supervise(NodeChild(self, role, self._node_argv(role))))
         # Nodes start in parallel: each finds its peers lazily, at first call.
-        await asyncio.gather(*(self._launch(child) for child in nodes))
-        await asyncio.gather(*(self._wait_node(child) for child in nodes))
+        await asyncio.gather(*(child.start() for child in nodes))
         ensure_identity(ca, GATEWAY, self.settings.node_name)
-        gateway = self._new_child(GATEWAY, self._gateway_argv())
-        await self._launch(gateway)
-        await self._wait_gateway(gateway)
+        await self._supervise(GatewayChild(self, GATEWAY, self._gateway_argv())).start()
+
+    def watch(self) -> None:
+        """From now on, restart every child that exits."""
+        for child in self.children.values():
+            child.watch()
+
+    def _supervise(self, spec: Any) -> Supervised:
+        child = Supervised(spec, self.settings.supervisor, self.children_changed,
+                           self.progress.step)
+        self.children[spec.name] = child
+        self.state.children[spec.name] = child.status
+        return child
 
     def _ensure_pki(self) -> CertificateAuthority:
         paths = PKIPaths(self.home)
@@ -137,12 +281,14 @@ class Federation:
         else:
             self.progress.step("PostgreSQL: starting the embedded server")
             self.embedded = EmbeddedPostgres(
-                embedded_data_dir(self.home), port=self.settings.database.embedded_port
-            )
-            dsn = await asyncio.to_thread(self.embedded.start)
+                embedded_data_dir(self.home), port=self.settings.database.embedded_port,
+                log_file=self.home / "logs" / "postgres.log")
+            # initdb and the other one-off commands may run in a thread; the postmaster
+            # itself is spawned on this (the event loop's) thread, see federation.lifeline.
+            dsn = await asyncio.to_thread(self.embedded.prepare)
+            await self._supervise(PostgresChild(self, self.embedded)).start()
             await ensure_database(dsn.url("postgres"), DATABASE)
             self.database_url = dsn.url()
-            self.progress.step(f"PostgreSQL: embedded server on {dsn.host}:{dsn.port}")
         conn = await asyncpg.connect(self.database_url)
         try:
             applied = await apply_migrations(conn)
@@ -151,9 +297,13 @@ class Federation:
         self.progress.step(f"PostgreSQL: schema up to date ({len(applied)} migrations applied now)")
 
     def _allocate_ports(self) -> None:
+        """Every port is fixed before the first start, so a restarted child listens where
+        its peers, Prometheus and enrolled devices expect it."""
         host = self.settings.nodes.host
         for role in ROLES_WITH_SERVICES:
             self.ports[role] = self.settings.port_for(role) or _free_port(host)
+            self.metrics_ports[role] = _free_port(self.settings.nodes.metrics_host)
+        self.ports["enrollment"] = self.settings.edge.enrollment_port or _free_port(host)
         self.http_port = self.settings.gateway.http_port
         if self.http_port and not _port_is_free(self.settings.gateway.http_host, self.http_port):
             raise CommandError(
@@ -169,6 +319,7 @@ class Federation:
         host = self.settings.nodes.host
         for role in ROLES_WITH_SERVICES:
             env[f"FEDERATION_PEERS_{role.upper()}"] = f"{host}:{self.ports[role]}"
+        env["FEDERATION_EDGE_ENROLLMENT_PORT"] = str(self.ports["enrollment"])
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -184,9 +335,7 @@ class Federation:
             "--listen",
             f"{self.settings.nodes.host}:{self.ports[role]}",
             "--metrics-port",
-            "0",
-            "--ready-file",
-            str(self._ready_file(role)),
+            str(self.metrics_ports[role]),
         ]
 
     def _gateway_argv(self) -> list[str]:
@@ -197,60 +346,11 @@ class Federation:
             self.settings.gateway.http_host,
             "--http-port",
             str(self.http_port),
-            "--ready-file",
-            str(self._ready_file(GATEWAY)),
         ]
 
-    def _ready_file(self, role: str) -> Path:
-        return self.home / "run" / f"{role}.json"
-
-    def _new_child(self, role: str, argv: list[str]) -> Child:
-        child = Child(role, argv, self.home / "logs" / f"{role}.log", self._ready_file(role))
-        child.ready_file.unlink(missing_ok=True)
-        self.children[role] = child
-        return child
-
-    async def _launch(self, child: Child) -> None:
-        log = open(child.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        try:
-            child.process = await asyncio.create_subprocess_exec(
-                *child.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=self.env,
-                # Own process group: Ctrl-C reaches only the supervisor, which then
-                # stops the children in order.
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-
-    async def _wait_node(self, child: Child) -> None:
-        deadline = time.monotonic() + self.settings.nodes.startup_timeout_seconds
-        child.info = await self._wait_ready_file(child, deadline)
-        await self._wait_serving(child, deadline)
-        self.progress.step(
-            f"{child.role:<9} serving on {self.settings.nodes.host}:{child.info['grpc_port']} "
-            f"(metrics :{child.info['metrics_port']}, pid {child.info['pid']})"
-        )
-
-    async def _wait_ready_file(self, child: Child, deadline: float) -> dict[str, Any]:
-        while time.monotonic() < deadline:
-            if child.ready_file.exists():
-                info: dict[str, Any] = json.loads(child.ready_file.read_text())
-                return info
-            if not child.running:
-                raise CommandError(
-                    f"the {child.role} process exited during start-up "
-                    f"(log {child.log_path}):\n{child.log_tail()}"
-                )
-            await asyncio.sleep(0.05)
-        raise CommandError(f"the {child.role} node did not start in time (log {child.log_path})")
-
-    async def _wait_serving(self, child: Child, deadline: float) -> None:
+    async def wait_serving(self, role: str, port: int, deadline: float) -> None:
         assert self.admin is not None
-        target = f"{self.settings.nodes.host}:{child.info['grpc_port']}"
+        target = f"{self.settings.nodes.host}:{port}"
         async with secure_channel(target, self.admin, self.settings.grpc) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -260,69 +360,57 @@ class Federation:
                         return
                 except Exception as exc:
                     if time.monotonic() >= deadline:
-                        raise CommandError(f"the {child.role} node is not healthy: {exc}") from exc
+                        raise CommandError(f"the {role} node is not healthy: {exc}") from exc
                 await asyncio.sleep(0.1)
-
-    async def _wait_gateway(self, child: Child) -> None:
-        deadline = time.monotonic() + self.settings.nodes.startup_timeout_seconds
-        child.info = await self._wait_ready_file(child, deadline)
-        url = f"http://{self.settings.gateway.http_host}:{child.info['http_port']}/health"
-        last = ""
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                try:
-                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                        last = f"HTTP {resp.status}: {await resp.text()}"
-                        if resp.status == 200:
-                            self.progress.step(
-                                f"{GATEWAY:<9} serving on {self.gateway_url} (pid "
-                                f"{child.info['pid']})"
-                            )
-                            return
-                except aiohttp.ClientError as exc:
-                    last = str(exc)
-                if not child.running:
-                    break
-                await asyncio.sleep(0.2)
-        raise CommandError(
-            f"the gateway did not become healthy ({last}); log {child.log_path}:\n"
-            f"{child.log_tail()}"
-        )
 
     @property
     def gateway_url(self) -> str:
-        port = self.children[GATEWAY].info.get("http_port", self.http_port)
-        return f"http://{self.settings.gateway.http_host}:{port}"
+        return f"http://{self.settings.gateway.http_host}:{self.http_port}"
 
     # -- report --------------------------------------------------------------
+
+    def children_changed(self) -> None:
+        """Record every child's state; once up, keep endpoints.json's PIDs current.
+
+        A failure to write (a full disk) is reported, and supervision goes on."""
+        try:
+            write_state(self.home, self.state)
+            if self._endpoints_written:
+                self.write_endpoints()
+        except OSError as exc:
+            self.progress.step(f"could not record the children's state: {exc}")
+
+    def _pid(self, name: str) -> int | None:
+        status = self.children[name].status
+        return status.pid if status.state != ChildState.FAILED else None
 
     def endpoints(self) -> dict[str, Any]:
         assert self.admin is not None
         host = self.settings.nodes.host
-        nodes = {
-            role: {
-                "grpc": f"{host}:{child.info['grpc_port']}",
+        nodes: dict[str, dict[str, Any]] = {}
+        for role in ROLES_WITH_SERVICES:
+            nodes[role] = {
+                "grpc": f"{host}:{self.ports[role]}",
                 "metrics": f"http://{self.settings.nodes.metrics_host}:"
-                f"{child.info['metrics_port']}/metrics",
-                "pid": child.info["pid"],
-                "log": str(child.log_path),
+                f"{self.metrics_ports[role]}/metrics",
+                "pid": self._pid(role),
+                "log": str(self.children[role].spec.log_path),
             }
-            for role, child in self.children.items()
-            if role != GATEWAY
-        }
-        for role, child in self.children.items():
-            if "enrollment_port" in child.info:  # the broker's port for Enroll
-                nodes[role]["enrollment"] = f"{host}:{child.info['enrollment_port']}"
+        nodes["broker"]["enrollment"] = f"{host}:{self.ports['enrollment']}"
         return {
             "home": str(self.home),
             "gateway": {
                 "url": self.gateway_url,
                 "openai_base_url": self.gateway_url + "/v1",
-                "pid": self.children[GATEWAY].info.get("pid"),
-                "log": str(self.children[GATEWAY].log_path),
+                "pid": self._pid(GATEWAY),
+                "log": str(self.children[GATEWAY].spec.log_path),
             },
             "nodes": nodes,
-            "database": {"dsn": self.database_url, "embedded": self.embedded is not None},
+            "database": {
+                "dsn": self.database_url,
+                "embedded": self.embedded is not None,
+                "pid": self._pid(POSTGRES) if self.embedded is not None else None,
+            },
             "pki": {
                 "ca_cert": str(self.admin.ca_cert.resolve()),
                 "admin_cert": str(self.admin.cert.resolve()),
@@ -337,44 +425,58 @@ class Federation:
         write_private_file(
             self.settings.endpoints_file.resolve(), json.dumps(data, indent=2).encode()
         )
+        self._endpoints_written = True
         return data
-
-    def first_exited_child(self) -> Child | None:
-        return next((c for c in self.children.values() if c.process and not c.running), None)
 
     # -- stop ----------------------------------------------------------------
 
     async def stop(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.endpoints_file.resolve().unlink()
-        grace = self.settings.grpc.grace_seconds + _STOP_ORDER_TIMEOUT
-        # Front door first, then the nodes that call others, then the ones they call.
-        order = [GATEWAY, "council", "inference", "broker", "guardian", "keys", "memory"]
-        for role in order:
-            child = self.children.get(role)
-            if child is not None:
-                await _terminate(child, grace)
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-            self.progress.step("PostgreSQL: embedded server stopped")
+        if self._endpoints_written:
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.endpoints_file.resolve().unlink()
+            self._endpoints_written = False
+        for child in self.children.values():
+            await child.unwatch()  # nothing restarts once stopping has begun
+        for name in STOP_ORDER:
+            if name in self.children:
+                await self.children[name].stop()
+        self.lifeline.close()
 
 
-async def _terminate(child: Child, grace: float) -> None:
-    if child.process is not None:
-        await terminate(child.process, grace)
-
-
-async def terminate(process: asyncio.subprocess.Process, grace: float) -> None:
+async def terminate(process: asyncio.subprocess.Process | subprocess.Popen[bytes],
+                    grace: float) -> None:
     """SIGTERM (a node's graceful stop), then SIGKILL if it has not exited in ``grace``."""
-    if process.returncode is not None:
+    if process.returncode is not None or _exited(process):
         return
     with contextlib.suppress(ProcessLookupError):  # exited since the check
         process.send_signal(signal.SIGTERM)
+    if not await _exits_within(process, grace):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await _exits_within(process, None)
+
+
+def _exited(process: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> bool:
+    return isinstance(process, subprocess.Popen) and process.poll() is not None
+
+
+async def _exits_within(process: asyncio.subprocess.Process | subprocess.Popen[bytes],
+                        seconds: float | None) -> bool:
+    if isinstance(process, subprocess.Popen):
+        return await process_exit(process, seconds) is not None
     try:
-        await asyncio.wait_for(process.wait(), grace)
+        await asyncio.wait_for(process.wait(), seconds)
     except TimeoutError:
-        process.kill()
-        await process.wait()
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "    (no log)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def _free_port(host: str) -> int:
@@ -407,18 +509,29 @@ def _print_summary(data: dict[str, Any], elapsed: float, stream: TextIO) -> None
         file=stream,
     )
     print(f"  endpoints written to {Path(data['home']) / 'endpoints.json'}", file=stream)
+    print("A crashed process is restarted; `federation status` shows every one.", file=stream)
     print("Press Ctrl-C to stop.", file=stream, flush=True)
 
 
 async def run_federation(settings: Settings, *, json_output: bool = False) -> int:
-    """Run until Ctrl-C/SIGTERM or until a component dies; stop everything either way."""
+    """Run and supervise until Ctrl-C/SIGTERM; stop everything either way."""
     progress = Progress()
-    federation = Federation(settings, progress)
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    lock = HomeLock.acquire(home)  # refuses, touching nothing, if a supervisor is alive
+    try:
+        data_dir = None if settings.database.url else embedded_data_dir(home).resolve()
+        await asyncio.to_thread(clean_up_previous, home, data_dir, progress.step)
+        return await _run(Federation(settings, progress), progress, json_output)
+    finally:
+        lock.release()
+
+
+async def _run(federation: Federation, progress: Progress, json_output: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    exit_code = 0
     try:
         start = asyncio.create_task(federation.start())
         stopper = asyncio.create_task(stop.wait())
@@ -432,26 +545,13 @@ async def run_federation(settings: Settings, *, json_output: bool = False) -> in
         stopper.cancel()
         start.result()
         data = federation.write_endpoints()
+        federation.watch()
         if json_output:
             print(json.dumps(data, indent=2), flush=True)
         _print_summary(data, progress.elapsed, sys.stderr)
-        exit_code = await _watch(federation, stop)
+        await stop.wait()
+        return 0
     finally:
         progress.step("stopping the federation")
         await federation.stop()
         progress.step("stopped")
-    return exit_code
-
-
-async def _watch(federation: Federation, stop: asyncio.Event) -> int:
-    while not stop.is_set():
-        dead = federation.first_exited_child()
-        if dead is not None:
-            federation.progress.step(
-                f"the {dead.role} process exited unexpectedly; stopping everything. "
-                f"Its log ({dead.log_path}):\n{dead.log_tail()}"
-            )
-            return 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
-    return 0

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
+from federation.lifeline import watch_lifeline
 from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
 from federation.routing import InferenceRouter
@@ -241,14 +242,19 @@ class GatewayServer:
             self._runner = None
 
 
-async def run_gateway(settings: Settings, *, ready_file: str | None = None) -> int:
-    """The ``federation gateway`` process: serve until SIGTERM/SIGINT."""
+async def run_gateway(settings: Settings, *, ready_file: str | None = None,
+                      lifeline_fd: int | None = None) -> int:
+    """The ``federation gateway`` process: serve until SIGTERM/SIGINT, or until the
+    supervisor's lifeline (``federation up``) closes."""
     credentials = certificate_files(settings.home, settings.trust_domain, "gateway",
                                     settings.node_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if lifeline_fd is not None:
+        watch_lifeline(lifeline_fd, stop.set,
+                       hard_deadline=settings.supervisor.orphan_stop_seconds)
     server = GatewayServer(settings, credentials)
     await server.start()
     try:

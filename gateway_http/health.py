@@ -5,19 +5,23 @@ as up while at least one node serves (the router works around the others);
 each node's own status is listed. The database's status is the gateway's own
 database watch (a ``SELECT 1`` every second on a connection of its own) when
 the gateway has a database: probing through the pool could hang a caller of
-``/health`` for the pool's timeouts. Addresses are not shown: the endpoint is
+``/health`` for the pool's timeouts. Under ``federation up`` each component also
+shows its supervision state (``supervisor``: running, restarting or failed,
+restarts, last exit). Addresses and PIDs are not shown: the endpoint is
 unauthenticated.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from federation.supervisor_state import live_state
 from gateway_http.state import DATABASE_WATCH, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")
@@ -57,10 +61,28 @@ async def health(request: web.Request) -> web.Response:
     }
     components["database"] = {"status": _database_status(request.app)}
     healthy = all(c["status"] in ("serving", "not_configured") for c in components.values())
-    return web.json_response(
-        {"status": "ok" if healthy else "unavailable", "components": components},
-        status=200 if healthy else 503,
-    )
+    body: dict[str, Any] = {"status": "ok" if healthy else "unavailable",
+                            "components": components}
+    _add_supervision(body, state.settings.home)
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+SUPERVISED_AS = {"postgres": "database"}
+"""Component under which a supervised child's state is shown, where the names differ."""
+
+
+def _add_supervision(body: dict[str, Any], home: Path) -> None:
+    """Under ``federation up``, each component's supervision state (running, restarting,
+    failed; restarts; last exit), and every supervised child under ``supervisor``."""
+    supervisor = live_state(home.resolve())
+    if supervisor is None:
+        return
+    children = {name: child.public() for name, child in supervisor.children.items()}
+    for name, public in children.items():
+        component = body["components"].get(SUPERVISED_AS.get(name, name))
+        if component is not None:
+            component["supervisor"] = public
+    body["supervisor"] = {"children": children}
 
 
 def _database_status(app: web.Application) -> str:

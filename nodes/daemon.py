@@ -1,8 +1,9 @@
 """``federation node --role ROLE``: one role as a grpc.aio daemon.
 
 Start-up: identity → database (for roles that store state) → the role's
-service → the gRPC server → the ready file. Shutdown on SIGTERM/SIGINT runs the
-same steps in reverse: stop accepting, drain in-flight calls within the grace
+service → the gRPC server → the ready file. Shutdown on SIGTERM/SIGINT (or when
+the supervisor's lifeline closes, see ``federation.lifeline``) runs the same
+steps in reverse: stop accepting, drain in-flight calls within the grace
 period, stop background work, close the pool; then exit 0.
 """
 
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import Database, DatabaseWatch
+from federation.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
 from nodes.runtime import NodeRuntime
@@ -53,6 +55,8 @@ class DaemonOptions:
     metrics_port: int | None = 0
     insecure_dev: bool = False
     ready_file: Path | None = None
+    lifeline_fd: int | None = None
+    """Read end of the supervisor's lifeline (``federation up``): stop when it closes."""
 
 
 class DaemonError(RuntimeError):
@@ -70,6 +74,9 @@ async def serve(settings: Settings, options: DaemonOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if options.lifeline_fd is not None:
+        watch_lifeline(options.lifeline_fd, stop.set,
+                       hard_deadline=settings.supervisor.orphan_stop_seconds)
     async with contextlib.AsyncExitStack() as stack:
         server = await _start(settings, options, stack)
         if options.ready_file is not None:

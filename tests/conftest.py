@@ -7,6 +7,7 @@ Set FEDERATION_TEST_DATABASE_URL to run the suite against an external cluster
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from federation.config import MemoryConfig
 from federation.db import Database
-from federation.db.embedded import EmbeddedPostgres
+from federation.db.embedded import OWNED_ROOT, EmbeddedPostgres, PostmasterPid, postmaster_alive
 from federation.memory.store import MemoryStore
 from tests.db_support import fresh_database_url, started_database
 
@@ -26,12 +27,28 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
+    # As root, pytest's private /tmp/pytest-of-root makes the data live under
+    # /var/lib/federation (see federation.db.embedded): delete it with the run.
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
-    dsn = server.start()
     try:
-        yield dsn.url("postgres")
+        yield server.start().url("postgres")
     finally:
         server.stop()
+        server.delete_cluster()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_clusters_of_dead_sessions(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Relocated clusters of test runs that died before their teardown (a crash): their
+    link under pytest's directory is gone and no server runs on them."""
+    pytest_root = tmp_path_factory.getbasetemp().parent
+    for note in OWNED_ROOT.glob("*/HOME"):
+        link = Path(note.read_text().splitlines()[0])
+        if not link.is_relative_to(pytest_root) or link.is_symlink():
+            continue
+        info = PostmasterPid.read(note.parent / "data")
+        if info is None or not postmaster_alive(info):
+            shutil.rmtree(note.parent, ignore_errors=True)
 
 
 @pytest.fixture

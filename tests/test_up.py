@@ -5,88 +5,77 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
-import grpc
-import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.config import ROLES_WITH_SERVICES
+from tests.up_support import clean_env, running_processes, start_up, stop_up
+from tests.up_support import delete_embedded_data as delete_data
 
-READY_WITHIN_SECONDS = 30.0
-
-
-async def _wait_for_endpoints(path: Path, process: asyncio.subprocess.Process) -> dict:
-    deadline = time.monotonic() + READY_WITHIN_SECONDS
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())
-        assert process.returncode is None, "federation up exited during start-up"
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"federation up was not healthy within {READY_WITHIN_SECONDS}s")
-
-
-async def _node_health(target: str, endpoints: dict) -> int:
-    pki = endpoints["pki"]
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(pki["ca_cert"]).read_bytes(),
-        private_key=Path(pki["admin_key"]).read_bytes(),
-        certificate_chain=Path(pki["admin_cert"]).read_bytes(),
-    )
-    async with grpc.aio.secure_channel(target, creds) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5
-        )
-    return int(reply.status)
+SUPERVISED = {*ROLES_WITH_SERVICES, "gateway", "postgres"}
 
 
 async def test_up_serves_every_role_and_stops_cleanly(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
-    env["FEDERATION_HOME"] = str(home)
-    log = (tmp_path / "up.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "federation.cli", "up", "--http-port", "0",
-        stdout=log, stderr=log, env=env,
-    )
+    up = await start_up(home, tmp_path / "up.log", toml="")  # the defaults, as a newcomer
     try:
-        endpoints = await _wait_for_endpoints(home / "endpoints.json", process)
+        endpoints = up.endpoints
         assert set(endpoints["nodes"]) == set(ROLES_WITH_SERVICES)
         assert endpoints["database"]["embedded"] is True
         assert (os.stat(home / "endpoints.json").st_mode & 0o777) == 0o600
 
+        status, health = await up.health()
+        assert status == 200, health
         async with aiohttp.ClientSession() as session:
-            async with session.get(endpoints["gateway"]["url"] + "/health") as resp:
-                health = await resp.json()
-                assert resp.status == 200, health
             for role, node in endpoints["nodes"].items():
-                assert await _node_health(node["grpc"], endpoints) == (
-                    health_pb2.HealthCheckResponse.SERVING
-                ), role
+                assert await up.serving(role), role
                 async with session.get(node["metrics"]) as resp:
                     assert resp.status == 200
                     assert "federation_grpc_server" in await resp.text()
         listed = json.dumps(health)
         for role in ROLES_WITH_SERVICES:
             assert role in listed, f"/health does not list {role}: {health}"
+        assert set(health["supervisor"]["children"]) == SUPERVISED
+        assert health["components"]["keys"]["supervisor"] == {
+            "state": "running", "restarts": 0, "last_exit": ""}
 
-        pids = [n["pid"] for n in endpoints["nodes"].values()] + [endpoints["gateway"]["pid"]]
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 60) == 0
+        code, out, err = await up.cli("status")
+        assert code == 0, out + err
+        assert "all 8 components serving" in out
+        code, out, _ = await up.cli("status", "--json")
+        report = json.loads(out)
+        assert code == 0 and report["healthy"] is True
+        assert set(report["components"]) == SUPERVISED
+        assert all(c["health"] == "serving" and c["state"] == "running"
+                   for c in report["components"].values()), report
+
+        processes = up.processes()
+        assert len(processes) > len(SUPERVISED)  # PostgreSQL's own processes too
+        assert await stop_up(up) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        log.close()
+        await stop_up(up)
+        delete_data(home)
 
     assert not (home / "endpoints.json").exists()
-    assert not (home / "postgres" / "data" / "postmaster.pid").exists()
-    survivors = [pid for pid in pids if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert survivors == [], f"processes left running: {survivors}"
-    output = (tmp_path / "up.log").read_text()
+    assert running_processes(processes) == [], "processes left running"
+    states = {c["state"] for c in json.loads(
+        (home / "run" / "supervisor.json").read_text())["children"].values()}
+    assert states == {"stopped"}
+    output = up.output()
     assert "Traceback" not in output, output
+
+
+async def test_status_without_a_federation_says_so_in_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "federation.cli", "status", env=clean_env(home),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert lines == [f"federation: error: no federation is running on {home} (start one "
+                     "with `make run` or `federation up`, or set FEDERATION_HOME)"]

@@ -200,4 +200,7 @@ async def ensure_database(admin_url: str, name: str) -> None:
 
 
 def embedded_data_dir(home: Path) -> Path:
+    """Where the home's embedded cluster is: the data itself, or (when PostgreSQL's system
+    user cannot reach the home, see ``federation.db.embedded``) a symbolic link to it
+    under ``/var/lib/federation``. ``.resolve()`` gives the real place either way."""
     return home / "postgres" / "data"
