@@ -19,17 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.cli_support import ADMIN_NAME
-from federation.db import ensure_database
-from federation.db.embedded import EmbeddedPostgres
 from federation.errors import RETRY_AFTER_METADATA
 from federation.pki import CertificateAuthority, ensure_identity
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
+from tests.db_support import OwnCluster, own_cluster
 from tests.nodes_support import free_port
 from tests.support import TestPKI
 
@@ -47,32 +45,10 @@ for a loaded 2-core machine."""
 KEYS_SERVICE = "federation.v1.KeyAuthorityService"
 
 
-@dataclass
-class Cluster:
-    server: EmbeddedPostgres
-    url: str
-
-    @property
-    def postmaster_pid(self) -> int:
-        return int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
-
-    def processes(self) -> list[psutil.Process]:
-        postmaster = psutil.Process(self.postmaster_pid)
-        return [postmaster, *postmaster.children(recursive=True)]
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    server = EmbeddedPostgres(tmp_path / "pg" / "data", port=free_port())
-    dsn = server.start()
-    asyncio.run(ensure_database(dsn.url("postgres"), "federation"))
-    try:
-        yield Cluster(server, dsn.url())
-    finally:
-        with contextlib.suppress(Exception):
-            for process in Cluster(server, dsn.url()).processes():
-                process.send_signal(signal.SIGCONT)
-        server.stop()
+def cluster(tmp_path: Path) -> Iterator[OwnCluster]:
+    with own_cluster(tmp_path / "pg" / "data") as running:
+        yield running
 
 
 @dataclass
@@ -145,7 +121,7 @@ def assert_unavailable(error: grpc.aio.AioRpcError | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def key_authority(tmp_path: Path, cluster: Cluster
+async def key_authority(tmp_path: Path, cluster: OwnCluster
                         ) -> AsyncIterator[tuple[kgrpc.KeyAuthorityServiceAsyncStub,
                                                  grpc.aio.Channel, list[Node]]]:
     home = tmp_path / "home"
@@ -168,13 +144,29 @@ async def key_authority(tmp_path: Path, cluster: Cluster
             await channel.close()
 
 
-async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
-                                                             cluster: Cluster) -> None:
+async def test_killed_database_is_unavailable_then_recovers(tmp_path: Path,
+                                                            cluster: OwnCluster) -> None:
     async with key_authority(tmp_path, cluster) as (stub, channel, nodes):
         assert await issue(stub) is None
-        stalled = cluster.processes()
-        for process in stalled:
-            process.send_signal(signal.SIGSTOP)
+        assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+        cluster.kill()
+        started = time.monotonic()
+        assert_unavailable(await issue(stub))
+        assert time.monotonic() - started < ANSWER_WITHIN
+        await wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING, ANSWER_WITHIN)
+
+        cluster.restart()  # same port, same data
+        await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15)
+        assert await issue(stub) is None
+        assert all(node.process.returncode is None for node in nodes), "a node restarted"
+
+
+async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
+                                                             cluster: OwnCluster) -> None:
+    async with key_authority(tmp_path, cluster) as (stub, channel, nodes):
+        assert await issue(stub) is None
+        stalled = cluster.stall()
         try:
             started = time.monotonic()
             assert_unavailable(await issue(stub))
@@ -183,8 +175,7 @@ async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
                                   ANSWER_WITHIN)
             assert_unavailable(await issue(stub))  # still a clean 503, never INTERNAL
         finally:
-            for process in stalled:
-                process.send_signal(signal.SIGCONT)
+            cluster.resume(stalled)
         await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15)
         assert await issue(stub) is None
         assert all(node.process.returncode is None for node in nodes), "a node restarted"

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,13 +178,14 @@ class ChatClient:
         return any(at > moment and status == 200 for at, status, _ in self.outcomes)
 
 
-async def start_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TOML
-                   ) -> RunningUp:
+async def start_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TOML,
+                   extra_env: Mapping[str, str] | None = None) -> RunningUp:
     """Start ``federation up`` (own process group, so a test can kill the whole group)
-    and wait until it reports everything healthy."""
+    and wait until it reports everything healthy. ``extra_env``: e.g. an external
+    ``FEDERATION_DATABASE_URL``."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "federation.toml").write_text(toml)
-    env = clean_env(home)
+    env = clean_env(home) | dict(extra_env or {})
     log = log_path.open("ab")
     try:
         process = await asyncio.create_subprocess_exec(
@@ -225,9 +226,10 @@ def delete_embedded_data(home: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def federation_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TOML
+async def federation_up(home: Path, log_path: Path, *, toml: str = TEST_MODEL_TOML,
+                        extra_env: Mapping[str, str] | None = None
                         ) -> AsyncIterator[RunningUp]:
-    running = await start_up(home, log_path, toml=toml)
+    running = await start_up(home, log_path, toml=toml, extra_env=extra_env)
     try:
         yield running
     finally:
