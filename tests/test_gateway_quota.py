@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -115,19 +117,42 @@ async def test_a_quota_of_50_serves_nothing_and_a_request_within_it_is_capped(
 
 # ---- concurrency: two gateways, one key authority, one quota ---------------------------------
 
-async def test_fifty_concurrent_requests_through_two_gateways_never_exceed_the_quota(
-    stack: Stack
+@contextlib.asynccontextmanager
+async def gateway_process(stack: Stack, log: Path) -> AsyncIterator[str]:
+    """A ``federation gateway`` process wired to the stack's nodes; its base URL."""
+    stack.pki.identity("gateway", "local")  # the name the process looks for
+    ready = log.with_suffix(".json")
+    peers = stack.settings.peers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")} | {
+        "FEDERATION_HOME": str(stack.pki.home),
+        "FEDERATION_DATABASE_URL": stack.settings.database.url,
+        **{f"FEDERATION_PEERS_{role.upper()}": getattr(peers, role)
+           for role in ("keys", "memory", "guardian", "inference")},
+    }
+    with log.open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "federation.cli", "gateway", "--http-port", "0",
+            "--ready-file", str(ready), env=env, stdout=output, stderr=output)
+    try:
+        await eventually(lambda: ready.exists() or process.returncode is not None, 60)
+        assert process.returncode is None, log.read_text()
+        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+
+
+async def test_fifty_concurrent_requests_through_two_gateway_processes_never_exceed_the_quota(
+    stack: Stack, tmp_path: Path
 ) -> None:
     quota = 500
     issued = await issue(stack, quota)
     stack.backend.token_delay = 0.005  # requests overlap
-    second = GatewayServer(stack.settings, stack.pki.identity("gateway"))
-    await second.start()
-    bases = [stack.base, f"http://127.0.0.1:{second.port}"]
     words = " ".join(f"x{i}" for i in range(10))  # 11 + 10 = 21 tokens each
 
-    async def one(i: int) -> int:
-        async with client(stack, issued.secret, bases[i % 2]) as openai_client:
+    async def one(base: str) -> int:
+        async with client(stack, issued.secret, base) as openai_client:
             try:
                 completion = await openai_client.chat.completions.create(
                     model=MODEL, messages=[{"role": "user", "content": words}], max_tokens=10)
@@ -137,14 +162,20 @@ async def test_fifty_concurrent_requests_through_two_gateways_never_exceed_the_q
         assert completion.usage is not None
         return completion.usage.total_tokens
 
-    try:
-        served = await asyncio.gather(*(one(i) for i in range(50)))
-        status = await settled(stack, issued.key.key_id, stack.gateway, second)
-    finally:
-        await second.stop()
-    assert sum(served) <= quota
-    assert sum(1 for s in served if s) >= 3  # both gateways served while the quota lasted
-    assert status.tokens_used == sum(served)
+    async with gateway_process(stack, tmp_path / "gw1.log") as first, \
+            gateway_process(stack, tmp_path / "gw2.log") as second:
+        served = await asyncio.gather(*(one((first, second)[i % 2]) for i in range(50)))
+        assert sum(served) <= quota
+        assert sum(1 for s in served if s) >= 3  # both gateways served while the quota lasted
+
+        async def charged() -> int:  # the processes settle after answering
+            status = await stack.keys.CheckQuota(kpb.CheckQuotaRequest(
+                key_id=issued.key.key_id))
+            return status.status.tokens_used
+
+        async with asyncio.timeout(30):
+            while await charged() != sum(served):  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.1)
 
 
 # ---- streams cut short are charged for what was generated ------------------------------------
