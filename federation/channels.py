@@ -27,6 +27,9 @@ def grpc_options(config: GrpcConfig) -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect soon after a restarted peer is back (channels only; servers ignore it).
+        ("grpc.initial_reconnect_backoff_ms", int(config.reconnect_initial_backoff_seconds * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(config.reconnect_max_backoff_seconds * 1000)),
     ]
 
 

@@ -58,6 +58,12 @@ class GrpcConfig:
     call_timeout_seconds: float = 30.0
     """Default deadline for unary calls between nodes."""
 
+    reconnect_initial_backoff_seconds: float = 0.2
+    reconnect_max_backoff_seconds: float = 5.0
+    """A channel whose peer went away retries the connection after these delays, growing
+    from the first to the second. gRPC's defaults (1 s, then up to 120 s) kept callers on
+    503 for seconds after a supervised node was back (it restarts in about one)."""
+
 
 @dataclass(frozen=True)
 class DatabaseConfig:
