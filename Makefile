@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python -m bench.vault
 	$(BIN)/python -m bench.edge
+	$(BIN)/python bench/path.py
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info
