@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
-from federation.lifeline import watch_lifeline
+from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
 from federation.routing import InferenceRouter

@@ -2,7 +2,7 @@
 
 Start-up: identity → database (for roles that store state) → the role's
 service → the gRPC server → the ready file. Shutdown on SIGTERM/SIGINT (or when
-the supervisor's lifeline closes, see ``federation.lifeline``) runs the same
+the supervisor's lifeline closes, see ``federation.launch.lifeline``) runs the same
 steps in reverse: stop accepting, drain in-flight calls within the grace
 period, stop background work, close the pool; then exit 0.
 """
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import Database, DatabaseWatch
-from federation.lifeline import watch_lifeline
+from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
 from nodes.runtime import NodeRuntime

@@ -23,9 +23,9 @@ from federation.db import Database
 from federation.edge.broker import EdgeBroker
 from federation.edge.enrollment import create_token
 from federation.edge_device import Stub, enroll
+from federation.launch.up import terminate
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
-from federation.up import terminate
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 from nodes.edge_broker import registration

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import grpc
 
-from federation.cli_support import ADMIN_NAME
 from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.inference.test_backend import TestBackend
+from federation.pki import ADMIN_NAME
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb

@@ -22,9 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.cli_support import ADMIN_NAME
 from federation.errors import RETRY_AFTER_METADATA
-from federation.pki import CertificateAuthority, ensure_identity
+from federation.pki import ADMIN_NAME, CertificateAuthority, ensure_identity
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from tests.db_support import OwnCluster, own_cluster

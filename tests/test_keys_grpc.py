@@ -14,10 +14,10 @@ from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
 from federation.cli import build_parser
-from federation.cli_support import ADMIN_NAME
 from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, from_rpc_error
+from federation.pki import ADMIN_NAME
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc

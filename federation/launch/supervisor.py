@@ -28,10 +28,10 @@ from typing import Protocol
 
 import psutil
 
-from federation.cli_support import CommandError
 from federation.config import SupervisorConfig
 from federation.db.embedded import PostmasterPid, describe_exit, postmaster_alive
-from federation.supervisor_state import (
+from federation.errors import CommandError
+from federation.launch.state import (
     ChildState,
     ChildStatus,
     process_matches,
@@ -81,7 +81,7 @@ class ChildSpec(Protocol):
     log_path: Path
 
     def spawn(self) -> subprocess.Popen[bytes]:
-        """Start the process. Called on the event-loop thread (see federation.lifeline)."""
+        """Start the process. Called on the event-loop thread (see federation.launch.lifeline)."""
 
     async def wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         """Return once it serves; raise if it exits or does not become ready in time."""

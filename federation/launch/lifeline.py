@@ -38,7 +38,7 @@ def parent_death_signal(sig: signal.Signals) -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux).
 
     ``None`` elsewhere: there, the supervisor's next start cleans up what is left
-    (see :mod:`federation.supervisor`). libc is loaded here, in the parent, so the
+    (see :mod:`federation.launch.supervisor`). libc is loaded here, in the parent, so the
     function run between fork and exec only makes one system call.
     """
     if not sys.platform.startswith("linux"):

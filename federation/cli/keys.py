@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli_support import admin_channel, all_pages, print_json
+from federation.cli.support import admin_channel, all_pages, print_json
 from federation.config import Settings
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc

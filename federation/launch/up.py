@@ -7,12 +7,12 @@ given) as a supervised foreground child, applies migrations, starts every node
 role and the HTTP gateway as separate processes talking mTLS gRPC, waits until
 all are healthy, and prints and writes ``endpoints.json``.
 
-Then it supervises (:mod:`federation.supervisor`): a child that exits is
+Then it supervises (:mod:`federation.launch.supervisor`): a child that exits is
 restarted on the same ports with exponential back-off; a crash loop is reported
 and that child marked ``failed`` while the others keep running. Every change is
 written to ``run/supervisor.json`` (read by ``GET /health`` and ``federation
 status``), and ``endpoints.json`` follows each new PID. Children never outlive
-the supervisor (:mod:`federation.lifeline`). Ctrl-C (or SIGTERM) stops
+the supervisor (:mod:`federation.launch.lifeline`). Ctrl-C (or SIGTERM) stops
 everything in reverse order, PostgreSQL last with a fast shutdown.
 """
 
@@ -35,26 +35,27 @@ import asyncpg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
-from federation.cli_support import ADMIN_NAME, CommandError
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import embedded_data_dir, ensure_database
 from federation.db.embedded import DATABASE, EmbeddedPostgres
 from federation.db.migrate import apply_migrations
-from federation.lifeline import Lifeline
+from federation.errors import CommandError
+from federation.launch.lifeline import Lifeline
+from federation.launch.state import (
+    ChildState,
+    SupervisorState,
+    process_start_time,
+    write_state,
+)
+from federation.launch.supervisor import HomeLock, Supervised, clean_up_previous, process_exit
 from federation.pki import (
+    ADMIN_NAME,
     CertificateAuthority,
     CertificateFiles,
     PKIPaths,
     ensure_identity,
     load_ca,
     write_private_file,
-)
-from federation.supervisor import HomeLock, Supervised, clean_up_previous, process_exit
-from federation.supervisor_state import (
-    ChildState,
-    SupervisorState,
-    process_start_time,
-    write_state,
 )
 
 GATEWAY = "gateway"
@@ -284,7 +285,7 @@ class Federation:
                 embedded_data_dir(self.home), port=self.settings.database.embedded_port,
                 log_file=self.home / "logs" / "postgres.log")
             # initdb and the other one-off commands may run in a thread; the postmaster
-            # itself is spawned on this (the event loop's) thread, see federation.lifeline.
+            # itself is spawned on this (the event loop's) thread, see federation.launch.lifeline.
             dsn = await asyncio.to_thread(self.embedded.prepare)
             await self._supervise(PostgresChild(self, self.embedded)).start()
             await ensure_database(dsn.url("postgres"), DATABASE)

@@ -1,4 +1,5 @@
-"""What every CLI command shares: endpoints, the admin identity, output, failure."""
+"""What the CLI's command groups share: endpoints, the database, the admin identity
+and the operator's audit actor, output, failure."""
 
 from __future__ import annotations
 
@@ -12,17 +13,10 @@ import grpc
 
 from federation.channels import secure_channel
 from federation.config import Settings
-from federation.pki import CertificateFiles, PKIError, certificate_files
+from federation.errors import CommandError
+from federation.pki import ADMIN_NAME, CertificateFiles, PKIError, certificate_files
 
 T = TypeVar("T")
-
-ADMIN_NAME = "operator"
-"""Name of the admin identity ``federation up`` issues for the local operator."""
-
-
-class CommandError(Exception):
-    """A failure to report as one line on stderr with a non-zero exit code."""
-
 
 def fail(message: str, code: int = 1) -> NoReturn:
     print(f"federation: error: {message}", file=sys.stderr)
@@ -57,6 +51,21 @@ def load_endpoints(settings: Settings) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CommandError(f"{path} is not valid JSON: {exc}") from exc
     return data
+
+
+def operator_actor(settings: Settings) -> str:
+    """The audit actor of operator commands: the local admin identity's SPIFFE id."""
+    return f"spiffe://{settings.trust_domain}/node/{ADMIN_NAME}/admin"
+
+
+def database_url(settings: Settings) -> str:
+    """The federation's database: FEDERATION_DATABASE_URL, else endpoints.json."""
+    if settings.database.url:
+        return settings.database.url
+    dsn = load_endpoints(settings).get("database", {}).get("dsn")
+    if not dsn:
+        raise CommandError("no database found: set FEDERATION_DATABASE_URL")
+    return str(dsn)
 
 
 def admin_credentials(settings: Settings) -> CertificateFiles:

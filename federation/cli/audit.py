@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli_support import admin_channel, all_pages, fail, print_json
+from federation.cli.support import admin_channel, all_pages, fail, print_json
 from federation.config import Settings
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc

@@ -23,12 +23,11 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from federation.cli_support import (
-    ADMIN_NAME,
-    CommandError,
+from federation.cli.support import (
     admin_channel,
     all_pages,
-    load_endpoints,
+    database_url,
+    operator_actor,
     print_json,
 )
 from federation.config import Settings
@@ -77,21 +76,6 @@ def register(commands: Any) -> None:
     destroy.add_argument("--reason", default="destroyed by the operator")
     destroy.add_argument("--json", action="store_true")
     destroy.set_defaults(handler=_destroy)
-
-
-def operator_actor(settings: Settings) -> str:
-    """The audit actor of operator commands: the local admin identity's SPIFFE id."""
-    return f"spiffe://{settings.trust_domain}/node/{ADMIN_NAME}/admin"
-
-
-def database_url(settings: Settings) -> str:
-    """The federation's database: FEDERATION_DATABASE_URL, else endpoints.json."""
-    if settings.database.url:
-        return settings.database.url
-    dsn = load_endpoints(settings).get("database", {}).get("dsn")
-    if not dsn:
-        raise CommandError("no database found: set FEDERATION_DATABASE_URL")
-    return str(dsn)
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from federation.cli_support import CommandError, admin_channel, load_endpoints, print_json
+from federation.cli.support import admin_channel, load_endpoints, print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB, from_timestamp, timestamp
@@ -38,6 +38,7 @@ from federation.edge_device import (
     enroll,
     upload_file,
 )
+from federation.errors import CommandError
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 
