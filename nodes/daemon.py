@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -27,25 +27,24 @@ from federation.db import Database, DatabaseWatch
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
+from nodes import council, edge_broker, guardian, inference, key_authority, thermal_memory
 from nodes.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
-SERVICE_MODULES: dict[str, str] = {
-    "keys": "nodes.key_authority",
-    "memory": "nodes.thermal_memory",
-    "guardian": "nodes.guardian",
-    "inference": "nodes.inference",
-    "council": "nodes.council",
-    "broker": "nodes.edge_broker",
+ServiceFactory = Callable[[NodeRuntime], Awaitable[ServiceRegistration]]
+
+SERVICES: dict[str, ServiceFactory] = {
+    "keys": key_authority.create_service,
+    "memory": thermal_memory.create_service,
+    "guardian": guardian.create_service,
+    "inference": inference.create_service,
+    "council": council.create_service,
+    "broker": edge_broker.create_service,
 }
-"""Which module implements the service of each role."""
+"""The service of each role: ``create_service`` of its module in ``nodes/``."""
 
 ROLES_WITH_DATABASE = frozenset({"keys", "memory", "guardian", "broker"})
-
-
-class _ServiceModule(Protocol):
-    async def create_service(self, runtime: NodeRuntime) -> ServiceRegistration: ...
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,7 @@ async def _start(
     registry = CollectorRegistry()
     cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
     runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
-    module: _ServiceModule = importlib.import_module(SERVICE_MODULES[options.role])  # type: ignore[assignment]
-    registration = await module.create_service(runtime)
+    registration = await SERVICES[options.role](runtime)
     server = NodeServer(
         [registration],
         trust_domain=settings.trust_domain,
