@@ -85,7 +85,7 @@ TRUST_DOMAIN = "federation.local"
 async def serve(home: Path, dsn: str) -> None:
     from federation.edge.broker import EdgeBroker
     from federation.server import NodeServer
-    from nodes.edge_broker import registration
+    from nodes.edge import registration
 
     ca = load_ca(home, TRUST_DOMAIN)
     files = ca.issue("broker", f"bench-{os.getpid()}")  # one per child: they start together

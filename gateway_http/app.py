@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import insecure_channel, secure_channel
 from federation.config import ConfigError, Settings
+from federation.inference.client import InferenceRouter
 from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
-from federation.routing import InferenceRouter
 from gateway_http import health, models, openapi
 from gateway_http.auth import (
     AuditEntry,

@@ -30,8 +30,8 @@ from federation.council.engine import MAX_ROUNDS
 from federation.council.members import Member, load_roster, members_file_for
 from federation.errors import ErrorCode, FederationError
 from federation.inference.budget import prompt_token_bound
+from federation.inference.client import InferenceRouter
 from federation.inference.types import GenerationRequest
-from federation.routing import InferenceRouter
 from gateway_http.auth import KeyVerifier, Reservation
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.state import STATE

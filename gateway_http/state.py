@@ -9,7 +9,7 @@ from aiohttp import web
 
 from federation.config import Settings
 from federation.db import DatabaseWatch
-from federation.routing import InferenceRouter
+from federation.inference.client import InferenceRouter
 from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics

@@ -37,8 +37,8 @@ from aiohttp.typedefs import Middleware
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
 from federation.logs import request_id_var
-from federation.tenants import TenantSettingsReader
 from federation.vault.service import PendingObject, VaultService
+from federation.vault.tenants import TenantSettingsReader
 from gateway_http.auth import KeyPrincipal
 from gateway_http.chat.protocol import ChatCall
 

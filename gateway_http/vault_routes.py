@@ -46,8 +46,8 @@ from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
 from federation.memory.client import GrpcAuditSink
 from federation.pki import CertificateFiles
-from federation.tenants import TenantSettingsReader
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
+from federation.vault.tenants import TenantSettingsReader
 from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
 from gateway_http.body import has_json_body, json_body
 from gateway_http.state import DATABASE_WATCH, PRINCIPAL, STATE

@@ -38,11 +38,11 @@ from federation.council.engine import (
 from federation.council.members import load_roster, members_file_for
 from federation.council.votes import Decision, Stance
 from federation.errors import ErrorCode, FederationError
+from federation.inference.client import InferenceRouter
 from federation.interceptor import current_caller
 from federation.logs import new_request_id, request_id_var
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
-from federation.routing import InferenceRouter
 from federation.server import ServiceRegistration
 from federation.v1 import common_pb2, council_pb2, council_pb2_grpc
 from nodes.runtime import NodeRuntime

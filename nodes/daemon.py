@@ -27,7 +27,7 @@ from federation.db import Database, DatabaseWatch
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
-from nodes import council, edge_broker, guardian, inference, key_authority, thermal_memory
+from nodes import council, edge, guardian, inference, keys, memory
 from nodes.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,12 @@ log = logging.getLogger(__name__)
 ServiceFactory = Callable[[NodeRuntime], Awaitable[ServiceRegistration]]
 
 SERVICES: dict[str, ServiceFactory] = {
-    "keys": key_authority.create_service,
-    "memory": thermal_memory.create_service,
+    "keys": keys.create_service,
+    "memory": memory.create_service,
     "guardian": guardian.create_service,
     "inference": inference.create_service,
     "council": council.create_service,
-    "broker": edge_broker.create_service,
+    "broker": edge.create_service,
 }
 """The service of each role: ``create_service`` of its module in ``nodes/``."""
 

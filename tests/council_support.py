@@ -19,16 +19,16 @@ from federation.council.members import Roster, load_roster, with_model
 from federation.council.scripted_backend import MODEL, ScriptedCouncilBackend
 from federation.db import Database
 from federation.inference.backend import Backend, BackendSet
+from federation.inference.client import InferenceRouter
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.memory.store import MemoryStore
-from federation.routing import InferenceRouter
 from federation.server import NodeServer, ServiceRegistration
 from federation.v1 import council_pb2_grpc, thermal_memory_pb2_grpc
 from nodes import council as council_node
 from nodes.inference import InferenceServicer
 from nodes.inference import registration as inference_registration
-from nodes.thermal_memory import ThermalMemoryServicer
+from nodes.memory import ThermalMemoryServicer
 from tests.support import TestPKI, serving
 
 

@@ -21,14 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from federation.config import EdgeConfig, GrpcConfig, MemoryConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
+from federation.edge.device.client import Stub, enroll
 from federation.edge.enrollment import create_token
-from federation.edge_device import Stub, enroll
 from federation.launch.up import terminate
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
-from nodes.edge_broker import registration
+from nodes.edge import registration
 from tests.support import TestPKI
 
 FAST_EDGE = EdgeConfig(

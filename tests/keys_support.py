@@ -34,7 +34,8 @@ from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.auth import GrpcAuditWriter
-from nodes import key_authority, thermal_memory
+from nodes import keys as keys_module
+from nodes import memory as memory_module
 from nodes.runtime import NodeRuntime
 from tests.support import TestPKI
 
@@ -184,11 +185,11 @@ async def key_nodes(pki: TestPKI, database: Database, *, memory_address: str | N
     async with contextlib.AsyncExitStack() as stack:
         memory_node: ServedNode | None = None
         if memory_address is None:
-            memory_node = await serve_node(pki, "memory", thermal_memory, Settings(), database)
+            memory_node = await serve_node(pki, "memory", memory_module, Settings(), database)
             stack.push_async_callback(memory_node.stop)
             memory_address = memory_node.address
         keys_settings = Settings(peers=PeersConfig(memory=memory_address))
-        keys_node = await serve_node(pki, "keys", key_authority, keys_settings, database)
+        keys_node = await serve_node(pki, "keys", keys_module, keys_settings, database)
         stack.push_async_callback(keys_node.stop)
         channels = [pki.channel(keys_node.address, "admin"),
                     pki.channel(memory_address, "admin")]

@@ -25,7 +25,7 @@ from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from nodes import guardian as guardian_node
-from nodes import thermal_memory
+from nodes import memory as memory_node
 from tests.nodes_support import RunningNode, running
 from tests.support import TestPKI
 from tests.test_guardian_checkpoints import _rewrite_chain_as_superuser
@@ -59,7 +59,7 @@ class Cluster:
 async def cluster(tmp_path: Path, database: Database) -> AsyncIterator[Cluster]:
     pki = TestPKI(tmp_path / "home")
     pki.identity("admin", ADMIN_NAME)  # the operator identity the CLI uses
-    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
+    memory = RunningNode(pki, "memory", Settings(), database, memory_node)
     guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
     peers = PeersConfig(memory=memory.address, guardian=guardian.address)
     settings = Settings(home=pki.home, peers=peers, guardian=GuardianConfig(

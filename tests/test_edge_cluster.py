@@ -14,8 +14,8 @@ import pytest
 
 from federation.config import GrpcConfig, MemoryConfig
 from federation.db import Database
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub, device_channel
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import Stub, device_channel
 from federation.errors import FederationError
 from federation.memory.store import MemoryStore
 from federation.v1 import edge_broker_pb2 as pb

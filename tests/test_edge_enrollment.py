@@ -13,8 +13,8 @@ from cryptography import x509
 from federation import authz
 from federation.config import GrpcConfig
 from federation.db import Database
+from federation.edge.device.client import device_channel, device_files, enroll, new_key_and_csr
 from federation.edge.enrollment import create_token
-from federation.edge_device import device_channel, device_files, enroll, new_key_and_csr
 from federation.errors import ErrorCode, FederationError
 from federation.server import pending_service
 from federation.v1 import (
@@ -136,7 +136,7 @@ async def test_revoked_device_refused_on_next_call(home: Path, database: Databas
 async def test_certificate_renewal_issues_a_fresh_cert(
     home: Path, database: Database, tmp_path: Path
 ) -> None:
-    from federation.edge_device import renew_certificate
+    from federation.edge.device.client import renew_certificate
 
     pki = TestPKI(home)
     async with broker_server(pki, database, home) as (server, _, _):

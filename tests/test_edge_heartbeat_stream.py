@@ -22,15 +22,15 @@ from federation.config import EdgeConfig, GrpcConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
 from federation.edge.convert import duration
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import Stub, device_channel, enroll
 from federation.edge.enrollment import create_token
 from federation.edge.model import Device
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub, device_channel, enroll
 from federation.errors import ErrorCode, FederationError
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
-from nodes.edge_broker import SERVICE_NAME, registration
+from nodes.edge import SERVICE_NAME, registration
 from tests.edge_support import FAST_EDGE, admin_stub, broker_server, device_stub, register
 from tests.support import TestPKI
 

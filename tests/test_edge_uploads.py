@@ -14,8 +14,8 @@ import pytest
 
 from federation.db import Database
 from federation.edge.checksum import crc32c, crc32c_python
+from federation.edge.device.client import describe_file, download_blob, upload_file, upload_status
 from federation.edge.uploads import UploadStore
-from federation.edge_device import describe_file, download_blob, upload_file, upload_status
 from federation.errors import ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import FAST_EDGE, broker_server, device_stub

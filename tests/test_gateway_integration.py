@@ -23,7 +23,8 @@ from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
-from nodes import key_authority, thermal_memory
+from nodes import keys as keys_node
+from nodes import memory as memory_node
 from nodes.runtime import NodeRuntime
 from tests.gateway_support import gateway_settings, inference_nodes, quiesce
 from tests.support import TestPKI, serving
@@ -67,11 +68,11 @@ async def stack(tmp_path: Path, database: Database) -> AsyncIterator[Stack]:
     backend = TestBackend()
     async with contextlib.AsyncExitStack() as stack:
         memory = await stack.enter_async_context(
-            node(pki, "memory", Settings(), database, thermal_memory))
+            node(pki, "memory", Settings(), database, memory_node))
         memory_address = f"127.0.0.1:{memory.port}"
         keys = await stack.enter_async_context(node(
             pki, "keys", Settings(peers=PeersConfig(memory=memory_address)), database,
-            key_authority))
+            keys_node))
         nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))
         settings = gateway_settings(pki.home, [nodes[0].address])
         settings = dataclasses.replace(settings, peers=dataclasses.replace(

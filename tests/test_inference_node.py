@@ -13,6 +13,7 @@ import pytest
 
 from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.client import InferenceRouter
 from federation.inference.test_backend import TestBackend
 from federation.inference.types import (
     ChatMessage,
@@ -22,7 +23,6 @@ from federation.inference.types import (
     SamplingParams,
     TokenDelta,
 )
-from federation.routing import InferenceRouter
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from tests.gateway_support import InferenceNode, eventually, inference_nodes
 from tests.support import TestPKI

@@ -23,7 +23,8 @@ from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
-from nodes import key_authority, thermal_memory
+from nodes import keys as keys_node
+from nodes import memory as memory_node
 from nodes.runtime import NodeRuntime
 from tests.support import TestPKI, serving
 
@@ -61,9 +62,9 @@ async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
 @pytest.fixture
 async def federation(tmp_path: Path, database: Database) -> AsyncIterator[Federation]:
     pki = TestPKI(tmp_path / "home")
-    async with node(pki, "memory", Settings(), database, thermal_memory) as memory:
+    async with node(pki, "memory", Settings(), database, memory_node) as memory:
         settings = Settings(peers=PeersConfig(memory=f"127.0.0.1:{memory.port}"))
-        async with node(pki, "keys", settings, database, key_authority) as keys:
+        async with node(pki, "keys", settings, database, keys_node) as keys:
             fed = Federation(pki, keys, memory)
             try:
                 yield fed

@@ -26,10 +26,8 @@ from federation.cli.support import admin_channel, load_endpoints, print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB, from_timestamp, timestamp
-from federation.edge.devices import DeviceRegistry
-from federation.edge.enrollment import create_token
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import (
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import (
     DeviceChannels,
     ProgressBar,
     Stub,
@@ -38,6 +36,8 @@ from federation.edge_device import (
     enroll,
     upload_file,
 )
+from federation.edge.devices import DeviceRegistry
+from federation.edge.enrollment import create_token
 from federation.errors import CommandError
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc

@@ -18,7 +18,7 @@ from federation.cli.support import admin_channel, database_url, operator_actor, 
 from federation.config import Settings
 from federation.db import create_pool
 from federation.memory.client import GrpcAuditSink
-from federation.tenants import set_store_transcripts
+from federation.vault.tenants import set_store_transcripts
 
 
 def register(commands: Any) -> None:

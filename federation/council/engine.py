@@ -2,7 +2,7 @@
 
 :meth:`Council.deliberate` is an async iterator of progress events ending with
 one :class:`CouncilOutcome`. Every model call goes through a
-:class:`TextGenerator` — in production the :class:`~federation.routing.InferenceRouter`
+:class:`TextGenerator` — in production the :class:`~federation.inference.client.InferenceRouter`
 the gateway uses, so members are spread over the inference nodes serving their
 model, with the same failover. Nothing here knows gRPC or HTTP.
 

@@ -1,6 +1,6 @@
 """The memory node's side of audit checkpoints: ask the guardian to sign, verify against it.
 
-Kept out of the servicer (``nodes/thermal_memory.py`` only wires and converts):
+Kept out of the servicer (``nodes/memory.py`` only wires and converts):
 
 * :class:`GuardianCheckpoints` talks to ``GuardianService`` over the memory node's
   mTLS channel: ``SignCheckpoint`` for the :class:`CheckpointScheduler`,

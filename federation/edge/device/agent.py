@@ -36,7 +36,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.edge.convert import duration, seconds
-from federation.edge_device import download_blob, renew_certificate, upload_file
+from federation.edge.device.client import download_blob, renew_certificate, upload_file
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc

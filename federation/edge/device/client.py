@@ -1,7 +1,7 @@
 """The device side of the edge broker: enrollment, credentials and resumable upload.
 
 What a phone app would do, written once and used by ``federation edge …``,
-the tests and the benchmark. The agent loop is in :mod:`federation.edge_agent`.
+the tests and the benchmark. The agent loop is in :mod:`federation.edge.device.agent`.
 """
 
 from __future__ import annotations
