@@ -12,14 +12,18 @@ import datetime as dt
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import current_caller
 from federation.keys.authority import KeyAuthority
+from federation.keys.convert import (
+    issue_request_from_proto,
+    key_to_proto,
+    quota_to_proto,
+    sample_to_proto,
+)
 from federation.keys.decay import strength_decay_job
-from federation.keys.models import IssueRequest, KeyState, KeyView, StrengthKind
-from federation.keys.quota import QuotaService, QuotaStatus
+from federation.keys.quota import QuotaService
 from federation.memory.client import GrpcAuditSink
 from federation.memory.convert import timestamp
 from federation.periodic import PeriodicTask
@@ -32,61 +36,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KeyAuthorityService"].full_name
 _ANY_TENANT_ROLES = frozenset({"admin", "gateway"})
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-_STATE = {
-    KeyState.ACTIVE: pb.KEY_STATE_ACTIVE, KeyState.SUSPENDED: pb.KEY_STATE_SUSPENDED,
-    KeyState.REVOKED: pb.KEY_STATE_REVOKED, KeyState.EXPIRED: pb.KEY_STATE_EXPIRED,
-}
-_KIND = {kind: getattr(pb, f"STRENGTH_EVENT_KIND_{kind.name}") for kind in StrengthKind}
-
-
 def caller_tenant_scope() -> None:
     """Key-id calls act for any tenant, but only for roles trusted to do so."""
     role = current_caller().role
     if role not in _ANY_TENANT_ROLES:
         raise FederationError(ErrorCode.PERMISSION_DENIED, f"role {role!r} may not manage keys")
-
-
-def key_to_proto(view: KeyView) -> pb.ApiKey:
-    record = view.record
-    message = pb.ApiKey(
-        key_id=record.key_id, tenant_id=record.tenant_id, scopes=list(record.scopes),
-        state=_STATE[view.state],  # type: ignore[arg-type]
-        strength=view.strength, create_time=timestamp(record.created_at),
-        description=record.description,
-    )
-    if record.last_used_at is not None:
-        message.last_used_time.CopyFrom(timestamp(record.last_used_at))
-    if record.revoked_at is not None:
-        message.revoke_time.CopyFrom(timestamp(record.revoked_at))
-    if record.expires_at is not None:
-        message.expire_time.CopyFrom(timestamp(record.expires_at))
-    if record.requests_per_minute is not None:
-        message.requests_per_minute = record.requests_per_minute
-    if record.token_quota is not None and record.quota_period_seconds is not None:
-        message.token_quota = record.token_quota
-        message.quota_period.CopyFrom(Duration(seconds=record.quota_period_seconds))
-    return message
-
-
-def quota_to_proto(status: QuotaStatus) -> pb.QuotaStatus:
-    message = pb.QuotaStatus(tokens_used=status.tokens_used)
-    if status.tokens_remaining is not None:
-        message.tokens_remaining = status.tokens_remaining
-    if status.requests_remaining is not None:
-        message.requests_remaining = status.requests_remaining
-    if status.requests_reset_in is not None:
-        message.requests_reset_in.CopyFrom(_duration(status.requests_reset_in))
-    if status.period_end is not None:
-        message.period_end_time.CopyFrom(timestamp(status.period_end))
-    if status.retry_after is not None:
-        message.retry_after.CopyFrom(_duration(status.retry_after))
-    return message
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
-    return value
 
 
 class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
@@ -96,17 +50,8 @@ class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
 
     async def IssueKey(self, request: pb.IssueKeyRequest, context: Context) -> pb.IssueKeyResponse:
         caller_tenant_scope()
-        issued = await self._keys.issue(IssueRequest(
-            tenant_id=request.tenant_id, scopes=list(request.scopes),
-            requests_per_minute=(request.requests_per_minute
-                                 if request.HasField("requests_per_minute") else None),
-            token_quota=request.token_quota if request.HasField("token_quota") else None,
-            quota_period_seconds=(request.quota_period.seconds
-                                  if request.HasField("quota_period") else None),
-            description=request.description,
-            ttl_seconds=request.ttl.ToTimedelta().total_seconds()
-            if request.HasField("ttl") else None,
-        ), actor=current_caller().spiffe_id)
+        issued = await self._keys.issue(issue_request_from_proto(request),
+                                        actor=current_caller().spiffe_id)
         return pb.IssueKeyResponse(key=key_to_proto(issued.view), secret=issued.secret)
 
     async def VerifyKey(
@@ -152,13 +97,9 @@ class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
         caller_tenant_scope()
         page = await self._keys.history(request.key_id, None, page_size=request.page_size,
                                         page_token=request.page_token)
-        samples = [
-            pb.StrengthSample(time=timestamp(s.at), strength=s.strength,
-                              kind=_KIND[s.kind], source=s.source)
-            for s in page.items
-        ]
-        return pb.GetKeyStrengthHistoryResponse(samples=samples,
-                                                next_page_token=page.next_page_token)
+        return pb.GetKeyStrengthHistoryResponse(
+            samples=[sample_to_proto(sample) for sample in page.items],
+            next_page_token=page.next_page_token)
 
     async def CheckQuota(
         self, request: pb.CheckQuotaRequest, context: Context
