@@ -25,7 +25,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from federation.channels import insecure_channel, secure_channel
+from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.inference.client import InferenceRouter
 from federation.launch.lifeline import watch_lifeline
@@ -117,7 +117,7 @@ def _dependencies(
             for role in PEER_ROLES:
                 addresses = settings.peers.addresses(role)
                 if addresses:
-                    channels[role] = _channel(addresses[0], credentials, settings)
+                    channels[role] = open_channel(addresses[0], credentials, settings.grpc)
                     stack.push_async_callback(channels[role].close, None)
             gateway = settings.gateway
             timeout = settings.grpc.call_timeout_seconds
@@ -177,13 +177,6 @@ def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
     outbox.register(AUDIT_RECORD, deliver_audit)
     outbox.register(QUOTA_SETTLEMENT, functools.partial(settle_from_outbox, keys))
     return outbox
-
-
-def _channel(target: str, credentials: CertificateFiles | None, settings: Settings
-             ) -> grpc.aio.Channel:
-    if credentials is None:
-        return insecure_channel(target, settings.grpc)
-    return secure_channel(target, credentials, settings.grpc)
 
 
 def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Channel:

@@ -37,7 +37,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from federation.channels import insecure_channel, secure_channel
+from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.db import DatabaseWatch
@@ -116,11 +116,8 @@ def _vault_context(
             stack.push_async_callback(watch.stop)
             channels = {}
             for role in ("guardian", "memory"):
-                target = settings.peers.address(role)
-                channels[role] = (
-                    insecure_channel(target, settings.grpc) if credentials is None
-                    else secure_channel(target, credentials, settings.grpc)
-                )
+                channels[role] = open_channel(settings.peers.address(role), credentials,
+                                              settings.grpc)
                 stack.push_async_callback(channels[role].close)
             config = settings.vault
             app[VAULT] = VaultService(

@@ -24,7 +24,7 @@ from typing import Final, cast
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.channels import insecure_channel, request_id_metadata, secure_channel
+from federation.channels import open_channel, request_id_metadata
 from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.inference.convert import (
@@ -106,7 +106,10 @@ class InferenceRouter:
 
     async def start(self) -> None:
         for address in self._addresses:
-            channel = self._channel(address)
+            # Without interceptors: their per-message cost is paid per token here;
+            # ``generate`` sends the request id itself.
+            channel = open_channel(address, self._credentials, self._grpc_config,
+                                   forward_request_id=False)
             self._nodes.append(NodeState(
                 address, channel, inference_pb2_grpc.InferenceServiceStub(channel),
                 health_pb2_grpc.HealthStub(channel),
@@ -114,13 +117,6 @@ class InferenceRouter:
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="inference-router")
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        # Without interceptors: their per-message cost is paid per token here;
-        # ``generate`` sends the request id itself.
-        if self._credentials is None:
-            return insecure_channel(address, self._grpc_config, forward_request_id=False)
-        return secure_channel(address, self._credentials, self._grpc_config,
-                              forward_request_id=False)
 
     async def stop(self) -> None:
         if self._refresher is not None:
