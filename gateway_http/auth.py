@@ -10,7 +10,6 @@ trip per request; the price is that a revocation takes up to the TTL to bite.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import time
@@ -22,6 +21,7 @@ import grpc
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.prototime import to_datetime
 from federation.v1 import (
     key_authority_pb2,
     key_authority_pb2_grpc,
@@ -147,7 +147,7 @@ class GrpcKeyVerifier:
         return Reservation(
             key_id, response.reservation_id, response.reserved_tokens,
             response.token_budget if response.HasField("token_budget") else None,
-            status.period_end_time.ToDatetime(dt.UTC).timestamp()
+            to_datetime(status.period_end_time).timestamp()
             if status.HasField("period_end_time") else None,
         )
 

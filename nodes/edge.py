@@ -26,6 +26,7 @@ from federation.interceptor import certificate_not_after, current_caller, ensure
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import CertificateAuthority, PKIError, load_ca
+from federation.prototime import duration, timestamp, to_datetime, to_seconds
 from federation.server import ServiceRegistration
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -123,7 +124,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         return pb.EnrollResponse(
             certificate_der=issued.certificate_der,
             ca_certificate_der=issued.ca_certificate_der,
-            not_after=convert.timestamp(issued.not_after),
+            not_after=timestamp(issued.not_after),
             device_id=issued.device_id,
         )
 
@@ -133,7 +134,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         device_id = await self._device()
         issued = await self._enrollment().renew(device_id, request.csr_der)
         return pb.RenewCertificateResponse(
-            certificate_der=issued.certificate_der, not_after=convert.timestamp(issued.not_after)
+            certificate_der=issued.certificate_der, not_after=timestamp(issued.not_after)
         )
 
     # -- devices -------------------------------------------------------------
@@ -147,7 +148,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         )
         return pb.RegisterDeviceResponse(
             device=convert.device_to_pb(device),
-            heartbeat_interval=convert.duration(self._broker.config.heartbeat_interval_seconds),
+            heartbeat_interval=duration(self._broker.config.heartbeat_interval_seconds),
         )
 
     async def Heartbeat(
@@ -189,11 +190,11 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
             raise
         revocations.note_live(device_id)
         reply = pb.HeartbeatResponse(
-            server_time=convert.timestamp(dt.datetime.now(dt.UTC)),
-            heartbeat_interval=convert.duration(self._broker.config.heartbeat_interval_seconds),
+            server_time=timestamp(dt.datetime.now(dt.UTC)),
+            heartbeat_interval=duration(self._broker.config.heartbeat_interval_seconds),
         )
         if device.smoothed_latency_ms is not None:
-            reply.smoothed_latency.CopyFrom(convert.duration(device.smoothed_latency_ms / 1000))
+            reply.smoothed_latency.CopyFrom(duration(device.smoothed_latency_ms / 1000))
         return reply
 
     # -- jobs: tenants ---------------------------------------------------------
@@ -257,7 +258,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request: pb.LeaseJobsRequest, context: Context
     ) -> pb.LeaseJobsResponse:
         device_id = await self._device()
-        wanted = convert.seconds(request.lease_duration) if request.HasField(
+        wanted = to_seconds(request.lease_duration) if request.HasField(
             "lease_duration"
         ) else None
         leases = await self._broker.queue.lease(device_id, request.max_jobs or 1, wanted)
@@ -267,7 +268,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         device_id = await self._device()
-        extension = convert.seconds(request.extension) if request.HasField("extension") else None
+        extension = to_seconds(request.extension) if request.HasField("extension") else None
         lease = await self._broker.queue.renew(
             device_id, request.job_id, request.fencing_token, extension
         )
@@ -355,8 +356,8 @@ def _round_trip_ms(request: pb.HeartbeatRequest, now: dt.datetime) -> float | No
     """Broker time now minus the broker time it handed out, minus the device's wait."""
     if not request.HasField("echo_time"):
         return None
-    echoed = convert.from_timestamp(request.echo_time)
-    held = dt.timedelta(seconds=convert.seconds(request.echo_hold))
+    echoed = to_datetime(request.echo_time)
+    held = dt.timedelta(seconds=to_seconds(request.echo_hold))
     if not dt.timedelta(0) <= now - echoed <= _MAX_ECHO_AGE:
         return None
     return max((now - echoed - held).total_seconds() * 1000, 0.0)

@@ -26,6 +26,7 @@ from federation.inference.convert import (
     request_from_pb,
 )
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.prototime import duration
 from federation.server import ServiceRegistration
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -70,9 +71,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     index += 1
                     continue
                 finished = finished_to_pb(batch)
-                finished.total_time.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
+                finished.total_time.CopyFrom(duration(time.perf_counter() - started))
                 ttft = first_token if first_token is not None else time.perf_counter() - started
-                finished.time_to_first_token.FromNanoseconds(int(ttft * 1e9))
+                finished.time_to_first_token.CopyFrom(duration(ttft))
                 yield inference_pb2.GenerateResponse(finished=finished)
                 return
 

@@ -25,8 +25,8 @@ from federation.keys.convert import (
 from federation.keys.decay import strength_decay_job
 from federation.keys.quota import QuotaService
 from federation.memory.client import GrpcAuditSink
-from federation.memory.convert import timestamp
 from federation.periodic import PeriodicTask
+from federation.prototime import timestamp, to_seconds
 from federation.server import ServiceRegistration
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
@@ -73,8 +73,7 @@ class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
         self, request: pb.RotateKeyRequest, context: Context
     ) -> pb.RotateKeyResponse:
         caller_tenant_scope()
-        grace = (request.grace_period.ToTimedelta().total_seconds()
-                 if request.HasField("grace_period") else 0.0)
+        grace = to_seconds(request.grace_period) if request.HasField("grace_period") else 0.0
         rotated = await self._keys.rotate(request.key_id, None, current_caller().spiffe_id,
                                           grace)
         response = pb.RotateKeyResponse(key=key_to_proto(rotated.view), secret=rotated.secret)

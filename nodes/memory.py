@@ -32,6 +32,7 @@ from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
 from federation.memory.decay import temperature_decay_job
 from federation.memory.records import AuditEntry
 from federation.memory.store import MemoryStore, SearchQuery
+from federation.prototime import to_datetime
 from federation.server import ServiceRegistration
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
@@ -101,8 +102,8 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         page = await self._store.search(SearchQuery(
             tenant_id=tenant_scope(request.tenant_id), action_prefix=request.action_prefix,
             request_id=request.request_id, actor=request.actor,
-            start_time=request.start_time.ToDatetime() if request.HasField("start_time") else None,
-            end_time=request.end_time.ToDatetime() if request.HasField("end_time") else None,
+            start_time=to_datetime(request.start_time) if request.HasField("start_time") else None,
+            end_time=to_datetime(request.end_time) if request.HasField("end_time") else None,
             tier=TIER_FROM_PROTO.get(request.tier), page_size=request.page_size,
             page_token=request.page_token,
         ))

@@ -21,12 +21,12 @@ from federation.channels import secure_channel
 from federation.config import EdgeConfig, GrpcConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
-from federation.edge.convert import duration
 from federation.edge.device.agent import AgentOptions, EdgeAgent
 from federation.edge.device.client import Stub, device_channel, enroll
 from federation.edge.enrollment import create_token
 from federation.edge.model import Device
 from federation.errors import ErrorCode, FederationError
+from federation.prototime import duration
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc

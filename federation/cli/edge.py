@@ -25,7 +25,7 @@ import asyncpg
 from federation.cli.support import admin_channel, load_endpoints, print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
-from federation.edge.convert import STATE_FROM_PB, from_timestamp, timestamp
+from federation.edge.convert import STATE_FROM_PB
 from federation.edge.device.agent import AgentOptions, EdgeAgent
 from federation.edge.device.client import (
     DeviceChannels,
@@ -39,6 +39,7 @@ from federation.edge.device.client import (
 from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
 from federation.errors import CommandError
+from federation.prototime import timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 
@@ -193,7 +194,7 @@ async def _enroll(settings: Settings, args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     reply = await enroll(args.broker, ca_pem, args.token, args.device_name, args.out)
     files = device_files(args.out)
-    not_after = from_timestamp(reply.not_after)
+    not_after = to_datetime(reply.not_after)
     if args.json:
         print_json({"device_id": reply.device_id, "identity": files.identity.spiffe_id,
                     "cert_dir": str(args.out.resolve()), "not_after": not_after.isoformat()})

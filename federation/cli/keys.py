@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 
 from federation.cli.support import admin_channel, all_pages, print_json
 from federation.config import Settings
+from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
 
@@ -84,12 +84,6 @@ def _dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
-
-
 async def issue_key(settings: Settings, args: argparse.Namespace) -> int:
     request = pb.IssueKeyRequest(tenant_id=args.tenant, scopes=args.scope,
                                  description=args.description)
@@ -97,9 +91,9 @@ async def issue_key(settings: Settings, args: argparse.Namespace) -> int:
         request.requests_per_minute = args.rpm
     if args.token_quota is not None:
         request.token_quota = args.token_quota
-        request.quota_period.CopyFrom(_duration(args.quota_period))
+        request.quota_period.CopyFrom(duration(args.quota_period))
     if args.ttl is not None:
-        request.ttl.CopyFrom(_duration(args.ttl))
+        request.ttl.CopyFrom(duration(args.ttl))
     async with admin_channel(settings, "keys") as channel:
         response = await _stub(channel).IssueKey(
             request, timeout=settings.grpc.call_timeout_seconds)
@@ -145,7 +139,7 @@ async def rotate_key(settings: Settings, args: argparse.Namespace) -> int:
     grace = settings.keys.rotation_grace_seconds if args.grace is None else args.grace
     async with admin_channel(settings, "keys") as channel:
         response = await _stub(channel).RotateKey(
-            pb.RotateKeyRequest(key_id=args.key_id, grace_period=_duration(grace)),
+            pb.RotateKeyRequest(key_id=args.key_id, grace_period=duration(grace)),
             timeout=settings.grpc.call_timeout_seconds)
     if args.json:
         print_json({"key": response.secret, "metadata": _dict(response.key),
@@ -194,7 +188,7 @@ async def key_quota(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"tokens: {status.tokens_used} used, no token quota")
     if status.HasField("requests_remaining"):
-        reset = status.requests_reset_in.ToTimedelta().total_seconds()
+        reset = to_seconds(status.requests_reset_in)
         print(f"requests: {status.requests_remaining} left this minute (resets in {reset:.0f}s)")
     else:
         print("requests: no rate limit")

@@ -21,6 +21,7 @@ from federation.council.engine import (
     SynthesisStarted,
 )
 from federation.council.votes import Decision, Stance
+from federation.prototime import duration, to_seconds
 from federation.v1 import common_pb2, council_pb2
 
 VoteRequestPb: TypeAlias = council_pb2.VoteRequest | council_pb2.VoteUnaryRequest
@@ -51,13 +52,7 @@ def _seconds(request: VoteRequestPb, name: str) -> float | None:
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
     value: Duration = getattr(request, name)
-    return value.ToNanoseconds() / 1e9
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
+    return to_seconds(value)
 
 
 def event_to_pb(event: CouncilEvent, disclosure: Disclosure) -> council_pb2.VoteResponse:
@@ -89,7 +84,7 @@ def _vote_pb(view: Any) -> council_pb2.MemberVote:
         rationale=view.rationale or "", prompt_sha256=view.prompt_sha256 or "",
     )
     if view.seconds is not None:
-        vote.latency.CopyFrom(_duration(view.seconds))
+        vote.latency.CopyFrom(duration(view.seconds))
     return vote
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from google.protobuf.duration_pb2 import Duration
-
 from federation.keys.models import IssueRequest, KeyState, KeyView, StrengthKind, StrengthSample
 from federation.keys.quota import QuotaStatus
-from federation.memory.convert import timestamp
+from federation.prototime import duration, timestamp, to_seconds
 from federation.v1 import key_authority_pb2 as pb
 
 STATE_TO_PROTO = {
@@ -34,7 +32,7 @@ def key_to_proto(view: KeyView) -> pb.ApiKey:
         message.requests_per_minute = record.requests_per_minute
     if record.token_quota is not None and record.quota_period_seconds is not None:
         message.token_quota = record.token_quota
-        message.quota_period.CopyFrom(Duration(seconds=record.quota_period_seconds))
+        message.quota_period.CopyFrom(duration(record.quota_period_seconds))
     return message
 
 
@@ -45,18 +43,12 @@ def quota_to_proto(status: QuotaStatus) -> pb.QuotaStatus:
     if status.requests_remaining is not None:
         message.requests_remaining = status.requests_remaining
     if status.requests_reset_in is not None:
-        message.requests_reset_in.CopyFrom(_duration(status.requests_reset_in))
+        message.requests_reset_in.CopyFrom(duration(max(status.requests_reset_in, 0.0)))
     if status.period_end is not None:
         message.period_end_time.CopyFrom(timestamp(status.period_end))
     if status.retry_after is not None:
-        message.retry_after.CopyFrom(_duration(status.retry_after))
+        message.retry_after.CopyFrom(duration(max(status.retry_after, 0.0)))
     return message
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
-    return value
 
 
 def sample_to_proto(sample: StrengthSample) -> pb.StrengthSample:
@@ -73,6 +65,5 @@ def issue_request_from_proto(request: pb.IssueKeyRequest) -> IssueRequest:
         quota_period_seconds=(request.quota_period.seconds
                               if request.HasField("quota_period") else None),
         description=request.description,
-        ttl_seconds=request.ttl.ToTimedelta().total_seconds()
-        if request.HasField("ttl") else None,
+        ttl_seconds=to_seconds(request.ttl) if request.HasField("ttl") else None,
     )

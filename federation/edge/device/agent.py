@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from federation.edge.convert import duration, seconds
 from federation.edge.device.client import download_blob, renew_certificate, upload_file
 from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.prototime import duration, to_seconds
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 
@@ -134,7 +134,7 @@ class EdgeAgent:
         """Run until ``stop`` is set, then return held leases. Cancelling the task
         instead is a crash: leases are left to expire (what a killed app does)."""
         reply = await self._register()
-        self._interval = seconds(reply.heartbeat_interval) or self._interval
+        self._interval = to_seconds(reply.heartbeat_interval) or self._interval
         loops = [asyncio.create_task(self._heartbeats(), name="heartbeat"),
                  asyncio.create_task(self._work(), name="work")]
         if self._cert_dir is not None and self._rebuild_stub is not None:
@@ -268,7 +268,7 @@ class EdgeAgent:
         try:
             while self._stub is stub:
                 reply = await self._stream_beat(call, outbox, echo)
-                self._interval = seconds(reply.heartbeat_interval) or self._interval
+                self._interval = to_seconds(reply.heartbeat_interval) or self._interval
                 if not echo.measured:  # echo at once, so latency is known seconds after start
                     echo.measured = True
                     continue
