@@ -28,24 +28,19 @@ from prometheus_client import CollectorRegistry
 from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.inference.client import InferenceRouter
+from federation.keys.client import GrpcKeyVerifier, KeyVerifier
 from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
 from federation.pki import CertificateFiles, certificate_files
 from gateway_http import health, models, openapi
-from gateway_http.auth import (
-    AuditEntry,
-    AuditWriter,
-    BackgroundTasks,
-    CachedKeyVerifier,
-    GrpcAuditWriter,
-    GrpcKeyVerifier,
-    KeyVerifier,
-)
+from gateway_http.audit import AuditEntry, AuditWriter, GrpcAuditWriter
+from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
 from gateway_http.council_routes import add_council_routes
 from gateway_http.errors import error_middleware
+from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (
     AUDIT_RECORD,
     QUOTA_SETTLEMENT,

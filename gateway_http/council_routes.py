@@ -42,9 +42,10 @@ from federation.council.disclosure import (
 from federation.council.members import load_roster, members_file_for
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.inference.types import GenerationFinished
+from federation.keys.client import KeyPrincipal, KeyVerifier
 from federation.logs import REQUEST_ID_HEADER, request_id_var
 from federation.v1 import council_pb2, council_pb2_grpc
-from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
+from gateway_http.auth import authenticate
 from gateway_http.body import json_body
 from gateway_http.chat.protocol import ChunkWriter, completion_id, completion_object
 from gateway_http.chat.serving import ChatOutcome

@@ -25,8 +25,9 @@ from typing import Any
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
+from federation.keys.client import KeyReservation, KeyVerifier
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
-from gateway_http.auth import AuditEntry, KeyVerifier, Reservation
+from gateway_http.audit import AuditEntry
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY, error_response
 from gateway_http.outbox import OutboxFull
@@ -139,7 +140,7 @@ async def _spool(state: GatewayState, kind: str, payload: dict[str, Any], what: 
                          "error": exc.message})
 
 
-def settlement(reservation: Reservation, used_tokens: int) -> dict[str, Any]:
+def settlement(reservation: KeyReservation, used_tokens: int) -> dict[str, Any]:
     """The outbox payload of a settlement (see :func:`settle_from_outbox`)."""
     return {"reservation": dataclasses.asdict(reservation), "used_tokens": used_tokens}
 
@@ -147,7 +148,7 @@ def settlement(reservation: Reservation, used_tokens: int) -> dict[str, Any]:
 async def settle_from_outbox(keys: KeyVerifier, payload: Mapping[str, Any]) -> None:
     """Deliver a spooled settlement; ``SettleQuota`` is idempotent, so a redelivery after
     a crash charges nothing twice."""
-    await keys.settle(Reservation(**payload["reservation"]), int(payload["used_tokens"]))
+    await keys.settle(KeyReservation(**payload["reservation"]), int(payload["used_tokens"]))
 
 
 async def record_audit_now(request: web.Request) -> None:

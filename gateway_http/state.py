@@ -10,7 +10,9 @@ from aiohttp import web
 from federation.config import Settings
 from federation.db import DatabaseWatch
 from federation.inference.client import InferenceRouter
-from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
+from federation.keys.client import KeyPrincipal, KeyVerifier
+from gateway_http.audit import AuditWriter
+from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
 from gateway_http.outbox import Outbox

@@ -44,11 +44,12 @@ from federation.db import DatabaseWatch
 from federation.db.migrate import apply_migrations
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
+from federation.keys.client import KeyPrincipal, KeyVerifier
 from federation.memory.client import GrpcAuditSink
 from federation.pki import CertificateFiles
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from federation.vault.tenants import TenantSettingsReader
-from gateway_http.auth import KeyPrincipal, KeyVerifier, authenticate
+from gateway_http.auth import authenticate
 from gateway_http.body import has_json_body, json_body
 from gateway_http.state import DATABASE_WATCH, PRINCIPAL, STATE
 from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder

@@ -33,7 +33,7 @@ from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
-from gateway_http.auth import GrpcAuditWriter
+from gateway_http.audit import GrpcAuditWriter
 from nodes import keys as keys_module
 from nodes import memory as memory_module
 from nodes.runtime import NodeRuntime
