@@ -31,9 +31,11 @@ from federation.inference.client import InferenceRouter
 from federation.keys.client import GrpcKeyVerifier, KeyVerifier
 from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
+from federation.memory.client import GrpcAuditSink
+from federation.memory.sink import AuditSink
 from federation.pki import CertificateFiles, certificate_files
 from gateway_http import health, models, openapi
-from gateway_http.audit import AuditEntry, AuditWriter, GrpcAuditWriter
+from gateway_http.audit import RequestRecord
 from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
@@ -65,7 +67,7 @@ def create_app(
     credentials: CertificateFiles | None,
     *,
     keys: KeyVerifier | None = None,
-    audit: AuditWriter | None = None,
+    audit: AuditSink | None = None,
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The gateway app. ``keys``/``audit`` replace the gRPC clients (tests, benchmarks);
@@ -103,7 +105,7 @@ def _dependencies(
     settings: Settings,
     credentials: CertificateFiles | None,
     keys: KeyVerifier | None,
-    audit: AuditWriter | None,
+    audit: AuditSink | None,
     registry: CollectorRegistry | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
@@ -127,7 +129,7 @@ def _dependencies(
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
             metrics = GatewayMetrics(registry or CollectorRegistry())
-            writer = audit or GrpcAuditWriter(_required(channels, "memory"), timeout)
+            writer = audit or GrpcAuditSink(_required(channels, "memory"), timeout_seconds=timeout)
             verifier = CachedKeyVerifier(
                 keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
                 gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
@@ -151,7 +153,7 @@ def _dependencies(
     return context
 
 
-def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
+def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditSink,
             keys: KeyVerifier) -> Outbox:
     gateway = settings.gateway
     outbox = Outbox(
@@ -165,9 +167,9 @@ def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
     )
 
     async def deliver_audit(payload: Mapping[str, Any]) -> None:
-        entry = AuditEntry(**payload)
-        request_id_var.set(entry.request_id)  # the record keeps its request's id
-        await audit.record(entry)
+        record = RequestRecord(**payload)
+        request_id_var.set(record.request_id)  # its delivery logs under its request's id
+        await audit.record(record.audit_entry())
 
     outbox.register(AUDIT_RECORD, deliver_audit)
     outbox.register(QUOTA_SETTLEMENT, functools.partial(settle_from_outbox, keys))
@@ -186,7 +188,7 @@ class GatewayServer:
     bound port."""
 
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
-                 keys: KeyVerifier | None = None, audit: AuditWriter | None = None,
+                 keys: KeyVerifier | None = None, audit: AuditSink | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
         self._settings = settings

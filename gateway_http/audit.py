@@ -1,18 +1,26 @@
-"""The audit record of a gateway request, and its writer to thermal memory."""
+"""The audit record of a gateway request.
+
+Every authenticated request is recorded in thermal memory as one
+:class:`~federation.memory.records.AuditEntry`: action ``gateway.request``, the
+API key as actor, the model as subject, the request's figures as attributes,
+written through the memory client (:class:`~federation.memory.client.GrpcAuditSink`).
+:class:`RequestRecord` is what the gateway knows of a request when it ends; it is
+also the outbox payload of a record spooled for later delivery, so its fields stay
+as they are.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final
 
-import grpc
+from federation.memory.records import AuditEntry
 
-from federation.errors import from_rpc_error
-from federation.v1 import thermal_memory_pb2, thermal_memory_pb2_grpc
+GATEWAY_REQUEST_ACTION: Final = "gateway.request"
 
 
 @dataclass(frozen=True)
-class AuditEntry:
+class RequestRecord:
     """One gateway request, as recorded in thermal memory. Never holds prompt text."""
 
     request_id: str
@@ -44,27 +52,8 @@ class AuditEntry:
             "error_code": self.error_code,
         }
 
-
-class AuditWriter(Protocol):
-    async def record(self, entry: AuditEntry) -> None: ...
-
-
-class GrpcAuditWriter:
-    ACTION = "gateway.request"
-
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        self._stub = thermal_memory_pb2_grpc.ThermalMemoryServiceStub(channel)
-        self._timeout = timeout
-
-    async def record(self, entry: AuditEntry) -> None:
-        try:
-            await self._stub.RecordMemory(
-                thermal_memory_pb2.RecordMemoryRequest(
-                    tenant_id=entry.tenant_id, actor=entry.key_id, action=self.ACTION,
-                    subject=entry.model,
-                    payload=thermal_memory_pb2.AuditPayload(attributes=entry.attributes()),
-                ),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+    def audit_entry(self) -> AuditEntry:
+        return AuditEntry(
+            actor=self.key_id, action=GATEWAY_REQUEST_ACTION, tenant_id=self.tenant_id,
+            subject=self.model, attributes=self.attributes(), request_id=self.request_id,
+        )

@@ -11,7 +11,7 @@ from federation.config import Settings
 from federation.db import DatabaseWatch
 from federation.inference.client import InferenceRouter
 from federation.keys.client import KeyPrincipal, KeyVerifier
-from gateway_http.audit import AuditWriter
+from federation.memory.sink import AuditSink
 from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
@@ -25,7 +25,7 @@ class GatewayState:
     settings: Settings
     router: InferenceRouter
     keys: KeyVerifier
-    audit: AuditWriter
+    audit: AuditSink
     metrics: GatewayMetrics
     background: BackgroundTasks
     chat: ChatServing

@@ -33,7 +33,7 @@ from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
-from gateway_http.audit import GrpcAuditWriter
+from gateway_http.audit import GATEWAY_REQUEST_ACTION
 from nodes import keys as keys_module
 from nodes import memory as memory_module
 from nodes.runtime import NodeRuntime
@@ -167,7 +167,7 @@ class KeyNodes:
     async def gateway_records(self, tenant: str, request_id: str = "") -> list[mpb.MemoryRecord]:
         """The gateway's per-request audit records of ``tenant``, newest first."""
         return await self.records(tenant, request_id=request_id,
-                                  action_prefix=GrpcAuditWriter.ACTION)
+                                  action_prefix=GATEWAY_REQUEST_ACTION)
 
     def rpcs(self, method: str, code: str = "OK") -> float:
         """How many ``method`` calls the key authority has answered with ``code``."""

@@ -111,6 +111,16 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
     assert (record.actor, record.subject, record.request_id) == (
         issued.key.key_id, MODEL, "rid-integration-1")
     assert (attributes["status"], attributes["total_tokens"]) == ("200", "7")
+    # The record's whole shape, as the gateway has always written it.
+    assert sorted(attributes) == sorted([
+        "request_id", "key_id", "route", "model", "status", "latency_ms", "prompt_tokens",
+        "completion_tokens", "total_tokens", "stream", "finish_reason", "error_code"])
+    assert {k: attributes[k] for k in ("request_id", "key_id", "route", "model", "stream",
+                                       "finish_reason", "error_code")} == {
+        "request_id": "rid-integration-1", "key_id": issued.key.key_id,
+        "route": "/v1/chat/completions", "model": MODEL, "stream": "false",
+        "finish_reason": "stop", "error_code": ""}
+    assert (record.tenant_id, record.payload.body) == ("tenant_a", b"")
     assert "secret plans" not in str(record)  # no prompt or completion text
     assert stack.backend.request_ids[0] == "rid-integration-1"
 
