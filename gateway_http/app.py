@@ -79,13 +79,14 @@ def create_app(
         # add_council_routes / create_app append after it.
         middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
+    registry = registry or CollectorRegistry()
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
     models.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", metrics_handler(registry))
     if vault_enabled(settings):
         add_vault_routes(app, settings, credentials)
         app.middlewares.append(transcript_middleware(PRINCIPAL))
@@ -106,7 +107,7 @@ def _dependencies(
     credentials: CertificateFiles | None,
     keys: KeyVerifier | None,
     audit: AuditSink | None,
-    registry: CollectorRegistry | None,
+    registry: CollectorRegistry,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -128,7 +129,7 @@ def _dependencies(
             await router.start()
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
-            metrics = GatewayMetrics(registry or CollectorRegistry())
+            metrics = GatewayMetrics(registry)
             writer = audit or GrpcAuditSink(_required(channels, "memory"), timeout_seconds=timeout)
             verifier = CachedKeyVerifier(
                 keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),

@@ -16,6 +16,9 @@ below it, never from one above:
 Every import statement counts, wherever it stands: module level, a function body
 or ``if TYPE_CHECKING:``. ``importlib.import_module`` and ``__import__`` are refused
 in these packages because the edge they create cannot be read from the source.
+Within a layer, no modules import each other, directly or around a longer loop
+(a package's ``__init__`` that its own submodules import on the way in does not
+count as a loop).
 """
 
 from __future__ import annotations
@@ -103,6 +106,52 @@ def upward_imports() -> list[str]:
     return found
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``a.b.name`` resolved to ``a.b``)."""
+    modules = {module_name(path): path for path in source_files()}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        graph[module] = set()
+        for _, target in imported_modules(path):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != module and not module.startswith(target + "."):
+                graph[module].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
 def test_no_module_imports_a_layer_above_its_own() -> None:
     assert upward_imports() == []
 
@@ -111,6 +160,15 @@ def test_no_dynamic_imports_hide_an_edge() -> None:
     found = [f"{path.relative_to(ROOT)}:{line}"
              for path in source_files() for line in dynamic_imports(path)]
     assert found == []
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_loop_through_three_modules() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
 
 
 @pytest.mark.parametrize(("module", "layer"), [
