@@ -16,7 +16,7 @@ from federation.db import Database
 from federation.edge.device.client import device_channel, device_files, enroll, new_key_and_csr
 from federation.edge.enrollment import create_token
 from federation.errors import ErrorCode, FederationError
-from federation.server import pending_service
+from federation.memory.store import MemoryStore
 from federation.v1 import (
     edge_broker_pb2 as pb,
 )
@@ -28,7 +28,9 @@ from federation.v1 import (
     key_authority_pb2_grpc,
 )
 from tests.edge_support import broker_server, device_stub, register
-from tests.support import TestPKI, serving
+from tests.guardian_support import SwitchableSink, build_guardian, start_guardian
+from tests.keys_support import key_nodes
+from tests.support import TestPKI
 
 
 def test_unauthenticated_methods_are_exactly_enroll() -> None:
@@ -155,21 +157,24 @@ async def test_certificate_renewal_issues_a_fresh_cert(
             )
 
 
-async def test_edge_certificate_cannot_reach_guardian_or_keys(home: Path) -> None:
+async def test_edge_certificate_cannot_reach_guardian_or_keys(
+    home: Path, database: Database, store: MemoryStore
+) -> None:
     pki = TestPKI(home)
-    services = [
-        pending_service(guardian_pb2_grpc, "GuardianService", issue=0),
-        pending_service(key_authority_pb2_grpc, "KeyAuthorityService", issue=0),
-    ]
-    async with serving(pki, services, role="guardian") as server:
-        channel = pki.channel(f"127.0.0.1:{server.port}", "edge", "phone")
-        async with channel:
-            guardian = guardian_pb2_grpc.GuardianServiceStub(channel)
+    custody, checkpoints = build_guardian(database, home, SwitchableSink(store))
+    guardian_node = await start_guardian(pki, custody, checkpoints)
+    try:
+        async with key_nodes(pki, database) as key_authority, \
+                pki.channel(guardian_node.address, "edge", "phone") as to_guardian, \
+                pki.channel(key_authority.keys_address, "edge", "phone") as to_keys:
+            guardian = guardian_pb2_grpc.GuardianServiceStub(to_guardian)
             with pytest.raises(grpc.aio.AioRpcError) as g:
                 await guardian.ListShares(guardian_pb2.ListSharesRequest())
             assert g.value.code() is grpc.StatusCode.PERMISSION_DENIED
-            keys = key_authority_pb2_grpc.KeyAuthorityServiceStub(channel)
+            keys = key_authority_pb2_grpc.KeyAuthorityServiceStub(to_keys)
             with pytest.raises(grpc.aio.AioRpcError) as k:
                 await keys.VerifyKey(key_authority_pb2.VerifyKeyRequest())
             assert k.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await guardian_node.server.stop(0)
 
