@@ -12,7 +12,6 @@ from pathlib import Path
 import openai
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client import CollectorRegistry
 
 from federation.config import PeersConfig, Settings
 from federation.db import Database
@@ -25,23 +24,12 @@ from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
 from nodes import keys as keys_node
 from nodes import memory as memory_node
-from nodes.runtime import NodeRuntime
 from tests.gateway_support import gateway_settings, inference_nodes, quiesce
-from tests.support import TestPKI, serving
+from tests.nodes_support import node
+from tests.support import TestPKI
 
 MODEL = "test-model"
 TOKEN_QUOTA = 10_000
-
-
-@contextlib.asynccontextmanager
-async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
-               module: object) -> AsyncIterator[NodeServer]:
-    async with contextlib.AsyncExitStack() as cleanup:
-        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
-                              CollectorRegistry(), cleanup)
-        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
-        async with serving(pki, [registration], role=role) as server:
-            yield server
 
 
 @dataclass

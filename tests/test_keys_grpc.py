@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,6 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client import CollectorRegistry
 
 from federation.cli import build_parser
 from federation.config import PeersConfig, Settings
@@ -25,8 +23,8 @@ from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from nodes import keys as keys_node
 from nodes import memory as memory_node
-from nodes.runtime import NodeRuntime
-from tests.support import TestPKI, serving
+from tests.nodes_support import node
+from tests.support import TestPKI
 
 
 @dataclass
@@ -46,17 +44,6 @@ class Federation:
 
     def memory_stub(self, role: str) -> mgrpc.ThermalMemoryServiceAsyncStub:
         return mgrpc.ThermalMemoryServiceStub(self._channel(self.memory.port, role))
-
-
-@contextlib.asynccontextmanager
-async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
-               module: object) -> AsyncIterator[NodeServer]:
-    async with contextlib.AsyncExitStack() as cleanup:
-        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
-                              CollectorRegistry(), cleanup)
-        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
-        async with serving(pki, [registration], role=role) as server:
-            yield server
 
 
 @pytest.fixture
