@@ -22,7 +22,8 @@ from federation.council.disclosure import (
     level_from_int,
     resolve,
 )
-from federation.council.engine import Council, CouncilRequest
+from federation.council.engine import Council
+from federation.council.events import CouncilRequest
 from federation.council.members import load_roster, members_file_for
 from federation.errors import ErrorCode, FederationError
 from federation.inference.client import InferenceRouter

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from federation.council.engine import prompt_sha256
+from federation.council.events import prompt_sha256
 from federation.council.scripted_backend import (
     CHAIR,
     Script,

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from federation.council.engine import prompt_sha256
+from federation.council.events import prompt_sha256
 from federation.council.scripted_backend import (
     CHAIR,
     HANG,

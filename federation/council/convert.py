@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 from google.protobuf.duration_pb2 import Duration
 
 from federation.council.disclosure import Disclosure, audit_sequences, member_view, member_views
-from federation.council.engine import (
+from federation.council.events import (
     CouncilEvent,
     CouncilOutcome,
     CouncilRequest,
