@@ -40,7 +40,7 @@ from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
-from gateway_http.council_routes import add_council_routes
+from gateway_http.council.routes import add_council_routes
 from gateway_http.errors import error_middleware
 from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (

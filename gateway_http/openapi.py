@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway_http import council_routes
+from gateway_http.council import routes as council_routes
 from gateway_http.errors import AUTH_STATUSES, BODY_STATUSES, EDGE_STATUSES
 
 _ERROR = {"$ref": "#/components/responses/Error"}
