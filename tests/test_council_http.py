@@ -28,7 +28,8 @@ from federation.council.scripted_backend import (
 from federation.db import Database
 from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
-from gateway_http.council.routes import OPENAPI_PATHS, council_model_objects
+from gateway_http.council.openapi import OPENAPI_PATHS
+from gateway_http.council.routes import council_model_objects
 from tests.council_support import CouncilStack, council_stack
 from tests.gateway_support import gateway_settings, quiesce
 from tests.keys_support import KeyNodes, key_nodes
