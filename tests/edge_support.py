@@ -23,7 +23,7 @@ from federation.db import Database
 from federation.edge.broker import EdgeBroker
 from federation.edge.device.client import Stub, enroll
 from federation.edge.enrollment import create_token
-from federation.launch.up import terminate
+from federation.launch.children import terminate
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
