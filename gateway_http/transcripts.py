@@ -38,7 +38,8 @@ from federation.errors import ErrorCode, FederationError
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
 from federation.keys.client import KeyPrincipal
 from federation.logs import request_id_var
-from federation.vault.service import PendingObject, VaultService
+from federation.vault.records import PendingObject
+from federation.vault.service import VaultService
 from federation.vault.tenants import TenantSettingsReader
 from gateway_http.chat.protocol import ChatCall
 

@@ -34,7 +34,8 @@ from federation.config import Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.guardian.client import GrpcGuardianClient
 from federation.memory.client import GrpcAuditSink
-from federation.vault.service import IssuedShare, SecretInfo, VaultService, create_gateway_pool
+from federation.vault.records import IssuedShare, SecretInfo
+from federation.vault.service import VaultService, create_gateway_pool
 
 
 def register(commands: Any) -> None:

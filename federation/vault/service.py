@@ -19,12 +19,9 @@ the guardian's schema.
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
@@ -33,7 +30,6 @@ from federation.clock import Clock, utc_now
 from federation.config import DatabaseConfig, VaultConfig
 from federation.crypto.envelope import (
     CiphertextInvalid,
-    SealedObject,
     UnwrapError,
     new_data_key,
     open_sealed,
@@ -50,6 +46,17 @@ from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
 from federation.paging import page_size as checked_page_size
+from federation.vault.records import (
+    MAX_NAME,
+    IssuedShare,
+    PendingObject,
+    SecretInfo,
+    SecretPage,
+    parse_page_token,
+    sealed_object,
+    secret_info,
+    token_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,87 +65,11 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
-_MAX_NAME: Final = 200
 
-
-
-@dataclass(frozen=True)
-class SecretInfo:
-    """Metadata of a secret; never its value or any share."""
-
-    id: str
-    tenant_id: str
-    name: str
-    version: int
-    state: str
-    created_by: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    destroyed_at: dt.datetime | None
-    recoveries: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "object": "vault.secret", "tenant_id": self.tenant_id,
-            "name": self.name, "version": self.version, "state": self.state,
-            "created_by": self.created_by, "created_at": int(self.created_at.timestamp()),
-            "updated_at": int(self.updated_at.timestamp()),
-            "destroyed_at": int(self.destroyed_at.timestamp()) if self.destroyed_at else None,
-            "recoveries": self.recoveries,
-        }
-
-
-@dataclass(frozen=True, repr=False)
-class IssuedShare:
-    """A secret's metadata and its (new) client share, shown to the caller once."""
-
-    info: SecretInfo
-    client_share: str
-
-    def __repr__(self) -> str:
-        return f"IssuedShare(info={self.info!r})"
-
-
-@dataclass(frozen=True, repr=False)
-class PendingObject:
-    """A reserved escrowed object: its data key and gateway share live only in memory
-    until :meth:`VaultService.commit_escrowed` seals and stores them."""
-
-    tenant_id: str
-    object_id: str
-    key_id: str
-    key: bytes
-    gateway_share: Share
-
-    def __repr__(self) -> str:
-        return f"PendingObject(tenant_id={self.tenant_id!r}, object_id={self.object_id!r})"
-
-
-@dataclass(frozen=True)
-class SecretPage:
-    secrets: list[SecretInfo]
-    next_page_token: str
-
-
-def _info(row: asyncpg.Record) -> SecretInfo:
-    return SecretInfo(
-        id=row["id"], tenant_id=row["tenant_id"], name=row["name"], version=row["version"],
-        state=row["state"], created_by=row["created_by"], created_at=row["created_at"],
-        updated_at=row["updated_at"], destroyed_at=row["destroyed_at"],
-        recoveries=row["recoveries"],
-    )
 
 
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
     return wrap_context("vault-gateway-share", tenant_id, secret_id, version, key_id)
-
-
-def _sealed(row: asyncpg.Record) -> SealedObject:
-    return SealedObject(
-        tenant_id=row["tenant_id"], object_id=row["id"], version=row["version"],
-        key_id=row["key_id"], nonce=bytes(row["nonce"]), ciphertext=bytes(row["ciphertext"]),
-        kcv=bytes(row["kcv"]),
-    )
 
 
 def parse_client_share(text: str) -> Share:
@@ -154,7 +85,7 @@ def parse_client_share(text: str) -> Share:
     return share
 
 
-def _text(value: str, name: str, limit: int = _MAX_NAME) -> str:
+def _text(value: str, name: str, limit: int = MAX_NAME) -> str:
     value = value.strip()
     if not value:
         raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} is required", param=name)
@@ -233,7 +164,7 @@ class VaultService:
                     param="name",
                 ) from None
             raise
-        return IssuedShare(_info(row), client.encode())
+        return IssuedShare(secret_info(row), client.encode())
 
     # ---- escrowed objects (no client share: tenant transcripts) ----------------------------
 
@@ -278,7 +209,7 @@ class VaultService:
             assert row is not None
             await self._record(action, actor, pending.tenant_id, pending.object_id,
                                {**attributes, "key_id": pending.key_id})
-        return _info(row)
+        return secret_info(row)
 
     async def abandon_escrowed(self, pending: PendingObject, reason: str) -> None:
         """Best effort: the guardian's share of a reservation that was never committed
@@ -298,7 +229,7 @@ class VaultService:
         if self._config.audit_reads:
             await self._record("vault.secret.read", actor, row["tenant_id"], secret_id,
                                {"version": str(row["version"])})
-        return _info(row), value
+        return secret_info(row), value
 
     # ---- recover and rotate ----------------------------------------------------------------
 
@@ -315,7 +246,7 @@ class VaultService:
             tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
             requested_by_key_id=requested_by_key_id, reason=reason,
         )
-        sealed = _sealed(row)
+        sealed = sealed_object(row)
         try:
             value = open_sealed(recover_key(gateway, guardian, sealed), sealed)
         except (InvalidShare, CiphertextInvalid) as exc:
@@ -340,7 +271,7 @@ class VaultService:
         """Client share + gateway share; a bad share is the caller's fault, a ciphertext
         that does not authenticate is ours."""
         try:
-            return open_with_shares(share, self._gateway_share(row), _sealed(row))
+            return open_with_shares(share, self._gateway_share(row), sealed_object(row))
         except InvalidShare as exc:
             raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
                                   param=SHARE_HEADER) from None
@@ -389,13 +320,13 @@ class VaultService:
         await self._discard_guardian_share(
             tenant_id, secret_id, old_key_id, f"superseded by version {version}"
         )
-        return IssuedShare(_info(updated), client.encode())
+        return IssuedShare(secret_info(updated), client.encode())
 
     # ---- list and destroy ------------------------------------------------------------------
 
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SecretPage:
         size = checked_page_size(page_size)
-        after_time, after_id = _parse_token(page_token)
+        after_time, after_id = parse_page_token(page_token)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {ROLE}")
             rows = await conn.fetch(
@@ -404,12 +335,12 @@ class VaultService:
                 " AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4",
                 tenant_id, after_time, after_id, size + 1,
             )
-        page = [_info(r) for r in rows[:size]]
-        token = _make_token(page[-1]) if len(rows) > size else ""
+        page = [secret_info(r) for r in rows[:size]]
+        token = token_after(page[-1]) if len(rows) > size else ""
         return SecretPage(page, token)
 
     async def get_info(self, tenant_id: str | None, secret_id: str) -> SecretInfo:
-        return _info(await self._row(tenant_id, secret_id))
+        return secret_info(await self._row(tenant_id, secret_id))
 
     async def destroy(
         self, *, tenant_id: str | None, secret_id: str, reason: str, actor: str
@@ -419,7 +350,7 @@ class VaultService:
         reason = _text(reason, "reason", 1000)
         row = await self._row(tenant_id, secret_id)
         if row["state"] == "destroyed":
-            return _info(row)
+            return secret_info(row)
         try:
             await self._guardian.destroy(
                 tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
@@ -437,10 +368,10 @@ class VaultService:
                 secret_id, self._clock(),
             )
             if updated is None:
-                return _info(await self._row(tenant_id, secret_id))
+                return secret_info(await self._row(tenant_id, secret_id))
             await self._record("vault.secret.destroy", actor, row["tenant_id"], secret_id,
                                {"reason": reason, "version": str(row["version"])})
-        return _info(updated)
+        return secret_info(updated)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -515,33 +446,3 @@ async def create_gateway_pool(url: str, config: DatabaseConfig) -> BoundedPool:
     """A pool whose every connection runs as ``federation_gateway`` (migrations must have
     run: the role is created by migration 0020)."""
     return await create_pool(url, config, init=_as_gateway_role)
-
-
-def _make_token(info: SecretInfo) -> str:
-    raw = f"{info.created_at.isoformat()}|{info.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _parse_token(token: str) -> tuple[dt.datetime, str]:
-    if not token:
-        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC), ""
-    decoded = _decode_token(token)
-    if decoded is None:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token")
-    return decoded
-
-
-def _decode_token(token: str) -> tuple[dt.datetime, str] | None:
-    """What ``_make_token`` wrote, or ``None``: an aware time and an id of printable
-    ASCII (anything else, a NUL say, would reach PostgreSQL, which refuses it)."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        moment, _, secret_id = raw.partition("|")
-        after = dt.datetime.fromisoformat(moment)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if (after.tzinfo is None or not secret_id.isascii() or not secret_id.isprintable()
-            or len(secret_id) > _MAX_NAME):
-        return None
-    return after, secret_id
