@@ -15,7 +15,8 @@ import pytest
 
 from federation.config import MemoryConfig
 from federation.db import Database
-from federation.db.embedded import OWNED_ROOT, EmbeddedPostgres, PostmasterPid, postmaster_alive
+from federation.db.embedded import OWNED_ROOT, EmbeddedPostgres
+from federation.db.postmaster import PostmasterPid, postmaster_alive
 from federation.memory.store import MemoryStore
 from tests.db_support import fresh_database_url, started_database
 

@@ -29,7 +29,7 @@ from typing import Protocol
 import psutil
 
 from federation.config import SupervisorConfig
-from federation.db.embedded import PostmasterPid, describe_exit, postmaster_alive
+from federation.db.postmaster import PostmasterPid, describe_exit, postmaster_alive
 from federation.errors import CommandError
 from federation.launch.state import (
     ChildState,
