@@ -1,4 +1,4 @@
-"""The settings of one process and where they come from.
+"""Where settings come from: flags, the environment, ``federation.toml``, defaults.
 
 Values come from, in decreasing priority: command-line flags, environment
 variables, the TOML file ``$FEDERATION_HOME/federation.toml``, then the defaults
@@ -17,64 +17,12 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from federation.config.processes import (
-    ConfigError,
-    DatabaseConfig,
-    GrpcConfig,
-    NodeConfig,
-    PeersConfig,
-    SupervisorConfig,
-)
-from federation.config.services import (
-    CouncilConfig,
-    EdgeConfig,
-    GatewayConfig,
-    GuardianConfig,
-    InferenceConfig,
-    KeysConfig,
-    MemoryConfig,
-    VaultConfig,
-)
+from federation.config.processes import ConfigError
 
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a federation process needs, resolved once at start."""
-
-    home: Path = Path(".federation")
-    """The federation home: PKI, embedded database, endpoints.json."""
-
-    trust_domain: str = "federation.local"
-    """SPIFFE trust domain of every identity this federation issues."""
-
-    log_level: str = "INFO"
-    grpc: GrpcConfig = field(default_factory=GrpcConfig)
-    database: DatabaseConfig = field(default_factory=DatabaseConfig)
-    nodes: NodeConfig = field(default_factory=NodeConfig)
-    gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    peers: PeersConfig = field(default_factory=PeersConfig)
-    keys: KeysConfig = field(default_factory=KeysConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    guardian: GuardianConfig = field(default_factory=GuardianConfig)
-    vault: VaultConfig = field(default_factory=VaultConfig)
-    council: CouncilConfig = field(default_factory=CouncilConfig)
-    edge: EdgeConfig = field(default_factory=EdgeConfig)
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    node_name: str = "local"
-    """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
-
-    @property
-    def endpoints_file(self) -> Path:
-        return self.home / "endpoints.json"
-
-    def port_for(self, role: str) -> int:
-        return int(getattr(self.nodes, f"{role}_port"))
-
+T = TypeVar("T")
 
 _SHORT_ENV_NAMES = {
     "FEDERATION_HOME": ("home",),
@@ -82,11 +30,11 @@ _SHORT_ENV_NAMES = {
 }
 
 
-def load_settings(
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Resolve settings from flags (``overrides``), the environment and the file.
+def load(settings_type: type[T], default_home: Path, overrides: Mapping[str, Any] | None,
+         environ: Mapping[str, str] | None) -> T:
+    """``settings_type`` (``federation.config.Settings``) resolved from flags
+    (``overrides``), the environment and the file of the home they name
+    (``default_home`` when none does).
 
     ``overrides`` uses dotted names: ``{"gateway.http_port": 9000, "home": "/x"}``;
     ``None`` values are ignored so that unset flags fall through.
@@ -94,23 +42,24 @@ def load_settings(
     environ = os.environ if environ is None else environ
     flat: dict[str, Any] = {}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    env_values = _from_environ(environ)
-    home = Path(flags.get("home") or env_values.get("home") or Settings.home)
+    env_values = _from_environ(settings_type, environ)
+    home = Path(flags.get("home") or env_values.get("home") or default_home)
     flat.update(_from_file(home / "federation.toml"))
     flat.update(env_values)
     flat.update(flags)
     flat["home"] = str(home)
-    settings: Settings = _build(Settings, flat, prefix="")
+    settings: T = _build(settings_type, flat, prefix="")
     return settings
 
 
-def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+def _from_environ(settings_type: type, environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, path in _SHORT_ENV_NAMES.items():
         if environ.get(name):
             values[".".join(path)] = environ[name]
-    for section in dataclasses.fields(Settings):
-        section_type = _section_type(section)
+    hints = typing.get_type_hints(settings_type)
+    for section in dataclasses.fields(settings_type):
+        section_type = _section_type(hints[section.name])
         if section_type is None:
             env_name = f"FEDERATION_{section.name.upper()}"
             if env_name not in _SHORT_ENV_NAMES and env_name in environ:
@@ -139,9 +88,8 @@ def _from_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def _section_type(item: dataclasses.Field[Any]) -> type | None:
-    hints = typing.get_type_hints(Settings)
-    hinted = hints[item.name]
+def _section_type(hinted: Any) -> type | None:
+    """The section's dataclass, or ``None`` for a plain top-level setting."""
     return hinted if dataclasses.is_dataclass(hinted) and isinstance(hinted, type) else None
 
 
