@@ -26,6 +26,7 @@ from federation.inference.convert import (
     request_from_pb,
 )
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.periodic import cancel_and_wait
 from federation.prototime import duration
 from federation.server import ServiceRegistration
 from federation.v1 import inference_pb2, inference_pb2_grpc
@@ -108,10 +109,7 @@ class _Coalescer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._reader is not None
-        if not self._reader.done():
-            self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await cancel_and_wait(self._reader)  # a no-op cancel once it has ended
 
     async def _read(self) -> None:
         try:

@@ -14,7 +14,6 @@ otherwise. Other requests are unaffected.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Sequence
@@ -39,6 +38,7 @@ from federation.inference.types import (
     ModelInfo,
     TokenDelta,
 )
+from federation.periodic import cancel_and_wait
 from federation.pki import CertificateFiles
 from federation.v1 import inference_pb2, inference_pb2_grpc
 
@@ -119,11 +119,8 @@ class InferenceRouter:
 
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
+        await cancel_and_wait(self._refresher)
+        self._refresher = None
         for node in self._nodes:
             await node.channel.close(None)
         self._nodes = []

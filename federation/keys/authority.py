@@ -53,6 +53,7 @@ from federation.keys.strength import (
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 from federation.paging import page_size as checked_page_size
+from federation.periodic import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,8 @@ class KeyAuthority:
             self._flusher = asyncio.create_task(self._flush_loop(), name="key-use-flusher")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await cancel_and_wait(self._flusher)
+        self._flusher = None
         await self.flush()
 
     async def _flush_loop(self) -> None:

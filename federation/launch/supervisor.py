@@ -38,6 +38,7 @@ from federation.launch.state import (
     process_start_time,
     read_state,
 )
+from federation.periodic import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,8 @@ class Supervised:
 
     async def unwatch(self) -> None:
         """Stop restarting the child (the process itself keeps running)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def stop(self) -> None:
         await self.unwatch()
