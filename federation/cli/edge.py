@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from federation.cli.support import admin_channel, load_endpoints, print_json
+from federation.cli.support import admin_channel, database_url, print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB
@@ -134,18 +134,9 @@ def parse_duration(text: str) -> dt.timedelta:
 # -- operator ---------------------------------------------------------------------
 
 
-def _database_url(settings: Settings) -> str:
-    if settings.database.url:
-        return settings.database.url
-    dsn = load_endpoints(settings).get("database", {}).get("dsn")
-    if not dsn:
-        raise CommandError("no database: set FEDERATION_DATABASE_URL or start `federation up`")
-    return str(dsn)
-
-
 async def _with_pool(settings: Settings) -> asyncpg.Pool:
     try:
-        return await create_pool(_database_url(settings), settings.database,
+        return await create_pool(database_url(settings), settings.database,
                                  min_size=1, max_size=2)
     except DatabaseUnavailable as exc:
         raise CommandError(str(exc)) from exc

@@ -64,7 +64,8 @@ def database_url(settings: Settings) -> str:
         return settings.database.url
     dsn = load_endpoints(settings).get("database", {}).get("dsn")
     if not dsn:
-        raise CommandError("no database found: set FEDERATION_DATABASE_URL")
+        raise CommandError(
+            "no database found: set FEDERATION_DATABASE_URL or start `federation up`")
     return str(dsn)
 
 
