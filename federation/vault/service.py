@@ -41,7 +41,7 @@ from federation.crypto.envelope import (
     wrap_context,
 )
 from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
-from federation.db import BoundedPool, create_pool
+from federation.db import BoundedPool, create_pool, transaction_as
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
@@ -143,8 +143,7 @@ class VaultService:
         )
         now = self._clock()
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            async with transaction_as(self._pool, ROLE) as conn:
                 row = await conn.fetchrow(
                     "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
                     " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
@@ -194,9 +193,7 @@ class VaultService:
                       object_id=pending.object_id, version=1, key_id=pending.key_id)
         wrapped = self._wrap_gateway(pending.gateway_share, pending.tenant_id,
                                      pending.object_id, 1)
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not self._role_bound:
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, None if self._role_bound else ROLE) as conn:
             now = self._clock()
             row = await conn.fetchrow(
                 "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
@@ -295,8 +292,7 @@ class VaultService:
             tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
         )
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            async with transaction_as(self._pool, ROLE) as conn:
                 updated = await conn.fetchrow(
                     "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
                     " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
@@ -327,8 +323,7 @@ class VaultService:
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SecretPage:
         size = checked_page_size(page_size)
         after_time, after_id = parse_page_token(page_token)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             rows = await conn.fetch(
                 "SELECT id, tenant_id, name, version, state, created_by, created_at, updated_at,"
                 " destroyed_at, recoveries FROM vault_secrets WHERE tenant_id = $1"
@@ -359,8 +354,7 @@ class VaultService:
         except FederationError as exc:
             if exc.code is not ErrorCode.NOT_FOUND:
                 raise
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             updated = await conn.fetchrow(
                 "UPDATE vault_secrets SET state = 'destroyed', wrapped_share = NULL,"
                 " ciphertext = NULL, nonce = NULL, kcv = NULL, destroyed_at = $2, updated_at = $2"
@@ -382,8 +376,7 @@ class VaultService:
         if self._role_bound:
             row = await self._pool.fetchrow(query, secret_id, tenant_id)
         else:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            async with transaction_as(self._pool, ROLE) as conn:
                 row = await conn.fetchrow(query, secret_id, tenant_id)
         if row is None:
             raise FederationError(ErrorCode.NOT_FOUND, f"no secret {secret_id!r} for this tenant")
