@@ -24,10 +24,12 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
-from federation.config import GrpcConfig, PeersConfig, Settings
+from federation.config import GrpcConfig, KeysConfig, PeersConfig, Settings
 from federation.db import Database
 from federation.keys.authority import KeyAuthority
+from federation.keys.models import IssueRequest
 from federation.memory.client import GrpcAuditSink
+from federation.memory.store import MemoryStore
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
@@ -40,6 +42,13 @@ from nodes.runtime import NodeRuntime
 from tests.support import TestPKI
 
 KEYS_SERVICE = "federation.v1.KeyAuthorityService"
+
+
+async def issue_key(database: Database, store: MemoryStore, **limits: int) -> str:
+    """A chat key of tenant ``acme`` issued by the key authority in this process; its id."""
+    authority = KeyAuthority(database.pool, KeysConfig(), store)
+    issued = await authority.issue(IssueRequest("acme", ["chat"], **limits), actor="admin")
+    return issued.view.record.key_id
 
 
 @dataclass
