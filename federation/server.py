@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from aiohttp import web
@@ -21,6 +23,8 @@ from federation.pki import CertificateFiles
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S")
+
 
 @dataclass(frozen=True)
 class ServiceRegistration:
@@ -32,6 +36,13 @@ class ServiceRegistration:
     """Called when the server starts its graceful stop, for services with long-lived
     streams: ending them then (clients reconnect) beats holding the stop for the
     whole grace period and being cancelled at its end."""
+
+    @classmethod
+    def of(cls, full_name: str, add_servicer: Callable[[S, grpc.aio.Server], None],
+           servicer: S, *, on_drain: Callable[[], None] | None = None
+           ) -> ServiceRegistration:
+        """``servicer``, added by its generated ``add_…Servicer_to_server`` function."""
+        return cls(full_name, functools.partial(add_servicer, servicer), on_drain)
 
 
 def server_credentials(

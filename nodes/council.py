@@ -87,10 +87,8 @@ class CouncilServicer(council_pb2_grpc.CouncilServiceServicer):
 
 
 def registration(servicer: CouncilServicer) -> ServiceRegistration:
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: council_pb2_grpc.add_CouncilServiceServicer_to_server(servicer, server),
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, council_pb2_grpc.add_CouncilServiceServicer_to_server, servicer)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

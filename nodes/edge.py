@@ -365,13 +365,9 @@ def _round_trip_ms(request: pb.HeartbeatRequest, now: dt.datetime) -> float | No
 
 def registration(broker: EdgeBroker) -> ServiceRegistration:
     servicer = EdgeBrokerServicer(broker)
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: edge_broker_pb2_grpc.add_EdgeBrokerServiceServicer_to_server(
-            servicer, server
-        ),
-        on_drain=servicer.drain,
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, edge_broker_pb2_grpc.add_EdgeBrokerServiceServicer_to_server, servicer,
+        on_drain=servicer.drain)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

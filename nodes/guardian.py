@@ -108,10 +108,8 @@ class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
 
 
 def registration(servicer: GuardianServicer) -> ServiceRegistration:
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: guardian_pb2_grpc.add_GuardianServiceServicer_to_server(servicer, server),
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, guardian_pb2_grpc.add_GuardianServiceServicer_to_server, servicer)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

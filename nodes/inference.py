@@ -154,10 +154,8 @@ def _joined(deltas: list[TokenDelta]) -> TokenDelta:
 
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

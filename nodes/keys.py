@@ -164,9 +164,5 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     purge = unsettled_reservation_purge(quotas, settings.keys.unsettled_reservation_seconds)
     await purge.start()
     runtime.cleanup.push_async_callback(purge.stop)
-    servicer = KeyAuthorityServicer(authority, quotas)
-
-    def add(server: grpc.aio.Server) -> None:
-        pb_grpc.add_KeyAuthorityServiceServicer_to_server(servicer, server)
-
-    return ServiceRegistration(SERVICE_NAME, add)
+    return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_KeyAuthorityServiceServicer_to_server,
+                                  KeyAuthorityServicer(authority, quotas))

@@ -135,12 +135,8 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     decay = temperature_decay_job(store, config.decay_interval_seconds)
     await decay.start()
     runtime.cleanup.push_async_callback(decay.stop)
-    servicer = await _servicer(runtime, store)
-
-    def add(server: grpc.aio.Server) -> None:
-        pb_grpc.add_ThermalMemoryServiceServicer_to_server(servicer, server)
-
-    return ServiceRegistration(SERVICE_NAME, add)
+    return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_ThermalMemoryServiceServicer_to_server,
+                                  await _servicer(runtime, store))
 
 
 async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemoryServicer:
