@@ -19,9 +19,11 @@ the guardian's schema.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import asyncpg
@@ -30,6 +32,7 @@ from federation.clock import Clock, utc_now
 from federation.config import DatabaseConfig, VaultConfig
 from federation.crypto.envelope import (
     CiphertextInvalid,
+    SealedObject,
     UnwrapError,
     new_data_key,
     open_sealed,
@@ -136,33 +139,20 @@ class VaultService:
         key, key_id = new_data_key(), new_key_id()
         sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=1,
                       key_id=key_id)
-        client, gateway, guardian = split_key(key, key_id)
-        # First the guardian: without its share there is no recovery path, so fail closed.
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
-        )
-        now = self._clock()
+        client, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, secret_id)
         try:
-            async with transaction_as(self._pool, ROLE) as conn:
-                row = await conn.fetchrow(
-                    "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
-                    " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
-                    " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
-                    " RETURNING *",
-                    secret_id, tenant_id, name, key_id, sealed.nonce, sealed.ciphertext,
-                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, 1), actor, now,
-                )
-                assert row is not None
+            async with self._after_deposit(tenant_id, secret_id, key_id, "creation failed",
+                                           ROLE) as conn:
+                row = await _insert(conn, sealed, name,
+                                    self._wrap_gateway(gateway, tenant_id, secret_id, 1), actor,
+                                    self._clock())
                 await self._record("vault.secret.create", actor, tenant_id, secret_id,
                                    {"name": name, "version": "1", "key_id": key_id})
-        except BaseException as exc:
-            await self._discard_guardian_share(tenant_id, secret_id, key_id, "creation failed")
-            if isinstance(exc, asyncpg.UniqueViolationError):
-                raise FederationError(
-                    ErrorCode.ALREADY_EXISTS, f"tenant already has a secret named {name!r}",
-                    param="name",
-                ) from None
-            raise
+        except asyncpg.UniqueViolationError:
+            raise FederationError(
+                ErrorCode.ALREADY_EXISTS, f"tenant already has a secret named {name!r}",
+                param="name",
+            ) from None
         return IssuedShare(secret_info(row), client.encode())
 
     # ---- escrowed objects (no client share: tenant transcripts) ----------------------------
@@ -175,11 +165,8 @@ class VaultService:
         tenant_id = _text(tenant_id, "tenant_id")
         object_id = prefix + secrets.token_hex(12)
         key, key_id = new_data_key(), new_key_id()
-        _, gateway, guardian = split_key(key, key_id)  # the client share is never kept
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=object_id, key_id=key_id, share=guardian
-        )
-        return PendingObject(tenant_id, object_id, key_id, key, gateway)
+        _, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, object_id)
+        return PendingObject(tenant_id, object_id, key_id, key, gateway)  # no client share
 
     async def commit_escrowed(
         self, pending: PendingObject, *, name: str, value: bytes, actor: str, action: str,
@@ -194,16 +181,7 @@ class VaultService:
         wrapped = self._wrap_gateway(pending.gateway_share, pending.tenant_id,
                                      pending.object_id, 1)
         async with transaction_as(self._pool, None if self._role_bound else ROLE) as conn:
-            now = self._clock()
-            row = await conn.fetchrow(
-                "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
-                " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
-                " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
-                " RETURNING *",
-                pending.object_id, pending.tenant_id, name, pending.key_id, sealed.nonce,
-                sealed.ciphertext, sealed.kcv, wrapped, actor, now,
-            )
-            assert row is not None
+            row = await _insert(conn, sealed, name, wrapped, actor, self._clock())
             await self._record(action, actor, pending.tenant_id, pending.object_id,
                                {**attributes, "key_id": pending.key_id})
         return secret_info(row)
@@ -287,30 +265,24 @@ class VaultService:
         key, key_id = new_data_key(), new_key_id()
         sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=version,
                       key_id=key_id)
-        client, gateway, guardian = split_key(key, key_id)
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
-        )
-        try:
-            async with transaction_as(self._pool, ROLE) as conn:
-                updated = await conn.fetchrow(
-                    "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
-                    " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
-                    " recoveries = recoveries + $10"
-                    " WHERE id = $1 AND version = $2 AND state = 'active' RETURNING *",
-                    secret_id, row["version"], version, key_id, sealed.nonce, sealed.ciphertext,
-                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, version),
-                    self._clock(), 1 if recovered else 0,
+        client, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, secret_id)
+        async with self._after_deposit(tenant_id, secret_id, key_id, f"{action} failed",
+                                       ROLE) as conn:
+            updated = await conn.fetchrow(
+                "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
+                " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
+                " recoveries = recoveries + $10"
+                " WHERE id = $1 AND version = $2 AND state = 'active' RETURNING *",
+                secret_id, row["version"], version, key_id, sealed.nonce, sealed.ciphertext,
+                sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, version),
+                self._clock(), 1 if recovered else 0,
+            )
+            if updated is None:
+                raise FederationError(
+                    ErrorCode.ABORTED, "the secret changed meanwhile; try again"
                 )
-                if updated is None:
-                    raise FederationError(
-                        ErrorCode.ABORTED, "the secret changed meanwhile; try again"
-                    )
-                await self._record(action, actor, tenant_id, secret_id,
-                                   {**attributes, "version": str(version), "key_id": key_id})
-        except BaseException:
-            await self._discard_guardian_share(tenant_id, secret_id, key_id, f"{action} failed")
-            raise
+            await self._record(action, actor, tenant_id, secret_id,
+                               {**attributes, "version": str(version), "key_id": key_id})
         # The superseded guardian share is useless without the old gateway share, which is
         # gone; destroy it anyway, best-effort (the old client share + it could open backups).
         await self._discard_guardian_share(
@@ -418,6 +390,30 @@ class VaultService:
             attributes=dict(attributes),
         ))
 
+    async def _deposit_guardian_share(
+        self, key: bytes, key_id: str, tenant_id: str, object_id: str
+    ) -> tuple[Share, Share]:
+        """Split ``key`` 2-of-3 and deposit the guardian's share first: without it there is
+        no recovery path, so everything after fails closed. The client and gateway shares."""
+        client, gateway, guardian = split_key(key, key_id)
+        await self._guardian.deposit(
+            tenant_id=tenant_id, object_id=object_id, key_id=key_id, share=guardian
+        )
+        return client, gateway
+
+    @contextlib.asynccontextmanager
+    async def _after_deposit(
+        self, tenant_id: str, object_id: str, key_id: str, reason: str, role: str | None
+    ) -> AsyncIterator[Any]:
+        """The transaction that stores what a guardian share was just deposited for; if it
+        fails, that share is destroyed (``reason``), best-effort, and the failure raised."""
+        try:
+            async with transaction_as(self._pool, role) as conn:
+                yield conn
+        except BaseException:
+            await self._discard_guardian_share(tenant_id, object_id, key_id, reason)
+            raise
+
     async def _discard_guardian_share(
         self, tenant_id: str, secret_id: str, key_id: str, reason: str
     ) -> None:
@@ -428,6 +424,21 @@ class VaultService:
         except Exception as exc:
             log.warning("could not destroy a guardian share",
                         extra={"secret_id": secret_id, "error": str(exc)[:200]})
+
+
+async def _insert(conn: Any, sealed: SealedObject, name: str, wrapped_share: bytes, actor: str,
+                  now: dt.datetime) -> asyncpg.Record:
+    """A new secret (version 1) from its sealed object and wrapped gateway share."""
+    row = await conn.fetchrow(
+        "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
+        " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
+        " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
+        " RETURNING *",
+        sealed.object_id, sealed.tenant_id, name, sealed.key_id, sealed.nonce,
+        sealed.ciphertext, sealed.kcv, wrapped_share, actor, now,
+    )
+    assert isinstance(row, asyncpg.Record)
+    return row
 
 
 async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
