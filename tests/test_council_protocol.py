@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,11 +29,6 @@ from tests.council_support import council_stack
 from tests.support import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pki(home: Path) -> TestPKI:
-    return TestPKI(home)
 
 
 def seconds(value: float) -> Duration:

@@ -27,7 +27,7 @@ from federation.v1 import (
     key_authority_pb2,
     key_authority_pb2_grpc,
 )
-from tests.edge_support import broker_server, device_stub, register
+from tests.edge_support import BrokerNode, broker_server, device_stub, register
 from tests.guardian_support import SwitchableSink, build_guardian, start_guardian
 from tests.keys_support import key_nodes
 from tests.support import TestPKI
@@ -38,101 +38,99 @@ def test_unauthenticated_methods_are_exactly_enroll() -> None:
 
 
 async def test_enroll_then_call_then_token_reuse_refused(
-    home: Path, database: Database, tmp_path: Path
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10))
-        ca_pem = pki.ca.paths.ca_cert.read_bytes()
-        target = f"localhost:{server.enrollment_port}"
-        out = tmp_path / "device"
-        reply = await enroll(target, ca_pem, token, "Pixel 8 (lab)", out)
-        assert reply.device_id == "pixel-8"
-        files = device_files(out)
-        assert files.identity.spiffe_id == "spiffe://federation.local/edge/pixel-8"
-        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sans.get_values_for_type(x509.DNSName) == []  # nothing beyond the identity
-        lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
-        assert lifetime <= dt.timedelta(seconds=86400)
-        assert (files.key.stat().st_mode & 0o077) == 0
-        # The enrolled device reaches the broker on the mTLS port.
-        async with device_channel(f"localhost:{server.port}", out, GrpcConfig()) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            reply_reg = await stub.RegisterDevice(pb.RegisterDeviceRequest())
-            assert reply_reg.device.device_id == "pixel-8"
-            assert reply_reg.device.name == "Pixel 8 (lab)"
-        with pytest.raises(FederationError) as reused:
-            await enroll(target, ca_pem, token, "again", tmp_path / "again")
-        assert reused.value.code is ErrorCode.UNAUTHENTICATED
-        assert "already used" in reused.value.message
+    server, _ = broker_node
+    token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10))
+    ca_pem = pki.ca.paths.ca_cert.read_bytes()
+    target = f"localhost:{server.enrollment_port}"
+    out = tmp_path / "device"
+    reply = await enroll(target, ca_pem, token, "Pixel 8 (lab)", out)
+    assert reply.device_id == "pixel-8"
+    files = device_files(out)
+    assert files.identity.spiffe_id == "spiffe://federation.local/edge/pixel-8"
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == []  # nothing beyond the identity
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert lifetime <= dt.timedelta(seconds=86400)
+    assert (files.key.stat().st_mode & 0o077) == 0
+    # The enrolled device reaches the broker on the mTLS port.
+    async with device_channel(f"localhost:{server.port}", out, GrpcConfig()) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        reply_reg = await stub.RegisterDevice(pb.RegisterDeviceRequest())
+        assert reply_reg.device.device_id == "pixel-8"
+        assert reply_reg.device.name == "Pixel 8 (lab)"
+    with pytest.raises(FederationError) as reused:
+        await enroll(target, ca_pem, token, "again", tmp_path / "again")
+    assert reused.value.code is ErrorCode.UNAUTHENTICATED
+    assert "already used" in reused.value.message
 
 
 async def test_expired_and_unknown_tokens_refused(
-    home: Path, database: Database, tmp_path: Path
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50))
-        await asyncio.sleep(0.1)
-        ca_pem = pki.ca.paths.ca_cert.read_bytes()
-        target = f"localhost:{server.enrollment_port}"
-        with pytest.raises(FederationError) as expired:
-            await enroll(target, ca_pem, token, "old", tmp_path / "a")
-        assert expired.value.code is ErrorCode.UNAUTHENTICATED
-        assert "expired" in expired.value.message
-        with pytest.raises(FederationError) as unknown:
-            await enroll(target, ca_pem, "fedenroll_nope", "x", tmp_path / "b")
-        assert "not valid" in unknown.value.message
-        assert not (tmp_path / "a" / "key.pem").exists()
+    server, _ = broker_node
+    token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50))
+    await asyncio.sleep(0.1)
+    ca_pem = pki.ca.paths.ca_cert.read_bytes()
+    target = f"localhost:{server.enrollment_port}"
+    with pytest.raises(FederationError) as expired:
+        await enroll(target, ca_pem, token, "old", tmp_path / "a")
+    assert expired.value.code is ErrorCode.UNAUTHENTICATED
+    assert "expired" in expired.value.message
+    with pytest.raises(FederationError) as unknown:
+        await enroll(target, ca_pem, "fedenroll_nope", "x", tmp_path / "b")
+    assert "not valid" in unknown.value.message
+    assert not (tmp_path / "a" / "key.pem").exists()
 
 
-async def test_anonymous_caller_reaches_only_enroll(home: Path, database: Database) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=pki.ca.paths.ca_cert.read_bytes()
-        )
-        target = f"localhost:{server.enrollment_port}"
-        async with grpc.aio.secure_channel(target, credentials) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as denied:
-                await stub.LeaseJobs(pb.LeaseJobsRequest())
-            assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.aio.AioRpcError) as denied_submit:
-                await stub.SubmitJob(pb.SubmitJobRequest())
-            assert denied_submit.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            _, csr = new_key_and_csr()
-            with pytest.raises(grpc.aio.AioRpcError) as bad_token:
-                await stub.Enroll(pb.EnrollRequest(token="x", csr_der=csr))
-            assert bad_token.value.code() is grpc.StatusCode.UNAUTHENTICATED  # reached Enroll
-        # Without a client certificate the main port refuses at the TLS handshake.
-        async with grpc.aio.secure_channel(f"localhost:{server.port}", credentials) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as handshake:
-                await stub.Enroll(pb.EnrollRequest(), timeout=5)
-            assert handshake.value.code() is grpc.StatusCode.UNAVAILABLE
+async def test_anonymous_caller_reaches_only_enroll(pki: TestPKI, broker_node: BrokerNode) -> None:
+    server, _ = broker_node
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.paths.ca_cert.read_bytes()
+    )
+    target = f"localhost:{server.enrollment_port}"
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.LeaseJobs(pb.LeaseJobsRequest())
+        assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as denied_submit:
+            await stub.SubmitJob(pb.SubmitJobRequest())
+        assert denied_submit.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        _, csr = new_key_and_csr()
+        with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+            await stub.Enroll(pb.EnrollRequest(token="x", csr_der=csr))
+        assert bad_token.value.code() is grpc.StatusCode.UNAUTHENTICATED  # reached Enroll
+    # Without a client certificate the main port refuses at the TLS handshake.
+    async with grpc.aio.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as handshake:
+            await stub.Enroll(pb.EnrollRequest(), timeout=5)
+        assert handshake.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
-async def test_revoked_device_refused_on_next_call(home: Path, database: Database) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, broker, _):
-        stub = device_stub(pki, server.port, "lost-phone")
-        await register(stub)
-        await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
-        await broker.devices.revoke("lost-phone")
-        for call in (
-            stub.Heartbeat(pb.HeartbeatRequest()),
-            stub.LeaseJobs(pb.LeaseJobsRequest()),
-            stub.QueryUploadStatus(pb.QueryUploadStatusRequest(upload_id="u")),
-            stub.RegisterDevice(pb.RegisterDeviceRequest()),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await call
-            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(FederationError) as no_token:
-            await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1))
-        assert no_token.value.code is ErrorCode.FAILED_PRECONDITION
+async def test_revoked_device_refused_on_next_call(
+    pki: TestPKI, broker_node: BrokerNode, database: Database
+) -> None:
+    server, broker = broker_node
+    stub = device_stub(pki, server.port, "lost-phone")
+    await register(stub)
+    await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
+    await broker.devices.revoke("lost-phone")
+    for call in (
+        stub.Heartbeat(pb.HeartbeatRequest()),
+        stub.LeaseJobs(pb.LeaseJobsRequest()),
+        stub.QueryUploadStatus(pb.QueryUploadStatusRequest(upload_id="u")),
+        stub.RegisterDevice(pb.RegisterDeviceRequest()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(FederationError) as no_token:
+        await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1))
+    assert no_token.value.code is ErrorCode.FAILED_PRECONDITION
 
 
 async def test_certificate_renewal_issues_a_fresh_cert(

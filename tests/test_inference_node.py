@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,11 +27,6 @@ from tests.gateway_support import InferenceNode, eventually, inference_nodes
 from tests.support import TestPKI
 
 MODEL = "test-model"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> TestPKI:
-    return TestPKI(tmp_path / "home")
 
 
 def chat(text: str, model: str = MODEL, **sampling: object) -> GenerationRequest:

@@ -40,11 +40,6 @@ from tests.support import TestPKI, serving
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> TestPKI:
-    return TestPKI(tmp_path / "home")
-
-
-@pytest.fixture
 def guardian(pki: TestPKI, database: Database, store: MemoryStore) -> ServiceRegistration:
     """The real guardian service over the test's PostgreSQL, auditing to thermal memory."""
     custody, checkpoints = build_guardian(database, pki.home, SwitchableSink(store))
