@@ -7,10 +7,12 @@ the council node, all mTLS with identities from an in-test CA.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 
 from federation.config import CouncilConfig, GrpcConfig, MemoryConfig
@@ -134,3 +136,20 @@ async def council_stack(
     finally:
         await store.stop()
 
+
+@contextlib.asynccontextmanager
+async def streamed_vote(base: str, secret: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """``POST /v1/council/vote`` streamed ("Hang on?"), answered 200, open for the block."""
+    async with aiohttp.ClientSession() as session, session.post(
+        base + "/v1/council/vote", json={"question": "Hang on?", "stream": True},
+        headers={"Authorization": f"Bearer {secret}"},
+    ) as response:
+        assert response.status == 200
+        yield response
+
+
+async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
+    """Members hang with the default 60 s deadline: only a cancellation ends them sooner."""
+    async with asyncio.timeout(seconds):
+        while backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
+            await asyncio.sleep(0.01)

@@ -31,6 +31,14 @@ async def quotas(database: Database, store: MemoryStore) -> QuotaService:
     return QuotaService(database.pool, store)
 
 
+async def reserved(quotas: QuotaService, key_id: str, tokens: int, min_tokens: int = 1,
+                   at: dt.datetime = T0) -> Reservation:
+    """A reservation the test expects to be granted."""
+    reservation = await reserve(quotas, key_id, tokens, min_tokens, at)
+    assert isinstance(reservation, Reservation), reservation
+    return reservation
+
+
 async def reserve(quotas: QuotaService, key_id: str, tokens: int, min_tokens: int = 1,
                   at: dt.datetime = T0) -> Reservation | FederationError:
     try:
@@ -99,8 +107,7 @@ async def test_no_token_quota_reserves_everything_and_counts_usage(
     database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
     key_id = await issue_key(database, store)
-    reservation = await reserve(quotas, key_id, 10**12)
-    assert isinstance(reservation, Reservation)
+    reservation = await reserved(quotas, key_id, 10**12)
     assert (reservation.tokens, reservation.limited) == (10**12, False)
     assert reservation.status.tokens_remaining is None
     await quotas.settle(key_id, reservation.reservation_id, used_tokens=42, at=T0)
@@ -142,8 +149,7 @@ async def test_tokens_held_by_requests_in_flight_are_worth_a_short_retry(
     """Refused now, but not for the whole period: running requests release what they
     do not use when they settle."""
     key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
-    running = await reserve(quotas, key_id, 90)
-    assert isinstance(running, Reservation)
+    running = await reserved(quotas, key_id, 90)
     refused = await reserve(quotas, key_id, 50, min_tokens=20)
     assert isinstance(refused, FederationError)
     assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
@@ -164,8 +170,7 @@ async def test_settling_twice_refunds_once(
     database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
     key_id = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
-    reservation = await reserve(quotas, key_id, 300)
-    assert isinstance(reservation, Reservation)
+    reservation = await reserved(quotas, key_id, 300)
     results = await asyncio.gather(*(
         quotas.settle(key_id, reservation.reservation_id, used_tokens=100, at=T0)
         for _ in range(5)))
@@ -175,8 +180,7 @@ async def test_settling_twice_refunds_once(
     assert await used(database, key_id) == (100, 1)
     # Another key's reservation id settles nothing here.
     other = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
-    theirs = await reserve(quotas, other, 300)
-    assert isinstance(theirs, Reservation)
+    theirs = await reserved(quotas, other, 300)
     assert not (await quotas.settle(key_id, theirs.reservation_id, used_tokens=0)).settled
     assert await used(database, other) == (300, 1)
 
@@ -185,8 +189,7 @@ async def test_a_settlement_never_refunds_into_a_later_period(
     database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
     key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=60)
-    old = await reserve(quotas, key_id, 100)
-    assert isinstance(old, Reservation)
+    old = await reserved(quotas, key_id, 100)
     # The period ended; nothing was charged since: settling changes nothing.
     late = await quotas.settle(key_id, old.reservation_id, used_tokens=0,
                                at=T0 + dt.timedelta(seconds=60))
@@ -208,8 +211,7 @@ async def test_usage_above_the_reservation_is_charged_to_its_period(
 ) -> None:
     """An upstream whose prompt estimate fell short: the real usage is what counts."""
     key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
-    reservation = await reserve(quotas, key_id, 60)
-    assert isinstance(reservation, Reservation)
+    reservation = await reserved(quotas, key_id, 60)
     settled = await quotas.settle(key_id, reservation.reservation_id, used_tokens=70, at=T0)
     assert (settled.settled, settled.released) == (True, 0)
     assert (await used(database, key_id))[0] == 70
