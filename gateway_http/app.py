@@ -55,7 +55,7 @@ from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.transcripts import transcript_middleware
-from gateway_http.vault_routes import add_vault_routes
+from gateway_http.vault import add_vault_routes
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ rate limit → 429 with ``Retry-After``.
 
 Wiring (in ``gateway_http/app.py::create_app``)::
 
-    from gateway_http.vault_routes import add_vault_routes
+    from gateway_http.vault import add_vault_routes
     add_vault_routes(app, settings, credentials)
 
 ``add_vault_routes`` registers a ``cleanup_ctx`` entry that opens the database
