@@ -117,7 +117,6 @@ class InferenceRouter:
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="inference-router")
 
-
     async def stop(self) -> None:
         await cancel_and_wait(self._refresher)
         self._refresher = None

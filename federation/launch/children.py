@@ -27,7 +27,6 @@ POSTGRES = "postgres"
 _STOP_ORDER_TIMEOUT = 5.0
 
 
-
 class Progress:
     """Human progress lines on stderr: what is being done, what is done, how long it took."""
 

@@ -70,7 +70,6 @@ GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
 
 
-
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
     return wrap_context("vault-gateway-share", tenant_id, secret_id, version, key_id)
 
