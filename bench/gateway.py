@@ -76,9 +76,10 @@ async def serve_node(home: Path) -> None:
 
 async def serve_gateway(home: Path, node: str) -> None:
     from federation.errors import ErrorCode, FederationError
+    from federation.keys.client import KeyPrincipal, KeyReservation
+    from federation.memory.records import AuditEntry
     from federation.pki import certificate_files
     from gateway_http.app import GatewayServer
-    from gateway_http.auth import AuditEntry, KeyPrincipal, Reservation
     from tests.gateway_support import gateway_settings
     from tests.support import TRUST_DOMAIN
 
@@ -88,13 +89,13 @@ async def serve_gateway(home: Path, node: str) -> None:
                 raise FederationError(ErrorCode.UNAUTHENTICATED, "bad key")
             return KeyPrincipal("key_bench", "bench", frozenset({"chat"}))
 
-        async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> Reservation:
-            return Reservation(key_id, "rsv_bench", tokens, None)
+        async def reserve(self, key_id: str, *, tokens: int, min_tokens: int) -> KeyReservation:
+            return KeyReservation(key_id, "rsv_bench", tokens, None)
 
-        async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        async def settle(self, reservation: KeyReservation, used_tokens: int) -> None:
             return None
 
-    class Audit:
+    class Audit:  # drops the records: the benchmark measures the gateway alone
         async def record(self, entry: AuditEntry) -> None:
             return None
 

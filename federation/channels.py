@@ -1,8 +1,11 @@
-"""Outgoing mTLS channels between federation nodes.
+"""Outgoing mTLS channels between federation nodes: every channel is built here.
 
 Every channel presents the caller's federation certificate, trusts only the
 federation CA, and forwards the current request id as ``x-request-id``
 metadata so one request can be followed through every node's logs and audit.
+:func:`open_channel` is the one builder for callers that may also run without
+certificates (``--insecure-dev``); :func:`secure_channel` for those that always
+have them.
 """
 
 from __future__ import annotations
@@ -95,6 +98,26 @@ def request_id_metadata() -> tuple[tuple[str, str], ...] | None:
     return ((REQUEST_ID_HEADER, request_id),) if request_id else None
 
 
+def open_channel(
+    target: str,
+    credentials: CertificateFiles | None,
+    config: GrpcConfig,
+    *,
+    forward_request_id: bool = True,
+) -> grpc.aio.Channel:
+    """The channel to a federation node at ``target`` (``host:port``): mTLS as the
+    identity in ``credentials``, or plaintext when there are none (only for nodes
+    started with ``--insecure-dev``). See :func:`secure_channel` for
+    ``forward_request_id``."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(
+            target,
+            options=grpc_options(config),
+            interceptors=_request_id_interceptors() if forward_request_id else None,
+        )
+    return secure_channel(target, credentials, config, forward_request_id=forward_request_id)
+
+
 def secure_channel(
     target: str,
     files: CertificateFiles,
@@ -114,16 +137,5 @@ def secure_channel(
         target,
         client_credentials(files),
         options=[*grpc_options(config), *extra_options],
-        interceptors=_request_id_interceptors() if forward_request_id else None,
-    )
-
-
-def insecure_channel(
-    target: str, config: GrpcConfig, *, forward_request_id: bool = True
-) -> grpc.aio.Channel:
-    """Plaintext channel, only for nodes started with ``--insecure-dev``."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=grpc_options(config),
         interceptors=_request_id_interceptors() if forward_request_id else None,
     )

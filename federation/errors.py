@@ -135,6 +135,11 @@ class FederationError(Exception):
         return f"FederationError({self.code.name}, {self.message!r})"
 
 
+class CommandError(Exception):
+    """A failure of a command (the CLI, ``federation up``) that the operator can fix:
+    reported as one line on stderr with a non-zero exit code, never a traceback."""
+
+
 def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError:
     """Turn a failed gRPC call back into the domain error the server raised."""
     status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN

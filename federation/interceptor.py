@@ -13,6 +13,7 @@ inside a wrapper around the method handler.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -233,12 +234,15 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             metrics.latency.labels(service, name).observe(time.perf_counter() - started)
             metrics.in_flight.labels(service, name).dec()
 
-        async def unary_result(request: Any, context: Context) -> Any:
+        @contextlib.asynccontextmanager
+        async def served(context: Context) -> AsyncIterator[None]:
+            """One call, unary or streaming: counted, authenticated and authorized, its
+            errors mapped to a status."""
             started = time.perf_counter()
             metrics.in_flight.labels(service, name).inc()
             try:
                 await enter(context)
-                return await behavior(request, context)
+                yield
             except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
@@ -246,25 +250,20 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 finish(started, context)
 
+        async def unary_result(request: Any, context: Context) -> Any:
+            async with served(context):
+                return await behavior(request, context)
+
         async def stream_result(
             request: Any, context: Context
         ) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            metrics.in_flight.labels(service, name).inc()
-            try:
-                await enter(context)
+            async with served(context):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         yield item
                 else:
                     await result
-            except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                await fail(exc, context)
-            finally:
-                finish(started, context)
 
         return stream_result, unary_result
 

@@ -1,4 +1,5 @@
-"""Periodic background work: one asyncio task with an explicit start and stop."""
+"""Background work: periodic jobs in one asyncio task with an explicit start and stop,
+and the one way a background task is stopped."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (``None``: nothing to stop) and wait until it has ended. Its
+    cancellation is the expected end; any other exception it ended with is raised."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class PeriodicTask:
@@ -30,11 +42,8 @@ class PeriodicTask:
             self._task = asyncio.create_task(self._loop(), name=self._name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:

@@ -25,6 +25,8 @@ from federation.config import ALL_ROLES
 
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=365)
+ADMIN_NAME = "operator"
+"""Name of the admin identity ``federation up`` issues for the local operator."""
 _NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import grpc
 from aiohttp import web
@@ -22,6 +23,8 @@ from federation.pki import CertificateFiles
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S")
+
 
 @dataclass(frozen=True)
 class ServiceRegistration:
@@ -33,6 +36,13 @@ class ServiceRegistration:
     """Called when the server starts its graceful stop, for services with long-lived
     streams: ending them then (clients reconnect) beats holding the stop for the
     whole grace period and being cancelled at its end."""
+
+    @classmethod
+    def of(cls, full_name: str, add_servicer: Callable[[S, grpc.aio.Server], None],
+           servicer: S, *, on_drain: Callable[[], None] | None = None
+           ) -> ServiceRegistration:
+        """``servicer``, added by its generated ``add_…Servicer_to_server`` function."""
+        return cls(full_name, functools.partial(add_servicer, servicer), on_drain)
 
 
 def server_credentials(
@@ -175,39 +185,3 @@ class NodeServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-def pending_service(generated: Any, service: str, issue: int) -> ServiceRegistration:
-    """Host ``service`` from the generated module with every RPC UNIMPLEMENTED.
-
-    Used for services whose behaviour lands with a later issue, so their
-    health, reflection, metrics, mTLS and authorization are real already.
-    """
-    full_name = f"federation.v1.{service}"
-    servicer = unimplemented_servicer(
-        getattr(generated, f"{service}Servicer"), full_name, f"it lands with issue #{issue}"
-    )
-    add = getattr(generated, f"add_{service}Servicer_to_server")
-    return ServiceRegistration(full_name, lambda server: add(servicer, server))
-
-
-def unimplemented_servicer(servicer_base: type, service_name: str, note: str) -> Any:
-    """A servicer whose every method answers UNIMPLEMENTED with a clear message."""
-
-    def make(method: str) -> Callable[..., Any]:
-        async def handler(
-            _self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{service_name}/{method} is not implemented on this node yet ({note})",
-            )
-
-        return handler
-
-    methods = {
-        name: make(name)
-        for name in dir(servicer_base)
-        if not name.startswith("_") and callable(getattr(servicer_base, name))
-    }
-    return type(f"Unimplemented{servicer_base.__name__}", (servicer_base,), methods)()

@@ -25,27 +25,24 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from federation.channels import insecure_channel, secure_channel
+from federation.channels import open_channel
 from federation.config import ConfigError, Settings
-from federation.lifeline import watch_lifeline
+from federation.inference.client import InferenceRouter
+from federation.keys.client import GrpcKeyVerifier, KeyVerifier
+from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
+from federation.memory.client import GrpcAuditSink
+from federation.memory.sink import AuditSink
 from federation.pki import CertificateFiles, certificate_files
-from federation.routing import InferenceRouter
 from gateway_http import health, models, openapi
-from gateway_http.auth import (
-    AuditEntry,
-    AuditWriter,
-    BackgroundTasks,
-    CachedKeyVerifier,
-    GrpcAuditWriter,
-    GrpcKeyVerifier,
-    KeyVerifier,
-)
+from gateway_http.audit import RequestRecord
+from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
-from gateway_http.council_routes import add_council_routes
+from gateway_http.council.routes import add_council_routes
 from gateway_http.errors import error_middleware
+from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (
     AUDIT_RECORD,
     QUOTA_SETTLEMENT,
@@ -58,7 +55,7 @@ from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.transcripts import transcript_middleware
-from gateway_http.vault_routes import add_vault_routes
+from gateway_http.vault import add_vault_routes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +67,7 @@ def create_app(
     credentials: CertificateFiles | None,
     *,
     keys: KeyVerifier | None = None,
-    audit: AuditWriter | None = None,
+    audit: AuditSink | None = None,
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
     """The gateway app. ``keys``/``audit`` replace the gRPC clients (tests, benchmarks);
@@ -82,13 +79,14 @@ def create_app(
         # add_council_routes / create_app append after it.
         middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
+    registry = registry or CollectorRegistry()
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
     models.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", metrics_handler(registry))
     if vault_enabled(settings):
         add_vault_routes(app, settings, credentials)
         app.middlewares.append(transcript_middleware(PRINCIPAL))
@@ -108,8 +106,8 @@ def _dependencies(
     settings: Settings,
     credentials: CertificateFiles | None,
     keys: KeyVerifier | None,
-    audit: AuditWriter | None,
-    registry: CollectorRegistry | None,
+    audit: AuditSink | None,
+    registry: CollectorRegistry,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -117,7 +115,7 @@ def _dependencies(
             for role in PEER_ROLES:
                 addresses = settings.peers.addresses(role)
                 if addresses:
-                    channels[role] = _channel(addresses[0], credentials, settings)
+                    channels[role] = open_channel(addresses[0], credentials, settings.grpc)
                     stack.push_async_callback(channels[role].close, None)
             gateway = settings.gateway
             timeout = settings.grpc.call_timeout_seconds
@@ -131,8 +129,8 @@ def _dependencies(
             await router.start()
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
-            metrics = GatewayMetrics(registry or CollectorRegistry())
-            writer = audit or GrpcAuditWriter(_required(channels, "memory"), timeout)
+            metrics = GatewayMetrics(registry)
+            writer = audit or GrpcAuditSink(_required(channels, "memory"), timeout_seconds=timeout)
             verifier = CachedKeyVerifier(
                 keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
                 gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
@@ -156,7 +154,7 @@ def _dependencies(
     return context
 
 
-def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
+def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditSink,
             keys: KeyVerifier) -> Outbox:
     gateway = settings.gateway
     outbox = Outbox(
@@ -170,20 +168,13 @@ def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditWriter,
     )
 
     async def deliver_audit(payload: Mapping[str, Any]) -> None:
-        entry = AuditEntry(**payload)
-        request_id_var.set(entry.request_id)  # the record keeps its request's id
-        await audit.record(entry)
+        record = RequestRecord(**payload)
+        request_id_var.set(record.request_id)  # its delivery logs under its request's id
+        await audit.record(record.audit_entry())
 
     outbox.register(AUDIT_RECORD, deliver_audit)
     outbox.register(QUOTA_SETTLEMENT, functools.partial(settle_from_outbox, keys))
     return outbox
-
-
-def _channel(target: str, credentials: CertificateFiles | None, settings: Settings
-             ) -> grpc.aio.Channel:
-    if credentials is None:
-        return insecure_channel(target, settings.grpc)
-    return secure_channel(target, credentials, settings.grpc)
 
 
 def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Channel:
@@ -198,7 +189,7 @@ class GatewayServer:
     bound port."""
 
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
-                 keys: KeyVerifier | None = None, audit: AuditWriter | None = None,
+                 keys: KeyVerifier | None = None, audit: AuditSink | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
         self._settings = settings

@@ -21,7 +21,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.supervisor_state import live_state
+from federation.launch.state import live_state
 from gateway_http.state import DATABASE_WATCH, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")

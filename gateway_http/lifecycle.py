@@ -25,8 +25,9 @@ from typing import Any
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
+from federation.keys.client import KeyReservation, KeyVerifier
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
-from gateway_http.auth import AuditEntry, KeyVerifier, Reservation
+from gateway_http.audit import RequestRecord
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY, error_response
 from gateway_http.outbox import OutboxFull
@@ -45,7 +46,7 @@ from gateway_http.state import (
 log = logging.getLogger(__name__)
 
 AUDIT_RECORD = "audit"
-"""Outbox kind of a gateway request's audit record (payload: ``AuditEntry`` fields)."""
+"""Outbox kind of a gateway request's audit record (payload: ``RequestRecord`` fields)."""
 
 QUOTA_SETTLEMENT = "quota_settlement"
 """Outbox kind of a token reservation's settlement (payload: :func:`settlement`)."""
@@ -125,8 +126,8 @@ async def _finish(request: web.Request, state: GatewayState, route: str, status:
         used = tokens_used(hold, outcome, client_left=client_left)
         await _spool(state, QUOTA_SETTLEMENT, settlement(hold.reservation, used), "quota")
     if not request.get(AUDITED):
-        entry = _audit_entry(request, route, status, elapsed, error)
-        await _spool(state, AUDIT_RECORD, dataclasses.asdict(entry), "audit")
+        record = _request_record(request, route, status, elapsed, error)
+        await _spool(state, AUDIT_RECORD, dataclasses.asdict(record), "audit")
 
 
 async def _spool(state: GatewayState, kind: str, payload: dict[str, Any], what: str) -> None:
@@ -139,7 +140,7 @@ async def _spool(state: GatewayState, kind: str, payload: dict[str, Any], what: 
                          "error": exc.message})
 
 
-def settlement(reservation: Reservation, used_tokens: int) -> dict[str, Any]:
+def settlement(reservation: KeyReservation, used_tokens: int) -> dict[str, Any]:
     """The outbox payload of a settlement (see :func:`settle_from_outbox`)."""
     return {"reservation": dataclasses.asdict(reservation), "used_tokens": used_tokens}
 
@@ -147,7 +148,7 @@ def settlement(reservation: Reservation, used_tokens: int) -> dict[str, Any]:
 async def settle_from_outbox(keys: KeyVerifier, payload: Mapping[str, Any]) -> None:
     """Deliver a spooled settlement; ``SettleQuota`` is idempotent, so a redelivery after
     a crash charges nothing twice."""
-    await keys.settle(Reservation(**payload["reservation"]), int(payload["used_tokens"]))
+    await keys.settle(KeyReservation(**payload["reservation"]), int(payload["used_tokens"]))
 
 
 async def record_audit_now(request: web.Request) -> None:
@@ -157,10 +158,10 @@ async def record_audit_now(request: web.Request) -> None:
     caller then fails the request instead of answering it unaudited.
     """
     state = request.app[STATE]
-    entry = _audit_entry(request, _route_name(request), 200,
-                         time.perf_counter() - request[STARTED], None)
+    record = _request_record(request, _route_name(request), 200,
+                             time.perf_counter() - request[STARTED], None)
     try:
-        await state.audit.record(entry)
+        await state.audit.record(record.audit_entry())
     except Exception as exc:
         state.metrics.background_failures.labels("audit").inc()
         raise FederationError(
@@ -172,11 +173,11 @@ async def record_audit_now(request: web.Request) -> None:
     request[AUDITED] = True
 
 
-def _audit_entry(request: web.Request, route: str, status: int, elapsed: float,
-                 error: FederationError | None) -> AuditEntry:
+def _request_record(request: web.Request, route: str, status: int, elapsed: float,
+                    error: FederationError | None) -> RequestRecord:
     principal = request[PRINCIPAL]
     outcome = request.get(OUTCOME)
-    return AuditEntry(
+    return RequestRecord(
         request_id=request[REQUEST_ID], key_id=principal.key_id, tenant_id=principal.tenant_id,
         route=route, model=request.get(MODEL, ""), status=status, latency_ms=elapsed * 1000,
         prompt_tokens=outcome.prompt_tokens if outcome else 0,

@@ -9,6 +9,7 @@ gateway actually routed, for the same reason.
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -64,8 +65,10 @@ class GatewayMetrics:
         )
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    from gateway_http.state import STATE
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """``GET /metrics``: ``registry`` in the Prometheus text format."""
+    async def handler(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    body = generate_latest(request.app[STATE].metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return handler

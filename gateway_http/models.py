@@ -9,7 +9,7 @@ from aiohttp import web
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import ModelInfo
 from gateway_http.auth import authenticate
-from gateway_http.council_routes import council_model_objects
+from gateway_http.council.routes import council_model_objects
 from gateway_http.state import PRINCIPAL, STATE
 
 

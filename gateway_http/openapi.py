@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway_http import council_routes
+from gateway_http.council import openapi as council_openapi
 from gateway_http.errors import AUTH_STATUSES, BODY_STATUSES, EDGE_STATUSES
 
 _ERROR = {"$ref": "#/components/responses/Error"}
@@ -203,8 +203,8 @@ def document(*, vault: bool = False, council: bool = False) -> dict[str, Any]:
     database and a guardian) and ``council`` (only with a council node) are optional."""
     doc = _document()
     if council:
-        doc["paths"].update(council_routes.OPENAPI_PATHS)
-        doc["components"]["schemas"].update(council_routes.OPENAPI_SCHEMAS)
+        doc["paths"].update(council_openapi.OPENAPI_PATHS)
+        doc["components"]["schemas"].update(council_openapi.OPENAPI_SCHEMAS)
     if vault:
         doc["paths"].update(_vault_paths())
         doc["components"]["schemas"].update({"VaultSecret": SECRET,

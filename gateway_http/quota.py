@@ -30,9 +30,9 @@ from federation.council.engine import MAX_ROUNDS
 from federation.council.members import Member, load_roster, members_file_for
 from federation.errors import ErrorCode, FederationError
 from federation.inference.budget import prompt_token_bound
+from federation.inference.client import InferenceRouter
 from federation.inference.types import GenerationRequest
-from federation.routing import InferenceRouter
-from gateway_http.auth import KeyVerifier, Reservation
+from federation.keys.client import KeyReservation, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.state import STATE
 
@@ -52,7 +52,7 @@ COUNCIL_ATTEMPTS: Final = 2
 class QuotaHold:
     """A request's reservation and how to charge it if the client leaves early."""
 
-    reservation: Reservation
+    reservation: KeyReservation
     abandoned_charge: int
     """Tokens charged when the client leaves before any token arrived."""
 
@@ -77,7 +77,7 @@ def chat_reservation_size(generation: GenerationRequest, prompt_bound: int,
 
 
 async def reserve_chat(request: web.Request, keys: KeyVerifier, key_id: str,
-                       generation: GenerationRequest) -> Reservation:
+                       generation: GenerationRequest) -> KeyReservation:
     """Reserve for a chat completion and remember it on ``request`` for settlement."""
     info = request.app[STATE].router.model_info(generation.model)
     prompt_bound = prompt_token_bound(generation.messages)

@@ -9,8 +9,10 @@ from aiohttp import web
 
 from federation.config import Settings
 from federation.db import DatabaseWatch
-from federation.routing import InferenceRouter
-from gateway_http.auth import AuditWriter, BackgroundTasks, KeyPrincipal, KeyVerifier
+from federation.inference.client import InferenceRouter
+from federation.keys.client import KeyPrincipal, KeyVerifier
+from federation.memory.sink import AuditSink
+from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
 from gateway_http.outbox import Outbox
@@ -23,7 +25,7 @@ class GatewayState:
     settings: Settings
     router: InferenceRouter
     keys: KeyVerifier
-    audit: AuditWriter
+    audit: AuditSink
     metrics: GatewayMetrics
     background: BackgroundTasks
     chat: ChatServing

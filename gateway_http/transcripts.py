@@ -36,10 +36,11 @@ from aiohttp.typedefs import Middleware
 
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.keys.client import KeyPrincipal
 from federation.logs import request_id_var
-from federation.tenants import TenantSettingsReader
-from federation.vault.service import PendingObject, VaultService
-from gateway_http.auth import KeyPrincipal
+from federation.vault.records import PendingObject
+from federation.vault.service import VaultService
+from federation.vault.tenants import TenantSettingsReader
 from gateway_http.chat.protocol import ChatCall
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Start-up: identity → database (for roles that store state) → the role's
 service → the gRPC server → the ready file. Shutdown on SIGTERM/SIGINT (or when
-the supervisor's lifeline closes, see ``federation.lifeline``) runs the same
+the supervisor's lifeline closes, see ``federation.launch.lifeline``) runs the same
 steps in reverse: stop accepting, drain in-flight calls within the grace
 period, stop background work, close the pool; then exit 0.
 """
@@ -11,41 +11,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import Database, DatabaseWatch
-from federation.lifeline import watch_lifeline
+from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
+from nodes import council, edge, guardian, inference, keys, memory
 from nodes.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
-SERVICE_MODULES: dict[str, str] = {
-    "keys": "nodes.key_authority",
-    "memory": "nodes.thermal_memory",
-    "guardian": "nodes.guardian",
-    "inference": "nodes.inference",
-    "council": "nodes.council",
-    "broker": "nodes.edge_broker",
+ServiceFactory = Callable[[NodeRuntime], Awaitable[ServiceRegistration]]
+
+SERVICES: dict[str, ServiceFactory] = {
+    "keys": keys.create_service,
+    "memory": memory.create_service,
+    "guardian": guardian.create_service,
+    "inference": inference.create_service,
+    "council": council.create_service,
+    "broker": edge.create_service,
 }
-"""Which module implements the service of each role."""
+"""The service of each role: ``create_service`` of its module in ``nodes/``."""
 
 ROLES_WITH_DATABASE = frozenset({"keys", "memory", "guardian", "broker"})
-
-
-class _ServiceModule(Protocol):
-    async def create_service(self, runtime: NodeRuntime) -> ServiceRegistration: ...
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,7 @@ async def _start(
     registry = CollectorRegistry()
     cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
     runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
-    module: _ServiceModule = importlib.import_module(SERVICE_MODULES[options.role])  # type: ignore[assignment]
-    registration = await module.create_service(runtime)
+    registration = await SERVICES[options.role](runtime)
     server = NodeServer(
         [registration],
         trust_domain=settings.trust_domain,

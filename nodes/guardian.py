@@ -9,15 +9,13 @@ first start.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import TYPE_CHECKING, Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
-from federation.guardian.checkpoints import Checkpoint, CheckpointLog, load_signing_key
-from federation.guardian.custody import GuardianCustody, ShareInfo
+from federation.guardian.checkpoints import CheckpointLog, load_signing_key
+from federation.guardian.convert import checkpoint_message, share_record
+from federation.guardian.custody import GuardianCustody
 from federation.interceptor import current_caller
 from federation.memory.client import GrpcAuditSink
 from federation.paging import page_size
@@ -31,34 +29,6 @@ if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = "federation.v1.GuardianService"
-
-
-def _timestamp(moment: dt.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def share_record(info: ShareInfo) -> guardian_pb2.ShareRecord:
-    record = guardian_pb2.ShareRecord(
-        tenant_id=info.tenant_id, object_id=info.object_id, key_id=info.key_id,
-        share_index=info.share_index,
-        state=guardian_pb2.SHARE_STATE_HELD if info.held else guardian_pb2.SHARE_STATE_DESTROYED,
-        deposit_time=_timestamp(info.deposit_time), release_count=info.release_count,
-    )
-    if info.destroy_time is not None:
-        record.destroy_time.CopyFrom(_timestamp(info.destroy_time))
-    if info.last_release_time is not None:
-        record.last_release_time.CopyFrom(_timestamp(info.last_release_time))
-    return record
-
-
-def checkpoint_message(checkpoint: Checkpoint) -> guardian_pb2.Checkpoint:
-    return guardian_pb2.Checkpoint(
-        sequence=checkpoint.sequence, chain_head_hash=checkpoint.chain_head_hash,
-        sign_time=_timestamp(checkpoint.sign_time), signature=checkpoint.signature,
-        key_fingerprint=checkpoint.key_fingerprint,
-    )
 
 
 class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
@@ -138,10 +108,8 @@ class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
 
 
 def registration(servicer: GuardianServicer) -> ServiceRegistration:
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: guardian_pb2_grpc.add_GuardianServiceServicer_to_server(servicer, server),
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, guardian_pb2_grpc.add_GuardianServiceServicer_to_server, servicer)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

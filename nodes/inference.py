@@ -26,6 +26,8 @@ from federation.inference.convert import (
     request_from_pb,
 )
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.periodic import cancel_and_wait
+from federation.prototime import duration
 from federation.server import ServiceRegistration
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -70,9 +72,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     index += 1
                     continue
                 finished = finished_to_pb(batch)
-                finished.total_time.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
+                finished.total_time.CopyFrom(duration(time.perf_counter() - started))
                 ttft = first_token if first_token is not None else time.perf_counter() - started
-                finished.time_to_first_token.FromNanoseconds(int(ttft * 1e9))
+                finished.time_to_first_token.CopyFrom(duration(ttft))
                 yield inference_pb2.GenerateResponse(finished=finished)
                 return
 
@@ -107,10 +109,7 @@ class _Coalescer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._reader is not None
-        if not self._reader.done():
-            self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await cancel_and_wait(self._reader)  # a no-op cancel once it has ended
 
     async def _read(self) -> None:
         try:
@@ -155,10 +154,8 @@ def _joined(deltas: list[TokenDelta]) -> TokenDelta:
 
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:
-    return ServiceRegistration(
-        SERVICE_NAME,
-        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-    )
+    return ServiceRegistration.of(
+        SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:

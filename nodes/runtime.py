@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import CollectorRegistry
 
-from federation.channels import insecure_channel, secure_channel
+from federation.channels import open_channel
 from federation.config import Settings
 from federation.db import Database
 from federation.pki import CertificateFiles
@@ -40,10 +40,7 @@ class NodeRuntime:
     def channel(self, target: str) -> grpc.aio.Channel:
         """A shared mTLS channel to ``target`` (``host:port``), closed at stop."""
         if target not in self._channels:
-            if self.credentials is None:
-                chan = insecure_channel(target, self.settings.grpc)
-            else:
-                chan = secure_channel(target, self.credentials, self.settings.grpc)
+            chan = open_channel(target, self.credentials, self.settings.grpc)
             self._channels[target] = chan
             self.cleanup.push_async_callback(chan.close)
         return self._channels[target]

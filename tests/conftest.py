@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from federation.config import MemoryConfig
+from federation.config import EdgeConfig, MemoryConfig
 from federation.db import Database
-from federation.db.embedded import OWNED_ROOT, EmbeddedPostgres, PostmasterPid, postmaster_alive
+from federation.db.embedded import OWNED_ROOT, EmbeddedPostgres
+from federation.db.postmaster import PostmasterPid, postmaster_alive
 from federation.memory.store import MemoryStore
 from tests.db_support import fresh_database_url, started_database
+from tests.edge_support import FAST_EDGE, BrokerNode, broker_server
+from tests.support import TestPKI
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +85,23 @@ def home(tmp_path: Path) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def pki(home: Path) -> TestPKI:
+    """A federation CA in the test's home."""
+    return TestPKI(home)
+
+
+@pytest.fixture
+def broker_config() -> EdgeConfig:
+    """The edge settings of ``broker_node`` (a test module may override this fixture)."""
+    return FAST_EDGE
+
+
+@pytest.fixture
+async def broker_node(pki: TestPKI, database: Database, home: Path,
+                      broker_config: EdgeConfig) -> AsyncIterator[BrokerNode]:
+    """A broker and its enrollment port serving for the whole test (``broker_server``)."""
+    async with broker_server(pki, database, home, broker_config) as (server, broker, _):
+        yield server, broker

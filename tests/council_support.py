@@ -7,10 +7,12 @@ the council node, all mTLS with identities from an in-test CA.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 import grpc
 
 from federation.config import CouncilConfig, GrpcConfig, MemoryConfig
@@ -19,16 +21,16 @@ from federation.council.members import Roster, load_roster, with_model
 from federation.council.scripted_backend import MODEL, ScriptedCouncilBackend
 from federation.db import Database
 from federation.inference.backend import Backend, BackendSet
+from federation.inference.client import InferenceRouter
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.memory.store import MemoryStore
-from federation.routing import InferenceRouter
 from federation.server import NodeServer, ServiceRegistration
 from federation.v1 import council_pb2_grpc, thermal_memory_pb2_grpc
 from nodes import council as council_node
 from nodes.inference import InferenceServicer
 from nodes.inference import registration as inference_registration
-from nodes.thermal_memory import ThermalMemoryServicer
+from nodes.memory import ThermalMemoryServicer
 from tests.support import TestPKI, serving
 
 
@@ -134,3 +136,20 @@ async def council_stack(
     finally:
         await store.stop()
 
+
+@contextlib.asynccontextmanager
+async def streamed_vote(base: str, secret: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """``POST /v1/council/vote`` streamed ("Hang on?"), answered 200, open for the block."""
+    async with aiohttp.ClientSession() as session, session.post(
+        base + "/v1/council/vote", json={"question": "Hang on?", "stream": True},
+        headers={"Authorization": f"Bearer {secret}"},
+    ) as response:
+        assert response.status == 200
+        yield response
+
+
+async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
+    """Members hang with the default 60 s deadline: only a cancellation ends them sooner."""
+    async with asyncio.timeout(seconds):
+        while backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
+            await asyncio.sleep(0.01)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeAlias
 
 import aiohttp
 import asyncpg
@@ -21,15 +22,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from federation.config import EdgeConfig, GrpcConfig, MemoryConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import Stub, enroll
 from federation.edge.enrollment import create_token
-from federation.edge_device import Stub, enroll
+from federation.errors import FederationError
+from federation.launch.children import terminate
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
-from federation.up import terminate
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
-from nodes.edge_broker import registration
+from nodes.edge import registration
 from tests.support import TestPKI
+
+BrokerNode: TypeAlias = "tuple[NodeServer, EdgeBroker]"
+"""A serving broker (``broker_server``) and its domain object, as test fixtures give them."""
 
 FAST_EDGE = EdgeConfig(
     revocation_cache_seconds=0.0,
@@ -97,6 +103,31 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], seconds: float = 15
     async with asyncio.timeout(seconds):
         while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def far_agent(pki: TestPKI, server: NodeServer, broker: EdgeBroker,
+                    options: AgentOptions) -> AsyncIterator[None]:
+    """The agent of device ``far``, 120 ms away (simulated), running for the block, which
+    starts once the broker has measured that latency; at its end it must be 120-400 ms."""
+    stop = asyncio.Event()
+    agent = EdgeAgent(device_stub(pki, server.port, "far"),
+                      dataclasses.replace(options, simulate_latency_ms=120))
+    running = asyncio.create_task(agent.run(stop))
+
+    async def measured() -> bool:
+        with contextlib.suppress(FederationError):  # not registered yet
+            return (await broker.devices.get("far")).smoothed_latency_ms is not None
+        return False
+
+    try:
+        await wait_for(measured)
+        yield
+    finally:
+        stop.set()
+        await running
+    latency = (await broker.devices.get("far")).smoothed_latency_ms
+    assert latency is not None and 120 <= latency < 400
 
 
 async def enroll_device(

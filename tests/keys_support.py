@@ -24,21 +24,31 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
-from federation.config import GrpcConfig, PeersConfig, Settings
+from federation.config import GrpcConfig, KeysConfig, PeersConfig, Settings
 from federation.db import Database
 from federation.keys.authority import KeyAuthority
+from federation.keys.models import IssueRequest
 from federation.memory.client import GrpcAuditSink
+from federation.memory.store import MemoryStore
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
-from gateway_http.auth import GrpcAuditWriter
-from nodes import key_authority, thermal_memory
+from gateway_http.audit import GATEWAY_REQUEST_ACTION
+from nodes import keys as keys_module
+from nodes import memory as memory_module
 from nodes.runtime import NodeRuntime
 from tests.support import TestPKI
 
 KEYS_SERVICE = "federation.v1.KeyAuthorityService"
+
+
+async def issue_key(database: Database, store: MemoryStore, **limits: int) -> str:
+    """A chat key of tenant ``acme`` issued by the key authority in this process; its id."""
+    authority = KeyAuthority(database.pool, KeysConfig(), store)
+    issued = await authority.issue(IssueRequest("acme", ["chat"], **limits), actor="admin")
+    return issued.view.record.key_id
 
 
 @dataclass
@@ -166,7 +176,7 @@ class KeyNodes:
     async def gateway_records(self, tenant: str, request_id: str = "") -> list[mpb.MemoryRecord]:
         """The gateway's per-request audit records of ``tenant``, newest first."""
         return await self.records(tenant, request_id=request_id,
-                                  action_prefix=GrpcAuditWriter.ACTION)
+                                  action_prefix=GATEWAY_REQUEST_ACTION)
 
     def rpcs(self, method: str, code: str = "OK") -> float:
         """How many ``method`` calls the key authority has answered with ``code``."""
@@ -184,11 +194,11 @@ async def key_nodes(pki: TestPKI, database: Database, *, memory_address: str | N
     async with contextlib.AsyncExitStack() as stack:
         memory_node: ServedNode | None = None
         if memory_address is None:
-            memory_node = await serve_node(pki, "memory", thermal_memory, Settings(), database)
+            memory_node = await serve_node(pki, "memory", memory_module, Settings(), database)
             stack.push_async_callback(memory_node.stop)
             memory_address = memory_node.address
         keys_settings = Settings(peers=PeersConfig(memory=memory_address))
-        keys_node = await serve_node(pki, "keys", key_authority, keys_settings, database)
+        keys_node = await serve_node(pki, "keys", keys_module, keys_settings, database)
         stack.push_async_callback(keys_node.stop)
         channels = [pki.channel(keys_node.address, "admin"),
                     pki.channel(memory_address, "admin")]

@@ -17,7 +17,20 @@ from federation.config import GrpcConfig, Settings
 from federation.db import Database
 from federation.server import NodeServer
 from nodes.runtime import NodeRuntime
-from tests.support import TestPKI
+from tests.support import TestPKI, serving
+
+
+@contextlib.asynccontextmanager
+async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
+               module: ModuleType) -> AsyncIterator[NodeServer]:
+    """``module.create_service`` as the daemon hosts it, on a started mTLS node at
+    127.0.0.1:0 (with a metrics port); stopped at exit."""
+    async with contextlib.AsyncExitStack() as cleanup:
+        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
+                              CollectorRegistry(), cleanup)
+        registration = await module.create_service(runtime)
+        async with serving(pki, [registration], role=role) as server:
+            yield server
 
 
 def free_port() -> int:

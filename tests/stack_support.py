@@ -15,17 +15,18 @@ from typing import Any
 import aiohttp
 import grpc
 
-from federation.cli_support import ADMIN_NAME
 from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.inference.test_backend import TestBackend
+from federation.pki import ADMIN_NAME
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
 from nodes import guardian as guardian_node
-from nodes import key_authority, thermal_memory
+from nodes import keys as keys_node
+from nodes import memory as memory_node
 from tests.gateway_support import gateway_settings, inference_nodes
 from tests.nodes_support import RunningNode, running
 from tests.support import TestPKI
@@ -77,8 +78,8 @@ async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
     pki = TestPKI(tmp_path / "home")
     pki.identity("admin", ADMIN_NAME)
     backend = TestBackend()
-    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
-    keys = RunningNode(pki, "keys", Settings(), database, key_authority)
+    memory = RunningNode(pki, "memory", Settings(), database, memory_node)
+    keys = RunningNode(pki, "keys", Settings(), database, keys_node)
     guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
     async with contextlib.AsyncExitStack() as stack:
         nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))

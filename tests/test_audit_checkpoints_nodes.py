@@ -17,15 +17,15 @@ import asyncpg
 import grpc
 import pytest
 
-from federation import cli_audit
-from federation.cli_support import ADMIN_NAME
+from federation.cli import audit as audit_commands
 from federation.config import GuardianConfig, PeersConfig, Settings
 from federation.db import Database
+from federation.pki import ADMIN_NAME
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from nodes import guardian as guardian_node
-from nodes import thermal_memory
+from nodes import memory as memory_node
 from tests.nodes_support import RunningNode, running
 from tests.support import TestPKI
 from tests.test_guardian_checkpoints import _rewrite_chain_as_superuser
@@ -59,7 +59,7 @@ class Cluster:
 async def cluster(tmp_path: Path, database: Database) -> AsyncIterator[Cluster]:
     pki = TestPKI(tmp_path / "home")
     pki.identity("admin", ADMIN_NAME)  # the operator identity the CLI uses
-    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
+    memory = RunningNode(pki, "memory", Settings(), database, memory_node)
     guardian = RunningNode(pki, "guardian", Settings(), database, guardian_node)
     peers = PeersConfig(memory=memory.address, guardian=guardian.address)
     settings = Settings(home=pki.home, peers=peers, guardian=GuardianConfig(
@@ -104,7 +104,7 @@ async def wait_for_checkpoint(stub: guardian_pb2_grpc.GuardianServiceAsyncStub,
 async def audit_verify(settings: Settings, *argv: str) -> tuple[int, str, str]:
     """``federation audit verify`` through its handler: exit code, stdout, stderr."""
     parser = argparse.ArgumentParser()
-    cli_audit.register(parser.add_subparsers(dest="command"))
+    audit_commands.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["audit", "verify", *argv])
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from federation.cli_council import ask_council, register
-from federation.cli_support import ADMIN_NAME
+from federation.cli.council import ask_council, register
 from federation.config import PeersConfig, Settings
 from federation.council.scripted_backend import Script, ScriptedCouncilBackend, busy, vote_json
 from federation.db import Database
+from federation.pki import ADMIN_NAME
 from tests.council_support import council_stack
 from tests.support import TestPKI
 

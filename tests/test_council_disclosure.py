@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import grpc
 import pytest
 
-from federation.council.engine import prompt_sha256
+from federation.council.events import prompt_sha256
 from federation.council.scripted_backend import (
     CHAIR,
     Script,
@@ -32,11 +31,6 @@ SCRIPTS = {
     "crawdad": Script([vote_json("reject", 0.7, "Secrets in env vars.", ["secrets in env"])]),
     "turtle": Script([vote_json("approve", 0.9, "Reversible.", ["needs a rollback drill"])]),
 }
-
-
-@pytest.fixture
-def pki(home: Path) -> TestPKI:
-    return TestPKI(home)
 
 
 def as_gateway(scopes: str, request_id: str = "") -> tuple[tuple[str, str], ...]:

@@ -28,8 +28,9 @@ from federation.council.scripted_backend import (
 from federation.db import Database
 from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
-from gateway_http.council_routes import OPENAPI_PATHS, council_model_objects
-from tests.council_support import CouncilStack, council_stack
+from gateway_http.council.openapi import OPENAPI_PATHS
+from gateway_http.council.routes import council_model_objects
+from tests.council_support import CouncilStack, council_stack, streamed_vote, wait_until_idle
 from tests.gateway_support import gateway_settings, quiesce
 from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
@@ -190,21 +191,10 @@ async def test_vote_streams_progress_events_then_the_result(env: Env) -> None:
     assert events[-1]["quorum"]["missing"] == [{"member": "spider", "reason": "unparseable"}]
 
 
-async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
-    """Members hang with the default 60 s deadline: only a cancellation ends them sooner."""
-    async with asyncio.timeout(seconds):
-        while backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
-            await asyncio.sleep(0.01)
-
-
 async def test_a_client_leaving_the_stream_stops_the_members(env: Env) -> None:
     env.scripts.clear()
     env.backend.default = Script([HANG])
-    async with aiohttp.ClientSession() as session, session.post(
-        env.base + "/v1/council/vote", json={"question": "Hang on?", "stream": True},
-        headers={"Authorization": f"Bearer {env.secret('council')}"},
-    ) as response:
-        assert response.status == 200
+    async with streamed_vote(env.base, env.secret("council")) as response:
         started = 0
         async for line in response.content:
             started += b'"member_started"' in line

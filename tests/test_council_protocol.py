@@ -7,13 +7,12 @@ import asyncio
 import json
 import re
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from federation.council.engine import prompt_sha256
+from federation.council.events import prompt_sha256
 from federation.council.scripted_backend import (
     CHAIR,
     HANG,
@@ -30,11 +29,6 @@ from tests.council_support import council_stack
 from tests.support import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pki(home: Path) -> TestPKI:
-    return TestPKI(home)
 
 
 def seconds(value: float) -> Duration:

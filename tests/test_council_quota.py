@@ -7,7 +7,6 @@ thermal memory over mTLS and PostgreSQL (``tests/council_support.py``).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from federation.council.scripted_backend import HANG, Script, ScriptedCouncilBac
 from federation.db import Database
 from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
-from tests.council_support import CouncilStack, council_stack
+from tests.council_support import CouncilStack, council_stack, streamed_vote, wait_until_idle
 from tests.gateway_support import gateway_settings, quiesce
 from tests.keys_support import KeyNodes, key_nodes
 from tests.support import TestPKI
@@ -119,15 +118,9 @@ async def test_a_client_leaving_a_vote_is_charged_the_whole_reservation(env: Env
     the client left is unknown, so the reservation stays charged in full."""
     issued = await env.key(10 * FULL_COUNCIL_BOUND)
     env.backend.default = Script([HANG])
-    async with aiohttp.ClientSession() as session, session.post(
-        env.base + "/v1/council/vote", json={"question": "Hang on?", "stream": True},
-        headers={"Authorization": f"Bearer {issued.secret}"},
-    ) as response:
-        assert response.status == 200
+    async with streamed_vote(env.base, issued.secret) as response:
         async for line in response.content:
             if b'"member_started"' in line:
                 break
-    async with asyncio.timeout(5):
-        while env.backend.in_flight:  # noqa: ASYNC110 - the backend has no event to await
-            await asyncio.sleep(0.01)
+    await wait_until_idle(env.backend, 5)
     assert await env.used(issued.key.key_id) == FULL_COUNCIL_BOUND

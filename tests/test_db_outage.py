@@ -22,9 +22,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federation.cli_support import ADMIN_NAME
 from federation.errors import RETRY_AFTER_METADATA
-from federation.pki import CertificateAuthority, ensure_identity
+from federation.pki import ADMIN_NAME, CertificateAuthority, ensure_identity
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from tests.db_support import OwnCluster, own_cluster
@@ -86,18 +85,19 @@ async def node_process(home: Path, role: str, env: dict[str, str]) -> AsyncItera
         log.close()
 
 
-async def health(channel: grpc.aio.Channel) -> int:
+async def health(channel: grpc.aio.Channel, service: str = KEYS_SERVICE) -> int:
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=KEYS_SERVICE), timeout=2)
+            health_pb2.HealthCheckRequest(service=service), timeout=2)
     except grpc.aio.AioRpcError:
         return -1
     return int(reply.status)
 
 
-async def wait_for_health(channel: grpc.aio.Channel, status: int, within: float) -> float:
+async def wait_for_health(channel: grpc.aio.Channel, status: int, within: float,
+                          service: str = KEYS_SERVICE) -> float:
     started = time.monotonic()
-    while await health(channel) != status:
+    while await health(channel, service) != status:
         assert time.monotonic() - started < within, f"health did not become {status}"
         await asyncio.sleep(0.1)
     return time.monotonic() - started
@@ -123,7 +123,9 @@ def assert_unavailable(error: grpc.aio.AioRpcError | None) -> None:
 @contextlib.asynccontextmanager
 async def key_authority(tmp_path: Path, cluster: OwnCluster
                         ) -> AsyncIterator[tuple[kgrpc.KeyAuthorityServiceAsyncStub,
-                                                 grpc.aio.Channel, list[Node]]]:
+                                                 list[grpc.aio.Channel], list[Node]]]:
+    """The memory and key authority nodes as processes; the key authority's stub, admin
+    channels to (memory, keys) and the nodes."""
     home = tmp_path / "home"
     pki = TestPKI(home)
     ca: CertificateAuthority = pki.ca
@@ -137,16 +139,25 @@ async def key_authority(tmp_path: Path, cluster: OwnCluster
     }
     async with node_process(home, "memory", env) as memory, \
             node_process(home, "keys", env) as keys:
-        channel = pki.channel(keys.address, "admin", ADMIN_NAME)
+        channels = [pki.channel(node.address, "admin", ADMIN_NAME) for node in (memory, keys)]
         try:
-            yield kgrpc.KeyAuthorityServiceStub(channel), channel, [memory, keys]
+            yield kgrpc.KeyAuthorityServiceStub(channels[-1]), channels, [memory, keys]
         finally:
-            await channel.close()
+            for channel in channels:
+                await channel.close()
+
+
+async def wait_until_serving(channels: list[grpc.aio.Channel]) -> None:
+    """Every node serving again: the key authority audits through thermal memory, so a
+    key can be issued only once both have their database back."""
+    for channel in channels:  # "": the node as a whole
+        await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15, service="")
 
 
 async def test_killed_database_is_unavailable_then_recovers(tmp_path: Path,
                                                             cluster: OwnCluster) -> None:
-    async with key_authority(tmp_path, cluster) as (stub, channel, nodes):
+    async with key_authority(tmp_path, cluster) as (stub, channels, nodes):
+        channel = channels[-1]
         assert await issue(stub) is None
         assert await health(channel) == health_pb2.HealthCheckResponse.SERVING
 
@@ -157,14 +168,15 @@ async def test_killed_database_is_unavailable_then_recovers(tmp_path: Path,
         await wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING, ANSWER_WITHIN)
 
         cluster.restart()  # same port, same data
-        await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15)
+        await wait_until_serving(channels)
         assert await issue(stub) is None
         assert all(node.process.returncode is None for node in nodes), "a node restarted"
 
 
 async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
                                                              cluster: OwnCluster) -> None:
-    async with key_authority(tmp_path, cluster) as (stub, channel, nodes):
+    async with key_authority(tmp_path, cluster) as (stub, channels, nodes):
+        channel = channels[-1]
         assert await issue(stub) is None
         stalled = cluster.stall()
         try:
@@ -176,7 +188,7 @@ async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
             assert_unavailable(await issue(stub))  # still a clean 503, never INTERNAL
         finally:
             cluster.resume(stalled)
-        await wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING, 15)
+        await wait_until_serving(channels)
         assert await issue(stub) is None
         assert all(node.process.returncode is None for node in nodes), "a node restarted"
 

@@ -14,11 +14,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from federation import edge_device
 from federation.config import GrpcConfig
 from federation.db import Database
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import DeviceChannels, Stub, device_channel
+from federation.edge.device import client as device_client
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import DeviceChannels, Stub, device_channel
 from federation.errors import ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -199,12 +199,12 @@ async def test_a_renewal_cut_short_between_the_two_files_is_finished_on_load(
 
         monkeypatch.setattr(os, "replace", crash_before_the_certificate)
         with pytest.raises(KeyboardInterrupt):
-            await edge_device.renew_certificate(stub, creds)
+            await device_client.renew_certificate(stub, creds)
         monkeypatch.setattr(os, "replace", real_replace)
         await channel.close()
         assert replaced == ["key.pem.new", "cert.pem.new", "key.pem"]  # written, half swapped
         assert (creds / "cert.pem.new").exists()
-        files = edge_device.device_files(creds)  # what the next start of the agent does
+        files = device_client.device_files(creds)  # what the next start of the agent does
         assert not (creds / "cert.pem.new").exists()
         key = serialization.load_pem_private_key(files.key.read_bytes(), None)
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())

@@ -18,7 +18,7 @@ import pytest
 from federation.cli import _overrides, build_parser
 from federation.config import GrpcConfig, load_settings
 from federation.db import Database
-from federation.edge_device import device_channel, upload_status
+from federation.edge.device.client import device_channel, upload_status
 from federation.v1 import edge_broker_pb2_grpc
 from tests.edge_support import (
     FAST_EDGE,

@@ -14,9 +14,8 @@ import pytest
 
 from federation.config import GrpcConfig, MemoryConfig
 from federation.db import Database
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub, device_channel
-from federation.errors import FederationError
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import Stub, device_channel
 from federation.memory.store import MemoryStore
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -27,6 +26,7 @@ from tests.edge_support import (
     broker_server,
     device_stub,
     enroll_device,
+    far_agent,
     node_processes,
     rpc_count,
     stop_process,
@@ -235,20 +235,6 @@ async def test_watch_cancel_list_and_graceful_return(home: Path, database: Datab
 
 async def test_heartbeats_measure_simulated_latency(home: Path, database: Database) -> None:
     pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, broker, _):
-        stop = asyncio.Event()
-        options = dataclasses.replace(FAST_AGENT, simulate_latency_ms=120)
-        agent = EdgeAgent(device_stub(pki, server.port, "far"), options)
-        running = asyncio.create_task(agent.run(stop))
-
-        async def measured() -> bool:
-            with contextlib.suppress(FederationError):  # not registered yet
-                device = await broker.devices.get("far")
-                return device.smoothed_latency_ms is not None
-            return False
-
-        await wait_for(measured)
-        stop.set()
-        await running
-        latency = (await broker.devices.get("far")).smoothed_latency_ms
-        assert latency is not None and 120 <= latency < 400
+    async with broker_server(pki, database, home) as (server, broker, _), \
+            far_agent(pki, server, broker, FAST_AGENT):
+        pass  # far_agent checks the measured latency

@@ -13,10 +13,10 @@ from cryptography import x509
 from federation import authz
 from federation.config import GrpcConfig
 from federation.db import Database
+from federation.edge.device.client import device_channel, device_files, enroll, new_key_and_csr
 from federation.edge.enrollment import create_token
-from federation.edge_device import device_channel, device_files, enroll, new_key_and_csr
 from federation.errors import ErrorCode, FederationError
-from federation.server import pending_service
+from federation.memory.store import MemoryStore
 from federation.v1 import (
     edge_broker_pb2 as pb,
 )
@@ -27,8 +27,10 @@ from federation.v1 import (
     key_authority_pb2,
     key_authority_pb2_grpc,
 )
-from tests.edge_support import broker_server, device_stub, register
-from tests.support import TestPKI, serving
+from tests.edge_support import BrokerNode, broker_server, device_stub, register
+from tests.guardian_support import SwitchableSink, build_guardian, start_guardian
+from tests.keys_support import key_nodes
+from tests.support import TestPKI
 
 
 def test_unauthenticated_methods_are_exactly_enroll() -> None:
@@ -36,107 +38,105 @@ def test_unauthenticated_methods_are_exactly_enroll() -> None:
 
 
 async def test_enroll_then_call_then_token_reuse_refused(
-    home: Path, database: Database, tmp_path: Path
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10))
-        ca_pem = pki.ca.paths.ca_cert.read_bytes()
-        target = f"localhost:{server.enrollment_port}"
-        out = tmp_path / "device"
-        reply = await enroll(target, ca_pem, token, "Pixel 8 (lab)", out)
-        assert reply.device_id == "pixel-8"
-        files = device_files(out)
-        assert files.identity.spiffe_id == "spiffe://federation.local/edge/pixel-8"
-        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sans.get_values_for_type(x509.DNSName) == []  # nothing beyond the identity
-        lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
-        assert lifetime <= dt.timedelta(seconds=86400)
-        assert (files.key.stat().st_mode & 0o077) == 0
-        # The enrolled device reaches the broker on the mTLS port.
-        async with device_channel(f"localhost:{server.port}", out, GrpcConfig()) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            reply_reg = await stub.RegisterDevice(pb.RegisterDeviceRequest())
-            assert reply_reg.device.device_id == "pixel-8"
-            assert reply_reg.device.name == "Pixel 8 (lab)"
-        with pytest.raises(FederationError) as reused:
-            await enroll(target, ca_pem, token, "again", tmp_path / "again")
-        assert reused.value.code is ErrorCode.UNAUTHENTICATED
-        assert "already used" in reused.value.message
+    server, _ = broker_node
+    token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10))
+    ca_pem = pki.ca.paths.ca_cert.read_bytes()
+    target = f"localhost:{server.enrollment_port}"
+    out = tmp_path / "device"
+    reply = await enroll(target, ca_pem, token, "Pixel 8 (lab)", out)
+    assert reply.device_id == "pixel-8"
+    files = device_files(out)
+    assert files.identity.spiffe_id == "spiffe://federation.local/edge/pixel-8"
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == []  # nothing beyond the identity
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert lifetime <= dt.timedelta(seconds=86400)
+    assert (files.key.stat().st_mode & 0o077) == 0
+    # The enrolled device reaches the broker on the mTLS port.
+    async with device_channel(f"localhost:{server.port}", out, GrpcConfig()) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        reply_reg = await stub.RegisterDevice(pb.RegisterDeviceRequest())
+        assert reply_reg.device.device_id == "pixel-8"
+        assert reply_reg.device.name == "Pixel 8 (lab)"
+    with pytest.raises(FederationError) as reused:
+        await enroll(target, ca_pem, token, "again", tmp_path / "again")
+    assert reused.value.code is ErrorCode.UNAUTHENTICATED
+    assert "already used" in reused.value.message
 
 
 async def test_expired_and_unknown_tokens_refused(
-    home: Path, database: Database, tmp_path: Path
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50))
-        await asyncio.sleep(0.1)
-        ca_pem = pki.ca.paths.ca_cert.read_bytes()
-        target = f"localhost:{server.enrollment_port}"
-        with pytest.raises(FederationError) as expired:
-            await enroll(target, ca_pem, token, "old", tmp_path / "a")
-        assert expired.value.code is ErrorCode.UNAUTHENTICATED
-        assert "expired" in expired.value.message
-        with pytest.raises(FederationError) as unknown:
-            await enroll(target, ca_pem, "fedenroll_nope", "x", tmp_path / "b")
-        assert "not valid" in unknown.value.message
-        assert not (tmp_path / "a" / "key.pem").exists()
+    server, _ = broker_node
+    token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50))
+    await asyncio.sleep(0.1)
+    ca_pem = pki.ca.paths.ca_cert.read_bytes()
+    target = f"localhost:{server.enrollment_port}"
+    with pytest.raises(FederationError) as expired:
+        await enroll(target, ca_pem, token, "old", tmp_path / "a")
+    assert expired.value.code is ErrorCode.UNAUTHENTICATED
+    assert "expired" in expired.value.message
+    with pytest.raises(FederationError) as unknown:
+        await enroll(target, ca_pem, "fedenroll_nope", "x", tmp_path / "b")
+    assert "not valid" in unknown.value.message
+    assert not (tmp_path / "a" / "key.pem").exists()
 
 
-async def test_anonymous_caller_reaches_only_enroll(home: Path, database: Database) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, _, _):
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=pki.ca.paths.ca_cert.read_bytes()
-        )
-        target = f"localhost:{server.enrollment_port}"
-        async with grpc.aio.secure_channel(target, credentials) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as denied:
-                await stub.LeaseJobs(pb.LeaseJobsRequest())
-            assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.aio.AioRpcError) as denied_submit:
-                await stub.SubmitJob(pb.SubmitJobRequest())
-            assert denied_submit.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            _, csr = new_key_and_csr()
-            with pytest.raises(grpc.aio.AioRpcError) as bad_token:
-                await stub.Enroll(pb.EnrollRequest(token="x", csr_der=csr))
-            assert bad_token.value.code() is grpc.StatusCode.UNAUTHENTICATED  # reached Enroll
-        # Without a client certificate the main port refuses at the TLS handshake.
-        async with grpc.aio.secure_channel(f"localhost:{server.port}", credentials) as channel:
-            stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as handshake:
-                await stub.Enroll(pb.EnrollRequest(), timeout=5)
-            assert handshake.value.code() is grpc.StatusCode.UNAVAILABLE
+async def test_anonymous_caller_reaches_only_enroll(pki: TestPKI, broker_node: BrokerNode) -> None:
+    server, _ = broker_node
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.paths.ca_cert.read_bytes()
+    )
+    target = f"localhost:{server.enrollment_port}"
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.LeaseJobs(pb.LeaseJobsRequest())
+        assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as denied_submit:
+            await stub.SubmitJob(pb.SubmitJobRequest())
+        assert denied_submit.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        _, csr = new_key_and_csr()
+        with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+            await stub.Enroll(pb.EnrollRequest(token="x", csr_der=csr))
+        assert bad_token.value.code() is grpc.StatusCode.UNAUTHENTICATED  # reached Enroll
+    # Without a client certificate the main port refuses at the TLS handshake.
+    async with grpc.aio.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as handshake:
+            await stub.Enroll(pb.EnrollRequest(), timeout=5)
+        assert handshake.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
-async def test_revoked_device_refused_on_next_call(home: Path, database: Database) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home) as (server, broker, _):
-        stub = device_stub(pki, server.port, "lost-phone")
-        await register(stub)
-        await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
-        await broker.devices.revoke("lost-phone")
-        for call in (
-            stub.Heartbeat(pb.HeartbeatRequest()),
-            stub.LeaseJobs(pb.LeaseJobsRequest()),
-            stub.QueryUploadStatus(pb.QueryUploadStatusRequest(upload_id="u")),
-            stub.RegisterDevice(pb.RegisterDeviceRequest()),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await call
-            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(FederationError) as no_token:
-            await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1))
-        assert no_token.value.code is ErrorCode.FAILED_PRECONDITION
+async def test_revoked_device_refused_on_next_call(
+    pki: TestPKI, broker_node: BrokerNode, database: Database
+) -> None:
+    server, broker = broker_node
+    stub = device_stub(pki, server.port, "lost-phone")
+    await register(stub)
+    await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
+    await broker.devices.revoke("lost-phone")
+    for call in (
+        stub.Heartbeat(pb.HeartbeatRequest()),
+        stub.LeaseJobs(pb.LeaseJobsRequest()),
+        stub.QueryUploadStatus(pb.QueryUploadStatusRequest(upload_id="u")),
+        stub.RegisterDevice(pb.RegisterDeviceRequest()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(FederationError) as no_token:
+        await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1))
+    assert no_token.value.code is ErrorCode.FAILED_PRECONDITION
 
 
 async def test_certificate_renewal_issues_a_fresh_cert(
     home: Path, database: Database, tmp_path: Path
 ) -> None:
-    from federation.edge_device import renew_certificate
+    from federation.edge.device.client import renew_certificate
 
     pki = TestPKI(home)
     async with broker_server(pki, database, home) as (server, _, _):
@@ -155,21 +155,24 @@ async def test_certificate_renewal_issues_a_fresh_cert(
             )
 
 
-async def test_edge_certificate_cannot_reach_guardian_or_keys(home: Path) -> None:
+async def test_edge_certificate_cannot_reach_guardian_or_keys(
+    home: Path, database: Database, store: MemoryStore
+) -> None:
     pki = TestPKI(home)
-    services = [
-        pending_service(guardian_pb2_grpc, "GuardianService", issue=0),
-        pending_service(key_authority_pb2_grpc, "KeyAuthorityService", issue=0),
-    ]
-    async with serving(pki, services, role="guardian") as server:
-        channel = pki.channel(f"127.0.0.1:{server.port}", "edge", "phone")
-        async with channel:
-            guardian = guardian_pb2_grpc.GuardianServiceStub(channel)
+    custody, checkpoints = build_guardian(database, home, SwitchableSink(store))
+    guardian_node = await start_guardian(pki, custody, checkpoints)
+    try:
+        async with key_nodes(pki, database) as key_authority, \
+                pki.channel(guardian_node.address, "edge", "phone") as to_guardian, \
+                pki.channel(key_authority.keys_address, "edge", "phone") as to_keys:
+            guardian = guardian_pb2_grpc.GuardianServiceStub(to_guardian)
             with pytest.raises(grpc.aio.AioRpcError) as g:
                 await guardian.ListShares(guardian_pb2.ListSharesRequest())
             assert g.value.code() is grpc.StatusCode.PERMISSION_DENIED
-            keys = key_authority_pb2_grpc.KeyAuthorityServiceStub(channel)
+            keys = key_authority_pb2_grpc.KeyAuthorityServiceStub(to_keys)
             with pytest.raises(grpc.aio.AioRpcError) as k:
                 await keys.VerifyKey(key_authority_pb2.VerifyKeyRequest())
             assert k.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await guardian_node.server.stop(0)
 

@@ -9,7 +9,7 @@ import dataclasses
 import datetime as dt
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,37 @@ from federation.channels import secure_channel
 from federation.config import EdgeConfig, GrpcConfig
 from federation.db import Database
 from federation.edge.broker import EdgeBroker
-from federation.edge.convert import duration
+from federation.edge.device.agent import AgentOptions, EdgeAgent
+from federation.edge.device.client import Stub, device_channel, enroll
 from federation.edge.enrollment import create_token
 from federation.edge.model import Device
-from federation.edge_agent import AgentOptions, EdgeAgent
-from federation.edge_device import Stub, device_channel, enroll
 from federation.errors import ErrorCode, FederationError
+from federation.prototime import duration
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
-from nodes.edge_broker import SERVICE_NAME, registration
-from tests.edge_support import FAST_EDGE, admin_stub, broker_server, device_stub, register
+from nodes.edge import SERVICE_NAME, registration
+from tests.edge_support import (
+    FAST_EDGE,
+    BrokerNode,
+    admin_stub,
+    broker_server,
+    device_stub,
+    far_agent,
+    register,
+    wait_for,
+)
 from tests.support import TestPKI
 
 CONFIG = dataclasses.replace(FAST_EDGE, heartbeat_interval_seconds=0.2)
 """Offline after 0.4 s of silence; the reaper looks every 0.05 s."""
 
 AGENT = AgentOptions(poll_seconds=0.05, lease_seconds=5.0)
+
+
+@pytest.fixture
+def broker_config() -> EdgeConfig:
+    return CONFIG
 
 class Stream:
     """One device's HeartbeatStream, its requests fed from a queue (as the agent
@@ -62,6 +76,13 @@ class Stream:
         self.call.cancel()
 
 
+async def streaming_device(pki: TestPKI, server: NodeServer, name: str) -> tuple[Stub, Stream]:
+    """A registered device's stub and its heartbeat stream, open."""
+    stub = device_stub(pki, server.port, name)
+    await register(stub)
+    return stub, Stream(stub)
+
+
 def echo_of(reply: pb.HeartbeatResponse, held_seconds: float) -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(
         battery_percent=70, echo_time=reply.server_time, echo_hold=duration(held_seconds)
@@ -82,13 +103,6 @@ def stream_counts(server: NodeServer) -> tuple[float, float]:
     return finished, in_flight or 0.0
 
 
-async def eventually(predicate: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> None:
-    """Poll ``predicate``: the agents' progress has no event to wait on."""
-    async with asyncio.timeout(seconds):
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 async def last_heartbeat(database: Database, device_id: str) -> dt.datetime:
     value: dt.datetime = await database.pool.fetchval(
         "SELECT last_heartbeat_at FROM edge_devices WHERE device_id = $1", device_id
@@ -96,58 +110,59 @@ async def last_heartbeat(database: Database, device_id: str) -> dt.datetime:
     return value
 
 
+async def assert_heartbeating(database: Database, device_id: str) -> None:
+    """The device's heartbeats keep arriving: its last one moves on within two intervals."""
+    seen = await last_heartbeat(database, device_id)
+    await asyncio.sleep(0.5)  # over two 0.2 s intervals
+    assert await last_heartbeat(database, device_id) > seen
+
+
 # -- the RPC ---------------------------------------------------------------------------
 
 
 async def test_latency_is_measured_from_echoes_over_the_stream(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        stub = device_stub(pki, server.port, "streamer")
-        await register(stub)
-        stream = Stream(stub)
-        first = await stream.beat()
-        received = time.monotonic()
-        assert not first.HasField("smoothed_latency")  # nothing echoed yet
-        await asyncio.sleep(0.3)
-        # The >= 0.3 s the device held the echo are not latency: the sample is small.
-        second = await stream.beat(echo_of(first, time.monotonic() - received))
-        smoothed = (await broker.devices.get("streamer")).smoothed_latency_ms
-        assert smoothed is not None and smoothed < 200
-        assert second.smoothed_latency.ToMilliseconds() == pytest.approx(smoothed, abs=1)
-        await asyncio.sleep(0.25)
-        # Held 0.25 s but claiming none: all of it counts (EWMA 0.2 of >= 250 ms).
-        third = await stream.beat(echo_of(second, 0.0))
-        assert third.smoothed_latency.ToMilliseconds() >= 0.2 * 250 + 0.8 * smoothed - 1
-        assert (await broker.devices.get("streamer")).battery_percent == 70
-        stream.close()
+    server, broker = broker_node
+    _, stream = await streaming_device(pki, server, "streamer")
+    first = await stream.beat()
+    received = time.monotonic()
+    assert not first.HasField("smoothed_latency")  # nothing echoed yet
+    await asyncio.sleep(0.3)
+    # The >= 0.3 s the device held the echo are not latency: the sample is small.
+    second = await stream.beat(echo_of(first, time.monotonic() - received))
+    smoothed = (await broker.devices.get("streamer")).smoothed_latency_ms
+    assert smoothed is not None and smoothed < 200
+    assert second.smoothed_latency.ToMilliseconds() == pytest.approx(smoothed, abs=1)
+    await asyncio.sleep(0.25)
+    # Held 0.25 s but claiming none: all of it counts (EWMA 0.2 of >= 250 ms).
+    third = await stream.beat(echo_of(second, 0.0))
+    assert third.smoothed_latency.ToMilliseconds() >= 0.2 * 250 + 0.8 * smoothed - 1
+    assert (await broker.devices.get("streamer")).battery_percent == 70
+    stream.close()
 
 
 async def test_revoked_device_stream_ends_unauthenticated_without_reviving(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode, database: Database
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        stub = device_stub(pki, server.port, "stolen")
-        await register(stub)
-        stream = Stream(stub)
+    server, broker = broker_node
+    stub, stream = await streaming_device(pki, server, "stolen")
+    await stream.beat()
+    await broker.devices.revoke("stolen")
+    revoked_at = await last_heartbeat(database, "stolen")
+    # The same open stream: authenticated at its start, refused now by the
+    # conditional UPDATE (not by a cache: this broker never saw it revoked).
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stream.beat()
-        await broker.devices.revoke("stolen")
-        revoked_at = await last_heartbeat(database, "stolen")
-        # The same open stream: authenticated at its start, refused now by the
-        # conditional UPDATE (not by a cache: this broker never saw it revoked).
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stream.beat()
-        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert (await broker.devices.get("stolen")).state.value == "revoked"
-        assert await last_heartbeat(database, "stolen") == revoked_at
-        stream.close()
-        reopened = Stream(stub)  # and a new stream too
-        with pytest.raises(grpc.aio.AioRpcError) as refused_again:
-            await reopened.beat()
-        assert refused_again.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        reopened.close()
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (await broker.devices.get("stolen")).state.value == "revoked"
+    assert await last_heartbeat(database, "stolen") == revoked_at
+    stream.close()
+    reopened = Stream(stub)  # and a new stream too
+    with pytest.raises(grpc.aio.AioRpcError) as refused_again:
+        await reopened.beat()
+    assert refused_again.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    reopened.close()
 
 
 async def test_a_stream_outliving_the_device_certificate_is_refused(
@@ -174,64 +189,61 @@ async def test_a_stream_outliving_the_device_certificate_is_refused(
 
 
 async def test_unregistered_device_stream_ends_failed_precondition(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode, database: Database
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
-        stranger = device_stub(pki, server.port, "stranger")
-        stream = Stream(stranger)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stream.beat()
-        stream.close()
-        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert await database.pool.fetchval("SELECT count(*) FROM edge_devices") == 0
+    server, _ = broker_node
+    stranger = device_stub(pki, server.port, "stranger")
+    stream = Stream(stranger)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stream.beat()
+    stream.close()
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert await database.pool.fetchval("SELECT count(*) FROM edge_devices") == 0
 
 
 async def test_operator_identity_may_not_open_a_heartbeat_stream(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode
 ) -> None:
     """Only edge identities are devices; a gateway is denied by the authz table."""
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
-        gateway = device_stub(pki, server.port, "gw", role="gateway")
-        stream = Stream(gateway)
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stream.beat()
-        stream.close()
-        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    server, _ = broker_node
+    gateway = device_stub(pki, server.port, "gw", role="gateway")
+    stream = Stream(gateway)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await stream.beat()
+    stream.close()
+    assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_silent_stream_goes_offline_and_its_leases_are_released(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode
 ) -> None:
     """An open stream is not a heartbeat: only heartbeats on it keep a device online."""
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        admin = admin_stub(pki, server.port)
-        job = await admin.SubmitJob(pb.SubmitJobRequest(
-            tenant_id="acme", kind="echo", type=pb.JOB_TYPE_BATCH, inline_payload=b"x"
-        ))
-        stub = device_stub(pki, server.port, "sleepy")
-        await register(stub)
-        leased = await stub.LeaseJobs(pb.LeaseJobsRequest(max_jobs=1,
-                                                          lease_duration=duration(60)))
-        assert [lease.job.job_id for lease in leased.leases] == [job.job.job_id]
-        stream = Stream(stub)
-        for _ in range(16):  # 0.8 s of heartbeats, twice the offline threshold
-            await stream.beat()
-            await asyncio.sleep(0.05)
-        assert (await broker.devices.get("sleepy")).state.value == "online"
-        assert (await broker.queue.get(job.job.job_id)).state.value == "leased"
+    server, broker = broker_node
+    admin = admin_stub(pki, server.port)
+    job = await admin.SubmitJob(pb.SubmitJobRequest(
+        tenant_id="acme", kind="echo", type=pb.JOB_TYPE_BATCH, inline_payload=b"x"
+    ))
+    stub = device_stub(pki, server.port, "sleepy")
+    await register(stub)
+    leased = await stub.LeaseJobs(pb.LeaseJobsRequest(max_jobs=1,
+                                                      lease_duration=duration(60)))
+    assert [lease.job.job_id for lease in leased.leases] == [job.job.job_id]
+    stream = Stream(stub)
+    for _ in range(16):  # 0.8 s of heartbeats, twice the offline threshold
+        await stream.beat()
+        await asyncio.sleep(0.05)
+    assert (await broker.devices.get("sleepy")).state.value == "online"
+    assert (await broker.queue.get(job.job.job_id)).state.value == "leased"
 
-        async def released() -> bool:
-            return (await broker.queue.get(job.job.job_id)).state.value == "pending"
+    async def released() -> bool:
+        return (await broker.queue.get(job.job.job_id)).state.value == "pending"
 
-        await eventually(released, 5)  # the stream is still open, but silent
-        assert (await broker.devices.get("sleepy")).state.value == "offline"
-        assert (await broker.queue.get(job.job.job_id)).last_error == "device went offline"
-        await stream.beat()  # a heartbeat on the same stream brings it back online
-        assert (await broker.devices.get("sleepy")).state.value == "online"
-        stream.close()
+    await wait_for(released, 5)  # the stream is still open, but silent
+    assert (await broker.devices.get("sleepy")).state.value == "offline"
+    assert (await broker.queue.get(job.job.job_id)).last_error == "device went offline"
+    await stream.beat()  # a heartbeat on the same stream brings it back online
+    assert (await broker.devices.get("sleepy")).state.value == "online"
+    stream.close()
 
 
 # -- the reference agent -----------------------------------------------------------------
@@ -239,54 +251,37 @@ async def test_silent_stream_goes_offline_and_its_leases_are_released(
 
 async def test_agent_heartbeats_over_one_stream(home: Path, database: Database) -> None:
     pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        stop = asyncio.Event()
-        options = dataclasses.replace(AGENT, simulate_latency_ms=120)
-        agent = EdgeAgent(device_stub(pki, server.port, "far"), options)
-        running = asyncio.create_task(agent.run(stop))
-
-        async def measured() -> bool:
-            with contextlib.suppress(FederationError):  # not registered yet
-                return (await broker.devices.get("far")).smoothed_latency_ms is not None
-            return False
-
-        await eventually(measured)
-        seen = await last_heartbeat(database, "far")
-        await asyncio.sleep(0.5)  # over two 0.2 s intervals
-        assert await last_heartbeat(database, "far") > seen
+    async with broker_server(pki, database, home, CONFIG) as (server, broker, _), \
+            far_agent(pki, server, broker, AGENT):
+        await assert_heartbeating(database, "far")
         assert stream_counts(server) == (0, 1)  # one stream, never reopened
-        stop.set()
-        await running
-        latency = (await broker.devices.get("far")).smoothed_latency_ms
-        assert latency is not None and 120 <= latency < 400
 
 
 async def test_revoked_agent_stops_on_its_next_streamed_heartbeat(
-    home: Path, database: Database
+    pki: TestPKI, broker_node: BrokerNode
 ) -> None:
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        agent = EdgeAgent(device_stub(pki, server.port, "lost"), AGENT)
-        running = asyncio.create_task(agent.run(asyncio.Event()))
+    server, broker = broker_node
+    agent = EdgeAgent(device_stub(pki, server.port, "lost"), AGENT)
+    running = asyncio.create_task(agent.run(asyncio.Event()))
 
-        async def heartbeating() -> bool:
-            with contextlib.suppress(FederationError):
-                return (await broker.devices.get("lost")).last_heartbeat_at is not None
-            return False
+    async def heartbeating() -> bool:
+        with contextlib.suppress(FederationError):
+            return (await broker.devices.get("lost")).last_heartbeat_at is not None
+        return False
 
-        await eventually(heartbeating)
-        await broker.devices.revoke("lost")
-        with pytest.raises(FederationError) as stopped:
-            async with asyncio.timeout(10):
-                await running
-        assert stopped.value.code is ErrorCode.UNAUTHENTICATED
-        assert (await broker.devices.get("lost")).state.value == "revoked"
+    await wait_for(heartbeating)
+    await broker.devices.revoke("lost")
+    with pytest.raises(FederationError) as stopped:
+        async with asyncio.timeout(10):
+            await running
+    assert stopped.value.code is ErrorCode.UNAUTHENTICATED
+    assert (await broker.devices.get("lost")).state.value == "revoked"
 
 
 @contextlib.asynccontextmanager
 async def broker_at(
     pki: TestPKI, database: Database, home: Path, port: int, config: EdgeConfig = CONFIG
-) -> AsyncIterator[tuple[NodeServer, EdgeBroker]]:
+) -> AsyncIterator[BrokerNode]:
     """A broker on a fixed port, so a "restarted" one is reachable at the same address."""
     broker = EdgeBroker.create(database.pool, config, home, pki.ca, None)
     server = NodeServer(
@@ -324,85 +319,81 @@ async def test_agent_keeps_heartbeating_across_a_broker_restart(
                 return (await broker.devices.get("steady")).last_heartbeat_at is not None
             return False
 
-        await eventually(heartbeating)
+        await wait_for(heartbeating)
         assert stream_counts(first)[1] == 1
     async with broker_at(pki, database, home, port) as (second, _):
 
         async def reopened() -> bool:
             return stream_counts(second)[1] == 1
 
-        await eventually(reopened)
-        seen = await last_heartbeat(database, "steady")
-        await asyncio.sleep(0.5)  # over two 0.2 s intervals
-        assert await last_heartbeat(database, "steady") > seen
+        await wait_for(reopened)
+        await assert_heartbeating(database, "steady")
         assert agent.fatal_error is None and not running.done()
         stop.set()
         await running
 
 
 async def test_agent_reopens_its_stream_on_the_renewed_certificate(
-    home: Path, database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The renewal lands while a heartbeat's answer is on its way, and the old
     channel is closed under it: the agent moves its stream to the new channel."""
-    pki = TestPKI(home)
-    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
-        token = await create_token(database.pool, "renewing", dt.timedelta(minutes=1))
-        cert_dir = tmp_path / "renewing"
-        await enroll(f"localhost:{server.enrollment_port}",
-                     pki.ca.paths.ca_cert.read_bytes(), token, "", cert_dir)
-        target = f"localhost:{server.port}"
-        channels = [device_channel(target, cert_dir, GrpcConfig())]
-        closing: list[asyncio.Task[None]] = []
-        late, answering = asyncio.Event(), asyncio.Event()
-        heartbeat = broker.devices.heartbeat
+    server, broker = broker_node
+    token = await create_token(database.pool, "renewing", dt.timedelta(minutes=1))
+    cert_dir = tmp_path / "renewing"
+    await enroll(f"localhost:{server.enrollment_port}",
+                 pki.ca.paths.ca_cert.read_bytes(), token, "", cert_dir)
+    target = f"localhost:{server.port}"
+    channels = [device_channel(target, cert_dir, GrpcConfig())]
+    closing: list[asyncio.Task[None]] = []
+    late, answering = asyncio.Event(), asyncio.Event()
+    heartbeat = broker.devices.heartbeat
 
-        async def late_heartbeat(device_id: str, **kwargs: Any) -> Device:
-            if late.is_set():
-                answering.set()
-                await asyncio.sleep(0.3)  # the old channel closes meanwhile
-            return await heartbeat(device_id, **kwargs)
+    async def late_heartbeat(device_id: str, **kwargs: Any) -> Device:
+        if late.is_set():
+            answering.set()
+            await asyncio.sleep(0.3)  # the old channel closes meanwhile
+        return await heartbeat(device_id, **kwargs)
 
-        monkeypatch.setattr(broker.devices, "heartbeat", late_heartbeat)
+    monkeypatch.setattr(broker.devices, "heartbeat", late_heartbeat)
 
-        def rebuild() -> Stub:
-            late.clear()
-            closing.append(asyncio.create_task(channels[0].close()))
-            channels.append(device_channel(target, cert_dir, GrpcConfig()))
-            return edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[-1])
+    def rebuild() -> Stub:
+        late.clear()
+        closing.append(asyncio.create_task(channels[0].close()))
+        channels.append(device_channel(target, cert_dir, GrpcConfig()))
+        return edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[-1])
 
-        first = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[0])
-        renew = first.RenewCertificate
+    first = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channels[0])
+    renew = first.RenewCertificate
 
-        async def renew_mid_heartbeat(request: object, **kwargs: object) -> object:
-            async def streaming() -> bool:
-                return stream_counts(server) == (0, 1)
+    async def renew_mid_heartbeat(request: object, **kwargs: object) -> object:
+        async def streaming() -> bool:
+            return stream_counts(server) == (0, 1)
 
-            await eventually(streaming)  # so there is a stream to move over
-            late.set()
-            await answering.wait()
-            return await renew(request, **kwargs)  # type: ignore[arg-type]
+        await wait_for(streaming)  # so there is a stream to move over
+        late.set()
+        await answering.wait()
+        return await renew(request, **kwargs)  # type: ignore[arg-type]
 
-        first.RenewCertificate = renew_mid_heartbeat  # type: ignore[assignment]
-        # Renew at once: the certificate has less than this left.
-        options = dataclasses.replace(AGENT, renew_certificate_before_seconds=10 * 86400)
-        agent = EdgeAgent(first, options, cert_dir=cert_dir, rebuild_stub=rebuild)
-        stop = asyncio.Event()
-        running = asyncio.create_task(agent.run(stop))
+    first.RenewCertificate = renew_mid_heartbeat  # type: ignore[assignment]
+    # Renew at once: the certificate has less than this left.
+    options = dataclasses.replace(AGENT, renew_certificate_before_seconds=10 * 86400)
+    agent = EdgeAgent(first, options, cert_dir=cert_dir, rebuild_stub=rebuild)
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
 
-        async def reopened() -> bool:
-            return len(channels) == 2 and stream_counts(server) == (1, 1)
+    async def reopened() -> bool:
+        return len(channels) == 2 and stream_counts(server) == (1, 1)
 
-        await eventually(reopened)  # the stream on the old channel ended, one is open
-        seen = await last_heartbeat(database, "renewing")
-        await asyncio.sleep(0.5)  # over two 0.2 s intervals
-        assert await last_heartbeat(database, "renewing") > seen
-        assert agent.fatal_error is None and not running.done()
-        stop.set()
-        await running
-        await asyncio.gather(*closing)
-        for channel in channels:
-            await channel.close()
+    await wait_for(reopened)  # the stream on the old channel ended, one is open
+    await assert_heartbeating(database, "renewing")
+    assert agent.fatal_error is None and not running.done()
+    stop.set()
+    await running
+    await asyncio.gather(*closing)
+    for channel in channels:
+        await channel.close()
 
 
 async def test_a_stopping_broker_ends_its_streams_at_once_instead_of_after_the_grace(

@@ -14,8 +14,8 @@ import pytest
 
 from federation.db import Database
 from federation.edge.checksum import crc32c, crc32c_python
+from federation.edge.device.client import describe_file, download_blob, upload_file, upload_status
 from federation.edge.uploads import UploadStore
-from federation.edge_device import describe_file, download_blob, upload_file, upload_status
 from federation.errors import ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import FAST_EDGE, broker_server, device_stub
@@ -187,18 +187,18 @@ async def test_a_failed_background_write_is_never_committed(
     """Chunks are written in a worker thread while the next one arrives: if a
     write fails, the bytes from its offset on are neither committed nor hashed,
     and the bytes before it still are."""
-    from federation.edge import uploads
+    from federation.edge import upload_session
 
     store = UploadStore(database.pool, CONFIG, home)
     data = os.urandom(4 * CHUNK)
-    real = uploads.UploadSession._absorb
+    real = upload_session.UploadSession._absorb
 
-    def flaky(self: uploads.UploadSession, offset: int, chunk: bytes) -> None:
+    def flaky(self: upload_session.UploadSession, offset: int, chunk: bytes) -> None:
         if offset == 2 * CHUNK:
             raise OSError(28, "No space left on device")
         real(self, offset, chunk)
 
-    monkeypatch.setattr(uploads.UploadSession, "_absorb", flaky)
+    monkeypatch.setattr(upload_session.UploadSession, "_absorb", flaky)
     session = await store.open("spiffe://t/edge/cam", "flaky", len(data),
                                hashlib.sha256(data).digest())
     with pytest.raises(OSError):
@@ -210,7 +210,7 @@ async def test_a_failed_background_write_is_never_committed(
     status = await store.status("spiffe://t/edge/cam", "flaky")
     assert status.committed_size == 2 * CHUNK and not status.complete
 
-    monkeypatch.setattr(uploads.UploadSession, "_absorb", real)
+    monkeypatch.setattr(upload_session.UploadSession, "_absorb", real)
     resumed = await store.open("spiffe://t/edge/cam", "flaky", len(data),
                                hashlib.sha256(data).digest())
     async with resumed:

@@ -80,14 +80,23 @@ async def refused_records(stack: Stack, tenant: str) -> list[str]:
                   if dict(r.payload.attributes)["status"] == "404")
 
 
-async def test_refusals_are_audited_after_a_memory_outage(
-        tmp_path: Path, database: Database, pg_url: str) -> None:
-    async with federation_stack(tmp_path, database, pg_url) as stack:
+@contextlib.asynccontextmanager
+async def memory_down(tmp_path: Path, database: Database, pg_url: str,
+                      **gateway: Any) -> AsyncIterator[tuple[Stack, str]]:
+    """The whole federation with thermal memory stopped, and a chat key of ``acme``."""
+    async with federation_stack(tmp_path, database, pg_url,
+                                gateway_config=gateway or None) as stack:
         issued = await stack.issue("acme", ["chat"])
         await stack.memory.stop()
+        yield stack, issued.secret
+
+
+async def test_refusals_are_audited_after_a_memory_outage(
+        tmp_path: Path, database: Database, pg_url: str) -> None:
+    async with memory_down(tmp_path, database, pg_url) as (stack, key):
         ids = [f"rid-outage-{i}" for i in range(5)]
         for request_id in ids:  # an unknown model: refused, audited through the outbox
-            assert (await _post_with_id(stack, issued.secret, request_id))[0] == 404
+            assert (await _post_with_id(stack, key, request_id))[0] == 404
         outbox = stack.gateway.state.outbox
         assert outbox.depth == len(ids)
         assert not await outbox.drain(0.5)  # memory is down: nothing can be delivered
@@ -104,13 +113,11 @@ async def _post_with_id(stack: Stack, key: str, request_id: str) -> tuple[int, d
 
 async def test_spooled_records_survive_a_gateway_restart(
         tmp_path: Path, database: Database, pg_url: str) -> None:
-    async with federation_stack(tmp_path, database, pg_url,
-                                gateway_config={"outbox_retry_max_seconds": 0.5}) as stack:
-        issued = await stack.issue("acme", ["chat"])
-        await stack.memory.stop()
+    async with memory_down(tmp_path, database, pg_url,
+                           outbox_retry_max_seconds=0.5) as (stack, key):
         ids = [f"rid-restart-{i}" for i in range(3)]
         for request_id in ids:
-            assert (await _post_with_id(stack, issued.secret, request_id))[0] == 404
+            assert (await _post_with_id(stack, key, request_id))[0] == 404
         slot = stack.gateway.state.outbox.slot
         assert slot is not None and (slot / "entries.jsonl").stat().st_size > 0
         await stack.gateway.stop()  # memory still down: the records stay on disk
@@ -127,15 +134,12 @@ async def test_spooled_records_survive_a_gateway_restart(
 
 async def test_a_full_outbox_refuses_new_requests(
         tmp_path: Path, database: Database, pg_url: str) -> None:
-    async with federation_stack(tmp_path, database, pg_url,
-                                gateway_config={"outbox_max_records": 2}) as stack:
-        issued = await stack.issue("acme", ["chat"])
-        await stack.memory.stop()
+    async with memory_down(tmp_path, database, pg_url, outbox_max_records=2) as (stack, key):
         for request_id in ("rid-full-0", "rid-full-1"):
-            assert (await _post_with_id(stack, issued.secret, request_id))[0] == 404
-        status, body = await _post_with_id(stack, issued.secret, "rid-full-2")
+            assert (await _post_with_id(stack, key, request_id))[0] == 404
+        status, body = await _post_with_id(stack, key, "rid-full-2")
         assert status == 503 and "audit backlog" in body["error"]["message"]
 
         await stack.memory.start()
         assert await stack.gateway.state.outbox.drain(30)
-        assert (await _post_with_id(stack, issued.secret, "rid-full-3"))[0] == 404
+        assert (await _post_with_id(stack, key, "rid-full-3"))[0] == 404

@@ -12,7 +12,6 @@ from pathlib import Path
 import openai
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client import CollectorRegistry
 
 from federation.config import PeersConfig, Settings
 from federation.db import Database
@@ -23,24 +22,14 @@ from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
-from nodes import key_authority, thermal_memory
-from nodes.runtime import NodeRuntime
+from nodes import keys as keys_node
+from nodes import memory as memory_node
 from tests.gateway_support import gateway_settings, inference_nodes, quiesce
-from tests.support import TestPKI, serving
+from tests.nodes_support import node
+from tests.support import TestPKI
 
 MODEL = "test-model"
 TOKEN_QUOTA = 10_000
-
-
-@contextlib.asynccontextmanager
-async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
-               module: object) -> AsyncIterator[NodeServer]:
-    async with contextlib.AsyncExitStack() as cleanup:
-        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
-                              CollectorRegistry(), cleanup)
-        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
-        async with serving(pki, [registration], role=role) as server:
-            yield server
 
 
 @dataclass
@@ -67,11 +56,11 @@ async def stack(tmp_path: Path, database: Database) -> AsyncIterator[Stack]:
     backend = TestBackend()
     async with contextlib.AsyncExitStack() as stack:
         memory = await stack.enter_async_context(
-            node(pki, "memory", Settings(), database, thermal_memory))
+            node(pki, "memory", Settings(), database, memory_node))
         memory_address = f"127.0.0.1:{memory.port}"
         keys = await stack.enter_async_context(node(
             pki, "keys", Settings(peers=PeersConfig(memory=memory_address)), database,
-            key_authority))
+            keys_node))
         nodes = await stack.enter_async_context(inference_nodes(pki, [backend]))
         settings = gateway_settings(pki.home, [nodes[0].address])
         settings = dataclasses.replace(settings, peers=dataclasses.replace(
@@ -110,6 +99,16 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
     assert (record.actor, record.subject, record.request_id) == (
         issued.key.key_id, MODEL, "rid-integration-1")
     assert (attributes["status"], attributes["total_tokens"]) == ("200", "7")
+    # The record's whole shape, as the gateway has always written it.
+    assert sorted(attributes) == sorted([
+        "request_id", "key_id", "route", "model", "status", "latency_ms", "prompt_tokens",
+        "completion_tokens", "total_tokens", "stream", "finish_reason", "error_code"])
+    assert {k: attributes[k] for k in ("request_id", "key_id", "route", "model", "stream",
+                                       "finish_reason", "error_code")} == {
+        "request_id": "rid-integration-1", "key_id": issued.key.key_id,
+        "route": "/v1/chat/completions", "model": MODEL, "stream": "false",
+        "finish_reason": "stop", "error_code": ""}
+    assert (record.tenant_id, record.payload.body) == ("tenant_a", b"")
     assert "secret plans" not in str(record)  # no prompt or completion text
     assert stack.backend.request_ids[0] == "rid-integration-1"
 

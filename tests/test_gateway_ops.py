@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import openai
@@ -26,11 +25,6 @@ class Gateway:
     nodes: list[InferenceNode]
     key: str
     """A chat key minted by the key authority."""
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> TestPKI:
-    return TestPKI(tmp_path / "home")
 
 
 @pytest.fixture

@@ -27,11 +27,6 @@ from tests.support import TestPKI
 
 
 @pytest.fixture
-def pki(home: Path) -> TestPKI:
-    return TestPKI(home)
-
-
-@pytest.fixture
 def sink(store: MemoryStore) -> SwitchableSink:
     return SwitchableSink(store)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 
 from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError
+from federation.inference.client import InferenceRouter
 from federation.inference.test_backend import TestBackend
 from federation.inference.types import (
     ChatMessage,
@@ -22,17 +22,11 @@ from federation.inference.types import (
     SamplingParams,
     TokenDelta,
 )
-from federation.routing import InferenceRouter
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from tests.gateway_support import InferenceNode, eventually, inference_nodes
 from tests.support import TestPKI
 
 MODEL = "test-model"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> TestPKI:
-    return TestPKI(tmp_path / "home")
 
 
 def chat(text: str, model: str = MODEL, **sampling: object) -> GenerationRequest:

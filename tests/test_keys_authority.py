@@ -28,23 +28,15 @@ class Clock:
 
 
 @pytest.fixture
-async def memory(database: Database) -> AsyncIterator[MemoryStore]:
-    store = MemoryStore(database.pool, MemoryConfig())
-    await store.start()
-    yield store
-    await store.stop()
-
-
-@pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
 async def authority(
-    database: Database, memory: MemoryStore, clock: Clock
+    database: Database, store: MemoryStore, clock: Clock
 ) -> AsyncIterator[KeyAuthority]:
-    keys = KeyAuthority(database.pool, KeysConfig(), memory, clock=clock)
+    keys = KeyAuthority(database.pool, KeysConfig(), store, clock=clock)
     yield keys
     await keys.stop()
 
@@ -54,12 +46,12 @@ async def issue(authority: KeyAuthority, tenant: str = "acme", **kw: object) -> 
     return issued.view.record.key_id, issued.secret
 
 
-async def actions(memory: MemoryStore, prefix: str = "key.") -> list[str]:
-    page = await memory.search(SearchQuery(tenant_id=None, action_prefix=prefix, page_size=1000))
+async def actions(store: MemoryStore, prefix: str = "key.") -> list[str]:
+    page = await store.search(SearchQuery(tenant_id=None, action_prefix=prefix, page_size=1000))
     return [r.action for r in reversed(page.records)]
 
 
-async def test_issue_verify_list_with_audit(authority: KeyAuthority, memory: MemoryStore) -> None:
+async def test_issue_verify_list_with_audit(authority: KeyAuthority, store: MemoryStore) -> None:
     key_id, secret = await issue(authority)
     view = await authority.verify(secret, "10.0.0.1:5000", "chat")
     assert (view.record.tenant_id, view.state, view.record.key_id) == ("acme", KeyState.ACTIVE,
@@ -67,14 +59,14 @@ async def test_issue_verify_list_with_audit(authority: KeyAuthority, memory: Mem
     assert 0 < view.strength <= 1
     assert [v.record.key_id for v in (await authority.list_keys("acme")).items] == [key_id]
     assert (await authority.list_keys("other")).items == []
-    assert await actions(memory) == ["key.issue"]
+    assert await actions(store) == ["key.issue"]
     with pytest.raises(FederationError) as denied:
         await authority.verify(secret, "10.0.0.1:5000", "admin")
     assert denied.value.code is ErrorCode.PERMISSION_DENIED
 
 
 async def test_wrong_secrets_suspend_the_key_for_that_source_only(
-    authority: KeyAuthority, memory: MemoryStore, database: Database, clock: Clock
+    authority: KeyAuthority, store: MemoryStore, database: Database, clock: Clock
 ) -> None:
     key_id, secret = await issue(authority)
     await authority.verify(secret, "B", "chat")
@@ -95,12 +87,12 @@ async def test_wrong_secrets_suspend_the_key_for_that_source_only(
     assert (await authority.verify(secret, "B", "chat")).state is KeyState.ACTIVE
 
     # Another process (no shared cache) sees the same from the database.
-    other = KeyAuthority(database.pool, KeysConfig(), memory, clock=clock)
+    other = KeyAuthority(database.pool, KeysConfig(), store, clock=clock)
     with pytest.raises(FederationError, match="this source"):
         await other.verify(secret, "A", "chat")
     assert (await other.verify(secret, "B", "chat")).record.key_id == key_id
 
-    audited = await actions(memory)
+    audited = await actions(store)
     assert audited.count("key.source_suspend") == 1
     assert audited.count("key.verify_failed") == 200
     history = await authority.history(key_id, "acme", page_size=1000)
@@ -108,7 +100,7 @@ async def test_wrong_secrets_suspend_the_key_for_that_source_only(
 
 
 async def test_revoke_is_final_and_idempotent(
-    authority: KeyAuthority, memory: MemoryStore
+    authority: KeyAuthority, store: MemoryStore
 ) -> None:
     key_id, secret = await issue(authority)
     await authority.verify(secret, "s", "chat")
@@ -117,7 +109,7 @@ async def test_revoke_is_final_and_idempotent(
     assert (await authority.revoke(key_id, None, "admin")).state is KeyState.REVOKED
     with pytest.raises(FederationError, match="revoked"):
         await authority.verify(secret, "s", "chat")
-    assert await actions(memory) == ["key.issue", "key.revoke"]
+    assert await actions(store) == ["key.issue", "key.revoke"]
     with pytest.raises(FederationError) as refused:
         await authority.rotate(key_id, None, "admin", 0)
     assert refused.value.code is ErrorCode.FAILED_PRECONDITION
@@ -154,7 +146,7 @@ async def test_rotation_keeps_the_old_secret_for_the_grace_period(
 
 
 async def test_idle_key_is_suspended_with_a_rotate_hint_and_rotation_revives_it(
-    authority: KeyAuthority, memory: MemoryStore, clock: Clock
+    authority: KeyAuthority, store: MemoryStore, clock: Clock
 ) -> None:
     key_id, secret = await issue(authority)
     clock.now += 140 * SECONDS_PER_DAY
@@ -162,7 +154,7 @@ async def test_idle_key_is_suspended_with_a_rotate_hint_and_rotation_revives_it(
         await authority.verify(secret, "s", "chat")
     assert refused.value.code is ErrorCode.PERMISSION_DENIED
     assert (await authority.get(key_id, "acme")).state is KeyState.SUSPENDED
-    assert "key.suspend" in await actions(memory)
+    assert "key.suspend" in await actions(store)
     rotated = await authority.rotate(key_id, "acme", "admin", 0)
     assert (await authority.verify(rotated.secret, "s", "chat")).state is KeyState.ACTIVE
 
@@ -221,7 +213,7 @@ async def test_issue_validates_its_request(authority: KeyAuthority) -> None:
 
 
 async def test_pheromone_decay_suspends_idle_keys_and_audits_it(
-    authority: KeyAuthority, memory: MemoryStore, database: Database, clock: Clock
+    authority: KeyAuthority, store: MemoryStore, database: Database, clock: Clock
 ) -> None:
     old_id, _ = await issue(authority)
     clock.now += 100 * SECONDS_PER_DAY
@@ -231,7 +223,7 @@ async def test_pheromone_decay_suspends_idle_keys_and_audits_it(
     assert (report.checked, report.suspended) == (2, [old_id])
     assert (await authority.get(old_id, "acme")).state is KeyState.SUSPENDED
     assert (await authority.verify(young, "s", "chat")).record.key_id == young_id
-    suspensions = await memory.search(SearchQuery(tenant_id="acme", action_prefix="key.suspend"))
+    suspensions = await store.search(SearchQuery(tenant_id="acme", action_prefix="key.suspend"))
     assert [(r.subject, r.actor) for r in suspensions.records] == [(old_id, "keys/decay")]
     history = await authority.history(young_id, "acme")
     assert history.items[0].kind is StrengthKind.DECAY

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,21 +10,21 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client import CollectorRegistry
 
 from federation.cli import build_parser
-from federation.cli_support import ADMIN_NAME
 from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, from_rpc_error
+from federation.pki import ADMIN_NAME
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
-from nodes import key_authority, thermal_memory
-from nodes.runtime import NodeRuntime
-from tests.support import TestPKI, serving
+from nodes import keys as keys_node
+from nodes import memory as memory_node
+from tests.nodes_support import node
+from tests.support import TestPKI
 
 
 @dataclass
@@ -47,23 +46,12 @@ class Federation:
         return mgrpc.ThermalMemoryServiceStub(self._channel(self.memory.port, role))
 
 
-@contextlib.asynccontextmanager
-async def node(pki: TestPKI, role: str, settings: Settings, database: Database,
-               module: object) -> AsyncIterator[NodeServer]:
-    async with contextlib.AsyncExitStack() as cleanup:
-        runtime = NodeRuntime(settings, role, pki.identity(role, "server"), database,
-                              CollectorRegistry(), cleanup)
-        registration = await module.create_service(runtime)  # type: ignore[attr-defined]
-        async with serving(pki, [registration], role=role) as server:
-            yield server
-
-
 @pytest.fixture
 async def federation(tmp_path: Path, database: Database) -> AsyncIterator[Federation]:
     pki = TestPKI(tmp_path / "home")
-    async with node(pki, "memory", Settings(), database, thermal_memory) as memory:
+    async with node(pki, "memory", Settings(), database, memory_node) as memory:
         settings = Settings(peers=PeersConfig(memory=f"127.0.0.1:{memory.port}"))
-        async with node(pki, "keys", settings, database, key_authority) as keys:
+        async with node(pki, "keys", settings, database, keys_node) as keys:
             fed = Federation(pki, keys, memory)
             try:
                 yield fed

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import pytest
 
-from federation.config import DatabaseConfig, KeysConfig, MemoryConfig
+from federation.config import DatabaseConfig
 from federation.db import Database
 from federation.errors import ErrorCode, FederationError
-from federation.keys.authority import KeyAuthority
-from federation.keys.models import IssueRequest
 from federation.keys.quota import QuotaService, QuotaStatus
 from federation.memory.store import MemoryStore, SearchQuery
+from tests.keys_support import issue_key
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-async def memory(database: Database) -> AsyncIterator[MemoryStore]:
-    store = MemoryStore(database.pool, MemoryConfig())
-    await store.start()
-    yield store
-    await store.stop()
-
-
-async def issue(database: Database, memory: MemoryStore, **limits: int) -> str:
-    authority = KeyAuthority(database.pool, KeysConfig(), memory)
-    issued = await authority.issue(IssueRequest("acme", ["chat"], **limits), actor="admin")
-    return issued.view.record.key_id
 
 
 async def attempt(quotas: QuotaService, key_id: str, tokens: int, at: dt.datetime,
@@ -43,13 +27,13 @@ async def attempt(quotas: QuotaService, key_id: str, tokens: int, at: dt.datetim
 
 
 async def test_fifty_concurrent_consumers_never_exceed_the_quota(
-    database: Database, memory: MemoryStore, pg_url: str
+    database: Database, store: MemoryStore, pg_url: str
 ) -> None:
-    key_id = await issue(database, memory, token_quota=1000, quota_period_seconds=3600)
+    key_id = await issue_key(database, store, token_quota=1000, quota_period_seconds=3600)
     second = Database(pg_url, DatabaseConfig(pool_min_size=1, pool_max_size=20))
     await second.start()
     try:
-        gateways = [QuotaService(database.pool, memory), QuotaService(second.pool, memory)]
+        gateways = [QuotaService(database.pool, store), QuotaService(second.pool, store)]
         results = await asyncio.gather(*(
             attempt(gateways[i % 2], key_id, 30, T0) for i in range(50)
         ))
@@ -65,15 +49,15 @@ async def test_fifty_concurrent_consumers_never_exceed_the_quota(
     used = await database.pool.fetchval(
         "SELECT period_tokens FROM api_key_quotas WHERE key_id = $1", key_id)
     assert used == 990
-    audit = await memory.search(SearchQuery(tenant_id="acme", action_prefix="key.quota"))
+    audit = await store.search(SearchQuery(tenant_id="acme", action_prefix="key.quota"))
     assert len(audit.records) == len(refused)
 
 
 async def test_requests_per_minute_with_time_until_reset(
-    database: Database, memory: MemoryStore
+    database: Database, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, requests_per_minute=5)
-    quotas = QuotaService(database.pool, memory)
+    key_id = await issue_key(database, store, requests_per_minute=5)
+    quotas = QuotaService(database.pool, store)
     results = await asyncio.gather(*(attempt(quotas, key_id, 0, T0, True) for _ in range(50)))
     assert sum(isinstance(r, QuotaStatus) for r in results) == 5
     later = T0 + dt.timedelta(seconds=20)
@@ -87,10 +71,10 @@ async def test_requests_per_minute_with_time_until_reset(
     assert isinstance(after_reset, QuotaStatus) and after_reset.requests_remaining == 4
 
 
-async def test_a_refused_charge_charges_nothing(database: Database, memory: MemoryStore) -> None:
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=60,
+async def test_a_refused_charge_charges_nothing(database: Database, store: MemoryStore) -> None:
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=60,
                          requests_per_minute=10)
-    quotas = QuotaService(database.pool, memory)
+    quotas = QuotaService(database.pool, store)
     assert isinstance(await attempt(quotas, key_id, 60, T0, True), QuotaStatus)
     assert isinstance(await attempt(quotas, key_id, 60, T0, True), FederationError)
     status = await attempt(quotas, key_id, 40, T0, True)
@@ -98,9 +82,9 @@ async def test_a_refused_charge_charges_nothing(database: Database, memory: Memo
     assert (status.tokens_used, status.tokens_remaining, status.requests_remaining) == (100, 0, 8)
 
 
-async def test_unlimited_keys_and_unknown_keys(database: Database, memory: MemoryStore) -> None:
-    key_id = await issue(database, memory)
-    quotas = QuotaService(database.pool, memory)
+async def test_unlimited_keys_and_unknown_keys(database: Database, store: MemoryStore) -> None:
+    key_id = await issue_key(database, store)
+    quotas = QuotaService(database.pool, store)
     status = await attempt(quotas, key_id, 10**9, T0, True)
     assert isinstance(status, QuotaStatus) and status.tokens_remaining is None
     with pytest.raises(FederationError) as missing:

@@ -9,42 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation.config import DatabaseConfig, KeysConfig, MemoryConfig
+from federation.config import DatabaseConfig
 from federation.db import Database
 from federation.errors import ErrorCode, FederationError
-from federation.keys.authority import KeyAuthority
-from federation.keys.models import IssueRequest
 from federation.keys.quota import QuotaService, Reservation
 from federation.memory.store import MemoryStore, SearchQuery
+from tests.keys_support import issue_key
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 HOUR = 3600
 
 
 @pytest.fixture
-async def memory(database: Database) -> AsyncIterator[MemoryStore]:
-    store = MemoryStore(database.pool, MemoryConfig())
-    await store.start()
-    yield store
-    await store.stop()
+async def quotas(database: Database, store: MemoryStore) -> QuotaService:
+    return QuotaService(database.pool, store)
 
 
-@pytest.fixture
-async def quotas(database: Database, memory: MemoryStore) -> QuotaService:
-    return QuotaService(database.pool, memory)
-
-
-async def issue(database: Database, memory: MemoryStore, **limits: int) -> str:
-    authority = KeyAuthority(database.pool, KeysConfig(), memory)
-    issued = await authority.issue(IssueRequest("acme", ["chat"], **limits), actor="admin")
-    return issued.view.record.key_id
+async def reserved(quotas: QuotaService, key_id: str, tokens: int, min_tokens: int = 1,
+                   at: dt.datetime = T0) -> Reservation:
+    """A reservation the test expects to be granted."""
+    reservation = await reserve(quotas, key_id, tokens, min_tokens, at)
+    assert isinstance(reservation, Reservation), reservation
+    return reservation
 
 
 async def reserve(quotas: QuotaService, key_id: str, tokens: int, min_tokens: int = 1,
@@ -67,9 +59,9 @@ async def used(database: Database, key_id: str) -> tuple[int, int]:
 # ---- the edges ---------------------------------------------------------------------------------
 
 async def test_a_reservation_bigger_than_what_remains_is_capped(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=HOUR)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
     first = await reserve(quotas, key_id, 4096, min_tokens=50)
     assert isinstance(first, Reservation) and first.limited
     assert (first.tokens, first.status.tokens_used, first.status.tokens_remaining) == (100, 100, 0)
@@ -90,9 +82,9 @@ async def test_a_reservation_bigger_than_what_remains_is_capped(
 
 
 async def test_an_exact_fit_then_zero_remaining(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=60)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=60)
     exact = await reserve(quotas, key_id, 100, min_tokens=100)
     assert isinstance(exact, Reservation) and exact.tokens == 100
     await quotas.settle(key_id, exact.reservation_id, used_tokens=100, at=T0)
@@ -104,7 +96,7 @@ async def test_an_exact_fit_then_zero_remaining(
         assert refused.message.startswith(f"token quota exhausted for API key {key_id}: 0 of")
         assert refused.retry_after_seconds == pytest.approx(45)
     assert await used(database, key_id) == (100, 1)
-    audit = await memory.search(SearchQuery(tenant_id="acme", action_prefix="key.quota"))
+    audit = await store.search(SearchQuery(tenant_id="acme", action_prefix="key.quota"))
     assert [r.subject for r in audit.records] == [key_id, key_id]
     # The next period starts afresh.
     fresh = await reserve(quotas, key_id, 10, at=T0 + dt.timedelta(seconds=61))
@@ -112,11 +104,10 @@ async def test_an_exact_fit_then_zero_remaining(
 
 
 async def test_no_token_quota_reserves_everything_and_counts_usage(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory)
-    reservation = await reserve(quotas, key_id, 10**12)
-    assert isinstance(reservation, Reservation)
+    key_id = await issue_key(database, store)
+    reservation = await reserved(quotas, key_id, 10**12)
     assert (reservation.tokens, reservation.limited) == (10**12, False)
     assert reservation.status.tokens_remaining is None
     await quotas.settle(key_id, reservation.reservation_id, used_tokens=42, at=T0)
@@ -124,9 +115,9 @@ async def test_no_token_quota_reserves_everything_and_counts_usage(
 
 
 async def test_the_request_rate_is_checked_first_and_charges_nothing(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, requests_per_minute=2, token_quota=100,
+    key_id = await issue_key(database, store, requests_per_minute=2, token_quota=100,
                          quota_period_seconds=HOUR)
     for _ in range(2):
         assert isinstance(await reserve(quotas, key_id, 10), Reservation)
@@ -141,10 +132,10 @@ async def test_the_request_rate_is_checked_first_and_charges_nothing(
     (0, 0, "tokens"), (2**62 + 1, 1, "tokens"), (10, 11, "min_tokens"), (10, -1, "min_tokens"),
 ])
 async def test_bad_arguments_are_refused(
-    database: Database, quotas: QuotaService, memory: MemoryStore, tokens: int,
+    database: Database, quotas: QuotaService, store: MemoryStore, tokens: int,
     min_tokens: int, param: str,
 ) -> None:
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=HOUR)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
     refused = await reserve(quotas, key_id, tokens, min_tokens)
     assert isinstance(refused, FederationError)
     assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, param)
@@ -153,13 +144,12 @@ async def test_bad_arguments_are_refused(
 
 
 async def test_tokens_held_by_requests_in_flight_are_worth_a_short_retry(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
     """Refused now, but not for the whole period: running requests release what they
     do not use when they settle."""
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=HOUR)
-    running = await reserve(quotas, key_id, 90)
-    assert isinstance(running, Reservation)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
+    running = await reserved(quotas, key_id, 90)
     refused = await reserve(quotas, key_id, 50, min_tokens=20)
     assert isinstance(refused, FederationError)
     assert refused.code is ErrorCode.INSUFFICIENT_QUOTA
@@ -177,11 +167,10 @@ async def test_tokens_held_by_requests_in_flight_are_worth_a_short_retry(
 # ---- settlement ------------------------------------------------------------------------------
 
 async def test_settling_twice_refunds_once(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, token_quota=1000, quota_period_seconds=HOUR)
-    reservation = await reserve(quotas, key_id, 300)
-    assert isinstance(reservation, Reservation)
+    key_id = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
+    reservation = await reserved(quotas, key_id, 300)
     results = await asyncio.gather(*(
         quotas.settle(key_id, reservation.reservation_id, used_tokens=100, at=T0)
         for _ in range(5)))
@@ -190,19 +179,17 @@ async def test_settling_twice_refunds_once(
     assert (again.settled, again.released) == (False, 0)
     assert await used(database, key_id) == (100, 1)
     # Another key's reservation id settles nothing here.
-    other = await issue(database, memory, token_quota=1000, quota_period_seconds=HOUR)
-    theirs = await reserve(quotas, other, 300)
-    assert isinstance(theirs, Reservation)
+    other = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
+    theirs = await reserved(quotas, other, 300)
     assert not (await quotas.settle(key_id, theirs.reservation_id, used_tokens=0)).settled
     assert await used(database, other) == (300, 1)
 
 
 async def test_a_settlement_never_refunds_into_a_later_period(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=60)
-    old = await reserve(quotas, key_id, 100)
-    assert isinstance(old, Reservation)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=60)
+    old = await reserved(quotas, key_id, 100)
     # The period ended; nothing was charged since: settling changes nothing.
     late = await quotas.settle(key_id, old.reservation_id, used_tokens=0,
                                at=T0 + dt.timedelta(seconds=60))
@@ -220,21 +207,20 @@ async def test_a_settlement_never_refunds_into_a_later_period(
 
 
 async def test_usage_above_the_reservation_is_charged_to_its_period(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
     """An upstream whose prompt estimate fell short: the real usage is what counts."""
-    key_id = await issue(database, memory, token_quota=100, quota_period_seconds=HOUR)
-    reservation = await reserve(quotas, key_id, 60)
-    assert isinstance(reservation, Reservation)
+    key_id = await issue_key(database, store, token_quota=100, quota_period_seconds=HOUR)
+    reservation = await reserved(quotas, key_id, 60)
     settled = await quotas.settle(key_id, reservation.reservation_id, used_tokens=70, at=T0)
     assert (settled.settled, settled.released) == (True, 0)
     assert (await used(database, key_id))[0] == 70
 
 
 async def test_unsettled_reservations_stay_charged_and_are_purged(
-    database: Database, quotas: QuotaService, memory: MemoryStore
+    database: Database, quotas: QuotaService, store: MemoryStore
 ) -> None:
-    key_id = await issue(database, memory, token_quota=1000, quota_period_seconds=HOUR)
+    key_id = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
     stale = await reserve(quotas, key_id, 300, at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
     recent = await reserve(quotas, key_id, 200, at=dt.datetime.now(dt.UTC))
     assert isinstance(stale, Reservation) and isinstance(recent, Reservation)
@@ -291,10 +277,10 @@ steps = st.lists(st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # a new key per example
 @given(steps)
 async def test_reservations_follow_the_rules(
-    database: Database, quotas: QuotaService, memory: MemoryStore,
+    database: Database, quotas: QuotaService, store: MemoryStore,
     plan: list[tuple[str, int, int]],
 ) -> None:
-    key_id = await issue(database, memory, token_quota=QUOTA, quota_period_seconds=PERIOD)
+    key_id = await issue_key(database, store, token_quota=QUOTA, quota_period_seconds=PERIOD)
     model = Model()
     for action, a, b in plan:
         if action == "wait":
@@ -323,10 +309,10 @@ async def test_reservations_follow_the_rules(
 # ---- concurrency across processes ------------------------------------------------------------
 
 async def test_fifty_concurrent_generations_over_two_pools_never_exceed_the_quota(
-    database: Database, memory: MemoryStore, pg_url: str
+    database: Database, store: MemoryStore, pg_url: str
 ) -> None:
     """Each "generation" reserves 60, uses 30 to 60, settles; two pools, one quota."""
-    key_id = await issue(database, memory, token_quota=1000, quota_period_seconds=HOUR)
+    key_id = await issue_key(database, store, token_quota=1000, quota_period_seconds=HOUR)
     second = Database(pg_url, DatabaseConfig(pool_min_size=1, pool_max_size=20))
     await second.start()
     served: list[int] = []
@@ -348,7 +334,7 @@ async def test_fifty_concurrent_generations_over_two_pools_never_exceed_the_quot
         await service.settle(key_id, reservation.reservation_id, used_tokens=spent)
 
     try:
-        gateways = [QuotaService(database.pool, memory), QuotaService(second.pool, memory)]
+        gateways = [QuotaService(database.pool, store), QuotaService(second.pool, store)]
         await asyncio.gather(*(generation(gateways[i % 2], i) for i in range(50)))
     finally:
         await second.stop()

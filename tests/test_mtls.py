@@ -19,22 +19,37 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import client_credentials, secure_channel
 from federation.config import GrpcConfig
+from federation.db import Database
+from federation.inference.backend import BackendSet
+from federation.inference.test_backend import TestBackend
 from federation.logs import ContextFilter, JsonFormatter, request_id_var
-from federation.server import NodeServer, pending_service
-from federation.v1 import council_pb2, council_pb2_grpc, guardian_pb2, guardian_pb2_grpc
+from federation.memory.store import MemoryStore
+from federation.server import NodeServer, ServiceRegistration
+from federation.v1 import (
+    council_pb2,
+    council_pb2_grpc,
+    guardian_pb2,
+    guardian_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
+from nodes import guardian as guardian_service
+from nodes import inference as inference_service
+from tests.guardian_support import SwitchableSink, build_guardian
 from tests.support import TestPKI, serving
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> TestPKI:
-    return TestPKI(tmp_path / "home")
+def guardian(pki: TestPKI, database: Database, store: MemoryStore) -> ServiceRegistration:
+    """The real guardian service over the test's PostgreSQL, auditing to thermal memory."""
+    custody, checkpoints = build_guardian(database, pki.home, SwitchableSink(store))
+    return guardian_service.registration(guardian_service.GuardianServicer(custody, checkpoints))
 
 
 @pytest.fixture
-async def guardian_node(pki: TestPKI) -> AsyncIterator[NodeServer]:
-    async with serving(
-        pki, [pending_service(guardian_pb2_grpc, "GuardianService", 7)], role="guardian"
-    ) as server:
+async def guardian_node(pki: TestPKI, guardian: ServiceRegistration
+                        ) -> AsyncIterator[NodeServer]:
+    async with serving(pki, [guardian], role="guardian") as server:
         yield server
 
 
@@ -125,13 +140,11 @@ async def test_role_not_allowed_is_denied_and_logged(
 
 
 async def test_allowed_role_reaches_the_service(pki: TestPKI, guardian_node: NodeServer) -> None:
-    """The gateway may call ReleaseShare: authz passes and the pending service answers."""
+    """The gateway may call ListShares: authz passes and the guardian answers."""
     async with pki.channel(f"127.0.0.1:{guardian_node.port}", "gateway") as channel:
         stub = guardian_pb2_grpc.GuardianServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReleaseShare(guardian_pb2.ReleaseShareRequest(tenant_id="t"), timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "issue #7" in (info.value.details() or "")
+        reply = await stub.ListShares(guardian_pb2.ListSharesRequest(tenant_id="t"), timeout=5)
+    assert list(reply.shares) == []
 
 
 async def test_a_connection_outliving_its_certificate_is_refused(
@@ -143,13 +156,11 @@ async def test_a_connection_outliving_its_certificate_is_refused(
     not_after = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
     async with secure_channel(f"127.0.0.1:{guardian_node.port}", files, GrpcConfig()) as channel:
         stub = guardian_pb2_grpc.GuardianServiceStub(channel)
-        request = guardian_pb2.ReleaseShareRequest(tenant_id="t")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReleaseShare(request, timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # valid: authorized
+        request = guardian_pb2.ListSharesRequest(tenant_id="t")
+        await stub.ListShares(request, timeout=5)  # valid: authorized and answered
         await asyncio.sleep((not_after - dt.datetime.now(dt.UTC)).total_seconds() + 0.2)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ReleaseShare(request, timeout=5)  # the same, still open connection
+            await stub.ListShares(request, timeout=5)  # the same, still open connection
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "certificate expired" in (info.value.details() or "")
 
@@ -168,9 +179,9 @@ async def test_metrics_endpoint_counts_denials(pki: TestPKI, guardian_node: Node
     assert "federation_grpc_server_handled_total" in body
 
 
-async def test_insecure_dev_serves_plaintext(pki: TestPKI) -> None:
+async def test_insecure_dev_serves_plaintext(pki: TestPKI, guardian: ServiceRegistration) -> None:
     server = NodeServer(
-        [pending_service(guardian_pb2_grpc, "GuardianService", 7)],
+        [guardian],
         trust_domain=pki.ca.trust_domain,
         grpc_config=GrpcConfig(),
         listen="127.0.0.1:0",
@@ -200,18 +211,19 @@ async def test_request_id_travels_on_unary_and_streaming_calls(
     caplog.set_level(logging.WARNING, logger="federation.interceptor")
     caplog.handler.addFilter(ContextFilter())
     token = request_id_var.set("req-from-caller")
-    council = pending_service(council_pb2_grpc, "CouncilService", 6)
+    inference = inference_service.registration(
+        inference_service.InferenceServicer(BackendSet([TestBackend()])))
     try:
-        async with serving(pki, [council], role="council") as node, \
+        async with serving(pki, [inference], role="inference") as node, \
                 pki.channel(f"127.0.0.1:{node.port}", "edge") as channel:
-            stub = council_pb2_grpc.CouncilServiceStub(channel)
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.VoteUnary(council_pb2.VoteUnaryRequest(question="q"), timeout=5)
+                await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
             with pytest.raises(grpc.aio.AioRpcError):
-                async for _ in stub.Vote(council_pb2.VoteRequest(question="q"), timeout=5):
+                async for _ in stub.Generate(inference_pb2.GenerateRequest(model="m"), timeout=5):
                     pass
     finally:
         request_id_var.reset(token)
     denied = [r for r in caplog.records if r.getMessage() == "permission denied"]
-    assert [r.__dict__["method"].rsplit("/", 1)[1] for r in denied] == ["VoteUnary", "Vote"]
+    assert [r.__dict__["method"].rsplit("/", 1)[1] for r in denied] == ["ListModels", "Generate"]
     assert {r.__dict__["request_id"] for r in denied} == {"req-from-caller"}

@@ -13,10 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from federation.cli_support import CommandError
 from federation.config import SupervisorConfig
-from federation.supervisor import HomeLock, RestartPolicy, Supervised, clean_up_previous
-from federation.supervisor_state import (
+from federation.errors import CommandError
+from federation.launch.state import (
     ChildState,
     ChildStatus,
     SupervisorState,
@@ -24,6 +23,7 @@ from federation.supervisor_state import (
     read_state,
     write_state,
 )
+from federation.launch.supervisor import HomeLock, RestartPolicy, Supervised, clean_up_previous
 
 CONFIG = SupervisorConfig(restart_initial_delay_seconds=0.5, restart_max_delay_seconds=4.0,
                           crash_loop_restarts=5, crash_loop_window_seconds=60.0,

@@ -18,7 +18,8 @@ import asyncpg
 import openai
 import pytest
 
-from federation import cli_tenants, cli_vault
+from federation.cli import tenants as tenants_commands
+from federation.cli import vault as vault_commands
 from federation.config import Settings
 from federation.db import Database
 from gateway_http.transcripts import TRANSCRIPTS
@@ -36,8 +37,8 @@ async def cli(settings: Settings, *argv: str) -> str:
     """A ``federation`` command through its real handler (the operator's identity)."""
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command")
-    cli_tenants.register(commands)
-    cli_vault.register(commands)
+    tenants_commands.register(commands)
+    vault_commands.register(commands)
     args = parser.parse_args(list(argv))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

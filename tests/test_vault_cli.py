@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from federation import cli_vault
+from federation.cli import vault as vault_commands
 from federation.config import Settings
 from federation.vault.service import VaultService
 from tests.test_vault_service import (  # noqa: F401 - fixtures
@@ -25,7 +25,7 @@ from tests.test_vault_service import (  # noqa: F401 - fixtures
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli_vault.register(parser.add_subparsers(dest="command"))
+    vault_commands.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(["vault", *argv])
 
 
@@ -44,7 +44,7 @@ async def test_put_get_recover_list_destroy(
     async def fake_open(settings: Settings) -> AsyncIterator[VaultService]:
         yield vault
 
-    monkeypatch.setattr(cli_vault, "open_vault", fake_open)
+    monkeypatch.setattr(vault_commands, "open_vault", fake_open)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"p@ss\n")))
     settings = Settings(home=home)
     put = json.loads(await run(settings, "put", "--tenant", "t1", "db", "--json"))

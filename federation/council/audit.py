@@ -1,4 +1,5 @@
-"""The council's breadcrumb trail in thermal memory, written before any answer leaves.
+"""The council's breadcrumb trail in thermal memory, written before any answer leaves,
+and what each of its records holds.
 
 Records of one deliberation share its request id and are written in stages, so
 that their chain order tells the story: the request, then each round's votes
@@ -17,6 +18,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
+from federation.council.events import Attempt, CouncilOutcome, MemberRecord
+from federation.council.tally import WeightedVote, concerns_union
+from federation.council.votes import Decision, vote_to_json
 from federation.errors import ErrorCode, FederationError
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
@@ -100,3 +104,80 @@ def _log_failure(task: asyncio.Task[int]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("council audit write failed after the caller left",
                     extra={"error": repr(task.exception())[:200]})
+
+
+# ---- record contents ----------------------------------------------------------------
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "messages": [{"role": m.role, "content": m.content} for m in a.messages],
+        "prompt_sha256": a.prompt_sha256, "output": a.output, "error": a.error,
+        "seconds": round(a.seconds, 6), "prompt_tokens": a.prompt_tokens,
+        "completion_tokens": a.completion_tokens,
+    }
+
+
+def vote_attributes(record: MemberRecord) -> dict[str, str]:
+    attributes = {
+        "member": record.member.key, "round": str(record.round),
+        "latency_ms": f"{record.seconds * 1000:.1f}", "prompt_sha256": record.prompt_sha256,
+        "attempts": str(len(record.attempts)),
+    }
+    if record.vote:
+        attributes |= {"stance": record.vote.stance.value,
+                       "confidence": f"{record.vote.confidence:.3f}"}
+    else:
+        attributes["failure"] = record.failure
+    return attributes
+
+
+def vote_body(record: MemberRecord) -> dict[str, Any]:
+    m = record.member
+    return {
+        "member": {"key": m.key, "name": m.name, "specialty": m.specialty, "model": m.model,
+                   "weight": m.weight},
+        "round": record.round,
+        "vote": vote_to_json(record.vote) if record.vote else None,
+        "failure": record.failure, "detail": record.detail,
+        "seconds": round(record.seconds, 6),
+        "attempts": [attempt_json(a) for a in record.attempts],
+    }
+
+
+def synthesis_attributes(outcome: CouncilOutcome) -> dict[str, str]:
+    return {
+        "decision": outcome.decision.value, "confidence": f"{outcome.confidence:.3f}",
+        "fallback": str(outcome.fallback).lower(),
+        "prompt_sha256": outcome.chair.attempts[-1].prompt_sha256
+        if outcome.chair.attempts else "",
+        "latency_ms": f"{outcome.chair.seconds * 1000:.1f}",
+        "voted": str(len(outcome.final_votes)), "asked": str(len(outcome.asked)),
+    }
+
+
+def synthesis_body(outcome: CouncilOutcome, score: float, tally: Decision) -> dict[str, Any]:
+    chair = outcome.chair
+    return {
+        "chair": {
+            "attempts": [attempt_json(a) for a in chair.attempts],
+            "failure": chair.failure, "seconds": round(chair.seconds, 6),
+            "synthesis": None if chair.synthesis is None else {
+                "answer": chair.synthesis.answer, "decision": chair.synthesis.decision.value,
+                "remaining_concerns": list(chair.synthesis.remaining_concerns)},
+        },
+        "tally": {"support": score, "decision": tally.value,
+                  "concerns_union": list(concerns_union(
+                      [WeightedVote(r.member.key, r.member.weight, r.vote)
+                       for r in outcome.final_votes if r.vote]))},
+        "result": {
+            "answer": outcome.answer, "decision": outcome.decision.value,
+            "confidence": outcome.confidence, "concerns": list(outcome.concerns),
+            "fallback": outcome.fallback, "rounds": outcome.rounds,
+            "quorum": {"asked": len(outcome.asked), "voted": len(outcome.final_votes),
+                       "required": outcome.required,
+                       "missing": [{"member": m.member.key, "reason": m.reason}
+                                   for m in outcome.missing]},
+            "usage": {"prompt_tokens": outcome.prompt_tokens,
+                      "completion_tokens": outcome.completion_tokens},
+        },
+    }

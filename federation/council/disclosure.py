@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from federation.council.engine import CouncilOutcome, MemberRecord
+from federation.council.events import CouncilOutcome, MemberRecord
 from federation.council.members import Member, Roster
 from federation.errors import ErrorCode, FederationError
 

@@ -2,7 +2,7 @@
 
 :meth:`Council.deliberate` is an async iterator of progress events ending with
 one :class:`CouncilOutcome`. Every model call goes through a
-:class:`TextGenerator` — in production the :class:`~federation.routing.InferenceRouter`
+:class:`TextGenerator` — in production the :class:`~federation.inference.client.InferenceRouter`
 the gateway uses, so members are spread over the inference nodes serving their
 model, with the same failover. Nothing here knows gRPC or HTTP.
 
@@ -18,22 +18,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import random
 import string
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from federation.config import CouncilConfig
 from federation.council import audit as trail_actions
 from federation.council.audit import AuditTrail
+from federation.council.events import (
+    Attempt,
+    CouncilEvent,
+    CouncilOutcome,
+    CouncilRequest,
+    MemberFailed,
+    MemberRecord,
+    MemberStarted,
+    MemberVoted,
+    Missing,
+    SynthesisRecord,
+    SynthesisStarted,
+    TextGenerator,
+    prompt_sha256,
+)
 from federation.council.members import Member, Roster
 from federation.council.tally import (
     WeightedVote,
-    concerns_union,
     council_confidence,
     fallback_synthesis,
     reconcile,
@@ -52,12 +64,10 @@ from federation.council.votes import (
     parse_synthesis,
     parse_vote,
     schema_text,
-    vote_to_json,
 )
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import (
     ChatMessage,
-    GenerationEvent,
     GenerationFinished,
     GenerationRequest,
     ResponseFormat,
@@ -70,132 +80,6 @@ T = TypeVar("T")
 
 MAX_QUESTION_CHARS = 4000
 MAX_ROUNDS = 2
-
-
-class TextGenerator(Protocol):
-    """What the council needs from the inference path (``InferenceRouter`` has it)."""
-
-    def generate(self, request: GenerationRequest, *, deadline_seconds: float | None = None
-                 ) -> AsyncGenerator[GenerationEvent, None]: ...
-
-
-# ---- inputs and events ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CouncilRequest:
-    question: str
-    request_id: str
-    tenant_id: str = ""
-    council: str = ""
-    """Sub-council name; empty asks the full council."""
-    rounds: int = 0
-    """1 or 2; 0 uses the configured default."""
-    member_deadline: float | None = None
-    overall_deadline: float | None = None
-    quorum: int = 0
-    """Explicit number of votes required; 0 scales the configured quorum."""
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One model call: what was sent, what came back."""
-
-    messages: tuple[ChatMessage, ...]
-    prompt_sha256: str
-    output: str = ""
-    error: str = ""
-    seconds: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class MemberRecord:
-    """One member in one round: its vote or why it has none, and every attempt."""
-
-    member: Member
-    round: int
-    vote: Vote | None
-    failure: str
-    """Empty when voted; else a short reason (``deadline``, ``unparseable``, …)."""
-    detail: str
-    seconds: float
-    attempts: tuple[Attempt, ...]
-
-    @property
-    def prompt_sha256(self) -> str:
-        """Hash of the prompt that produced the vote (the last attempt's)."""
-        return self.attempts[-1].prompt_sha256 if self.attempts else ""
-
-
-@dataclass(frozen=True)
-class MemberStarted:
-    member: Member
-    round: int
-
-
-@dataclass(frozen=True)
-class MemberVoted:
-    record: MemberRecord
-
-
-@dataclass(frozen=True)
-class MemberFailed:
-    record: MemberRecord
-
-
-@dataclass(frozen=True)
-class SynthesisStarted:
-    vote_count: int
-
-
-@dataclass(frozen=True)
-class Missing:
-    member: Member
-    reason: str
-
-
-@dataclass(frozen=True)
-class SynthesisRecord:
-    attempts: tuple[Attempt, ...]
-    synthesis: Synthesis | None
-    failure: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class CouncilOutcome:
-    request_id: str
-    question: str
-    council: str
-    asked: tuple[Member, ...]
-    rounds: int
-    records: tuple[MemberRecord, ...]
-    """Every member record of every round, in arrival order."""
-    final_votes: tuple[MemberRecord, ...]
-    """The vote that counts for each member who voted, in roster order."""
-    missing: tuple[Missing, ...]
-    required: int
-    answer: str
-    decision: Decision
-    confidence: float
-    support: float
-    concerns: tuple[str, ...]
-    fallback: bool
-    chair: SynthesisRecord
-    prompt_tokens: int
-    completion_tokens: int
-    audit_sequences: tuple[int, ...] = ()
-
-
-CouncilEvent = MemberStarted | MemberVoted | MemberFailed | SynthesisStarted | CouncilOutcome
-
-
-def prompt_sha256(messages: Sequence[ChatMessage]) -> str:
-    """SHA-256 of the exact prompt: compact JSON of ``[{"role", "content"}, …]``."""
-    canonical = json.dumps([{"role": m.role, "content": m.content} for m in messages],
-                           separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ---- the council ------------------------------------------------------------------------
@@ -344,7 +228,8 @@ class Council:
                 record = await next_done
                 run.records.append(record)
                 run.trail.write(trail_actions.ACTION_VOTE, record.member.key,
-                                _vote_attributes(record), _vote_body(record))
+                                trail_actions.vote_attributes(record),
+                                trail_actions.vote_body(record))
                 yield MemberVoted(record) if record.vote else MemberFailed(record)
         finally:
             for task in tasks:
@@ -497,7 +382,8 @@ class Council:
             completion_tokens=sum(a.completion_tokens for a in tokens),
         )
         run.trail.write(trail_actions.ACTION_SYNTHESIS, self.roster.chair.key,
-                        _synthesis_attributes(outcome), _synthesis_body(outcome, score, tally))
+                        trail_actions.synthesis_attributes(outcome),
+                        trail_actions.synthesis_body(outcome, score, tally))
         return outcome
 
     # -- prompts -------------------------------------------------------------------------
@@ -608,80 +494,3 @@ def _missing(run: _Run, voted: dict[str, MemberRecord]) -> list[Missing]:
 
 def _with_sequences(outcome: CouncilOutcome, sequences: list[int]) -> CouncilOutcome:
     return replace(outcome, audit_sequences=tuple(sequences))
-
-
-# ---- audit record contents --------------------------------------------------------------
-
-def _attempt_json(a: Attempt) -> dict[str, Any]:
-    return {
-        "messages": [{"role": m.role, "content": m.content} for m in a.messages],
-        "prompt_sha256": a.prompt_sha256, "output": a.output, "error": a.error,
-        "seconds": round(a.seconds, 6), "prompt_tokens": a.prompt_tokens,
-        "completion_tokens": a.completion_tokens,
-    }
-
-
-def _vote_attributes(record: MemberRecord) -> dict[str, str]:
-    attributes = {
-        "member": record.member.key, "round": str(record.round),
-        "latency_ms": f"{record.seconds * 1000:.1f}", "prompt_sha256": record.prompt_sha256,
-        "attempts": str(len(record.attempts)),
-    }
-    if record.vote:
-        attributes |= {"stance": record.vote.stance.value,
-                       "confidence": f"{record.vote.confidence:.3f}"}
-    else:
-        attributes["failure"] = record.failure
-    return attributes
-
-
-def _vote_body(record: MemberRecord) -> dict[str, Any]:
-    m = record.member
-    return {
-        "member": {"key": m.key, "name": m.name, "specialty": m.specialty, "model": m.model,
-                   "weight": m.weight},
-        "round": record.round,
-        "vote": vote_to_json(record.vote) if record.vote else None,
-        "failure": record.failure, "detail": record.detail,
-        "seconds": round(record.seconds, 6),
-        "attempts": [_attempt_json(a) for a in record.attempts],
-    }
-
-
-def _synthesis_attributes(outcome: CouncilOutcome) -> dict[str, str]:
-    return {
-        "decision": outcome.decision.value, "confidence": f"{outcome.confidence:.3f}",
-        "fallback": str(outcome.fallback).lower(),
-        "prompt_sha256": outcome.chair.attempts[-1].prompt_sha256
-        if outcome.chair.attempts else "",
-        "latency_ms": f"{outcome.chair.seconds * 1000:.1f}",
-        "voted": str(len(outcome.final_votes)), "asked": str(len(outcome.asked)),
-    }
-
-
-def _synthesis_body(outcome: CouncilOutcome, score: float, tally: Decision) -> dict[str, Any]:
-    chair = outcome.chair
-    return {
-        "chair": {
-            "attempts": [_attempt_json(a) for a in chair.attempts],
-            "failure": chair.failure, "seconds": round(chair.seconds, 6),
-            "synthesis": None if chair.synthesis is None else {
-                "answer": chair.synthesis.answer, "decision": chair.synthesis.decision.value,
-                "remaining_concerns": list(chair.synthesis.remaining_concerns)},
-        },
-        "tally": {"support": score, "decision": tally.value,
-                  "concerns_union": list(concerns_union(
-                      [WeightedVote(r.member.key, r.member.weight, r.vote)
-                       for r in outcome.final_votes if r.vote]))},
-        "result": {
-            "answer": outcome.answer, "decision": outcome.decision.value,
-            "confidence": outcome.confidence, "concerns": list(outcome.concerns),
-            "fallback": outcome.fallback, "rounds": outcome.rounds,
-            "quorum": {"asked": len(outcome.asked), "voted": len(outcome.final_votes),
-                       "required": outcome.required,
-                       "missing": [{"member": m.member.key, "reason": m.reason}
-                                   for m in outcome.missing]},
-            "usage": {"prompt_tokens": outcome.prompt_tokens,
-                      "completion_tokens": outcome.completion_tokens},
-        },
-    }

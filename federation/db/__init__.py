@@ -12,8 +12,9 @@ turns into UNAVAILABLE with a retry hint, instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ from federation.db.migrate import apply_migrations
 from federation.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def transaction_as(pool: asyncpg.Pool, role: str | None) -> AsyncIterator[Any]:
+    """A transaction on one of ``pool``'s connections whose statements run as ``role``
+    (``SET LOCAL ROLE``, which ends with the transaction); ``None`` keeps the
+    connection's own role."""
+    async with pool.acquire() as conn, conn.transaction():
+        if role is not None:
+            await conn.execute(f"SET LOCAL ROLE {role}")
+        yield conn
 
 
 class DatabaseUnavailable(RuntimeError):

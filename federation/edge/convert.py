@@ -6,11 +6,7 @@ read fields the same way.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Final
-
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.edge.model import (
     Capabilities,
@@ -24,6 +20,7 @@ from federation.edge.model import (
     Requirements,
 )
 from federation.errors import ErrorCode, FederationError
+from federation.prototime import duration, timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 
 _STATE_TO_PB: Final[dict[JobState, int]] = {
@@ -42,26 +39,6 @@ _DEVICE_STATE_TO_PB: Final[dict[DeviceState, int]] = {
     DeviceState.OFFLINE: pb.DEVICE_STATE_OFFLINE,
     DeviceState.REVOKED: pb.DEVICE_STATE_REVOKED,
 }
-
-
-def timestamp(moment: dt.datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(moment)
-    return ts
-
-
-def from_timestamp(ts: Timestamp) -> dt.datetime:
-    return ts.ToDatetime(tzinfo=dt.UTC)
-
-
-def duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
-def seconds(d: Duration) -> float:
-    return float(d.ToNanoseconds()) / 1e9
 
 
 def job_to_pb(job: Job) -> pb.Job:
@@ -134,7 +111,7 @@ def spec_from_pb(request: pb.SubmitJobRequest) -> JobSpec:
         kind=request.kind,
         job_type=JobType(request.type),
         requirements=requirements_from_pb(request.requirements),
-        deadline=from_timestamp(request.deadline) if request.HasField("deadline") else None,
+        deadline=to_datetime(request.deadline) if request.HasField("deadline") else None,
         priority=request.priority,
         inline_payload=request.inline_payload if which == "inline_payload" else None,
         payload_blob=request.payload_blob_digest if which == "payload_blob_digest" else None,

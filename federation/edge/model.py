@@ -1,6 +1,6 @@
 """Plain values of the edge broker's domain, and the leasing rule.
 
-No gRPC here: ``nodes/edge_broker.py`` converts between these and protobuf.
+No gRPC here: ``nodes/edge.py`` converts between these and protobuf.
 """
 
 from __future__ import annotations

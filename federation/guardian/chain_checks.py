@@ -1,6 +1,6 @@
 """The memory node's side of audit checkpoints: ask the guardian to sign, verify against it.
 
-Kept out of the servicer (``nodes/thermal_memory.py`` only wires and converts):
+Kept out of the servicer (``nodes/memory.py`` only wires and converts):
 
 * :class:`GuardianCheckpoints` talks to ``GuardianService`` over the memory node's
   mTLS channel: ``SignCheckpoint`` for the :class:`CheckpointScheduler`,
@@ -20,7 +20,6 @@ report says that signatures were not checked.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from federation.guardian.checkpoints import (
     verify_against_checkpoints,
 )
 from federation.memory.store import MemoryStore
+from federation.prototime import to_datetime
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def checkpoint_from_proto(message: guardian_pb2.Checkpoint) -> Checkpoint:
     return Checkpoint(
         sequence=message.sequence,
         chain_head_hash=bytes(message.chain_head_hash),
-        sign_time=message.sign_time.ToDatetime(tzinfo=dt.UTC),
+        sign_time=to_datetime(message.sign_time),
         signature=bytes(message.signature),
         key_fingerprint=message.key_fingerprint,
     )

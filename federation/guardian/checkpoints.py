@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from federation.clock import Clock, utc_now
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
+from federation.periodic import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +324,8 @@ class CheckpointScheduler:
             self._task = asyncio.create_task(self._run(), name="checkpoint-scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def checkpoint_now(self) -> int | None:
         """Sign the current head if it moved; returns the signed sequence."""

@@ -27,6 +27,7 @@ from federation.clock import Clock, utc_now
 from federation.config import GuardianConfig
 from federation.crypto.envelope import UnwrapError, unwrap, wrap, wrap_context
 from federation.crypto.shares import MalformedShare, Share
+from federation.db import transaction_as
 from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry, AuditSink
 from federation.paging import page_size as checked_page_size
@@ -117,8 +118,7 @@ class GuardianCustody:
             _context(tenant_id, object_id, key_id, share_index),
         )
         now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             row = await conn.fetchrow(
                 "INSERT INTO guardian.shares (tenant_id, object_id, key_id, share_index, wrapped,"
                 " state, deposited_by, deposit_time) VALUES ($1, $2, $3, $4, $5, 'held', $6, $7)"
@@ -154,8 +154,7 @@ class GuardianCustody:
         reason = _require(reason, "reason", _MAX_REASON)
         now = self._clock()
         window = dt.timedelta(seconds=self._config.release_window_seconds)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             # Serialise releases of one tenant so concurrent calls cannot overrun the limit.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('guardian-release:' || $1, 0))",
@@ -228,8 +227,7 @@ class GuardianCustody:
         key_id = _require(key_id, "key_id")
         reason = _require(reason, "reason", _MAX_REASON)
         now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             row = await _locked_share(conn, tenant_id, object_id, key_id)
             if row["state"] == "destroyed":
                 return _info(row)
@@ -249,8 +247,7 @@ class GuardianCustody:
         tenant_id = _require(tenant_id, "tenant_id")
         size = checked_page_size(page_size)
         after = _parse_token(page_token)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             rows = await conn.fetch(
                 "SELECT * FROM guardian.shares WHERE tenant_id = $1 AND id > $2 "
                 "ORDER BY id LIMIT $3",

@@ -19,9 +19,8 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -29,6 +28,7 @@ from federation.config import KeysConfig
 from federation.errors import ErrorCode, FederationError
 from federation.keys import keyformat
 from federation.keys import repository as repo
+from federation.keys.cache import CachedKey, KeyCache, SourceState
 from federation.keys.models import (
     IssuedKey,
     IssueRequest,
@@ -53,36 +53,13 @@ from federation.keys.strength import (
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 from federation.paging import page_size as checked_page_size
+from federation.periodic import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIST_PAGE = 50
 DEFAULT_HISTORY_PAGE = 100
 Clock = Callable[[], float]
-
-
-@dataclass(frozen=True)
-class SourceState:
-    failures: Accumulator
-    burst: Accumulator
-    verified: bool
-    suspended: bool
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> SourceState:
-        return cls(
-            Accumulator(row["failure_value"], repo.posix(row["failure_at"])),
-            Accumulator(row["burst_value"], repo.posix(row["burst_at"])),
-            row["verified"], row["suspended_at"] is not None,
-        )
-
-
-@dataclass
-class _Cached:
-    record: KeyRecord
-    loaded_at: float
-    sources: dict[str, SourceState]
-    recent_uses: Accumulator = field(default_factory=Accumulator)
 
 
 @dataclass
@@ -131,7 +108,7 @@ class KeyAuthority:
         self._audit_sink = audit
         self._clock = clock
         self.clock = clock
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache = KeyCache(pool, config.cache_ttl_seconds, config.cache_size)
         self._pending: dict[str, _PendingUse] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -142,11 +119,8 @@ class KeyAuthority:
             self._flusher = asyncio.create_task(self._flush_loop(), name="key-use-flusher")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await cancel_and_wait(self._flusher)
+        self._flusher = None
         await self.flush()
 
     async def _flush_loop(self) -> None:
@@ -198,7 +172,7 @@ class KeyAuthority:
                 actor=actor, action="key.revoke", tenant_id=record.tenant_id,
                 subject=key_id, attributes={"reason": reason},
             ))
-        self._cache.pop(key_id, None)
+        self._cache.drop(key_id)
         return self.view(record)
 
     async def rotate(
@@ -225,7 +199,7 @@ class KeyAuthority:
                 actor=actor, action="key.rotate", tenant_id=record.tenant_id, subject=key_id,
                 attributes={"grace_seconds": f"{grace_seconds:g}"},
             ))
-        self._cache.pop(key_id, None)
+        self._cache.drop(key_id)
         self._pending.pop(key_id, None)
         return IssuedKey(self.view(record), full_key, old_until)
 
@@ -242,7 +216,7 @@ class KeyAuthority:
                 actor=actor, action="key.suspend", tenant_id=current.tenant_id,
                 subject=current.key_id, attributes={"reason": reason},
             ))
-        self._cache.pop(record.key_id, None)
+        self._cache.drop(record.key_id)
         return True
 
     # -- reads -----------------------------------------------------------------------------
@@ -297,7 +271,7 @@ class KeyAuthority:
         parsed = keyformat.parse(presented)
         full_key = keyformat.format_key(parsed.key_id, parsed.secret)
         now = self._clock()
-        cached = await self._cached(parsed.key_id, now)
+        cached = await self._cache.get(parsed.key_id, now)
         if cached is None:
             await self._audit_unknown(parsed.key_id, source)
             raise FederationError(ErrorCode.UNAUTHENTICATED, _INVALID_KEY)
@@ -327,7 +301,7 @@ class KeyAuthority:
             and hmac.compare_digest(digest, old)
         )
 
-    async def _check_usable(self, cached: _Cached, source: str, now: float) -> float:
+    async def _check_usable(self, cached: CachedKey, source: str, now: float) -> float:
         record = cached.record
         state = record.state_at(repo.from_posix(now))
         if state is KeyState.REVOKED:
@@ -357,7 +331,7 @@ class KeyAuthority:
             usage = usage.merge(pending.usage, self.params.tau_seconds)
         return key_strength(self.params, record.strength_epoch.timestamp(), usage, now)
 
-    def _note_use(self, cached: _Cached, source: str, now: float) -> None:
+    def _note_use(self, cached: CachedKey, source: str, now: float) -> None:
         record = cached.record
         cached.recent_uses = cached.recent_uses.add(now, 1.0, BURST_WINDOW_SECONDS)
         burst = is_burst(self.params, cached.recent_uses, record.usage, now)
@@ -371,7 +345,7 @@ class KeyAuthority:
         pending.sources.add(source)
 
     async def _record_failure(
-        self, cached: _Cached, source: str, reason: str, now: float
+        self, cached: CachedKey, source: str, reason: str, now: float
     ) -> bool:
         """Account and audit one failed attempt; True if ``source`` is now suspended."""
         record = cached.record
@@ -414,27 +388,6 @@ class KeyAuthority:
             attributes={"reason": "unknown_key", "source": source},
         ))
 
-    # -- cache -----------------------------------------------------------------------------
-
-    async def _cached(self, key_id: str, now: float) -> _Cached | None:
-        cached = self._cache.get(key_id)
-        if cached is not None and now - cached.loaded_at < self._config.cache_ttl_seconds:
-            return cached
-        async with self._pool.acquire() as conn:
-            record = await repo.get_key(conn, key_id, None)
-            if record is None:
-                self._cache.pop(key_id, None)
-                return None
-            rows = await repo.source_rows(conn, record.tenant_id, key_id)
-        fresh = _Cached(record, now, {r["source"]: SourceState.from_row(r) for r in rows})
-        if cached is not None:
-            fresh.recent_uses = cached.recent_uses
-        self._cache[key_id] = fresh
-        self._cache.move_to_end(key_id)
-        while len(self._cache) > self._config.cache_size:
-            self._cache.popitem(last=False)
-        return fresh
-
     # -- flushing uses ---------------------------------------------------------------------
 
     async def flush(self) -> int:
@@ -464,7 +417,7 @@ class KeyAuthority:
         except Exception:
             self._restore(pending)
             raise
-        self._refresh_cached(records)
+        self._cache.refresh_usage(records)
         return len(records)
 
     def _restore(self, pending: dict[str, _PendingUse]) -> None:
@@ -475,13 +428,6 @@ class KeyAuthority:
                 use.sources |= newer.sources
                 use.last_used = max(use.last_used, newer.last_used)
             self._pending[key_id] = use
-
-    def _refresh_cached(self, records: list[KeyRecord]) -> None:
-        for record in records:
-            cached = self._cache.get(record.key_id)
-            if cached is not None:
-                cached.record = replace(cached.record, usage=record.usage,
-                                        last_used_at=record.last_used_at)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from federation.memory.records import MemoryRecord, Tier
+from federation.prototime import timestamp, to_datetime
 from federation.v1 import thermal_memory_pb2 as pb
 
 TIER_TO_PROTO: dict[Tier, int] = {
@@ -16,12 +13,6 @@ TIER_TO_PROTO: dict[Tier, int] = {
     Tier.EMBER: pb.TEMPERATURE_TIER_EMBER,
 }
 TIER_FROM_PROTO: dict[int, Tier] = {v: k for k, v in TIER_TO_PROTO.items()}
-
-
-def timestamp(moment: dt.datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def record_to_proto(record: MemoryRecord) -> pb.MemoryRecord:
@@ -40,7 +31,7 @@ def record_from_proto(message: pb.MemoryRecord) -> MemoryRecord:
     return MemoryRecord(
         sequence=message.sequence, tenant_id=message.tenant_id, actor=message.actor,
         action=message.action, subject=message.subject, request_id=message.request_id,
-        created_at=message.create_time.ToDatetime(dt.UTC),
+        created_at=to_datetime(message.create_time),
         attributes=dict(message.payload.attributes), body=message.payload.body,
         prev_hash=message.prev_hash, hash=message.hash, temperature=message.temperature,
         compressed=message.compressed,

@@ -19,12 +19,11 @@ the guardian's schema.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import asyncpg
@@ -45,11 +44,22 @@ from federation.crypto.envelope import (
     wrap_context,
 )
 from federation.crypto.shares import InvalidShare, MalformedShare, Share, new_key_id, split_key
-from federation.db import BoundedPool, create_pool
+from federation.db import BoundedPool, create_pool, transaction_as
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
 from federation.paging import page_size as checked_page_size
+from federation.vault.records import (
+    MAX_NAME,
+    IssuedShare,
+    PendingObject,
+    SecretInfo,
+    SecretPage,
+    parse_page_token,
+    sealed_object,
+    secret_info,
+    token_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,87 +68,10 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
-_MAX_NAME: Final = 200
-
-
-
-@dataclass(frozen=True)
-class SecretInfo:
-    """Metadata of a secret; never its value or any share."""
-
-    id: str
-    tenant_id: str
-    name: str
-    version: int
-    state: str
-    created_by: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    destroyed_at: dt.datetime | None
-    recoveries: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "object": "vault.secret", "tenant_id": self.tenant_id,
-            "name": self.name, "version": self.version, "state": self.state,
-            "created_by": self.created_by, "created_at": int(self.created_at.timestamp()),
-            "updated_at": int(self.updated_at.timestamp()),
-            "destroyed_at": int(self.destroyed_at.timestamp()) if self.destroyed_at else None,
-            "recoveries": self.recoveries,
-        }
-
-
-@dataclass(frozen=True, repr=False)
-class IssuedShare:
-    """A secret's metadata and its (new) client share, shown to the caller once."""
-
-    info: SecretInfo
-    client_share: str
-
-    def __repr__(self) -> str:
-        return f"IssuedShare(info={self.info!r})"
-
-
-@dataclass(frozen=True, repr=False)
-class PendingObject:
-    """A reserved escrowed object: its data key and gateway share live only in memory
-    until :meth:`VaultService.commit_escrowed` seals and stores them."""
-
-    tenant_id: str
-    object_id: str
-    key_id: str
-    key: bytes
-    gateway_share: Share
-
-    def __repr__(self) -> str:
-        return f"PendingObject(tenant_id={self.tenant_id!r}, object_id={self.object_id!r})"
-
-
-@dataclass(frozen=True)
-class SecretPage:
-    secrets: list[SecretInfo]
-    next_page_token: str
-
-
-def _info(row: asyncpg.Record) -> SecretInfo:
-    return SecretInfo(
-        id=row["id"], tenant_id=row["tenant_id"], name=row["name"], version=row["version"],
-        state=row["state"], created_by=row["created_by"], created_at=row["created_at"],
-        updated_at=row["updated_at"], destroyed_at=row["destroyed_at"],
-        recoveries=row["recoveries"],
-    )
 
 
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
     return wrap_context("vault-gateway-share", tenant_id, secret_id, version, key_id)
-
-
-def _sealed(row: asyncpg.Record) -> SealedObject:
-    return SealedObject(
-        tenant_id=row["tenant_id"], object_id=row["id"], version=row["version"],
-        key_id=row["key_id"], nonce=bytes(row["nonce"]), ciphertext=bytes(row["ciphertext"]),
-        kcv=bytes(row["kcv"]),
-    )
 
 
 def parse_client_share(text: str) -> Share:
@@ -154,7 +87,7 @@ def parse_client_share(text: str) -> Share:
     return share
 
 
-def _text(value: str, name: str, limit: int = _MAX_NAME) -> str:
+def _text(value: str, name: str, limit: int = MAX_NAME) -> str:
     value = value.strip()
     if not value:
         raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} is required", param=name)
@@ -205,35 +138,21 @@ class VaultService:
         key, key_id = new_data_key(), new_key_id()
         sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=1,
                       key_id=key_id)
-        client, gateway, guardian = split_key(key, key_id)
-        # First the guardian: without its share there is no recovery path, so fail closed.
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
-        )
-        now = self._clock()
+        client, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, secret_id)
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
-                row = await conn.fetchrow(
-                    "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
-                    " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
-                    " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
-                    " RETURNING *",
-                    secret_id, tenant_id, name, key_id, sealed.nonce, sealed.ciphertext,
-                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, 1), actor, now,
-                )
-                assert row is not None
+            async with self._after_deposit(tenant_id, secret_id, key_id, "creation failed",
+                                           ROLE) as conn:
+                row = await _insert(conn, sealed, name,
+                                    self._wrap_gateway(gateway, tenant_id, secret_id, 1), actor,
+                                    self._clock())
                 await self._record("vault.secret.create", actor, tenant_id, secret_id,
                                    {"name": name, "version": "1", "key_id": key_id})
-        except BaseException as exc:
-            await self._discard_guardian_share(tenant_id, secret_id, key_id, "creation failed")
-            if isinstance(exc, asyncpg.UniqueViolationError):
-                raise FederationError(
-                    ErrorCode.ALREADY_EXISTS, f"tenant already has a secret named {name!r}",
-                    param="name",
-                ) from None
-            raise
-        return IssuedShare(_info(row), client.encode())
+        except asyncpg.UniqueViolationError:
+            raise FederationError(
+                ErrorCode.ALREADY_EXISTS, f"tenant already has a secret named {name!r}",
+                param="name",
+            ) from None
+        return IssuedShare(secret_info(row), client.encode())
 
     # ---- escrowed objects (no client share: tenant transcripts) ----------------------------
 
@@ -245,11 +164,8 @@ class VaultService:
         tenant_id = _text(tenant_id, "tenant_id")
         object_id = prefix + secrets.token_hex(12)
         key, key_id = new_data_key(), new_key_id()
-        _, gateway, guardian = split_key(key, key_id)  # the client share is never kept
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=object_id, key_id=key_id, share=guardian
-        )
-        return PendingObject(tenant_id, object_id, key_id, key, gateway)
+        _, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, object_id)
+        return PendingObject(tenant_id, object_id, key_id, key, gateway)  # no client share
 
     async def commit_escrowed(
         self, pending: PendingObject, *, name: str, value: bytes, actor: str, action: str,
@@ -263,22 +179,11 @@ class VaultService:
                       object_id=pending.object_id, version=1, key_id=pending.key_id)
         wrapped = self._wrap_gateway(pending.gateway_share, pending.tenant_id,
                                      pending.object_id, 1)
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not self._role_bound:
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
-            now = self._clock()
-            row = await conn.fetchrow(
-                "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
-                " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
-                " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
-                " RETURNING *",
-                pending.object_id, pending.tenant_id, name, pending.key_id, sealed.nonce,
-                sealed.ciphertext, sealed.kcv, wrapped, actor, now,
-            )
-            assert row is not None
+        async with transaction_as(self._pool, None if self._role_bound else ROLE) as conn:
+            row = await _insert(conn, sealed, name, wrapped, actor, self._clock())
             await self._record(action, actor, pending.tenant_id, pending.object_id,
                                {**attributes, "key_id": pending.key_id})
-        return _info(row)
+        return secret_info(row)
 
     async def abandon_escrowed(self, pending: PendingObject, reason: str) -> None:
         """Best effort: the guardian's share of a reservation that was never committed
@@ -298,7 +203,7 @@ class VaultService:
         if self._config.audit_reads:
             await self._record("vault.secret.read", actor, row["tenant_id"], secret_id,
                                {"version": str(row["version"])})
-        return _info(row), value
+        return secret_info(row), value
 
     # ---- recover and rotate ----------------------------------------------------------------
 
@@ -315,7 +220,7 @@ class VaultService:
             tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
             requested_by_key_id=requested_by_key_id, reason=reason,
         )
-        sealed = _sealed(row)
+        sealed = sealed_object(row)
         try:
             value = open_sealed(recover_key(gateway, guardian, sealed), sealed)
         except (InvalidShare, CiphertextInvalid) as exc:
@@ -340,7 +245,7 @@ class VaultService:
         """Client share + gateway share; a bad share is the caller's fault, a ciphertext
         that does not authenticate is ours."""
         try:
-            return open_with_shares(share, self._gateway_share(row), _sealed(row))
+            return open_with_shares(share, self._gateway_share(row), sealed_object(row))
         except InvalidShare as exc:
             raise FederationError(ErrorCode.PERMISSION_DENIED, str(exc),
                                   param=SHARE_HEADER) from None
@@ -359,57 +264,49 @@ class VaultService:
         key, key_id = new_data_key(), new_key_id()
         sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=version,
                       key_id=key_id)
-        client, gateway, guardian = split_key(key, key_id)
-        await self._guardian.deposit(
-            tenant_id=tenant_id, object_id=secret_id, key_id=key_id, share=guardian
-        )
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
-                updated = await conn.fetchrow(
-                    "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
-                    " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
-                    " recoveries = recoveries + $10"
-                    " WHERE id = $1 AND version = $2 AND state = 'active' RETURNING *",
-                    secret_id, row["version"], version, key_id, sealed.nonce, sealed.ciphertext,
-                    sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, version),
-                    self._clock(), 1 if recovered else 0,
+        client, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, secret_id)
+        async with self._after_deposit(tenant_id, secret_id, key_id, f"{action} failed",
+                                       ROLE) as conn:
+            updated = await conn.fetchrow(
+                "UPDATE vault_secrets SET version = $3, key_id = $4, nonce = $5,"
+                " ciphertext = $6, kcv = $7, wrapped_share = $8, updated_at = $9,"
+                " recoveries = recoveries + $10"
+                " WHERE id = $1 AND version = $2 AND state = 'active' RETURNING *",
+                secret_id, row["version"], version, key_id, sealed.nonce, sealed.ciphertext,
+                sealed.kcv, self._wrap_gateway(gateway, tenant_id, secret_id, version),
+                self._clock(), 1 if recovered else 0,
+            )
+            if updated is None:
+                raise FederationError(
+                    ErrorCode.ABORTED, "the secret changed meanwhile; try again"
                 )
-                if updated is None:
-                    raise FederationError(
-                        ErrorCode.ABORTED, "the secret changed meanwhile; try again"
-                    )
-                await self._record(action, actor, tenant_id, secret_id,
-                                   {**attributes, "version": str(version), "key_id": key_id})
-        except BaseException:
-            await self._discard_guardian_share(tenant_id, secret_id, key_id, f"{action} failed")
-            raise
+            await self._record(action, actor, tenant_id, secret_id,
+                               {**attributes, "version": str(version), "key_id": key_id})
         # The superseded guardian share is useless without the old gateway share, which is
         # gone; destroy it anyway, best-effort (the old client share + it could open backups).
         await self._discard_guardian_share(
             tenant_id, secret_id, old_key_id, f"superseded by version {version}"
         )
-        return IssuedShare(_info(updated), client.encode())
+        return IssuedShare(secret_info(updated), client.encode())
 
     # ---- list and destroy ------------------------------------------------------------------
 
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SecretPage:
         size = checked_page_size(page_size)
-        after_time, after_id = _parse_token(page_token)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        after_time, after_id = parse_page_token(page_token)
+        async with transaction_as(self._pool, ROLE) as conn:
             rows = await conn.fetch(
                 "SELECT id, tenant_id, name, version, state, created_by, created_at, updated_at,"
                 " destroyed_at, recoveries FROM vault_secrets WHERE tenant_id = $1"
                 " AND (created_at, id) > ($2, $3) ORDER BY created_at, id LIMIT $4",
                 tenant_id, after_time, after_id, size + 1,
             )
-        page = [_info(r) for r in rows[:size]]
-        token = _make_token(page[-1]) if len(rows) > size else ""
+        page = [secret_info(r) for r in rows[:size]]
+        token = token_after(page[-1]) if len(rows) > size else ""
         return SecretPage(page, token)
 
     async def get_info(self, tenant_id: str | None, secret_id: str) -> SecretInfo:
-        return _info(await self._row(tenant_id, secret_id))
+        return secret_info(await self._row(tenant_id, secret_id))
 
     async def destroy(
         self, *, tenant_id: str | None, secret_id: str, reason: str, actor: str
@@ -419,7 +316,7 @@ class VaultService:
         reason = _text(reason, "reason", 1000)
         row = await self._row(tenant_id, secret_id)
         if row["state"] == "destroyed":
-            return _info(row)
+            return secret_info(row)
         try:
             await self._guardian.destroy(
                 tenant_id=row["tenant_id"], object_id=secret_id, key_id=row["key_id"],
@@ -428,8 +325,7 @@ class VaultService:
         except FederationError as exc:
             if exc.code is not ErrorCode.NOT_FOUND:
                 raise
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL ROLE {ROLE}")
+        async with transaction_as(self._pool, ROLE) as conn:
             updated = await conn.fetchrow(
                 "UPDATE vault_secrets SET state = 'destroyed', wrapped_share = NULL,"
                 " ciphertext = NULL, nonce = NULL, kcv = NULL, destroyed_at = $2, updated_at = $2"
@@ -437,10 +333,10 @@ class VaultService:
                 secret_id, self._clock(),
             )
             if updated is None:
-                return _info(await self._row(tenant_id, secret_id))
+                return secret_info(await self._row(tenant_id, secret_id))
             await self._record("vault.secret.destroy", actor, row["tenant_id"], secret_id,
                                {"reason": reason, "version": str(row["version"])})
-        return _info(updated)
+        return secret_info(updated)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -451,8 +347,7 @@ class VaultService:
         if self._role_bound:
             row = await self._pool.fetchrow(query, secret_id, tenant_id)
         else:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL ROLE {ROLE}")
+            async with transaction_as(self._pool, ROLE) as conn:
                 row = await conn.fetchrow(query, secret_id, tenant_id)
         if row is None:
             raise FederationError(ErrorCode.NOT_FOUND, f"no secret {secret_id!r} for this tenant")
@@ -494,6 +389,30 @@ class VaultService:
             attributes=dict(attributes),
         ))
 
+    async def _deposit_guardian_share(
+        self, key: bytes, key_id: str, tenant_id: str, object_id: str
+    ) -> tuple[Share, Share]:
+        """Split ``key`` 2-of-3 and deposit the guardian's share first: without it there is
+        no recovery path, so everything after fails closed. The client and gateway shares."""
+        client, gateway, guardian = split_key(key, key_id)
+        await self._guardian.deposit(
+            tenant_id=tenant_id, object_id=object_id, key_id=key_id, share=guardian
+        )
+        return client, gateway
+
+    @contextlib.asynccontextmanager
+    async def _after_deposit(
+        self, tenant_id: str, object_id: str, key_id: str, reason: str, role: str | None
+    ) -> AsyncIterator[Any]:
+        """The transaction that stores what a guardian share was just deposited for; if it
+        fails, that share is destroyed (``reason``), best-effort, and the failure raised."""
+        try:
+            async with transaction_as(self._pool, role) as conn:
+                yield conn
+        except BaseException:
+            await self._discard_guardian_share(tenant_id, object_id, key_id, reason)
+            raise
+
     async def _discard_guardian_share(
         self, tenant_id: str, secret_id: str, key_id: str, reason: str
     ) -> None:
@@ -506,6 +425,21 @@ class VaultService:
                         extra={"secret_id": secret_id, "error": str(exc)[:200]})
 
 
+async def _insert(conn: Any, sealed: SealedObject, name: str, wrapped_share: bytes, actor: str,
+                  now: dt.datetime) -> asyncpg.Record:
+    """A new secret (version 1) from its sealed object and wrapped gateway share."""
+    row = await conn.fetchrow(
+        "INSERT INTO vault_secrets (id, tenant_id, name, state, version, key_id, nonce,"
+        " ciphertext, kcv, wrapped_share, created_by, created_at, updated_at)"
+        " VALUES ($1, $2, $3, 'active', 1, $4, $5, $6, $7, $8, $9, $10, $10)"
+        " RETURNING *",
+        sealed.object_id, sealed.tenant_id, name, sealed.key_id, sealed.nonce,
+        sealed.ciphertext, sealed.kcv, wrapped_share, actor, now,
+    )
+    assert isinstance(row, asyncpg.Record)
+    return row
+
+
 async def _as_gateway_role(conn: asyncpg.Connection[Any]) -> None:
     # ``role`` is not reset by RESET ALL (asyncpg's reset on release), so it sticks.
     await conn.execute(f"SET ROLE {ROLE}")
@@ -515,33 +449,3 @@ async def create_gateway_pool(url: str, config: DatabaseConfig) -> BoundedPool:
     """A pool whose every connection runs as ``federation_gateway`` (migrations must have
     run: the role is created by migration 0020)."""
     return await create_pool(url, config, init=_as_gateway_role)
-
-
-def _make_token(info: SecretInfo) -> str:
-    raw = f"{info.created_at.isoformat()}|{info.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _parse_token(token: str) -> tuple[dt.datetime, str]:
-    if not token:
-        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC), ""
-    decoded = _decode_token(token)
-    if decoded is None:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token")
-    return decoded
-
-
-def _decode_token(token: str) -> tuple[dt.datetime, str] | None:
-    """What ``_make_token`` wrote, or ``None``: an aware time and an id of printable
-    ASCII (anything else, a NUL say, would reach PostgreSQL, which refuses it)."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        moment, _, secret_id = raw.partition("|")
-        after = dt.datetime.fromisoformat(moment)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if (after.tzinfo is None or not secret_id.isascii() or not secret_id.isprintable()
-            or len(secret_id) > _MAX_NAME):
-        return None
-    return after, secret_id

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from federation.errors import ErrorCode, FederationError
+from federation.inference.client import InferenceRouter
 from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
-from federation.routing import InferenceRouter
 from gateway_http import transcripts
 from gateway_http.chat.protocol import (
     DONE,

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from federation.config import ROLES_WITH_SERVICES
-from federation.db.embedded import PostmasterPid
+from federation.db.postmaster import PostmasterPid
 from tests.up_support import ChatClient, federation_up, until
 
 BACK_WITHIN_SECONDS = 10.0

@@ -1,0 +1,111 @@
+"""All configuration, in one typed place: import every name from ``federation.config``.
+
+Settings are frozen dataclasses, one section per concern, with a docstring per
+field saying why its default is what it is. :class:`Settings` (here) holds every
+section; ``processes`` has the sections of how the federation's processes run and
+reach each other, ``services`` what each service and the gateway may do, and
+``loading`` where the values come from (flags, environment, ``federation.toml``,
+defaults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federation.config import loading
+from federation.config.processes import (
+    ALL_ROLES,
+    CLIENT_ONLY_ROLES,
+    ROLES_WITH_SERVICES,
+    ConfigError,
+    DatabaseConfig,
+    GrpcConfig,
+    NodeConfig,
+    PeersConfig,
+    SupervisorConfig,
+)
+from federation.config.services import (
+    CouncilConfig,
+    EdgeConfig,
+    GatewayConfig,
+    GuardianConfig,
+    InferenceConfig,
+    KeysConfig,
+    MemoryConfig,
+    ModelConfig,
+    VaultConfig,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a federation process needs, resolved once at start."""
+
+    home: Path = Path(".federation")
+    """The federation home: PKI, embedded database, endpoints.json."""
+
+    trust_domain: str = "federation.local"
+    """SPIFFE trust domain of every identity this federation issues."""
+
+    log_level: str = "INFO"
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    nodes: NodeConfig = field(default_factory=NodeConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    guardian: GuardianConfig = field(default_factory=GuardianConfig)
+    vault: VaultConfig = field(default_factory=VaultConfig)
+    council: CouncilConfig = field(default_factory=CouncilConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    node_name: str = "local"
+    """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
+
+    @property
+    def endpoints_file(self) -> Path:
+        return self.home / "endpoints.json"
+
+    def port_for(self, role: str) -> int:
+        return int(getattr(self.nodes, f"{role}_port"))
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings from flags (``overrides``), the environment and the file.
+
+    ``overrides`` uses dotted names: ``{"gateway.http_port": 9000, "home": "/x"}``;
+    ``None`` values are ignored so that unset flags fall through.
+    """
+    return loading.load(Settings, Settings.home, overrides, environ)
+
+
+__all__ = [
+    "ALL_ROLES",
+    "CLIENT_ONLY_ROLES",
+    "ROLES_WITH_SERVICES",
+    "ConfigError",
+    "CouncilConfig",
+    "DatabaseConfig",
+    "EdgeConfig",
+    "GatewayConfig",
+    "GrpcConfig",
+    "GuardianConfig",
+    "InferenceConfig",
+    "KeysConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "NodeConfig",
+    "PeersConfig",
+    "Settings",
+    "SupervisorConfig",
+    "VaultConfig",
+    "load_settings",
+]

