@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from federation.config import ROLES_WITH_SERVICES
+from federation.launch.up import _FreePorts
 from tests.up_support import clean_env, running_processes, start_up, stop_up
 from tests.up_support import delete_embedded_data as delete_data
 
@@ -79,3 +80,11 @@ async def test_status_without_a_federation_says_so_in_one_line(tmp_path: Path) -
     lines = err.decode().splitlines()
     assert lines == [f"federation: error: no federation is running on {home} (start one "
                      "with `make run` or `federation up`, or set FEDERATION_HOME)"]
+
+
+def test_ports_picked_for_one_start_are_distinct() -> None:
+    # Binding port 0 after closing a socket can return the same port again; the ports of
+    # one start are held until all are picked, so no two children get the same one.
+    with _FreePorts() as free:
+        ports = [free.pick("127.0.0.1") for _ in range(300)]
+    assert len(set(ports)) == len(ports)

@@ -157,17 +157,18 @@ class Federation:
         """Every port is fixed before the first start, so a restarted child listens where
         its peers, Prometheus and enrolled devices expect it."""
         host = self.settings.nodes.host
-        for role in ROLES_WITH_SERVICES:
-            self.ports[role] = self.settings.port_for(role) or _free_port(host)
-            self.metrics_ports[role] = _free_port(self.settings.nodes.metrics_host)
-        self.ports["enrollment"] = self.settings.edge.enrollment_port or _free_port(host)
         self.http_port = self.settings.gateway.http_port
         if self.http_port and not _port_is_free(self.settings.gateway.http_host, self.http_port):
             raise CommandError(
                 f"port {self.http_port} is already in use; choose another with --http-port "
                 "(0 picks a free one)"
             )
-        self.http_port = self.http_port or _free_port(self.settings.gateway.http_host)
+        with _FreePorts() as free:
+            for role in ROLES_WITH_SERVICES:
+                self.ports[role] = self.settings.port_for(role) or free.pick(host)
+                self.metrics_ports[role] = free.pick(self.settings.nodes.metrics_host)
+            self.ports["enrollment"] = self.settings.edge.enrollment_port or free.pick(host)
+            self.http_port = self.http_port or free.pick(self.settings.gateway.http_host)
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -300,8 +301,25 @@ class Federation:
         self.lifeline.close()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+class _FreePorts:
+    """Distinct free ports. Each stays bound until all are picked: binding port 0 again
+    after closing a socket may return the very same port, and two children were once
+    handed one port (the second then failed with "address already in use")."""
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def __enter__(self) -> _FreePorts:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held = []
+
+    def pick(self, host: str) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._held.append(sock)
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
