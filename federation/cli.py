@@ -28,6 +28,7 @@ Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 COMMAND_MODULES: tuple[str, ...] = (
     "federation.cli_keys", "federation.cli_audit", "federation.cli_edge", "federation.cli_vault",
     "federation.cli_tenants", "federation.cli_council", "federation.cli_status",
+    "federation.cli_backup",
 )
 """Modules that add command groups of their own."""
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from federation.backup.report import describe_restore
 from federation.cli_support import admin_channel, all_pages, fail, print_json
 from federation.config import Settings
 from federation.v1 import thermal_memory_pb2 as pb
@@ -54,6 +55,8 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
         fail(f"audit chain broken at record {report.first_bad_sequence}: {report.problem} "
              f"({report.records_checked} records verified; {checkpoint})")
     print(f"audit chain intact: {report.records_checked} records verified ({checkpoint})")
+    for restore in report.restores:
+        print(describe_restore(restore))
     return 0
 
 

@@ -573,6 +573,29 @@ class VaultConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    """``federation backup`` and ``federation restore`` (see ``docs/backup.md``)."""
+
+    directory: str = "backups"
+    """Where ``federation backup`` writes without ``--out`` (relative to the home), one
+    ``backup-<UTC time>`` folder per run. Move them off the machine: a backup on the
+    disk it protects survives nothing but mistakes."""
+
+    tool_timeout_seconds: float = 6 * 3600.0
+    """Longest ``pg_dump`` or ``pg_restore`` may run before it is stopped and the run
+    fails. Measured: about 11 s per GiB of dump each way on 2 cores
+    (``docs/backup.md``); six hours leaves room for a database of hundreds of GiB."""
+
+    scrypt_log2_n: int = 17
+    """scrypt cost of the key-material file: N = 2^17 with r = 8 takes 128 MiB and
+    about half a second per try, so a guessing attacker pays that per passphrase
+    (the file records it; a restore accepts at most 2^20)."""
+
+    min_passphrase_chars: int = 12
+    """Shortest passphrase accepted for a new key-material file."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a federation process needs, resolved once at start."""
 
@@ -596,6 +619,7 @@ class Settings:
     council: CouncilConfig = field(default_factory=CouncilConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
 
