@@ -113,14 +113,18 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
         await _restore_dump(settings, url, directory, manifest, progress)
         async with _pool(settings, url) as pool:
             store = MemoryStore(pool, MemoryConfig(), restore_verifier=verifier)
-            await _check_restored_chain(store, manifest, checkpoints, public_key)
+            report = await _check_restored_chain(store, manifest, checkpoints, public_key)
             claim = None
             if admin is not None:
                 claim = await _append_restore_event(pool, manifest, checkpoints, admin)
                 progress.step(_describe(claim))
-            report = await verify_with_checkpoints(store, checkpoints, public_key)
-        if not report.intact:
-            raise BackupError(f"the restored audit chain does not verify: {report.problem}")
+                # Records up to the backup were just verified: from there on, the event
+                # and every checkpoint (the lost ones included) are checked again.
+                after = await verify_with_checkpoints(
+                    store, checkpoints, public_key, from_sequence=max(claim.backup_sequence, 1))
+                if not after.intact:
+                    raise BackupError(f"the audit chain does not verify after the restore "
+                                      f"event: {after.problem}")
     if not scratch and checkpoints:
         _install_checkpoint_log(settings, checkpoints)
     progress.step(f"audit chain intact: {report.records_checked} records verified "
@@ -245,7 +249,7 @@ def _ident(name: str) -> str:
 
 async def _check_restored_chain(store: MemoryStore, manifest: Manifest,
                                 checkpoints: list[Checkpoint],
-                                public_key: Ed25519PublicKey | None) -> None:
+                                public_key: Ed25519PublicKey | None) -> VerifyReport:
     head = await store.head_hash()
     sequence, digest = head if head is not None else (0, b"")
     if sequence != manifest.audit_sequence or digest.hex() != manifest.audit_hash:
@@ -256,6 +260,7 @@ async def _check_restored_chain(store: MemoryStore, manifest: Manifest,
     if not report.intact:
         raise BackupError(f"the backup's audit chain does not verify: {report.problem}; "
                           "no restore event was written")
+    return report
 
 
 async def _append_restore_event(pool: asyncpg.Pool, manifest: Manifest,
@@ -273,6 +278,14 @@ async def _append_restore_event(pool: asyncpg.Pool, manifest: Manifest,
         guardian_checkpoint_hash=newest.chain_head_hash if newest else b"",
         restored_by=admin.identity.spiffe_id,
     )
+    await write_restore_event(pool, claim, admin)
+    return claim
+
+
+async def write_restore_event(pool: asyncpg.Pool, claim: RestoreClaim,
+                              admin: CertificateFiles) -> MemoryRecord:
+    """Append ``claim``, signed by ``admin``, at its sequence, linked to the current head
+    (which must be the backup's last record)."""
     prev_hash = claim.backup_hash
     entry = restore_entry(claim, prev_hash, admin.cert.read_bytes(), admin.key.read_bytes())
     created_at = dt.datetime.now(dt.UTC)
@@ -286,14 +299,14 @@ async def _append_restore_event(pool: asyncpg.Pool, manifest: Manifest,
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", CHAIN_LOCK_KEY)
         head = await conn.fetchval("SELECT coalesce(max(sequence), 0) FROM memory_records")
-        if head != backup_sequence:
+        if head != claim.backup_sequence:
             raise BackupError(f"the audit chain moved during the restore (head {head})")
         await conn.copy_records_to_table("memory_records", records=[(
             record.sequence, "", record.actor, record.action, record.subject, "",
             record.created_at, json.dumps(dict(record.attributes), sort_keys=True),
             record.body, record.prev_hash, record.hash, record.temperature, False)],
             columns=COLUMNS)
-    return claim
+    return record
 
 
 def _describe(claim: RestoreClaim) -> str:

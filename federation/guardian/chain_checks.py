@@ -152,7 +152,7 @@ async def verify_with_checkpoints(
     # that loss (the event reports it), not of a rewrite: they are not compared.
     compared = [c for c in in_range if not _declared_lost(c.sequence, chain.restores)]
     report = await verify_against_checkpoints(compared, hash_at, public_key)
-    last = max((c.sequence for c in in_range), default=None)
+    last = max((c.sequence for c in compared), default=None)
     bad = [s for s in (chain.first_bad_sequence, report.first_bad_sequence) if s is not None]
     problems = [p for p in (chain.problem, report.problem) if p]
     if public_key is None and in_range:
