@@ -85,7 +85,7 @@ async def test_a_restore_event_not_signed_by_an_admin_is_refused(
 
 async def test_a_restore_event_signed_by_another_ca_is_refused(
         chain: tuple[MemoryStore, TestPKI], database: Database, tmp_path: Path) -> None:
-    store, pki = chain
+    store, _ = chain
     stranger = TestPKI(tmp_path / "elsewhere")
     claim = await claim_after_head(store, stranger, lost_to=5)
     await write_restore_event(database.pool, claim, stranger.identity("admin", "operator"))

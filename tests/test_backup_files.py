@@ -172,7 +172,7 @@ def test_key_material_round_trips_and_refuses_a_wrong_passphrase(tmp_path: Path)
     assert stat.S_IMODE((target.home / "pki/ca.key").stat().st_mode) == 0o600
 
     other = _settings(TestPKI(tmp_path / "another").home)
-    with pytest.raises(BackupError, match="ca.key already exists and differs"):
+    with pytest.raises(BackupError, match=r"ca\.key already exists and differs"):
         restore_key_file(other, key_file, PASSPHRASE)
 
 
