@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from federation.backup import BackupError
-from federation.backup.dump import Progress, create_backup
+from federation.backup.dump import Progress, create_backup, latest_backup
 from federation.backup.keys import restore_key_file, write_key_file
 from federation.backup.restore import restore_backup
 from federation.cli_support import CommandError, print_json
@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     restore = subparsers.add_parser(
         "restore", help="restore a backup into a fresh home or an empty external database, "
                         "or with --keys the key material into the home")
-    restore.add_argument("backup_dir", nargs="?", metavar="BACKUP_DIR")
+    restore.add_argument("backup_dir", nargs="?", metavar="BACKUP_DIR",
+                         help="a backup directory, or `latest`: the newest one under the "
+                              "backup directory ($FEDERATION_HOME/backups by default)")
     restore.add_argument("--keys", metavar="FILE", help="restore the key material from FILE")
     restore.add_argument("--passphrase-file", metavar="FILE", help=_PASSPHRASE_HELP)
     restore.add_argument(
@@ -94,8 +96,10 @@ async def restore_command(settings: Settings, args: argparse.Namespace) -> int:
             if args.json:
                 print_json({"home": str(settings.home.resolve()), "files": summary.files})
             return 0
+        directory = (latest_backup(settings) if args.backup_dir == "latest"
+                     else Path(args.backup_dir))
         result = await restore_backup(
-            settings, Path(args.backup_dir), Progress("restore"),
+            settings, directory, Progress("restore"),
             guardian_log=Path(args.guardian_checkpoints) if args.guardian_checkpoints
             else None, scratch=args.scratch)
     except BackupError as exc:

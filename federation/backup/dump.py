@@ -73,6 +73,16 @@ def default_target(settings: Settings, now: dt.datetime) -> Path:
     return settings.home / settings.backup.directory / f"backup-{now:%Y%m%dT%H%M%SZ}"
 
 
+def latest_backup(settings: Settings) -> Path:
+    """The newest complete backup under the backup directory (``restore latest``)."""
+    root = settings.home / settings.backup.directory
+    found = sorted(p for p in root.glob("backup-*")
+                   if p.is_dir() and not p.name.endswith(".partial"))
+    if not found:
+        raise BackupError(f"no backup under {root}")
+    return found[-1]
+
+
 async def create_backup(settings: Settings, out: Path | None, progress: Progress) -> tuple[
         Path, Manifest]:
     """Write a backup to ``out`` (default: under the home); returns it and its manifest."""
