@@ -7,17 +7,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from federation.backup.restore import write_restore_event
-from federation.config import MemoryConfig
+from federation.config import MemoryConfig, Settings
 from federation.db import Database
 from federation.guardian.chain_checks import verify_with_checkpoints
 from federation.guardian.checkpoints import CheckpointLog
 from federation.memory.records import AuditEntry
-from federation.memory.restore_event import RestoreClaim, RestoreVerifier
+from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
 from federation.memory.store import MemoryStore
+from federation.v1 import thermal_memory_pb2 as mpb
+from federation.v1 import thermal_memory_pb2_grpc as mgrpc
+from nodes import thermal_memory
+from tests.nodes_support import RunningNode, running
 from tests.support import TestPKI
 
 
@@ -126,3 +131,17 @@ async def test_an_altered_restore_event_is_refused(
     assert not report.intact
     assert report.first_bad_sequence == 6
     assert "restore event" in report.problem
+
+
+async def test_no_node_can_write_a_restore_event_through_record_memory(
+        database: Database, tmp_path: Path) -> None:
+    pki = TestPKI(tmp_path / "nodes")
+    memory = RunningNode(pki, "memory", Settings(), database, thermal_memory)
+    async with running(memory):
+        for role in ("keys", "admin"):
+            async with pki.channel(memory.address, role) as channel:
+                stub = mgrpc.ThermalMemoryServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.RecordMemory(mpb.RecordMemoryRequest(action=RESTORE_ACTION))
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "reserved" in (refused.value.details() or "")
