@@ -31,7 +31,9 @@ from federation.interceptor import current_caller
 from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
 from federation.memory.decay import temperature_decay_job
 from federation.memory.records import AuditEntry
+from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
 from federation.memory.store import MemoryStore, SearchQuery
+from federation.pki import PKIPaths
 from federation.prototime import to_datetime
 from federation.server import ServiceRegistration
 from federation.v1 import thermal_memory_pb2 as pb
@@ -77,6 +79,10 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         if not request.action:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "action is required",
                                   param="action")
+        if request.action == RESTORE_ACTION:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"action {RESTORE_ACTION!r} is reserved for `federation "
+                                  "restore`", param="action")
         if request.HasField("temperature") and request.temperature > 100:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
                                   param="temperature")
@@ -124,12 +130,28 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         )
         if report.last_checkpoint_sequence is not None:
             response.last_checkpoint_sequence = report.last_checkpoint_sequence
+        response.restores.extend(
+            restore_to_proto(claim) for claim in report.restores)
         return response
+
+
+def restore_to_proto(claim: RestoreClaim) -> pb.ChainRestore:
+    message = pb.ChainRestore(
+        sequence=claim.event_sequence, restored_by=claim.restored_by,
+        backup_id=claim.backup_id, backup_time=claim.backup_time,
+        backup_sequence=claim.backup_sequence, backup_hash=claim.backup_hash,
+        lost_from=claim.lost_from, lost_to=claim.lost_to, lost_count=claim.lost_count,
+        guardian_checkpoint_sequence=claim.guardian_checkpoint_sequence,
+    )
+    if claim.restore_time is not None:
+        message.restore_time.FromDatetime(claim.restore_time)
+    return message
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     config = runtime.settings.memory
-    store = MemoryStore(runtime.require_database().pool, config)
+    store = MemoryStore(runtime.require_database().pool, config,
+                        restore_verifier=_restore_verifier(runtime))
     await store.start()
     runtime.cleanup.push_async_callback(store.stop)
     decay = temperature_decay_job(store, config.decay_interval_seconds)
@@ -137,6 +159,16 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     runtime.cleanup.push_async_callback(decay.stop)
     return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_ThermalMemoryServiceServicer_to_server,
                                   await _servicer(runtime, store))
+
+
+def _restore_verifier(runtime: NodeRuntime) -> RestoreVerifier | None:
+    """Restore events are signed by an admin identity of this federation's CA."""
+    ca_cert = (runtime.credentials.ca_cert if runtime.credentials is not None
+               else PKIPaths(runtime.settings.home).ca_cert)
+    if not ca_cert.exists():
+        log.warning("no CA certificate: restore events cannot be verified")
+        return None
+    return RestoreVerifier(ca_cert.read_bytes(), runtime.settings.trust_domain)
 
 
 async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemoryServicer:

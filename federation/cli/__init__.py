@@ -18,7 +18,18 @@ from typing import Any
 
 import grpc
 
-from federation.cli import audit, council, edge, keys, pki, run, status, tenants, vault
+from federation.cli import (
+    audit,
+    backup,
+    council,
+    edge,
+    keys,
+    pki,
+    run,
+    status,
+    tenants,
+    vault,
+)
 from federation.cli.support import fail
 from federation.config import ConfigError, Settings, load_settings
 from federation.db import DatabaseUnavailable
@@ -30,7 +41,7 @@ from federation.pki import PKIError
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_GROUPS: tuple[ModuleType, ...] = (
-    pki, run, keys, audit, edge, vault, tenants, council, status,
+    pki, run, keys, audit, edge, vault, tenants, council, status, backup,
 )
 """The modules whose ``register`` adds the commands, in ``--help`` order."""
 

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli.support import admin_channel, all_pages, fail, print_json
+from federation.backup.report import describe_restore
+from federation.cli.support import all_pages, fail, print_json
 from federation.config import Settings
+from federation.launch.endpoints import admin_channel
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
 
@@ -54,6 +56,8 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
         fail(f"audit chain broken at record {report.first_bad_sequence}: {report.problem} "
              f"({report.records_checked} records verified; {checkpoint})")
     print(f"audit chain intact: {report.records_checked} records verified ({checkpoint})")
+    for restore in report.restores:
+        print(describe_restore(restore))
     return 0
 
 

@@ -15,9 +15,10 @@ from typing import TextIO
 
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli.support import admin_channel, print_json
+from federation.cli.support import print_json
 from federation.config import Settings
 from federation.errors import CommandError
+from federation.launch.endpoints import admin_channel
 from federation.v1 import council_pb2, council_pb2_grpc
 
 _STANCES = {council_pb2.STANCE_APPROVE: "approve", council_pb2.STANCE_REJECT: "reject",

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from federation.cli.support import admin_channel, database_url, print_json
+from federation.cli.support import print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB
@@ -39,6 +39,7 @@ from federation.edge.device.client import (
 from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
 from federation.errors import CommandError
+from federation.launch.endpoints import admin_channel, database_url
 from federation.prototime import timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from federation.cli.support import admin_channel, all_pages, print_json
+from federation.cli.support import all_pages, print_json
 from federation.config import Settings
+from federation.launch.endpoints import admin_channel
 from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc

@@ -21,9 +21,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
-from federation.cli.support import admin_credentials, load_endpoints, print_json
+from federation.cli.support import print_json
 from federation.config import Settings
 from federation.errors import CommandError
+from federation.launch.endpoints import admin_credentials, load_endpoints
 from federation.launch.state import ChildState, ChildStatus, SupervisorState, live_state
 from federation.pki import CertificateFiles
 

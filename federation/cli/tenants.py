@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from federation.cli.support import admin_channel, database_url, operator_actor, print_json
+from federation.cli.support import print_json
 from federation.config import Settings
 from federation.db import create_pool
+from federation.launch.endpoints import admin_channel, database_url, operator_actor
 from federation.memory.client import GrpcAuditSink
 from federation.vault.tenants import set_store_transcripts
 

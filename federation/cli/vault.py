@@ -23,16 +23,11 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from federation.cli.support import (
-    admin_channel,
-    all_pages,
-    database_url,
-    operator_actor,
-    print_json,
-)
+from federation.cli.support import all_pages, print_json
 from federation.config import Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.guardian.client import GrpcGuardianClient
+from federation.launch.endpoints import admin_channel, database_url, operator_actor
 from federation.memory.client import GrpcAuditSink
 from federation.vault.records import IssuedShare, SecretInfo
 from federation.vault.service import VaultService, create_gateway_pool

@@ -28,6 +28,7 @@ from federation.config.processes import (
     SupervisorConfig,
 )
 from federation.config.services import (
+    BackupConfig,
     CouncilConfig,
     EdgeConfig,
     GatewayConfig,
@@ -64,6 +65,7 @@ class Settings:
     council: CouncilConfig = field(default_factory=CouncilConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
 
@@ -91,6 +93,7 @@ __all__ = [
     "ALL_ROLES",
     "CLIENT_ONLY_ROLES",
     "ROLES_WITH_SERVICES",
+    "BackupConfig",
     "ConfigError",
     "CouncilConfig",
     "DatabaseConfig",

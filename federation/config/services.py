@@ -396,3 +396,27 @@ class VaultConfig:
 
     guardian_timeout_seconds: float = 5.0
     """Deadline of one call to the guardian; creation fails closed (503) past it."""
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    """``federation backup`` and ``federation restore`` (see ``docs/backup.md``)."""
+
+    directory: str = "backups"
+    """Where ``federation backup`` writes without ``--out`` (relative to the home), one
+    ``backup-<UTC time>`` folder per run. Move them off the machine: a backup on the
+    disk it protects survives nothing but mistakes."""
+
+    tool_timeout_seconds: float = 6 * 3600.0
+    """Longest ``pg_dump`` or ``pg_restore`` may run before it is stopped and the run
+    fails. Measured on 2 cores: about 10 s per GB of database each way (0.57 GB: dump
+    5.1 s, restore 6.1 s; ``docs/backup.md``); six hours leaves room for a database of
+    hundreds of GB."""
+
+    scrypt_log2_n: int = 17
+    """scrypt cost of the key-material file: N = 2^17 with r = 8 takes 128 MiB and
+    about half a second per try, so a guessing attacker pays that per passphrase
+    (the file records it; a restore accepts at most 2^20)."""
+
+    min_passphrase_chars: int = 12
+    """Shortest passphrase accepted for a new key-material file."""

@@ -37,6 +37,7 @@ from federation.guardian.checkpoints import (
     load_public_key,
     verify_against_checkpoints,
 )
+from federation.memory.restore_event import RestoreClaim
 from federation.memory.store import MemoryStore
 from federation.prototime import to_datetime
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
@@ -122,6 +123,8 @@ class VerifyReport:
     """The newest guardian-signed checkpoint in the range (``None``: none)."""
     checkpoints: CheckpointReport | None
     """``None`` when no guardian is configured (chain-only verification)."""
+    restores: tuple[RestoreClaim, ...] = ()
+    """Restore events in the range, oldest first: what each restore lost."""
 
 
 async def verify_with_checkpoints(
@@ -140,13 +143,16 @@ async def verify_with_checkpoints(
     chain = await store.verify_chain(from_sequence, to_sequence)
     if checkpoints is None:
         return VerifyReport(chain.intact, chain.records_checked, chain.first_bad_sequence,
-                            chain.problem, None, None)
+                            chain.problem, None, None, chain.restores)
     first = max(from_sequence, 1)
     in_range = [c for c in checkpoints
                 if c.sequence >= first and (to_sequence == 0 or c.sequence <= to_sequence)]
     hash_at: Callable[[int], Awaitable[bytes | None]] = store.hash_at
-    report = await verify_against_checkpoints(in_range, hash_at, public_key)
-    last = max((c.sequence for c in in_range), default=None)
+    # Checkpoints of records a verified restore event declares lost are the evidence of
+    # that loss (the event reports it), not of a rewrite: they are not compared.
+    compared = [c for c in in_range if not _declared_lost(c.sequence, chain.restores)]
+    report = await verify_against_checkpoints(compared, hash_at, public_key)
+    last = max((c.sequence for c in compared), default=None)
     bad = [s for s in (chain.first_bad_sequence, report.first_bad_sequence) if s is not None]
     problems = [p for p in (chain.problem, report.problem) if p]
     if public_key is None and in_range:
@@ -158,4 +164,9 @@ async def verify_with_checkpoints(
         problem="; ".join(problems) if not (chain.intact and report.intact) else "",
         last_checkpoint_sequence=last,
         checkpoints=report,
+        restores=chain.restores,
     )
+
+
+def _declared_lost(sequence: int, restores: tuple[RestoreClaim, ...]) -> bool:
+    return any(r.lost_from <= sequence <= r.lost_to for r in restores)

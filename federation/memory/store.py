@@ -22,6 +22,12 @@ from federation.clock import Clock, utc_now
 from federation.config import MemoryConfig
 from federation.errors import ErrorCode, FederationError
 from federation.memory.records import GENESIS_HASH, AuditEntry, MemoryRecord, Tier
+from federation.memory.restore_event import (
+    RESTORE_ACTION,
+    RestoreClaim,
+    RestoreEventError,
+    RestoreVerifier,
+)
 from federation.memory.writer import ChainWriter
 from federation.paging import page_size as checked_page_size
 
@@ -57,16 +63,22 @@ class ChainReport:
     records_checked: int
     first_bad_sequence: int | None = None
     problem: str = ""
+    restores: tuple[RestoreClaim, ...] = ()
+    """Every valid restore event met on the way (each declares the gap before it)."""
 
 
 class MemoryStore:
     """The thermal memory domain; ``start()`` before use, ``stop()`` after."""
 
     def __init__(
-        self, pool: asyncpg.Pool, config: MemoryConfig, *, clock: Clock = utc_now
+        self, pool: asyncpg.Pool, config: MemoryConfig, *, clock: Clock = utc_now,
+        restore_verifier: RestoreVerifier | None = None,
     ) -> None:
+        """``restore_verifier``: checks restore events (``None``: a restore event, and so
+        the gap before it, cannot be accepted)."""
         self._pool = pool
         self._config = config
+        self._restore_verifier = restore_verifier
         self._writer = ChainWriter(
             pool, default_temperature=config.initial_temperature,
             max_batch=config.max_batch, clock=clock,
@@ -152,7 +164,7 @@ class MemoryStore:
         """Recompute every hash and link in the range; report the first problem."""
         first = max(from_sequence, 1)
         last = to_sequence or await self.head()
-        walker = _ChainWalker(first, await self._hash_before(first))
+        walker = _ChainWalker(*await self._start_before(first), self._restore_verifier)
         cursor = first
         while cursor <= last:
             rows = await self._pool.fetch(
@@ -169,13 +181,19 @@ class MemoryStore:
         walker.expect_end(last)
         return walker.report()
 
-    async def _hash_before(self, sequence: int) -> bytes | None:
+    async def _start_before(self, sequence: int) -> tuple[int, bytes | None]:
+        """Where a walk from ``sequence`` starts: the sequence it expects first and the hash
+        that record must link to. When record ``sequence - 1`` is missing (it may be in the
+        gap a restore event declares), the walk starts after the last record before it."""
         if sequence == 1:
-            return GENESIS_HASH
-        value = await self._pool.fetchval(
-            "SELECT hash FROM memory_records WHERE sequence = $1", sequence - 1
+            return 1, GENESIS_HASH
+        row = await self._pool.fetchrow(
+            "SELECT sequence, hash FROM memory_records WHERE sequence < $1 "
+            "ORDER BY sequence DESC LIMIT 1", sequence,
         )
-        return bytes(value) if value is not None else None
+        if row is None:
+            return sequence, None
+        return int(row["sequence"]) + 1, bytes(row["hash"])
 
     async def cool(self, degrees: int | None = None) -> int:
         """Lower every record's temperature; compress what went cold. Returns rows cooled."""
@@ -209,12 +227,15 @@ class MemoryStore:
 class _ChainWalker:
     """Checks records one by one, in order, remembering the first problem."""
 
-    def __init__(self, first: int, prev_hash: bytes | None) -> None:
+    def __init__(self, first: int, prev_hash: bytes | None,
+                 restore_verifier: RestoreVerifier | None = None) -> None:
         self.expected = first
         self.prev_hash = prev_hash
         self.checked = 0
         self.bad: int | None = None
         self.problem = ""
+        self.restores: list[RestoreClaim] = []
+        self._restore_verifier = restore_verifier
         if prev_hash is None:
             self._fail(first - 1, f"record {first - 1} is missing")
 
@@ -222,6 +243,8 @@ class _ChainWalker:
         if self.bad is not None:
             return False
         sequence = int(row["sequence"])
+        if row["action"] == RESTORE_ACTION and not self._accept_restore(row):
+            return False
         if sequence != self.expected:
             return self._fail(self.expected, f"record {self.expected} is missing")
         try:
@@ -237,12 +260,34 @@ class _ChainWalker:
         self.expected += 1
         return True
 
+    def _accept_restore(self, row: asyncpg.Record) -> bool:
+        """A restore event may follow a gap: exactly the one it declares, if it verifies."""
+        sequence = int(row["sequence"])
+        if self._restore_verifier is None:
+            return self._fail(sequence, f"record {sequence} is a restore event, and this "
+                                        "node has no CA certificate to verify it")
+        try:
+            claim = self._restore_verifier.check(record_from_row(row))
+        except (RestoreEventError, zlib.error) as exc:
+            return self._fail(sequence, f"record {sequence} is a restore event that does not "
+                                        f"verify: {exc}")
+        if claim.lost_from > self.expected:
+            return self._fail(self.expected, f"record {self.expected} is missing")
+        if claim.lost_from < self.expected:
+            return self._fail(sequence, f"record {sequence} is a restore event declaring "
+                                        f"records {claim.lost_from}..{claim.lost_to} lost, "
+                                        f"but record {self.expected - 1} is there")
+        self.restores.append(claim)
+        self.expected = sequence
+        return True
+
     def expect_end(self, last: int) -> None:
         if self.bad is None and self.expected <= last:
             self._fail(self.expected, f"record {self.expected} is missing")
 
     def report(self) -> ChainReport:
-        return ChainReport(self.bad is None, self.checked, self.bad, self.problem)
+        return ChainReport(self.bad is None, self.checked, self.bad, self.problem,
+                           tuple(self.restores))
 
     def _fail(self, sequence: int, problem: str) -> bool:
         if self.bad is None:

@@ -435,6 +435,7 @@ class VerifyChainResponse(_message.Message):
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     LAST_CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESTORES_FIELD_NUMBER: _builtins.int
     intact: _builtins.bool
     """True if every record in the range hashes correctly, links to its
     predecessor, and matches every signed checkpoint in the range.
@@ -451,6 +452,12 @@ class VerifyChainResponse(_message.Message):
     """Sequence of the latest guardian-signed checkpoint in the range. Unset
     if the range contains no checkpoint.
     """
+    @_builtins.property
+    def restores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainRestore]:
+        """Every restore event in the range, oldest first: each one declares the
+        records a database restore lost. Reported for ever, even when intact.
+        """
+
     def __init__(
         self,
         *,
@@ -459,10 +466,11 @@ class VerifyChainResponse(_message.Message):
         first_bad_sequence: _builtins.int | None = ...,
         problem: _builtins.str = ...,
         last_checkpoint_sequence: _builtins.int | None = ...,
+        restores: _abc.Iterable[Global___ChainRestore] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "first_bad_sequence", b"first_bad_sequence", "last_checkpoint_sequence", b"last_checkpoint_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "first_bad_sequence", b"first_bad_sequence", "intact", b"intact", "last_checkpoint_sequence", b"last_checkpoint_sequence", "problem", b"problem", "records_checked", b"records_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "first_bad_sequence", b"first_bad_sequence", "intact", b"intact", "last_checkpoint_sequence", b"last_checkpoint_sequence", "problem", b"problem", "records_checked", b"records_checked", "restores", b"restores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__first_bad_sequence: _TypeAlias = _typing.Literal["first_bad_sequence"]  # noqa: Y015
     _WhichOneofArgType__first_bad_sequence: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence"]  # noqa: Y015
@@ -474,3 +482,73 @@ class VerifyChainResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__last_checkpoint_sequence) -> _WhichOneofReturnType__last_checkpoint_sequence | None: ...
 
 Global___VerifyChainResponse: _TypeAlias = VerifyChainResponse  # noqa: Y015
+
+@_typing.final
+class ChainRestore(_message.Message):
+    """A restore event of the chain (`federation restore`): the chain went back to
+    a backup's last record and the records after it are lost.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESTORE_TIME_FIELD_NUMBER: _builtins.int
+    RESTORED_BY_FIELD_NUMBER: _builtins.int
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    BACKUP_TIME_FIELD_NUMBER: _builtins.int
+    BACKUP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BACKUP_HASH_FIELD_NUMBER: _builtins.int
+    LOST_FROM_FIELD_NUMBER: _builtins.int
+    LOST_TO_FIELD_NUMBER: _builtins.int
+    LOST_COUNT_FIELD_NUMBER: _builtins.int
+    GUARDIAN_CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Sequence of the restore event itself."""
+    restored_by: _builtins.str
+    """SPIFFE id of the admin identity that signed the event."""
+    backup_id: _builtins.str
+    """Identifier of the backup restored."""
+    backup_time: _builtins.str
+    """When the backup was taken (RFC 3339)."""
+    backup_sequence: _builtins.int
+    """The backup's last record; the event links to it."""
+    backup_hash: _builtins.bytes
+    """Hash of that record."""
+    lost_from: _builtins.int
+    """First record lost (backup_sequence + 1)."""
+    lost_to: _builtins.int
+    """Last record lost according to the guardian's newest checkpoint at the
+    restore (lost_from - 1 when no checkpoint covered any lost record).
+    """
+    lost_count: _builtins.int
+    """Records lost that a guardian checkpoint knew of (lost_to - lost_from +
+    1). Records written after that checkpoint were never signed: unknown.
+    """
+    guardian_checkpoint_sequence: _builtins.int
+    """The guardian's newest checkpoint known at the restore (0: none)."""
+    @_builtins.property
+    def restore_time(self) -> _timestamp_pb2.Timestamp:
+        """When the restore event was written."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        restore_time: _timestamp_pb2.Timestamp | None = ...,
+        restored_by: _builtins.str = ...,
+        backup_id: _builtins.str = ...,
+        backup_time: _builtins.str = ...,
+        backup_sequence: _builtins.int = ...,
+        backup_hash: _builtins.bytes = ...,
+        lost_from: _builtins.int = ...,
+        lost_to: _builtins.int = ...,
+        lost_count: _builtins.int = ...,
+        guardian_checkpoint_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["restore_time", b"restore_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_hash", b"backup_hash", "backup_id", b"backup_id", "backup_sequence", b"backup_sequence", "backup_time", b"backup_time", "guardian_checkpoint_sequence", b"guardian_checkpoint_sequence", "lost_count", b"lost_count", "lost_from", b"lost_from", "lost_to", b"lost_to", "restore_time", b"restore_time", "restored_by", b"restored_by", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainRestore: _TypeAlias = ChainRestore  # noqa: Y015
