@@ -20,6 +20,7 @@ from federation.db.postmaster import PostmasterPid, postmaster_alive
 from federation.memory.store import MemoryStore
 from tests.db_support import fresh_database_url, started_database
 from tests.edge_support import FAST_EDGE, BrokerNode, broker_server
+from tests.guardian_support import SwitchableSink
 from tests.support import TestPKI
 
 
@@ -105,3 +106,9 @@ async def broker_node(pki: TestPKI, database: Database, home: Path,
     """A broker and its enrollment port serving for the whole test (``broker_server``)."""
     async with broker_server(pki, database, home, broker_config) as (server, broker, _):
         yield server, broker
+
+
+@pytest.fixture
+def sink(store: MemoryStore) -> SwitchableSink:
+    """Thermal memory as the guardian's audit sink, which a test can switch off."""
+    return SwitchableSink(store)

@@ -27,11 +27,6 @@ from tests.support import TestPKI
 
 
 @pytest.fixture
-def sink(store: MemoryStore) -> SwitchableSink:
-    return SwitchableSink(store)
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

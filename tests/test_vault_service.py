@@ -34,11 +34,6 @@ from tests.support import TestPKI
 
 
 @pytest.fixture
-def sink(store: MemoryStore) -> SwitchableSink:
-    return SwitchableSink(store)
-
-
-@pytest.fixture
 async def guardian(database: Database, home: Path, sink: SwitchableSink
                    ) -> AsyncIterator[GuardianNode]:
     custody, log = build_guardian(database, home, sink, clock=FakeClock())
