@@ -135,6 +135,29 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class PkiConfig:
+    """Lifetimes of the federation's certificates (``[pki]``)."""
+
+    leaf_validity_days: float = 30.0
+    """Node, gateway and admin certificates. Short, so that a stolen key is useful for
+    weeks, not years; ``federation pki renew`` (a timer) replaces them well before, and
+    running nodes pick the new files up without a restart."""
+
+    renew_within_days: float = 10.0
+    """``federation pki renew`` and ``federation up`` reissue a certificate expiring
+    within this: a third of its life, which leaves ten days to notice a failed renewal
+    (``federation_certificate_expiry_timestamp_seconds`` on every node's metrics)."""
+
+    intermediate_validity_days: float = 365.0
+    """The nodes and edge intermediates; renewing one needs the root key, brought back
+    from offline once a year."""
+
+    root_validity_days: float = 3650.0
+    """The root: the one certificate every host trusts; replacing it means re-bundling
+    every host, so it lives long and its key stays offline."""
+
+
+@dataclass(frozen=True)
 class PeersConfig:
     """Where to reach each role's gRPC service (``host:port``).
 

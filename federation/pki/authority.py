@@ -1,208 +1,133 @@
-"""The federation's certificate authority and the identities it issues.
+"""The federation's certificate authority as a home holds it: init, load, issue.
 
-Every node, the gateway, operators and edge devices hold a leaf certificate
-signed by the federation CA. A leaf's identity is exactly one SPIFFE-style URI
-SAN, ``spiffe://<trust domain>/node/<name>/<role>`` (edge devices:
-``spiffe://<trust domain>/edge/<name>``). Server certificates also carry DNS and
-IP SANs because Python gRPC clients verify host names, not URI SANs.
+:meth:`CertificateAuthority.init` creates the root and both intermediates. Loading a
+home's CA needs only the intermediates' keys that are present: the CA host has both,
+a broker host only the edge one (see :func:`load_edge_issuer`), and no host needs the
+root key except to renew an intermediate. Every certificate issued here is appended
+to ``pki/issued.jsonl`` (serial, identity, issuer, expiry).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
-import os
-import re
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation.config import ALL_ROLES
+from federation.config import PkiConfig
+from federation.pki.chain import identity_of_certificate
+from federation.pki.files import (
+    EDGE,
+    NODES,
+    CertificateFiles,
+    PKIPaths,
+    cert_pem,
+    issuer_kind,
+    key_pem,
+    leaf_certificate,
+    load_private_key,
+    write_file,
+    write_private_file,
+)
+from federation.pki.identity import Identity, PKIError, validate_name, validate_role
+from federation.pki.issuer import Issuer, build_intermediate, build_root
 
-CA_VALIDITY = dt.timedelta(days=3650)
-LEAF_VALIDITY = dt.timedelta(days=365)
-ADMIN_NAME = "operator"
-"""Name of the admin identity ``federation up`` issues for the local operator."""
-_NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-
-
-class PKIError(Exception):
-    """The PKI is missing, malformed, or asked for something it must not do."""
-
-
-@dataclass(frozen=True, order=True)
-class Identity:
-    """Who a certificate says its holder is."""
-
-    trust_domain: str
-    name: str
-    role: str
-
-    @property
-    def spiffe_id(self) -> str:
-        if self.role == "edge":
-            return f"spiffe://{self.trust_domain}/edge/{self.name}"
-        return f"spiffe://{self.trust_domain}/node/{self.name}/{self.role}"
-
-    def __str__(self) -> str:
-        return self.spiffe_id
-
-
-def parse_spiffe_id(uri: str, trust_domain: str) -> Identity:
-    """Parse and validate a SPIFFE ID issued by this federation."""
-    prefix = f"spiffe://{trust_domain}/"
-    if not uri.startswith(prefix):
-        raise PKIError(f"identity {uri!r} is not in trust domain {trust_domain!r}")
-    parts = uri[len(prefix) :].split("/")
-    if len(parts) == 3 and parts[0] == "node" and parts[2] in ALL_ROLES and parts[2] != "edge":
-        return Identity(trust_domain, parts[1], parts[2])
-    if len(parts) == 2 and parts[0] == "edge":
-        return Identity(trust_domain, parts[1], "edge")
-    raise PKIError(f"identity {uri!r} does not name a known role")
-
-
-def validate_name(name: str) -> str:
-    if not _NAME_PATTERN.match(name):
-        raise PKIError(
-            f"invalid name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'"
-        )
-    return name
-
-
-def validate_role(role: str) -> str:
-    if role not in ALL_ROLES:
-        raise PKIError(f"unknown role {role!r}; roles are: {', '.join(ALL_ROLES)}")
-    return role
-
-
-@dataclass(frozen=True)
-class PKIPaths:
-    """Where a federation home keeps its certificates."""
-
-    home: Path
-
-    @property
-    def directory(self) -> Path:
-        return self.home / "pki"
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca.key"
-
-    def leaf_cert(self, role: str, name: str) -> Path:
-        return self.directory / "issued" / f"{role}-{name}.pem"
-
-    def leaf_key(self, role: str, name: str) -> Path:
-        return self.directory / "issued" / f"{role}-{name}.key"
-
-
-@dataclass(frozen=True)
-class CertificateFiles:
-    """PEM paths of one issued identity, plus the CA that signed it."""
-
-    identity: Identity
-    cert: Path
-    key: Path
-    ca_cert: Path
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """Return ``(key_pem, cert_pem, ca_pem)``."""
-        return self.key.read_bytes(), self.cert.read_bytes(), self.ca_cert.read_bytes()
+DEFAULT_DNS = ("localhost",)
+DEFAULT_IPS = ("127.0.0.1", "::1")
 
 
 class CertificateAuthority:
-    """A loaded federation CA that can sign leaf certificates."""
+    """A home's CA: the root certificate and whichever intermediates it holds keys for."""
 
-    def __init__(self, paths: PKIPaths, trust_domain: str) -> None:
+    def __init__(self, paths: PKIPaths, trust_domain: str,
+                 config: PkiConfig | None = None) -> None:
         self.paths = paths
         self.trust_domain = trust_domain
+        self.config = config or PkiConfig()
+        paths.check_layout()
         try:
-            self._cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-            key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+            self._root = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         except FileNotFoundError as exc:
             raise PKIError(
                 f"no federation CA under {paths.directory}; run `federation pki init`"
             ) from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PKIError(f"{paths.ca_key} is not an ECDSA key")
-        self._key = key
+        self._issuers = {kind: issuer for kind in (NODES, EDGE)
+                         if (issuer := _load_issuer(paths, kind, trust_domain)) is not None}
 
     @property
     def certificate(self) -> x509.Certificate:
-        return self._cert
+        """The root certificate: the trust anchor handed to devices and peers."""
+        return self._root
+
+    def edge_signer(self) -> EdgeSigner:
+        return EdgeSigner(self.issuer(EDGE), self._root)
+
+    def issuer(self, kind: str) -> Issuer:
+        if kind not in self._issuers:
+            raise PKIError(
+                f"this home holds no key for the {kind} CA ({self.paths.intermediate_key(kind)}); "
+                "issue such certificates on the CA host")
+        return self._issuers[kind]
 
     @classmethod
-    def init(cls, home: Path, trust_domain: str, *, force: bool = False) -> CertificateAuthority:
-        """Create a new CA under ``home`` (refuses to overwrite one unless ``force``)."""
+    def init(cls, home: Path, trust_domain: str, *, force: bool = False,
+             config: PkiConfig | None = None) -> CertificateAuthority:
+        """Create a root and both intermediates under ``home`` (refuses to overwrite a CA
+        unless ``force``)."""
+        config = config or PkiConfig()
         paths = PKIPaths(home)
         if paths.ca_cert.exists() and not force:
             raise PKIError(f"a federation CA already exists at {paths.ca_cert}")
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Federation"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"Federation CA ({trust_domain})"),
-            ]
-        )
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
+        root_key, root = build_root(trust_domain, dt.timedelta(days=config.root_validity_days))
         paths.directory.mkdir(parents=True, exist_ok=True)
-        write_private_file(paths.ca_key, _key_pem(key))
-        paths.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cls(paths, trust_domain)
+        write_private_file(paths.ca_key, key_pem(root_key))
+        write_file(paths.ca_cert, cert_pem(root))
+        for kind in (NODES, EDGE):
+            _write_intermediate(paths, kind, trust_domain, root_key, root, config)
+        return cls(paths, trust_domain, config)
+
+    def renew_intermediate(self, kind: str, root_key_file: Path) -> x509.Certificate:
+        """A new certificate for intermediate ``kind`` over its *same* key, signed with the
+        root key in ``root_key_file`` (brought back from offline for this). Keeping the key
+        keeps its key identifier, so the leaves it signed stay valid and every verifier's
+        :class:`~federation.pki.chain.ChainPolicy` still recognises them."""
+        root_key = load_private_key(root_key_file)
+        if root_key.public_key() != self._root.public_key():
+            raise PKIError(f"{root_key_file} is not the key of {self.paths.ca_cert}")
+        issuer = self.issuer(kind)
+        cert = build_intermediate(kind, self.trust_domain, root_key, self._root,
+                                  dt.timedelta(days=self.config.intermediate_validity_days),
+                                  key=issuer.key)[1]
+        write_file(self.paths.intermediate_cert(kind), cert_pem(cert))
+        self._issuers[kind] = Issuer(kind, self.trust_domain, cert, issuer.key)
+        return cert
 
     def issue(
         self,
         role: str,
         name: str,
         *,
-        dns_names: tuple[str, ...] = ("localhost",),
-        ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
-        validity: dt.timedelta = LEAF_VALIDITY,
+        dns_names: tuple[str, ...] = DEFAULT_DNS,
+        ip_addresses: tuple[str, ...] = DEFAULT_IPS,
+        validity: dt.timedelta | None = None,
+        into: PKIPaths | None = None,
     ) -> CertificateFiles:
-        """Issue a key pair and leaf certificate, written under the PKI directory."""
+        """Issue a key pair and a leaf certificate (with its intermediate), written under
+        this home's PKI directory, or under ``into`` (a bundle being assembled)."""
         identity = Identity(self.trust_domain, validate_name(name), validate_role(role))
+        if identity.is_edge:
+            dns_names, ip_addresses = (), ()
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self.sign(identity, key.public_key(), dns_names, ip_addresses, validity)
-        cert_path = self.paths.leaf_cert(role, name)
-        key_path = self.paths.leaf_key(role, name)
-        cert_path.parent.mkdir(parents=True, exist_ok=True)
-        write_private_file(key_path, _key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return CertificateFiles(identity, cert_path, key_path, self.paths.ca_cert)
+        target = into or self.paths
+        cert_path, key_path = target.leaf_cert(role, name), target.leaf_key(role, name)
+        write_private_file(key_path, key_pem(key))
+        write_file(cert_path, cert_pem(cert, self.issuer(issuer_kind(role)).certificate))
+        return CertificateFiles(identity, cert_path, key_path, target.ca_cert)
 
     def sign(
         self,
@@ -210,96 +135,139 @@ class CertificateAuthority:
         public_key: ec.EllipticCurvePublicKey,
         dns_names: tuple[str, ...] = (),
         ip_addresses: tuple[str, ...] = (),
-        validity: dt.timedelta = LEAF_VALIDITY,
+        validity: dt.timedelta | None = None,
     ) -> x509.Certificate:
-        """Sign a leaf certificate for ``identity`` over ``public_key``."""
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
-        sans += [x509.DNSName(d) for d in dns_names]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        now = _now()
-        return (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Federation"),
-                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role),
-                        x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
-                    ]
-                )
-            )
-            .issuer_name(self._cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(min(now + validity, self._cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
+        """Sign a leaf for ``identity`` with the intermediate of its kind, and log it."""
+        issuer = self.issuer(issuer_kind(identity.role))
+        validity = validity or dt.timedelta(days=self.config.leaf_validity_days)
+        cert = issuer.sign(identity, public_key, dns_names, ip_addresses, validity)
+        log_issuance(self.paths, identity, issuer.kind, cert)
+        return cert
 
 
-def load_ca(home: Path, trust_domain: str) -> CertificateAuthority:
-    return CertificateAuthority(PKIPaths(home), trust_domain)
+def _write_intermediate(paths: PKIPaths, kind: str, trust_domain: str,
+                        root_key: ec.EllipticCurvePrivateKey, root: x509.Certificate,
+                        config: PkiConfig) -> x509.Certificate:
+    key, cert = build_intermediate(kind, trust_domain, root_key, root,
+                                   dt.timedelta(days=config.intermediate_validity_days))
+    write_private_file(paths.intermediate_key(kind), key_pem(key))
+    write_file(paths.intermediate_cert(kind), cert_pem(cert))
+    return cert
+
+
+def _load_issuer(paths: PKIPaths, kind: str, trust_domain: str) -> Issuer | None:
+    key_file, cert_file = paths.intermediate_key(kind), paths.intermediate_cert(kind)
+    if not key_file.exists() or not cert_file.exists():
+        return None
+    return Issuer(kind, trust_domain, leaf_certificate(cert_file), load_private_key(key_file))
+
+
+def load_ca(home: Path, trust_domain: str, config: PkiConfig | None = None
+            ) -> CertificateAuthority:
+    return CertificateAuthority(PKIPaths(home), trust_domain, config)
+
+
+@dataclass(frozen=True)
+class EdgeSigner:
+    """What the broker signs device certificates with: the edge intermediate alone (it
+    cannot sign a node or admin identity), and the root to hand to devices."""
+
+    issuer: Issuer
+    root: x509.Certificate
+
+
+def load_edge_signer(home: Path, trust_domain: str) -> EdgeSigner:
+    """The broker's signer; the nodes CA's key is never loaded into the broker."""
+    paths = PKIPaths(home)
+    paths.check_layout()
+    issuer = _load_issuer(paths, EDGE, trust_domain)
+    if issuer is None:
+        raise PKIError(f"no edge CA key at {paths.intermediate_key(EDGE)}")
+    return EdgeSigner(issuer, x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+
+
+def log_issuance(paths: PKIPaths, identity: Identity, kind: str,
+                 cert: x509.Certificate) -> None:
+    """Append the certificate to ``issued.jsonl``: what a deny list by serial, an audit of
+    what was issued, or a renewal reminder reads."""
+    line = json.dumps({
+        "serial": format(cert.serial_number, "x"),
+        "identity": identity.spiffe_id,
+        "issuer": kind,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }, sort_keys=True)
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    with paths.issuance_log.open("a") as log:
+        log.write(line + "\n")
+
+
+def needs_renewal(cert_file: Path, within: dt.timedelta) -> bool:
+    """True when the certificate expires within ``within`` (or is unreadable)."""
+    try:
+        cert = leaf_certificate(cert_file)
+    except (OSError, ValueError):
+        return True
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC) <= within
 
 
 def ensure_identity(ca: CertificateAuthority, role: str, name: str) -> CertificateFiles:
-    """Return the identity's files, issuing them first if they do not exist yet."""
+    """The identity's files, issued first if missing or close to expiry."""
     paths = ca.paths
     cert, key = paths.leaf_cert(role, name), paths.leaf_key(role, name)
-    if cert.exists() and key.exists():
-        identity = Identity(ca.trust_domain, name, role)
-        return CertificateFiles(identity, cert, key, paths.ca_cert)
+    within = dt.timedelta(days=ca.config.renew_within_days)
+    if cert.exists() and key.exists() and not needs_renewal(cert, within):
+        return CertificateFiles(Identity(ca.trust_domain, name, role), cert, key, paths.ca_cert)
     return ca.issue(role, name)
 
 
-def certificate_files(home: Path, trust_domain: str, role: str, name: str) -> CertificateFiles:
-    """The files of an identity that must already have been issued."""
+def renew_identities(ca: CertificateAuthority, within: dt.timedelta) -> list[CertificateFiles]:
+    """Reissue, in place, every identity of this home expiring within ``within`` (same
+    role, name and host names; a new key). The key is renamed into place before the
+    certificate, and a running node serves the new pair from its next handshake."""
+    renewed: list[CertificateFiles] = []
+    for cert_file in sorted((ca.paths.directory / "issued").glob("*.pem")):
+        if not needs_renewal(cert_file, within):
+            continue
+        identity, dns, ips = _identity_of(leaf_certificate(cert_file), ca.trust_domain)
+        if identity is None or not ca.paths.leaf_key(identity.role, identity.name).exists():
+            continue
+        renewed.append(ca.issue(identity.role, identity.name, dns_names=dns, ip_addresses=ips))
+    return renewed
+
+
+def migrate_legacy(home: Path, trust_domain: str, config: PkiConfig | None = None
+                   ) -> tuple[Path, list[Identity]]:
+    """Replace a single-CA PKI with a root and intermediates; reissue its identities.
+
+    The old directory is kept beside the new one (``pki.legacy-<time>``). Returns it
+    and the identities issued again (same role, name and host names)."""
     paths = PKIPaths(home)
-    files = CertificateFiles(
-        Identity(trust_domain, name, role),
-        paths.leaf_cert(role, name),
-        paths.leaf_key(role, name),
-        paths.ca_cert,
-    )
-    for path in (files.cert, files.key, files.ca_cert):
-        if not path.exists():
-            raise PKIError(
-                f"{path} is missing; run `federation pki issue --role {role} --name {name}`"
-            )
-    return files
+    if not paths.ca_cert.exists():
+        raise PKIError(f"no PKI under {paths.directory} to migrate")
+    if paths.intermediate_cert(NODES).exists():
+        raise PKIError(f"{paths.directory} already has intermediate CAs; nothing to migrate")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    legacy = paths.directory.with_name(f"pki.legacy-{stamp}")
+    shutil.move(paths.directory, legacy)
+    ca = CertificateAuthority.init(home, trust_domain, config=config)
+    reissued: list[Identity] = []
+    for old in sorted((legacy / "issued").glob("*.pem")):
+        identity, dns, ips = _identity_of(leaf_certificate(old), trust_domain)
+        if identity is None:
+            continue
+        ca.issue(identity.role, identity.name, dns_names=dns, ip_addresses=ips)
+        reissued.append(identity)
+    return legacy, reissued
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a file created with mode 0600 (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _identity_of(cert: x509.Certificate, trust_domain: str
+                 ) -> tuple[Identity | None, tuple[str, ...], tuple[str, ...]]:
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+        identity = identity_of_certificate(cert, trust_domain)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (PKIError, x509.ExtensionNotFound):
+        return None, (), ()
+    dns = tuple(sans.get_values_for_type(x509.DNSName))
+    ips = tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+    return identity, dns, ips
