@@ -103,7 +103,8 @@ async def _start(
                 f"the {options.role} node needs PostgreSQL: set FEDERATION_DATABASE_URL "
                 "(or start the whole federation with `federation up`)"
             )
-        database = Database(settings.database.url, settings.database)
+        database = Database(settings.database.url, settings.database,
+                            migrate=settings.database.migrate)
         await database.start()
         stack.push_async_callback(database.stop)
     registry = CollectorRegistry()

@@ -52,7 +52,16 @@ class DatabaseConfig:
     """PostgreSQL: an external cluster through ``url``, or the embedded one."""
 
     url: str = ""
-    """DSN of an external PostgreSQL (``FEDERATION_DATABASE_URL``). Empty: embedded."""
+    """DSN of an external PostgreSQL (``FEDERATION_DATABASE_URL``). Empty: embedded. On a
+    deployment each node has its own login, its password in a file the DSN names and TLS
+    checked against the federation's root, e.g. ``postgresql://federation_keys_login@db1:5432/
+    federation?sslmode=verify-full&sslrootcert=/var/lib/federation/pki/ca.pem&passfile=…``
+    (docs/deploy.md)."""
+
+    migrate: bool = True
+    """Nodes apply pending migrations at start (one machine, one owner DSN). On a deployment
+    the nodes' logins may not change the schema: set false, run ``federation db migrate``
+    as the owner, and a node refuses to start on a schema older than its code."""
 
     embedded_port: int = 0
     """TCP port of the embedded PostgreSQL on 127.0.0.1. 0 picks a free one."""

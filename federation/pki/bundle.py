@@ -8,7 +8,9 @@ gzipped tar (created 0600) whose paths are relative to the host's federation hom
   (``admin`` is the operator's identity, named ``operator``);
 * ``broker``: the edge intermediate's key, to enroll devices (it can sign nothing else);
 * ``guardian``: the checkpoint signing key (and its public half);
-* ``memory``: the guardian's public checkpoint key, to check signatures in ``VerifyChain``.
+* ``memory``: the guardian's public checkpoint key, to check signatures in ``VerifyChain``;
+* ``postgres`` (the database host): a server certificate for PostgreSQL's TLS,
+  ``postgres/server.crt|.key``; its URI names no role, so it opens no gRPC door.
 
 No host gets the root key or the nodes intermediate's key. ``federation pki install``
 unpacks a bundle into a home: files are checked against the manifest, written beside
@@ -31,12 +33,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from federation.config import ALL_ROLES, Settings
 from federation.guardian.checkpoints import PUBLIC_KEY_SUFFIX, load_signing_key
-from federation.pki.authority import CertificateAuthority
-from federation.pki.files import EDGE, NODES, PKIPaths, leaf_certificate, write_file
-from federation.pki.identity import ADMIN_NAME, PKIError, validate_name
+from federation.pki.authority import CertificateAuthority, log_issuance
+from federation.pki.files import (
+    EDGE,
+    NODES,
+    PKIPaths,
+    cert_pem,
+    key_pem,
+    leaf_certificate,
+    write_file,
+)
+from federation.pki.identity import ADMIN_NAME, Identity, PKIError, validate_name
 
+POSTGRES = "postgres"
+"""A host role that is not a federation identity: PostgreSQL's server certificate."""
+HOST_ROLES: tuple[str, ...] = (*(r for r in ALL_ROLES if r != "edge"), POSTGRES)
 MANIFEST = "bundle.json"
 FORMAT = "federation-host-bundle/1"
 _PRIVATE_MODE, _PUBLIC_MODE = 0o600, 0o644
@@ -55,10 +70,10 @@ class BundleSpec:
         validate_name(self.host)
         if not self.roles:
             raise PKIError("a bundle needs at least one role (--roles)")
-        unknown = [r for r in self.roles if r not in ALL_ROLES or r == "edge"]
+        unknown = [r for r in self.roles if r not in HOST_ROLES]
         if unknown:
             raise PKIError(f"unknown host role(s) {', '.join(unknown)}; host roles are: "
-                           + ", ".join(r for r in ALL_ROLES if r != "edge"))
+                           + ", ".join(HOST_ROLES))
 
     def identity_name(self, role: str) -> str:
         return ADMIN_NAME if role == "admin" else self.host
@@ -103,6 +118,9 @@ def build_bundle(ca: CertificateAuthority, settings: Settings, spec: BundleSpec,
     into = PKIPaths(staging)
     dns, ips = spec.server_names
     for role in spec.roles:
+        if role == POSTGRES:
+            _add_postgres(bundle, ca, spec)
+            continue
         name = spec.identity_name(role)
         files = ca.issue(role, name, dns_names=dns, ip_addresses=ips, into=into)
         cert = leaf_certificate(files.cert)
@@ -115,6 +133,21 @@ def build_bundle(ca: CertificateAuthority, settings: Settings, spec: BundleSpec,
                    _PRIVATE_MODE)
     _add_role_keys(bundle, ca, settings)
     return bundle
+
+
+def _add_postgres(bundle: Bundle, ca: CertificateAuthority, spec: BundleSpec) -> None:
+    issuer = ca.issuer(NODES)
+    key = ec.generate_private_key(ec.SECP256R1())
+    identity = Identity(ca.trust_domain, spec.host, POSTGRES)
+    dns, ips = spec.server_names
+    cert = issuer.sign(identity, key.public_key(), dns, ips,
+                       dt.timedelta(days=ca.config.leaf_validity_days))
+    log_issuance(ca.paths, identity, NODES, cert)
+    bundle.identities.append({"identity": identity.spiffe_id,
+                              "serial": format(cert.serial_number, "x"),
+                              "not_after": cert.not_valid_after_utc.isoformat()})
+    bundle.add("postgres/server.crt", cert_pem(cert, issuer.certificate), _PUBLIC_MODE)
+    bundle.add("postgres/server.key", key_pem(key), _PRIVATE_MODE)
 
 
 def _add_role_keys(bundle: Bundle, ca: CertificateAuthority, settings: Settings) -> None:
