@@ -54,6 +54,7 @@ from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
+from gateway_http.tls import HttpsContext, https_files, warn_if_plain_off_loopback
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault import add_vault_routes
 
@@ -191,9 +192,14 @@ class GatewayServer:
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
                  keys: KeyVerifier | None = None, audit: AuditSink | None = None,
                  registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry()
         self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
         self._settings = settings
         self._runner: web.AppRunner | None = None
+        files = https_files(settings, credentials)
+        self.https = (HttpsContext(files, settings.gateway.tls_reload_seconds, registry)
+                      if files is not None else None)
+        """The HTTPS context (``gateway.tls``); ``None`` serves plain HTTP."""
         self.port = 0
 
     @property
@@ -220,14 +226,20 @@ class GatewayServer:
         )
         await runner.setup()
         self._runner = runner
+        warn_if_plain_off_loopback(self._settings)
         site = web.TCPSite(runner, config.http_host, config.http_port,
-                           backlog=config.listen_backlog)
+                           backlog=config.listen_backlog,
+                           ssl_context=self.https.context if self.https else None)
         await site.start()
+        if self.https is not None:
+            await self.https.start()
         self.port = int(runner.addresses[0][1])
         log.info("gateway serving", extra={"host": self._settings.gateway.http_host,
-                                           "port": self.port})
+                                           "port": self.port, "tls": config.tls})
 
     async def stop(self) -> None:
+        if self.https is not None:
+            await self.https.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -11,6 +11,22 @@ class GatewayConfig:
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+
+    tls: str = "off"
+    """HTTPS (TLS 1.3 minimum): ``off`` is plain HTTP, fine on loopback (the default host);
+    ``federation`` serves the gateway's own federation certificate (clients trust the
+    federation root, ``pki/ca.pem``); ``files`` serves ``tls_cert_file``/``tls_key_file``,
+    the operator's own (a public CA's, for clients outside the federation)."""
+
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    """With ``tls = "files"``: the certificate chain and key (PEM), relative to the home or
+    absolute."""
+
+    tls_reload_seconds: float = 30.0
+    """How often the gateway looks for a renewed certificate; new connections get it, open
+    ones keep theirs. Short against a lifetime of weeks, and costs two ``stat`` calls."""
+
     max_body_bytes: int = 1024 * 1024
     """Larger request bodies are refused with 413."""
 
