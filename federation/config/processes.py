@@ -102,8 +102,19 @@ class NodeConfig:
     council_port: int = 0
     broker_port: int = 0
     metrics_host: str = "127.0.0.1"
+    keys_metrics_port: int = 0
+    memory_metrics_port: int = 0
+    guardian_metrics_port: int = 0
+    inference_metrics_port: int = 0
+    council_metrics_port: int = 0
+    broker_metrics_port: int = 0
+    """Each role's Prometheus port on ``metrics_host``. 0 picks a free one (``federation up``
+    chooses them itself); a deployment fixes them so Prometheus finds every node."""
     startup_timeout_seconds: float = 60.0
     """How long ``federation up`` waits for every role to report SERVING."""
+
+    def metrics_port_for(self, role: str) -> int:
+        return int(getattr(self, f"{role}_metrics_port", 0))
 
 
 @dataclass(frozen=True)
