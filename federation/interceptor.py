@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
+import importlib.metadata
 import inspect
 import logging
 import time
@@ -32,6 +33,20 @@ from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, reque
 from federation.pki import ChainPolicy, Identity, PKIError, not_after, parse_spiffe_id
 
 log = logging.getLogger(__name__)
+
+VERSION_HEADER = "x-federation-version"
+"""Sent with every gRPC health answer: the version of the federation a node runs."""
+_HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("federation")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _installed_version()
 
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -205,6 +220,9 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                 raise  # unreachable: abort raises
             caller_var.set(caller)
             peer_var.set(caller.spiffe_id)
+            if service == _HEALTH_SERVICE:
+                # What `federation status` shows for each node across hosts.
+                await context.send_initial_metadata(((VERSION_HEADER, VERSION),))
             if not authz.is_allowed(caller.role, method):
                 metrics.denied.labels(service, name, "permission_denied").inc()
                 log.warning(
