@@ -125,6 +125,7 @@ def _dependencies(
                 refresh_seconds=gateway.route_refresh_seconds,
                 probe_timeout_seconds=gateway.health_timeout_seconds,
                 attempts=gateway.route_attempts,
+                first_event_timeout_seconds=gateway.route_first_event_timeout_seconds,
             )
             stack.push_async_callback(router.stop)
             await router.start()

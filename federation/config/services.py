@@ -50,6 +50,12 @@ class GatewayConfig:
     route_refresh_seconds: float = 2.0
     """How often the router re-probes health, models and load of every inference node."""
 
+    route_first_event_timeout_seconds: float = 60.0
+    """A node that sends nothing for this long after a call began counts as gone (a
+    network partition answers nothing, not even a refusal) and the request is retried on
+    another node, still before the first token. Generous: a large model's first token
+    under load (queueing and prefill) can take tens of seconds."""
+
     outbox_dir: str = "gateway/outbox"
     """Spool of the records the gateway writes after deciding an answer (audit records of
     refusals and failures), relative to the home; see ``gateway_http/outbox.py``."""
