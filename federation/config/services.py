@@ -112,8 +112,9 @@ class ModelConfig:
     """Public model id (OpenAI ``model``)."""
 
     backend: str = "llamacpp"
-    """``llamacpp`` (in-process GGUF), ``openai`` (an OpenAI-compatible upstream) or
-    ``test`` (deterministic echo, for tests and benchmarks)."""
+    """``llamacpp`` (in-process GGUF), ``openai`` (an OpenAI-compatible upstream),
+    ``test`` (deterministic echo, for tests and benchmarks) or ``council-scripted``
+    (deterministic council members that all approve, for tests across processes)."""
 
     gguf_path: str = ""
     """GGUF file for ``llamacpp``. Empty: the SmolLM2-135M-Instruct file shipped in the
