@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import open_channel
 from federation.config import ConfigError, Settings
+from federation.credentials import CertificateExpiry
 from federation.inference.client import InferenceRouter
 from federation.keys.client import GrpcKeyVerifier, KeyVerifier
 from federation.launch.lifeline import watch_lifeline
@@ -197,8 +198,12 @@ class GatewayServer:
         self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
         self._settings = settings
         self._runner: web.AppRunner | None = None
+        expiry = CertificateExpiry(registry)
+        if credentials is not None:  # the gateway's own identity, presented to every node
+            _, chain, ca = credentials.read()
+            expiry.record(credentials, chain, ca)
         files = https_files(settings, credentials)
-        self.https = (HttpsContext(files, settings.gateway.tls_reload_seconds, registry)
+        self.https = (HttpsContext(files, settings.gateway.tls_reload_seconds, expiry)
                       if files is not None else None)
         """The HTTPS context (``gateway.tls``); ``None`` serves plain HTTP."""
         self.port = 0

@@ -13,7 +13,6 @@ import logging
 import ssl
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry
 
 from federation.config import ConfigError, Settings
 from federation.credentials import CertificateExpiry, CertificateWatch
@@ -48,10 +47,11 @@ class HttpsContext:
     """The server's ``SSLContext`` and the task that keeps its certificate current."""
 
     def __init__(self, files: CertificateFiles, reload_seconds: float,
-                 registry: CollectorRegistry | None = None) -> None:
+                 expiry: CertificateExpiry | None = None) -> None:
+        """``expiry``: where the served certificate's expiry is exported (label ``https``)."""
         self._files = files
         self._watch = CertificateWatch(files)
-        self._expiry = CertificateExpiry(registry).gauge if registry is not None else None
+        self._expiry = expiry.gauge if expiry is not None else None
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_3
         self.reloads = 0

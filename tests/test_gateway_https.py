@@ -15,6 +15,7 @@ import aiohttp
 import openai
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from federation.db import Database
 from federation.pki import leaf_certificate, renew_identities
@@ -90,3 +91,19 @@ async def test_a_renewed_certificate_is_served_without_a_restart(stack: Stack) -
         await asyncio.sleep(0.1)
     assert served == renewed
     assert stack.gateway.https is not None and stack.gateway.https.reloads == 1
+
+
+async def test_the_gateway_exports_its_certificates_expiry(stack: Stack) -> None:
+    context = ssl.create_default_context(cafile=str(stack.pki.ca.paths.ca_cert))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http, \
+            http.get(f"https://localhost:{stack.gateway.port}/metrics") as response:
+        body = await response.text()
+    expiry = leaf_certificate(stack.pki.identity("gateway").cert).not_valid_after_utc
+    values = {sample.labels["certificate"]: sample.value
+              for family in text_string_to_metric_families(body)
+              for sample in family.samples
+              if sample.name == "federation_certificate_expiry_timestamp_seconds"}
+    assert set(values) == {"spiffe://federation.local/node/test/gateway", "https", "nodes-ca",
+                           "root"}
+    assert values["https"] == values["spiffe://federation.local/node/test/gateway"] == \
+        expiry.timestamp()
