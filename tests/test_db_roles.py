@@ -7,7 +7,11 @@ custody, the vault's gateway pool) as each node would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,7 +20,7 @@ import pytest
 
 from federation.config import DatabaseConfig, GuardianConfig, KeysConfig, MemoryConfig
 from federation.db import Database
-from federation.db.migrate import MigrationError
+from federation.db.migrate import MigrationError, load_migrations
 from federation.db.roles import NODE_ROLES, RolePlan, init_roles, init_roles_sql, login_urls
 from federation.guardian.custody import GuardianCustody
 from federation.keys.authority import KeyAuthority
@@ -157,3 +161,17 @@ def test_the_sql_for_a_dba_runs_the_three_steps_in_order() -> None:
     logins = sql.index('GRANT "federation_gateway" TO "federation_gateway_login"')
     assert owner < migrate < logins
     assert 'REVOKE ALL ON DATABASE "federation" FROM PUBLIC' in sql
+
+
+async def test_the_migrate_command_applies_pending_migrations_once(pg_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+    argv = [sys.executable, "-m", "federation.cli", "db", "migrate", "--database-url", pg_url,
+            "--json"]
+    runs = []
+    for _ in range(2):
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        assert process.returncode == 0, err.decode()
+        runs.append(json.loads(out)["applied"])
+    assert runs[0] == [m.version for m in load_migrations()] and runs[1] == []
