@@ -34,6 +34,7 @@ from federation.logs import request_id_var
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import CertificateFiles, certificate_files
+from federation.telemetry.metrics import register_process_metrics
 from gateway_http import health, models, openapi
 from gateway_http.audit import RequestRecord
 from gateway_http.background import BackgroundTasks
@@ -80,6 +81,7 @@ def create_app(
         middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
     registry = registry or CollectorRegistry()
+    register_process_metrics(registry, settings, "gateway", credentials)
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)

@@ -27,6 +27,7 @@ from federation.db import Database, DatabaseWatch
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
+from federation.telemetry.metrics import database_up_collector, register_process_metrics
 from nodes import council, edge, guardian, inference, keys, memory
 from nodes.runtime import NodeRuntime
 
@@ -107,6 +108,7 @@ async def _start(
         await database.start()
         stack.push_async_callback(database.stop)
     registry = CollectorRegistry()
+    register_process_metrics(registry, settings, options.role, credentials)
     cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
     runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
     registration = await SERVICES[options.role](runtime)
@@ -122,10 +124,12 @@ async def _start(
         enrollment_listen=_enrollment_listen(settings, options),
     )
     await server.start()
+    runtime.server = server
     stack.push_async_callback(server.stop)
     if database is not None:
         # NOT_SERVING on gRPC health while PostgreSQL is unreachable, SERVING again after.
         watch = DatabaseWatch.of(database, server.set_serving)
+        registry.register(database_up_collector(lambda: watch.reachable))
         await watch.start()
         stack.push_async_callback(watch.stop)
     return server
