@@ -22,6 +22,7 @@ from typing import Final
 import asyncpg
 
 from federation.clock import Clock, utc_now
+from federation.db.errors import outage_error
 from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
 from federation.memory.records import (
@@ -106,8 +107,11 @@ class ChainWriter:
             records = await self._append_many([entry for entry, _ in batch])
         except Exception as exc:
             log.exception("thermal memory append failed", extra={"records": len(batch)})
+            outage = outage_error(exc)
+            reason = f": {outage.message}" if outage is not None else ""
             error = FederationError(
-                ErrorCode.UNAVAILABLE, "thermal memory could not store the record"
+                ErrorCode.UNAVAILABLE, f"thermal memory could not store the record{reason}",
+                retry_after_seconds=outage.retry_after_seconds if outage else None,
             )
             error.__cause__ = exc
             for _, future in batch:
