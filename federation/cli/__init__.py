@@ -22,6 +22,7 @@ from federation.cli import (
     audit,
     backup,
     council,
+    db,
     edge,
     keys,
     pki,
@@ -41,7 +42,7 @@ from federation.pki import PKIError
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_GROUPS: tuple[ModuleType, ...] = (
-    pki, run, keys, audit, edge, vault, tenants, council, status, backup,
+    pki, run, keys, audit, edge, vault, tenants, council, status, backup, db,
 )
 """The modules whose ``register`` adds the commands, in ``--help`` order."""
 

@@ -142,6 +142,11 @@ class DatabaseWatch:
 
     The probe has a connection of its own, outside the pool: a pool saturated by
     load must not look like an outage. ``start()``/``stop()`` run it periodically.
+
+    It asks for a *writable* server: after a failover (a standby promoted, the DSN
+    listing both hosts with ``target_session_attrs=read-write``) a connection to a
+    server that is, or became, a standby counts as unreachable and is dropped, so
+    the next probe reconnects through the DSN to whichever host is now the primary.
     """
 
     def __init__(
@@ -186,7 +191,8 @@ class DatabaseWatch:
             async with asyncio.timeout(self._config.probe_timeout_seconds):
                 if self._connection is None or self._connection.is_closed():
                     self._connection = await asyncpg.connect(self._url)
-                await self._connection.fetchval("SELECT 1")
+                if await self._connection.fetchval("SELECT pg_is_in_recovery()"):
+                    raise DatabaseUnreachable("connected to a standby (read-only)")
         except Exception as exc:  # any failure means "not now"
             log.debug("database probe failed", extra={"error": str(exc)[:200]})
             self._drop_connection()

@@ -37,11 +37,15 @@ _SERVER_OUTAGES: Final = (
     DatabaseUnreachable,  # a pool failing fast during an outage it knows of
     # No writable server among a multi-host DSN's (all standbys, before a promotion).
     asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a pooled connection to a demoted server
 )
 
-_CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError)
+_CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError,
+                       asyncpg.exceptions.InternalClientError)
 """Raised by the client library when the server is gone or silent (connect, acquire
-and command timeouts, refused or reset sockets, "connection is closed"). The same
+and command timeouts, refused or reset sockets, "connection is closed"; and "cannot
+switch to state 15; another operation is in progress" when the server dies during
+the reset of a connection being released to the pool, seen in a failover). The same
 types can come from elsewhere (a full disk is an OSError too), so they count only
 when asyncpg raised them."""
 
