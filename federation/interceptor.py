@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from federation import authz
 from federation.db.errors import outage_error
+from federation.denylist import DenyList
 from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import Identity, PKIError, parse_spiffe_id
@@ -139,6 +140,11 @@ def _not_after(pem: bytes) -> dt.datetime:
     return x509.load_pem_x509_certificate(pem).not_valid_after_utc
 
 
+@functools.lru_cache(maxsize=4096)
+def _serial(pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
 def _presented_no_certificate(context: Context) -> bool:
     """A TLS peer that sent no client certificate (possible only on a port that
     does not require one, i.e. the broker's enrollment port)."""
@@ -153,10 +159,12 @@ def _split(method: str) -> tuple[str, str]:
 class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     """Authenticate, authorize, contextualise, translate errors, measure."""
 
-    def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False):
+    def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False,
+                 deny_list: DenyList | None = None):
         self._trust_domain = trust_domain
         self._metrics = metrics
         self._insecure_dev = insecure_dev
+        self._deny_list = deny_list
 
     async def intercept_service(
         self,
@@ -177,6 +185,13 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         if self._insecure_dev:
             return Identity(self._trust_domain, "insecure-dev", "admin")
         return identity_from_context(context, self._trust_domain)
+
+    def _refusal(self, context: Context, caller: Identity) -> str | None:
+        """Why the deny list refuses the caller's certificate, if it does."""
+        if self._deny_list is None or self._insecure_dev:
+            return None
+        pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+        return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
 
     def _guard(self, method: str, request_id: str, behavior: Any) -> Any:
         service, name = _split(method)
@@ -201,6 +216,13 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                 )
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
                 raise  # unreachable: abort raises
+            refusal = self._refusal(context, caller)
+            if refusal is not None:
+                metrics.denied.labels(service, name, "denied").inc()
+                log.warning("refused a denied certificate",
+                            extra={"method": method, "caller": caller.spiffe_id,
+                                   "reason": refusal})
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             caller_var.set(caller)
             peer_var.set(caller.spiffe_id)
             if not authz.is_allowed(caller.role, method):

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import Database, DatabaseWatch
+from federation.denylist import DenyList
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
@@ -122,6 +123,7 @@ async def _start(
         metrics_port=options.metrics_port,
         registry=registry,
         enrollment_listen=_enrollment_listen(settings, options),
+        deny_list=_deny_list(settings),
     )
     await server.start()
     runtime.server = server
@@ -133,6 +135,14 @@ async def _start(
         await watch.start()
         stack.push_async_callback(watch.stop)
     return server
+
+
+def _deny_list(settings: Settings) -> DenyList:
+    try:
+        return DenyList(settings.home / settings.grpc.deny_list_file,
+                        settings.grpc.deny_list_reload_seconds)
+    except PKIError as exc:
+        raise DaemonError(str(exc)) from exc
 
 
 def _enrollment_listen(settings: Settings, options: DaemonOptions) -> str | None:

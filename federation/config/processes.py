@@ -46,6 +46,14 @@ class GrpcConfig:
     from the first to the second. gRPC's defaults (1 s, then up to 120 s) kept callers on
     503 for seconds after a supervised node was back (it restarts in about one)."""
 
+    deny_list_file: str = "pki/denied.json"
+    """Certificates every server refuses, by serial or identity (relative to the home;
+    ``federation certs deny``; see ``federation/denylist.py``). Copy it to every host."""
+
+    deny_list_reload_seconds: float = 1.0
+    """How often a server looks whether the deny list changed: a denial takes effect
+    everywhere within this (plus the copy to each host), with no restart."""
+
 
 @dataclass(frozen=True)
 class DatabaseConfig:
