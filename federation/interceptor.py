@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from federation import authz
@@ -33,6 +34,7 @@ from federation.denylist import DenyList
 from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import Identity, PKIError, parse_spiffe_id
+from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +178,9 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return None
         method: str = handler_call_details.method
         request_id = clean_request_id(_metadata_value(handler_call_details, REQUEST_ID_HEADER))
+        trace_parent = _trace_carrier(handler_call_details) if tracing.enabled() else None
         wrapped: Handler = _wrap_handler(
-            handler, lambda behavior: self._guard(method, request_id, behavior)
+            handler, lambda behavior: self._guard(method, request_id, behavior, trace_parent)
         )
         return wrapped
 
@@ -193,7 +196,8 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
         return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
 
-    def _guard(self, method: str, request_id: str, behavior: Any) -> Any:
+    def _guard(self, method: str, request_id: str, behavior: Any,
+               trace_parent: dict[str, str] | None = None) -> Any:
         service, name = _split(method)
         metrics = self._metrics
 
@@ -264,7 +268,10 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             metrics.in_flight.labels(service, name).inc()
             try:
                 await enter(context)
-                yield
+                with tracing.span(method.lstrip("/"), kind=SpanKind.SERVER, carrier=trace_parent,
+                                  attributes={"rpc.system": "grpc", "rpc.service": service,
+                                              "rpc.method": name}):
+                    yield
             except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
@@ -288,6 +295,12 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                     await result
 
         return stream_result, unary_result
+
+
+def _trace_carrier(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The caller's trace context (``traceparent``, ``tracestate``) from the metadata."""
+    return {str(k): str(v) for k, v in details.invocation_metadata or ()
+            if k in tracing.TRACE_HEADERS}
 
 
 def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:

@@ -28,6 +28,7 @@ from federation.denylist import DenyList
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
+from federation.telemetry import tracing
 from federation.telemetry.metrics import database_up_collector, register_process_metrics
 from nodes import council, edge, guardian, inference, keys, memory
 from nodes.runtime import NodeRuntime
@@ -79,6 +80,7 @@ async def serve(settings: Settings, options: DaemonOptions) -> None:
         watch_lifeline(options.lifeline_fd, stop.set,
                        hard_deadline=settings.supervisor.orphan_stop_seconds)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(tracing.configure(settings.tracing, options.role))  # flushed last
         server = await _start(settings, options, stack)
         if options.ready_file is not None:
             _write_ready_file(options.ready_file, options.role, server)

@@ -167,3 +167,21 @@ class PeersConfig:
     def addresses(self, role: str) -> list[str]:
         value = str(getattr(self, role, "") or "")
         return [a.strip() for a in value.split(",") if a.strip()]
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry traces (``federation/telemetry/tracing.py``). Off unless an endpoint
+    is set: then no span is made at all."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP traces endpoint of a collector, e.g. ``http://otel-collector:4318/v1/traces``
+    (Jaeger, Tempo and the OpenTelemetry Collector accept it). Empty: tracing off."""
+
+    sample_ratio: float = 1.0
+    """Share of requests traced (decided at the gateway; the nodes follow the caller's
+    decision). All by default: the federation's request rates are modest."""
+
+    export_timeout_seconds: float = 10.0
+    """Longest one export to the collector may take; spans are sent in batches, off the
+    request path."""

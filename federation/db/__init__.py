@@ -23,6 +23,7 @@ import asyncpg
 from federation.config import DatabaseConfig
 from federation.db.migrate import apply_migrations
 from federation.periodic import PeriodicTask
+from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ async def create_pool(
     min_size: int | None = None,
     max_size: int | None = None,
 ) -> BoundedPool:
-    """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there."""
+    """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there.
+
+    While tracing is on, each statement of its connections becomes a span."""
+    logger = tracing.query_logger()
+    if logger is not None:
+        init = _with_query_logger(init, logger)
     pool = BoundedPool(
         url,
         acquire_timeout=config.acquire_timeout_seconds,
@@ -98,6 +104,17 @@ async def create_pool(
         await pool.close()
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
     return pool
+
+
+def _with_query_logger(init: Callable[[asyncpg.Connection], Awaitable[None]] | None,
+                       logger: Callable[[Any], None]
+                       ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    async def initialise(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(logger)
+        if init is not None:
+            await init(conn)
+
+    return initialise
 
 
 class Database:
