@@ -31,23 +31,29 @@ _FileSignature = tuple[tuple[int, int, int], ...]
 
 
 class CertificateExpiry:
-    """``federation_certificate_expiry_timestamp_seconds{certificate=…}``: when each
-    certificate this process presents or trusts expires (Unix time)."""
+    """``federation_certificate_expiry_timestamp_seconds{kind, identity}``: when each
+    certificate this process presents or trusts expires (Unix time), updated when a
+    renewed one is loaded. ``kind``: ``leaf`` (named by its SPIFFE id), ``intermediate``
+    (``nodes-ca``, ``edge-ca``), ``ca`` (the root, named by the trust domain) or ``https``
+    (the gateway's HTTPS certificate)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.gauge = Gauge(
             "federation_certificate_expiry_timestamp_seconds",
-            "When a certificate this process holds expires (Unix time).",
-            ("certificate",), registry=registry)
+            "When a certificate this process uses expires (Unix time): its own (kind leaf, "
+            "named by its SPIFFE id), its intermediate's, its CA's (kind ca, named by trust "
+            "domain); the value follows renewals.",
+            ("kind", "identity"), registry=registry)
 
     def record(self, files: CertificateFiles, chain_pem: bytes, ca_pem: bytes) -> None:
         chain = x509.load_pem_x509_certificates(chain_pem)
-        self.gauge.labels(files.identity.spiffe_id).set(chain[0].not_valid_after_utc.timestamp())
+        self.set("leaf", files.identity.spiffe_id, chain[0])
         for intermediate in chain[1:]:
-            self.gauge.labels(_label(intermediate)).set(
-                intermediate.not_valid_after_utc.timestamp())
-        root = x509.load_pem_x509_certificate(ca_pem)
-        self.gauge.labels("root").set(root.not_valid_after_utc.timestamp())
+            self.set("intermediate", _label(intermediate), intermediate)
+        self.set("ca", files.identity.trust_domain, x509.load_pem_x509_certificate(ca_pem))
+
+    def set(self, kind: str, identity: str, certificate: x509.Certificate) -> None:
+        self.gauge.labels(kind, identity).set(certificate.not_valid_after_utc.timestamp())
 
 
 def _label(certificate: x509.Certificate) -> str:

@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from federation.channels import grpc_options
 from federation.config import GrpcConfig
 from federation.credentials import CertificateExpiry, ReloadingServerCredentials
+from federation.denylist import DenyList
 from federation.interceptor import FederationServerInterceptor, RpcMetrics
 from federation.pki import CertificateFiles, ChainPolicy
 
@@ -66,6 +67,7 @@ class NodeServer:
         metrics_port: int | None = 0,
         registry: CollectorRegistry | None = None,
         enrollment_listen: str | None = None,
+        deny_list: DenyList | None = None,
     ) -> None:
         """``credentials=None`` serves plaintext: only for ``--insecure-dev``.
 
@@ -84,6 +86,7 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._enrollment_listen = enrollment_listen
+        self._deny_list = deny_list
         self.expiry = CertificateExpiry(self.registry)
         self.credentials: list[ReloadingServerCredentials] = []
         """One per TLS port; each follows the certificate files on disk."""
@@ -96,7 +99,7 @@ class NodeServer:
                   if self._credentials is not None else None)
         interceptor = FederationServerInterceptor(
             self._trust_domain, RpcMetrics(self.registry), insecure_dev=self._credentials is None,
-            policy=policy,
+            policy=policy, deny_list=self._deny_list,
         )
         server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(self._config))
         for service in self._services:

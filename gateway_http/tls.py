@@ -48,10 +48,10 @@ class HttpsContext:
 
     def __init__(self, files: CertificateFiles, reload_seconds: float,
                  expiry: CertificateExpiry | None = None) -> None:
-        """``expiry``: where the served certificate's expiry is exported (label ``https``)."""
+        """``expiry``: where the served certificate's expiry is exported (kind ``https``)."""
         self._files = files
         self._watch = CertificateWatch(files)
-        self._expiry = expiry.gauge if expiry is not None else None
+        self._expiry = expiry
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_3
         self.reloads = 0
@@ -62,8 +62,8 @@ class HttpsContext:
         loaded = self._watch.load()  # checks that the key matches the certificate
         self.context.load_cert_chain(str(self._files.cert), str(self._files.key))
         if self._expiry is not None:
-            expiry = x509.load_pem_x509_certificate(loaded.chain_pem).not_valid_after_utc
-            self._expiry.labels("https").set(expiry.timestamp())
+            served = x509.load_pem_x509_certificate(loaded.chain_pem)
+            self._expiry.set("https", self._files.identity.spiffe_id, served)
 
     async def reload_if_changed(self) -> None:
         if not self._watch.changed():

@@ -99,11 +99,11 @@ async def test_the_gateway_exports_its_certificates_expiry(stack: Stack) -> None
             http.get(f"https://localhost:{stack.gateway.port}/metrics") as response:
         body = await response.text()
     expiry = leaf_certificate(stack.pki.identity("gateway").cert).not_valid_after_utc
-    values = {sample.labels["certificate"]: sample.value
+    values = {(sample.labels["kind"], sample.labels["identity"]): sample.value
               for family in text_string_to_metric_families(body)
               for sample in family.samples
               if sample.name == "federation_certificate_expiry_timestamp_seconds"}
-    assert set(values) == {"spiffe://federation.local/node/test/gateway", "https", "nodes-ca",
-                           "root"}
-    assert values["https"] == values["spiffe://federation.local/node/test/gateway"] == \
-        expiry.timestamp()
+    gateway = "spiffe://federation.local/node/test/gateway"
+    assert set(values) == {("leaf", gateway), ("https", gateway), ("intermediate", "nodes-ca"),
+                           ("ca", "federation.local")}
+    assert values["https", gateway] == values["leaf", gateway] == expiry.timestamp()

@@ -41,13 +41,13 @@ async def _sleep_past(expiry: dt.datetime) -> None:
     await asyncio.sleep((expiry - dt.datetime.now(dt.UTC)).total_seconds() + 0.5)
 
 
-def _expiry_metric(server: NodeServer, label: str) -> float:
+def _expiry_metric(server: NodeServer, identity: str) -> float:
     for family in text_string_to_metric_families(generate_latest(server.registry).decode()):
         for sample in family.samples:
             if sample.name == "federation_certificate_expiry_timestamp_seconds" and \
-                    sample.labels.get("certificate") == label:
+                    sample.labels == {"kind": "leaf", "identity": identity}:
                 return float(sample.value)
-    raise AssertionError(f"no expiry metric for {label}")
+    raise AssertionError(f"no expiry metric for {identity}")
 
 
 async def test_a_node_serves_its_renewed_certificate_without_dropping_calls(

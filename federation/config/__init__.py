@@ -27,6 +27,7 @@ from federation.config.processes import (
     PeersConfig,
     PkiConfig,
     SupervisorConfig,
+    TracingConfig,
 )
 from federation.config.services import (
     BackupConfig,
@@ -68,6 +69,7 @@ class Settings:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     pki: PkiConfig = field(default_factory=PkiConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
 
@@ -112,6 +114,7 @@ __all__ = [
     "PkiConfig",
     "Settings",
     "SupervisorConfig",
+    "TracingConfig",
     "VaultConfig",
     "load_settings",
 ]
