@@ -61,6 +61,7 @@ sys.path.insert(0, os.environ.get(TREE_ENV) or str(ROOT))
 
 from federation.channels import secure_channel  # noqa: E402
 from federation.config import DatabaseConfig, EdgeConfig, GrpcConfig  # noqa: E402
+from federation.credentials import ReloadingServerCredentials  # noqa: E402
 from federation.db import Database, ensure_database  # noqa: E402
 from federation.db.embedded import EmbeddedPostgres  # noqa: E402
 from federation.edge.checksum import crc32c  # noqa: E402
@@ -68,7 +69,6 @@ from federation.edge.devices import DeviceRegistry  # noqa: E402
 from federation.edge.jobs import JobQueue  # noqa: E402
 from federation.edge.model import Capabilities  # noqa: E402
 from federation.pki import CertificateAuthority, CertificateFiles, load_ca  # noqa: E402
-from federation.server import server_credentials  # noqa: E402
 from federation.v1 import edge_broker_pb2 as pb  # noqa: E402
 from federation.v1 import edge_broker_pb2_grpc  # noqa: E402
 
@@ -89,7 +89,7 @@ async def serve(home: Path, dsn: str) -> None:
     files = ca.issue("broker", f"bench-{os.getpid()}")  # one per child: they start together
     database = Database(dsn, DatabaseConfig(pool_min_size=4, pool_max_size=20), migrate=False)
     await database.start()
-    broker = EdgeBroker.create(database.pool, EdgeConfig(), home, ca, None)
+    broker = EdgeBroker.create(database.pool, EdgeConfig(), home, ca.edge_signer(), None)
     server = NodeServer(
         [registration(broker)], trust_domain=TRUST_DOMAIN, grpc_config=GrpcConfig(),
         listen="127.0.0.1:0", credentials=files, metrics_port=None,
@@ -98,7 +98,8 @@ async def serve(home: Path, dsn: str) -> None:
     sink = grpc.aio.server()
     sink.add_generic_rpc_handlers([_sink_handler()])
     plain_port = sink.add_insecure_port("127.0.0.1:0")
-    tls_port = sink.add_secure_port("127.0.0.1:0", server_credentials(files))
+    tls_port = sink.add_secure_port(
+        "127.0.0.1:0", ReloadingServerCredentials(files).credentials)
     await sink.start()
     print(json.dumps({"broker": server.port, "plain": plain_port, "tls": tls_port}), flush=True)
     await asyncio.to_thread(sys.stdin.read)  # until the parent closes our stdin

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from federation.channel_renewal import RenewingChannel
 from federation.config import GrpcConfig
 from federation.logs import REQUEST_ID_HEADER, request_id_var
 from federation.pki import CertificateFiles
@@ -142,10 +143,16 @@ def secure_channel(
     intercepted call through an extra task and wraps every streamed read, a cost
     a per-token hot path should not pay. Such callers pass
     ``metadata=request_id_metadata()`` themselves.
+
+    The channel follows ``files`` on disk: after a renewal, new calls present the new
+    certificate (:class:`~federation.channel_renewal.RenewingChannel`).
     """
-    return grpc.aio.secure_channel(
-        target,
-        client_credentials(files),
-        options=[*grpc_options(config), *extra_options],
-        interceptors=_request_id_interceptors() if forward_request_id else None,
-    )
+    def open_generation(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            target,
+            credentials,
+            options=[*grpc_options(config), *extra_options],
+            interceptors=_request_id_interceptors() if forward_request_id else None,
+        )
+
+    return RenewingChannel(files, open_generation)

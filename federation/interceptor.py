@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import importlib.metadata
 import inspect
 import logging
 import time
@@ -33,10 +34,24 @@ from federation.db.errors import outage_error
 from federation.denylist import DenyList
 from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
-from federation.pki import Identity, PKIError, parse_spiffe_id
+from federation.pki import ChainPolicy, Identity, PKIError, not_after, parse_spiffe_id
 from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
+
+VERSION_HEADER = "x-federation-version"
+"""Sent with every gRPC health answer: the version of the federation a node runs."""
+_HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("federation")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _installed_version()
 
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -101,9 +116,10 @@ class RpcMetrics:
         )
 
 
-def identity_from_context(context: Context, trust_domain: str) -> Identity:
-    """The caller's SPIFFE identity; exactly one URI SAN is required, and the
-    certificate must still be valid."""
+def identity_from_context(context: Context, trust_domain: str,
+                          policy: ChainPolicy | None = None) -> Identity:
+    """The caller's SPIFFE identity; exactly one URI SAN is required, the certificate
+    must still be valid and (with ``policy``) signed by the intermediate of its kind."""
     auth = context.auth_context()
     uris = [
         v.decode()
@@ -112,34 +128,33 @@ def identity_from_context(context: Context, trust_domain: str) -> Identity:
     ]
     if len(uris) != 1:
         raise PKIError(f"peer certificate must carry exactly one SPIFFE URI SAN, has {len(uris)}")
-    ensure_unexpired(_auth_not_after(auth))
-    return parse_spiffe_id(uris[0], trust_domain)
+    leaf = _leaf_pem(auth)
+    ensure_unexpired(not_after(leaf) if leaf else None)
+    identity = parse_spiffe_id(uris[0], trust_domain)
+    if policy is not None:
+        if leaf is None:
+            raise PKIError("the peer's certificate is not available to check its issuer")
+        policy.check(identity, leaf)
+    return identity
 
 
 def certificate_not_after(context: Context) -> dt.datetime | None:
     """When the caller's certificate expires (``None`` without one)."""
-    return _auth_not_after(context.auth_context())
+    leaf = _leaf_pem(context.auth_context())
+    return not_after(leaf) if leaf else None
 
 
-def _auth_not_after(auth: Mapping[str, Iterable[bytes]]) -> dt.datetime | None:
-    pem = next(iter(auth.get("x509_pem_cert", ())), None)
-    return _not_after(pem) if pem else None
+def _leaf_pem(auth: Mapping[str, Iterable[bytes]]) -> bytes | None:
+    return next(iter(auth.get("x509_pem_cert", ())), None)
 
 
-def ensure_unexpired(not_after: dt.datetime | None) -> None:
+def ensure_unexpired(expiry: dt.datetime | None) -> None:
     """TLS checks validity only at the handshake, and a connection (with every call
     and stream on it) may outlive the certificate it was opened with: a short-lived
     certificate means something only if each call checks it too."""
-    if not_after is not None and dt.datetime.now(dt.UTC) >= not_after:
-        raise PKIError(f"the client certificate expired at {not_after:%Y-%m-%d %H:%M:%S} UTC; "
+    if expiry is not None and dt.datetime.now(dt.UTC) >= expiry:
+        raise PKIError(f"the client certificate expired at {expiry:%Y-%m-%d %H:%M:%S} UTC; "
                        "renew it and reconnect")
-
-
-@functools.lru_cache(maxsize=4096)
-def _not_after(pem: bytes) -> dt.datetime:
-    # Cached: parsing costs tens of microseconds, and a peer sends the same
-    # certificate on every call of its connection.
-    return x509.load_pem_x509_certificate(pem).not_valid_after_utc
 
 
 @functools.lru_cache(maxsize=4096)
@@ -162,10 +177,13 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     """Authenticate, authorize, contextualise, translate errors, measure."""
 
     def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False,
-                 deny_list: DenyList | None = None):
+                 policy: ChainPolicy | None = None, deny_list: DenyList | None = None):
+        """``policy``: which intermediate may sign which identity (every TLS server has
+        one; ``None`` only under ``insecure_dev``)."""
         self._trust_domain = trust_domain
         self._metrics = metrics
         self._insecure_dev = insecure_dev
+        self._policy = policy
         self._deny_list = deny_list
 
     async def intercept_service(
@@ -187,7 +205,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     def _authenticate(self, method: str, context: Context) -> Identity:
         if self._insecure_dev:
             return Identity(self._trust_domain, "insecure-dev", "admin")
-        return identity_from_context(context, self._trust_domain)
+        return identity_from_context(context, self._trust_domain, self._policy)
 
     def _refusal(self, context: Context, caller: Identity) -> str | None:
         """Why the deny list refuses the caller's certificate, if it does."""
@@ -229,6 +247,9 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             caller_var.set(caller)
             peer_var.set(caller.spiffe_id)
+            if service == _HEALTH_SERVICE:
+                # What `federation status` shows for each node across hosts.
+                await context.send_initial_metadata(((VERSION_HEADER, VERSION),))
             if not authz.is_allowed(caller.role, method):
                 metrics.denied.labels(service, name, "permission_denied").inc()
                 log.warning(

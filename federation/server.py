@@ -18,9 +18,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from federation.channels import grpc_options
 from federation.config import GrpcConfig
+from federation.credentials import CertificateExpiry, ReloadingServerCredentials
 from federation.denylist import DenyList
 from federation.interceptor import FederationServerInterceptor, RpcMetrics
-from federation.pki import CertificateFiles
+from federation.pki import CertificateFiles, ChainPolicy
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,6 @@ class ServiceRegistration:
            ) -> ServiceRegistration:
         """``servicer``, added by its generated ``add_…Servicer_to_server`` function."""
         return cls(full_name, functools.partial(add_servicer, servicer), on_drain)
-
-
-def server_credentials(
-    files: CertificateFiles, *, require_client_auth: bool = True
-) -> grpc.ServerCredentials:
-    """Require and verify a client certificate signed by the federation CA.
-
-    ``require_client_auth=False`` is only for the broker's enrollment port: a
-    certificate, if sent, is still verified, and the interceptor lets callers
-    without one reach ``authz.UNAUTHENTICATED_METHODS`` only.
-    """
-    key, cert, ca = files.read()
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=require_client_auth
-    )
 
 
 class NodeServer:
@@ -101,14 +87,19 @@ class NodeServer:
         self._metrics_runner: web.AppRunner | None = None
         self._enrollment_listen = enrollment_listen
         self._deny_list = deny_list
+        self.expiry = CertificateExpiry(self.registry)
+        self.credentials: list[ReloadingServerCredentials] = []
+        """One per TLS port; each follows the certificate files on disk."""
         self.port = 0
         self.metrics_port = 0
         self.enrollment_port = 0
 
     async def start(self) -> None:
+        policy = (ChainPolicy.load(self._credentials.pki_directory)
+                  if self._credentials is not None else None)
         interceptor = FederationServerInterceptor(
             self._trust_domain, RpcMetrics(self.registry), insecure_dev=self._credentials is None,
-            deny_list=self._deny_list,
+            policy=policy, deny_list=self._deny_list,
         )
         server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(self._config))
         for service in self._services:
@@ -126,11 +117,11 @@ class NodeServer:
         if self._credentials is None:
             self.port = server.add_insecure_port(self._listen)
         else:
-            self.port = server.add_secure_port(self._listen, server_credentials(self._credentials))
+            self.port = server.add_secure_port(self._listen, self._tls(require_client_auth=True))
         if self.port == 0:
             raise OSError(f"could not listen on {self._listen}")
         if self._enrollment_listen is not None and self._credentials is not None:
-            anonymous = server_credentials(self._credentials, require_client_auth=False)
+            anonymous = self._tls(require_client_auth=False)
             self.enrollment_port = server.add_secure_port(self._enrollment_listen, anonymous)
             if self.enrollment_port == 0:
                 raise OSError(f"could not listen on {self._enrollment_listen}")
@@ -149,6 +140,13 @@ class NodeServer:
                 "tls": self._credentials is not None,
             },
         )
+
+    def _tls(self, *, require_client_auth: bool) -> grpc.ServerCredentials:
+        assert self._credentials is not None
+        reloading = ReloadingServerCredentials(
+            self._credentials, require_client_auth=require_client_auth, expiry=self.expiry)
+        self.credentials.append(reloading)
+        return reloading.credentials
 
     async def set_serving(self, serving: bool) -> None:
         """Report every hosted service (and the server as a whole) as SERVING or

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.channels import open_channel
 from federation.config import ConfigError, Settings
+from federation.credentials import CertificateExpiry
 from federation.inference.client import InferenceRouter
 from federation.keys.client import GrpcKeyVerifier, KeyVerifier
 from federation.launch.lifeline import watch_lifeline
@@ -56,6 +57,7 @@ from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
+from gateway_http.tls import HttpsContext, https_files, warn_if_plain_off_loopback
 from gateway_http.tracing import tracing_middleware
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault import add_vault_routes
@@ -84,7 +86,7 @@ def create_app(
                      body_middleware(settings.gateway)],
     )
     registry = registry or CollectorRegistry()
-    register_process_metrics(registry, settings, "gateway", credentials)
+    register_process_metrics(registry, settings, "gateway")
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
@@ -129,6 +131,7 @@ def _dependencies(
                 refresh_seconds=gateway.route_refresh_seconds,
                 probe_timeout_seconds=gateway.health_timeout_seconds,
                 attempts=gateway.route_attempts,
+                first_event_timeout_seconds=gateway.route_first_event_timeout_seconds,
             )
             stack.push_async_callback(router.stop)
             await router.start()
@@ -196,9 +199,18 @@ class GatewayServer:
     def __init__(self, settings: Settings, credentials: CertificateFiles | None, *,
                  keys: KeyVerifier | None = None, audit: AuditSink | None = None,
                  registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry()
         self.app = create_app(settings, credentials, keys=keys, audit=audit, registry=registry)
         self._settings = settings
         self._runner: web.AppRunner | None = None
+        expiry = CertificateExpiry(registry)
+        if credentials is not None:  # the gateway's own identity, presented to every node
+            _, chain, ca = credentials.read()
+            expiry.record(credentials, chain, ca)
+        files = https_files(settings, credentials)
+        self.https = (HttpsContext(files, settings.gateway.tls_reload_seconds, expiry)
+                      if files is not None else None)
+        """The HTTPS context (``gateway.tls``); ``None`` serves plain HTTP."""
         self.port = 0
 
     @property
@@ -225,14 +237,20 @@ class GatewayServer:
         )
         await runner.setup()
         self._runner = runner
+        warn_if_plain_off_loopback(self._settings)
         site = web.TCPSite(runner, config.http_host, config.http_port,
-                           backlog=config.listen_backlog)
+                           backlog=config.listen_backlog,
+                           ssl_context=self.https.context if self.https else None)
         await site.start()
+        if self.https is not None:
+            await self.https.start()
         self.port = int(runner.addresses[0][1])
         log.info("gateway serving", extra={"host": self._settings.gateway.http_host,
-                                           "port": self.port})
+                                           "port": self.port, "tls": config.tls})
 
     async def stop(self) -> None:
+        if self.https is not None:
+            await self.https.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

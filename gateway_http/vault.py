@@ -41,7 +41,7 @@ from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.db import DatabaseWatch
-from federation.db.migrate import apply_migrations
+from federation.db.migrate import apply_migrations, check_schema
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
 from federation.keys.client import KeyPrincipal, KeyVerifier
@@ -103,10 +103,14 @@ def _vault_context(
             raise ConfigError("the vault needs PostgreSQL: set FEDERATION_DATABASE_URL")
         async with contextlib.AsyncExitStack() as stack:
             # Migrations normally ran when the nodes started; applying them here too makes
-            # the gateway's role exist even if the gateway starts first.
+            # the gateway's role exist even if the gateway starts first. A gateway logging
+            # in as its own role (database.migrate = false) only checks the schema.
             conn = await asyncpg.connect(settings.database.url)
             try:
-                await apply_migrations(conn)
+                if settings.database.migrate:
+                    await apply_migrations(conn)
+                else:
+                    await check_schema(conn)
             finally:
                 await conn.close()
             pool = await create_gateway_pool(settings.database.url, settings.database)

@@ -107,11 +107,12 @@ async def _start(
                 f"the {options.role} node needs PostgreSQL: set FEDERATION_DATABASE_URL "
                 "(or start the whole federation with `federation up`)"
             )
-        database = Database(settings.database.url, settings.database)
+        database = Database(settings.database.url, settings.database,
+                            migrate=settings.database.migrate)
         await database.start()
         stack.push_async_callback(database.stop)
     registry = CollectorRegistry()
-    register_process_metrics(registry, settings, options.role, credentials)
+    register_process_metrics(registry, settings, options.role)
     cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
     runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
     registration = await SERVICES[options.role](runtime)

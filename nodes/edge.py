@@ -25,7 +25,7 @@ from federation.errors import ErrorCode, FederationError
 from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
-from federation.pki import CertificateAuthority, PKIError, load_ca
+from federation.pki import EdgeSigner, PKIError, load_edge_signer
 from federation.prototime import duration, timestamp, to_datetime, to_seconds
 from federation.server import ServiceRegistration
 from federation.v1 import edge_broker_pb2 as pb
@@ -111,7 +111,8 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     def _enrollment(self) -> Any:
         if self._broker.enrollment is None:
             raise FederationError(
-                ErrorCode.UNAVAILABLE, "this broker holds no CA key and cannot issue certificates"
+                ErrorCode.UNAVAILABLE,
+                "this broker holds no edge CA key and cannot issue certificates",
             )
         return self._broker.enrollment
 
@@ -124,6 +125,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         return pb.EnrollResponse(
             certificate_der=issued.certificate_der,
             ca_certificate_der=issued.ca_certificate_der,
+            chain_der=issued.chain_der,
             not_after=timestamp(issued.not_after),
             device_id=issued.device_id,
         )
@@ -134,7 +136,8 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         device_id = await self._device()
         issued = await self._enrollment().renew(device_id, request.csr_der)
         return pb.RenewCertificateResponse(
-            certificate_der=issued.certificate_der, not_after=timestamp(issued.not_after)
+            certificate_der=issued.certificate_der, not_after=timestamp(issued.not_after),
+            chain_der=issued.chain_der,
         )
 
     # -- devices -------------------------------------------------------------
@@ -376,18 +379,18 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
         runtime.require_database().pool,
         settings.edge,
         settings.home,
-        _certificate_authority(runtime),
+        _edge_signer(runtime),
         _audit_sink(runtime),
     )
     await runtime.cleanup.enter_async_context(broker.background())
     return registration(broker)
 
 
-def _certificate_authority(runtime: NodeRuntime) -> CertificateAuthority | None:
+def _edge_signer(runtime: NodeRuntime) -> EdgeSigner | None:
     try:
-        return load_ca(runtime.settings.home, runtime.settings.trust_domain)
-    except PKIError:
-        log.warning("no CA key in the federation home: device enrollment is unavailable")
+        return load_edge_signer(runtime.settings.home, runtime.settings.trust_domain)
+    except PKIError as exc:
+        log.warning("device enrollment is unavailable: %s", exc)
         return None
 
 

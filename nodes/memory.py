@@ -163,12 +163,12 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
 
 def _restore_verifier(runtime: NodeRuntime) -> RestoreVerifier | None:
     """Restore events are signed by an admin identity of this federation's CA."""
-    ca_cert = (runtime.credentials.ca_cert if runtime.credentials is not None
-               else PKIPaths(runtime.settings.home).ca_cert)
-    if not ca_cert.exists():
-        log.warning("no CA certificate: restore events cannot be verified")
-        return None
-    return RestoreVerifier(ca_cert.read_bytes(), runtime.settings.trust_domain)
+    directory = (runtime.credentials.pki_directory if runtime.credentials is not None
+                 else PKIPaths(runtime.settings.home).directory)
+    verifier = RestoreVerifier.of_home(directory, runtime.settings.trust_domain)
+    if verifier is None:
+        log.warning("no CA certificates: restore events cannot be verified")
+    return verifier
 
 
 async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemoryServicer:

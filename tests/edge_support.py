@@ -60,7 +60,7 @@ async def broker_server(
     real thermal memory store (``MemoryStore``) on the same database."""
     memory = MemoryStore(database.pool, MemoryConfig())
     await memory.start()
-    broker = EdgeBroker.create(database.pool, config, home, pki.ca, memory)
+    broker = EdgeBroker.create(database.pool, config, home, pki.ca.edge_signer(), memory)
     server = NodeServer(
         [registration(broker)],
         trust_domain=pki.ca.trust_domain,

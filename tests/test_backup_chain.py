@@ -29,7 +29,7 @@ from tests.support import TestPKI
 @pytest.fixture
 async def chain(database: Database, tmp_path: Path) -> AsyncIterator[tuple[MemoryStore, TestPKI]]:
     pki = TestPKI(tmp_path / "home")
-    verifier = RestoreVerifier(pki.ca.paths.ca_cert.read_bytes(), pki.ca.trust_domain)
+    verifier = RestoreVerifier.of_home(pki.ca.paths.directory, pki.ca.trust_domain)
     store = MemoryStore(database.pool, MemoryConfig(), restore_verifier=verifier)
     await store.start()
     for number in range(3):

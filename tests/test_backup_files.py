@@ -67,7 +67,7 @@ async def test_restore_into_an_empty_external_database(
         event = json.loads(out)["restore_event"]
         assert (event["sequence"], event["lost_count"]) == (4, 0)
         async with started_database(empty) as restored:
-            verifier = RestoreVerifier(pki.ca.paths.ca_cert.read_bytes(), pki.ca.trust_domain)
+            verifier = RestoreVerifier.of_home(pki.ca.paths.directory, pki.ca.trust_domain)
             report = await MemoryStore(restored.pool, MemoryConfig(),
                                        restore_verifier=verifier).verify_chain()
             assert report.intact, report.problem

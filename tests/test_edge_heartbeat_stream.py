@@ -283,7 +283,7 @@ async def broker_at(
     pki: TestPKI, database: Database, home: Path, port: int, config: EdgeConfig = CONFIG
 ) -> AsyncIterator[BrokerNode]:
     """A broker on a fixed port, so a "restarted" one is reachable at the same address."""
-    broker = EdgeBroker.create(database.pool, config, home, pki.ca, None)
+    broker = EdgeBroker.create(database.pool, config, home, pki.ca.edge_signer(), None)
     server = NodeServer(
         [registration(broker)], trust_domain=pki.ca.trust_domain,
         grpc_config=GrpcConfig(grace_seconds=0), listen=f"127.0.0.1:{port}",
@@ -403,7 +403,7 @@ async def test_a_stopping_broker_ends_its_streams_at_once_instead_of_after_the_g
     the stop would wait 30 s and then cancel them. Draining ends both with
     UNAVAILABLE as the stop begins, so devices reconnect and the node stops quickly."""
     pki = TestPKI(home)
-    broker = EdgeBroker.create(database.pool, CONFIG, home, pki.ca, None)
+    broker = EdgeBroker.create(database.pool, CONFIG, home, pki.ca.edge_signer(), None)
     server = NodeServer(
         [registration(broker)], trust_domain=pki.ca.trust_domain,
         grpc_config=GrpcConfig(grace_seconds=30), listen="127.0.0.1:0",

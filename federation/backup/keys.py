@@ -1,7 +1,9 @@
 """The key material in one file, encrypted with an operator's passphrase.
 
-What it holds (relative to the home): the CA (``pki/ca.pem``, ``pki/ca.key``: every
-identity of the federation, devices' included, chains to it), the gateway's and the
+What it holds (relative to the home): the CA (the root ``pki/ca.pem`` and, unless it
+was moved offline, ``pki/ca.key``; the intermediates ``pki/nodes-ca.*`` and
+``pki/edge-ca.*``: every identity of the federation, devices' included, chains to
+them), the gateway's and the
 guardian's wrapping keys (each unwraps one share of every vault secret) and the
 guardian's checkpoint signing key (with its public half). None of it is in the
 database, and it must not sit next to a database backup: the two together undo the
@@ -32,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from federation.backup import BackupError
 from federation.backup.manifest import MANIFEST_NAME
 from federation.config import Settings
-from federation.pki import PKIPaths, write_private_file
+from federation.pki import EDGE, NODES, PKIPaths, write_private_file
 
 FORMAT: Final = "federation-keys/1"
 MAX_LOG2_N: Final = 20
@@ -53,8 +55,11 @@ def key_material_paths(settings: Settings) -> list[str]:
     """What is backed up, relative to the home."""
     pki = PKIPaths(Path("."))
     signing = settings.guardian.signing_key_file
-    return [pki.ca_cert.as_posix(), pki.ca_key.as_posix(), settings.vault.wrapping_key_file,
-            settings.guardian.wrapping_key_file, signing, signing + ".pub"]
+    intermediates = [path(kind).as_posix() for kind in (NODES, EDGE)
+                     for path in (pki.intermediate_cert, pki.intermediate_key)]
+    return [pki.ca_cert.as_posix(), pki.ca_key.as_posix(), *intermediates,
+            settings.vault.wrapping_key_file, settings.guardian.wrapping_key_file, signing,
+            signing + ".pub"]
 
 
 def _derive(passphrase: str, salt: bytes, log2_n: int) -> bytes:
@@ -77,7 +82,7 @@ def write_key_file(settings: Settings, out: Path, passphrase: str) -> KeyFileSum
         if path.is_file():
             files[name] = {"mode": path.stat().st_mode & 0o777,
                            "data": base64.b64encode(path.read_bytes()).decode()}
-    if PKIPaths(Path(".")).ca_key.as_posix() not in files:
+    if PKIPaths(Path(".")).intermediate_key(NODES).as_posix() not in files:
         raise BackupError(f"no federation CA under {settings.home / 'pki'}: nothing to back up")
     salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
     header = {

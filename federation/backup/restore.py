@@ -338,8 +338,7 @@ def _admin_identity(settings: Settings) -> CertificateFiles:
 
 
 def _restore_verifier(settings: Settings) -> RestoreVerifier | None:
-    ca = PKIPaths(settings.home).ca_cert
-    return RestoreVerifier(ca.read_bytes(), settings.trust_domain) if ca.exists() else None
+    return RestoreVerifier.of_home(PKIPaths(settings.home).directory, settings.trust_domain)
 
 
 def _guardian_public_key(settings: Settings) -> Ed25519PublicKey | None:

@@ -36,8 +36,8 @@ def _add_node(commands: Any) -> None:
     node.add_argument("--role", required=True, choices=ALL_ROLES)
     node.add_argument("--listen", help="HOST:PORT to serve on (port 0 picks a free one)")
     node.add_argument(
-        "--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 picks a free one)"
-    )
+        "--metrics-port", type=int,
+        help="Prometheus /metrics port (default: nodes.<role>_metrics_port; 0 picks a free one)")
     node.add_argument("--name", help="node name in the identity (default: node_name setting)")
     node.add_argument(
         "--insecure-dev",
@@ -70,10 +70,14 @@ def _add_gateway(commands: Any) -> None:
 async def _node(settings: Settings, args: argparse.Namespace) -> int:
     from nodes.daemon import DaemonError, DaemonOptions, serve
 
+    if args.role == "gateway":
+        # One command for every role a host runs: the systemd template is
+        # `federation node --role %i`, the gateway included.
+        return await _gateway(settings, args)
     if args.role not in ROLES_WITH_SERVICES:
         raise CommandError(
             f"role {args.role!r} has no service to run; node roles are: "
-            + ", ".join(ROLES_WITH_SERVICES)
+            + ", ".join((*ROLES_WITH_SERVICES, "gateway"))
         )
     if args.insecure_dev:
         print(
@@ -82,10 +86,12 @@ async def _node(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     listen = args.listen or f"{settings.nodes.host}:{settings.port_for(args.role)}"
+    metrics_port = (args.metrics_port if args.metrics_port is not None
+                    else settings.nodes.metrics_port_for(args.role))
     options = DaemonOptions(
         role=args.role,
         listen=listen,
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
         insecure_dev=args.insecure_dev,
         ready_file=Path(args.ready_file) if args.ready_file else None,
         lifeline_fd=args.lifeline_fd,

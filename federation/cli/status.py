@@ -1,16 +1,20 @@
-"""``federation status``: is every part of the federation on this home serving?
+"""``federation status``: is every part of the federation serving?
 
-Probes every node's ``grpc.health.v1`` with the operator's certificate (mTLS),
-the gateway's ``/health`` and the database, and joins what it finds with the
-supervisor's state (``run/supervisor.json``: running, restarting or failed,
-restarts, last exit). A table for people, ``--json`` for scripts; the exit code
-is 0 only when everything serves.
+On a home run by ``federation up``: probes every node's ``grpc.health.v1`` with the
+operator's certificate (mTLS), the gateway's ``/health`` and the database, and joins
+what it finds with the supervisor's state (``run/supervisor.json``: running,
+restarting or failed, restarts, last exit). Across hosts (``--peers``, or when no
+supervisor runs here but ``[peers]`` is configured): one line per node of the peers
+configuration with its health, version, certificate expiry and address
+(:mod:`federation.launch.probe`). A table for people, ``--json`` for scripts; the exit
+code is 0 only when everything serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +29,7 @@ from federation.cli.support import print_json
 from federation.config import Settings
 from federation.errors import CommandError
 from federation.launch.endpoints import admin_credentials, load_endpoints
+from federation.launch.probe import peer_targets, probe_peers
 from federation.launch.state import ChildState, ChildStatus, SupervisorState, live_state
 from federation.pki import CertificateFiles
 
@@ -35,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status = subparsers.add_parser(
         "status", help="health and supervision state of every component; non-zero unless "
                        "all serve")
+    status.add_argument("--peers", action="store_true",
+                        help="every node of the peers configuration, on any host")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=show_status)
 
@@ -56,6 +63,8 @@ class ComponentStatus:
 async def show_status(settings: Settings, args: argparse.Namespace) -> int:
     home = settings.home.resolve()
     state = live_state(home)
+    if args.peers or (state is None and peer_targets(settings)):
+        return await _show_peers(settings, args.json)
     if state is None:
         raise CommandError(f"no federation is running on {home} (start one with `make run` "
                            "or `federation up`, or set FEDERATION_HOME)")
@@ -137,6 +146,33 @@ async def _probe_database(dsn: str, seconds: float) -> str:
     finally:
         await conn.close()
     return SERVING
+
+
+async def _show_peers(settings: Settings, json_output: bool) -> int:
+    if not peer_targets(settings):
+        raise CommandError("no nodes in the peers configuration ([peers] in federation.toml)")
+    probes = await probe_peers(settings, admin_credentials(settings))
+    healthy = all(p.health == SERVING for p in probes)
+    if json_output:
+        print_json({"healthy": healthy, "nodes": [asdict(p) for p in probes]})
+        return 0 if healthy else 1
+    now = dt.datetime.now(dt.UTC)
+    rows = [("ROLE", "ADDRESS", "HEALTH", "VERSION", "CERTIFICATE EXPIRES", "IDENTITY")]
+    for p in probes:
+        expires = "-"
+        if p.certificate_expires is not None:
+            days = (p.certificate_expires - now).total_seconds() / 86400
+            expires = f"{p.certificate_expires:%Y-%m-%d %H:%M} ({days:.0f}d)"
+        rows.append((p.role, p.address, p.health, p.version or "-", expires,
+                     p.identity or p.problem or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    down = [f"{p.role} at {p.address} ({p.health}{': ' + p.problem if p.problem else ''})"
+            for p in probes if p.health != SERVING]
+    print(f"\nall {len(probes)} nodes serving" if not down
+          else f"\n{len(down)} of {len(probes)} not serving: " + "; ".join(down))
+    return 0 if healthy else 1
 
 
 def _json(component: ComponentStatus) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from federation.config.processes import (
     GrpcConfig,
     NodeConfig,
     PeersConfig,
+    PkiConfig,
     SupervisorConfig,
     TracingConfig,
 )
@@ -67,6 +68,7 @@ class Settings:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    pki: PkiConfig = field(default_factory=PkiConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
@@ -109,6 +111,7 @@ __all__ = [
     "ModelConfig",
     "NodeConfig",
     "PeersConfig",
+    "PkiConfig",
     "Settings",
     "SupervisorConfig",
     "TracingConfig",

@@ -60,7 +60,16 @@ class DatabaseConfig:
     """PostgreSQL: an external cluster through ``url``, or the embedded one."""
 
     url: str = ""
-    """DSN of an external PostgreSQL (``FEDERATION_DATABASE_URL``). Empty: embedded."""
+    """DSN of an external PostgreSQL (``FEDERATION_DATABASE_URL``). Empty: embedded. On a
+    deployment each node has its own login, its password in a file the DSN names and TLS
+    checked against the federation's root, e.g. ``postgresql://federation_keys_login@db1:5432/
+    federation?sslmode=verify-full&sslrootcert=/var/lib/federation/pki/ca.pem&passfile=…``
+    (docs/deploy.md)."""
+
+    migrate: bool = True
+    """Nodes apply pending migrations at start (one machine, one owner DSN). On a deployment
+    the nodes' logins may not change the schema: set false, run ``federation db migrate``
+    as the owner, and a node refuses to start on a schema older than its code."""
 
     embedded_port: int = 0
     """TCP port of the embedded PostgreSQL on 127.0.0.1. 0 picks a free one."""
@@ -101,8 +110,19 @@ class NodeConfig:
     council_port: int = 0
     broker_port: int = 0
     metrics_host: str = "127.0.0.1"
+    keys_metrics_port: int = 0
+    memory_metrics_port: int = 0
+    guardian_metrics_port: int = 0
+    inference_metrics_port: int = 0
+    council_metrics_port: int = 0
+    broker_metrics_port: int = 0
+    """Each role's Prometheus port on ``metrics_host``. 0 picks a free one (``federation up``
+    chooses them itself); a deployment fixes them so Prometheus finds every node."""
     startup_timeout_seconds: float = 60.0
     """How long ``federation up`` waits for every role to report SERVING."""
+
+    def metrics_port_for(self, role: str) -> int:
+        return int(getattr(self, f"{role}_metrics_port", 0))
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,29 @@ class SupervisorConfig:
     """How long a node or the gateway whose supervisor died may take to stop
     gracefully before it exits anyway; with PostgreSQL's fast shutdown this keeps a
     killed ``federation up`` from leaving any process behind after 5 s."""
+
+
+@dataclass(frozen=True)
+class PkiConfig:
+    """Lifetimes of the federation's certificates (``[pki]``)."""
+
+    leaf_validity_days: float = 30.0
+    """Node, gateway and admin certificates. Short, so that a stolen key is useful for
+    weeks, not years; ``federation pki renew`` (a timer) replaces them well before, and
+    running nodes pick the new files up without a restart."""
+
+    renew_within_days: float = 10.0
+    """``federation pki renew`` and ``federation up`` reissue a certificate expiring
+    within this: a third of its life, which leaves ten days to notice a failed renewal
+    (``federation_certificate_expiry_timestamp_seconds`` on every node's metrics)."""
+
+    intermediate_validity_days: float = 365.0
+    """The nodes and edge intermediates; renewing one needs the root key, brought back
+    from offline once a year."""
+
+    root_validity_days: float = 3650.0
+    """The root: the one certificate every host trusts; replacing it means re-bundling
+    every host, so it lives long and its key stays offline."""
 
 
 @dataclass(frozen=True)

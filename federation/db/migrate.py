@@ -101,3 +101,24 @@ async def apply_migrations(
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     return applied_now
+
+
+async def check_schema(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+                       migrations: list[Migration] | None = None) -> None:
+    """Refuse a schema older than this code (or changed under it), for a process that
+    may not migrate it (a node logging in as its own least-privilege role)."""
+    migrations = load_migrations() if migrations is None else migrations
+    try:
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        rows = []
+    done = {r["version"]: r["checksum"] for r in rows}
+    missing = [f"{m.version:04d}_{m.name}" for m in migrations if m.version not in done]
+    if missing:
+        raise MigrationError(
+            f"the database schema lacks migration(s) {', '.join(missing)}: run `federation "
+            "db migrate` as the database owner before starting this version")
+    changed = [f"{m.version:04d}_{m.name}" for m in migrations
+               if done[m.version] != m.checksum]
+    if changed:
+        raise MigrationError(f"migration(s) {', '.join(changed)} differ from what was applied")

@@ -19,7 +19,7 @@ from federation.edge.jobs import JobQueue
 from federation.edge.reaper import Reaper
 from federation.edge.uploads import UploadStore
 from federation.memory.sink import AuditSink
-from federation.pki import CertificateAuthority
+from federation.pki import EdgeSigner
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EdgeBroker:
     revocations: RevocationCache
     uploads: UploadStore
     enrollment: Enrollment | None
-    """``None`` when this process has no CA key: Enroll/RenewCertificate are UNAVAILABLE."""
+    """``None`` when this process has no edge CA key: Enroll/RenewCertificate are UNAVAILABLE."""
     reaper: Reaper
     outbox: AuditOutbox
 
@@ -40,7 +40,7 @@ class EdgeBroker:
         pool: asyncpg.Pool,
         config: EdgeConfig,
         home: Path,
-        ca: CertificateAuthority | None,
+        signer: EdgeSigner | None,
         sink: AuditSink | None,
     ) -> EdgeBroker:
         devices = DeviceRegistry(pool, config)
@@ -50,7 +50,8 @@ class EdgeBroker:
             devices=devices,
             revocations=RevocationCache(devices, config.revocation_cache_seconds),
             uploads=UploadStore(pool, config, home),
-            enrollment=Enrollment(pool, config, ca) if ca is not None else None,
+            enrollment=(Enrollment(pool, config, signer.issuer, signer.root)
+                        if signer is not None else None),
             reaper=Reaper(pool, config),
             outbox=AuditOutbox(pool, sink),
         )

@@ -5,7 +5,9 @@ its key pair locally and sends a CSR with the token. The broker consumes the
 token (single use, expiring; only its SHA-256 is stored) and signs a
 short-lived certificate whose only identity is ``spiffe://<td>/edge/<name>``
 for the token's name. Everything else in the CSR (subject, SANs, extensions)
-is ignored, so a device cannot obtain a name or SAN it was not granted.
+is ignored, so a device cannot obtain a name or SAN it was not granted. The
+broker signs with the edge intermediate (:func:`federation.pki.load_edge_issuer`),
+which can sign nothing but edge identities.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import EdgeConfig
 from federation.errors import ErrorCode, FederationError
-from federation.pki import CertificateAuthority, Identity, PKIError, validate_name
+from federation.pki import Identity, Issuer, PKIError, validate_name
 
 if TYPE_CHECKING:
     from federation.edge.jobs import Conn
@@ -37,6 +39,8 @@ class IssuedCertificate:
     device_id: str
     certificate_der: bytes
     ca_certificate_der: bytes
+    chain_der: tuple[bytes, ...]
+    """The intermediate between the certificate and the root (the edge CA)."""
     not_after: dt.datetime
 
 
@@ -72,10 +76,12 @@ async def create_token(pool: asyncpg.Pool, name: str, ttl: dt.timedelta) -> str:
 
 
 class Enrollment:
-    def __init__(self, pool: asyncpg.Pool, config: EdgeConfig, ca: CertificateAuthority) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: EdgeConfig, issuer: Issuer,
+                 root: x509.Certificate) -> None:
         self._pool = pool
         self._config = config
-        self._ca = ca
+        self._issuer = issuer
+        self._root = root
 
     async def enroll(self, token: str, csr_der: bytes, display_name: str) -> IssuedCertificate:
         public_key = _public_key_from_csr(csr_der)
@@ -110,13 +116,15 @@ class Enrollment:
         return self._issue(device_id, _public_key_from_csr(csr_der))
 
     def _issue(self, name: str, public_key: ec.EllipticCurvePublicKey) -> IssuedCertificate:
-        identity = Identity(self._ca.trust_domain, name, "edge")
+        identity = Identity(self._issuer.trust_domain, name, "edge")
         validity = dt.timedelta(seconds=self._config.certificate_ttl_seconds)
-        cert = self._ca.sign(identity, public_key, (), (), validity)
+        cert = self._issuer.sign(identity, public_key, (), (), validity)
+        der = serialization.Encoding.DER
         return IssuedCertificate(
             device_id=name,
-            certificate_der=cert.public_bytes(serialization.Encoding.DER),
-            ca_certificate_der=self._ca.certificate.public_bytes(serialization.Encoding.DER),
+            certificate_der=cert.public_bytes(der),
+            ca_certificate_der=self._root.public_bytes(der),
+            chain_der=(self._issuer.certificate.public_bytes(der),),
             not_after=cert.not_valid_after_utc,
         )
 

@@ -137,6 +137,12 @@ def build_backend(model: ModelConfig) -> Backend:
         from federation.inference.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(model)
+    if model.backend == "council-scripted":
+        # Deterministic council members (every one approves) for tests that run the
+        # council across processes or hosts, where no test can hand a backend in.
+        from federation.council.scripted_backend import ScriptedCouncilBackend
+
+        return ScriptedCouncilBackend(model=model.id)
     raise ValueError(f"model {model.id!r}: unknown backend {model.backend!r}")
 
 

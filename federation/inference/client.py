@@ -86,6 +86,7 @@ class InferenceRouter:
         refresh_seconds: float = 2.0,
         probe_timeout_seconds: float = 2.0,
         attempts: int = 3,
+        first_event_timeout_seconds: float | None = None,
     ) -> None:
         """``credentials=None`` uses plaintext channels (``--insecure-dev`` only)."""
         self._addresses = list(dict.fromkeys(addresses))
@@ -94,6 +95,7 @@ class InferenceRouter:
         self._refresh_seconds = refresh_seconds
         self._probe_timeout = probe_timeout_seconds
         self._attempts = max(1, attempts)
+        self._first_event_timeout = first_event_timeout_seconds
         self._nodes: list[NodeState] = []
         self._refresher: asyncio.Task[None] | None = None
         self._tiebreak = itertools.count()
@@ -253,9 +255,15 @@ class InferenceRouter:
     async def _first_event(self, node: NodeState, call: _GenerateCall) -> GenerationEvent | None:
         """The first event, or ``None`` when the node failed in a way worth a retry."""
         try:
-            response = await call.read()
+            async with asyncio.timeout(self._first_event_timeout):
+                response = await call.read()
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
+            self._node_failed(node, error, before_first=True)
+            raise error from None
+        except TimeoutError:
+            error = FederationError(ErrorCode.UNAVAILABLE,
+                                    f"inference node {node.address} sent nothing in time")
             self._node_failed(node, error, before_first=True)
             raise error from None
         if response is _EOF:

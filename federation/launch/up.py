@@ -124,11 +124,13 @@ class Federation:
     def _ensure_pki(self) -> CertificateAuthority:
         paths = PKIPaths(self.home)
         if paths.ca_cert.exists():
-            ca = load_ca(self.home, self.settings.trust_domain)
+            ca = load_ca(self.home, self.settings.trust_domain, self.settings.pki)
             self.progress.step(f"PKI: using the federation CA at {paths.ca_cert}")
         else:
-            ca = CertificateAuthority.init(self.home, self.settings.trust_domain)
-            self.progress.step(f"PKI: created a federation CA at {paths.ca_cert}")
+            ca = CertificateAuthority.init(self.home, self.settings.trust_domain,
+                                           config=self.settings.pki)
+            self.progress.step(f"PKI: created a root CA and two intermediates under "
+                               f"{paths.directory}")
         self.admin = ensure_identity(ca, "admin", ADMIN_NAME)
         return ca
 

@@ -27,6 +27,7 @@ import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -130,11 +131,27 @@ def restore_entry(claim: RestoreClaim, prev_hash: bytes, certificate_pem: bytes,
 
 
 class RestoreVerifier:
-    """Checks restore events against this federation's CA."""
+    """Checks restore events against this federation's CA: the admin certificate must be
+    signed by the nodes intermediate, itself signed by the root."""
 
-    def __init__(self, ca_certificate_pem: bytes, trust_domain: str) -> None:
-        self._ca = x509.load_pem_x509_certificate(ca_certificate_pem)
+    def __init__(self, ca_certificate_pem: bytes, trust_domain: str,
+                 issuer_certificate_pem: bytes) -> None:
+        root = x509.load_pem_x509_certificate(ca_certificate_pem)
+        self._ca = x509.load_pem_x509_certificate(issuer_certificate_pem)
+        try:
+            self._ca.verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise RestoreEventError("the nodes CA is not issued by this federation's root"
+                                    ) from None
         self._trust_domain = trust_domain
+
+    @classmethod
+    def of_home(cls, pki_directory: Path, trust_domain: str) -> RestoreVerifier | None:
+        """From a home's PKI directory; ``None`` when it holds no CA certificates."""
+        root, nodes = pki_directory / "ca.pem", pki_directory / "nodes-ca.pem"
+        if not root.exists() or not nodes.exists():
+            return None
+        return cls(root.read_bytes(), trust_domain, nodes.read_bytes())
 
     def check(self, record: MemoryRecord) -> RestoreClaim:
         """The claim of ``record``; :class:`RestoreEventError` saying why it is not valid."""

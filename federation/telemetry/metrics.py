@@ -7,8 +7,9 @@
   broker's uploads and blobs, the gateway's outbox), so an alert fires while there is
   still room, not when writes start failing.
 * ``federation_certificate_expiry_timestamp_seconds``: when the process's own
-  certificate and the CA it trusts expire (Unix time), for a "renew within 7 days"
-  alert.
+  certificate, its intermediate and the CA it trusts expire (Unix time), for a "renew
+  within 7 days" alert; exported by :class:`federation.credentials.CertificateExpiry`,
+  which follows renewals (``NodeServer``, ``GatewayServer``).
 
 Each is a collector read at scrape time (``os.statvfs`` is a few microseconds), so
 nothing runs between scrapes. Names follow Prometheus conventions: base units,
@@ -17,19 +18,16 @@ nothing runs between scrapes. Names follow Prometheus conventions: base units,
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from federation.config import Settings
 from federation.db import embedded_data_dir
-from federation.pki import CertificateFiles
 
 
 class DiskSpaceCollector(Collector):
@@ -106,38 +104,8 @@ def database_up_collector(reachable: Callable[[], bool]) -> GaugeCollector:
         lambda: 1.0 if reachable() else 0.0)
 
 
-class CertificateExpiryCollector(Collector):
-    """When this process's certificate and its CA expire, read once at start: the
-    process serves with what it loaded, whatever the files say later."""
-
-    def __init__(self, files: CertificateFiles) -> None:
-        self._expiries = {
-            ("leaf", files.identity.spiffe_id): _not_after(files.cert),
-            ("ca", files.identity.trust_domain): _not_after(files.ca_cert),
-        }
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "federation_certificate_expiry_timestamp_seconds",
-            "When a certificate this process uses expires (Unix time): its own (kind "
-            "leaf, named by its SPIFFE id) and its CA's (kind ca, named by trust domain).",
-            labels=("kind", "identity"))
-        for labels, expiry in sorted(self._expiries.items()):
-            if expiry is not None:
-                family.add_metric(labels, expiry.timestamp())
-        yield family
-
-
-def _not_after(path: Path) -> dt.datetime | None:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
-    except (OSError, ValueError):
-        return None
-
-
-def register_process_metrics(registry: CollectorRegistry, settings: Settings, role: str,
-                             credentials: CertificateFiles | None) -> None:
-    """Disk space and certificate expiry, for every node and the gateway."""
+def register_process_metrics(registry: CollectorRegistry, settings: Settings, role: str
+                             ) -> None:
+    """Disk space, for every node and the gateway (certificate expiry: see the module
+    docstring)."""
     registry.register(DiskSpaceCollector(volumes_for(settings, role)))
-    if credentials is not None:
-        registry.register(CertificateExpiryCollector(credentials))

@@ -309,17 +309,25 @@ class EnrollResponse(_message.Message):
     CA_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CHAIN_DER_FIELD_NUMBER: _builtins.int
     certificate_der: _builtins.bytes
     """The device's X.509 client certificate, DER-encoded."""
     ca_certificate_der: _builtins.bytes
-    """The broker CA certificate that issued it, DER-encoded; trust anchor for
-    the broker's server certificate.
+    """The federation's root CA certificate, DER-encoded: the trust anchor for
+    the broker's server certificate and for the device's own chain.
     """
     device_id: _builtins.str
     """Identifier assigned to the device."""
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp:
         """When the certificate expires; renew before then."""
+
+    @_builtins.property
+    def chain_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The intermediate certificates between certificate_der and the root (the
+        broker's edge CA), DER-encoded, issuer last. A device presents them after
+        its certificate so that verifiers can build the chain to the root.
+        """
 
     def __init__(
         self,
@@ -328,10 +336,11 @@ class EnrollResponse(_message.Message):
         ca_certificate_der: _builtins.bytes = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         device_id: _builtins.str = ...,
+        chain_der: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "certificate_der", b"certificate_der", "device_id", b"device_id", "not_after", b"not_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "certificate_der", b"certificate_der", "chain_der", b"chain_der", "device_id", b"device_id", "not_after", b"not_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,21 +378,29 @@ class RenewCertificateResponse(_message.Message):
 
     CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CHAIN_DER_FIELD_NUMBER: _builtins.int
     certificate_der: _builtins.bytes
     """The new X.509 client certificate, DER-encoded."""
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp:
         """When the new certificate expires."""
 
+    @_builtins.property
+    def chain_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The intermediate certificates between certificate_der and the root,
+        DER-encoded, issuer last (see EnrollResponse.chain_der).
+        """
+
     def __init__(
         self,
         *,
         certificate_der: _builtins.bytes = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        chain_der: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "not_after", b"not_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "chain_der", b"chain_der", "not_after", b"not_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

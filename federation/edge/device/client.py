@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -73,6 +73,11 @@ def _der_to_pem(der: bytes) -> bytes:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
+def _chain_pem(certificate_der: bytes, chain_der: Sequence[bytes]) -> bytes:
+    """The device's certificate followed by the intermediate(s) it presents with it."""
+    return b"".join(_der_to_pem(der) for der in (certificate_der, *chain_der))
+
+
 async def enroll(
     broker: str, ca_pem: bytes, token: str, device_name: str, out_dir: Path,
     rpc_seconds: float = 30.0,
@@ -90,7 +95,7 @@ async def enroll(
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
     write_private_file(out_dir / KEY_FILE, _key_pem(key))
-    (out_dir / CERT_FILE).write_bytes(_der_to_pem(reply.certificate_der))
+    (out_dir / CERT_FILE).write_bytes(_chain_pem(reply.certificate_der, reply.chain_der))
     (out_dir / CA_FILE).write_bytes(_der_to_pem(reply.ca_certificate_der))
     return reply
 
@@ -124,7 +129,8 @@ async def renew_certificate(
     # between the two renames leaves the ``.new`` cert behind, and device_files()
     # finishes the swap, so the key and certificate on disk always match.
     write_private_file(_pending(cert_dir / KEY_FILE), _key_pem(key))
-    write_private_file(_pending(cert_dir / CERT_FILE), _der_to_pem(reply.certificate_der))
+    write_private_file(_pending(cert_dir / CERT_FILE),
+                       _chain_pem(reply.certificate_der, reply.chain_der))
     _finish_renewal(cert_dir)
 
 
