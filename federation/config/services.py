@@ -126,6 +126,12 @@ class ModelConfig:
     token_delay_seconds: float = 0.0
     """``test`` backend only: pause before each token, to make streaming observable."""
 
+    embeddings: bool = True
+    """``llamacpp``: also serve ``/v1/embeddings`` from this model, through a second
+    context on the same (memory-mapped) weights: for SmolLM2-135M about 60 MB more at the
+    default context. Off: the model answers embedding requests with 400. (An ``openai``
+    upstream and the ``test`` backend always serve them.)"""
+
 
 def _default_models() -> tuple[ModelConfig, ...]:
     return (ModelConfig(),)
