@@ -18,7 +18,6 @@ from federation.vault.service import VaultService
 from tests.test_vault_service import (  # noqa: F401 - fixtures
     gateway_channel,
     guardian,
-    sink,
     vault,
 )
 
