@@ -75,8 +75,8 @@ def create_app(
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes,
         # The body is read and parsed (depth and number ranges checked) inside the
-        # error guard and before the council and transcript middlewares, which
-        # add_council_routes / create_app append after it.
+        # error guard and before the transcript middleware, which create_app appends
+        # after it.
         middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
     )
     registry = registry or CollectorRegistry()
@@ -145,7 +145,7 @@ def _dependencies(
                 audit=writer,
                 metrics=metrics,
                 background=background,
-                chat=ChatServing(router, gateway.request_timeout_seconds),
+                chat=ChatServing(),
                 channels=channels,
                 outbox=outbox,
             )

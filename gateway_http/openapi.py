@@ -32,15 +32,37 @@ _CONTENT = [
                                                "text": {"type": "string"}}}},
 ]
 
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string", "minLength": 1, "maxLength": 256}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64},
+        "arguments": {"type": "string", "description": "The arguments object, as JSON "
+                      "text."}}}}}
+
 MESSAGE = {"oneOf": [
     {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "tool"]},
+        "role": {"enum": ["system", "developer", "user"]},
         "content": {"oneOf": _CONTENT}, "name": {"type": "string"}}},
+    {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
+        "role": {"const": "tool"}, "content": {"oneOf": _CONTENT},
+        "tool_call_id": {"type": "string", "minLength": 1, "maxLength": 256,
+                         "description": "The id of the call this message answers."}}},
     {"type": "object", "required": ["role"], "description": "Only an assistant message "
-     "may come without content.", "properties": {
+     "may come without content (when it called tools).", "properties": {
          "role": {"const": "assistant"},
-         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"}}},
+         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"},
+         "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
 ]}
+
+TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": {"type": "string"},
+        "parameters": {"type": "object", "description": "JSON Schema of the arguments. "
+                       "The embedded model generates arguments valid against it under a "
+                       "grammar, and refuses (400) keywords the grammar cannot enforce."},
+        "strict": {"type": "boolean"}}}}}
 
 CHAT_REQUEST = {
     "type": "object",
@@ -53,7 +75,8 @@ CHAT_REQUEST = {
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
-        "n": {"const": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": 16, "description": "Choices: "
+              "each is a generation of its own, and each is charged."},
         "stop": {"oneOf": [{"type": "string"},
                            {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
@@ -70,9 +93,26 @@ CHAT_REQUEST = {
                 "name": {"type": "string"}, "schema": {"type": "object"},
                 "strict": {"type": "boolean"}}},
         }},
+        "tools": {"type": "array", "maxItems": 128,
+                  "items": {"$ref": "#/components/schemas/Tool"}},
+        "tool_choice": {"oneOf": [
+            {"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "function"], "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"],
+                             "properties": {"name": {"type": "string"}}}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                         "description": "Needs logprobs: true."},
         "user": {"type": "string"},
     },
 }
+
+LOGPROB = {"type": "object", "properties": {
+    "token": {"type": "string"}, "logprob": {"type": "number"},
+    "bytes": {"type": ["array", "null"], "items": {"type": "integer"}},
+    "top_logprobs": {"type": "array", "items": {"type": "object"}}}}
 
 USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
@@ -88,8 +128,11 @@ CHAT_RESPONSE = {
         "choices": {"type": "array", "items": {"type": "object", "properties": {
             "index": {"type": "integer"},
             "message": {"type": "object", "properties": {
-                "role": {"const": "assistant"}, "content": {"type": "string"}}},
-            "finish_reason": {"enum": ["stop", "length", "content_filter"]},
+                "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
+            "logprobs": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+                "content": {"type": "array", "items": LOGPROB}}}]},
+            "finish_reason": {"enum": ["stop", "length", "content_filter", "tool_calls"]},
         }}},
         "usage": {"$ref": "#/components/schemas/Usage"},
     },
@@ -218,7 +261,8 @@ def _document() -> dict[str, Any]:
         "info": {"title": "Federation OpenAI-compatible gateway", "version": "1"},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Message": MESSAGE, "ChatCompletionRequest": CHAT_REQUEST,
+            "schemas": {"Message": MESSAGE, "Tool": TOOL,
+                        "ChatCompletionRequest": CHAT_REQUEST,
                         "ChatCompletion": CHAT_RESPONSE, "Usage": USAGE, "Error": ERROR,
                         "Model": MODEL},
             "responses": {"Error": _json({"$ref": "#/components/schemas/Error"},
@@ -227,6 +271,8 @@ def _document() -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": {"post": {
                 "operationId": "createChatCompletion",
+                "description": "Scope `chat` (models of the inference nodes) or `council` "
+                               "(the `council` models).",
                 "security": [{"bearer": []}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
