@@ -157,7 +157,9 @@ class _Coalescer:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            if self._deltas:
+            # Deltas that arrived while a batch was being sent go out before the end,
+            # which may have arrived meanwhile too.
+            while self._deltas:
                 batches, self._deltas = _joined(self._deltas), []
                 for batch in batches:
                     yield batch

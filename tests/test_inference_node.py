@@ -330,3 +330,28 @@ async def test_the_router_embeds_on_a_node_serving_the_model(
         with pytest.raises(FederationError) as caught:
             [e async for e in router.embed(EmbeddingRequest("nope", ("a",)))]
         assert caught.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_deltas_that_arrive_with_the_end_are_sent_before_it() -> None:
+    """The node's coalescer: while one batch is being sent, the backend produces another
+    delta and finishes; that delta must still go out, before the finish."""
+    from nodes.inference import _Coalescer
+
+    sending = asyncio.Event()
+
+    async def generation() -> AsyncIterator[GenerationEvent]:
+        yield TokenDelta("one")
+        await sending.wait()  # the first batch is being sent
+        yield TokenDelta(" two")
+        yield GenerationFinished("stop", 1, 2, MODEL)
+
+    received: list[GenerationEvent] = []
+    async with _Coalescer(generation()) as batches:  # type: ignore[arg-type]
+        async for batch in batches:
+            received.append(batch)
+            sending.set()
+            for _ in range(5):  # a slow send: the reader runs to the end meanwhile
+                await asyncio.sleep(0)
+    text = "".join(e.text for e in received if isinstance(e, TokenDelta))
+    assert text == "one two"
+    assert isinstance(received[-1], GenerationFinished)
