@@ -40,7 +40,9 @@ from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
+from gateway_http.completions import routes as completions_routes
 from gateway_http.council.routes import add_council_routes
+from gateway_http.embeddings import routes as embeddings_routes
 from gateway_http.errors import error_middleware
 from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (
@@ -83,6 +85,8 @@ def create_app(
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
+    completions_routes.add_routes(app)
+    embeddings_routes.add_routes(app)
     models.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
