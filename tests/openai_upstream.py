@@ -108,7 +108,7 @@ class OpenAIUpstream:
                                      request.sampling)
         assert rule.call is not None
         tool = next((t for t in request.tools if t.name == rule.call["name"]), None)
-        if tool is None:
+        if tool is None or request.tool_choice.mode == "none":
             return None
         said = f"{tool.name} {json.dumps(rule.call['arguments'])}"
         return GenerationRequest(request.model, (ChatMessage("user", said),),

@@ -17,7 +17,12 @@ import pytest
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference.grammar import check_enforceable, integer_range, tool_calls_grammar
-from federation.inference.tools import ToolCallParser, check_tools, written_calls
+from federation.inference.tools import (
+    ToolCallParser,
+    check_tools,
+    prompt_messages,
+    written_calls,
+)
 from federation.inference.types import (
     ChatMessage,
     GenerationRequest,
@@ -206,3 +211,19 @@ def test_every_schema_of_the_set_compiles_to_a_grammar() -> None:
     tools = [Tool(n, "", json.dumps(s)) for n, s in SCHEMAS.items()]
     grammar = tool_calls_grammar(tools)
     assert grammar.startswith('root ::= "<tool_call>"')
+
+
+def test_the_prompt_shows_tools_and_results_in_the_trained_layout() -> None:
+    request = GenerationRequest(
+        "m", (ChatMessage("system", "Be brief."), ChatMessage("user", "weather?"),
+              ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "f", "{}"),)),
+              ChatMessage("tool", "sunny", tool_call_id="c1")),
+        tools=(Tool("f", "Weather"),))
+    messages = prompt_messages(request)
+    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("Be brief.")
+    assert '<tools>[{"name": "f"' in messages[0]["content"]
+    assert messages[2]["content"] == '<tool_call>[{"name": "f", "arguments": {}}]</tool_call>'
+    assert messages[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    none = prompt_messages(GenerationRequest("m", request.messages, tools=request.tools,
+                                             tool_choice=ToolChoice("none")))
+    assert "<tools>" not in none[0]["content"]  # tool_choice none: the tools are not offered

@@ -94,17 +94,21 @@ def _invalid(param: str, message: str) -> FederationError:
 # ---- writing tools and calls into a prompt -------------------------------------------------
 
 def tool_instructions(tools: Sequence[Tool]) -> str:
-    """The system-prompt text that shows a model the functions and the call format."""
-    listed = "\n".join(
-        json.dumps({"name": t.name, "description": t.description,
-                    "parameters": parameters_schema(t)}, ensure_ascii=False)
-        for t in tools)
+    """The system-prompt text that shows a model the functions and the call format: the
+    layout SmolLM2-Instruct was trained on (its model card and Ollama's template: the
+    tools in ``<tools>``, calls as a JSON list in ``<tool_call>``), in our words."""
+    listed = json.dumps([{"name": t.name, "description": t.description,
+                          "parameters": parameters_schema(t)} for t in tools],
+                        ensure_ascii=False)
     return (
-        "You can call functions. Each function, with the JSON Schema of its arguments:\n"
-        f"<tools>\n{listed}\n</tools>\n"
-        "To call functions, reply with only "
-        f'{TOOL_OPEN}[{{"name": "<function name>", "arguments": {{<arguments>}}}}]{TOOL_CLOSE}'
-        "; each result comes back in a message from the tool. Otherwise reply with text."
+        "You are an expert in composing functions. You are given a question and a set of "
+        "possible functions. Based on the question, make one or more function calls to "
+        "achieve its purpose. If none of the functions can be used, answer in words.\n"
+        f"You have access to the following tools:\n<tools>{listed}</tools>\n"
+        "To call functions, the output must be in the following format and hold no other "
+        "text:\n"
+        f'{TOOL_OPEN}[\n{{"name": "func_name1", "arguments": {{"argument1": "value1"}}}}\n]'
+        f"{TOOL_CLOSE}"
     )
 
 
@@ -120,9 +124,13 @@ def written_calls(message: ChatMessage) -> str:
 
 def prompt_messages(request: GenerationRequest) -> list[dict[str, str]]:
     """The conversation as a plain chat template takes it (role and content only): the
-    tools, when the model may call them, described in the system message, and the
-    history's calls written in the call format."""
-    messages = [{"role": m.role, "content": written_calls(m)} for m in request.messages]
+    tools, when the model may call them, described in the system message, the history's
+    calls written in the call format, and a tool's result as a user message in
+    ``<tool_response>`` (many templates know no ``tool`` role)."""
+    messages = [{"role": "user",
+                 "content": f"<tool_response>\n{m.content}\n</tool_response>"}
+                if m.role == "tool" else {"role": m.role, "content": written_calls(m)}
+                for m in request.messages]
     if request.calls_tools:
         instructions = tool_instructions(request.tools)
         if messages and messages[0]["role"] == "system":
