@@ -23,7 +23,7 @@ endif
 LLAMA_VERSION := 0.3.36
 WHEELHOUSE := $(HOME)/.cache/federation/wheels/llama-$(LLAMA_VERSION)-$(ARCH)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 
-.PHONY: run test install protos check-protos lint-protos lint typecheck pytest bench clean
+.PHONY: run test install protos check-protos lint-protos lint typecheck pytest promtool bench clean
 
 run: $(STAMP)
 	$(BIN)/federation up
@@ -68,8 +68,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) promtool
 	$(BIN)/python -m pytest -q
+
+# promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus in the
+# test suite; installed once where apt-get can (root on Debian), else those tests skip.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install \
+		-y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+		|| echo "promtool could not be installed: the alert-rule tests will skip"
 
 # Benchmarks print figures (recorded in bench/README.md); they assert nothing.
 bench: $(STAMP)

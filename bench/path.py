@@ -20,7 +20,7 @@ The client is this Python process (aiohttp on uvloop): its own CPU is not counte
 2 cores it competes with what it measures, as a real co-located client would.
 
 Usage: python bench/path.py [--seconds S] [--rounds R] [--concurrency 1,16,64]
-                            [--modes nonstream,stream] [--chunks 32]
+                            [--modes nonstream,stream] [--chunks 32] [--tracing]
 """
 
 from __future__ import annotations
@@ -93,8 +93,13 @@ def upstream_app(chunks: int) -> web.Application:
         await response.write_eof()
         return response
 
+    async def traces(request: web.Request) -> web.Response:
+        await request.read()  # an OTLP/HTTP collector that keeps nothing (--tracing)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/traces", traces)
     return app
 
 
@@ -147,9 +152,12 @@ def federation_cli(home: Path, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def federation(upstream_port: int) -> Any:
+def federation(upstream_port: int, tracing: bool = False) -> Any:
     home = Path(tempfile.mkdtemp(prefix="bench-path-"))
+    traced = (f'[tracing]\notlp_endpoint = "http://127.0.0.1:{upstream_port}/v1/traces"\n\n'
+              if tracing else "")
     (home / "federation.toml").write_text(
+        traced +
         f'[[inference.models]]\nid = "{MODEL}"\nbackend = "openai"\n'
         f'base_url = "http://127.0.0.1:{upstream_port}/v1"\n'
         f'context_length = 4096\n'
@@ -320,7 +328,7 @@ async def main(args: argparse.Namespace) -> None:
     rows = []
     with upstream_process(args.chunks) as upstream:
         port = int(upstream.split(":")[2].split("/")[0])
-        with federation(port) as fed:
+        with federation(port, args.tracing) as fed:
             for mode in args.modes.split(","):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     direct, through = await measure(fed, upstream, mode, concurrency,
@@ -340,6 +348,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--modes", default="nonstream,stream")
     parser.add_argument("--chunks", type=int, default=32, help="SSE chunks per streamed answer")
+    parser.add_argument("--tracing", action="store_true",
+                        help="trace every request, exported over OTLP to a collector that "
+                             "keeps nothing (the upstream process)")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve_upstream:

@@ -18,6 +18,7 @@ import grpc
 from federation.config import GrpcConfig
 from federation.logs import REQUEST_ID_HEADER, request_id_var
 from federation.pki import CertificateFiles
+from federation.telemetry import tracing
 
 
 def grpc_options(config: GrpcConfig) -> list[tuple[str, Any]]:
@@ -44,11 +45,17 @@ def client_credentials(files: CertificateFiles) -> grpc.ChannelCredentials:
 
 
 def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's metadata plus the current request id and (when tracing) trace context,
+    where the caller did not set them."""
     request_id = request_id_var.get()
     metadata = list(details.metadata or ())
-    if not request_id or any(k == REQUEST_ID_HEADER for k, _ in metadata):
+    present = {k for k, _ in metadata}
+    added = [(k, v) for k, v in tracing.trace_metadata() if k not in present]
+    if request_id and REQUEST_ID_HEADER not in present:
+        added.append((REQUEST_ID_HEADER, request_id))
+    if not added:
         return details
-    metadata.append((REQUEST_ID_HEADER, request_id))
+    metadata += added
     return grpc.aio.ClientCallDetails(
         details.method,
         details.timeout,
@@ -93,9 +100,12 @@ def _request_id_interceptors() -> list[Any]:
 
 
 def request_id_metadata() -> tuple[tuple[str, str], ...] | None:
-    """The current request id as call metadata, for channels built without interceptors."""
+    """The current request id (and, when tracing, trace context) as call metadata, for
+    channels built without interceptors."""
     request_id = request_id_var.get()
-    return ((REQUEST_ID_HEADER, request_id),) if request_id else None
+    pairs = [*tracing.trace_metadata(), *([(REQUEST_ID_HEADER, request_id)] if request_id
+                                         else [])]
+    return tuple(pairs) or None
 
 
 def open_channel(

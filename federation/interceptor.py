@@ -25,13 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from federation import authz
 from federation.db.errors import outage_error
+from federation.denylist import DenyList
 from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import Identity, PKIError, parse_spiffe_id
+from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,11 @@ def _not_after(pem: bytes) -> dt.datetime:
     return x509.load_pem_x509_certificate(pem).not_valid_after_utc
 
 
+@functools.lru_cache(maxsize=4096)
+def _serial(pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
 def _presented_no_certificate(context: Context) -> bool:
     """A TLS peer that sent no client certificate (possible only on a port that
     does not require one, i.e. the broker's enrollment port)."""
@@ -153,10 +161,12 @@ def _split(method: str) -> tuple[str, str]:
 class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     """Authenticate, authorize, contextualise, translate errors, measure."""
 
-    def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False):
+    def __init__(self, trust_domain: str, metrics: RpcMetrics, *, insecure_dev: bool = False,
+                 deny_list: DenyList | None = None):
         self._trust_domain = trust_domain
         self._metrics = metrics
         self._insecure_dev = insecure_dev
+        self._deny_list = deny_list
 
     async def intercept_service(
         self,
@@ -168,8 +178,9 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return None
         method: str = handler_call_details.method
         request_id = clean_request_id(_metadata_value(handler_call_details, REQUEST_ID_HEADER))
+        trace_parent = _trace_carrier(handler_call_details) if tracing.enabled() else None
         wrapped: Handler = _wrap_handler(
-            handler, lambda behavior: self._guard(method, request_id, behavior)
+            handler, lambda behavior: self._guard(method, request_id, behavior, trace_parent)
         )
         return wrapped
 
@@ -178,7 +189,15 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return Identity(self._trust_domain, "insecure-dev", "admin")
         return identity_from_context(context, self._trust_domain)
 
-    def _guard(self, method: str, request_id: str, behavior: Any) -> Any:
+    def _refusal(self, context: Context, caller: Identity) -> str | None:
+        """Why the deny list refuses the caller's certificate, if it does."""
+        if self._deny_list is None or self._insecure_dev:
+            return None
+        pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+        return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
+
+    def _guard(self, method: str, request_id: str, behavior: Any,
+               trace_parent: dict[str, str] | None = None) -> Any:
         service, name = _split(method)
         metrics = self._metrics
 
@@ -201,6 +220,13 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                 )
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
                 raise  # unreachable: abort raises
+            refusal = self._refusal(context, caller)
+            if refusal is not None:
+                metrics.denied.labels(service, name, "denied").inc()
+                log.warning("refused a denied certificate",
+                            extra={"method": method, "caller": caller.spiffe_id,
+                                   "reason": refusal})
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
             caller_var.set(caller)
             peer_var.set(caller.spiffe_id)
             if not authz.is_allowed(caller.role, method):
@@ -242,7 +268,10 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             metrics.in_flight.labels(service, name).inc()
             try:
                 await enter(context)
-                yield
+                with tracing.span(method.lstrip("/"), kind=SpanKind.SERVER, carrier=trace_parent,
+                                  attributes={"rpc.system": "grpc", "rpc.service": service,
+                                              "rpc.method": name}):
+                    yield
             except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:
@@ -266,6 +295,12 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                     await result
 
         return stream_result, unary_result
+
+
+def _trace_carrier(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The caller's trace context (``traceparent``, ``tracestate``) from the metadata."""
+    return {str(k): str(v) for k, v in details.invocation_metadata or ()
+            if k in tracing.TRACE_HEADERS}
 
 
 def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:

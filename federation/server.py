@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from federation.channels import grpc_options
 from federation.config import GrpcConfig
+from federation.denylist import DenyList
 from federation.interceptor import FederationServerInterceptor, RpcMetrics
 from federation.pki import CertificateFiles
 
@@ -80,6 +81,7 @@ class NodeServer:
         metrics_port: int | None = 0,
         registry: CollectorRegistry | None = None,
         enrollment_listen: str | None = None,
+        deny_list: DenyList | None = None,
     ) -> None:
         """``credentials=None`` serves plaintext: only for ``--insecure-dev``.
 
@@ -98,13 +100,15 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._enrollment_listen = enrollment_listen
+        self._deny_list = deny_list
         self.port = 0
         self.metrics_port = 0
         self.enrollment_port = 0
 
     async def start(self) -> None:
         interceptor = FederationServerInterceptor(
-            self._trust_domain, RpcMetrics(self.registry), insecure_dev=self._credentials is None
+            self._trust_domain, RpcMetrics(self.registry), insecure_dev=self._credentials is None,
+            deny_list=self._deny_list,
         )
         server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(self._config))
         for service in self._services:

@@ -34,6 +34,8 @@ from federation.logs import request_id_var
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import CertificateFiles, certificate_files
+from federation.telemetry import tracing
+from federation.telemetry.metrics import register_process_metrics
 from gateway_http import health, models, openapi
 from gateway_http.audit import RequestRecord
 from gateway_http.background import BackgroundTasks
@@ -56,6 +58,7 @@ from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
+from gateway_http.tracing import tracing_middleware
 from gateway_http.transcripts import transcript_middleware
 from gateway_http.vault import add_vault_routes
 
@@ -79,9 +82,11 @@ def create_app(
         # The body is read and parsed (depth and number ranges checked) inside the
         # error guard and before the transcript middleware, which create_app appends
         # after it.
-        middlewares=[lifecycle_middleware, error_middleware, body_middleware(settings.gateway)],
+        middlewares=[tracing_middleware, lifecycle_middleware, error_middleware,
+                     body_middleware(settings.gateway)],
     )
     registry = registry or CollectorRegistry()
+    register_process_metrics(registry, settings, "gateway", credentials)
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
@@ -250,6 +255,7 @@ async def run_gateway(settings: Settings, *, ready_file: str | None = None,
     if lifeline_fd is not None:
         watch_lifeline(lifeline_fd, stop.set,
                        hard_deadline=settings.supervisor.orphan_stop_seconds)
+    end_tracing = tracing.configure(settings.tracing, "gateway")
     server = GatewayServer(settings, credentials)
     await server.start()
     try:
@@ -259,6 +265,7 @@ async def run_gateway(settings: Settings, *, ready_file: str | None = None,
         log.info("shutdown requested")
     finally:
         await server.stop()
+        end_tracing()
     return 0
 
 

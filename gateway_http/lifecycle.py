@@ -164,10 +164,12 @@ async def record_audit_now(request: web.Request) -> None:
         await state.audit.record(record.audit_entry())
     except Exception as exc:
         state.metrics.background_failures.labels("audit").inc()
+        # The memory node's reason (e.g. its database out of disk space) is safe to show.
+        reason = f" ({exc.message})" if isinstance(exc, FederationError) else ""
         raise FederationError(
             ErrorCode.UNAVAILABLE,
-            "the request could not be recorded in the audit log, so its result is withheld; "
-            "retry shortly",
+            f"the request could not be recorded in the audit log{reason}, so its result is "
+            "withheld; retry shortly",
             retry_after_seconds=1,
         ) from exc
     request[AUDITED] = True

@@ -47,6 +47,7 @@ from federation.guardian.client import GrpcGuardianClient
 from federation.keys.client import KeyPrincipal, KeyVerifier
 from federation.memory.client import GrpcAuditSink
 from federation.pki import CertificateFiles
+from federation.telemetry.metrics import database_up_collector
 from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_pool
 from federation.vault.tenants import TenantSettingsReader
 from gateway_http.auth import authenticate
@@ -113,6 +114,8 @@ def _vault_context(
             # Fail fast (503 at once) while PostgreSQL is unreachable, not after timeouts.
             watch = app[DATABASE_WATCH] = DatabaseWatch(settings.database.url,
                                                         settings.database, pool)
+            if (state := app.get(STATE)) is not None:  # the whole gateway, not a test app
+                state.metrics.registry.register(database_up_collector(lambda: watch.reachable))
             await watch.start()
             stack.push_async_callback(watch.stop)
             channels = {}

@@ -24,9 +24,12 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.db import Database, DatabaseWatch
+from federation.denylist import DenyList
 from federation.launch.lifeline import watch_lifeline
 from federation.pki import PKIError, certificate_files
 from federation.server import NodeServer, ServiceRegistration
+from federation.telemetry import tracing
+from federation.telemetry.metrics import database_up_collector, register_process_metrics
 from nodes import council, edge, guardian, inference, keys, memory
 from nodes.runtime import NodeRuntime
 
@@ -77,6 +80,7 @@ async def serve(settings: Settings, options: DaemonOptions) -> None:
         watch_lifeline(options.lifeline_fd, stop.set,
                        hard_deadline=settings.supervisor.orphan_stop_seconds)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(tracing.configure(settings.tracing, options.role))  # flushed last
         server = await _start(settings, options, stack)
         if options.ready_file is not None:
             _write_ready_file(options.ready_file, options.role, server)
@@ -107,6 +111,7 @@ async def _start(
         await database.start()
         stack.push_async_callback(database.stop)
     registry = CollectorRegistry()
+    register_process_metrics(registry, settings, options.role, credentials)
     cleanup = await stack.enter_async_context(contextlib.AsyncExitStack())
     runtime = NodeRuntime(settings, options.role, credentials, database, registry, cleanup)
     registration = await SERVICES[options.role](runtime)
@@ -120,15 +125,26 @@ async def _start(
         metrics_port=options.metrics_port,
         registry=registry,
         enrollment_listen=_enrollment_listen(settings, options),
+        deny_list=_deny_list(settings),
     )
     await server.start()
+    runtime.server = server
     stack.push_async_callback(server.stop)
     if database is not None:
         # NOT_SERVING on gRPC health while PostgreSQL is unreachable, SERVING again after.
         watch = DatabaseWatch.of(database, server.set_serving)
+        registry.register(database_up_collector(lambda: watch.reachable))
         await watch.start()
         stack.push_async_callback(watch.stop)
     return server
+
+
+def _deny_list(settings: Settings) -> DenyList:
+    try:
+        return DenyList(settings.home / settings.grpc.deny_list_file,
+                        settings.grpc.deny_list_reload_seconds)
+    except PKIError as exc:
+        raise DaemonError(str(exc)) from exc
 
 
 def _enrollment_listen(settings: Settings, options: DaemonOptions) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from federation.inference.convert import (
     model_to_pb,
     request_from_pb,
 )
+from federation.inference.metrics import InferenceLoadCollector
 from federation.inference.types import (
     Embedding,
     GenerationEvent,
@@ -36,6 +37,7 @@ from federation.inference.types import (
     TokenDelta,
     ToolCallDelta,
 )
+from federation.inference.watchdog import StallWatchdog
 from federation.periodic import cancel_and_wait
 from federation.prototime import duration
 from federation.server import ServiceRegistration
@@ -48,8 +50,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, backends: BackendSet) -> None:
+    def __init__(self, backends: BackendSet, watchdog: StallWatchdog | None = None) -> None:
         self._backends = backends
+        self._watchdog = watchdog or StallWatchdog.disabled()
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
@@ -69,28 +72,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(  # type: ignore[override]
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        self._watchdog.refuse_if_wedged()
         started = time.perf_counter()
-        first_token: float | None = None
-        index = 0
-        events = self._backends.generate(request_from_pb(request))
-        async with _Coalescer(events) as batches:
-            async for batch in batches:
-                if isinstance(batch, TokenDelta):
-                    if first_token is None:
-                        first_token = time.perf_counter() - started
-                    yield inference_pb2.GenerateResponse(delta=delta_to_pb(batch, index))
-                    index += 1
-                    continue
-                finished = finished_to_pb(batch)
-                finished.total_time.CopyFrom(duration(time.perf_counter() - started))
-                ttft = first_token if first_token is not None else time.perf_counter() - started
-                finished.time_to_first_token.CopyFrom(duration(ttft))
-                yield inference_pb2.GenerateResponse(finished=finished)
-                return
+        coalescer = _Coalescer(self._backends.generate(request_from_pb(request)))
+        with self._watchdog.generation(coalescer.fail) as progress:
+            coalescer.on_event = progress
+            async for response in _responses(coalescer, started):
+                yield response
 
     async def Embed(  # type: ignore[override]
         self, request: inference_pb2.EmbedRequest, context: Context
     ) -> AsyncIterator[inference_pb2.EmbedResponse]:
+        self._watchdog.refuse_if_wedged()
         events = self._backends.embed(embed_request_from_pb(request))
         async with contextlib.aclosing(events):
             async for event in events:
@@ -100,6 +93,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     yield inference_pb2.EmbedResponse(finished=embeddings_finished_to_pb(event))
                     return
         raise FederationError(ErrorCode.INTERNAL, "the backend ended without finishing")
+
+
+async def _responses(coalescer: _Coalescer, started: float
+                     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    first_token: float | None = None
+    index = 0
+    async with coalescer as batches:
+        async for batch in batches:
+            if isinstance(batch, TokenDelta):
+                if first_token is None:
+                    first_token = time.perf_counter() - started
+                yield inference_pb2.GenerateResponse(delta=delta_to_pb(batch, index))
+                index += 1
+                continue
+            finished = finished_to_pb(batch)
+            finished.total_time.CopyFrom(duration(time.perf_counter() - started))
+            ttft = first_token if first_token is not None else time.perf_counter() - started
+            finished.time_to_first_token.CopyFrom(duration(ttft))
+            yield inference_pb2.GenerateResponse(finished=finished)
+            return
 
 
 class _Coalescer:
@@ -125,6 +138,15 @@ class _Coalescer:
         self._end: GenerationFinished | Exception | None = None
         self._ready = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self.on_event: Callable[[], None] = _nothing
+        """Called at each event the backend produces (the watchdog's sign of progress)."""
+
+    def fail(self, error: Exception) -> None:
+        """End the stream with ``error`` now, whatever the backend is doing (the
+        watchdog's verdict on a wedged generation)."""
+        if self._end is None:
+            self._end = error
+            self._ready.set()
 
     async def __aenter__(self) -> AsyncIterator[TokenDelta | GenerationFinished]:
         self._reader = asyncio.create_task(self._read())  # copies the request-id context
@@ -138,6 +160,7 @@ class _Coalescer:
         try:
             async with contextlib.aclosing(self._events):
                 async for event in self._events:
+                    self.on_event()
                     if isinstance(event, TokenDelta):
                         self._deltas.append(event)
                         self._ready.set()
@@ -145,7 +168,7 @@ class _Coalescer:
                         self._end = event
                         break
         except Exception as exc:  # handed to the consumer, which raises it
-            self._end = exc
+            self._end = self._end or exc
         else:
             if self._end is None:
                 self._end = FederationError(ErrorCode.INTERNAL,
@@ -169,6 +192,10 @@ class _Coalescer:
             if end is not None:
                 yield end
                 return
+
+
+def _nothing() -> None:
+    return None
 
 
 def _joined(deltas: list[TokenDelta]) -> list[TokenDelta]:
@@ -212,8 +239,14 @@ def registration(servicer: InferenceServicer) -> ServiceRegistration:
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
-    backends = build_backend_set(runtime.settings.inference)
+    config = runtime.settings.inference
+    backends = build_backend_set(config)
     # Registered first: a backend that fails to start must not leak the others.
     runtime.cleanup.push_async_callback(backends.stop)
     await backends.start()
-    return registration(InferenceServicer(backends))
+    runtime.registry.register(InferenceLoadCollector(backends.load))
+    watchdog = StallWatchdog(config.stall_timeout_seconds, config.stall_exit_after_seconds,
+                             lambda: runtime.set_serving(False), registry=runtime.registry)
+    await watchdog.start()
+    runtime.cleanup.push_async_callback(watchdog.stop)
+    return registration(InferenceServicer(backends, watchdog))

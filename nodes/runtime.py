@@ -23,6 +23,7 @@ from federation.channels import open_channel
 from federation.config import Settings
 from federation.db import Database
 from federation.pki import CertificateFiles
+from federation.server import NodeServer
 
 
 @dataclass
@@ -35,7 +36,15 @@ class NodeRuntime:
     """Started and migrated; ``None`` for roles that need no storage."""
     registry: CollectorRegistry
     cleanup: contextlib.AsyncExitStack
+    server: NodeServer | None = None
+    """The server hosting the service, once started (set by the daemon)."""
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report the node SERVING or NOT_SERVING on gRPC health (a service that finds
+        itself unable to serve, e.g. a wedged inference node)."""
+        if self.server is not None:
+            await self.server.set_serving(serving)
 
     def channel(self, target: str) -> grpc.aio.Channel:
         """A shared mTLS channel to ``target`` (``host:port``), closed at stop."""

@@ -21,7 +21,9 @@ import grpc
 from federation.cli import (
     audit,
     backup,
+    certs,
     council,
+    db,
     edge,
     keys,
     pki,
@@ -41,7 +43,7 @@ from federation.pki import PKIError
 Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 COMMAND_GROUPS: tuple[ModuleType, ...] = (
-    pki, run, keys, audit, edge, vault, tenants, council, status, backup,
+    pki, certs, run, keys, audit, edge, vault, tenants, council, status, backup, db,
 )
 """The modules whose ``register`` adds the commands, in ``--help`` order."""
 

@@ -26,6 +26,7 @@ from federation.config.processes import (
     NodeConfig,
     PeersConfig,
     SupervisorConfig,
+    TracingConfig,
 )
 from federation.config.services import (
     BackupConfig,
@@ -66,6 +67,7 @@ class Settings:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     node_name: str = "local"
     """Name part of this host's node identities (``spiffe://…/node/<name>/<role>``)."""
 
@@ -109,6 +111,7 @@ __all__ = [
     "PeersConfig",
     "Settings",
     "SupervisorConfig",
+    "TracingConfig",
     "VaultConfig",
     "load_settings",
 ]

@@ -46,6 +46,14 @@ class GrpcConfig:
     from the first to the second. gRPC's defaults (1 s, then up to 120 s) kept callers on
     503 for seconds after a supervised node was back (it restarts in about one)."""
 
+    deny_list_file: str = "pki/denied.json"
+    """Certificates every server refuses, by serial or identity (relative to the home;
+    ``federation certs deny``; see ``federation/denylist.py``). Copy it to every host."""
+
+    deny_list_reload_seconds: float = 1.0
+    """How often a server looks whether the deny list changed: a denial takes effect
+    everywhere within this (plus the copy to each host), with no restart."""
+
 
 @dataclass(frozen=True)
 class DatabaseConfig:
@@ -159,3 +167,21 @@ class PeersConfig:
     def addresses(self, role: str) -> list[str]:
         value = str(getattr(self, role, "") or "")
         return [a.strip() for a in value.split(",") if a.strip()]
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry traces (``federation/telemetry/tracing.py``). Off unless an endpoint
+    is set: then no span is made at all."""
+
+    otlp_endpoint: str = ""
+    """OTLP/HTTP traces endpoint of a collector, e.g. ``http://otel-collector:4318/v1/traces``
+    (Jaeger, Tempo and the OpenTelemetry Collector accept it). Empty: tracing off."""
+
+    sample_ratio: float = 1.0
+    """Share of requests traced (decided at the gateway; the nodes follow the caller's
+    decision). All by default: the federation's request rates are modest."""
+
+    export_timeout_seconds: float = 10.0
+    """Longest one export to the collector may take; spans are sent in batches, off the
+    request path."""

@@ -132,6 +132,10 @@ class ModelConfig:
     default context. Off: the model answers embedding requests with 400. (An ``openai``
     upstream and the ``test`` backend always serve them.)"""
 
+    stall_after_tokens: int | None = None
+    """``test`` backend only: after this many tokens a generation produces nothing more
+    and never ends (until cancelled), as one on a hung GPU does; for the watchdog's drill."""
+
 
 def _default_models() -> tuple[ModelConfig, ...]:
     return (ModelConfig(),)
@@ -144,6 +148,18 @@ class InferenceConfig:
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
     """In the TOML file: ``[[inference.models]]`` tables; in the environment
     (``FEDERATION_INFERENCE_MODELS``): a JSON list of objects."""
+
+    stall_timeout_seconds: float = 120.0
+    """While generations are open, some token must come out this often; otherwise the
+    node is wedged (a hung GPU, a driver call that never returns): it reports
+    NOT_SERVING, ends the open streams with UNAVAILABLE and exits to be restarted (see
+    ``federation/inference/watchdog.py``). Well above the slowest prompt evaluation (a
+    full 2,048-token context takes tens of seconds on a small CPU). 0 turns it off."""
+
+    stall_exit_after_seconds: float = 5.0
+    """From NOT_SERVING to the exit of a wedged node: time for the error to reach the
+    stalled streams' clients and for the gateways' routers (which re-probe every
+    ``gateway.route_refresh_seconds``, 2 s) to stop sending work here."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import asyncpg
 from federation.config import DatabaseConfig
 from federation.db.migrate import apply_migrations
 from federation.periodic import PeriodicTask
+from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ async def create_pool(
     min_size: int | None = None,
     max_size: int | None = None,
 ) -> BoundedPool:
-    """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there."""
+    """A started :class:`BoundedPool`; :class:`DatabaseUnavailable` if PostgreSQL is not there.
+
+    While tracing is on, each statement of its connections becomes a span."""
+    logger = tracing.query_logger()
+    if logger is not None:
+        init = _with_query_logger(init, logger)
     pool = BoundedPool(
         url,
         acquire_timeout=config.acquire_timeout_seconds,
@@ -98,6 +104,17 @@ async def create_pool(
         await pool.close()
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
     return pool
+
+
+def _with_query_logger(init: Callable[[asyncpg.Connection], Awaitable[None]] | None,
+                       logger: Callable[[Any], None]
+                       ) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    async def initialise(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(logger)
+        if init is not None:
+            await init(conn)
+
+    return initialise
 
 
 class Database:
@@ -142,6 +159,11 @@ class DatabaseWatch:
 
     The probe has a connection of its own, outside the pool: a pool saturated by
     load must not look like an outage. ``start()``/``stop()`` run it periodically.
+
+    It asks for a *writable* server: after a failover (a standby promoted, the DSN
+    listing both hosts with ``target_session_attrs=read-write``) a connection to a
+    server that is, or became, a standby counts as unreachable and is dropped, so
+    the next probe reconnects through the DSN to whichever host is now the primary.
     """
 
     def __init__(
@@ -186,7 +208,8 @@ class DatabaseWatch:
             async with asyncio.timeout(self._config.probe_timeout_seconds):
                 if self._connection is None or self._connection.is_closed():
                     self._connection = await asyncpg.connect(self._url)
-                await self._connection.fetchval("SELECT 1")
+                if await self._connection.fetchval("SELECT pg_is_in_recovery()"):
+                    raise DatabaseUnreachable("connected to a standby (read-only)")
         except Exception as exc:  # any failure means "not now"
             log.debug("database probe failed", extra={"error": str(exc)[:200]})
             self._drop_connection()

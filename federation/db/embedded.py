@@ -164,6 +164,27 @@ class EmbeddedPostgres:
         self.port = self.port or self.requested_port or _free_port(self.host)
         return EmbeddedDsn(self.host, self.port, password)
 
+    def prepare_standby(self, primary: EmbeddedDsn) -> EmbeddedDsn:
+        """Like :meth:`prepare`, but the cluster is a streaming standby of ``primary``:
+        a base backup (``pg_basebackup -R -X stream``: the WAL to make it consistent,
+        ``standby.signal`` and the connection back to the primary) instead of initdb.
+        The superuser and its password are the primary's (the data is a copy)."""
+        self.requested_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare_user()
+        self._bin = self._binaries()
+        self.data_dir = self._locate_data()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(mode=0o700, exist_ok=True)
+            if self._run_as is not None:
+                os.chown(self.data_dir, self._run_as.pw_uid, self._run_as.pw_gid)
+            conninfo = (f"host={primary.host} port={primary.port} user={SUPERUSER} "
+                        f"password={primary.password} application_name=standby")
+            self._run(["pg_basebackup", "-d", conninfo, "-D", str(self.data_dir), "-R",
+                       "-X", "stream", "-c", "fast"], what="copy the primary (pg_basebackup)")
+        write_private_file(self._password_file, primary.password.encode())
+        self.port = self.port or self.requested_port or _free_port(self.host)
+        return EmbeddedDsn(self.host, self.port, primary.password)
+
     def spawn(self) -> subprocess.Popen[bytes]:
         """The postmaster, in the foreground, on the port ``prepare()`` chose (the same
         one on every restart). Call from the thread that will supervise it."""

@@ -22,6 +22,11 @@ RETRY_AFTER_SECONDS: Final = 2.0
 
 OUTAGE_MESSAGE: Final = "the database is unavailable; retry shortly"
 
+DISK_FULL_MESSAGE: Final = ("the database is out of disk space: writes are refused until an "
+                            "operator frees space")
+DISK_FULL_RETRY_AFTER_SECONDS: Final = 30.0
+"""Freeing space takes a person: retrying every two seconds would only add load."""
+
 _SERVER_OUTAGES: Final = (
     asyncpg.PostgresConnectionError,  # class 08: connection lost, refused, rejected
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
@@ -30,11 +35,17 @@ _SERVER_OUTAGES: Final = (
     asyncpg.QueryCanceledError,  # 57014: statement timeout (stalled server)
     asyncpg.TooManyConnectionsError,  # 53300
     DatabaseUnreachable,  # a pool failing fast during an outage it knows of
+    # No writable server among a multi-host DSN's (all standbys, before a promotion).
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a pooled connection to a demoted server
 )
 
-_CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError)
+_CLIENT_SIDE: Final = (TimeoutError, OSError, asyncpg.InterfaceError,
+                       asyncpg.exceptions.InternalClientError)
 """Raised by the client library when the server is gone or silent (connect, acquire
-and command timeouts, refused or reset sockets, "connection is closed"). The same
+and command timeouts, refused or reset sockets, "connection is closed"; and "cannot
+switch to state 15; another operation is in progress" when the server dies during
+the reset of a connection being released to the pool, seen in a failover). The same
 types can come from elsewhere (a full disk is an OSError too), so they count only
 when asyncpg raised them."""
 
@@ -62,9 +73,28 @@ def _raised_in_asyncpg(exc: BaseException) -> bool:
     return False
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is PostgreSQL out of disk space
+    (SQLSTATE 53100: a table, index or temporary file could not grow)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, asyncpg.DiskFullError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def outage_error(exc: BaseException) -> FederationError | None:
-    """The UNAVAILABLE error to answer ``exc`` with, or ``None`` if it is not an outage."""
-    if isinstance(exc, FederationError) or not is_outage(exc):
+    """The UNAVAILABLE error to answer ``exc`` with, or ``None`` if it is not an outage
+    (the database unreachable, or out of disk space)."""
+    if isinstance(exc, FederationError):
+        return None
+    if is_disk_full(exc):
+        return FederationError(ErrorCode.UNAVAILABLE, DISK_FULL_MESSAGE,
+                               retry_after_seconds=DISK_FULL_RETRY_AFTER_SECONDS)
+    if not is_outage(exc):
         return None
     return FederationError(
         ErrorCode.UNAVAILABLE, OUTAGE_MESSAGE, retry_after_seconds=RETRY_AFTER_SECONDS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -140,9 +141,23 @@ class UploadSession:
         assert self._fd is not None
         view = memoryview(data)
         done = 0
-        while done < len(view):  # pwrite may write less than asked
-            done += os.pwrite(self._fd, view[done:], offset + done)
+        try:
+            while done < len(view):  # pwrite may write less than asked
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
         self._hasher.update(data)
+
+    def _disk_error(self, exc: OSError) -> Exception:
+        """A full disk (or quota) is the broker's resource running out, not a bug: the
+        device keeps what was committed and resumes once space is freed."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        return FederationError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"the broker's upload store is out of disk space; committed_size="
+            f"{self.committed}: resume from there once space is freed",
+            retry_after_seconds=60.0)
 
     def _hand_to_writer(self, offset: int, data: bytes) -> None:
         if self._writer is None:
@@ -257,7 +272,10 @@ class UploadSession:
                 await asyncio.wait([after])  # not cancelled with us, as in _settle
             if after.cancelled() or after.exception() is not None:
                 return  # the failed write is reported by _settle
-        await asyncio.to_thread(_sync_and_drop, self._fd, self.committed, size)
+        try:
+            await asyncio.to_thread(_sync_and_drop, self._fd, self.committed, size)
+        except OSError as exc:  # a filesystem that reports a full disk at fsync
+            raise self._disk_error(exc) from exc
         done = await self._pool.fetchval(
             """
             UPDATE edge_uploads SET committed_size = greatest(committed_size, $4),
@@ -296,7 +314,10 @@ class UploadSession:
                 "the upload was discarded: start again",
             )
         self._close_part()
-        await asyncio.to_thread(self._blobs.adopt, self._path, actual.hex())
+        try:
+            await asyncio.to_thread(self._blobs.adopt, self._path, actual.hex())
+        except OSError as exc:  # no room for the blob's directory
+            raise self._disk_error(exc) from exc
         digest = blob_digest(actual.hex())
         await self._pool.execute(
             """

@@ -294,7 +294,8 @@ class InferenceRouter:
                 self._node_failed(node, error, before_first=False)
                 if error.code in _RETRYABLE:
                     raise FederationError(
-                        ErrorCode.UNAVAILABLE, "the inference node failed during generation"
+                        ErrorCode.UNAVAILABLE,
+                        f"the inference node failed during generation: {error.message}",
                     ) from None
                 raise error from None
             if response is _EOF:

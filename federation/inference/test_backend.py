@@ -215,11 +215,14 @@ class TestBackend:
         token_delay: float = 0.0,
         first_token_delay: float = 0.0,
         capacity: int = 64,
+        stall_after_tokens: int | None = None,
     ) -> None:
         self._infos = [ModelInfo(m, "federation", "test", 4096) for m in model_ids]
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay
         self.capacity = capacity
+        self.stall_after_tokens = stall_after_tokens
+        """After this many deltas, produce nothing more until cancelled (a hung GPU)."""
         self.fail_before_first: FederationError | None = None
         """Raised before any delta (the router may retry elsewhere)."""
         self.fail_after_tokens: int | None = None
@@ -237,7 +240,8 @@ class TestBackend:
     @classmethod
     def from_config(cls, model: ModelConfig) -> TestBackend:
         return cls(
-            (model.id,), token_delay=model.token_delay_seconds, capacity=model.queue_capacity
+            (model.id,), token_delay=model.token_delay_seconds, capacity=model.queue_capacity,
+            stall_after_tokens=model.stall_after_tokens,
         )
 
     async def start(self) -> None:
@@ -287,6 +291,8 @@ class TestBackend:
                     raise FederationError(ErrorCode.INTERNAL, "injected failure")
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
+                if self.stall_after_tokens is not None and count >= self.stall_after_tokens:
+                    await asyncio.Event().wait()  # wedged: only a cancellation ends it
                 first_prompt = prompt if count == 0 and not prompt_sent else None
                 count += 1
                 yield self._delta(request, text, parser, count, first_prompt)

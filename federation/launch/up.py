@@ -177,6 +177,11 @@ class Federation:
         host = self.settings.nodes.host
         for role in ROLES_WITH_SERVICES:
             env[f"FEDERATION_PEERS_{role.upper()}"] = f"{host}:{self.ports[role]}"
+        # Inference nodes started elsewhere (``[peers] inference`` in federation.toml, e.g.
+        # a GPU box) serve beside the one started here: the gateway routes across all.
+        own = env["FEDERATION_PEERS_INFERENCE"]
+        others = [a for a in self.settings.peers.addresses("inference") if a != own]
+        env["FEDERATION_PEERS_INFERENCE"] = ",".join([own, *others])
         env["FEDERATION_EDGE_ENROLLMENT_PORT"] = str(self.ports["enrollment"])
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env

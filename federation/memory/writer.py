@@ -20,8 +20,10 @@ from dataclasses import replace
 from typing import Final
 
 import asyncpg
+from opentelemetry.context import Context
 
 from federation.clock import Clock, utc_now
+from federation.db.errors import outage_error
 from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
 from federation.memory.records import (
@@ -31,6 +33,7 @@ from federation.memory.records import (
     chain_hash,
     clamp_temperature,
 )
+from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ COLUMNS: Final = (
     "attributes", "body", "prev_hash", "hash", "temperature", "compressed",
 )
 
-_Pending = tuple[AuditEntry, "asyncio.Future[MemoryRecord]"]
+_Pending = tuple[AuditEntry, "asyncio.Future[MemoryRecord]", "Context | None"]
+"""An entry, its caller's future, and its caller's trace (``None`` unless tracing)."""
 
 
 class ChainWriter:
@@ -86,7 +90,7 @@ class ChainWriter:
         if not entry.request_id:
             entry = replace(entry, request_id=request_id_var.get())
         future: asyncio.Future[MemoryRecord] = asyncio.get_running_loop().create_future()
-        self._queue.append((entry, future))
+        self._queue.append((entry, future, tracing.current_context()))
         self._wakeup.set()
         return await future
 
@@ -103,18 +107,26 @@ class ChainWriter:
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:
-            records = await self._append_many([entry for entry, _ in batch])
+            # The batch's statements join the trace of its first record's request.
+            with tracing.continued(batch[0][2]), tracing.span(
+                    "thermal_memory.append",
+                    attributes={"records": len(batch),
+                                tracing.REQUEST_ID_ATTRIBUTE: batch[0][0].request_id}):
+                records = await self._append_many([entry for entry, _, _ in batch])
         except Exception as exc:
             log.exception("thermal memory append failed", extra={"records": len(batch)})
+            outage = outage_error(exc)
+            reason = f": {outage.message}" if outage is not None else ""
             error = FederationError(
-                ErrorCode.UNAVAILABLE, "thermal memory could not store the record"
+                ErrorCode.UNAVAILABLE, f"thermal memory could not store the record{reason}",
+                retry_after_seconds=outage.retry_after_seconds if outage else None,
             )
             error.__cause__ = exc
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, future), record in zip(batch, records, strict=True):
+        for (_, future, _), record in zip(batch, records, strict=True):
             if not future.done():
                 future.set_result(record)
 
@@ -157,7 +169,7 @@ class ChainWriter:
 
     def _fail_pending(self, error: FederationError) -> None:
         pending, self._queue = self._queue, []
-        for _, future in pending:
+        for _, future, _ in pending:
             if not future.done():
                 future.set_exception(error)
 

@@ -1,0 +1,105 @@
+"""``federation certs``: deny a certificate everywhere until it is replaced
+(docs/runbooks/key-or-certificate-compromised.md), and read a certificate's serial."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cryptography import x509
+
+from federation.cli.support import print_json
+from federation.config import Settings
+from federation.denylist import add_denial, read_denials, remove_denial
+from federation.errors import CommandError
+from federation.pki import parse_spiffe_id
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    certs = subparsers.add_parser(
+        "certs", help="the deny list every node enforces; a certificate's serial")
+    commands = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
+    deny = commands.add_parser("deny", help="refuse a certificate (or an identity) everywhere")
+    which = deny.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", help="the certificate's serial number (hexadecimal)")
+    which.add_argument("--cert", type=Path, help="a PEM file of the certificate to deny")
+    which.add_argument("--identity", help="a SPIFFE id: every certificate of it, replacements "
+                                          "included, until allowed again")
+    deny.add_argument("--reason", required=True)
+    deny.add_argument("--json", action="store_true")
+    deny.set_defaults(handler=deny_certificate)
+    allow = commands.add_parser("allow", help="remove a serial or identity from the deny list")
+    allow.add_argument("what", help="a serial (hexadecimal) or a SPIFFE id")
+    allow.set_defaults(handler=allow_certificate)
+    denied = commands.add_parser("denied", help="list the deny list")
+    denied.add_argument("--json", action="store_true")
+    denied.set_defaults(handler=list_denied)
+    show = commands.add_parser("show", help="a certificate's serial, identity and expiry")
+    show.add_argument("cert", type=Path)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=show_certificate)
+
+
+def _path(settings: Settings) -> Path:
+    return settings.home / settings.grpc.deny_list_file
+
+
+def _read(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"{path}: not a PEM certificate: {exc}") from exc
+
+
+def _identity(cert: x509.Certificate) -> str:
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else ""
+
+
+async def deny_certificate(settings: Settings, args: argparse.Namespace) -> int:
+    serial, identity = args.serial or "", args.identity or ""
+    if args.cert is not None:
+        serial = format(_read(args.cert).serial_number, "x")
+    if identity:
+        parse_spiffe_id(identity, settings.trust_domain)  # a typo would deny nobody
+    denial = add_denial(_path(settings), serial=serial, identity=identity, reason=args.reason)
+    if args.json:
+        print_json(denial.as_json())
+    else:
+        what = f"serial {denial.serial}" if denial.serial else f"identity {denial.identity}"
+        print(f"denied {what} in {_path(settings)}; every server on this host refuses it "
+              f"within {settings.grpc.deny_list_reload_seconds:g}s. Copy the file to every "
+              "other host, then issue a replacement (federation pki issue).")
+    return 0
+
+
+async def allow_certificate(settings: Settings, args: argparse.Namespace) -> int:
+    removed = remove_denial(_path(settings), args.what)
+    if not removed:
+        raise CommandError(f"{args.what} is not on the deny list")
+    print(f"allowed {args.what} again")
+    return 0
+
+
+async def list_denied(settings: Settings, args: argparse.Namespace) -> int:
+    denials = read_denials(_path(settings))
+    if args.json:
+        print_json([d.as_json() for d in denials])
+        return 0
+    for d in denials:
+        print(f"{d.serial or d.identity:<48} {d.at:<21} {d.reason}")
+    print(f"{len(denials)} denied ({_path(settings)})")
+    return 0
+
+
+async def show_certificate(settings: Settings, args: argparse.Namespace) -> int:
+    cert = _read(args.cert)
+    facts = {"serial": format(cert.serial_number, "x"), "identity": _identity(cert),
+             "not_after": cert.not_valid_after_utc.isoformat()}
+    if args.json:
+        print_json(facts)
+    else:
+        print("\n".join(f"{k:<9} {v}" for k, v in facts.items()))
+    return 0

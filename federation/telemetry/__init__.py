@@ -1,0 +1,1 @@
+"""What an operator watches: metrics no single service owns, and request traces."""
