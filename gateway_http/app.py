@@ -43,7 +43,9 @@ from gateway_http.background import BackgroundTasks
 from gateway_http.body import body_middleware
 from gateway_http.chat import routes as chat_routes
 from gateway_http.chat.serving import ChatServing
+from gateway_http.completions import routes as completions_routes
 from gateway_http.council.routes import add_council_routes
+from gateway_http.embeddings import routes as embeddings_routes
 from gateway_http.errors import error_middleware
 from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (
@@ -80,8 +82,8 @@ def create_app(
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes,
         # The body is read and parsed (depth and number ranges checked) inside the
-        # error guard and before the council and transcript middlewares, which
-        # add_council_routes / create_app append after it.
+        # error guard and before the transcript middleware, which create_app appends
+        # after it.
         middlewares=[tracing_middleware, lifecycle_middleware, error_middleware,
                      body_middleware(settings.gateway)],
     )
@@ -90,6 +92,8 @@ def create_app(
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
     app.on_response_prepare.append(add_request_id_header)
     chat_routes.add_routes(app)
+    completions_routes.add_routes(app)
+    embeddings_routes.add_routes(app)
     models.add_routes(app)
     health.add_routes(app)
     openapi.add_routes(app)
@@ -153,7 +157,7 @@ def _dependencies(
                 audit=writer,
                 metrics=metrics,
                 background=background,
-                chat=ChatServing(router, gateway.request_timeout_seconds),
+                chat=ChatServing(),
                 channels=channels,
                 outbox=outbox,
             )

@@ -32,15 +32,37 @@ _CONTENT = [
                                                "text": {"type": "string"}}}},
 ]
 
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string", "minLength": 1, "maxLength": 256}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64},
+        "arguments": {"type": "string", "description": "The arguments object, as JSON "
+                      "text."}}}}}
+
 MESSAGE = {"oneOf": [
     {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "tool"]},
+        "role": {"enum": ["system", "developer", "user"]},
         "content": {"oneOf": _CONTENT}, "name": {"type": "string"}}},
+    {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
+        "role": {"const": "tool"}, "content": {"oneOf": _CONTENT},
+        "tool_call_id": {"type": "string", "minLength": 1, "maxLength": 256,
+                         "description": "The id of the call this message answers."}}},
     {"type": "object", "required": ["role"], "description": "Only an assistant message "
-     "may come without content.", "properties": {
+     "may come without content (when it called tools).", "properties": {
          "role": {"const": "assistant"},
-         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"}}},
+         "content": {"oneOf": [*_CONTENT, {"type": "null"}]}, "name": {"type": "string"},
+         "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
 ]}
+
+TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": {"type": "string"},
+        "parameters": {"type": "object", "description": "JSON Schema of the arguments. "
+                       "The embedded model generates arguments valid against it under a "
+                       "grammar, and refuses (400) keywords the grammar cannot enforce."},
+        "strict": {"type": "boolean"}}}}}
 
 CHAT_REQUEST = {
     "type": "object",
@@ -53,7 +75,8 @@ CHAT_REQUEST = {
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
-        "n": {"const": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": 16, "description": "Choices: "
+              "each is a generation of its own, and each is charged."},
         "stop": {"oneOf": [{"type": "string"},
                            {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
@@ -70,9 +93,26 @@ CHAT_REQUEST = {
                 "name": {"type": "string"}, "schema": {"type": "object"},
                 "strict": {"type": "boolean"}}},
         }},
+        "tools": {"type": "array", "maxItems": 128,
+                  "items": {"$ref": "#/components/schemas/Tool"}},
+        "tool_choice": {"oneOf": [
+            {"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "function"], "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"],
+                             "properties": {"name": {"type": "string"}}}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                         "description": "Needs logprobs: true."},
         "user": {"type": "string"},
     },
 }
+
+LOGPROB = {"type": "object", "properties": {
+    "token": {"type": "string"}, "logprob": {"type": "number"},
+    "bytes": {"type": ["array", "null"], "items": {"type": "integer"}},
+    "top_logprobs": {"type": "array", "items": {"type": "object"}}}}
 
 USAGE = {"type": "object", "properties": {
     "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
@@ -88,12 +128,89 @@ CHAT_RESPONSE = {
         "choices": {"type": "array", "items": {"type": "object", "properties": {
             "index": {"type": "integer"},
             "message": {"type": "object", "properties": {
-                "role": {"const": "assistant"}, "content": {"type": "string"}}},
-            "finish_reason": {"enum": ["stop", "length", "content_filter"]},
+                "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
+            "logprobs": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+                "content": {"type": "array", "items": LOGPROB}}}]},
+            "finish_reason": {"enum": ["stop", "length", "content_filter", "tool_calls"]},
         }}},
         "usage": {"$ref": "#/components/schemas/Usage"},
     },
 }
+
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
+                                                      "maximum": 2**32 - 1}}
+
+COMPLETION_REQUEST = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "prompt": {"oneOf": [{"type": "string"},
+                             {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                             _TOKENS, {"type": "array", "minItems": 1, "items": _TOKENS}],
+                   "description": "Each prompt gets n choices (at most 16 in all)."},
+        "suffix": {"type": "string", "description": "Fill-in-the-middle, where the model "
+                   "has the tokens for it (else 400)."},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1, "default": 16},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": 16},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object",
+                           "properties": {"include_usage": {"type": "boolean"}}},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 5},
+        "echo": {"type": "boolean", "description": "Not with logprobs."},
+        "stop": {"oneOf": [{"type": "string"},
+                           {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "user": {"type": "string"},
+    },
+}
+
+COMPLETION = {"type": "object", "properties": {
+    "id": {"type": "string"}, "object": {"const": "text_completion"},
+    "created": {"type": "integer"}, "model": {"type": "string"},
+    "choices": {"type": "array", "items": {"type": "object", "properties": {
+        "index": {"type": "integer"}, "text": {"type": "string"},
+        "logprobs": {"type": ["object", "null"], "properties": {
+            "tokens": {"type": "array", "items": {"type": "string"}},
+            "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+            "top_logprobs": {"type": "array", "items": {"type": "object"}},
+            "text_offset": {"type": "array", "items": {"type": "integer"}}}},
+        "finish_reason": {"enum": ["stop", "length", "content_filter"]}}}},
+    "usage": {"$ref": "#/components/schemas/Usage"}}}
+
+EMBEDDINGS_REQUEST = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "maxLength": 256},
+        "input": {"oneOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "maxItems": 2048,
+                             "items": {"type": "string", "minLength": 1}},
+                            _TOKENS,
+                            {"type": "array", "minItems": 1, "maxItems": 2048,
+                             "items": _TOKENS}]},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float",
+                            "description": "base64: each vector's float32 values, "
+                                           "little-endian."},
+        "dimensions": {"type": "integer", "minimum": 1, "description": "Where the model can "
+                       "shorten its vectors (else 400)."},
+        "user": {"type": "string"},
+    },
+}
+
+EMBEDDINGS = {"type": "object", "properties": {
+    "object": {"const": "list"}, "model": {"type": "string"},
+    "data": {"type": "array", "items": {"type": "object", "properties": {
+        "object": {"const": "embedding"}, "index": {"type": "integer"},
+        "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                {"type": "string"}]}}}},
+    "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                               "total_tokens": {"type": "integer"}}}}}
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"], "properties": {
@@ -218,15 +335,20 @@ def _document() -> dict[str, Any]:
         "info": {"title": "Federation OpenAI-compatible gateway", "version": "1"},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Message": MESSAGE, "ChatCompletionRequest": CHAT_REQUEST,
+            "schemas": {"Message": MESSAGE, "Tool": TOOL,
+                        "ChatCompletionRequest": CHAT_REQUEST,
                         "ChatCompletion": CHAT_RESPONSE, "Usage": USAGE, "Error": ERROR,
-                        "Model": MODEL},
+                        "Model": MODEL, "CompletionRequest": COMPLETION_REQUEST,
+                        "Completion": COMPLETION, "EmbeddingsRequest": EMBEDDINGS_REQUEST,
+                        "Embeddings": EMBEDDINGS},
             "responses": {"Error": _json({"$ref": "#/components/schemas/Error"},
                                          "An OpenAI-style error.")},
         },
         "paths": {
             "/v1/chat/completions": {"post": {
                 "operationId": "createChatCompletion",
+                "description": "Scope `chat` (models of the inference nodes) or `council` "
+                               "(the `council` models).",
                 "security": [{"bearer": []}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
@@ -238,6 +360,37 @@ def _document() -> dict[str, Any]:
                                 "application/json": {
                                     "schema": {"$ref": "#/components/schemas/ChatCompletion"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(404, 409, 429, body=True),
+                },
+            }},
+            "/v1/completions": {"post": {
+                "operationId": "createCompletion",
+                "description": "Scope `chat`. The models of the inference nodes, prompts "
+                               "without a chat template.",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
+                "responses": {
+                    "200": {"description": "A completion, or with stream=true Server-Sent "
+                                           "Events of text_completion objects ending with "
+                                           "`data: [DONE]`.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Completion"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(404, 409, 429, body=True),
+                },
+            }},
+            "/v1/embeddings": {"post": {
+                "operationId": "createEmbedding",
+                "description": "Scope `embeddings`. Usage is charged to the key's token "
+                               "quota.",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}},
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Embeddings"},
+                                 "One vector per input, in input order."),
                     **_errors(404, 409, 429, body=True),
                 },
             }},

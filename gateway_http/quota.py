@@ -10,6 +10,7 @@ lifecycle middleware settles it (one ``SettleQuota``) to what was really used:
 * a generation that finished: its reported usage;
 * a stream cut by the client or by a node failure: the prompt plus the tokens of the
   deltas that arrived (never more than the reservation);
+* embeddings: the inputs' tokens, as the node counted them;
 * a client that left before the first token: :attr:`QuotaHold.abandoned_charge` (the
   prompt bound for a chat, the whole reservation for the council, whose progress
   carries no token counts);
@@ -29,9 +30,9 @@ from federation.config import CouncilConfig
 from federation.council.engine import MAX_ROUNDS
 from federation.council.members import Member, load_roster, members_file_for
 from federation.errors import ErrorCode, FederationError
-from federation.inference.budget import prompt_token_bound
+from federation.inference.budget import embedding_token_bound, request_prompt_bound
 from federation.inference.client import InferenceRouter
-from federation.inference.types import GenerationRequest
+from federation.inference.types import EmbeddingRequest, GenerationRequest
 from federation.keys.client import KeyReservation, KeyVerifier
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.state import STATE
@@ -60,11 +61,11 @@ class QuotaHold:
 QUOTA_HOLD = web.RequestKey("quota_hold", QuotaHold)
 
 
-# ---- chat ----------------------------------------------------------------------------------
+# ---- generation (chat and text completions) ------------------------------------------------
 
-def chat_reservation_size(generation: GenerationRequest, prompt_bound: int,
-                          context_length: int) -> tuple[int, int]:
-    """(tokens, min_tokens) to reserve for a chat completion.
+def generation_reservation_size(generation: GenerationRequest, prompt_bound: int,
+                                context_length: int) -> tuple[int, int]:
+    """(tokens, min_tokens) to reserve for one generation (one choice).
 
     ``tokens``: an upper bound of the prompt plus the completion limit (``max_tokens``,
     else the model's context). ``min_tokens``: every message is at least one token, and
@@ -73,18 +74,38 @@ def chat_reservation_size(generation: GenerationRequest, prompt_bound: int,
     """
     completion = generation.sampling.max_tokens or context_length
     tokens = min(prompt_bound + completion, MAX_RESERVATION)
-    return tokens, min(tokens, len(generation.messages) + 1)
+    return tokens, min(tokens, max(1, len(generation.messages)) + 1)
 
 
-async def reserve_chat(request: web.Request, keys: KeyVerifier, key_id: str,
-                       generation: GenerationRequest) -> KeyReservation:
-    """Reserve for a chat completion and remember it on ``request`` for settlement."""
-    info = request.app[STATE].router.model_info(generation.model)
-    prompt_bound = prompt_token_bound(generation.messages)
-    tokens, min_tokens = chat_reservation_size(
-        generation, prompt_bound, info.context_length if info else FALLBACK_CONTEXT_LENGTH)
-    reservation = await keys.reserve(key_id, tokens=tokens, min_tokens=min_tokens)
-    request[QUOTA_HOLD] = QuotaHold(reservation, min(prompt_bound, reservation.tokens))
+async def reserve_generation(request: web.Request, key_id: str,
+                             generations: Sequence[GenerationRequest]) -> KeyReservation:
+    """Reserve for a request's generations (its choices, which share the reservation
+    equally) and remember it on ``request`` for settlement."""
+    state = request.app[STATE]
+    info = state.router.model_info(generations[0].model)
+    context = info.context_length if info else FALLBACK_CONTEXT_LENGTH
+    sizes = [generation_reservation_size(g, request_prompt_bound(g), context)
+             for g in generations]
+    tokens = min(max(t for t, _ in sizes) * len(sizes), MAX_RESERVATION)
+    minimum = min(tokens, max(m for _, m in sizes) * len(sizes))
+    reservation = await state.keys.reserve(key_id, tokens=tokens, min_tokens=minimum)
+    prompts = sum(request_prompt_bound(g) for g in generations)
+    request[QUOTA_HOLD] = QuotaHold(reservation, min(prompts, reservation.tokens))
+    return reservation
+
+
+# ---- embeddings ----------------------------------------------------------------------------
+
+async def reserve_embedding(request: web.Request, key_id: str,
+                            embedding: EmbeddingRequest) -> KeyReservation:
+    """Reserve an upper bound of the inputs' tokens (the node refuses inputs that need
+    more than what was reserved); a client that leaves early is charged nothing: the
+    node's count arrives with the vectors or not at all."""
+    bound = min(sum(embedding_token_bound(item) for item in embedding.inputs),
+                MAX_RESERVATION)
+    reservation = await request.app[STATE].keys.reserve(
+        key_id, tokens=bound, min_tokens=min(bound, len(embedding.inputs)))
+    request[QUOTA_HOLD] = QuotaHold(reservation, 0)
     return reservation
 
 

@@ -3,7 +3,8 @@ are stored as a vault object, encrypted, never in plaintext (issue #7, #4).
 
 How (see docs/guardian.md "Tenant transcripts"):
 
-* ``ChatServing.create`` hands its generation to :func:`tap` (its one hook). For a tenant
+* ``ChatServing.create`` hands each generation to :func:`tap` (its one hook), whatever
+  answers it: a model of the inference nodes or the council. For a tenant
   whose ``tenant_settings.store_transcripts`` is on, ``tap`` reserves a vault object
   *before* generating: a fresh data key split 2-of-3, the guardian's share deposited,
   the client share dropped (none is issued: reading a transcript takes the admin
@@ -30,25 +31,27 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from federation.errors import ErrorCode, FederationError
-from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.inference.types import GenerationFinished, GenerationRequest, TokenDelta
 from federation.keys.client import KeyPrincipal
 from federation.logs import request_id_var
 from federation.vault.records import PendingObject
 from federation.vault.service import VaultService
 from federation.vault.tenants import TenantSettingsReader
-from gateway_http.chat.protocol import ChatCall
 
 log = logging.getLogger(__name__)
 
 ACTION = "gateway.transcript.store"
 OBJECT_PREFIX = "vt_"
 
-Events = AsyncGenerator[GenerationEvent, None]
+Events = AsyncGenerator[Any, None]
+"""A generation's events: deltas and its finish, maybe a backend's own (council progress),
+which pass through untouched."""
 
 
 class TranscriptRecorder:
@@ -60,9 +63,9 @@ class TranscriptRecorder:
         self.stored = 0
         self.failures = 0
 
-    async def begin(self, call: ChatCall) -> PendingObject | None:
+    async def begin(self, generation: GenerationRequest) -> PendingObject | None:
         """``None`` when the tenant does not store transcripts; else a reserved object."""
-        tenant_id = call.generation.tenant_id
+        tenant_id = generation.tenant_id
         if not await self._tenants.stores_transcripts(tenant_id):
             return None
         try:
@@ -80,41 +83,51 @@ class TranscriptRecorder:
                 retry_after_seconds=exc.retry_after_seconds or 5.0,
             ) from None
 
-    def recorded(self, call: ChatCall, events: Events, pending: PendingObject,
+    def recorded(self, generation: GenerationRequest, events: Events, pending: PendingObject,
                  actor: str) -> Events:
-        return self._recorded(call, events, pending, actor)
+        return self._recorded(generation, events, pending, actor)
 
-    async def _recorded(self, call: ChatCall, events: Events, pending: PendingObject,
-                        actor: str) -> Events:
+    async def _recorded(self, generation: GenerationRequest, events: Events,
+                        pending: PendingObject, actor: str) -> Events:
         parts: list[str] = []
+        calls: dict[int, dict[str, str]] = {}
         committed = False
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
                     if isinstance(event, TokenDelta):
                         parts.append(event.text)
-                    else:
-                        await self._commit(call, "".join(parts), event, pending, actor)
+                        for piece in event.tool_calls:
+                            call = calls.setdefault(piece.index, {
+                                "id": piece.id, "name": piece.name, "arguments": ""})
+                            call["arguments"] += piece.arguments
+                    elif isinstance(event, GenerationFinished):
+                        await self._commit(generation, "".join(parts),
+                                           [calls[i] for i in sorted(calls)], event, pending,
+                                           actor)
                         committed = True
                     yield event
         finally:
             if not committed:
                 await self._vault.abandon_escrowed(pending, "the request did not complete")
 
-    async def _commit(self, call: ChatCall, completion: str, finished: GenerationFinished,
+    async def _commit(self, generation: GenerationRequest, completion: str,
+                      tool_calls: list[dict[str, str]], finished: GenerationFinished,
                       pending: PendingObject, actor: str) -> None:
         request_id = request_id_var.get()
-        generation = call.generation
-        document = {
+        document: dict[str, Any] = {
             "object": "chat.transcript", "request_id": request_id, "model": generation.model,
             "tenant_id": generation.tenant_id,
-            "messages": [{"role": m.role, "content": m.content, **({"name": m.name}
-                                                                     if m.name else {})}
-                         for m in generation.messages],
+            "messages": [_message(m) for m in generation.messages],
             "completion": completion, "finish_reason": finished.finish_reason,
             "usage": {"prompt_tokens": finished.prompt_tokens,
                       "completion_tokens": finished.completion_tokens},
         }
+        if generation.prompt is not None:
+            document["prompt"] = generation.prompt.text if generation.prompt.text is not None \
+                else list(generation.prompt.token_ids)
+        if tool_calls:
+            document["tool_calls"] = tool_calls
         try:
             await self._vault.commit_escrowed(
                 pending, name=f"transcript/{pending.object_id}",
@@ -146,7 +159,19 @@ class _Session:
 _session: ContextVar[_Session | None] = ContextVar("transcript_session", default=None)
 
 
-async def tap(call: ChatCall, events: Events) -> Events:
+def _message(m: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                             for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+async def tap(generation: GenerationRequest, events: Events) -> Events:
     """The hook in ``ChatServing.create``: ``events`` unchanged, or wrapped to store the
     transcript. Raises (503) before generating when an opted-in tenant's transcript
     cannot be reserved. Outside a gateway request with transcripts wired, a no-op."""
@@ -154,13 +179,13 @@ async def tap(call: ChatCall, events: Events) -> Events:
     if session is None:
         return events
     try:
-        pending = await session.recorder.begin(call)
+        pending = await session.recorder.begin(generation)
     except BaseException:
         await events.aclose()
         raise
     if pending is None:
         return events
-    return session.recorder.recorded(call, events, pending, session.actor())
+    return session.recorder.recorded(generation, events, pending, session.actor())
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -2,9 +2,10 @@
 
 Generate forwards each delta as soon as the backend produces it; deltas produced
 while the previous message was being sent travel together in one message (see
-:class:`_Coalescer`), so ``TokenDelta.index`` counts messages, not tokens. If the
-caller cancels, grpc.aio cancels this handler's task; the cancellation reaches
-the backend's iterator, which stops the generation.
+:class:`_Coalescer`), so ``TokenDelta.index`` counts messages, not tokens. Embed
+forwards each input's vector as the backend produces it. If the caller cancels,
+grpc.aio cancels this handler's task; the cancellation reaches the backend's
+iterator, which stops the work.
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import BackendSet, build_backend_set
 from federation.inference.convert import (
     delta_to_pb,
+    embed_request_from_pb,
+    embedding_to_pb,
+    embeddings_finished_to_pb,
     finished_to_pb,
     model_to_pb,
     request_from_pb,
 )
 from federation.inference.metrics import InferenceLoadCollector
-from federation.inference.types import GenerationEvent, GenerationFinished, TokenDelta
+from federation.inference.types import (
+    Embedding,
+    GenerationEvent,
+    GenerationFinished,
+    TokenDelta,
+    ToolCallDelta,
+)
 from federation.inference.watchdog import StallWatchdog
 from federation.periodic import cancel_and_wait
 from federation.prototime import duration
@@ -69,6 +79,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             coalescer.on_event = progress
             async for response in _responses(coalescer, started):
                 yield response
+
+    async def Embed(  # type: ignore[override]
+        self, request: inference_pb2.EmbedRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.EmbedResponse]:
+        self._watchdog.refuse_if_wedged()
+        events = self._backends.embed(embed_request_from_pb(request))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Embedding):
+                    yield inference_pb2.EmbedResponse(embedding=embedding_to_pb(event))
+                else:
+                    yield inference_pb2.EmbedResponse(finished=embeddings_finished_to_pb(event))
+                    return
+        raise FederationError(ErrorCode.INTERNAL, "the backend ended without finishing")
 
 
 async def _responses(coalescer: _Coalescer, started: float
@@ -156,10 +180,12 @@ class _Coalescer:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            if self._deltas:
-                batch = _joined(self._deltas)
-                self._deltas.clear()
-                yield batch
+            # Deltas that arrived while a batch was being sent go out before the end,
+            # which may have arrived meanwhile too.
+            while self._deltas:
+                batches, self._deltas = _joined(self._deltas), []
+                for batch in batches:
+                    yield batch
             end = self._end
             if isinstance(end, Exception):
                 raise end
@@ -172,11 +198,39 @@ def _nothing() -> None:
     return None
 
 
-def _joined(deltas: list[TokenDelta]) -> TokenDelta:
+def _joined(deltas: list[TokenDelta]) -> list[TokenDelta]:
+    """Consecutive deltas as one (an echoed prompt kept apart from generated text)."""
+    groups: list[list[TokenDelta]] = []
+    for delta in deltas:
+        if groups and groups[-1][0].echo == delta.echo:
+            groups[-1].append(delta)
+        else:
+            groups.append([delta])
+    return [_join(group) for group in groups]
+
+
+def _join(deltas: list[TokenDelta]) -> TokenDelta:
     if len(deltas) == 1:
         return deltas[0]
     prompt = next((d.prompt_tokens for d in deltas if d.prompt_tokens is not None), None)
-    return TokenDelta("".join(d.text for d in deltas), sum(d.tokens for d in deltas), prompt)
+    return TokenDelta("".join(d.text for d in deltas), sum(d.tokens for d in deltas), prompt,
+                      tool_calls=_joined_calls(deltas),
+                      logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+                      echo=deltas[0].echo)
+
+
+def _joined_calls(deltas: list[TokenDelta]) -> tuple[ToolCallDelta, ...]:
+    """Tool-call pieces in order; a piece that continues the previous one's call (same
+    index, no id of its own) is appended to it."""
+    calls: list[ToolCallDelta] = []
+    for piece in (c for d in deltas for c in d.tool_calls):
+        last = calls[-1] if calls else None
+        if last is not None and last.index == piece.index and not piece.id:
+            calls[-1] = ToolCallDelta(last.index, last.id, last.name or piece.name,
+                                      last.arguments + piece.arguments)
+        else:
+            calls.append(piece)
+    return tuple(calls)
 
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:

@@ -15,21 +15,27 @@ from typing import Any
 import aiohttp
 import grpc
 
-from federation.config import PeersConfig, Settings
+from federation.config import CouncilConfig, GrpcConfig, PeersConfig, Settings
+from federation.council.engine import Council
+from federation.council.scripted_backend import ScriptedCouncilBackend
 from federation.db import Database
+from federation.inference.client import InferenceRouter
 from federation.inference.test_backend import TestBackend
+from federation.memory.client import GrpcAuditSink
 from federation.pki import ADMIN_NAME
 from federation.v1 import key_authority_pb2 as kpb
 from federation.v1 import key_authority_pb2_grpc as kgrpc
 from federation.v1 import thermal_memory_pb2 as mpb
 from federation.v1 import thermal_memory_pb2_grpc as mgrpc
 from gateway_http.app import GatewayServer
+from nodes import council as council_node
 from nodes import guardian as guardian_node
 from nodes import keys as keys_node
 from nodes import memory as memory_node
+from tests.council_support import inference_node, scripted_roster
 from tests.gateway_support import gateway_settings, inference_nodes
 from tests.nodes_support import RunningNode, running
-from tests.support import TestPKI
+from tests.support import TestPKI, serving
 
 MODEL = "test-model"
 
@@ -72,9 +78,35 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
+async def council_node_for(stack: contextlib.AsyncExitStack, pki: TestPKI,
+                           memory_address: str, members: ScriptedCouncilBackend
+                           ) -> AsyncIterator[str]:
+    """A council node whose scripted members are served by an inference node of their own,
+    auditing to ``memory_address``; yields its address."""
+    server = await stack.enter_async_context(inference_node(pki, [members], "inf-council"))
+    router = InferenceRouter([f"127.0.0.1:{server.port}"], pki.identity("council", "node"),
+                             GrpcConfig(), refresh_seconds=0.5)
+    await router.start()
+    memory = pki.channel(memory_address, "council", "node")
+    try:
+        council = Council(scripted_roster(), router, GrpcAuditSink(memory, timeout_seconds=5),
+                          CouncilConfig(member_deadline_seconds=5, overall_deadline_seconds=20,
+                                        synthesis_deadline_seconds=5))
+        registration = council_node.registration(council_node.CouncilServicer(council))
+        async with serving(pki, [registration], role="council") as council_server:
+            yield f"127.0.0.1:{council_server.port}"
+    finally:
+        await router.stop()
+        await memory.close()
+
+
+@contextlib.asynccontextmanager
 async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
                            gateway_config: dict[str, Any] | None = None,
+                           council: ScriptedCouncilBackend | None = None,
                            **guardian_config: Any) -> AsyncIterator[Stack]:
+    """``council``: also a council node (its members played by ``council``), the gateway's
+    ``peers.council``."""
     pki = TestPKI(tmp_path / "home")
     pki.identity("admin", ADMIN_NAME)
     backend = TestBackend()
@@ -93,6 +125,11 @@ async def federation_stack(tmp_path: Path, database: Database, pg_url: str,
         )
         memory.settings = keys.settings = guardian.settings = settings
         await stack.enter_async_context(running(memory, guardian, keys))
+        if council is not None:
+            address = await stack.enter_async_context(
+                council_node_for(stack, pki, memory.address, council))
+            settings = dataclasses.replace(
+                settings, peers=dataclasses.replace(settings.peers, council=address))
         gateway = GatewayServer(settings, pki.identity("gateway"))
         await gateway.start()
         stack.push_async_callback(gateway.stop)

@@ -46,6 +46,7 @@ COUNCIL_EXAMPLES = 30
 MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
 CHECKS = [not_a_server_error, status_code_conformance]
 CHAT = "POST /v1/chat/completions"
+GENERATING = {CHAT, "POST /v1/completions", "POST /v1/embeddings"}
 
 
 @pytest.fixture
@@ -87,8 +88,8 @@ def _fuzz_operation(operation: schemathesis.APIOperation, mode: schemathesis.Gen
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     def run(case: schemathesis.Case) -> None:
         findings.cases += 1
-        if operation.label == CHAT and isinstance(case.body, dict) and findings.cases % 2:
-            case.body["model"] = MODEL  # half the chats reach the inference node
+        if operation.label in GENERATING and isinstance(case.body, dict) and findings.cases % 2:
+            case.body["model"] = MODEL  # half the generations reach the inference node
         response = case.call(base_url=base, session=session, headers=auth, timeout=30)
         findings.statuses[response.status_code] = (
             findings.statuses.get(response.status_code, 0) + 1)
@@ -109,11 +110,12 @@ def _fuzz_operation(operation: schemathesis.APIOperation, mode: schemathesis.Gen
 async def test_fuzzing_the_openapi_document_finds_no_server_error_and_no_undocumented_status(
         stack: Stack) -> None:
     issued = await stack.keys.IssueKey(kpb.IssueKeyRequest(
-        tenant_id="fuzz", scopes=["chat", "vault:read", "vault:write", "admin"],
+        tenant_id="fuzz", scopes=["chat", "embeddings", "vault:read", "vault:write", "admin"],
         requests_per_minute=100_000))
     async with stack.http.get(stack.base + "/openapi.json") as response:
         document = await response.json()
-    assert {"/v1/chat/completions", "/v1/vault/secrets"} <= set(document["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+            "/v1/vault/secrets"} <= set(document["paths"])
     started = time.monotonic()
     findings = await asyncio.to_thread(fuzz, document, stack.base, issued.secret)
     elapsed = time.monotonic() - started

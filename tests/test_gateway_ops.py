@@ -120,6 +120,7 @@ async def test_openapi_document(gateway: Gateway) -> None:
             gateway.base + "/openapi.json") as response:
         document = await response.json()
     assert document["openapi"] == "3.1.0"
-    assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(document["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+            "/health", "/metrics"} <= set(document["paths"])
     operation = document["paths"]["/v1/chat/completions"]["post"]
     assert {"400", "401", "403", "404", "413", "429", "503"} <= set(operation["responses"])

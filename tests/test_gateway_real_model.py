@@ -1,6 +1,7 @@
 """SmolLM2 through the whole stack: openai SDK → gateway → mTLS gRPC → inference node →
 llama.cpp, with the real key authority and thermal memory nodes (real PostgreSQL) behind
-the gateway. The one test that runs a real model (a few seconds on 2 cores)."""
+the gateway: chat, structured output, a tool call under the grammar, embeddings and a text
+completion with logprobs, through the openai SDK (a few seconds on 2 cores)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jsonschema_rs
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -37,6 +39,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama_cpp (the optional 'llm' extra) not installed")
 
 MODEL = "smollm2-135m-instruct"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["location"],
+                   "properties": {"location": {"type": "string"},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
 
 
 async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
@@ -52,7 +59,7 @@ async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
             serving(pki, [registration], role="inference") as node,
             key_nodes(pki, database) as federation,
         ):
-            key = (await federation.issue("tenant", ["chat"])).secret
+            key = (await federation.issue("tenant", ["chat", "embeddings"])).secret
             gateway = GatewayServer(
                 federation.wire(gateway_settings(pki.home, [f"127.0.0.1:{node.port}"])),
                 pki.identity("gateway"))
@@ -74,8 +81,34 @@ async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
                                 "properties": {"name": {"type": "string", "maxLength": 12},
                                                "age": {"type": "integer"}}}}})
                     chunks = [c async for c in stream]
+                    async with client.chat.completions.stream(
+                        model=MODEL, temperature=0, max_tokens=120, tools=[WEATHER],
+                        tool_choice="required",
+                        messages=[{"role": "user", "content": "Weather in Paris?"}],
+                    ) as tool_stream:
+                        called = await tool_stream.get_final_completion()
+                    vectors = await client.embeddings.create(model=MODEL,
+                                                             input=["hello", "world"])
+                    text_completion = await client.completions.create(
+                        model=MODEL, prompt="The capital of France is", max_tokens=4,
+                        temperature=0, logprobs=2, echo=False)
             finally:
                 await gateway.stop()
+    # A tool call under the grammar: arguments valid against the function's schema.
+    (call,) = called.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert jsonschema_rs.is_valid(WEATHER["function"]["parameters"],
+                                  json.loads(call.function.arguments))
+    assert called.choices[0].finish_reason == "tool_calls"
+    # Embeddings: one unit vector per input, 576 wide (SmolLM2's hidden size).
+    assert [len(v.embedding) for v in vectors.data] == [576, 576]
+    assert abs(sum(x * x for x in vectors.data[0].embedding) - 1) < 1e-3
+    assert vectors.usage.prompt_tokens >= 2
+    # A text completion with the log probability of each of its tokens.
+    choice = text_completion.choices[0]
+    assert choice.logprobs is not None
+    assert len(choice.logprobs.tokens or []) == 4 and choice.finish_reason == "length"
+    assert all(lp is not None and lp <= 0 for lp in choice.logprobs.token_logprobs or [])
     text = completion.choices[0].message.content or ""
     assert text.strip()
     assert completion.usage is not None and completion.usage.prompt_tokens > 5

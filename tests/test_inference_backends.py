@@ -16,25 +16,32 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import jsonschema_rs
 import pytest
-from aiohttp import web
 
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import Backend, BackendSet
 from federation.inference.budget import prompt_token_bound
 from federation.inference.openai_upstream import OpenAIUpstreamBackend
-from federation.inference.test_backend import TestBackend, _apply_limits, echo_tokens
+from federation.inference.test_backend import TestBackend
 from federation.inference.types import (
     ChatMessage,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingsFinished,
     GenerationEvent,
     GenerationFinished,
     GenerationRequest,
     ResponseFormat,
     SamplingParams,
+    TextPrompt,
     TokenDelta,
+    Tool,
+    ToolChoice,
 )
 from tests.gateway_support import eventually
+from tests.openai_upstream import OpenAIUpstream, serving
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 
@@ -59,72 +66,55 @@ async def collect(events: AsyncIterator[GenerationEvent]) -> tuple[str, Generati
     return text, finished
 
 
+async def collect_calls(events: AsyncIterator[GenerationEvent]
+                        ) -> tuple[list[dict[str, str]], GenerationFinished]:
+    """The streamed tool calls reassembled as OpenAI's SDK does, checking the stream's
+    shape: a call's first piece has its id and name, later pieces only arguments."""
+    calls: dict[int, dict[str, str]] = {}
+    finished = None
+    async for event in events:
+        if isinstance(event, GenerationFinished):
+            finished = event
+            continue
+        for piece in event.tool_calls:
+            if piece.index not in calls:
+                assert piece.id and piece.name, "a call's first piece names it"
+                calls[piece.index] = {"id": piece.id, "name": piece.name, "arguments": ""}
+            else:
+                assert not piece.id and not piece.name
+            calls[piece.index]["arguments"] += piece.arguments
+    assert finished is not None
+    return [calls[i] for i in sorted(calls)], finished
+
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["location"],
+           "properties": {"location": {"type": "string", "description": "City and country"},
+                          "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+
+
+def tool_request(model: str, text: str, mode: str = "auto", **extra: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model, (ChatMessage("system", "You are a helpful assistant that can use tools."),
+                ChatMessage("user", text)),
+        SamplingParams(max_tokens=120, temperature=0.0),
+        tools=(Tool("get_weather", "Get the current weather", json.dumps(WEATHER)),
+               Tool("get_time", "Get the time in a city", json.dumps(
+                   {"type": "object", "properties": {"city": {"type": "string"}},
+                    "required": ["city"]}))),
+        tool_choice=ToolChoice(mode, "get_weather" if mode == "function" else ""), **extra)
+
+
 async def wait_idle(backend: Backend) -> None:
     await eventually(lambda: not backend.load().in_flight)
 
 
 # ---- a deterministic OpenAI-compatible upstream -----------------------------------------------
 
-class FakeUpstream:
-    """Streams the test backend's echo as OpenAI SSE; records what it was sent."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.status = 200
-        self.open_streams = 0
-        self.token_delay = 0.0
-
-    async def chat(self, http: web.Request) -> web.StreamResponse:
-        body = await http.json()
-        self.bodies.append(body)
-        if self.status != 200:
-            return web.json_response({"error": {"message": "slow down"}}, status=self.status,
-                                     headers={"Retry-After": "7"})
-        fmt = body.get("response_format", {}).get("type", "text")
-        req = GenerationRequest(
-            body["model"], tuple(ChatMessage(m["role"], m["content"]) for m in body["messages"]),
-            SamplingParams(max_tokens=body.get("max_tokens"), stop=tuple(body.get("stop", ()))),
-            ResponseFormat(fmt),
-        )
-        tokens = _apply_limits(echo_tokens(req), req)
-        full = len(echo_tokens(req))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(http)
-        self.open_streams += 1
-        try:
-            for token in tokens:
-                await asyncio.sleep(self.token_delay)
-                await self._send(response, {"choices": [{"index": 0, "delta": {"content": token},
-                                                         "finish_reason": None}]})
-            limited = body.get("max_tokens") is not None and len(tokens) < full
-            reason = "length" if limited and len(tokens) == body["max_tokens"] else "stop"
-            await self._send(response, {"choices": [{"index": 0, "delta": {},
-                                                     "finish_reason": reason}]})
-            await self._send(response, {"choices": [], "usage": {
-                "prompt_tokens": 11, "completion_tokens": len(tokens),
-                "total_tokens": 11 + len(tokens)}})
-            await response.write(b"data: [DONE]\n\n")
-        finally:
-            self.open_streams -= 1
-        return response
-
-    @staticmethod
-    async def _send(response: web.StreamResponse, chunk: dict[str, Any]) -> None:
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-
 @pytest.fixture(scope="module")
-async def upstream() -> AsyncIterator[tuple[FakeUpstream, str]]:
-    fake = FakeUpstream()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield fake, f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
+async def upstream() -> AsyncIterator[tuple[OpenAIUpstream, str]]:
+    fake = OpenAIUpstream()
+    async with serving(fake) as url:
+        yield fake, url
 
 
 # ---- the contract ------------------------------------------------------------------------------
@@ -190,6 +180,71 @@ class BackendContract:
             await task
         await wait_idle(backend)
 
+
+    # -- tools, logprobs, raw prompts, embeddings ---------------------------------------------
+
+    async def test_a_named_function_is_called_with_valid_arguments(
+        self, backend: Backend, model: str
+    ) -> None:
+        calls, finished = await collect_calls(backend.generate(
+            tool_request(model, "What's the weather like in San Francisco?", "function")))
+        assert [c["name"] for c in calls] == ["get_weather"]
+        assert jsonschema_rs.is_valid(WEATHER, json.loads(calls[0]["arguments"]))
+        assert calls[0]["id"].startswith("call")
+        assert finished.finish_reason == "stop"  # as OpenAI, for a function the caller named
+
+    async def test_required_calls_a_tool_and_finishes_with_tool_calls(
+        self, backend: Backend, model: str
+    ) -> None:
+        calls, finished = await collect_calls(backend.generate(
+            tool_request(model, "What's the weather like in Paris?", "required",
+                         parallel_tool_calls=False)))
+        assert len(calls) == 1 and calls[0]["name"] in ("get_weather", "get_time")
+        assert json.loads(calls[0]["arguments"])
+        assert finished.finish_reason == "tool_calls"
+
+    async def test_tool_choice_none_answers_text(self, backend: Backend, model: str) -> None:
+        req = tool_request(model, "get_weather in Paris, please", "none")
+        text, finished = await collect(backend.generate(replace(
+            req, sampling=SamplingParams(max_tokens=8, temperature=0.0))))
+        assert text and finished.finish_reason in ("stop", "length")
+
+    async def test_logprobs_come_with_each_token(self, backend: Backend, model: str) -> None:
+        logprobs = []
+        async for event in backend.generate(replace(request(model, max_tokens=4), logprobs=2)):
+            if isinstance(event, TokenDelta):
+                logprobs += event.logprobs
+            else:
+                finished = event
+        assert len(logprobs) == finished.completion_tokens
+        for lp in logprobs:
+            assert lp.logprob is not None and lp.logprob <= 0
+            assert len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob
+            assert lp.token_bytes
+
+    async def test_a_raw_prompt_is_echoed_first(self, backend: Backend, model: str) -> None:
+        req = GenerationRequest(model, (), SamplingParams(max_tokens=3, temperature=0.0),
+                                prompt=TextPrompt("The capital of France is", echo=True))
+        events = [e async for e in backend.generate(req)]
+        first = events[0]
+        assert isinstance(first, TokenDelta) and first.echo
+        assert first.text == "The capital of France is" and first.tokens == 0
+        assert first.prompt_tokens is not None
+        assert not any(isinstance(e, TokenDelta) and e.echo for e in events[1:])
+        finished = events[-1]
+        assert isinstance(finished, GenerationFinished) and finished.completion_tokens >= 1
+
+    async def test_embeds_each_input(self, backend: Backend, model: str) -> None:
+        events = [e async for e in backend.embed(EmbeddingRequest(
+            model, ("hello world", "the cat sat on the mat")))]
+        vectors = [e for e in events if isinstance(e, Embedding)]
+        finished = events[-1]
+        assert isinstance(finished, EmbeddingsFinished) and finished.prompt_tokens > 0
+        assert sorted(v.index for v in vectors) == [0, 1]
+        assert len(vectors[0].values) == len(vectors[1].values) > 0
+        assert vectors[0].values != vectors[1].values
+        for vector in vectors:
+            assert abs(sum(v * v for v in vector.values) - 1) < 1e-3  # unit length
 
     # -- token budgets (the API key's reservation) -------------------------------------------
 
@@ -276,7 +331,7 @@ class TestOpenAIUpstreamBackend(BackendContract):
         return "upstream-model"
 
     @pytest.fixture
-    async def backend(self, upstream: tuple[FakeUpstream, str]
+    async def backend(self, upstream: tuple[OpenAIUpstream, str]
                       ) -> AsyncIterator[OpenAIUpstreamBackend]:
         fake, url = upstream
         fake.status, fake.token_delay = 200, 0.005
@@ -287,7 +342,7 @@ class TestOpenAIUpstreamBackend(BackendContract):
         await backend.stop()
 
     async def test_passes_parameters_through(self, backend: OpenAIUpstreamBackend, model: str,
-                                             upstream: tuple[FakeUpstream, str]) -> None:
+                                             upstream: tuple[OpenAIUpstream, str]) -> None:
         req = GenerationRequest(model, (ChatMessage("user", "hi there"),),
                                 SamplingParams(temperature=0.5, seed=3, stop=("x",)),
                                 ResponseFormat("json_schema", '{"type": "object"}', "thing"))
@@ -301,7 +356,7 @@ class TestOpenAIUpstreamBackend(BackendContract):
         assert sent["stream_options"] == {"include_usage": True}
 
     async def test_a_budget_caps_max_tokens_by_a_prompt_bound(
-        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[FakeUpstream, str]
+        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[OpenAIUpstream, str]
     ) -> None:
         req = request(model, "a b c", max_tokens=40)
         bound = prompt_token_bound(req.messages)
@@ -319,7 +374,7 @@ class TestOpenAIUpstreamBackend(BackendContract):
         assert (finished.prompt_tokens, finished.completion_tokens) == (11, 3)
 
     async def test_upstream_429_maps_to_resource_exhausted(
-        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[FakeUpstream, str]
+        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[OpenAIUpstream, str]
     ) -> None:
         upstream[0].status = 429
         with pytest.raises(FederationError) as caught:

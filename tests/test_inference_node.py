@@ -265,3 +265,93 @@ async def test_router_cancels_the_node_call(pki: TestPKI, router_factory: object
         await until(lambda: backend.in_flight == 0)
         assert backend.cancelled == 1
         assert router.nodes[0].local_in_flight == 0
+
+
+# ---- tools, embeddings and raw prompts over gRPC ------------------------------------------------
+
+WEATHER_SCHEMA = '{"type": "object", "properties": {"location": {"type": "string"}}, ' \
+                 '"required": ["location"]}'
+
+
+async def test_tool_calls_travel_as_typed_messages(pki: TestPKI) -> None:
+    backend = TestBackend()
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        history = [
+            inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER, content="weather?"),
+            inference_pb2.ChatMessage(
+                role=inference_pb2.CHAT_ROLE_ASSISTANT, tool_calls=[inference_pb2.ToolCall(
+                    id="call_1", name="get_weather", arguments='{"location": "Oslo"}')]),
+            inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_TOOL, tool_call_id="call_1",
+                                      content="cold"),
+            inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER,
+                                      content='get_weather {"location": "Paris"}')]
+        request = inference_pb2.GenerateRequest(
+            model=MODEL, messages=history,
+            tools=[inference_pb2.Tool(name="get_weather", parameters_json_schema=WEATHER_SCHEMA)],
+            tool_choice=inference_pb2.ToolChoice(mode=inference_pb2.TOOL_CHOICE_MODE_REQUIRED))
+        responses = [r async for r in stub.Generate(request)]
+        pieces = [c for r in responses[:-1] for c in r.delta.tool_calls]
+        # Joined by the node's coalescer (a zero-delay backend), still one call.
+        assert (pieces[0].index, pieces[0].name) == (0, "get_weather")
+        assert pieces[0].id.startswith("call_")
+        assert "".join(p.arguments for p in pieces) == '{"location": "Paris"}'
+        assert responses[-1].finished.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS
+        received = backend.requests[-1]
+        assert received.messages[1].tool_calls[0].arguments == '{"location": "Oslo"}'
+        assert received.messages[2].tool_call_id == "call_1"
+        assert received.tools[0].parameters == WEATHER_SCHEMA
+
+
+async def test_embed_streams_one_vector_per_input(pki: TestPKI) -> None:
+    async with inference_nodes(pki, [TestBackend()]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        request = inference_pb2.EmbedRequest(model=MODEL, dimensions=5, inputs=[
+            inference_pb2.EmbedInput(text="hello world"),
+            inference_pb2.EmbedInput(token_ids=inference_pb2.TokenIds(ids=[1, 2, 3]))])
+        responses = [r async for r in stub.Embed(request)]
+        vectors = [r.embedding for r in responses[:-1]]
+        assert [(v.index, len(v.values), v.tokens) for v in vectors] == [(0, 5, 3), (1, 5, 3)]
+        usage = responses[-1].finished.usage
+        assert (usage.prompt_tokens, usage.total_tokens) == (6, 6)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await anext(aiter(stub.Embed(inference_pb2.EmbedRequest(model=MODEL))))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_router_embeds_on_a_node_serving_the_model(
+        pki: TestPKI, router_factory: Any) -> None:
+    from federation.inference.types import Embedding, EmbeddingRequest, EmbeddingsFinished
+
+    async with inference_nodes(pki, [TestBackend(), TestBackend()]) as nodes:
+        router = await router_factory(nodes)
+        events = [e async for e in router.embed(EmbeddingRequest(MODEL, ("a", "b c")))]
+        assert [type(e) for e in events] == [Embedding, Embedding, EmbeddingsFinished]
+        with pytest.raises(FederationError) as caught:
+            [e async for e in router.embed(EmbeddingRequest("nope", ("a",)))]
+        assert caught.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_deltas_that_arrive_with_the_end_are_sent_before_it() -> None:
+    """The node's coalescer: while one batch is being sent, the backend produces another
+    delta and finishes; that delta must still go out, before the finish."""
+    from nodes.inference import _Coalescer
+
+    sending = asyncio.Event()
+
+    async def generation() -> AsyncIterator[GenerationEvent]:
+        yield TokenDelta("one")
+        await sending.wait()  # the first batch is being sent
+        yield TokenDelta(" two")
+        yield GenerationFinished("stop", 1, 2, MODEL)
+
+    received: list[GenerationEvent] = []
+    async with _Coalescer(generation()) as batches:  # type: ignore[arg-type]
+        async for batch in batches:
+            received.append(batch)
+            sending.set()
+            for _ in range(5):  # a slow send: the reader runs to the end meanwhile
+                await asyncio.sleep(0)
+    text = "".join(e.text for e in received if isinstance(e, TokenDelta))
+    assert text == "one two"
+    assert isinstance(received[-1], GenerationFinished)

@@ -149,6 +149,12 @@ class ModelConfig:
     token_delay_seconds: float = 0.0
     """``test`` backend only: pause before each token, to make streaming observable."""
 
+    embeddings: bool = True
+    """``llamacpp``: also serve ``/v1/embeddings`` from this model, through a second
+    context on the same (memory-mapped) weights: for SmolLM2-135M about 60 MB more at the
+    default context. Off: the model answers embedding requests with 400. (An ``openai``
+    upstream and the ``test`` backend always serve them.)"""
+
     stall_after_tokens: int | None = None
     """``test`` backend only: after this many tokens a generation produces nothing more
     and never ends (until cancelled), as one on a hung GPU does; for the watchdog's drill."""

@@ -24,6 +24,8 @@ from typing import Final
 
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import (
+    EmbeddingRequest,
+    EmbedEvent,
     GenerationEvent,
     GenerationFinished,
     GenerationRequest,
@@ -125,6 +127,12 @@ class ScriptedCouncilBackend:
             yield GenerationFinished("stop", prompt, len(pieces), self.model)
         finally:
             self.in_flight -= 1
+
+    async def embed(self, request: EmbeddingRequest) -> AsyncIterator[EmbedEvent]:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"model {self.model} plays council members; it does not embed",
+                              param="model")
+        yield  # an async generator, like every backend's embed
 
 
 def busy(message: str = "scripted: the model is busy") -> FederationError:

@@ -1,7 +1,8 @@
 """The backend interface and the set of backends one inference node hosts.
 
 A backend serves one or more models. ``generate`` is an async iterator of
-:class:`TokenDelta` followed by exactly one :class:`GenerationFinished`. The
+:class:`TokenDelta` followed by exactly one :class:`GenerationFinished`; ``embed``
+one :class:`Embedding` per input followed by one :class:`EmbeddingsFinished`. The
 consumer may stop early (``aclose()`` or task cancellation); a backend must
 then stop producing promptly and release its slot, because nobody will read
 the rest.
@@ -16,7 +17,11 @@ from typing import Protocol
 from federation.config import InferenceConfig, ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference.budget import completion_limit
+from federation.inference.tools import check_tools
 from federation.inference.types import (
+    MAX_TOP_LOGPROBS,
+    EmbeddingRequest,
+    EmbedEvent,
     GenerationEvent,
     GenerationRequest,
     LoadSnapshot,
@@ -26,6 +31,8 @@ from federation.inference.types import (
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048
+"""OpenAI's limit of inputs per embeddings request."""
 
 
 class Backend(Protocol):
@@ -44,13 +51,25 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream deltas, then one GenerationFinished. Raises FederationError."""
 
+    def embed(self, request: EmbeddingRequest) -> AsyncGenerator[EmbedEvent, None]:
+        """One Embedding per input, then one EmbeddingsFinished. Raises FederationError
+        (INVALID_ARGUMENT naming ``model`` for a model that cannot embed)."""
+
 
 def validate_request(request: GenerationRequest) -> None:
     """Checks every backend relies on; the gateway checks more, with HTTP names."""
-    if not request.messages:
+    if request.prompt is not None and request.messages:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              "a request has messages or a prompt, not both", param="prompt")
+    if request.prompt is None and not request.messages:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, "messages must not be empty", param="messages"
         )
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    check_tools(request)
     sampling = request.sampling
     if len(sampling.stop) > MAX_STOP_SEQUENCES:
         raise FederationError(
@@ -121,6 +140,26 @@ class BackendSet:
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         validate_request(request)
         return self.backend_for(request.model).generate(request)
+
+    def embed(self, request: EmbeddingRequest) -> AsyncGenerator[EmbedEvent, None]:
+        validate_embedding(request)
+        return self.backend_for(request.model).embed(request)
+
+
+def validate_embedding(request: EmbeddingRequest) -> None:
+    if not request.inputs:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "input must not be empty",
+                              param="input")
+    if len(request.inputs) > MAX_EMBEDDING_INPUTS:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"at most {MAX_EMBEDDING_INPUTS} inputs are allowed",
+                              param="input")
+    if request.dimensions is not None and request.dimensions < 1:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "dimensions must be at least 1",
+                              param="dimensions")
+    if request.token_budget is not None and request.token_budget < 1:
+        raise FederationError(ErrorCode.INSUFFICIENT_QUOTA,
+                              "the API key's token quota has nothing left for this request")
 
 
 def build_backend(model: ModelConfig) -> Backend:

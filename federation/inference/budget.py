@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from federation.errors import ErrorCode, FederationError
-from federation.inference.types import ChatMessage
+from federation.inference.types import ChatMessage, EmbeddingInput, GenerationRequest
 
 MESSAGE_OVERHEAD_TOKENS: Final = 8
 """Tokens a chat template adds around each message (role header, separators)."""
@@ -35,8 +35,32 @@ def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
     """
     return PROMPT_OVERHEAD_TOKENS + sum(
         len(m.content.encode()) + len(m.name.encode()) + MESSAGE_OVERHEAD_TOKENS
+        + len(m.tool_call_id.encode())
+        + sum(len(c.id.encode()) + len(c.name.encode()) + len(c.arguments.encode())
+              + MESSAGE_OVERHEAD_TOKENS for c in m.tool_calls)
         for m in messages
     )
+
+
+def request_prompt_bound(request: GenerationRequest) -> int:
+    """:func:`prompt_token_bound` of a whole request: the messages, the tools' definitions
+    a template writes into the prompt (with instructions of at most
+    ``PROMPT_OVERHEAD_TOKENS``), or a raw prompt (no template: its bytes, or its ids)."""
+    prompt = request.prompt
+    if prompt is not None:
+        body = len(prompt.token_ids) if prompt.text is None else len(prompt.text.encode())
+        # Fill-in-the-middle adds three tokens and a word-start marker per segment.
+        return body + len(prompt.suffix.encode()) + 1 + (4 if prompt.suffix else 0)
+    tools = sum(len(t.name.encode()) + len(t.description.encode()) + len(t.parameters.encode())
+                + MESSAGE_OVERHEAD_TOKENS for t in request.tools)
+    return prompt_token_bound(request.messages) + (
+        tools + PROMPT_OVERHEAD_TOKENS if tools else 0)
+
+
+def embedding_token_bound(item: EmbeddingInput) -> int:
+    """An upper bound of one embedding input's tokens (its ids, or a byte each and one
+    for a start token)."""
+    return len(item) if not isinstance(item, str) else len(item.encode()) + 1
 
 
 def completion_limit(budget: int | None, prompt_tokens: int, max_tokens: int | None

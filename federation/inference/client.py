@@ -1,4 +1,4 @@
-"""The one client of the inference nodes, for the gateway now and the council later.
+"""The one client of the inference nodes, for the gateway and the council.
 
 The router keeps an mTLS channel to every configured inference node and a
 background loop that re-probes each node's health (gRPC health checking),
@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Any, Final, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,11 +28,17 @@ from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.inference.convert import (
     delta_from_pb,
+    embed_request_to_pb,
+    embedding_from_pb,
+    embeddings_finished_from_pb,
     finished_from_pb,
     model_from_pb,
     request_to_pb,
 )
 from federation.inference.types import (
+    Embedding,
+    EmbeddingRequest,
+    EmbedEvent,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
@@ -44,8 +50,8 @@ from federation.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_GenerateCall = grpc.aio.UnaryStreamCall[inference_pb2.GenerateRequest,
-                                         inference_pb2.GenerateResponse]
+_Call = grpc.aio.UnaryStreamCall[Any, Any]
+E = TypeVar("E")
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from the stubs
 
 INFERENCE_SERVICE = "federation.v1.InferenceService"
@@ -212,7 +218,7 @@ class InferenceRouter:
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, request: GenerationRequest, *, deadline_seconds: float | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream one generation from the best node, retrying elsewhere before the first event.
@@ -220,19 +226,32 @@ class InferenceRouter:
         Closing this iterator (or cancelling the task consuming it) cancels the
         gRPC call, which stops the generation on the node.
         """
-        self.check_model(request.model)
         message = request_to_pb(request)
+        return self._stream(request.model, lambda stub, **kw: stub.Generate(message, **kw),
+                            _event, lambda e: not isinstance(e, TokenDelta), deadline_seconds)
+
+    def embed(self, request: EmbeddingRequest, *, deadline_seconds: float | None = None
+              ) -> AsyncGenerator[EmbedEvent, None]:
+        """Embed on the best node serving the model (retried like :meth:`generate`)."""
+        message = embed_request_to_pb(request)
+        return self._stream(request.model, lambda stub, **kw: stub.Embed(message, **kw),
+                            _embed_event, lambda e: not isinstance(e, Embedding),
+                            deadline_seconds)
+
+    async def _stream(self, model: str, start: Callable[..., _Call],
+                      decode: Callable[[Any], E], is_last: Callable[[E], bool],
+                      deadline_seconds: float | None) -> AsyncGenerator[E, None]:
+        self.check_model(model)
         metadata = request_id_metadata()
         tried: set[str] = set()
         last_error: FederationError | None = None
         for _ in range(self._attempts):
-            node = next((n for n in self._candidates(request.model) if n.address not in tried),
-                        None)
+            node = next((n for n in self._candidates(model) if n.address not in tried), None)
             if node is None:
                 break
             tried.add(node.address)
             node.local_in_flight += 1
-            call = node.stub.Generate(message, timeout=deadline_seconds, metadata=metadata)
+            call = start(node.stub, timeout=deadline_seconds, metadata=metadata)
             try:
                 try:
                     first = await self._first_event(node, call)
@@ -243,17 +262,19 @@ class InferenceRouter:
                     continue
                 if first is None:
                     continue
-                yield first
-                async for event in self._rest(node, call):
-                    yield event
+                event = decode(first)
+                yield event
+                if not is_last(event):
+                    async for event in self._rest(node, call, decode, is_last):
+                        yield event
                 return
             finally:
                 node.local_in_flight -= 1
                 call.cancel()  # type: ignore[no-untyped-call]  # no-op when finished; stops the node's work otherwise
-        raise last_error or self._no_node(request.model)
+        raise last_error or self._no_node(model)
 
-    async def _first_event(self, node: NodeState, call: _GenerateCall) -> GenerationEvent | None:
-        """The first event, or ``None`` when the node failed in a way worth a retry."""
+    async def _first_event(self, node: NodeState, call: _Call) -> Any:
+        """The first message, or ``None`` when the node failed in a way worth a retry."""
         try:
             async with asyncio.timeout(self._first_event_timeout):
                 response = await call.read()
@@ -269,10 +290,10 @@ class InferenceRouter:
         if response is _EOF:
             self._node_failed(node, None, before_first=True)
             return None
-        return _event(cast(inference_pb2.GenerateResponse, response))
+        return response
 
-    async def _rest(self, node: NodeState, call: _GenerateCall
-                    ) -> AsyncGenerator[GenerationEvent, None]:
+    async def _rest(self, node: NodeState, call: _Call, decode: Callable[[Any], E],
+                    is_last: Callable[[E], bool]) -> AsyncGenerator[E, None]:
         while True:
             try:
                 response = await call.read()
@@ -290,9 +311,9 @@ class InferenceRouter:
                 raise FederationError(
                     ErrorCode.UNAVAILABLE, "the inference node ended the stream early"
                 )
-            event = _event(cast(inference_pb2.GenerateResponse, response))
+            event = decode(response)
             yield event
-            if not isinstance(event, TokenDelta):
+            if is_last(event):
                 return
 
     def _node_failed(self, node: NodeState, error: FederationError | None, *,
@@ -311,3 +332,9 @@ def _event(response: inference_pb2.GenerateResponse) -> GenerationEvent:
     if response.WhichOneof("event") == "delta":
         return delta_from_pb(response.delta)
     return finished_from_pb(response.finished)
+
+
+def _embed_event(response: inference_pb2.EmbedResponse) -> EmbedEvent:
+    if response.WhichOneof("event") == "embedding":
+        return embedding_from_pb(response.embedding)
+    return embeddings_finished_from_pb(response.finished)

@@ -11,6 +11,10 @@ from typing import Final
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import (
     ChatMessage,
+    Embedding,
+    EmbeddingInput,
+    EmbeddingRequest,
+    EmbeddingsFinished,
     FinishReason,
     FormatType,
     GenerationFinished,
@@ -19,7 +23,15 @@ from federation.inference.types import (
     ResponseFormat,
     Role,
     SamplingParams,
+    TextPrompt,
     TokenDelta,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
+    TopLogprob,
 )
 from federation.v1 import common_pb2, inference_pb2
 
@@ -43,8 +55,19 @@ _FINISH_TO_PB: Final[dict[FinishReason, int]] = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
     "content_filter": inference_pb2.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": inference_pb2.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_FROM_PB: Final[dict[int, FinishReason]] = {v: k for k, v in _FINISH_TO_PB.items()}
+_CHOICE_TO_PB: Final[dict[ToolChoiceMode, int]] = {
+    "auto": inference_pb2.TOOL_CHOICE_MODE_AUTO,
+    "none": inference_pb2.TOOL_CHOICE_MODE_NONE,
+    "required": inference_pb2.TOOL_CHOICE_MODE_REQUIRED,
+    "function": inference_pb2.TOOL_CHOICE_MODE_FUNCTION,
+}
+_CHOICE_FROM_PB: Final[dict[int, ToolChoiceMode]] = {
+    **{v: k for k, v in _CHOICE_TO_PB.items()},
+    inference_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+}
 _UINT32_MAX: Final = 2**32 - 1
 
 
@@ -60,21 +83,64 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
     message = inference_pb2.GenerateRequest(
         tenant_id=request.tenant_id,
         model=request.model,
-        messages=[
-            inference_pb2.ChatMessage(role=_ROLE_TO_PB[m.role], content=m.content, name=m.name)  # type: ignore[arg-type]
-            for m in request.messages
-        ],
+        messages=[_message_to_pb(m) for m in request.messages],
         sampling=sampling,
         response_format=inference_pb2.ResponseFormat(
             type=_FORMAT_TO_PB[fmt.type],  # type: ignore[arg-type]
             json_schema=fmt.json_schema,
             schema_name=fmt.schema_name,
         ),
+        tools=[inference_pb2.Tool(name=t.name, description=t.description,
+                                  parameters_json_schema=t.parameters, strict=t.strict)
+               for t in request.tools],
+        tool_choice=inference_pb2.ToolChoice(
+            mode=_CHOICE_TO_PB[request.tool_choice.mode],  # type: ignore[arg-type]
+            function_name=request.tool_choice.function),
     )
     if request.token_budget is not None:
         # A quota beyond uint32 is more than any context: the clamp changes nothing real.
         message.token_budget = min(request.token_budget, _UINT32_MAX)
+    if not request.parallel_tool_calls:
+        message.parallel_tool_calls = False
+    if request.logprobs is not None:
+        message.logprobs = request.logprobs
+    if request.prompt is not None:
+        message.prompt.CopyFrom(_prompt_to_pb(request.prompt))
     return message
+
+
+def _message_to_pb(m: ChatMessage) -> inference_pb2.ChatMessage:
+    return inference_pb2.ChatMessage(
+        role=_ROLE_TO_PB[m.role],  # type: ignore[arg-type]
+        content=m.content, name=m.name, tool_call_id=m.tool_call_id,
+        tool_calls=[inference_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                    for c in m.tool_calls],
+    )
+
+
+def _prompt_to_pb(prompt: TextPrompt) -> inference_pb2.TextPrompt:
+    message = inference_pb2.TextPrompt(suffix=prompt.suffix, echo=prompt.echo)
+    if prompt.text is not None:
+        message.text = prompt.text
+    else:
+        message.token_ids.CopyFrom(_token_ids_to_pb(prompt.token_ids, "prompt"))
+    return message
+
+
+def _token_ids_to_pb(ids: tuple[int, ...], param: str) -> inference_pb2.TokenIds:
+    try:
+        return inference_pb2.TokenIds(ids=ids)
+    except (ValueError, TypeError):
+        raise FederationError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Invalid value for '{param}': token ids must be between 0 and {_UINT32_MAX}.",
+            param=param) from None
+
+
+def _prompt_from_pb(pb: inference_pb2.TextPrompt) -> TextPrompt:
+    if pb.WhichOneof("content") == "token_ids":
+        return TextPrompt(None, tuple(pb.token_ids.ids), pb.suffix, pb.echo)
+    return TextPrompt(pb.text, (), pb.suffix, pb.echo)
 
 
 def _set_field(message: inference_pb2.SamplingParams, name: str, value: float) -> None:
@@ -99,7 +165,9 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
                 ErrorCode.INVALID_ARGUMENT, "message role is unspecified",
                 param=f"messages[{i}].role",
             )
-        messages.append(ChatMessage(role, m.content, m.name))
+        messages.append(ChatMessage(
+            role, m.content, m.name,
+            tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls), m.tool_call_id))
     s = pb.sampling
     sampling = SamplingParams(
         temperature=s.temperature if s.HasField("temperature") else None,
@@ -117,19 +185,58 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
         schema_name=pb.response_format.schema_name,
     )
     budget = pb.token_budget if pb.HasField("token_budget") else None
-    return GenerationRequest(pb.model, tuple(messages), sampling, fmt, pb.tenant_id, budget)
+    return GenerationRequest(
+        pb.model, tuple(messages), sampling, fmt, pb.tenant_id, budget,
+        tools=tuple(Tool(t.name, t.description, t.parameters_json_schema, t.strict)
+                    for t in pb.tools),
+        tool_choice=ToolChoice(_CHOICE_FROM_PB.get(pb.tool_choice.mode, "auto"),
+                               pb.tool_choice.function_name),
+        parallel_tool_calls=(pb.parallel_tool_calls if pb.HasField("parallel_tool_calls")
+                             else True),
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+        prompt=_prompt_from_pb(pb.prompt) if pb.HasField("prompt") else None,
+    )
 
 
 def delta_to_pb(delta: TokenDelta, index: int) -> inference_pb2.TokenDelta:
-    message = inference_pb2.TokenDelta(text=delta.text, index=index, tokens=delta.tokens)
+    message = inference_pb2.TokenDelta(
+        text=delta.text, index=index, tokens=delta.tokens, echo=delta.echo,
+        tool_calls=[inference_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name,
+                                                arguments=c.arguments)
+                    for c in delta.tool_calls],
+        logprobs=[_logprob_to_pb(lp) for lp in delta.logprobs],
+    )
     if delta.prompt_tokens is not None:
         message.prompt_tokens = delta.prompt_tokens
     return message
 
 
+def _logprob_to_pb(lp: TokenLogprob) -> inference_pb2.TokenLogprob:
+    message = inference_pb2.TokenLogprob(
+        token=lp.token, token_bytes=lp.token_bytes,
+        top_logprobs=[inference_pb2.TopLogprob(token=t.token, logprob=t.logprob,
+                                               token_bytes=t.token_bytes) for t in lp.top])
+    if lp.logprob is not None:
+        message.logprob = lp.logprob
+    return message
+
+
 def delta_from_pb(pb: inference_pb2.TokenDelta) -> TokenDelta:
-    return TokenDelta(pb.text, pb.tokens or 1,  # 0: a node that does not count
-                      pb.prompt_tokens if pb.HasField("prompt_tokens") else None)
+    return TokenDelta(
+        pb.text,
+        # 0 from a node that does not count means one token; an echo counts none.
+        0 if pb.echo else (pb.tokens or 1),
+        pb.prompt_tokens if pb.HasField("prompt_tokens") else None,
+        tool_calls=tuple(ToolCallDelta(c.index, c.id, c.name, c.arguments)
+                         for c in pb.tool_calls),
+        logprobs=tuple(
+            TokenLogprob(lp.token, lp.logprob if lp.HasField("logprob") else None,
+                         lp.token_bytes,
+                         tuple(TopLogprob(t.token, t.logprob, t.token_bytes)
+                               for t in lp.top_logprobs))
+            for lp in pb.logprobs),
+        echo=pb.echo,
+    )
 
 
 def finished_to_pb(event: GenerationFinished) -> inference_pb2.GenerationFinished:
@@ -162,3 +269,56 @@ def model_to_pb(info: ModelInfo) -> inference_pb2.Model:
 
 def model_from_pb(pb: inference_pb2.Model) -> ModelInfo:
     return ModelInfo(pb.id, pb.owned_by, pb.backend, pb.context_length)
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+
+def embed_request_to_pb(request: EmbeddingRequest) -> inference_pb2.EmbedRequest:
+    message = inference_pb2.EmbedRequest(
+        tenant_id=request.tenant_id, model=request.model,
+        inputs=[_embed_input_to_pb(i, item) for i, item in enumerate(request.inputs)])
+    if request.dimensions is not None:
+        try:
+            message.dimensions = request.dimensions
+        except ValueError:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  "Invalid value for 'dimensions': it is out of range.",
+                                  param="dimensions") from None
+    if request.token_budget is not None:
+        message.token_budget = min(request.token_budget, _UINT32_MAX)
+    return message
+
+
+def _embed_input_to_pb(index: int, item: EmbeddingInput) -> inference_pb2.EmbedInput:
+    if isinstance(item, str):
+        return inference_pb2.EmbedInput(text=item)
+    return inference_pb2.EmbedInput(token_ids=_token_ids_to_pb(item, f"input[{index}]"))
+
+
+def embed_request_from_pb(pb: inference_pb2.EmbedRequest) -> EmbeddingRequest:
+    inputs: list[EmbeddingInput] = [
+        tuple(i.token_ids.ids) if i.WhichOneof("content") == "token_ids" else i.text
+        for i in pb.inputs]
+    return EmbeddingRequest(
+        pb.model, tuple(inputs), pb.dimensions if pb.HasField("dimensions") else None,
+        pb.tenant_id, pb.token_budget if pb.HasField("token_budget") else None)
+
+
+def embedding_to_pb(embedding: Embedding) -> inference_pb2.Embedding:
+    return inference_pb2.Embedding(index=embedding.index, values=embedding.values,
+                                   tokens=embedding.tokens)
+
+
+def embedding_from_pb(pb: inference_pb2.Embedding) -> Embedding:
+    return Embedding(pb.index, tuple(pb.values), pb.tokens)
+
+
+def embeddings_finished_to_pb(event: EmbeddingsFinished) -> inference_pb2.EmbeddingsFinished:
+    return inference_pb2.EmbeddingsFinished(
+        usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                               total_tokens=event.prompt_tokens),
+        model=event.model)
+
+
+def embeddings_finished_from_pb(pb: inference_pb2.EmbeddingsFinished) -> EmbeddingsFinished:
+    return EmbeddingsFinished(pb.usage.prompt_tokens, pb.model)

@@ -4,10 +4,17 @@ One ``aiohttp.ClientSession`` per backend so connections are reused across
 requests. Generation always streams from the upstream (``stream: true`` with
 ``include_usage``), so deltas reach the caller as the upstream produces them
 and closing our iterator closes the upstream response, which stops the work.
+
+A chat goes to ``/chat/completions`` with its tools, tool choice and logprobs as
+the caller gave them; the upstream's streamed tool calls (index, id and name,
+then argument pieces) and log probabilities are passed on as they arrive. A raw
+prompt goes to ``/completions``; its ``echo`` is answered here, from the prompt's
+text. Embeddings go to ``/embeddings``. The bodies and chunks: ``openai_wire``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -17,8 +24,13 @@ import aiohttp
 
 from federation.config import ModelConfig
 from federation.errors import ErrorCode, FederationError
-from federation.inference.budget import completion_limit, prompt_token_bound
+from federation.inference import openai_wire
+from federation.inference.budget import embedding_token_bound, request_prompt_bound
 from federation.inference.types import (
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingsFinished,
+    EmbedEvent,
     FinishReason,
     GenerationEvent,
     GenerationFinished,
@@ -37,56 +49,6 @@ _UPSTREAM_STATUS: dict[int, ErrorCode] = {
     422: ErrorCode.INVALID_ARGUMENT,
     429: ErrorCode.RESOURCE_EXHAUSTED,
 }
-_FINISH: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "content_filter": "content_filter",
-}
-
-
-def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
-    """The upstream chat-completions body; unset sampling fields are left out.
-
-    With a token budget, ``max_tokens`` is capped to the budget minus an upper bound of
-    the prompt (:func:`prompt_token_bound`): the upstream counts the prompt only after
-    the fact.
-    """
-    s = request.sampling
-    max_tokens = completion_limit(request.token_budget, prompt_token_bound(request.messages),
-                                  s.max_tokens)
-    body: dict[str, Any] = {
-        "model": upstream_model,
-        "messages": [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in request.messages
-        ],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    optional = {
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "max_tokens": max_tokens,
-        "seed": s.seed,
-        "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        # An extension vLLM and llama.cpp's server accept; sent only when asked
-        # for, since OpenAI itself rejects unknown fields.
-        "repetition_penalty": s.repeat_penalty,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    if s.stop:
-        body["stop"] = list(s.stop)
-    fmt = request.response_format
-    if fmt.type == "json_object":
-        body["response_format"] = {"type": "json_object"}
-    elif fmt.type == "json_schema":
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": fmt.schema_name or "response",
-                            "schema": json.loads(fmt.json_schema)},
-        }
-    return body
 
 
 class OpenAIUpstreamBackend:
@@ -94,7 +56,8 @@ class OpenAIUpstreamBackend:
         if not model.base_url:
             raise ValueError(f"model {model.id!r}: the openai backend needs base_url")
         self._config = model
-        self._url = model.base_url.rstrip("/") + "/chat/completions"
+        self._base = model.base_url.rstrip("/")
+        self._upstream_model = model.upstream_model or model.id
         self._info = ModelInfo(model.id, model.owned_by, "openai", model.context_length)
         self._session: aiohttp.ClientSession | None = None
         self._in_flight = 0
@@ -122,29 +85,72 @@ class OpenAIUpstreamBackend:
         return LoadSnapshot(self._in_flight, 0, self._config.queue_capacity)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        session = self._admit()
+        prompt = request_prompt_bound(request)
+        if request.prompt is None:
+            path, body = "/chat/completions", openai_wire.chat_body(request,
+                                                                   self._upstream_model)
+        else:
+            path = "/completions"
+            body = openai_wire.completion_body(request, self._upstream_model, self._info)
+        self._in_flight += 1
+        try:
+            async with self._call(session, path, body) as response:
+                first_prompt: int | None = prompt
+                if request.prompt is not None and request.prompt.echo:
+                    assert request.prompt.text is not None  # completion_body checked it
+                    yield TokenDelta(request.prompt.text, 0, prompt, echo=True)
+                    first_prompt = None
+                async for event in _events(response, request.model, first_prompt):
+                    yield event
+        finally:
+            self._in_flight -= 1
+
+    async def embed(self, request: EmbeddingRequest) -> AsyncGenerator[EmbedEvent, None]:
+        session = self._admit()
+        bound = sum(embedding_token_bound(item) for item in request.inputs)
+        if request.token_budget is not None and bound > request.token_budget:
+            raise FederationError(
+                ErrorCode.INSUFFICIENT_QUOTA,
+                f"the input may be up to {bound} tokens and the API key's token quota has "
+                f"{request.token_budget} left for this request")
+        body = openai_wire.embeddings_body(request, self._upstream_model)
+        self._in_flight += 1
+        try:
+            async with self._call(session, "/embeddings", body) as response:
+                data = await response.json(content_type=None)
+                vectors, prompt_tokens = openai_wire.embeddings_from(data, len(request.inputs))
+        finally:
+            self._in_flight -= 1
+        for index, values in enumerate(vectors):
+            yield Embedding(index, values, 0)
+        yield EmbeddingsFinished(prompt_tokens, request.model)
+
+    def _admit(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise FederationError(ErrorCode.UNAVAILABLE, "backend not started")
         if self._in_flight >= self._config.queue_capacity:
             raise FederationError(ErrorCode.RESOURCE_EXHAUSTED, "too many requests upstream")
-        body = request_body(request, self._config.upstream_model or self._config.id)
-        prompt = prompt_token_bound(request.messages)
-        self._in_flight += 1
+        return self._session
+
+    @contextlib.asynccontextmanager
+    async def _call(self, session: aiohttp.ClientSession, path: str, body: dict[str, Any]
+                    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST ``body`` to the upstream; its failures as FederationErrors."""
+        url = self._base + path
         try:
-            async with self._session.post(self._url, json=body) as response:
+            async with session.post(url, json=body) as response:
                 if response.status != 200:
                     raise await _upstream_error(response)
-                async for event in _events(response, request.model, prompt):
-                    yield event
+                yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream call failed", extra={"url": self._url, "error": repr(exc)})
+            log.warning("upstream call failed", extra={"url": url, "error": repr(exc)})
             code = ErrorCode.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else (
                 ErrorCode.UNAVAILABLE)
             raise FederationError(code, "the upstream model server failed") from exc
-        except ValueError as exc:  # malformed JSON in the stream
+        except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or shapes
             log.warning("upstream sent malformed data", extra={"error": repr(exc)})
             raise FederationError(ErrorCode.UNAVAILABLE, "the upstream sent bad data") from exc
-        finally:
-            self._in_flight -= 1
 
 
 async def _upstream_error(response: aiohttp.ClientResponse) -> FederationError:
@@ -178,7 +184,7 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         yield "\n".join(data)
 
 
-async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: int
+async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: int | None
                   ) -> AsyncGenerator[GenerationEvent, None]:
     """Deltas (one token each: upstreams stream token by token) and the finished event.
 
@@ -195,12 +201,14 @@ async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: in
             raise FederationError(ErrorCode.UNAVAILABLE, "the upstream failed mid-generation")
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content")
-            if text:
+            if choice.get("index", 0) != 0:
+                continue  # one choice is asked for: ignore what no caller asked for
+            delta = openai_wire.delta_from(choice, 1, prompt_bound if deltas == 0 else None)
+            if delta is not None:
                 deltas += 1
-                yield TokenDelta(text, 1, prompt_bound if deltas == 1 else None)
+                yield delta
             if choice.get("finish_reason"):
-                reason = _FINISH.get(choice["finish_reason"], "stop")
+                reason = openai_wire.finish_reason(choice["finish_reason"])
     if reason is None:
         raise FederationError(ErrorCode.UNAVAILABLE, "the upstream stream ended early")
     prompt = int(usage.get("prompt_tokens", 0)) if usage else 0

@@ -12,8 +12,8 @@ from federation.errors import ErrorCode, FederationError
 from federation.keys.strength import Accumulator
 
 SCOPES: Final = frozenset({
-    "chat", "council", "council:chiefs", "council:specialist", "memory:read", "memory:audit",
-    "edge", "admin", "vault:read", "vault:write",
+    "chat", "embeddings", "council", "council:chiefs", "council:specialist", "memory:read",
+    "memory:audit", "edge", "admin", "vault:read", "vault:write",
 })
 """Every scope a key may carry (common.proto lists them)."""
 

@@ -7,7 +7,7 @@ Conventions that apply to every file in this package:
 - Request ids travel in gRPC metadata under `x-request-id`, never in
   request messages. Records that persist a request id (audit records,
   council results) carry it as an output-only `request_id` field.
-- Scopes are plain strings, e.g. "chat", "council", "council:chiefs",
+- Scopes are plain strings, e.g. "chat", "embeddings", "council", "council:chiefs",
   "council:specialist", "memory:read", "memory:audit", "edge", "admin",
   "vault:read", "vault:write".
 - List RPCs paginate per AIP-158: `page_size` (0 = server default; the

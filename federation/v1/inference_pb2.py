@@ -26,19 +26,21 @@ from federation.v1 import common_pb2 as federation_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x65ration/v1/inference.proto\x12\rfederation.v1\x1a\x1a\x66\x65\x64\x65ration/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.federation.v1.Model\"N\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\"\xf6\x01\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.federation.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.federation.v1.SamplingParams\x12\x36\n\x0fresponse_format\x18\x05 \x01(\x0b\x32\x1d.federation.v1.ResponseFormat\x12\x19\n\x0ctoken_budget\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_token_budget\"~\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.federation.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x02 \x01(\x0b\x32!.federation.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"S\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.federation.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xc4\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"k\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.federation.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\"g\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x1a\n\rprompt_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_prompt_tokens\"\xe3\x01\n\x12GenerationFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.federation.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.federation.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x10\n\x0eGetLoadRequest\"L\n\x0fGetLoadResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x32\xfe\x01\n\x10InferenceService\x12Q\n\nListModels\x12 .federation.v1.ListModelsRequest\x1a!.federation.v1.ListModelsResponse\x12M\n\x08Generate\x12\x1e.federation.v1.GenerateRequest\x1a\x1f.federation.v1.GenerateResponse0\x01\x12H\n\x07GetLoad\x12\x1d.federation.v1.GetLoadRequest\x1a\x1e.federation.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x65ration/v1/inference.proto\x12\rfederation.v1\x1a\x1a\x66\x65\x64\x65ration/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.federation.v1.Model\"N\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\"\xd3\x03\n\x0fGenerateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.federation.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.federation.v1.SamplingParams\x12\x36\n\x0fresponse_format\x18\x05 \x01(\x0b\x32\x1d.federation.v1.ResponseFormat\x12\x19\n\x0ctoken_budget\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\"\n\x05tools\x18\x07 \x03(\x0b\x32\x13.federation.v1.Tool\x12.\n\x0btool_choice\x18\x08 \x01(\x0b\x32\x19.federation.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x01\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\rH\x02\x88\x01\x01\x12)\n\x06prompt\x18\x0b \x01(\x0b\x32\x19.federation.v1.TextPromptB\x0f\n\r_token_budgetB\x16\n\x14_parallel_tool_callsB\x0b\n\t_logprobs\"s\n\nTextPrompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.federation.v1.TokenIdsH\x00\x12\x0e\n\x06suffix\x18\x03 \x01(\t\x12\x0c\n\x04\x65\x63ho\x18\x04 \x01(\x08\x42\t\n\x07\x63ontent\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"Y\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"P\n\nToolChoice\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.federation.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"~\n\x10GenerateResponse\x12*\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x19.federation.v1.TokenDeltaH\x00\x12\x35\n\x08\x66inished\x18\x02 \x01(\x0b\x32!.federation.v1.GenerationFinishedH\x00\x42\x07\n\x05\x65vent\"\x96\x01\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.federation.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.federation.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xc4\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"k\n\x0eResponseFormat\x12/\n\x04type\x18\x01 \x01(\x0e\x32!.federation.v1.ResponseFormatType\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\"\xd6\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x1a\n\rprompt_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x30\n\ntool_calls\x18\x05 \x03(\x0b\x32\x1c.federation.v1.ToolCallDelta\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.federation.v1.TokenLogprob\x12\x0c\n\x04\x65\x63ho\x18\x07 \x01(\x08\x42\x10\n\x0e_prompt_tokens\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x85\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.federation.v1.TopLogprobB\n\n\x08_logprob\"A\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\"\xe3\x01\n\x12GenerationFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.federation.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.federation.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xaf\x01\n\x0c\x45mbedRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06inputs\x18\x03 \x03(\x0b\x32\x19.federation.v1.EmbedInput\x12\x17\n\ndimensions\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0ctoken_budget\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\r\n\x0b_dimensionsB\x0f\n\r_token_budget\"U\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x17.federation.v1.TokenIdsH\x00\x42\t\n\x07\x63ontent\"~\n\rEmbedResponse\x12-\n\tembedding\x18\x01 \x01(\x0b\x32\x18.federation.v1.EmbeddingH\x00\x12\x35\n\x08\x66inished\x18\x02 \x01(\x0b\x32!.federation.v1.EmbeddingsFinishedH\x00\x42\x07\n\x05\x65vent\":\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"H\n\x12\x45mbeddingsFinished\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.federation.v1.Usage\x12\r\n\x05model\x18\x02 \x01(\t\"\x10\n\x0eGetLoadRequest\"L\n\x0fGetLoadResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xc4\x02\n\x10InferenceService\x12Q\n\nListModels\x12 .federation.v1.ListModelsRequest\x1a!.federation.v1.ListModelsResponse\x12M\n\x08Generate\x12\x1e.federation.v1.GenerateRequest\x1a\x1f.federation.v1.GenerateResponse0\x01\x12\x44\n\x05\x45mbed\x12\x1b.federation.v1.EmbedRequest\x1a\x1c.federation.v1.EmbedResponse0\x01\x12H\n\x07GetLoad\x12\x1d.federation.v1.GetLoadRequest\x1a\x1e.federation.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'federation.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATROLE']._serialized_start=1598
-  _globals['_CHATROLE']._serialized_end=1722
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1725
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1890
-  _globals['_FINISHREASON']._serialized_start=1893
-  _globals['_FINISHREASON']._serialized_end=2022
+  _globals['_TOOLCHOICEMODE']._serialized_start=3179
+  _globals['_TOOLCHOICEMODE']._serialized_end=3345
+  _globals['_CHATROLE']._serialized_start=3347
+  _globals['_CHATROLE']._serialized_end=3471
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=3474
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=3639
+  _globals['_FINISHREASON']._serialized_start=3642
+  _globals['_FINISHREASON']._serialized_end=3801
   _globals['_LISTMODELSREQUEST']._serialized_start=108
   _globals['_LISTMODELSREQUEST']._serialized_end=127
   _globals['_LISTMODELSRESPONSE']._serialized_start=129
@@ -46,23 +48,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODEL']._serialized_start=189
   _globals['_MODEL']._serialized_end=267
   _globals['_GENERATEREQUEST']._serialized_start=270
-  _globals['_GENERATEREQUEST']._serialized_end=516
-  _globals['_GENERATERESPONSE']._serialized_start=518
-  _globals['_GENERATERESPONSE']._serialized_end=644
-  _globals['_CHATMESSAGE']._serialized_start=646
-  _globals['_CHATMESSAGE']._serialized_end=729
-  _globals['_SAMPLINGPARAMS']._serialized_start=732
-  _globals['_SAMPLINGPARAMS']._serialized_end=1056
-  _globals['_RESPONSEFORMAT']._serialized_start=1058
-  _globals['_RESPONSEFORMAT']._serialized_end=1165
-  _globals['_TOKENDELTA']._serialized_start=1167
-  _globals['_TOKENDELTA']._serialized_end=1270
-  _globals['_GENERATIONFINISHED']._serialized_start=1273
-  _globals['_GENERATIONFINISHED']._serialized_end=1500
-  _globals['_GETLOADREQUEST']._serialized_start=1502
-  _globals['_GETLOADREQUEST']._serialized_end=1518
-  _globals['_GETLOADRESPONSE']._serialized_start=1520
-  _globals['_GETLOADRESPONSE']._serialized_end=1596
-  _globals['_INFERENCESERVICE']._serialized_start=2025
-  _globals['_INFERENCESERVICE']._serialized_end=2279
+  _globals['_GENERATEREQUEST']._serialized_end=737
+  _globals['_TEXTPROMPT']._serialized_start=739
+  _globals['_TEXTPROMPT']._serialized_end=854
+  _globals['_TOKENIDS']._serialized_start=856
+  _globals['_TOKENIDS']._serialized_end=879
+  _globals['_TOOL']._serialized_start=881
+  _globals['_TOOL']._serialized_end=970
+  _globals['_TOOLCHOICE']._serialized_start=972
+  _globals['_TOOLCHOICE']._serialized_end=1052
+  _globals['_TOOLCALL']._serialized_start=1054
+  _globals['_TOOLCALL']._serialized_end=1109
+  _globals['_GENERATERESPONSE']._serialized_start=1111
+  _globals['_GENERATERESPONSE']._serialized_end=1237
+  _globals['_CHATMESSAGE']._serialized_start=1240
+  _globals['_CHATMESSAGE']._serialized_end=1390
+  _globals['_SAMPLINGPARAMS']._serialized_start=1393
+  _globals['_SAMPLINGPARAMS']._serialized_end=1717
+  _globals['_RESPONSEFORMAT']._serialized_start=1719
+  _globals['_RESPONSEFORMAT']._serialized_end=1826
+  _globals['_TOKENDELTA']._serialized_start=1829
+  _globals['_TOKENDELTA']._serialized_end=2043
+  _globals['_TOOLCALLDELTA']._serialized_start=2045
+  _globals['_TOOLCALLDELTA']._serialized_end=2120
+  _globals['_TOKENLOGPROB']._serialized_start=2123
+  _globals['_TOKENLOGPROB']._serialized_end=2256
+  _globals['_TOPLOGPROB']._serialized_start=2258
+  _globals['_TOPLOGPROB']._serialized_end=2323
+  _globals['_GENERATIONFINISHED']._serialized_start=2326
+  _globals['_GENERATIONFINISHED']._serialized_end=2553
+  _globals['_EMBEDREQUEST']._serialized_start=2556
+  _globals['_EMBEDREQUEST']._serialized_end=2731
+  _globals['_EMBEDINPUT']._serialized_start=2733
+  _globals['_EMBEDINPUT']._serialized_end=2818
+  _globals['_EMBEDRESPONSE']._serialized_start=2820
+  _globals['_EMBEDRESPONSE']._serialized_end=2946
+  _globals['_EMBEDDING']._serialized_start=2948
+  _globals['_EMBEDDING']._serialized_end=3006
+  _globals['_EMBEDDINGSFINISHED']._serialized_start=3008
+  _globals['_EMBEDDINGSFINISHED']._serialized_end=3080
+  _globals['_GETLOADREQUEST']._serialized_start=3082
+  _globals['_GETLOADREQUEST']._serialized_end=3098
+  _globals['_GETLOADRESPONSE']._serialized_start=3100
+  _globals['_GETLOADRESPONSE']._serialized_end=3176
+  _globals['_INFERENCESERVICE']._serialized_start=3804
+  _globals['_INFERENCESERVICE']._serialized_end=4128
 # @@protoc_insertion_point(module_scope)

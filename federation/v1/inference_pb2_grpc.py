@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     def __init__(self, channel):
@@ -46,6 +46,11 @@ class InferenceServiceStub:
                 request_serializer=federation_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_stream(
+                '/federation.v1.InferenceService/Embed',
+                request_serializer=federation_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/federation.v1.InferenceService/GetLoad',
                 request_serializer=federation_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
@@ -54,8 +59,8 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     def ListModels(self, request, context):
@@ -66,10 +71,22 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Generates a completion for a conversation, streaming token deltas and
-        ending with exactly one GenerationFinished event. Cancellation by the
-        client surfaces as gRPC CANCELLED; backend failures as gRPC status
-        errors (no finished event is sent in either case).
+        """Generates a completion for a conversation (or a raw prompt), streaming
+        deltas (text, tool calls, log probabilities) and ending with exactly one
+        GenerationFinished event. Cancellation by the client surfaces as gRPC
+        CANCELLED; backend failures as gRPC status errors (no finished event is
+        sent in either case).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embeds one or more inputs: one Embedding event per input, in any order
+        (each carries its input's index), then exactly one EmbeddingsFinished.
+        Streamed so that many large vectors never make one message beyond gRPC's
+        message limit. A model that cannot embed answers INVALID_ARGUMENT
+        (`error-param: model`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +112,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=federation_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=federation_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
+            'Embed': grpc.unary_stream_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=federation_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
                     request_deserializer=federation_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
@@ -109,8 +131,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     @staticmethod
@@ -157,6 +179,33 @@ class InferenceService:
             '/federation.v1.InferenceService/Generate',
             federation_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             federation_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/federation.v1.InferenceService/Embed',
+            federation_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            federation_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     @_typing.overload
@@ -38,35 +38,51 @@ class InferenceServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models this node can serve."""
     Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
-    """Generates a completion for a conversation, streaming token deltas and
-    ending with exactly one GenerationFinished event. Cancellation by the
-    client surfaces as gRPC CANCELLED; backend failures as gRPC status
-    errors (no finished event is sent in either case).
+    """Generates a completion for a conversation (or a raw prompt), streaming
+    deltas (text, tool calls, log probabilities) and ending with exactly one
+    GenerationFinished event. Cancellation by the client surfaces as gRPC
+    CANCELLED; backend failures as gRPC status errors (no finished event is
+    sent in either case).
+    """
+    Embed: _grpc.UnaryStreamMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embeds one or more inputs: one Embedding event per input, in any order
+    (each carries its input's index), then exactly one EmbeddingsFinished.
+    Streamed so that many large vectors never make one message beyond gRPC's
+    message limit. A model that cannot embed answers INVALID_ARGUMENT
+    (`error-param: model`).
     """
     GetLoad: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]
     """Reports the node's current load so callers can route requests."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models this node can serve."""
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generates a completion for a conversation, streaming token deltas and
-    ending with exactly one GenerationFinished event. Cancellation by the
-    client surfaces as gRPC CANCELLED; backend failures as gRPC status
-    errors (no finished event is sent in either case).
+    """Generates a completion for a conversation (or a raw prompt), streaming
+    deltas (text, tool calls, log probabilities) and ending with exactly one
+    GenerationFinished event. Cancellation by the client surfaces as gRPC
+    CANCELLED; backend failures as gRPC status errors (no finished event is
+    sent in either case).
+    """
+    Embed: _aio.UnaryStreamMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embeds one or more inputs: one Embedding event per input, in any order
+    (each carries its input's index), then exactly one EmbeddingsFinished.
+    Streamed so that many large vectors never make one message beyond gRPC's
+    message limit. A model that cannot embed answers INVALID_ARGUMENT
+    (`error-param: model`).
     """
     GetLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetLoadRequest, _inference_pb2.GetLoadResponse]  # type: ignore[assignment]
     """Reports the node's current load so callers can route requests."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Runs chat-style text generation on one node. The gateway and the council
-    call this service; end users never reach it directly.
+    """Runs text generation and embeddings on one node. The gateway and the
+    council call this service; end users never reach it directly.
     """
 
     @_abc_1.abstractmethod
@@ -83,10 +99,24 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
-        """Generates a completion for a conversation, streaming token deltas and
-        ending with exactly one GenerationFinished event. Cancellation by the
-        client surfaces as gRPC CANCELLED; backend failures as gRPC status
-        errors (no finished event is sent in either case).
+        """Generates a completion for a conversation (or a raw prompt), streaming
+        deltas (text, tool calls, log probabilities) and ending with exactly one
+        GenerationFinished event. Cancellation by the client surfaces as gRPC
+        CANCELLED; backend failures as gRPC status errors (no finished event is
+        sent in either case).
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.EmbedResponse], _abc.AsyncIterator[_inference_pb2.EmbedResponse]]:
+        """Embeds one or more inputs: one Embedding event per input, in any order
+        (each carries its input's index), then exactly one EmbeddingsFinished.
+        Streamed so that many large vectors never make one message beyond gRPC's
+        message limit. A model that cannot embed answers INVALID_ARGUMENT
+        (`error-param: model`).
         """
 
     @_abc_1.abstractmethod

@@ -1,9 +1,10 @@
-"""The OpenAI chat-completions wire format: request validation and response objects.
+"""The OpenAI chat-completions wire format: request validation (the responses are in
+``responses.py``).
 
 Requests arrive as JSON already parsed (and checked for depth and number
 range) by ``gateway_http/body.py``, and are validated with pydantic in strict
-mode (no silent "0.5" → 0.5 coercion), then checked for what a text-only
-gateway cannot do. Integer fields are bounded by their wire types (``uint32``
+mode (no silent "0.5" → 0.5 coercion), then checked for what this gateway
+cannot do. Integer fields are bounded by their wire types (``uint32``
 token counts, ``int64`` seed), so an oversized value is a 400 naming it, not a
 failure converting to protobuf. Every refusal is a FederationError INVALID_ARGUMENT naming
 the offending parameter the way OpenAI does (``messages[0].role``). Unknown
@@ -15,22 +16,24 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from federation.errors import ErrorCode, FederationError
 from federation.inference.backend import MAX_STOP_SEQUENCES
+from federation.inference.tools import MAX_TOOLS
 from federation.inference.types import (
+    MAX_TOP_LOGPROBS,
     ChatMessage,
-    GenerationFinished,
     GenerationRequest,
     ResponseFormat,
     Role,
     SamplingParams,
+    Tool,
+    ToolCall,
+    ToolChoice,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ UINT32_MAX = 2**32 - 1
 """``max_tokens`` travels as protobuf ``uint32``."""
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """``seed`` travels as protobuf ``int64``."""
+MAX_CHOICES: Final = 16
+"""Most choices (``n``) one request may ask for: each is a generation of its own."""
 
 
 class OpenAIBaseModel(BaseModel):
@@ -52,10 +57,23 @@ class OpenAIBaseModel(BaseModel):
         return self
 
 
+class FunctionCallIn(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCallIn(OpenAIBaseModel):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class MessageIn(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -74,6 +92,27 @@ class ResponseFormatIn(OpenAIBaseModel):
     json_schema: JsonSchemaIn | None = None
 
 
+class FunctionIn(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(OpenAIBaseModel):
+    type: str
+    function: FunctionIn | None = None
+
+
+class NamedFunctionIn(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class ToolChoiceIn(OpenAIBaseModel):
+    type: Literal["function"]
+    function: NamedFunctionIn
+
+
 class ChatCompletionRequest(OpenAIBaseModel):
     model: str = Field(min_length=1, max_length=256)
     messages: list[MessageIn] = Field(min_length=1)
@@ -81,7 +120,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=UINT32_MAX)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -90,26 +129,45 @@ class ChatCompletionRequest(OpenAIBaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatIn | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
 
 
 _FIELD_NAMES = frozenset(
     (f.alias or name)
-    for model in (ChatCompletionRequest, MessageIn, StreamOptions, JsonSchemaIn, ResponseFormatIn)
+    for model in (ChatCompletionRequest, MessageIn, StreamOptions, JsonSchemaIn, ResponseFormatIn,
+                  ToolCallIn, FunctionCallIn, ToolIn, FunctionIn, ToolChoiceIn, NamedFunctionIn)
     for name, f in model.model_fields.items()
 )
 
 
 @dataclass(frozen=True)
 class ChatCall:
-    """A validated chat-completion request, in domain terms."""
+    """A validated request for generated choices (a chat completion, or a text completion
+    through the same pipeline), in domain terms: one generation per choice."""
 
-    generation: GenerationRequest
+    generations: tuple[GenerationRequest, ...]
     stream: bool
     include_usage: bool
+
+    @property
+    def generation(self) -> GenerationRequest:
+        """The first choice's request (all choices share model, tenant and prompt)."""
+        return self.generations[0]
+
+    @property
+    def model(self) -> str:
+        return self.generation.model
+
+    def with_budget(self, tokens: int | None) -> ChatCall:
+        """Each choice's share of a token budget (``None``: no budget)."""
+        share = None if tokens is None else tokens // len(self.generations)
+        return replace(self, generations=tuple(replace(g, token_budget=share)
+                                               for g in self.generations))
 
 
 def parse_chat_request(body: Any, tenant_id: str = "") -> ChatCall:
@@ -117,16 +175,21 @@ def parse_chat_request(body: Any, tenant_id: str = "") -> ChatCall:
     try:
         parsed = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc, _FIELD_NAMES) from None
     _check_unsupported(parsed)
+    generation = GenerationRequest(
+        model=parsed.model,
+        messages=tuple(_message(i, m) for i, m in enumerate(parsed.messages)),
+        sampling=_sampling(parsed),
+        response_format=_response_format(parsed.response_format),
+        tenant_id=tenant_id,
+        tools=tuple(_tool(t) for t in parsed.tools or ()),
+        tool_choice=_tool_choice(parsed.tool_choice),
+        parallel_tool_calls=parsed.parallel_tool_calls is not False,
+        logprobs=(parsed.top_logprobs or 0) if parsed.logprobs else None,
+    )
     return ChatCall(
-        generation=GenerationRequest(
-            model=parsed.model,
-            messages=tuple(_message(i, m) for i, m in enumerate(parsed.messages)),
-            sampling=_sampling(parsed),
-            response_format=_response_format(parsed.response_format),
-            tenant_id=tenant_id,
-        ),
+        generations=(generation,) * (parsed.n or 1),
         stream=bool(parsed.stream),
         include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
     )
@@ -136,9 +199,10 @@ def invalid(param: str | None, message: str) -> FederationError:
     return FederationError(ErrorCode.INVALID_ARGUMENT, message, param=param)
 
 
-def _validation_error(exc: ValidationError) -> FederationError:
+def validation_error(exc: ValidationError, field_names: frozenset[str]) -> FederationError:
+    """The first of pydantic's complaints, as OpenAI words it (naming the parameter)."""
     first = exc.errors(include_url=False)[0]
-    param = _param(first["loc"])
+    param = _param(first["loc"], field_names)
     if not param:
         return invalid(None, "The request body must be a JSON object.")
     if first["type"] == "missing":
@@ -146,13 +210,13 @@ def _validation_error(exc: ValidationError) -> FederationError:
     return invalid(param, f"Invalid value for '{param}': {first['msg']}.")
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
+def _param(loc: tuple[int | str, ...], field_names: frozenset[str]) -> str:
     """('messages', 0, 'role') → 'messages[0].role'; union-branch tags are dropped."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _FIELD_NAMES:
+        elif part in field_names:
             out += f".{part}" if out else part
         else:
             break  # pydantic's union-member tag such as 'str' or 'list[str]'
@@ -160,12 +224,10 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.n is not None and req.n > 1:
-        raise invalid("n", "Only n=1 is supported.")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true.")
-    if req.logprobs:
-        raise invalid("logprobs", "logprobs are not supported.")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", "top_logprobs requires logprobs to be true.")
     _check_tools(req)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
@@ -175,37 +237,69 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
             fmt.json_schema is None or fmt.json_schema.schema_ is None):
         raise invalid("response_format.json_schema",
                       "response_format of type json_schema needs json_schema.schema.")
+    for i, message in enumerate(req.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise invalid(f"messages[{i}].tool_call_id",
+                          "A tool message needs the tool_call_id of the call it answers.")
+        if message.tool_calls and message.role != "assistant":
+            raise invalid(f"messages[{i}].tool_calls",
+                          "Only an assistant message may carry tool_calls.")
 
 
 def _check_tools(req: ChatCompletionRequest) -> None:
     for i, tool in enumerate(req.tools or ()):
-        if tool.get("type") != "function":
+        if tool.type != "function":
             raise invalid(f"tools[{i}].type", "Tool type must be 'function'.")
+        if tool.function is None:
+            raise invalid(f"tools[{i}].function", "Missing required parameter: "
+                                                  f"'tools[{i}].function'.")
     choice = req.tool_choice
-    if isinstance(choice, str) and choice not in ("none", "auto", "required"):
-        raise invalid("tool_choice", "tool_choice must be 'none', 'auto', 'required' or an "
-                                     "object naming a function.")
-    if (choice == "required" or isinstance(choice, dict)) and not req.tools:
+    if (choice == "required" or isinstance(choice, ToolChoiceIn)) and not req.tools:
         raise invalid("tool_choice", "tool_choice requires tools.")
-    if req.tools:
-        raise invalid("tools", "Tool calling is not supported by this server.")
+    if isinstance(choice, ToolChoiceIn) and choice.function.name not in {
+            t.function.name for t in req.tools or () if t.function}:
+        raise invalid("tool_choice", f"tool_choice names the function "
+                                     f"'{choice.function.name}', which is not among the tools.")
 
 
 def _message(i: int, m: MessageIn) -> ChatMessage:
     role: Role = "system" if m.role == "developer" else m.role
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                  for c in m.tool_calls or ())
+    return ChatMessage(role, _content(i, m), m.name or "", calls, m.tool_call_id or "")
+
+
+def _content(i: int, m: MessageIn) -> str:
     if m.content is None:
         if m.role != "assistant":
             raise invalid(f"messages[{i}].content", "Message content is required.")
-        return ChatMessage(role, "", m.name or "")
+        return ""
     if isinstance(m.content, str):
-        return ChatMessage(role, m.content, m.name or "")
+        return m.content
     texts = []
     for j, part in enumerate(m.content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise invalid(f"messages[{i}].content[{j}]",
                           "Only text content parts are supported by this server.")
         texts.append(part["text"])
-    return ChatMessage(role, "".join(texts), m.name or "")
+    return "".join(texts)
+
+
+def _tool(tool: ToolIn) -> Tool:
+    function = tool.function
+    assert function is not None  # _check_tools
+    parameters = json.dumps(function.parameters) if function.parameters is not None else ""
+    return Tool(function.name, function.description or "", parameters, bool(function.strict))
+
+
+def _tool_choice(choice: str | ToolChoiceIn | None) -> ToolChoice:
+    if isinstance(choice, ToolChoiceIn):
+        return ToolChoice("function", choice.function.name)
+    if choice == "none":
+        return ToolChoice("none")
+    if choice == "required":
+        return ToolChoice("required")
+    return ToolChoice("auto")
 
 
 def _sampling(req: ChatCompletionRequest) -> SamplingParams:
@@ -230,60 +324,3 @@ def _response_format(fmt: ResponseFormatIn | None) -> ResponseFormat:
     assert fmt.json_schema is not None and fmt.json_schema.schema_ is not None
     return ResponseFormat("json_schema", json.dumps(fmt.json_schema.schema_),
                           fmt.json_schema.name)
-
-
-# ---- responses ---------------------------------------------------------------------------------
-
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
-
-
-def usage_object(finished: GenerationFinished) -> dict[str, int]:
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.total_tokens,
-    }
-
-
-def completion_object(cid: str, model: str, text: str, finished: GenerationFinished
-                      ) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finished.finish_reason,
-        }],
-        "usage": usage_object(finished),
-    }
-
-
-class ChunkWriter:
-    """Builds ``chat.completion.chunk`` SSE events for one stream."""
-
-    def __init__(self, cid: str, model: str, include_usage: bool) -> None:
-        self._head = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                      "model": model, "system_fingerprint": None}
-        self._include_usage = include_usage
-
-    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {**self._head, "choices": choices, **extra}
-        if self._include_usage and "usage" not in chunk:
-            chunk["usage"] = None  # as OpenAI does when include_usage is on
-        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-
-    def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-        return self._event([{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish_reason}])
-
-    def usage(self, finished: GenerationFinished) -> bytes:
-        return self._event([], usage=usage_object(finished))
-
-
-DONE = b"data: [DONE]\n\n"

@@ -1,6 +1,6 @@
 """What the council's HTTP API looks like: the vote body, the model names, and the
-council's protobuf answers as JSON and Server-Sent Events. Only ``routes.py``
-knows aiohttp and the gRPC call."""
+council's protobuf answers as JSON and Server-Sent Events. Only ``routes.py`` knows
+aiohttp; ``serving.py`` makes the gRPC calls."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from federation.council.disclosure import level_from_int
 from federation.errors import ErrorCode, FederationError
+from federation.inference.types import ChatMessage
 from federation.v1 import council_pb2
 
 log = logging.getLogger(__name__)
@@ -157,20 +158,11 @@ def council_extra(result: council_pb2.CouncilResult) -> dict[str, Any]:
     }
 
 
-def peek_model(data: Any) -> str | None:
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
-
-
-def last_user_message(messages: Any) -> str:
-    if isinstance(messages, list):
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, list):  # text parts
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                if isinstance(content, str) and content.strip():
-                    return content
+def last_user_message(messages: Sequence[ChatMessage]) -> str:
+    """The question: the last user message that says something."""
+    for message in reversed(messages):
+        if message.role == "user" and message.content.strip():
+            return message.content
     raise invalid("messages", "The council needs a user message with the question.")
 
 
