@@ -128,7 +128,7 @@ class ScriptedCouncilBackend:
         finally:
             self.in_flight -= 1
 
-    async def embed(self, request: EmbeddingRequest) -> AsyncIterator[EmbedEvent]:
+    async def embed(self, request: EmbeddingRequest) -> AsyncGenerator[EmbedEvent, None]:
         raise FederationError(ErrorCode.INVALID_ARGUMENT,
                               f"model {self.model} plays council members; it does not embed",
                               param="model")
