@@ -136,6 +136,7 @@ def _dependencies(
                 probe_timeout_seconds=gateway.health_timeout_seconds,
                 attempts=gateway.route_attempts,
                 first_event_timeout_seconds=gateway.route_first_event_timeout_seconds,
+                probe_timeouts_to_down=gateway.route_probe_timeouts_to_down,
             )
             stack.push_async_callback(router.stop)
             await router.start()

@@ -98,6 +98,7 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
         settings.peers.addresses("inference"), runtime.credentials, settings.grpc,
         refresh_seconds=settings.gateway.route_refresh_seconds,
         attempts=settings.gateway.route_attempts,
+        probe_timeouts_to_down=settings.gateway.route_probe_timeouts_to_down,
     )
     runtime.cleanup.push_async_callback(router.stop)
     await router.start()

@@ -136,11 +136,25 @@ async def gateway_process(stack: Stack, log: Path) -> AsyncIterator[str]:
     try:
         await eventually(lambda: ready.exists() or process.returncode is not None, 60)
         assert process.returncode is None, log.read_text()
-        yield f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+        base = f"http://127.0.0.1:{json.loads(ready.read_text())['http_port']}"
+        await until_healthy(base, 60)
+        yield base
     finally:
         if process.returncode is None:
             process.terminate()
         await process.wait()
+
+
+async def until_healthy(base: str, seconds: float) -> None:
+    """Wait until the gateway's /health is 200, as a load balancer's readiness probe would:
+    listening is not serving (its first probe of the inference node may time out on a
+    loaded machine, and then it knows no healthy node until its next refresh)."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(seconds):
+        while True:
+            async with session.get(f"{base}/health") as response:
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.2)
 
 
 async def test_fifty_concurrent_requests_through_two_gateway_processes_never_exceed_the_quota(

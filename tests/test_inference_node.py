@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ from federation.inference.types import (
     GenerationEvent,
     GenerationFinished,
     GenerationRequest,
+    LoadSnapshot,
     SamplingParams,
     TokenDelta,
 )
@@ -355,3 +357,35 @@ async def test_deltas_that_arrive_with_the_end_are_sent_before_it() -> None:
     text = "".join(e.text for e in received if isinstance(e, TokenDelta))
     assert text == "one two"
     assert isinstance(received[-1], GenerationFinished)
+
+
+class StallingBackend(TestBackend):
+    """A node that can be made too slow to answer its load probe in time (as a node busy
+    serving can be): ``GetLoad`` blocks for ``stall`` seconds."""
+
+    stall = 0.0
+
+    def load(self) -> LoadSnapshot:
+        time.sleep(self.stall)  # blocks the node's loop, as a busy node would
+        return super().load()
+
+
+async def test_a_node_slow_to_answer_probes_stays_until_the_threshold(
+        pki: TestPKI, router_factory: object) -> None:
+    backend = StallingBackend()
+    async with inference_nodes(pki, [backend]) as nodes:
+        router = await router_factory(  # type: ignore[operator]
+            nodes, probe_timeout_seconds=0.2, probe_timeouts_to_down=2)
+        (node,) = router.nodes
+        assert node.healthy
+        backend.stall = 0.5
+        await router.refresh()
+        assert node.healthy and node.probe_timeouts == 1  # one miss: still routed to
+        text, _ = await drain(router.generate(chat("served")))
+        assert text == "served"
+        await router.refresh()
+        assert not node.healthy  # the second miss in a row takes it out
+        backend.stall = 0.0
+        await router.refresh()
+        assert node.healthy and node.probe_timeouts == 0
+

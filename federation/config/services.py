@@ -50,6 +50,13 @@ class GatewayConfig:
     route_refresh_seconds: float = 2.0
     """How often the router re-probes health, models and load of every inference node."""
 
+    route_probe_timeouts_to_down: int = 3
+    """Consecutive health probes that time out before a healthy inference node is taken
+    out of rotation. A busy node can miss one probe's deadline while it serves (seen on
+    two loaded cores: the only node dropped for a refresh period, every request 503);
+    a node that refuses or says NOT_SERVING is taken out at the first probe, and calls
+    that fail are retried on another node whatever the probes say."""
+
     route_first_event_timeout_seconds: float = 60.0
     """A node that sends nothing for this long after a call began counts as gone (a
     network partition answers nothing, not even a refusal) and the request is retried on

@@ -74,6 +74,8 @@ class NodeState:
     """Calls this process has open on the node right now."""
     others_load: int = 0
     """Running + queued work the node reported beyond ours, at the last probe."""
+    probe_timeouts: int = 0
+    """Consecutive probes that timed out (see ``probe_timeouts_to_down``)."""
 
     @property
     def score(self) -> int:
@@ -93,6 +95,7 @@ class InferenceRouter:
         probe_timeout_seconds: float = 2.0,
         attempts: int = 3,
         first_event_timeout_seconds: float | None = None,
+        probe_timeouts_to_down: int = 3,
     ) -> None:
         """``credentials=None`` uses plaintext channels (``--insecure-dev`` only)."""
         self._addresses = list(dict.fromkeys(addresses))
@@ -102,6 +105,7 @@ class InferenceRouter:
         self._probe_timeout = probe_timeout_seconds
         self._attempts = max(1, attempts)
         self._first_event_timeout = first_event_timeout_seconds
+        self._probe_timeouts_to_down = max(1, probe_timeouts_to_down)
         self._nodes: list[NodeState] = []
         self._refresher: asyncio.Task[None] | None = None
         self._tiebreak = itertools.count()
@@ -156,16 +160,31 @@ class InferenceRouter:
             local = node.local_in_flight
             load = await node.stub.GetLoad(inference_pb2.GetLoadRequest(), timeout=timeout)
         except (grpc.aio.AioRpcError, FederationError) as exc:
+            if self._still_trusted(node, exc):
+                return
             if node.healthy:
                 log.warning("inference node unhealthy", extra={"node": node.address,
                                                                "error": str(exc)[:200]})
             node.healthy = False
             return
+        node.probe_timeouts = 0
         node.models = {m.id: model_from_pb(m) for m in listed.models}
         node.others_load = max(0, load.in_flight + load.queued - local)
         if not node.healthy:
             log.info("inference node healthy", extra={"node": node.address})
         node.healthy = True
+
+    def _still_trusted(self, node: NodeState, error: Exception) -> bool:
+        """Whether a healthy node stays in rotation despite this failed probe: only a
+        timeout, and only until ``probe_timeouts_to_down`` of them in a row."""
+        timed_out = (isinstance(error, grpc.aio.AioRpcError)
+                     and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED)
+        node.probe_timeouts = node.probe_timeouts + 1 if timed_out else 0
+        if node.healthy and 0 < node.probe_timeouts < self._probe_timeouts_to_down:
+            log.info("inference node slow to answer its probe; kept in rotation",
+                     extra={"node": node.address, "timeouts": node.probe_timeouts})
+            return True
+        return False
 
     # ---- queries -------------------------------------------------------------------------
 
