@@ -110,3 +110,19 @@ async def test_record_memories_refuses_a_bad_batch_and_stores_none_of_it(
                                         timeout=10)
     assert [r.sequence for r in written.records] == [1, 2]
     assert {r.request_id for r in written.records} == {"req_good"}
+
+
+async def test_every_caller_of_a_failed_call_gets_the_error(
+        pki: TestPKI, database: Database) -> None:
+    async with node(pki, "memory", Settings(), database, memory_node) as server:
+        channel = pki.channel(f"127.0.0.1:{server.port}", "gateway")
+    sink = GrpcAuditSink(channel, timeout_seconds=5)  # the memory node is gone
+    try:
+        outcomes = await asyncio.gather(*(sink.record(entry(n)) for n in range(10)),
+                                        return_exceptions=True)
+    finally:
+        await sink.close()
+        await channel.close()
+    assert all(isinstance(o, FederationError) and o.code is ErrorCode.UNAVAILABLE
+               for o in outcomes), outcomes  # fail closed, nobody left waiting
+    assert sink.calls <= 2
