@@ -48,7 +48,7 @@ UNAUTHENTICATED_METHODS: Final[tuple[str, ...]] = (BROKER + "Enroll",)
 """Methods a TLS peer *without* a client certificate may call (only the broker's
 enrollment port accepts such peers). Everything else answers UNAUTHENTICATED."""
 
-_AUDIT_WRITE: Final = (MEMORY + "RecordMemory",)
+_AUDIT_WRITE: Final = (MEMORY + "RecordMemory", MEMORY + "RecordMemories")
 
 ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
     # Operators may do everything.

@@ -143,7 +143,7 @@ def _dependencies(
             background = BackgroundTasks()
             stack.push_async_callback(background.drain)  # before the channels close
             metrics = GatewayMetrics(registry)
-            writer = audit or GrpcAuditSink(_required(channels, "memory"), timeout_seconds=timeout)
+            writer = audit or _audit_client(settings, channels, stack)
             verifier = CachedKeyVerifier(
                 keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
                 gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
@@ -165,6 +165,16 @@ def _dependencies(
             yield
 
     return context
+
+
+def _audit_client(settings: Settings, channels: dict[str, grpc.aio.Channel],
+                  stack: contextlib.AsyncExitStack) -> GrpcAuditSink:
+    """Concurrent requests' audit records share calls to the memory node."""
+    client = GrpcAuditSink(_required(channels, "memory"),
+                           timeout_seconds=settings.grpc.call_timeout_seconds,
+                           max_batch=settings.memory.max_batch)
+    stack.push_async_callback(client.close)  # after the outbox stops, before the channel
+    return client
 
 
 def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditSink,

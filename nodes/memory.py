@@ -47,6 +47,27 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _TENANT_READERS = frozenset({"admin", "gateway", "guardian"})
 
 
+def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> AuditEntry:
+    """The entry ``request`` asks to append; INVALID_ARGUMENT naming the bad field."""
+    if not request.action:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "action is required",
+                              param=param_prefix + "action")
+    if request.action == RESTORE_ACTION:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"action {RESTORE_ACTION!r} is reserved for `federation "
+                              "restore`", param=param_prefix + "action")
+    if request.HasField("temperature") and request.temperature > 100:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
+                              param=param_prefix + "temperature")
+    return AuditEntry(
+        actor=request.actor or current_caller().spiffe_id, action=request.action,
+        tenant_id=request.tenant_id, subject=request.subject,
+        attributes=dict(request.payload.attributes), body=request.payload.body,
+        temperature=request.temperature if request.HasField("temperature") else None,
+        request_id=request.request_id,
+    )
+
+
 def tenant_scope(tenant_id: str) -> str | None:
     """The tenant the caller may read: ``None`` (all) only for operators."""
     role = current_caller().role
@@ -65,10 +86,13 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         self, store: MemoryStore, *, guardian: GuardianCheckpoints | None = None,
         scheduler: CheckpointScheduler | None = None,
         guardian_key: Callable[[], Ed25519PublicKey | None] = lambda: None,
+        max_batch: int = 512,
     ) -> None:
         """``guardian``: where the signed checkpoints are (``None``: no guardian
-        configured, chain-only verification); ``scheduler`` hears of every append."""
+        configured, chain-only verification); ``scheduler`` hears of every append;
+        ``max_batch``: most records one RecordMemories call may carry."""
         self._store = store
+        self._max_batch = max_batch
         self._guardian = guardian
         self._scheduler = scheduler
         self._guardian_key = guardian_key
@@ -76,25 +100,24 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     async def RecordMemory(
         self, request: pb.RecordMemoryRequest, context: Context
     ) -> pb.RecordMemoryResponse:
-        if not request.action:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "action is required",
-                                  param="action")
-        if request.action == RESTORE_ACTION:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT,
-                                  f"action {RESTORE_ACTION!r} is reserved for `federation "
-                                  "restore`", param="action")
-        if request.HasField("temperature") and request.temperature > 100:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
-                                  param="temperature")
-        record = await self._store.record(AuditEntry(
-            actor=request.actor or current_caller().spiffe_id, action=request.action,
-            tenant_id=request.tenant_id, subject=request.subject,
-            attributes=dict(request.payload.attributes), body=request.payload.body,
-            temperature=request.temperature if request.HasField("temperature") else None,
-        ))
+        record = await self._store.record(audit_entry(request))
         if self._scheduler is not None:
             self._scheduler.observe(record.sequence)
         return pb.RecordMemoryResponse(record=record_to_proto(record))
+
+    async def RecordMemories(
+        self, request: pb.RecordMemoriesRequest, context: Context
+    ) -> pb.RecordMemoriesResponse:
+        count = len(request.requests)
+        if not 1 <= count <= self._max_batch:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"requests holds 1 to {self._max_batch} records, not {count}",
+                                  param="requests")
+        entries = [audit_entry(item, f"requests[{n}].") for n, item in enumerate(request.requests)]
+        records = await self._store.record_many(entries)
+        if self._scheduler is not None:
+            self._scheduler.observe(records[-1].sequence)
+        return pb.RecordMemoriesResponse(records=[record_to_proto(r) for r in records])
 
     async def ReadMemory(
         self, request: pb.ReadMemoryRequest, context: Context
@@ -177,7 +200,7 @@ async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemorySe
     settings = runtime.settings
     if not settings.peers.addresses("guardian"):
         log.info("no guardian configured (peers.guardian): no audit checkpoints")
-        return ThermalMemoryServicer(store)
+        return ThermalMemoryServicer(store, max_batch=settings.memory.max_batch)
     guardian = GuardianCheckpoints(
         runtime.peer_channel("guardian"), settings.grpc.call_timeout_seconds
     )
@@ -191,4 +214,5 @@ async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemorySe
     runtime.cleanup.push_async_callback(scheduler.stop)
     key_path = settings.home / config.signing_key_file
     return ThermalMemoryServicer(store, guardian=guardian, scheduler=scheduler,
-                                 guardian_key=lambda: guardian_public_key(key_path))
+                                 guardian_key=lambda: guardian_public_key(key_path),
+                                 max_batch=settings.memory.max_batch)

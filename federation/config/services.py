@@ -279,7 +279,12 @@ class MemoryConfig:
     """Records colder than this (cold and ember tiers) have their body compressed."""
 
     max_batch: int = 512
-    """Most records the chain writer appends in one transaction."""
+    """Most records the chain writer appends in one transaction, and most records one
+    RecordMemories call may carry (a gateway under load sends a few dozen)."""
+
+    append_attempts: int = 8
+    """Writes of one batch when other writers sharing the database keep appending
+    first (each refused write means another writer made progress); then UNAVAILABLE."""
 
     verify_page_size: int = 1000
     """Records fetched per page while verifying the chain."""

@@ -7,6 +7,17 @@ a pooled connection (``acquire_timeout_seconds``, applied to every
 statement (``command_timeout_seconds``). When PostgreSQL is gone or stalled, a
 caller gets an error within those bounds, which :mod:`federation.db.errors`
 turns into UNAVAILABLE with a retry hint, instead of hanging.
+
+Pooled connections are not reset when released (:func:`keep_session`): our code
+leaves no session state on them, so asyncpg's default reset (``SELECT
+pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``, one round trip and
+a little server CPU on every release, several per request) would undo nothing.
+What that takes: no ``LISTEN``, no ``SET`` outside a transaction (``SET LOCAL``,
+as :func:`transaction_as` does, ends with the transaction; a pool's ``init`` may
+set what every connection of the pool keeps, like the vault's role), no cursor
+``WITH HOLD``, no temporary table, and a session advisory lock only through
+:func:`session_advisory_lock`, which ends the session when it cannot unlock. An
+open transaction is still rolled back on release (asyncpg does that itself).
 """
 
 from __future__ import annotations
@@ -22,10 +33,13 @@ import asyncpg
 
 from federation.config import DatabaseConfig
 from federation.db.migrate import apply_migrations, check_schema
+from federation.db.sessions import session_advisory_lock
 from federation.periodic import PeriodicTask
 from federation.telemetry import tracing
 
 log = logging.getLogger(__name__)
+
+__all__ = ["session_advisory_lock"]
 
 
 @contextlib.asynccontextmanager
@@ -70,6 +84,10 @@ class BoundedPool(asyncpg.Pool):
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pools' reset on release: nothing to undo (see the module's docstring)."""
+
+
 async def create_pool(
     url: str,
     config: DatabaseConfig,
@@ -94,6 +112,7 @@ async def create_pool(
         command_timeout=config.command_timeout_seconds,
         timeout=config.connect_timeout_seconds,
         init=init,
+        reset=keep_session,
         loop=None,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,

@@ -19,6 +19,8 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from federation.db.sessions import session_advisory_lock
+
 log = logging.getLogger(__name__)
 
 ADVISORY_LOCK_KEY = 0x46454452_4D494752  # "FEDRMIGR"
@@ -61,8 +63,7 @@ async def apply_migrations(
     """Apply every pending migration; return the versions applied by this call."""
     migrations = load_migrations() if migrations is None else migrations
     applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
-    try:
+    async with session_advisory_lock(conn, ADVISORY_LOCK_KEY, wait=True):
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -98,8 +99,6 @@ async def apply_migrations(
                 "applied migration",
                 extra={"version": migration.version, "migration": migration.name},
             )
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     return applied_now
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from federation.db.sessions import session_advisory_lock
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 
@@ -55,23 +56,21 @@ class AuditOutbox:
         if self._sink is None:
             return 0
         delivered = 0
-        async with self._pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK_KEY):
+        async with self._pool.acquire() as conn, \
+                session_advisory_lock(conn, OUTBOX_LOCK_KEY) as draining:
+            if not draining:
                 return 0  # another broker process is draining
-            try:
-                rows = await conn.fetch(
-                    "SELECT * FROM edge_audit_outbox ORDER BY id LIMIT $1", self._batch
+            rows = await conn.fetch(
+                "SELECT * FROM edge_audit_outbox ORDER BY id LIMIT $1", self._batch
+            )
+            for row in rows:
+                await self._sink.record(entry_from_row(row))
+                await conn.execute(
+                    "DELETE FROM edge_audit_outbox WHERE tenant_id = $1 AND id = $2",
+                    row["tenant_id"],
+                    row["id"],
                 )
-                for row in rows:
-                    await self._sink.record(entry_from_row(row))
-                    await conn.execute(
-                        "DELETE FROM edge_audit_outbox WHERE tenant_id = $1 AND id = $2",
-                        row["tenant_id"],
-                        row["id"],
-                    )
-                    delivered += 1
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
+                delivered += 1
         return delivered
 
     async def run(self, interval_seconds: float) -> None:

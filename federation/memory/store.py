@@ -81,7 +81,7 @@ class MemoryStore:
         self._restore_verifier = restore_verifier
         self._writer = ChainWriter(
             pool, default_temperature=config.initial_temperature,
-            max_batch=config.max_batch, clock=clock,
+            max_batch=config.max_batch, max_attempts=config.append_attempts, clock=clock,
         )
 
     async def start(self) -> None:
@@ -93,6 +93,10 @@ class MemoryStore:
     async def record(self, entry: AuditEntry) -> MemoryRecord:
         """Append ``entry``; returns once it is committed (AuditSink)."""
         return await self._writer.append(entry)
+
+    async def record_many(self, entries: list[AuditEntry]) -> list[MemoryRecord]:
+        """Append ``entries`` in order, sharing commits; returns once all are committed."""
+        return await self._writer.append_many(entries)
 
     async def read(self, tenant_id: str | None, sequence: int) -> MemoryRecord:
         """One record; reading warms it by ``read_bump`` degrees."""

@@ -186,8 +186,9 @@ Global___MemoryRecord: _TypeAlias = MemoryRecord  # noqa: Y015
 
 @_typing.final
 class RecordMemoryRequest(_message.Message):
-    """Request for ThermalMemoryService.RecordMemory. The request id is taken
-    from `x-request-id` metadata and stored in MemoryRecord.request_id.
+    """Request for ThermalMemoryService.RecordMemory. The request id stored in
+    MemoryRecord.request_id is `request_id`, or when empty the call's
+    `x-request-id` metadata.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -198,6 +199,7 @@ class RecordMemoryRequest(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant the event belongs to; empty for system-wide events."""
     actor: _builtins.str
@@ -208,6 +210,11 @@ class RecordMemoryRequest(_message.Message):
     """What the action was applied to; may be empty."""
     temperature: _builtins.int
     """Initial temperature, 0 to 100. Unset = server default (hot)."""
+    request_id: _builtins.str
+    """Request id the record belongs to; empty = the call's `x-request-id`.
+    Set by a caller that sends the records of several requests in one
+    RecordMemories call.
+    """
     @_builtins.property
     def payload(self) -> Global___AuditPayload:
         """The content to record."""
@@ -221,16 +228,67 @@ class RecordMemoryRequest(_message.Message):
         subject: _builtins.str = ...,
         payload: Global___AuditPayload | None = ...,
         temperature: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "payload", b"payload", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "action", b"action", "actor", b"actor", "payload", b"payload", "subject", b"subject", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "action", b"action", "actor", b"actor", "payload", b"payload", "request_id", b"request_id", "subject", b"subject", "temperature", b"temperature", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___RecordMemoryRequest: _TypeAlias = RecordMemoryRequest  # noqa: Y015
+
+@_typing.final
+class RecordMemoriesRequest(_message.Message):
+    """Request for ThermalMemoryService.RecordMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordMemoryRequest]:
+        """The records to append, in order: 1 to the server's batch limit
+        (`memory.max_batch`, 512 by default).
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___RecordMemoryRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordMemoriesRequest: _TypeAlias = RecordMemoriesRequest  # noqa: Y015
+
+@_typing.final
+class RecordMemoriesResponse(_message.Message):
+    """Response for ThermalMemoryService.RecordMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRecord]:
+        """The appended records, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___MemoryRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordMemoriesResponse: _TypeAlias = RecordMemoriesResponse  # noqa: Y015
 
 @_typing.final
 class RecordMemoryResponse(_message.Message):

@@ -43,6 +43,11 @@ class ThermalMemoryServiceStub:
                 request_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryResponse.FromString,
                 _registered_method=True)
+        self.RecordMemories = channel.unary_unary(
+                '/federation.v1.ThermalMemoryService/RecordMemories',
+                request_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.FromString,
+                _registered_method=True)
         self.ReadMemory = channel.unary_unary(
                 '/federation.v1.ThermalMemoryService/ReadMemory',
                 request_serializer=federation_dot_v1_dot_thermal__memory__pb2.ReadMemoryRequest.SerializeToString,
@@ -69,6 +74,16 @@ class ThermalMemoryServiceServicer:
 
     def RecordMemory(self, request, context):
         """Appends a record to the chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordMemories(self, request, context):
+        """Appends several records, in order, sharing commits: a caller with many
+        concurrent records (the gateway under load) sends them in one call.
+        Returns once every record is committed; fails (UNAVAILABLE) if any could
+        not be, in which case some of them may have been stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +119,11 @@ def add_ThermalMemoryServiceServicer_to_server(servicer, server):
                     servicer.RecordMemory,
                     request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryRequest.FromString,
                     response_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryResponse.SerializeToString,
+            ),
+            'RecordMemories': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordMemories,
+                    request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.SerializeToString,
             ),
             'ReadMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadMemory,
@@ -152,6 +172,33 @@ class ThermalMemoryService:
             '/federation.v1.ThermalMemoryService/RecordMemory',
             federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryRequest.SerializeToString,
             federation_dot_v1_dot_thermal__memory__pb2.RecordMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordMemories(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.ThermalMemoryService/RecordMemories',
+            federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.SerializeToString,
+            federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,12 @@ class ThermalMemoryServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ThermalMemoryServiceAsyncStub: ...
     RecordMemory: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.RecordMemoryRequest, _thermal_memory_pb2.RecordMemoryResponse]
     """Appends a record to the chain."""
+    RecordMemories: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.RecordMemoriesRequest, _thermal_memory_pb2.RecordMemoriesResponse]
+    """Appends several records, in order, sharing commits: a caller with many
+    concurrent records (the gateway under load) sends them in one call.
+    Returns once every record is committed; fails (UNAVAILABLE) if any could
+    not be, in which case some of them may have been stored.
+    """
     ReadMemory: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.ReadMemoryRequest, _thermal_memory_pb2.ReadMemoryResponse]
     """Reads one record by sequence. Reading raises its temperature."""
     SearchMemory: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.SearchMemoryRequest, _thermal_memory_pb2.SearchMemoryResponse]
@@ -63,6 +69,12 @@ class ThermalMemoryServiceAsyncStub(ThermalMemoryServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordMemory: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.RecordMemoryRequest, _thermal_memory_pb2.RecordMemoryResponse]  # type: ignore[assignment]
     """Appends a record to the chain."""
+    RecordMemories: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.RecordMemoriesRequest, _thermal_memory_pb2.RecordMemoriesResponse]  # type: ignore[assignment]
+    """Appends several records, in order, sharing commits: a caller with many
+    concurrent records (the gateway under load) sends them in one call.
+    Returns once every record is committed; fails (UNAVAILABLE) if any could
+    not be, in which case some of them may have been stored.
+    """
     ReadMemory: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.ReadMemoryRequest, _thermal_memory_pb2.ReadMemoryResponse]  # type: ignore[assignment]
     """Reads one record by sequence. Reading raises its temperature."""
     SearchMemory: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.SearchMemoryRequest, _thermal_memory_pb2.SearchMemoryResponse]  # type: ignore[assignment]
@@ -88,6 +100,18 @@ class ThermalMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_thermal_memory_pb2.RecordMemoryResponse, _abc.Awaitable[_thermal_memory_pb2.RecordMemoryResponse]]:
         """Appends a record to the chain."""
+
+    @_abc_1.abstractmethod
+    def RecordMemories(
+        self,
+        request: _thermal_memory_pb2.RecordMemoriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_thermal_memory_pb2.RecordMemoriesResponse, _abc.Awaitable[_thermal_memory_pb2.RecordMemoriesResponse]]:
+        """Appends several records, in order, sharing commits: a caller with many
+        concurrent records (the gateway under load) sends them in one call.
+        Returns once every record is committed; fails (UNAVAILABLE) if any could
+        not be, in which case some of them may have been stored.
+        """
 
     @_abc_1.abstractmethod
     def ReadMemory(
