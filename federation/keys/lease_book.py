@@ -48,6 +48,9 @@ SWEEP_SECONDS_MAX = 0.5
 """Longest between two looks for expired leases: an idle key's lease is settled at most
 this long after it expired."""
 
+MAX_LEASE_TOKENS = 2**62
+"""Most tokens a lease asks for (the key authority's counters are PostgreSQL bigints)."""
+
 _DEMAND_LIMIT = 10_000
 """Keys whose last lease's demand is remembered (beyond it, forgotten: a first lease)."""
 
@@ -246,7 +249,7 @@ class LeaseBook:
         first = max(1, config.lease_initial_requests)
         served, peak = self._demand.get(key_id, (0, 0))
         requests = min(max(first, 2 * served), max(1, config.lease_max_requests))
-        return requests, max(2 * peak, tokens * min(requests, first))
+        return requests, min(max(2 * peak, tokens * min(requests, first)), MAX_LEASE_TOKENS)
 
     # -- release and settlement ----------------------------------------------------------------
 
