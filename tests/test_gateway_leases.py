@@ -180,3 +180,24 @@ async def test_two_gateway_processes_under_load_never_exceed_the_key_s_limits(
     audited = {r.request_id for r in await stack.records(tenant, "gateway.request")}
     assert {headers["x-request-id"] for status, _, headers in answers if status == 200} \
         <= audited
+
+
+async def test_a_gateway_killed_holding_a_lease_leaves_the_key_over_charged_never_under(
+    stack: Stack, tmp_path: Path
+) -> None:
+    quota = 100_000
+    issued = await stack.keys.IssueKey(kpb.IssueKeyRequest(
+        tenant_id="killed", scopes=["chat"], token_quota=quota,
+        quota_period=Duration(seconds=3600)))
+    processes: list[asyncio.subprocess.Process] = []
+    async with gateway_process(stack, tmp_path / "gw.log", processes) as base, \
+            aiohttp.ClientSession() as http:
+        answers = [await chat(http, base, issued.secret) for _ in range(3)]
+        processes[0].kill()  # SIGKILL: no settlement, the lease stays charged
+        await processes[0].wait()
+    served = sum(body["usage"]["total_tokens"] for status, body, _ in answers if status == 200)
+    assert served == 3 * 11
+    status = (await stack.keys.CheckQuota(kpb.CheckQuotaRequest(
+        key_id=issued.key.key_id))).status
+    # Over-charged by the unreturned lease, at most a quarter of what remained.
+    assert served < status.tokens_used <= served + quota // 4

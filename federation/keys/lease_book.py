@@ -263,24 +263,25 @@ class LeaseBook:
         if lease is None or not lease.end_draw(reservation.reservation_id, used_tokens):
             return
         if lease.spent and self._open.get(lease.grant.key_id) is lease:
-            del self._open[lease.grant.key_id]
-            lease.closed = True
-        if lease.closed and not lease.draws:
+            await self._close(lease, direct=direct)
+        elif lease.closed and not lease.draws:
             await self._settle(lease, direct=direct)
 
-    async def _close(self, lease: _Lease) -> None:
-        lease.closed = True
+    async def _close(self, lease: _Lease, *, direct: bool = False) -> None:
+        """Admit no more requests from ``lease``; settle it once none is running."""
         if self._open.get(lease.grant.key_id) is lease:
             del self._open[lease.grant.key_id]
+        if not lease.closed:
+            lease.closed = True
+            self._remember_demand(lease)  # the next lease is sized now, not when this settles
         if not lease.draws:
-            await self._settle(lease, direct=False)
+            await self._settle(lease, direct=direct)
 
     async def _settle(self, lease: _Lease, *, direct: bool) -> None:
         if lease.settled:
             return
         lease.settled = True
         self._leases.pop(lease.grant.lease_id, None)
-        self._remember_demand(lease)
         use = lease.use()
         metrics = self._metrics
         metrics.leases.labels("settled").inc()
