@@ -266,7 +266,8 @@ class KeysConfig:
     lease_max_fraction: float = 0.25
     """Most of what remains of a key's rate limit or token quota one lease takes, so a
     second gateway always finds three quarters of it; when this fraction cannot cover
-    the request that asks, the lease is exact (that request alone), as a reservation."""
+    the request that asks, the lease is exact (that request alone), as a reservation.
+    Between 0 (every lease exact) and 1."""
 
     lease_initial_requests: int = 8
     """Requests a gateway asks for in a key's first lease; later leases ask for twice

@@ -76,9 +76,9 @@ _GRANT_SQL = """
     room AS (
         SELECT nxt.*,
             greatest(token_quota - used, 0) AS tokens_free,
-            floor(greatest(token_quota - used, 0) * $9::float8)::bigint AS tokens_share,
-            greatest(1, floor(greatest(rpm - made, 0) * $9::float8))::bigint AS requests_share
-        FROM nxt
+            floor(greatest(token_quota - used, 0) * f.fraction)::bigint AS tokens_share,
+            greatest(1, floor(greatest(rpm - made, 0) * f.fraction))::bigint AS requests_share
+        FROM nxt, (SELECT least(greatest($9::float8, 0), 1) AS fraction) f
     ),
     sized AS (
         SELECT room.*,
