@@ -216,12 +216,12 @@ class LeaseBook:
         return lease.draw(tokens)
 
     async def _grant(self, key_id: str, tokens: int, min_tokens: int) -> KeyReservation:
-        previous = self._open.pop(key_id, None)
-        if previous is not None:
-            await self._close(previous)
-        requests, wanted_tokens = self._wanted(key_id, tokens)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         owner = self._granting.setdefault(key_id, done) is done
+        previous = self._open.get(key_id)
+        if previous is not None:
+            self._retire(previous)  # settled below, once this request has its lease
+        requests, wanted_tokens = self._wanted(key_id, tokens)
         asked_at = self._clock()
         try:
             grant = await self._leaser.grant_lease(
@@ -231,6 +231,8 @@ class LeaseBook:
             if owner:
                 del self._granting[key_id]
             done.set_result(None)
+            if previous is not None:
+                await self._close(previous)
         lease = _Lease(grant, asked_at + grant.valid_seconds, grant.requests, grant.tokens)
         self._leases[grant.lease_id] = lease
         exact = grant.requests == 1 and grant.tokens <= tokens
@@ -239,9 +241,10 @@ class LeaseBook:
         self._metrics.tokens.labels("granted").inc(grant.tokens)
         replaced = self._open.get(key_id)
         self._open[key_id] = lease
+        reservation = self._draw(lease, min(tokens, grant.tokens))
         if replaced is not None:  # a concurrent grant of the same key: keep the newest
             await self._close(replaced)
-        return self._draw(lease, min(tokens, grant.tokens))
+        return reservation
 
     def _wanted(self, key_id: str, tokens: int) -> tuple[int, int]:
         """(requests, tokens) to ask for: twice the last lease's demand, or a first lease."""
@@ -269,13 +272,16 @@ class LeaseBook:
 
     async def _close(self, lease: _Lease, *, direct: bool = False) -> None:
         """Admit no more requests from ``lease``; settle it once none is running."""
+        self._retire(lease)
+        if not lease.draws:
+            await self._settle(lease, direct=direct)
+
+    def _retire(self, lease: _Lease) -> None:
         if self._open.get(lease.grant.key_id) is lease:
             del self._open[lease.grant.key_id]
         if not lease.closed:
             lease.closed = True
             self._remember_demand(lease)  # the next lease is sized now, not when this settles
-        if not lease.draws:
-            await self._settle(lease, direct=direct)
 
     async def _settle(self, lease: _Lease, *, direct: bool) -> None:
         if lease.settled:
