@@ -63,6 +63,8 @@ ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
         KEYS + "ConsumeQuota",
         KEYS + "ReserveQuota",
         KEYS + "SettleQuota",
+        KEYS + "GrantQuotaLease",
+        KEYS + "SettleQuotaLease",
         MEMORY + "*",
         GUARDIAN + "DepositShare",
         GUARDIAN + "ReleaseShare",

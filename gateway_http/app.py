@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,8 @@ from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.credentials import CertificateExpiry
 from federation.inference.client import InferenceRouter
-from federation.keys.client import GrpcKeyVerifier, KeyVerifier
+from federation.keys.client import GrpcKeyVerifier, KeyVerifier, QuotaLeaser
+from federation.keys.lease_book import LeaseBook, LeaseMetrics, LeaseUse, LeasingKeyVerifier
 from federation.launch.lifeline import watch_lifeline
 from federation.logs import request_id_var
 from federation.memory.client import GrpcAuditSink
@@ -50,10 +52,12 @@ from gateway_http.errors import error_middleware
 from gateway_http.key_cache import CachedKeyVerifier
 from gateway_http.lifecycle import (
     AUDIT_RECORD,
+    QUOTA_LEASE_SETTLEMENT,
     QUOTA_SETTLEMENT,
     add_request_id_header,
     lifecycle_middleware,
     settle_from_outbox,
+    settle_lease_from_outbox,
 )
 from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
@@ -144,13 +148,15 @@ def _dependencies(
             stack.push_async_callback(background.drain)  # before the channels close
             metrics = GatewayMetrics(registry)
             writer = audit or _audit_client(settings, channels, stack)
-            verifier = CachedKeyVerifier(
-                keys or GrpcKeyVerifier(_required(channels, "keys"), timeout),
-                gateway.auth_cache_ttl_seconds, gateway.auth_negative_cache_ttl_seconds,
+            leaser = None if keys else GrpcKeyVerifier(_required(channels, "keys"), timeout)
+            cached = CachedKeyVerifier(
+                keys or _required_leaser(leaser), gateway.auth_cache_ttl_seconds,
+                gateway.auth_negative_cache_ttl_seconds,
             )
-            outbox = _outbox(settings, metrics, writer, verifier)
+            outbox = _outbox(settings, metrics, writer, cached, leaser)
             await outbox.start()
             stack.push_async_callback(outbox.stop, settings.grpc.grace_seconds)
+            leases, verifier = await _leases(settings, leaser, cached, outbox, metrics, stack)
             app[STATE] = GatewayState(
                 settings=settings,
                 router=router,
@@ -161,6 +167,7 @@ def _dependencies(
                 chat=ChatServing(),
                 channels=channels,
                 outbox=outbox,
+                leases=leases,
             )
             yield
 
@@ -177,8 +184,25 @@ def _audit_client(settings: Settings, channels: dict[str, grpc.aio.Channel],
     return client
 
 
+async def _leases(settings: Settings, leaser: GrpcKeyVerifier | None, keys: KeyVerifier,
+                  outbox: Outbox, metrics: GatewayMetrics, stack: contextlib.AsyncExitStack
+                  ) -> tuple[LeaseBook | None, KeyVerifier]:
+    """Quota leases over the key authority's client (not over a stand-in); stopped, and
+    their settlements spooled, before the outbox stops."""
+    if leaser is None or not settings.keys.quota_leases:
+        return None, keys
+
+    async def spool(use: LeaseUse) -> None:
+        await outbox.put(QUOTA_LEASE_SETTLEMENT, dataclasses.asdict(use))
+
+    book = LeaseBook(leaser, settings.keys, spool, LeaseMetrics(metrics.registry))
+    await book.start()
+    stack.push_async_callback(book.stop)
+    return book, LeasingKeyVerifier(keys, book)
+
+
 def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditSink,
-            keys: KeyVerifier) -> Outbox:
+            keys: KeyVerifier, leaser: QuotaLeaser | None) -> Outbox:
     gateway = settings.gateway
     outbox = Outbox(
         OutboxConfig(
@@ -197,7 +221,15 @@ def _outbox(settings: Settings, metrics: GatewayMetrics, audit: AuditSink,
 
     outbox.register(AUDIT_RECORD, deliver_audit)
     outbox.register(QUOTA_SETTLEMENT, functools.partial(settle_from_outbox, keys))
+    if leaser is not None:
+        outbox.register(QUOTA_LEASE_SETTLEMENT,
+                        functools.partial(settle_lease_from_outbox, leaser))
     return outbox
+
+
+def _required_leaser(leaser: GrpcKeyVerifier | None) -> GrpcKeyVerifier:
+    assert leaser is not None  # built whenever no stand-in verifier is given
+    return leaser
 
 
 def _required(channels: dict[str, grpc.aio.Channel], role: str) -> grpc.aio.Channel:

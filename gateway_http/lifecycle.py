@@ -9,7 +9,9 @@ listings) has its record spooled to the durable outbox (fsynced) before its
 answer leaves, and delivered to thermal memory from there, retried until the
 memory node takes it: a memory outage delays those records, it does not lose
 them. Settling a request's token reservation to what it used
-(``gateway_http.quota``) goes through the same outbox. While the outbox is
+(``gateway_http.quota``) goes through the same outbox; a request admitted from a quota
+lease (``federation.keys.lease_book``) gives back what it did not use to the lease, with
+no I/O, and the lease's one settlement is spooled when the lease ends. While the outbox is
 full, requests are refused with 503.
 """
 
@@ -25,7 +27,8 @@ from typing import Any
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
-from federation.keys.client import KeyReservation, KeyVerifier
+from federation.keys.client import KeyReservation, KeyVerifier, QuotaLeaser
+from federation.keys.lease_book import LeaseUse
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
 from gateway_http.audit import RequestRecord
 from gateway_http.chat.serving import ChatOutcome
@@ -50,6 +53,9 @@ AUDIT_RECORD = "audit"
 
 QUOTA_SETTLEMENT = "quota_settlement"
 """Outbox kind of a token reservation's settlement (payload: :func:`settlement`)."""
+
+QUOTA_LEASE_SETTLEMENT = "quota_lease_settlement"
+"""Outbox kind of a quota lease's settlement (payload: ``LeaseUse`` fields)."""
 
 CLIENT_CLOSED = 499
 """Status recorded when the client went away before the response was complete."""
@@ -124,7 +130,11 @@ async def _finish(request: web.Request, state: GatewayState, route: str, status:
         client_left = status == CLIENT_CLOSED or (
             error is not None and error.code is ErrorCode.CANCELLED)
         used = tokens_used(hold, outcome, client_left=client_left)
-        await _spool(state, QUOTA_SETTLEMENT, settlement(hold.reservation, used), "quota")
+        if hold.reservation.leased and state.leases is not None:
+            # Folded into its lease, settled (spooled) when the lease ends: no I/O here.
+            await state.leases.release(hold.reservation, used)
+        else:
+            await _spool(state, QUOTA_SETTLEMENT, settlement(hold.reservation, used), "quota")
     if not request.get(AUDITED):
         record = _request_record(request, route, status, elapsed, error)
         await _spool(state, AUDIT_RECORD, dataclasses.asdict(record), "audit")
@@ -149,6 +159,13 @@ async def settle_from_outbox(keys: KeyVerifier, payload: Mapping[str, Any]) -> N
     """Deliver a spooled settlement; ``SettleQuota`` is idempotent, so a redelivery after
     a crash charges nothing twice."""
     await keys.settle(KeyReservation(**payload["reservation"]), int(payload["used_tokens"]))
+
+
+async def settle_lease_from_outbox(leaser: QuotaLeaser, payload: Mapping[str, Any]) -> None:
+    """Deliver a spooled lease settlement; ``SettleQuotaLease`` is idempotent."""
+    use = LeaseUse(**payload)
+    await leaser.settle_lease(use.key_id, use.lease_id, used_tokens=use.used_tokens,
+                              used_requests=use.used_requests)
 
 
 async def record_audit_now(request: web.Request) -> None:

@@ -1,11 +1,15 @@
 """Token quotas at the gateway: what a request reserves before it runs, and what it is
 charged once it ends.
 
-Every generating request reserves first (one ``ReserveQuota`` round trip, which also
-counts it against the request rate): at most its prompt plus its completion limit,
-capped by the key authority to what remains. The reservation travels to the inference
-node as the generation's token budget, which the node enforces. After the response the
-lifecycle middleware settles it (one ``SettleQuota``) to what was really used:
+Every generating request reserves first, which also counts it against the request
+rate: at most its prompt plus its completion limit, capped to what remains. The
+reservation comes from the gateway's lease of the key's budget
+(``federation.keys.lease_book``: no round trip while the lease has room; a new lease,
+or an exact one when little remains, in one ``GrantQuotaLease``), or, with leases off,
+from one ``ReserveQuota``. It travels to the inference node as the generation's token
+budget, which the node enforces. After the response the lifecycle middleware settles it
+to what was really used, into its lease (settled once, when the lease ends) or with one
+``SettleQuota``:
 
 * a generation that finished: its reported usage;
 * a stream cut by the client or by a node failure: the prompt plus the tokens of the

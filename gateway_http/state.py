@@ -11,6 +11,7 @@ from federation.config import Settings
 from federation.db import DatabaseWatch
 from federation.inference.client import InferenceRouter
 from federation.keys.client import KeyPrincipal, KeyVerifier
+from federation.keys.lease_book import LeaseBook
 from federation.memory.sink import AuditSink
 from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
@@ -33,6 +34,9 @@ class GatewayState:
     """Channels to the other components (by role), for health probes."""
     outbox: Outbox
     """Durable spool of the records written after an answer is decided."""
+    leases: LeaseBook | None = None
+    """The quota leases requests are admitted from (``keys.quota_leases``); ``None``
+    when every request reserves on its own (a stand-in key verifier, or leases off)."""
     in_progress: int = 0
     """Requests whose handling, spooling of their after-work included, has not ended
     (a streamed response is on the wire before its settlement is spooled)."""

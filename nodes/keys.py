@@ -23,10 +23,11 @@ from federation.keys.convert import (
     sample_to_proto,
 )
 from federation.keys.decay import strength_decay_job
+from federation.keys.leases import LeaseRequest, LeaseService
 from federation.keys.quota import QuotaService
 from federation.memory.client import GrpcAuditSink
 from federation.periodic import PeriodicTask
-from federation.prototime import timestamp, to_seconds
+from federation.prototime import duration, timestamp, to_seconds
 from federation.server import ServiceRegistration
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
@@ -44,9 +45,11 @@ def caller_tenant_scope() -> None:
 
 
 class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
-    def __init__(self, authority: KeyAuthority, quotas: QuotaService) -> None:
+    def __init__(self, authority: KeyAuthority, quotas: QuotaService,
+                 leases: LeaseService) -> None:
         self._keys = authority
         self._quotas = quotas
+        self._leases = leases
 
     async def IssueKey(self, request: pb.IssueKeyRequest, context: Context) -> pb.IssueKeyResponse:
         caller_tenant_scope()
@@ -140,6 +143,31 @@ class KeyAuthorityServicer(pb_grpc.KeyAuthorityServiceServicer):
         return pb.SettleQuotaResponse(settled=settlement.settled,
                                       released_tokens=settlement.released)
 
+    async def GrantQuotaLease(
+        self, request: pb.GrantQuotaLeaseRequest, context: Context
+    ) -> pb.GrantQuotaLeaseResponse:
+        caller_tenant_scope()
+        lease = await self._leases.grant(
+            request.key_id, None,
+            LeaseRequest(requests=request.requests, tokens=request.tokens,
+                         need_tokens=request.need_tokens, min_tokens=request.min_tokens),
+            actor=current_caller().spiffe_id)
+        return pb.GrantQuotaLeaseResponse(
+            lease_id=lease.lease_id, requests=lease.requests, tokens=lease.tokens,
+            limited=lease.limited, valid_for=duration(lease.valid_seconds),
+            status=quota_to_proto(lease.status))
+
+    async def SettleQuotaLease(
+        self, request: pb.SettleQuotaLeaseRequest, context: Context
+    ) -> pb.SettleQuotaLeaseResponse:
+        caller_tenant_scope()
+        settlement = await self._leases.settle(
+            request.key_id, request.lease_id, used_tokens=request.used_tokens,
+            used_requests=request.used_requests)
+        return pb.SettleQuotaLeaseResponse(
+            settled=settlement.settled, released_tokens=settlement.released_tokens,
+            released_requests=settlement.released_requests)
+
 
 def unsettled_reservation_purge(quotas: QuotaService, seconds: float) -> PeriodicTask:
     """Forget, every ``seconds``, reservations left unsettled for longer than that."""
@@ -164,5 +192,7 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     purge = unsettled_reservation_purge(quotas, settings.keys.unsettled_reservation_seconds)
     await purge.start()
     runtime.cleanup.push_async_callback(purge.stop)
+    leases = LeaseService(pool, quotas, max_seconds=settings.keys.lease_seconds,
+                          max_fraction=settings.keys.lease_max_fraction)
     return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_KeyAuthorityServiceServicer_to_server,
-                                  KeyAuthorityServicer(authority, quotas))
+                                  KeyAuthorityServicer(authority, quotas, leases))

@@ -80,7 +80,10 @@ async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> Non
 async def quiesce(gateway: GatewayServer) -> None:
     """Wait until every request the gateway took has ended, its after-work (audit
     records, quota settlements) spooled and delivered: a streamed answer reaches the
-    client before its settlement is spooled."""
+    client before its settlement is spooled. The gateway's quota leases are ended too, so
+    that the key's counters show what its requests used, not what a lease holds."""
     await eventually(lambda: gateway.state.in_progress == 0)
+    if gateway.state.leases is not None:
+        await gateway.state.leases.end_all()
     await gateway.state.background.drain()
     assert await gateway.state.outbox.drain(), "the outbox did not drain"

@@ -118,8 +118,11 @@ async def test_a_quota_of_50_serves_nothing_and_a_request_within_it_is_capped(
 # ---- concurrency: two gateways, one key authority, one quota ---------------------------------
 
 @contextlib.asynccontextmanager
-async def gateway_process(stack: Stack, log: Path) -> AsyncIterator[str]:
-    """A ``federation gateway`` process wired to the stack's nodes; its base URL."""
+async def gateway_process(stack: Stack, log: Path,
+                          started: list[asyncio.subprocess.Process] | None = None
+                          ) -> AsyncIterator[str]:
+    """A ``federation gateway`` process wired to the stack's nodes; its base URL (the
+    process is appended to ``started``, for a test that kills it)."""
     stack.pki.identity("gateway", "local")  # the name the process looks for
     ready = log.with_suffix(".json")
     peers = stack.settings.peers
@@ -128,11 +131,17 @@ async def gateway_process(stack: Stack, log: Path) -> AsyncIterator[str]:
         "FEDERATION_DATABASE_URL": stack.settings.database.url,
         **{f"FEDERATION_PEERS_{role.upper()}": getattr(peers, role)
            for role in ("keys", "memory", "guardian", "inference")},
+        # The inference node runs in this test's busy process: a 2 s health probe at
+        # start can time out on a loaded 2-core machine, and the router then answers
+        # 503 until its next refresh.
+        "FEDERATION_GATEWAY_HEALTH_TIMEOUT_SECONDS": "10",
     }
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "federation.cli", "gateway", "--http-port", "0",
             "--ready-file", str(ready), env=env, stdout=output, stderr=output)
+    if started is not None:
+        started.append(process)
     try:
         await eventually(lambda: ready.exists() or process.returncode is not None, 60)
         assert process.returncode is None, log.read_text()

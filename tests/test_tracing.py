@@ -80,7 +80,7 @@ async def test_a_chat_completion_is_one_trace_from_the_gateway_to_the_database(
         trace = the_trace(spans, "POST /v1/chat/completions", request_id)
     assert {
         "federation.v1.KeyAuthorityService/VerifyKey",
-        "federation.v1.KeyAuthorityService/ReserveQuota",
+        "federation.v1.KeyAuthorityService/GrantQuotaLease",  # a key's first request
         "federation.v1.InferenceService/Generate",
         "federation.v1.ThermalMemoryService/RecordMemory",
         "thermal_memory.append",

@@ -258,6 +258,31 @@ class KeysConfig:
     staying charged in full; the purge runs at the same period. Well above the longest
     request (``gateway.request_timeout_seconds``, the council's overall deadline)."""
 
+    quota_leases: bool = True
+    """Gateways admit requests from short leases of a key's budget (one round trip and
+    one statement per lease, not per request; ``federation.keys.leases``). Off: every
+    request reserves and settles on its own, two round trips, as before leases."""
+
+    lease_seconds: float = 2.0
+    """Longest a lease lives: it bounds how long a quota change, or the budget a
+    gateway holds and does not use, takes to come back to the others (the unused part
+    returns when the lease ends), and how much an idle key's lease keeps held. A lease
+    serves every request of its key in that time: at 600 requests/s, 2 s turns 1,200
+    round trips into one."""
+
+    lease_max_fraction: float = 0.25
+    """Most of what remains of a key's rate limit or token quota one lease takes, so a
+    second gateway always finds three quarters of it; when this fraction cannot cover
+    the request that asks, the lease is exact (that request alone), as a reservation.
+    Between 0 (every lease exact) and 1."""
+
+    lease_initial_requests: int = 8
+    """Requests a gateway asks for in a key's first lease; later leases ask for twice
+    what the last one served (its demand), within ``lease_max_requests``."""
+
+    lease_max_requests: int = 10_000
+    """Most requests one lease asks for: 2 s at 5,000 requests/s."""
+
 
 @dataclass(frozen=True)
 class MemoryConfig:

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import grpc
 
-from federation.errors import from_rpc_error
-from federation.prototime import to_datetime
+from federation.errors import FederationError, from_rpc_error
+from federation.prototime import to_datetime, to_seconds
 from federation.v1 import key_authority_pb2, key_authority_pb2_grpc
 
 
@@ -38,6 +38,9 @@ class KeyReservation:
     enforces it); ``None`` when the key has no token quota."""
     period_end: float | None = None
     """When the key's token quota period ends (``time.time()`` scale)."""
+    leased: bool = False
+    """Drawn from the gateway's lease of the key's budget (``reservation_id`` names the
+    draw): it is settled in the gateway, into the lease, not with ``SettleQuota``."""
 
     def retry_after(self) -> float | None:
         """Seconds until the token quota period resets, if the key has one."""
@@ -57,6 +60,39 @@ class KeyVerifier(Protocol):
 
     async def settle(self, reservation: KeyReservation, used_tokens: int) -> None:
         """Charge what the request used and release the rest; idempotent."""
+
+
+@dataclass(frozen=True)
+class GrantedLease:
+    """A lease of a key's budget, as the key authority granted it."""
+
+    key_id: str
+    lease_id: str
+    requests: int
+    tokens: int
+    limited: bool
+    """The key has a token quota: a draw is its generation's token budget."""
+    valid_seconds: float
+    """From the moment the grant was asked for."""
+    period_end: float | None
+    """When the key's token quota period ends (``time.time()`` scale)."""
+
+
+class QuotaLeaser(Protocol):
+    async def grant_lease(self, key_id: str, *, requests: int, tokens: int, need_tokens: int,
+                          min_tokens: int) -> GrantedLease:
+        """A lease, or FederationError as :meth:`KeyVerifier.reserve` refuses."""
+
+    async def settle_lease(self, key_id: str, lease_id: str, *, used_tokens: int,
+                           used_requests: int) -> None:
+        """Charge what a lease's requests used and give back the rest; idempotent."""
+
+
+def _refusal(exc: grpc.aio.AioRpcError) -> FederationError:
+    error = from_rpc_error(exc)
+    if error.spec.http_status == 429 and error.retry_after_seconds is None:
+        error.retry_after_seconds = 1.0
+    return error
 
 
 class GrpcKeyVerifier:
@@ -83,16 +119,11 @@ class GrpcKeyVerifier:
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
-            if error.spec.http_status == 429 and error.retry_after_seconds is None:
-                error.retry_after_seconds = 1.0
-            raise error from None
-        status = response.status
+            raise _refusal(exc) from None
         return KeyReservation(
             key_id, response.reservation_id, response.reserved_tokens,
             response.token_budget if response.HasField("token_budget") else None,
-            to_datetime(status.period_end_time).timestamp()
-            if status.HasField("period_end_time") else None,
+            _period_end(response.status),
         )
 
     async def settle(self, reservation: KeyReservation, used_tokens: int) -> None:
@@ -105,3 +136,35 @@ class GrpcKeyVerifier:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+
+    async def grant_lease(self, key_id: str, *, requests: int, tokens: int, need_tokens: int,
+                          min_tokens: int) -> GrantedLease:
+        try:
+            response = await self._stub.GrantQuotaLease(
+                key_authority_pb2.GrantQuotaLeaseRequest(
+                    key_id=key_id, requests=requests, tokens=tokens, need_tokens=need_tokens,
+                    min_tokens=min_tokens),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        return GrantedLease(key_id, response.lease_id, response.requests, response.tokens,
+                            response.limited, to_seconds(response.valid_for),
+                            _period_end(response.status))
+
+    async def settle_lease(self, key_id: str, lease_id: str, *, used_tokens: int,
+                           used_requests: int) -> None:
+        try:
+            await self._stub.SettleQuotaLease(
+                key_authority_pb2.SettleQuotaLeaseRequest(
+                    key_id=key_id, lease_id=lease_id, used_tokens=used_tokens,
+                    used_requests=used_requests),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+def _period_end(status: key_authority_pb2.QuotaStatus) -> float | None:
+    return (to_datetime(status.period_end_time).timestamp()
+            if status.HasField("period_end_time") else None)

@@ -178,7 +178,7 @@ _SETTLE_SQL = """
 
 _PURGE_SQL = "DELETE FROM api_key_quota_reservations WHERE created_at < $1"
 
-_IN_FLIGHT_SQL = """
+IN_FLIGHT_SQL = """
     SELECT coalesce(sum(tokens), 0) FROM api_key_quota_reservations
     WHERE tenant_id = $1 AND key_id = $2 AND period_start = $3
 """
@@ -232,7 +232,7 @@ class QuotaService:
         row = await self._fetch(_CHECK_SQL, key_id, tenant_id, tokens, is_request, at)
         fits = bool(row["fits"])
         # Status of the window as it stands, without the prospective charge.
-        status = _status(row, tokens, 1 if is_request else 0, charged=False)
+        status = quota_status(row, tokens, 1 if is_request else 0, charged=False)
         if not fits:
             status = _with_retry(status, row, tokens, is_request)
         return fits, status
@@ -242,18 +242,18 @@ class QuotaService:
         actor: str, at: dt.datetime | None = None,
     ) -> QuotaStatus:
         """Charge atomically, or raise RESOURCE_EXHAUSTED having charged nothing."""
-        _validate(key_id, tokens)
+        validate_charge(key_id, tokens)
         row = await self._pool.fetchrow(
             _CHARGE_SQL, key_id, tenant_id, at, 1 if is_request else 0, tokens
         )
         if row is not None:
-            return _status(row, 0, 0, charged=True)
+            return quota_status(row, 0, 0, charged=True)
         fits, status = await self.check(key_id, tenant_id, tokens=tokens,
                                         is_request=is_request, at=at)
         if fits:  # the window rolled over between the two statements: try once more
             return await self.consume(key_id, tenant_id, tokens=tokens, is_request=is_request,
                                       actor=actor, at=at)
-        await self._refuse(key_id, tenant_id, status, tokens, actor)
+        await self.refuse(key_id, tenant_id, status, tokens, actor)
         raise AssertionError("unreachable")
 
     async def reserve(
@@ -266,7 +266,7 @@ class QuotaService:
         rate is spent, or INSUFFICIENT_QUOTA when fewer than ``min_tokens`` (at least
         one) tokens remain; both carry the time until the window resets.
         """
-        _validate(key_id, tokens)
+        validate_charge(key_id, tokens)
         if not 1 <= tokens <= MAX_TOKENS:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"tokens must be between 1 and {MAX_TOKENS}", param="tokens")
@@ -279,16 +279,16 @@ class QuotaService:
         if row is None:
             raise FederationError(ErrorCode.NOT_FOUND, f"no API key {key_id}", param="key_id")
         # Refused: new_requests still holds the request that was not counted.
-        status = _status(row, 0, 1, charged=bool(row["granted"]))
+        status = quota_status(row, 0, 1, charged=bool(row["granted"]))
         if row["granted"]:
             return Reservation(reservation_id, int(row["reserved"]),
                                row["token_quota"] is not None, status)
         in_flight = 0
         if row["requests_fit"]:  # short of tokens: are they only held by running requests?
             in_flight = int(await self._pool.fetchval(
-                _IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
-        error = _reserve_refusal(key_id, row, status, max(min_tokens, 1), in_flight)
-        await self._refuse(key_id, row["tenant_id"],
+                IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
+        error = reserve_refusal(key_id, row, status, max(min_tokens, 1), in_flight)
+        await self.refuse(key_id, row["tenant_id"],
                            replace(status, retry_after=error.retry_after_seconds), tokens,
                            actor, error)
         raise AssertionError("unreachable")
@@ -302,7 +302,7 @@ class QuotaService:
         Idempotent: a reservation already settled (or purged, or unknown) is left
         alone. ``used_tokens`` above the reservation is charged too (same period).
         """
-        _validate(key_id, used_tokens)
+        validate_charge(key_id, used_tokens)
         if used_tokens > MAX_TOKENS:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"used_tokens must be at most {MAX_TOKENS}",
@@ -323,7 +323,7 @@ class QuotaService:
         result = await self._pool.execute(_PURGE_SQL, now - older_than)
         return int(result.split()[-1])
 
-    async def _refuse(
+    async def refuse(
         self, key_id: str, tenant_id: str | None, status: QuotaStatus, tokens: int, actor: str,
         error: FederationError | None = None,
     ) -> None:
@@ -349,7 +349,7 @@ class QuotaService:
         self, sql: str, key_id: str, tenant_id: str | None, tokens: int, is_request: bool,
         at: dt.datetime | None,
     ) -> asyncpg.Record:
-        _validate(key_id, tokens)
+        validate_charge(key_id, tokens)
         row = await self._pool.fetchrow(sql, key_id, tenant_id, at, 1 if is_request else 0,
                                         tokens)
         if row is None:
@@ -357,14 +357,14 @@ class QuotaService:
         return row
 
 
-def _validate(key_id: str, tokens: int) -> None:
+def validate_charge(key_id: str, tokens: int) -> None:
     keyformat.validate_key_id(key_id)
     if tokens < 0:
         raise FederationError(ErrorCode.INVALID_ARGUMENT, "tokens must not be negative",
                               param="tokens")
 
 
-def _status(row: asyncpg.Record, tokens: int, requests: int, *, charged: bool) -> QuotaStatus:
+def quota_status(row: asyncpg.Record, tokens: int, requests: int, *, charged: bool) -> QuotaStatus:
     """Usage from a row's new_* columns; for a check, minus the prospective charge."""
     used = int(row["new_tokens"]) - (0 if charged else tokens)
     made = int(row["new_requests"]) - (0 if charged else requests)
@@ -398,7 +398,7 @@ def _with_retry(
                        status.requests_reset_in, status.period_end, max(retry, 0.0))
 
 
-def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
+def reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
                      in_flight: int) -> FederationError:
     """Why a reservation was refused: the request rate first, else the token quota, which
     is either spent for the period or, for now, held by requests in flight."""

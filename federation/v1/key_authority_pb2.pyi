@@ -929,3 +929,161 @@ class SettleQuotaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettleQuotaResponse: _TypeAlias = SettleQuotaResponse  # noqa: Y015
+
+@_typing.final
+class GrantQuotaLeaseRequest(_message.Message):
+    """Request for KeyAuthorityService.GrantQuotaLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    NEED_TOKENS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Key to lease from."""
+    requests: _builtins.int
+    """Requests the gateway expects to admit within a lease's life (at least 1)."""
+    tokens: _builtins.int
+    """Tokens the gateway expects those requests to hold at most (the key
+    authority grants at least need_tokens when it grants a lease).
+    """
+    need_tokens: _builtins.int
+    """The bound of the request that asked for the lease (prompt + completion
+    limit): it is admitted from the lease.
+    """
+    min_tokens: _builtins.int
+    """Fewest tokens that request can run with (as ReserveQuotaRequest.min_tokens)."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        need_tokens: _builtins.int = ...,
+        min_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "min_tokens", b"min_tokens", "need_tokens", b"need_tokens", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantQuotaLeaseRequest: _TypeAlias = GrantQuotaLeaseRequest  # noqa: Y015
+
+@_typing.final
+class GrantQuotaLeaseResponse(_message.Message):
+    """Response for KeyAuthorityService.GrantQuotaLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    LIMITED_FIELD_NUMBER: _builtins.int
+    VALID_FOR_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Opaque id to pass to SettleQuotaLease."""
+    requests: _builtins.int
+    """Requests counted against the rate limit for this lease."""
+    tokens: _builtins.int
+    """Tokens reserved against the token quota for this lease."""
+    limited: _builtins.bool
+    """The key has a token quota: what a request draws from the lease is its
+    generation's token budget.
+    """
+    @_builtins.property
+    def valid_for(self) -> _duration_pb2.Duration:
+        """How long from the call the gateway may admit requests from the lease."""
+
+    @_builtins.property
+    def status(self) -> Global___QuotaStatus:
+        """Usage after the lease (leased tokens and requests count as used until
+        the lease is settled).
+        """
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        limited: _builtins.bool = ...,
+        valid_for: _duration_pb2.Duration | None = ...,
+        status: Global___QuotaStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "valid_for", b"valid_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "limited", b"limited", "requests", b"requests", "status", b"status", "tokens", b"tokens", "valid_for", b"valid_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantQuotaLeaseResponse: _TypeAlias = GrantQuotaLeaseResponse  # noqa: Y015
+
+@_typing.final
+class SettleQuotaLeaseRequest(_message.Message):
+    """Request for KeyAuthorityService.SettleQuotaLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    USED_TOKENS_FIELD_NUMBER: _builtins.int
+    USED_REQUESTS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Key the lease was taken for."""
+    lease_id: _builtins.str
+    """GrantQuotaLeaseResponse.lease_id."""
+    used_tokens: _builtins.int
+    """Tokens the lease's requests really used, all together."""
+    used_requests: _builtins.int
+    """Requests admitted from the lease."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        used_tokens: _builtins.int = ...,
+        used_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "lease_id", b"lease_id", "used_requests", b"used_requests", "used_tokens", b"used_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleQuotaLeaseRequest: _TypeAlias = SettleQuotaLeaseRequest  # noqa: Y015
+
+@_typing.final
+class SettleQuotaLeaseResponse(_message.Message):
+    """Response for KeyAuthorityService.SettleQuotaLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTLED_FIELD_NUMBER: _builtins.int
+    RELEASED_TOKENS_FIELD_NUMBER: _builtins.int
+    RELEASED_REQUESTS_FIELD_NUMBER: _builtins.int
+    settled: _builtins.bool
+    """True when this call settled the lease; false when it had already been
+    settled (or never existed): then nothing changed.
+    """
+    released_tokens: _builtins.int
+    """Tokens given back to the lease's quota period."""
+    released_requests: _builtins.int
+    """Requests given back to the lease's rate window."""
+    def __init__(
+        self,
+        *,
+        settled: _builtins.bool = ...,
+        released_tokens: _builtins.int = ...,
+        released_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released_requests", b"released_requests", "released_tokens", b"released_tokens", "settled", b"settled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleQuotaLeaseResponse: _TypeAlias = SettleQuotaLeaseResponse  # noqa: Y015

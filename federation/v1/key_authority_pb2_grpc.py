@@ -87,6 +87,16 @@ class KeyAuthorityServiceStub:
                 request_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.FromString,
                 _registered_method=True)
+        self.GrantQuotaLease = channel.unary_unary(
+                '/federation.v1.KeyAuthorityService/GrantQuotaLease',
+                request_serializer=federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseResponse.FromString,
+                _registered_method=True)
+        self.SettleQuotaLease = channel.unary_unary(
+                '/federation.v1.KeyAuthorityService/SettleQuotaLease',
+                request_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAuthorityServiceServicer:
@@ -180,6 +190,31 @@ class KeyAuthorityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantQuotaLease(self, request, context):
+        """A gateway's lease of a key's budget (Doorman / Envoy quota leasing): counts
+        up to `requests` requests against requests_per_minute and reserves up to
+        `tokens` tokens, both capped to a fraction of what remains (the key
+        authority's `keys.lease_max_fraction`), so that the gateway admits the
+        requests that follow from the lease without a round trip. When that
+        fraction cannot cover `need_tokens`, the lease is exact: one request and
+        `need_tokens` capped to what remains, like ReserveQuota. Refusals are
+        ReserveQuota's. The lease is valid for `valid_for` (never past the end of
+        the rate window or the quota period it was charged to). A lease never
+        settled stays charged in full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleQuotaLease(self, request, context):
+        """Ends a lease: charges the tokens its requests really used and gives back
+        the rest, and the requests it did not serve, to the windows it was charged
+        to. Idempotent, like SettleQuota.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAuthorityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +267,16 @@ def add_KeyAuthorityServiceServicer_to_server(servicer, server):
                     servicer.SettleQuota,
                     request_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.FromString,
                     response_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.SerializeToString,
+            ),
+            'GrantQuotaLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantQuotaLease,
+                    request_deserializer=federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseResponse.SerializeToString,
+            ),
+            'SettleQuotaLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleQuotaLease,
+                    request_deserializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +552,60 @@ class KeyAuthorityService:
             '/federation.v1.KeyAuthorityService/SettleQuota',
             federation_dot_v1_dot_key__authority__pb2.SettleQuotaRequest.SerializeToString,
             federation_dot_v1_dot_key__authority__pb2.SettleQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantQuotaLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.KeyAuthorityService/GrantQuotaLease',
+            federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseRequest.SerializeToString,
+            federation_dot_v1_dot_key__authority__pb2.GrantQuotaLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleQuotaLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.KeyAuthorityService/SettleQuotaLease',
+            federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseRequest.SerializeToString,
+            federation_dot_v1_dot_key__authority__pb2.SettleQuotaLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

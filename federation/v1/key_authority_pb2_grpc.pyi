@@ -77,6 +77,23 @@ class KeyAuthorityServiceStub:
     given back once that period has ended). Idempotent: settling a
     reservation again, or an unknown one, changes nothing.
     """
+    GrantQuotaLease: _grpc.UnaryUnaryMultiCallable[_key_authority_pb2.GrantQuotaLeaseRequest, _key_authority_pb2.GrantQuotaLeaseResponse]
+    """A gateway's lease of a key's budget (Doorman / Envoy quota leasing): counts
+    up to `requests` requests against requests_per_minute and reserves up to
+    `tokens` tokens, both capped to a fraction of what remains (the key
+    authority's `keys.lease_max_fraction`), so that the gateway admits the
+    requests that follow from the lease without a round trip. When that
+    fraction cannot cover `need_tokens`, the lease is exact: one request and
+    `need_tokens` capped to what remains, like ReserveQuota. Refusals are
+    ReserveQuota's. The lease is valid for `valid_for` (never past the end of
+    the rate window or the quota period it was charged to). A lease never
+    settled stays charged in full.
+    """
+    SettleQuotaLease: _grpc.UnaryUnaryMultiCallable[_key_authority_pb2.SettleQuotaLeaseRequest, _key_authority_pb2.SettleQuotaLeaseResponse]
+    """Ends a lease: charges the tokens its requests really used and gives back
+    the rest, and the requests it did not serve, to the windows it was charged
+    to. Idempotent, like SettleQuota.
+    """
 
 @_typing.type_check_only
 class KeyAuthorityServiceAsyncStub(KeyAuthorityServiceStub):
@@ -126,6 +143,23 @@ class KeyAuthorityServiceAsyncStub(KeyAuthorityServiceStub):
     rest back to the quota period the reservation was taken in (nothing is
     given back once that period has ended). Idempotent: settling a
     reservation again, or an unknown one, changes nothing.
+    """
+    GrantQuotaLease: _aio.UnaryUnaryMultiCallable[_key_authority_pb2.GrantQuotaLeaseRequest, _key_authority_pb2.GrantQuotaLeaseResponse]  # type: ignore[assignment]
+    """A gateway's lease of a key's budget (Doorman / Envoy quota leasing): counts
+    up to `requests` requests against requests_per_minute and reserves up to
+    `tokens` tokens, both capped to a fraction of what remains (the key
+    authority's `keys.lease_max_fraction`), so that the gateway admits the
+    requests that follow from the lease without a round trip. When that
+    fraction cannot cover `need_tokens`, the lease is exact: one request and
+    `need_tokens` capped to what remains, like ReserveQuota. Refusals are
+    ReserveQuota's. The lease is valid for `valid_for` (never past the end of
+    the rate window or the quota period it was charged to). A lease never
+    settled stays charged in full.
+    """
+    SettleQuotaLease: _aio.UnaryUnaryMultiCallable[_key_authority_pb2.SettleQuotaLeaseRequest, _key_authority_pb2.SettleQuotaLeaseResponse]  # type: ignore[assignment]
+    """Ends a lease: charges the tokens its requests really used and gives back
+    the rest, and the requests it did not serve, to the windows it was charged
+    to. Idempotent, like SettleQuota.
     """
 
 class KeyAuthorityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -233,6 +267,35 @@ class KeyAuthorityServiceServicer(metaclass=_abc_1.ABCMeta):
         rest back to the quota period the reservation was taken in (nothing is
         given back once that period has ended). Idempotent: settling a
         reservation again, or an unknown one, changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GrantQuotaLease(
+        self,
+        request: _key_authority_pb2.GrantQuotaLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_authority_pb2.GrantQuotaLeaseResponse, _abc.Awaitable[_key_authority_pb2.GrantQuotaLeaseResponse]]:
+        """A gateway's lease of a key's budget (Doorman / Envoy quota leasing): counts
+        up to `requests` requests against requests_per_minute and reserves up to
+        `tokens` tokens, both capped to a fraction of what remains (the key
+        authority's `keys.lease_max_fraction`), so that the gateway admits the
+        requests that follow from the lease without a round trip. When that
+        fraction cannot cover `need_tokens`, the lease is exact: one request and
+        `need_tokens` capped to what remains, like ReserveQuota. Refusals are
+        ReserveQuota's. The lease is valid for `valid_for` (never past the end of
+        the rate window or the quota period it was charged to). A lease never
+        settled stays charged in full.
+        """
+
+    @_abc_1.abstractmethod
+    def SettleQuotaLease(
+        self,
+        request: _key_authority_pb2.SettleQuotaLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_authority_pb2.SettleQuotaLeaseResponse, _abc.Awaitable[_key_authority_pb2.SettleQuotaLeaseResponse]]:
+        """Ends a lease: charges the tokens its requests really used and gives back
+        the rest, and the requests it did not serve, to the windows it was charged
+        to. Idempotent, like SettleQuota.
         """
 
 def add_KeyAuthorityServiceServicer_to_server(servicer: KeyAuthorityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
