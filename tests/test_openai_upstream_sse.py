@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from federation.config import ModelConfig
+from federation.errors import ErrorCode, FederationError
 from federation.inference.openai_upstream import OpenAIUpstreamBackend
 from federation.inference.types import (
     ChatMessage,
@@ -132,3 +133,18 @@ async def test_a_last_event_without_its_blank_line_is_read(
     deltas, finished = await generate(url)
     assert [d.text for d in deltas] == [*PIECES, "!"]
     assert finished.finish_reason == "length"
+
+
+@pytest.mark.parametrize("bad", [b'data: {"choices": [\n\n', b"data: {\"x\": \"\xff\xfe\"}\n\n"],
+                         ids=["broken-json", "bad-utf8"])
+async def test_a_malformed_event_is_the_upstreams_failure(
+    upstream: tuple[str, dict[str, Any]], bad: bytes
+) -> None:
+    url, plan = upstream
+    body = sse_body("\n")
+    plan["pieces"] = [body[:40], bad, body[40:]]
+    plan["pause"] = True
+    with pytest.raises(FederationError) as caught:
+        await generate(url)
+    assert caught.value.code is ErrorCode.UNAVAILABLE
+    assert caught.value.message == "the upstream sent bad data"
