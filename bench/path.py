@@ -21,6 +21,7 @@ The client is this Python process (aiohttp on uvloop): its own CPU is not counte
 
 Usage: python bench/path.py [--seconds S] [--rounds R] [--concurrency 1,16,64]
                             [--modes nonstream,stream] [--chunks 32] [--tracing]
+                            [--compare DIR]
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def run_upstream(port: int, chunks: int) -> None:
 class Federation:
     home: Path
     process: subprocess.Popen[bytes]
+    tree: Path = ROOT
+    """The checkout whose code it runs (``--compare`` runs a second one)."""
     endpoints: dict[str, Any] = field(default_factory=dict)
     key: str = ""
 
@@ -144,15 +147,17 @@ class Federation:
         return spent
 
 
-def federation_cli(home: Path, *args: str) -> str:
+def federation_cli(home: Path, *args: str, tree: Path = ROOT) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
     env["FEDERATION_HOME"] = str(home)
     return subprocess.run([sys.executable, "-m", "federation.cli", *args], env=env,
-                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                          check=True, capture_output=True, text=True, cwd=tree).stdout
 
 
 @contextlib.contextmanager
-def federation(upstream_port: int, tracing: bool = False) -> Any:
+def federation(upstream_port: int, tracing: bool = False, tree: Path = ROOT) -> Any:
+    """``federation up`` running ``tree``'s code: ``python -m`` puts the working
+    directory first on the path, ahead of this venv's editable install."""
     home = Path(tempfile.mkdtemp(prefix="bench-path-"))
     traced = (f'[tracing]\notlp_endpoint = "http://127.0.0.1:{upstream_port}/v1/traces"\n\n'
               if tracing else "")
@@ -169,8 +174,8 @@ def federation(upstream_port: int, tracing: bool = False) -> Any:
     log = (home / "up.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "federation.cli", "up", "--http-port", "0"],
-        env=env, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
-    running = Federation(home, process)
+        env=env, stdout=log, stderr=log, cwd=tree, start_new_session=True)
+    running = Federation(home, process, tree)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -183,7 +188,7 @@ def federation(upstream_port: int, tracing: bool = False) -> Any:
                                  + (home / "up.log").read_text()[-3000:])
             time.sleep(0.2)
         running.key = federation_cli(home, "keys", "issue", "--tenant", "bench",
-                                     "--scope", "chat").strip()
+                                     "--scope", "chat", tree=tree).strip()
         yield running
     finally:
         process.send_signal(signal.SIGINT)
@@ -261,28 +266,41 @@ class Totals:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-async def measure(fed: Federation, upstream: str, mode: str, concurrency: int,
-                  rounds: int, seconds: float) -> tuple[Totals, Totals]:
+async def measure(feds: list[Federation], upstream: str, mode: str, concurrency: int,
+                  rounds: int, seconds: float) -> tuple[Totals, list[Totals]]:
+    """Rounds of the upstream alone, then each federation in turn (``--compare``: the
+    trees alternate within every round, so they see the same machine load)."""
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 64}
     if mode == "stream":
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-    direct, through = Totals(), Totals()
-    gateway = fed.endpoints["gateway"]["url"] + "/v1/chat/completions"
-    auth = {"Authorization": f"Bearer {fed.key}"}
-    await closed_loop(gateway, auth, body, concurrency, 1.0)  # warm-up
+    direct, throughs = Totals(), [Totals() for _ in feds]
+    for fed in feds:  # warm-up
+        await closed_loop(gateway_url(fed), auth(fed), body, concurrency, 1.0)
     for _ in range(rounds):
         direct.add(await closed_loop(upstream, {}, body, concurrency, seconds))
-        before = fed.cpu_seconds()
-        through.add(await closed_loop(gateway, auth, body, concurrency, seconds))
-        after = fed.cpu_seconds()
-        for name, spent in after.items():
-            through.cpu[name] = through.cpu.get(name, 0.0) + spent - before.get(name, spent)
-    return direct, through
+        for fed, through in zip(feds, throughs, strict=True):
+            before = fed.cpu_seconds()
+            through.add(await closed_loop(gateway_url(fed), auth(fed), body, concurrency,
+                                          seconds))
+            after = fed.cpu_seconds()
+            for name, spent in after.items():
+                through.cpu[name] = through.cpu.get(name, 0.0) + spent - before.get(name, spent)
+    return direct, throughs
 
 
-def report(mode: str, concurrency: int, direct: Totals, through: Totals) -> dict[str, Any]:
+def gateway_url(fed: Federation) -> str:
+    return str(fed.endpoints["gateway"]["url"]) + "/v1/chat/completions"
+
+
+def auth(fed: Federation) -> dict[str, str]:
+    return {"Authorization": f"Bearer {fed.key}"}
+
+
+def report(mode: str, concurrency: int, direct: Totals, through: Totals,
+           tree: str | None = None) -> dict[str, Any]:
     ms = 1000.0
     row = {
+        **({"tree": tree} if tree else {}),
         "mode": mode, "concurrency": concurrency,
         "direct_rps": round(direct.rate), "federation_rps": round(through.rate),
         "direct_p50_ms": round(percentile(direct.latencies, 0.5) * ms, 2),
@@ -326,14 +344,17 @@ def upstream_process(chunks: int) -> Iterator[str]:
 
 async def main(args: argparse.Namespace) -> None:
     rows = []
-    with upstream_process(args.chunks) as upstream:
+    trees = [ROOT, *([Path(args.compare).resolve()] if args.compare else [])]
+    with upstream_process(args.chunks) as upstream, contextlib.ExitStack() as stack:
         port = int(upstream.split(":")[2].split("/")[0])
-        with federation(port, args.tracing) as fed:
-            for mode in args.modes.split(","):
-                for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    direct, through = await measure(fed, upstream, mode, concurrency,
-                                                    args.rounds, args.seconds)
-                    row = report(mode, concurrency, direct, through)
+        feds = [stack.enter_context(federation(port, args.tracing, tree)) for tree in trees]
+        for mode in args.modes.split(","):
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                direct, throughs = await measure(feds, upstream, mode, concurrency,
+                                                 args.rounds, args.seconds)
+                for fed, through in zip(feds, throughs, strict=True):
+                    row = report(mode, concurrency, direct, through,
+                                 str(fed.tree) if args.compare else None)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f}; "
@@ -351,6 +372,9 @@ if __name__ == "__main__":
     parser.add_argument("--tracing", action="store_true",
                         help="trace every request, exported over OTLP to a collector that "
                              "keeps nothing (the upstream process)")
+    parser.add_argument("--compare", metavar="DIR",
+                        help="also run a federation from another checkout (e.g. an export of "
+                             "main), its rounds interleaved with this tree's")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve_upstream:

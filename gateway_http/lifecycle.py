@@ -76,7 +76,7 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
         full = OutboxFull(state.settings.gateway.outbox_max_records)
         state.metrics.requests.labels(route, "", "503").inc()
         return error_response(full)
-    in_flight = state.metrics.in_flight.labels(route)
+    in_flight = state.metrics.labelled(state.metrics.in_flight, route)
     in_flight.inc()
     state.in_progress += 1
     status = CLIENT_CLOSED
@@ -115,8 +115,8 @@ async def _finish(request: web.Request, state: GatewayState, route: str, status:
     outcome = request.get(OUTCOME)
     error = request.get(ERROR_KEY) or (outcome.error if outcome else None)
     metrics = state.metrics
-    metrics.requests.labels(route, model, str(status)).inc()
-    metrics.latency.labels(route, model, str(status)).observe(elapsed)
+    metrics.labelled(metrics.requests, route, model, str(status)).inc()
+    metrics.labelled(metrics.latency, route, model, str(status)).observe(elapsed)
     if error is not None and error.code in _UPSTREAM_CODES and model:
         metrics.upstream_errors.labels(model, error.code.value).inc()
     if outcome is not None:
@@ -211,14 +211,15 @@ def _observe_generation(state: GatewayState, model: str, outcome: ChatOutcome,
                         *, streamed_error: bool) -> None:
     metrics = state.metrics
     if outcome.first_token_at is not None:
-        metrics.time_to_first_token.labels(model).observe(outcome.first_token_at - outcome.started)
+        metrics.labelled(metrics.time_to_first_token, model).observe(
+            outcome.first_token_at - outcome.started)
     if outcome.finished is not None:
-        metrics.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
-        metrics.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+        metrics.labelled(metrics.tokens, model, "prompt").inc(outcome.prompt_tokens)
+        metrics.labelled(metrics.tokens, model, "completion").inc(outcome.completion_tokens)
         if outcome.first_token_at is not None and outcome.finished_at is not None:
             span = outcome.finished_at - outcome.first_token_at
             if span > 0 and outcome.completion_tokens > 1:
-                metrics.tokens_per_second.labels(model).observe(
+                metrics.labelled(metrics.tokens_per_second, model).observe(
                     (outcome.completion_tokens - 1) / span)
     if streamed_error and outcome.error is not None:
         metrics.stream_errors.labels(model, outcome.error.code.value).inc()

@@ -77,7 +77,10 @@ async def test_a_node_serves_its_renewed_certificate_without_dropping_calls(
                     inference_pb2.ListModelsRequest(), timeout=5)
             assert [m.id for m in listed.models] == ["test-model"]
             # The call in flight since before the renewal ran to its end.
-            rest = [r async for r in stream]  # type: ignore[attr-defined]
+            # (read() to the end: a call is read one way, and read() started it.)
+            rest = []
+            while (response := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined, union-attr]
+                rest.append(response)
             assert rest[-1].HasField("finished")
             assert sum(r.delta.tokens for r in rest[:-1]) == WORDS - 1
         assert server.credentials[0].reloads == 1

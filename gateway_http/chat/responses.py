@@ -61,6 +61,15 @@ class ChatShape:
         self._logprobs = logprobs
         self._created = int(time.time())
         self._include_usage = include_usage
+        # A text delta's event is these two around its choice: what _event writes,
+        # without building and encoding the same dict for every token.
+        self._text_head = (
+            f'data: {{"id":{json.dumps(self._cid)},"object":"chat.completion.chunk",'
+            f'"created":{self._created},"model":{json.dumps(model)},'
+            '"system_fingerprint":null,"choices":[{"index":').encode()
+        self._text_tail = (
+            ',"logprobs":null,"finish_reason":null}]'
+            + (',"usage":null' if include_usage else "") + "}\n\n").encode()
 
     # -- the whole answer ------------------------------------------------------------------
 
@@ -107,6 +116,9 @@ class ChatShape:
     def delta(self, index: int, delta: TokenDelta) -> bytes | None:
         if not delta.text and not delta.tool_calls and not delta.logprobs:
             return None  # only counted tokens (a stop sequence's, held back)
+        if not delta.tool_calls and not delta.logprobs:  # plain text: most tokens
+            return b"".join((self._text_head, str(index).encode(), b',"delta":{"content":',
+                             json.dumps(delta.text).encode(), b"}", self._text_tail))
         out: dict[str, Any] = {}
         if delta.text or not delta.tool_calls:
             out["content"] = delta.text
