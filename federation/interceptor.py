@@ -116,6 +116,40 @@ class RpcMetrics:
         )
 
 
+class _MethodSeries:
+    """One method's RPC series, looked up once: ``labels()`` validates its values and
+    takes a lock at every call (about 4 us; four per call otherwise)."""
+
+    def __init__(self, metrics: RpcMetrics, service: str, name: str) -> None:
+        self._metrics = metrics
+        self.service = service
+        self.name = name
+        self.in_flight = metrics.in_flight.labels(service, name)
+        self.latency = metrics.latency.labels(service, name)
+        self._handled: dict[str, Any] = {}
+
+    def handled(self, code_name: str) -> Any:
+        child = self._handled.get(code_name)
+        if child is None:
+            child = self._handled[code_name] = self._metrics.handled.labels(
+                self.service, self.name, code_name)
+        return child
+
+
+class _CallInfo:
+    """What the interceptor knows of one call before its handler runs."""
+
+    __slots__ = ("method", "name", "request_id", "series", "service", "trace_parent")
+
+    def __init__(self, method: str, request_id: str, trace_parent: dict[str, str] | None,
+                 series: _MethodSeries) -> None:
+        self.method = method
+        self.service, self.name = series.service, series.name
+        self.request_id = request_id
+        self.trace_parent = trace_parent
+        self.series = series
+
+
 def identity_from_context(context: Context, trust_domain: str,
                           policy: ChainPolicy | None = None) -> Identity:
     """The caller's SPIFFE identity; exactly one URI SAN is required, the certificate
@@ -185,6 +219,10 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         self._insecure_dev = insecure_dev
         self._policy = policy
         self._deny_list = deny_list
+        self._series: dict[str, _MethodSeries] = {}
+        self._allowed: dict[tuple[str, str], bool] = {}
+        """``authz.is_allowed`` answers: the table is constant, the answer per role and
+        method too."""
 
     async def intercept_service(
         self,
@@ -214,100 +252,35 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
         return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
 
+    def _is_allowed(self, role: str, method: str) -> bool:
+        key = (role, method)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self._allowed[key] = authz.is_allowed(role, method)
+        return allowed
+
+    def _method_series(self, method: str) -> _MethodSeries:
+        series = self._series.get(method)
+        if series is None:
+            series = self._series[method] = _MethodSeries(self._metrics, *_split(method))
+        return series
+
     def _guard(self, method: str, request_id: str, behavior: Any,
                trace_parent: dict[str, str] | None = None) -> Any:
-        service, name = _split(method)
-        metrics = self._metrics
-
-        async def enter(context: Context) -> tuple[contextvars.Token[str], ...]:
-            request_id_var.set(request_id)
-            if not self._insecure_dev and _presented_no_certificate(context):
-                if method in authz.UNAUTHENTICATED_METHODS:
-                    caller_var.set(None)
-                    return ()
-                metrics.denied.labels(service, name, "unauthenticated").inc()
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED, f"{method} requires a client certificate"
-                )
-            try:
-                caller = self._authenticate(method, context)
-            except PKIError as exc:
-                metrics.denied.labels(service, name, "unauthenticated").inc()
-                log.warning(
-                    "refused unauthenticated call", extra={"method": method, "reason": str(exc)}
-                )
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-                raise  # unreachable: abort raises
-            refusal = self._refusal(context, caller)
-            if refusal is not None:
-                metrics.denied.labels(service, name, "denied").inc()
-                log.warning("refused a denied certificate",
-                            extra={"method": method, "caller": caller.spiffe_id,
-                                   "reason": refusal})
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-            caller_var.set(caller)
-            peer_var.set(caller.spiffe_id)
-            if service == _HEALTH_SERVICE:
-                # What `federation status` shows for each node across hosts.
-                await context.send_initial_metadata(((VERSION_HEADER, VERSION),))
-            if not authz.is_allowed(caller.role, method):
-                metrics.denied.labels(service, name, "permission_denied").inc()
-                log.warning(
-                    "permission denied",
-                    extra={"method": method, "caller": caller.spiffe_id, "role": caller.role},
-                )
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"role {caller.role!r} ({caller.spiffe_id}) may not call {method}",
-                )
-            return ()
-
-        async def fail(exc: BaseException, context: Context) -> None:
-            if not isinstance(exc, FederationError):
-                outage = outage_error(exc)
-                if outage is None:
-                    log.exception("unhandled error in %s", method, exc_info=exc)
-                    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-                log.warning("database unavailable in %s", method,
-                            extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
-                exc = outage
-            context.set_trailing_metadata(exc.trailing_metadata())
-            await context.abort(exc.spec.grpc_status, exc.message)
-
-        def finish(started: float, context: Context) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-            metrics.handled.labels(service, name, code_name).inc()
-            metrics.latency.labels(service, name).observe(time.perf_counter() - started)
-            metrics.in_flight.labels(service, name).dec()
-
-        @contextlib.asynccontextmanager
-        async def served(context: Context) -> AsyncIterator[None]:
-            """One call, unary or streaming: counted, authenticated and authorized, its
-            errors mapped to a status."""
-            started = time.perf_counter()
-            metrics.in_flight.labels(service, name).inc()
-            try:
-                await enter(context)
-                with tracing.span(method.lstrip("/"), kind=SpanKind.SERVER, carrier=trace_parent,
-                                  attributes={"rpc.system": "grpc", "rpc.service": service,
-                                              "rpc.method": name}):
-                    yield
-            except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                await fail(exc, context)
-            finally:
-                finish(started, context)
+        """The handler's behaviour, wrapped: (streaming, unary). Only these two closures
+        are made per call; the rest is methods (a decorated closure per call cost
+        ~10 us in ``functools.update_wrapper`` alone)."""
+        call = _CallInfo(method, request_id, trace_parent, self._method_series(method))
+        served = self._served
 
         async def unary_result(request: Any, context: Context) -> Any:
-            async with served(context):
+            async with served(call, context):
                 return await behavior(request, context)
 
         async def stream_result(
             request: Any, context: Context
         ) -> AsyncIterator[Any]:
-            async with served(context):
+            async with served(call, context):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -316,6 +289,90 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                     await result
 
         return stream_result, unary_result
+
+    async def _enter(self, call: _CallInfo, context: Context) -> None:
+        method, service, name, metrics = call.method, call.service, call.name, self._metrics
+        request_id_var.set(call.request_id)
+        if not self._insecure_dev and _presented_no_certificate(context):
+            if method in authz.UNAUTHENTICATED_METHODS:
+                caller_var.set(None)
+                return
+            metrics.denied.labels(service, name, "unauthenticated").inc()
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, f"{method} requires a client certificate"
+            )
+        try:
+            caller = self._authenticate(method, context)
+        except PKIError as exc:
+            metrics.denied.labels(service, name, "unauthenticated").inc()
+            log.warning(
+                "refused unauthenticated call", extra={"method": method, "reason": str(exc)}
+            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # unreachable: abort raises
+        refusal = self._refusal(context, caller)
+        if refusal is not None:
+            metrics.denied.labels(service, name, "denied").inc()
+            log.warning("refused a denied certificate",
+                        extra={"method": method, "caller": caller.spiffe_id,
+                               "reason": refusal})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        caller_var.set(caller)
+        peer_var.set(caller.spiffe_id)
+        if service == _HEALTH_SERVICE:
+            # What `federation status` shows for each node across hosts.
+            await context.send_initial_metadata(((VERSION_HEADER, VERSION),))
+        if not self._is_allowed(caller.role, method):
+            metrics.denied.labels(service, name, "permission_denied").inc()
+            log.warning(
+                "permission denied",
+                extra={"method": method, "caller": caller.spiffe_id, "role": caller.role},
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"role {caller.role!r} ({caller.spiffe_id}) may not call {method}",
+            )
+
+    @staticmethod
+    async def _fail(method: str, exc: BaseException, context: Context) -> None:
+        if not isinstance(exc, FederationError):
+            outage = outage_error(exc)
+            if outage is None:
+                log.exception("unhandled error in %s", method, exc_info=exc)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            log.warning("database unavailable in %s", method,
+                        extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+            exc = outage
+        context.set_trailing_metadata(exc.trailing_metadata())
+        await context.abort(exc.spec.grpc_status, exc.message)
+
+    @staticmethod
+    def _finish(series: _MethodSeries, started: float, context: Context) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        series.handled(code_name).inc()
+        series.latency.observe(time.perf_counter() - started)
+        series.in_flight.dec()
+
+    @contextlib.asynccontextmanager
+    async def _served(self, call: _CallInfo, context: Context) -> AsyncIterator[None]:
+        """One call, unary or streaming: counted, authenticated and authorized, its
+        errors mapped to a status."""
+        started = time.perf_counter()
+        call.series.in_flight.inc()
+        try:
+            await self._enter(call, context)
+            with tracing.span(call.method.lstrip("/"), kind=SpanKind.SERVER,
+                              carrier=call.trace_parent,
+                              attributes={"rpc.system": "grpc", "rpc.service": call.service,
+                                          "rpc.method": call.name}):
+                yield
+        except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            await self._fail(call.method, exc, context)
+        finally:
+            self._finish(call.series, started, context)
 
 
 def _trace_carrier(details: grpc.HandlerCallDetails) -> dict[str, str]:
