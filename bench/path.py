@@ -210,6 +210,8 @@ def federation(upstream_port: int, tracing: bool = False, tree: Path = ROOT) -> 
 @dataclass
 class Round:
     latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+    """Streams only: from sending the request to the first chunk with content."""
     errors: dict[int, int] = field(default_factory=dict)
     """Answers other than 200, by status."""
     seconds: float = 0.0
@@ -226,6 +228,10 @@ async def closed_loop(url: str, headers: dict[str, str], body: dict[str, Any],
             while time.perf_counter() < stop:
                 started = time.perf_counter()
                 async with session.post(url, json=body, headers=headers) as response:
+                    if body.get("stream"):
+                        first = await first_token(response)
+                        if first is not None:
+                            result.first_tokens.append(first - started)
                     await response.read()
                     status = response.status
                 if status == 200:
@@ -239,6 +245,17 @@ async def closed_loop(url: str, headers: dict[str, str], body: dict[str, Any],
     return result
 
 
+async def first_token(response: aiohttp.ClientResponse) -> float | None:
+    """When the first SSE chunk carrying content arrived (None if none did); the rest of
+    the stream is left to read."""
+    async for line in response.content:
+        if line.startswith(b"data: {") and b'"content"' in line:
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                return time.perf_counter()
+    return None
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -249,6 +266,7 @@ def percentile(values: list[float], q: float) -> float:
 @dataclass
 class Totals:
     latencies: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
     requests: int = 0
     errors: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -256,6 +274,7 @@ class Totals:
 
     def add(self, result: Round) -> None:
         self.latencies += result.latencies
+        self.first_tokens += result.first_tokens
         self.requests += len(result.latencies)
         for status, count in result.errors.items():
             self.errors[status] = self.errors.get(status, 0) + count
@@ -315,6 +334,10 @@ def report(mode: str, concurrency: int, direct: Totals, through: Totals,
     }
     row["added_p50_ms"] = round(row["federation_p50_ms"] - row["direct_p50_ms"], 2)
     row["added_p99_ms"] = round(row["federation_p99_ms"] - row["direct_p99_ms"], 2)
+    if through.first_tokens:
+        for name, q in (("p50", 0.5), ("p99", 0.99)):
+            row[f"added_ttft_{name}_ms"] = round(
+                (percentile(through.first_tokens, q) - percentile(direct.first_tokens, q)) * ms, 2)
     row["cpu_ms_per_request_total"] = round(sum(row["cpu_ms_per_request"].values()), 2)
     return row
 
