@@ -15,6 +15,7 @@ from federation.db import BoundedPool, Database, create_pool
 from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry
 from federation.memory.store import MemoryStore
+from federation.memory.writer import _INSERT_LINKED
 
 
 def entry(n: int, actor: str = "keys") -> AuditEntry:
@@ -169,3 +170,31 @@ async def test_a_writer_that_keeps_losing_the_race_answers_unavailable_then_reco
     finally:
         await impatient.stop()
     assert (await other.verify_chain()).intact
+
+
+@pytest.mark.parametrize("plan", ["force_generic_plan", "force_custom_plan"])
+async def test_the_append_guards_are_index_lookups_however_long_the_chain(
+        database: Database, pg_url: str, plan: str) -> None:
+    """An append must cost the same at the millionth record as at the first: its guards
+    (the head still the newest record) may not scan the table, whichever plan PostgreSQL
+    picks for the prepared statement (asyncpg's become generic after five runs)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("""
+            INSERT INTO memory_records (sequence, tenant_id, actor, action, subject, request_id,
+                                        created_at, attributes, body, prev_hash, hash,
+                                        temperature)
+            SELECT n, 't1', 'keys', 'key.issue', 'k', '', now(), '{}', '',
+                   sha256((n - 1)::text::bytea), sha256(n::text::bytea), 50
+            FROM generate_series(1, 50000) AS n""")
+        await conn.execute("ANALYZE memory_records")
+        await conn.execute(f"SET plan_cache_mode = {plan}")
+        await conn.execute(f"PREPARE append AS {_INSERT_LINKED}")
+        no_records = ", ".join(["'{}'"] * 12)
+        plan_rows = await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE append({no_records}, "
+                                     "50000, sha256('50000'::bytea))")
+    finally:
+        await conn.close()
+    shown = "\n".join(row[0] for row in plan_rows)
+    assert "Seq Scan on memory_records" not in shown, shown
+    assert "Index" in shown, shown
