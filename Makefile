@@ -86,6 +86,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.vault
 	$(BIN)/python -m bench.edge
 	$(BIN)/python bench/path.py
+	$(BIN)/python bench/wakeup.py --postgres
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info

@@ -1,0 +1,106 @@
+"""What a hop between two processes costs on this machine, busy and after a pause.
+
+At concurrency 1 a request crosses processes about ten times (client, gateway, inference,
+upstream, memory, PostgreSQL and back), and between two requests every one of them sleeps.
+This prints the round trip of two hops measured back to back and after a few milliseconds
+of idleness, so the share of a concurrency-1 latency that is the machine waking sleeping
+processes (not our code) can be read off:
+
+* a byte sent over a socket pair to a child process and echoed back;
+* ``SELECT 1`` on an embedded PostgreSQL (``--postgres``; takes a few seconds more).
+
+Usage: python bench/wakeup.py [--count 600] [--gap-ms 3] [--postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing import Process
+from pathlib import Path
+
+
+def echo(sock: socket.socket) -> None:
+    while data := sock.recv(1):
+        sock.sendall(data)
+
+
+async def timed(call: Callable[[], Awaitable[object]], count: int, gap: float) -> list[float]:
+    spent = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        spent.append(time.perf_counter() - started)
+        if gap:
+            await asyncio.sleep(gap)
+    return spent
+
+
+def report(what: str, busy: list[float], idle: list[float], gap: float) -> None:
+    def ms(values: list[float], q: float) -> str:
+        return f"{sorted(values)[int(q * (len(values) - 1))] * 1000:.3f}"
+
+    print(f"{what:<28} back to back p50 {ms(busy, 0.5)} ms (p90 {ms(busy, 0.9)}); "
+          f"after {gap * 1000:g} ms idle p50 {ms(idle, 0.5)} ms (p90 {ms(idle, 0.9)}); "
+          f"×{statistics.median(idle) / statistics.median(busy):.1f}")
+
+
+async def socket_pair(count: int, gap: float) -> None:
+    ours, theirs = socket.socketpair()
+    child = Process(target=echo, args=(theirs,), daemon=True)
+    child.start()
+    reader, writer = await asyncio.open_connection(sock=ours)
+
+    async def ping() -> None:
+        writer.write(b"x")
+        await reader.readexactly(1)
+
+    try:
+        busy = await timed(ping, count, 0.0)
+        idle = await timed(ping, count, gap)
+    finally:
+        writer.close()
+        child.join(timeout=5)
+    report("process echo (socket pair)", busy, idle, gap)
+
+
+async def postgres(count: int, gap: float) -> None:
+    import asyncpg
+
+    from federation.db.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bench-wakeup-")) / "pg")
+    dsn = server.start()
+    try:
+        conn = await asyncpg.connect(dsn.url(database="postgres"))
+        try:
+            busy = await timed(lambda: conn.execute("SELECT 1"), count, 0.0)
+            idle = await timed(lambda: conn.execute("SELECT 1"), count, gap)
+        finally:
+            await conn.close()
+    finally:
+        server.stop()
+        server.delete_cluster()
+    report("PostgreSQL SELECT 1", busy, idle, gap)
+
+
+async def main(args: argparse.Namespace) -> None:
+    gap = args.gap_ms / 1000
+    await socket_pair(args.count, gap)
+    if args.postgres:
+        await postgres(args.count, gap)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=600)
+    parser.add_argument("--gap-ms", type=float, default=3.0)
+    parser.add_argument("--postgres", action="store_true")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    asyncio.run(main(parser.parse_args()))
