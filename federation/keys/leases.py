@@ -33,6 +33,7 @@ import asyncpg
 from federation.errors import ErrorCode, FederationError
 from federation.keys.quota import (
     IN_FLIGHT_SQL,
+    LOCKED_COUNTER_SQL,
     MAX_TOKENS,
     QuotaService,
     QuotaStatus,
@@ -48,23 +49,7 @@ MAX_LEASE_REQUESTS = 2**31 - 1
 # the lease ($4 requests and $5 tokens wanted, capped to $9 of what remains; exact when
 # that cannot cover $6), charge it and record it, or change nothing when the request
 # rate is spent or fewer than $7 tokens remain. The plan row comes back either way.
-_GRANT_SQL = """
-    WITH p AS (SELECT coalesce($3::timestamptz, statement_timestamp()) AS now),
-    cur AS (
-        SELECT q.tenant_id, q.key_id, k.requests_per_minute AS rpm, k.token_quota,
-               k.quota_period_seconds AS period, p.now,
-               q.minute_start, q.minute_requests, q.period_start, q.period_tokens
-        FROM api_key_quotas q JOIN api_keys k USING (tenant_id, key_id), p
-        WHERE q.key_id = $1 AND ($2::text IS NULL OR q.tenant_id = $2)
-        FOR UPDATE OF q
-    ),
-    win AS (
-        SELECT cur.*,
-            (now >= minute_start + interval '1 minute') AS minute_over,
-            (period IS NOT NULL AND now >= period_start + make_interval(secs => period))
-                AS period_over
-        FROM cur
-    ),
+_GRANT_SQL = LOCKED_COUNTER_SQL + """,
     nxt AS (
         SELECT win.*,
             CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,

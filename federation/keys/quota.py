@@ -95,11 +95,10 @@ _CHARGE_SQL = _WINDOWS + """
 """
 
 
-# One statement: lock the counter row (waiting for, then reading, a concurrent charge),
-# roll expired windows over, and when the request fits count it, reserve
-# min($4, remaining) tokens and record the reservation. The plan row comes back either
-# way, so a refusal needs no second query to say why.
-_RESERVE_SQL = """
+# The start of every statement that charges a key: the time ($3, or the statement's),
+# the key's counter row locked ($1, tenant $2 when given) with its limits, and whether
+# its rate window and quota period are over. Callers continue with ", nxt AS (…)".
+LOCKED_COUNTER_SQL = """
     WITH p AS (SELECT coalesce($3::timestamptz, statement_timestamp()) AS now),
     cur AS (
         SELECT q.tenant_id, q.key_id, k.requests_per_minute AS rpm, k.token_quota,
@@ -115,7 +114,13 @@ _RESERVE_SQL = """
             (period IS NOT NULL AND now >= period_start + make_interval(secs => period))
                 AS period_over
         FROM cur
-    ),
+    )"""
+
+# One statement: lock the counter row (waiting for, then reading, a concurrent charge),
+# roll expired windows over, and when the request fits count it, reserve
+# min($4, remaining) tokens and record the reservation. The plan row comes back either
+# way, so a refusal needs no second query to say why.
+_RESERVE_SQL = LOCKED_COUNTER_SQL + """,
     nxt AS (
         SELECT win.*,
             CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
