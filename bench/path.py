@@ -407,4 +407,7 @@ if __name__ == "__main__":
             import uvloop
 
             uvloop.install()
+        # A SIGTERM unwinds like Ctrl-C, so the federations and the upstream are stopped
+        # and their scratch homes deleted (they run in sessions of their own).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         asyncio.run(main(arguments))
