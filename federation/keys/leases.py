@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import asyncpg
 
 from federation.errors import ErrorCode, FederationError
 from federation.keys.quota import (
-    IN_FLIGHT_SQL,
     LOCKED_COUNTER_SQL,
     MAX_TOKENS,
     QuotaService,
     QuotaStatus,
     quota_status,
-    reserve_refusal,
     validate_charge,
 )
 
@@ -229,15 +227,8 @@ class LeaseService:
             return Lease(lease_id, int(row["lease_requests"]), int(row["reserved"]),
                          row["token_quota"] is not None, max(float(row["valid_seconds"]), 0.0),
                          status)
-        in_flight = 0
-        if row["requests_fit"]:  # short of tokens: are they only held by running requests?
-            in_flight = int(await self._pool.fetchval(
-                IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
-        error = reserve_refusal(key_id, row, status, minimum, in_flight)
-        await self._quotas.refuse(key_id, row["tenant_id"],
-                                  replace(status, retry_after=error.retry_after_seconds),
-                                  request.need_tokens, actor, error)
-        raise AssertionError("unreachable")
+        await self._quotas.refuse_reservation(key_id, row, status, tokens=request.need_tokens,
+                                              min_tokens=minimum, actor=actor)
 
     async def settle(self, key_id: str, lease_id: str, *, used_tokens: int, used_requests: int,
                      at: dt.datetime | None = None) -> LeaseSettlement:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 import asyncpg
 
@@ -183,7 +184,7 @@ _SETTLE_SQL = """
 
 _PURGE_SQL = "DELETE FROM api_key_quota_reservations WHERE created_at < $1"
 
-IN_FLIGHT_SQL = """
+_IN_FLIGHT_SQL = """
     SELECT coalesce(sum(tokens), 0) FROM api_key_quota_reservations
     WHERE tenant_id = $1 AND key_id = $2 AND period_start = $3
 """
@@ -258,7 +259,7 @@ class QuotaService:
         if fits:  # the window rolled over between the two statements: try once more
             return await self.consume(key_id, tenant_id, tokens=tokens, is_request=is_request,
                                       actor=actor, at=at)
-        await self.refuse(key_id, tenant_id, status, tokens, actor)
+        await self._refuse(key_id, tenant_id, status, tokens, actor)
         raise AssertionError("unreachable")
 
     async def reserve(
@@ -288,15 +289,8 @@ class QuotaService:
         if row["granted"]:
             return Reservation(reservation_id, int(row["reserved"]),
                                row["token_quota"] is not None, status)
-        in_flight = 0
-        if row["requests_fit"]:  # short of tokens: are they only held by running requests?
-            in_flight = int(await self._pool.fetchval(
-                IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
-        error = reserve_refusal(key_id, row, status, max(min_tokens, 1), in_flight)
-        await self.refuse(key_id, row["tenant_id"],
-                           replace(status, retry_after=error.retry_after_seconds), tokens,
-                           actor, error)
-        raise AssertionError("unreachable")
+        await self.refuse_reservation(key_id, row, status, tokens=tokens,
+                                      min_tokens=max(min_tokens, 1), actor=actor)
 
     async def settle(
         self, key_id: str, reservation_id: str, *, used_tokens: int,
@@ -328,7 +322,22 @@ class QuotaService:
         result = await self._pool.execute(_PURGE_SQL, now - older_than)
         return int(result.split()[-1])
 
-    async def refuse(
+    async def refuse_reservation(self, key_id: str, row: asyncpg.Record, status: QuotaStatus,
+                                 *, tokens: int, min_tokens: int, actor: str) -> NoReturn:
+        """Refuse what a reserving statement (a reservation's or a lease's) did not grant,
+        audited: the request rate first, else the token quota, spent for the period or,
+        for now, held by requests in flight."""
+        in_flight = 0
+        if row["requests_fit"]:  # short of tokens: are they only held by running requests?
+            in_flight = int(await self._pool.fetchval(
+                _IN_FLIGHT_SQL, row["tenant_id"], row["key_id"], row["new_period_start"]))
+        error = _reserve_refusal(key_id, row, status, min_tokens, in_flight)
+        await self._refuse(key_id, row["tenant_id"],
+                           replace(status, retry_after=error.retry_after_seconds), tokens,
+                           actor, error)
+        raise AssertionError("unreachable")
+
+    async def _refuse(
         self, key_id: str, tenant_id: str | None, status: QuotaStatus, tokens: int, actor: str,
         error: FederationError | None = None,
     ) -> None:
@@ -403,7 +412,7 @@ def _with_retry(
                        status.requests_reset_in, status.period_end, max(retry, 0.0))
 
 
-def reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
+def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_tokens: int,
                      in_flight: int) -> FederationError:
     """Why a reservation was refused: the request rate first, else the token quota, which
     is either spent for the period or, for now, held by requests in flight."""
