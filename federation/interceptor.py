@@ -36,6 +36,7 @@ from federation.errors import INTERNAL_MESSAGE, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import ChainPolicy, Identity, PKIError, not_after, parse_spiffe_id
 from federation.telemetry import tracing
+from federation.telemetry.metrics import LabelledChildren
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +118,17 @@ class RpcMetrics:
 
 
 class _MethodSeries:
-    """One method's RPC series, looked up once: ``labels()`` validates its values and
-    takes a lock at every call (about 4 us; four per call otherwise)."""
+    """One method's RPC series, looked up once per method, not at every call."""
 
-    def __init__(self, metrics: RpcMetrics, service: str, name: str) -> None:
-        self._metrics = metrics
+    def __init__(self, metrics: RpcMetrics, children: LabelledChildren, service: str,
+                 name: str) -> None:
         self.service = service
         self.name = name
-        self.in_flight = metrics.in_flight.labels(service, name)
-        self.latency = metrics.latency.labels(service, name)
-        self._handled: dict[str, Any] = {}
-
-    def handled(self, code_name: str) -> Any:
-        child = self._handled.get(code_name)
-        if child is None:
-            child = self._handled[code_name] = self._metrics.handled.labels(
-                self.service, self.name, code_name)
-        return child
+        self.in_flight = children(metrics.in_flight, service, name)
+        self.latency = children(metrics.latency, service, name)
+        self.handled: Callable[[str], Any] = functools.partial(
+            children, metrics.handled, service, name)
+        """The child of one status code (``handled(code_name)``)."""
 
 
 class _CallInfo:
@@ -220,6 +215,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         self._policy = policy
         self._deny_list = deny_list
         self._series: dict[str, _MethodSeries] = {}
+        self._children = LabelledChildren()
         self._allowed: dict[tuple[str, str], bool] = {}
         """``authz.is_allowed`` answers: the table is constant, the answer per role and
         method too."""
@@ -262,7 +258,8 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     def _method_series(self, method: str) -> _MethodSeries:
         series = self._series.get(method)
         if series is None:
-            series = self._series[method] = _MethodSeries(self._metrics, *_split(method))
+            series = self._series[method] = _MethodSeries(self._metrics, self._children,
+                                                          *_split(method))
         return series
 
     def _guard(self, method: str, request_id: str, behavior: Any,

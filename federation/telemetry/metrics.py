@@ -21,13 +21,31 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from federation.config import Settings
 from federation.db import embedded_data_dir
+
+
+class LabelledChildren:
+    """``metric.labels(*values)``, each child kept after its first use: prometheus_client
+    checks the values and takes a lock at every ``labels`` call (about 4 us), several
+    times per request on a hot path. Only for label sets a process holds anyway (routes,
+    models, methods, status codes): the children live as long as the metrics."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def __call__(self, metric: Counter | Gauge | Histogram, *values: str) -> Any:
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
 
 class DiskSpaceCollector(Collector):
