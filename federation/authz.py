@@ -8,6 +8,7 @@ that every pattern names real methods and every method is reachable by someone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Final
 
@@ -99,6 +100,7 @@ def _matches(pattern: str, method: str) -> bool:
     return method == pattern
 
 
+@functools.cache  # the table is constant; every served call asks (roles and methods are few)
 def is_allowed(role: str, method: str) -> bool:
     """True when a caller holding ``role`` may call the full method path ``method``."""
     if any(_matches(p, method) for p in OPEN_TO_EVERY_IDENTITY):

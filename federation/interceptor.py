@@ -216,9 +216,6 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         self._deny_list = deny_list
         self._series: dict[str, _MethodSeries] = {}
         self._children = LabelledChildren()
-        self._allowed: dict[tuple[str, str], bool] = {}
-        """``authz.is_allowed`` answers: the table is constant, the answer per role and
-        method too."""
 
     async def intercept_service(
         self,
@@ -247,13 +244,6 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return None
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
         return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
-
-    def _is_allowed(self, role: str, method: str) -> bool:
-        key = (role, method)
-        allowed = self._allowed.get(key)
-        if allowed is None:
-            allowed = self._allowed[key] = authz.is_allowed(role, method)
-        return allowed
 
     def _method_series(self, method: str) -> _MethodSeries:
         series = self._series.get(method)
@@ -319,7 +309,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         if service == _HEALTH_SERVICE:
             # What `federation status` shows for each node across hosts.
             await context.send_initial_metadata(((VERSION_HEADER, VERSION),))
-        if not self._is_allowed(caller.role, method):
+        if not authz.is_allowed(caller.role, method):
             metrics.denied.labels(service, name, "permission_denied").inc()
             log.warning(
                 "permission denied",
