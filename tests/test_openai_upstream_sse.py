@@ -71,12 +71,15 @@ async def upstream() -> AsyncIterator[tuple[str, dict[str, Any]]]:
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
+        assert request.transport is not None
+        plan.setdefault("peers", []).append(request.transport.get_extra_info("peername"))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for piece in plan["pieces"]:
             await response.write(piece)
             if plan["pause"]:
                 await asyncio.sleep(0.001)  # separate reads on the backend's side
+        await asyncio.sleep(plan.get("tail_pause", 0.0))  # between [DONE] and the body's end
         await response.write_eof()
         return response
 
@@ -91,12 +94,14 @@ async def upstream() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     await runner.cleanup()
 
 
-async def generate(url: str) -> tuple[list[TokenDelta], GenerationFinished]:
+async def generate(url: str, times: int = 1) -> tuple[list[TokenDelta], GenerationFinished]:
+    """The last of ``times`` generations through one backend (one connection pool)."""
     backend = OpenAIUpstreamBackend(ModelConfig(id="m", backend="openai", base_url=url))
     await backend.start()
     try:
-        events = [e async for e in backend.generate(GenerationRequest(
-            "m", (ChatMessage("user", "hi"),), SamplingParams()))]
+        for _ in range(times):
+            events = [e async for e in backend.generate(GenerationRequest(
+                "m", (ChatMessage("user", "hi"),), SamplingParams()))]
     finally:
         await backend.stop()
     *deltas, finished = events
@@ -148,3 +153,33 @@ async def test_a_malformed_event_is_the_upstreams_failure(
         await generate(url)
     assert caught.value.code is ErrorCode.UNAVAILABLE
     assert caught.value.message == "the upstream sent bad data"
+
+
+async def test_one_connection_serves_request_after_request(
+    upstream: tuple[str, dict[str, Any]]
+) -> None:
+    """The body's end (the chunked encoding's last chunk) may reach us after ``[DONE]``;
+    the backend reads it, so the connection goes back to the pool instead of being
+    closed and a new one (a TLS handshake upstream over HTTPS) opened per request."""
+    url, plan = upstream
+    plan["pieces"] = [sse_body("\n")]
+    plan["pause"] = False
+    plan["tail_pause"] = 0.005
+    deltas, _ = await generate(url, times=3)
+    assert [d.text for d in deltas] == PIECES
+    assert len(plan["peers"]) == 3
+    assert len(set(plan["peers"])) == 1, plan["peers"]
+
+
+async def test_a_body_left_open_after_done_does_not_hold_the_answer(
+    upstream: tuple[str, dict[str, Any]]
+) -> None:
+    url, plan = upstream
+    plan["pieces"] = [sse_body("\n")]
+    plan["pause"] = False
+    plan["tail_pause"] = 2.0
+    started = asyncio.get_running_loop().time()
+    deltas, finished = await generate(url)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert [d.text for d in deltas] == PIECES
+    assert finished.finish_reason == "stop"

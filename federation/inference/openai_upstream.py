@@ -14,6 +14,7 @@ text. Embeddings go to ``/embeddings``. The bodies and chunks: ``openai_wire``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -222,6 +223,26 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         yield payload
 
 
+# What may follow ``[DONE]`` before the body ends: normally only the chunked
+# encoding's last chunk, sent at once after it.
+_TAIL_SECONDS = 0.05
+_TAIL_BYTES = 64 * 1024
+
+
+async def _read_to_end(response: aiohttp.ClientResponse) -> None:
+    """Read the end of a finished stream's body so that aiohttp returns the connection
+    to its pool: released before its end, the connection is closed, and the next
+    request opens a new one (a TCP and, upstream over HTTPS, a TLS handshake per
+    request). An upstream that keeps the body open after ``[DONE]`` costs at most
+    ``_TAIL_SECONDS`` and its connection, never the answer."""
+    content = response.content
+    left = _TAIL_BYTES
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+        async with asyncio.timeout(_TAIL_SECONDS):
+            while left > 0 and not content.at_eof():
+                left -= len(await content.readany()) or left
+
+
 async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: int | None
                   ) -> AsyncGenerator[GenerationEvent, None]:
     """Deltas (one token each: upstreams stream token by token) and the finished event.
@@ -233,6 +254,7 @@ async def _events(response: aiohttp.ClientResponse, model: str, prompt_bound: in
     deltas = 0
     async for payload in _sse_data(response):
         if payload == b"[DONE]":
+            await _read_to_end(response)
             break
         chunk = orjson.loads(payload)
         if "error" in chunk:
