@@ -49,7 +49,8 @@ UNAUTHENTICATED_METHODS: Final[tuple[str, ...]] = (BROKER + "Enroll",)
 """Methods a TLS peer *without* a client certificate may call (only the broker's
 enrollment port accepts such peers). Everything else answers UNAUTHENTICATED."""
 
-_AUDIT_WRITE: Final = (MEMORY + "RecordMemory", MEMORY + "RecordMemories")
+_AUDIT_WRITE: Final = tuple(
+    MEMORY + method for method in ("RecordMemory", "RecordMemories", "StreamMemories"))
 
 ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
     # Operators may do everything.

@@ -68,7 +68,9 @@ class _RequestIdMulticallable:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
-    def __call__(self, request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, request: Any = None, *, metadata: Any = None, **kwargs: Any) -> Any:
+        """``request``: the message, or the iterator of messages of a client-streaming
+        call (``None`` to write them with ``call.write``)."""
         return self._inner(request, metadata=_with_request_id(metadata), **kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -144,11 +145,33 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError
     """Turn a failed gRPC call back into the domain error the server raised."""
     status = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else None
+    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    return from_status(status, details, trailers or ())
+
+
+def status_number(error: FederationError) -> int:
+    """The number of ``error``'s gRPC status code (what travels in a message, e.g. one
+    batch's outcome on a stream, where no call status can carry it)."""
+    return int(error.spec.grpc_status.value[0])
+
+
+def status_from_number(number: int) -> grpc.StatusCode:
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+_STATUS_BY_NUMBER: Final = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def from_status(status: grpc.StatusCode, details: str | None,
+                trailers: Iterable[tuple[str, Any]] = ()) -> FederationError:
+    """The domain error of a gRPC status, its details and trailers (``trailing_metadata``
+    of a call, or the same pairs carried in a message)."""
     code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
     retry_after: float | None = None
     param: str | None = None
-    trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailers or ():
+    for key, value in trailers:
+        if not value:
+            continue
         if key == RETRY_AFTER_METADATA:
             retry_after = int(value) / 1000
         elif key == PARAM_METADATA:

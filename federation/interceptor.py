@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from federation import authz
 from federation.db.errors import outage_error
 from federation.denylist import DenyList
-from federation.errors import INTERNAL_MESSAGE, FederationError
+from federation.errors import INTERNAL_MESSAGE, ErrorCode, FederationError
 from federation.logs import REQUEST_ID_HEADER, clean_request_id, peer_var, request_id_var
 from federation.pki import ChainPolicy, Identity, PKIError, not_after, parse_spiffe_id
 from federation.telemetry import tracing
@@ -59,6 +59,20 @@ if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
     Handler = grpc.RpcMethodHandler[Any, Any]
 
 caller_var: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller", default=None)
+
+
+_recheck_var: contextvars.ContextVar[Callable[[], str | None] | None] = contextvars.ContextVar(
+    "recheck_caller", default=None)
+"""The checks of the call being served, bound to its certificate (see ``recheck_caller``)."""
+
+
+def recheck_caller() -> None:
+    """The certificate checks made when the call began, again: for each message of a
+    long-lived stream, which (like the connection under it) may outlive the caller's
+    certificate or see it denied. Raises UNAUTHENTICATED then."""
+    recheck = _recheck_var.get()
+    if recheck is not None and (refusal := recheck()) is not None:
+        raise FederationError(ErrorCode.UNAUTHENTICATED, refusal)
 
 
 def current_caller() -> Identity:
@@ -245,6 +259,17 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
         return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
 
+    def _recheck(self, context: Context, caller: Identity) -> str | None:
+        """Why the caller's certificate is refused now (expired, denied), if it is."""
+        if self._insecure_dev:
+            return None
+        leaf = _leaf_pem(context.auth_context())
+        try:
+            ensure_unexpired(not_after(leaf) if leaf else None)
+        except PKIError as exc:
+            return str(exc)
+        return self._refusal(context, caller)
+
     def _method_series(self, method: str) -> _MethodSeries:
         series = self._series.get(method)
         if series is None:
@@ -306,6 +331,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         caller_var.set(caller)
         peer_var.set(caller.spiffe_id)
+        _recheck_var.set(functools.partial(self._recheck, context, caller))
         if service == _HEALTH_SERVICE:
             # What `federation status` shows for each node across hosts.
             await context.send_initial_metadata(((VERSION_HEADER, VERSION),))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,12 +21,36 @@ from federation.channels import grpc_options
 from federation.config import GrpcConfig
 from federation.credentials import CertificateExpiry, ReloadingServerCredentials
 from federation.denylist import DenyList
+from federation.errors import FederationError
 from federation.interceptor import FederationServerInterceptor, RpcMetrics
 from federation.pki import CertificateFiles, ChainPolicy
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+M = TypeVar("M")
+
+
+async def until_drained(messages: AsyncIterator[M], draining: asyncio.Event,
+                        refusal: Callable[[], FederationError]) -> AsyncIterator[M]:
+    """A long-lived stream's messages until the node starts to drain (its
+    ``ServiceRegistration.on_drain``): then ``refusal()`` is raised, so the peer reconnects
+    (to another node, or this one restarted) at once instead of at the end of the grace."""
+    drained = asyncio.create_task(draining.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(messages))
+            await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                raise refusal()
+            try:
+                message = following.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        drained.cancel()
 
 
 @dataclass(frozen=True)

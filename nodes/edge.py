@@ -27,7 +27,7 @@ from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import EdgeSigner, PKIError, load_edge_signer
 from federation.prototime import duration, timestamp, to_datetime, to_seconds
-from federation.server import ServiceRegistration
+from federation.server import ServiceRegistration, until_drained
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -52,27 +52,6 @@ def _ensure_unexpired(not_after: dt.datetime | None) -> None:
 def _shutting_down() -> FederationError:
     return FederationError(ErrorCode.UNAVAILABLE,
                            "the broker is shutting down; reconnect", retry_after_seconds=1.0)
-
-
-async def _until_drained(messages: AsyncIterator[Any], draining: asyncio.Event
-                         ) -> AsyncIterator[Any]:
-    """The stream's messages, until the broker starts to drain: then UNAVAILABLE, so
-    the device reconnects (to another broker, or this one restarted) at once."""
-    drained = asyncio.create_task(draining.wait())
-    try:
-        while True:
-            following = asyncio.ensure_future(anext(messages))
-            await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
-            if not following.done():
-                following.cancel()
-                raise _shutting_down()
-            try:
-                message = following.result()
-            except StopAsyncIteration:
-                return
-            yield message
-    finally:
-        drained.cancel()
 
 
 class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
@@ -168,7 +147,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         # the stream ends with UNAUTHENTICATED.
         device_id = self._edge_caller()
         not_after = certificate_not_after(context)
-        async for message in _until_drained(request_iterator, self._draining):
+        async for message in until_drained(request_iterator, self._draining, _shutting_down):
             _ensure_unexpired(not_after)  # the stream may outlive the certificate
             reply = await self._beat(device_id, message.heartbeat)
             yield pb.HeartbeatStreamResponse(heartbeat=reply)

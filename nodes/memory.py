@@ -13,29 +13,34 @@ the database owner is still caught. See ``federation/guardian/chain_checks.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from opentelemetry.trace import SpanKind
 
-from federation.errors import ErrorCode, FederationError
+from federation.errors import INTERNAL_MESSAGE, ErrorCode, FederationError
 from federation.guardian.chain_checks import (
     GuardianCheckpoints,
     guardian_public_key,
     verify_with_checkpoints,
 )
 from federation.guardian.checkpoints import CheckpointScheduler
-from federation.interceptor import current_caller
-from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
+from federation.interceptor import current_caller, recheck_caller
+from federation.logs import request_id_var
+from federation.memory.convert import TIER_FROM_PROTO, batch_error_to_proto, record_to_proto
 from federation.memory.decay import temperature_decay_job
-from federation.memory.records import AuditEntry
+from federation.memory.records import AuditEntry, MemoryRecord
 from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
 from federation.memory.store import MemoryStore, SearchQuery
+from federation.periodic import cancel_and_wait
 from federation.pki import PKIPaths
 from federation.prototime import to_datetime
 from federation.server import ServiceRegistration
+from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
 from nodes.runtime import NodeRuntime
@@ -45,6 +50,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ThermalMemoryService"].full_name
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _TENANT_READERS = frozenset({"admin", "gateway", "guardian"})
+STREAM_BATCH_SPAN = "thermal_memory.stream_batch"
+"""The span of one batch of a StreamMemories stream (the stream's own span lasts as long
+as its writer keeps it open)."""
+_END = object()
+"""On a stream's queue of answers: the writer closed its side and every batch read has
+been answered."""
+_DRAIN = object()
+"""On a stream's queue of answers: the node is stopping."""
 
 
 def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> AuditEntry:
@@ -86,13 +99,17 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         self, store: MemoryStore, *, guardian: GuardianCheckpoints | None = None,
         scheduler: CheckpointScheduler | None = None,
         guardian_key: Callable[[], Ed25519PublicKey | None] = lambda: None,
-        max_batch: int = 512,
+        max_batch: int = 512, stream_max_batches_in_flight: int = 8,
     ) -> None:
         """``guardian``: where the signed checkpoints are (``None``: no guardian
         configured, chain-only verification); ``scheduler`` hears of every append;
-        ``max_batch``: most records one RecordMemories call may carry."""
+        ``max_batch``: most records one RecordMemories call or streamed batch may carry;
+        ``stream_max_batches_in_flight``: batches of one stream appended at once."""
         self._store = store
         self._max_batch = max_batch
+        self._stream_window = max(1, stream_max_batches_in_flight)
+        self._streams: set[asyncio.Queue[object]] = set()
+        """The answers of each open StreamMemories stream (told when the node drains)."""
         self._guardian = guardian
         self._scheduler = scheduler
         self._guardian_key = guardian_key
@@ -108,16 +125,101 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     async def RecordMemories(
         self, request: pb.RecordMemoriesRequest, context: Context
     ) -> pb.RecordMemoriesResponse:
-        count = len(request.requests)
+        records = await self._record_batch(request.requests)
+        return pb.RecordMemoriesResponse(records=[record_to_proto(r) for r in records])
+
+    async def StreamMemories(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.StreamMemoriesRequest], context: Context
+    ) -> AsyncIterator[pb.StreamMemoriesResponse]:
+        # Each batch is appended in a task of its own and answered when committed, so
+        # the batches in flight share the chain writer's commits. The interceptor
+        # authenticated the caller once, for the stream; the tasks inherit its identity.
+        answers: asyncio.Queue[object] = asyncio.Queue()
+        appending: set[asyncio.Task[None]] = set()
+        reader = asyncio.create_task(self._read_batches(request_iterator, answers, appending))
+        self._streams.add(answers)
+        try:
+            while (answer := await answers.get()) is not _END:
+                if answer is _DRAIN:
+                    # Stop reading; answer what is being appended; then tell the writer
+                    # to reconnect (its batches not read yet fail there, unstored).
+                    await cancel_and_wait(reader)
+                    await asyncio.gather(*appending, return_exceptions=True)
+                    while not answers.empty():
+                        if isinstance(left := answers.get_nowait(), pb.StreamMemoriesResponse):
+                            yield left
+                    raise FederationError(ErrorCode.UNAVAILABLE,
+                                          "the memory node is shutting down; reconnect",
+                                          retry_after_seconds=1.0)
+                assert isinstance(answer, pb.StreamMemoriesResponse)
+                yield answer
+        finally:
+            self._streams.discard(answers)
+            await cancel_and_wait(reader)
+            for task in appending:
+                task.cancel()
+
+    def drain(self) -> None:
+        """End the open StreamMemories streams (once their batches in flight are
+        answered): the node is stopping, and an idle stream would otherwise hold the
+        server's graceful stop for its whole grace period."""
+        for answers in self._streams:
+            answers.put_nowait(_DRAIN)
+
+    async def _read_batches(self, batches: AsyncIterator[pb.StreamMemoriesRequest],
+                            answers: asyncio.Queue[object],
+                            appending: set[asyncio.Task[None]]) -> None:
+        window = asyncio.Semaphore(self._stream_window)
+
+        async def answer(batch: pb.StreamMemoriesRequest) -> None:
+            try:
+                answers.put_nowait(await self._streamed_batch(batch))
+            finally:
+                window.release()
+
+        try:
+            async for batch in batches:
+                await window.acquire()
+                task = asyncio.create_task(answer(batch))
+                appending.add(task)
+                task.add_done_callback(appending.discard)
+            await asyncio.gather(*appending)
+        finally:
+            answers.put_nowait(_END)
+
+    async def _streamed_batch(self, batch: pb.StreamMemoriesRequest
+                              ) -> pb.StreamMemoriesResponse:
+        """The batch's answer: its records, or the error a call would have ended with."""
+        if batch.requests:
+            request_id_var.set(batch.requests[0].request_id)
+        carrier = dict(batch.trace_context) if tracing.enabled() else None
+        with tracing.span(STREAM_BATCH_SPAN, kind=SpanKind.SERVER, carrier=carrier):
+            try:
+                recheck_caller()  # the stream may outlive the writer's certificate
+                records = await self._record_batch(batch.requests)
+            except FederationError as exc:
+                return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
+                                                 error=batch_error_to_proto(exc))
+            except Exception:
+                log.exception("a streamed batch failed")
+                error = FederationError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+                return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
+                                                 error=batch_error_to_proto(error))
+        return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
+                                         records=[record_to_proto(r) for r in records])
+
+    async def _record_batch(self, requests: Sequence[pb.RecordMemoryRequest]
+                            ) -> list[MemoryRecord]:
+        count = len(requests)
         if not 1 <= count <= self._max_batch:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"requests holds 1 to {self._max_batch} records, not {count}",
                                   param="requests")
-        entries = [audit_entry(item, f"requests[{n}].") for n, item in enumerate(request.requests)]
+        entries = [audit_entry(item, f"requests[{n}].") for n, item in enumerate(requests)]
         records = await self._store.record_many(entries)
         if self._scheduler is not None:
             self._scheduler.observe(records[-1].sequence)
-        return pb.RecordMemoriesResponse(records=[record_to_proto(r) for r in records])
+        return records
 
     async def ReadMemory(
         self, request: pb.ReadMemoryRequest, context: Context
@@ -180,8 +282,9 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     decay = temperature_decay_job(store, config.decay_interval_seconds)
     await decay.start()
     runtime.cleanup.push_async_callback(decay.stop)
+    servicer = await _servicer(runtime, store)
     return ServiceRegistration.of(SERVICE_NAME, pb_grpc.add_ThermalMemoryServiceServicer_to_server,
-                                  await _servicer(runtime, store))
+                                  servicer, on_drain=servicer.drain)
 
 
 def _restore_verifier(runtime: NodeRuntime) -> RestoreVerifier | None:
@@ -200,7 +303,9 @@ async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemorySe
     settings = runtime.settings
     if not settings.peers.addresses("guardian"):
         log.info("no guardian configured (peers.guardian): no audit checkpoints")
-        return ThermalMemoryServicer(store, max_batch=settings.memory.max_batch)
+        return ThermalMemoryServicer(
+            store, max_batch=settings.memory.max_batch,
+            stream_max_batches_in_flight=settings.memory.stream_max_batches_in_flight)
     guardian = GuardianCheckpoints(
         runtime.peer_channel("guardian"), settings.grpc.call_timeout_seconds
     )
@@ -215,4 +320,6 @@ async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemorySe
     key_path = settings.home / config.signing_key_file
     return ThermalMemoryServicer(store, guardian=guardian, scheduler=scheduler,
                                  guardian_key=lambda: guardian_public_key(key_path),
-                                 max_batch=settings.memory.max_batch)
+                                 max_batch=settings.memory.max_batch,
+                                 stream_max_batches_in_flight=(
+                                     settings.memory.stream_max_batches_in_flight))

@@ -82,7 +82,7 @@ async def test_a_chat_completion_is_one_trace_from_the_gateway_to_the_database(
         "federation.v1.KeyAuthorityService/VerifyKey",
         "federation.v1.KeyAuthorityService/GrantQuotaLease",  # a key's first request
         "federation.v1.InferenceService/Generate",
-        "federation.v1.ThermalMemoryService/RecordMemory",
+        "thermal_memory.stream_batch",
         "thermal_memory.append",
     } <= names(trace), names(trace)
     statements = [s for s in trace if s.name.startswith("db ")]
@@ -115,7 +115,7 @@ async def test_a_council_vote_is_one_trace_through_council_inference_and_memory(
         "federation.v1.KeyAuthorityService/VerifyKey",
         "federation.v1.CouncilService/VoteUnary",
         "federation.v1.InferenceService/Generate",
-        "federation.v1.ThermalMemoryService/RecordMemory",
+        "thermal_memory.stream_batch",
         "thermal_memory.append",
     } <= names(trace), names(trace)
     generations = [s for s in trace if s.name == "federation.v1.InferenceService/Generate"]

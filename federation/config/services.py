@@ -307,6 +307,11 @@ class MemoryConfig:
     """Most records the chain writer appends in one transaction, and most records one
     RecordMemories call may carry (a gateway under load sends a few dozen)."""
 
+    stream_max_batches_in_flight: int = 8
+    """Batches of one StreamMemories stream being appended at once; past it the node stops
+    reading the stream until one is answered (HTTP/2 flow control then holds the writer
+    back). Our writers keep one batch in flight."""
+
     append_attempts: int = 8
     """Writes of one batch when other writers sharing the database keep appending
     first (each refused write means another writer made progress); then UNAVAILABLE."""

@@ -5,28 +5,36 @@ after the memory node has committed the record, and raises a
 :class:`FederationError` (UNAVAILABLE, DEADLINE_EXCEEDED, ...) otherwise, so the
 caller can fail closed.
 
-Concurrent records share one call (the gateway under load audits every answer
-before it leaves): while a call is in flight, new records queue up, and the
-next call (``RecordMemories``) carries all of them. When nothing is in flight a
-record is sent at once: no linger, so a lone request waits for nothing but its
-own commit. Each caller still awaits its own record's commit and gets the
-call's error if it failed. A call refused as INVALID_ARGUMENT is retried one
-record at a time, so a malformed record fails only its own caller.
+Records travel over one long-lived ``StreamMemories`` stream, opened at the first
+record and again after a failure: a batch is one message each way, where a call
+costs its setup on both sides (0.23 against 0.50 ms to an idle node, 0.08 against
+0.26 ms back to back; issue 18). Concurrent records share a batch: while a batch
+is in flight, new records queue up, and the next batch carries all of them. When
+nothing is in flight a record is sent at once: no linger, so a lone request waits
+for nothing but its own commit. Each caller still awaits its own record's commit
+and gets its batch's error if it failed. A batch refused as INVALID_ARGUMENT is
+sent again one record at a time, so a malformed record fails only its own caller.
+A batch unanswered within the timeout ends the stream (its records' callers get
+DEADLINE_EXCEEDED, every other waiting caller UNAVAILABLE): the next record opens
+a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import itertools
 import logging
 
 import grpc
 from opentelemetry.context import Context
 
 from federation.errors import ErrorCode, FederationError, from_rpc_error
-from federation.logs import REQUEST_ID_HEADER, request_id_var
-from federation.memory.convert import record_from_proto
+from federation.logs import request_id_var
+from federation.memory.convert import batch_error_from_proto, record_from_proto
 from federation.memory.records import AuditEntry, MemoryRecord
+from federation.periodic import cancel_and_wait
 from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
@@ -42,28 +50,35 @@ class GrpcAuditSink:
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout_seconds: float = 10.0,
                  max_batch: int = 512) -> None:
-        """``max_batch``: most records in one call (the memory node's ``memory.max_batch``)."""
+        """``max_batch``: most records in one batch (the memory node's ``memory.max_batch``)."""
         self._stub = pb_grpc.ThermalMemoryServiceStub(channel)
         self._timeout = timeout_seconds
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
-        self.calls = 0
-        """Calls made (how many records share one: records / calls)."""
+        self._stream: _AuditStream | None = None
+        self.batches = 0
+        """Batches sent (how many records share one: records / batches)."""
 
     async def record(self, entry: AuditEntry) -> MemoryRecord:
         future: asyncio.Future[MemoryRecord] = asyncio.get_running_loop().create_future()
         self._queue.append((_request(entry), future, tracing.current_context()))
         if self._sender is None:
             # Its own task: a caller that gives up must not cancel the others' records.
-            self._sender = asyncio.create_task(self._send_queued(), name="audit-sender")
+            # An empty context: the stream it may open outlives this request (no request
+            # id or trace of this one on it; each batch carries its own).
+            self._sender = asyncio.create_task(self._send_queued(), name="audit-sender",
+                                               context=contextvars.Context())
         return await future
 
     async def close(self) -> None:
-        """Wait until the records queued have been sent (their callers have answers)."""
+        """Wait until the records queued have been sent and answered, then end the stream."""
         if self._sender is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._sender)
+        if self._stream is not None:
+            await self._stream.close(self._timeout)
+            self._stream = None
 
     async def _send_queued(self) -> None:
         try:
@@ -76,44 +91,102 @@ class GrpcAuditSink:
 
     async def _send(self, batch: list[_Pending]) -> None:
         try:
-            records = await self._call(batch)
+            records = await self._write(batch)
         except FederationError as exc:
             if exc.code is ErrorCode.INVALID_ARGUMENT and len(batch) > 1:
                 for one in batch:
                     await self._send([one])
                 return
-            _fail(batch, exc)
+            _fail(batch, _of_own_record(exc) if len(batch) == 1 else exc)
             return
         except Exception as exc:  # never leave a caller waiting for ever
-            log.exception("audit call failed")
+            log.exception("audit batch failed")
             _fail(batch, FederationError(ErrorCode.UNAVAILABLE, f"audit call failed: {exc}"))
             return
         for (_, future, _), record in zip(batch, records, strict=True):
             if not future.done():
                 future.set_result(record)
 
-    async def _call(self, batch: list[_Pending]) -> list[MemoryRecord]:
-        """One call for ``batch``, in the trace and under the request id of its first record
-        (without an explicit id the channel interceptor would forward the sender's)."""
-        self.calls += 1
-        first, _, context = batch[0]
-        metadata = ((REQUEST_ID_HEADER, first.request_id),) if first.request_id else None
+    async def _write(self, batch: list[_Pending]) -> list[MemoryRecord]:
+        """``batch`` over the stream (opened if need be), in the trace of its first record."""
+        self.batches += 1
+        if self._stream is None or self._stream.ended:
+            self._stream = _AuditStream(self._stub.StreamMemories())
+        with tracing.continued(batch[0][2]):
+            trace_context = dict(tracing.trace_metadata())
+        message = pb.StreamMemoriesRequest(requests=[request for request, _, _ in batch],
+                                           trace_context=trace_context)
+        return await self._stream.send(message, self._timeout)
+
+
+class _AuditStream:
+    """One StreamMemories call: batches written with an id, answers matched by it."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.StreamMemoriesRequest,
+                                                       pb.StreamMemoriesResponse]) -> None:
+        self._call = call
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[pb.StreamMemoriesResponse]] = {}
+        self._reader = asyncio.create_task(self._read(), name="audit-stream-reader")
+        self.ended = False
+
+    async def send(self, message: pb.StreamMemoriesRequest, timeout_seconds: float
+                   ) -> list[MemoryRecord]:
+        message.batch_id = batch_id = next(self._ids)
+        answer = self._waiting[batch_id] = asyncio.get_running_loop().create_future()
+        # A call that has ended refuses the write: its reader fails the batch then.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call.write(message)
         try:
-            with tracing.continued(context):
-                if len(batch) == 1:
-                    one = await self._stub.RecordMemory(
-                        first, timeout=self._timeout, metadata=metadata)
-                    return [record_from_proto(one.record)]
-                response = await self._stub.RecordMemories(
-                    pb.RecordMemoriesRequest(requests=[request for request, _, _ in batch]),
-                    timeout=self._timeout, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
-        if len(response.records) != len(batch):
+            async with asyncio.timeout(timeout_seconds):
+                response = await answer
+        except TimeoutError:
+            self._end(FederationError(ErrorCode.UNAVAILABLE,
+                                      "the audit stream was reset after a batch went "
+                                      f"unanswered for {timeout_seconds:g} s"))
+            raise FederationError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"the memory node did not answer within {timeout_seconds:g} s") from None
+        if response.HasField("error"):
+            raise batch_error_from_proto(response.error)
+        if len(response.records) != len(message.requests):
             raise FederationError(ErrorCode.INTERNAL,
                                   f"the memory node answered {len(response.records)} records "
-                                  f"for {len(batch)}")
+                                  f"for {len(message.requests)}")
         return [record_from_proto(record) for record in response.records]
+
+    async def close(self, timeout_seconds: float) -> None:
+        """End the writer's side and wait (at most ``timeout_seconds``) for the memory
+        node to end the stream; then cancel it."""
+        if not self.ended:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await self._call.done_writing()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            async with asyncio.timeout(timeout_seconds):
+                await asyncio.shield(self._reader)
+        await cancel_and_wait(self._reader)
+
+    async def _read(self) -> None:
+        ended = FederationError(ErrorCode.UNAVAILABLE, "the memory node ended the audit stream")
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                assert isinstance(response, pb.StreamMemoriesResponse)
+                answer = self._waiting.pop(response.batch_id, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(response)
+        except grpc.aio.AioRpcError as exc:
+            ended = from_rpc_error(exc)
+        finally:
+            self._end(ended)
+
+    def _end(self, error: FederationError) -> None:
+        """No more batches on this stream; those unanswered fail with ``error``."""
+        self.ended = True
+        self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the call is done
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(error)
+        self._waiting.clear()
 
 
 def _request(entry: AuditEntry) -> pb.RecordMemoryRequest:
@@ -125,6 +198,16 @@ def _request(entry: AuditEntry) -> pb.RecordMemoryRequest:
         payload=pb.AuditPayload(attributes=dict(entry.attributes), body=entry.body),
         temperature=entry.temperature, request_id=entry.request_id or request_id_var.get(),
     )
+
+
+def _of_own_record(error: FederationError) -> FederationError:
+    """A one-record batch's error naming the field of that record (``action``), not of
+    the batch (``requests[0].action``)."""
+    prefix = "requests[0]."
+    if not error.param or not error.param.startswith(prefix):
+        return error
+    return FederationError(error.code, error.message, param=error.param.removeprefix(prefix),
+                           retry_after_seconds=error.retry_after_seconds)
 
 
 def _fail(batch: list[_Pending], error: FederationError) -> None:

@@ -291,6 +291,143 @@ class RecordMemoriesResponse(_message.Message):
 Global___RecordMemoriesResponse: _TypeAlias = RecordMemoriesResponse  # noqa: Y015
 
 @_typing.final
+class StreamMemoriesRequest(_message.Message):
+    """One batch on ThermalMemoryService.StreamMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    """Chosen by the writer to match the response to the batch; unique among
+    the stream's batches awaiting a response.
+    """
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordMemoryRequest]:
+        """The records to append, in order: 1 to the server's batch limit
+        (`memory.max_batch`, 512 by default).
+        """
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The trace the batch continues (W3C `traceparent`, `tracestate`); empty
+        when tracing is off.
+        """
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.int = ...,
+        requests: _abc.Iterable[Global___RecordMemoryRequest] | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "requests", b"requests", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamMemoriesRequest: _TypeAlias = StreamMemoriesRequest  # noqa: Y015
+
+@_typing.final
+class StreamMemoriesResponse(_message.Message):
+    """The outcome of one batch on ThermalMemoryService.StreamMemories."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.int
+    """The batch answered."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryRecord]:
+        """The appended records, in the order of the batch's requests; empty when
+        `error` is set.
+        """
+
+    @_builtins.property
+    def error(self) -> Global___BatchError:
+        """Why the batch was not appended; unset on success. Some of its records
+        may have been stored when the code is UNAVAILABLE, as with
+        RecordMemories.
+        """
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.int = ...,
+        records: _abc.Iterable[Global___MemoryRecord] | None = ...,
+        error: Global___BatchError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "error", b"error", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamMemoriesResponse: _TypeAlias = StreamMemoriesResponse  # noqa: Y015
+
+@_typing.final
+class BatchError(_message.Message):
+    """The error of one batch of a stream: what a failed call would have had as
+    its status and trailers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PARAM_FIELD_NUMBER: _builtins.int
+    FEDERATION_CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code's number (e.g. 3 = INVALID_ARGUMENT)."""
+    message: _builtins.str
+    """The reason, for people."""
+    param: _builtins.str
+    """The request field at fault, e.g. "requests[2].action"; may be empty."""
+    federation_code: _builtins.str
+    """The federation's finer code where one status covers several (what the
+    `error-code` trailer says of a call); may be empty.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        param: _builtins.str = ...,
+        federation_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "federation_code", b"federation_code", "message", b"message", "param", b"param"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
+
+@_typing.final
 class RecordMemoryResponse(_message.Message):
     """Response for ThermalMemoryService.RecordMemory."""
 

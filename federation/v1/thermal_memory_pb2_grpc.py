@@ -48,6 +48,11 @@ class ThermalMemoryServiceStub:
                 request_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.FromString,
                 _registered_method=True)
+        self.StreamMemories = channel.stream_stream(
+                '/federation.v1.ThermalMemoryService/StreamMemories',
+                request_serializer=federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesResponse.FromString,
+                _registered_method=True)
         self.ReadMemory = channel.unary_unary(
                 '/federation.v1.ThermalMemoryService/ReadMemory',
                 request_serializer=federation_dot_v1_dot_thermal__memory__pb2.ReadMemoryRequest.SerializeToString,
@@ -89,6 +94,19 @@ class ThermalMemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamMemories(self, request_iterator, context):
+        """Appends batches of records sent over one long-lived stream: each request
+        is a batch, answered by one response naming it, once every record of the
+        batch is committed (or with the error that kept it from being). Batches
+        are committed concurrently and may be answered out of order. A writer
+        that audits every request (the gateway) keeps one stream open instead of
+        making a call per batch: a message costs a fraction of a call's setup on
+        both sides (bench/README.md, issue 18).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadMemory(self, request, context):
         """Reads one record by sequence. Reading raises its temperature.
         """
@@ -124,6 +142,11 @@ def add_ThermalMemoryServiceServicer_to_server(servicer, server):
                     servicer.RecordMemories,
                     request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.FromString,
                     response_serializer=federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.SerializeToString,
+            ),
+            'StreamMemories': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamMemories,
+                    request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesResponse.SerializeToString,
             ),
             'ReadMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadMemory,
@@ -199,6 +222,33 @@ class ThermalMemoryService:
             '/federation.v1.ThermalMemoryService/RecordMemories',
             federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesRequest.SerializeToString,
             federation_dot_v1_dot_thermal__memory__pb2.RecordMemoriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMemories(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/federation.v1.ThermalMemoryService/StreamMemories',
+            federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesRequest.SerializeToString,
+            federation_dot_v1_dot_thermal__memory__pb2.StreamMemoriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

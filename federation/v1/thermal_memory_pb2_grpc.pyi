@@ -47,6 +47,15 @@ class ThermalMemoryServiceStub:
     Returns once every record is committed; fails (UNAVAILABLE) if any could
     not be, in which case some of them may have been stored.
     """
+    StreamMemories: _grpc.StreamStreamMultiCallable[_thermal_memory_pb2.StreamMemoriesRequest, _thermal_memory_pb2.StreamMemoriesResponse]
+    """Appends batches of records sent over one long-lived stream: each request
+    is a batch, answered by one response naming it, once every record of the
+    batch is committed (or with the error that kept it from being). Batches
+    are committed concurrently and may be answered out of order. A writer
+    that audits every request (the gateway) keeps one stream open instead of
+    making a call per batch: a message costs a fraction of a call's setup on
+    both sides (bench/README.md, issue 18).
+    """
     ReadMemory: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.ReadMemoryRequest, _thermal_memory_pb2.ReadMemoryResponse]
     """Reads one record by sequence. Reading raises its temperature."""
     SearchMemory: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.SearchMemoryRequest, _thermal_memory_pb2.SearchMemoryResponse]
@@ -74,6 +83,15 @@ class ThermalMemoryServiceAsyncStub(ThermalMemoryServiceStub):
     concurrent records (the gateway under load) sends them in one call.
     Returns once every record is committed; fails (UNAVAILABLE) if any could
     not be, in which case some of them may have been stored.
+    """
+    StreamMemories: _aio.StreamStreamMultiCallable[_thermal_memory_pb2.StreamMemoriesRequest, _thermal_memory_pb2.StreamMemoriesResponse]  # type: ignore[assignment]
+    """Appends batches of records sent over one long-lived stream: each request
+    is a batch, answered by one response naming it, once every record of the
+    batch is committed (or with the error that kept it from being). Batches
+    are committed concurrently and may be answered out of order. A writer
+    that audits every request (the gateway) keeps one stream open instead of
+    making a call per batch: a message costs a fraction of a call's setup on
+    both sides (bench/README.md, issue 18).
     """
     ReadMemory: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.ReadMemoryRequest, _thermal_memory_pb2.ReadMemoryResponse]  # type: ignore[assignment]
     """Reads one record by sequence. Reading raises its temperature."""
@@ -111,6 +129,21 @@ class ThermalMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         concurrent records (the gateway under load) sends them in one call.
         Returns once every record is committed; fails (UNAVAILABLE) if any could
         not be, in which case some of them may have been stored.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamMemories(
+        self,
+        request_iterator: _MaybeAsyncIterator[_thermal_memory_pb2.StreamMemoriesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_thermal_memory_pb2.StreamMemoriesResponse], _abc.AsyncIterator[_thermal_memory_pb2.StreamMemoriesResponse]]:
+        """Appends batches of records sent over one long-lived stream: each request
+        is a batch, answered by one response naming it, once every record of the
+        batch is committed (or with the error that kept it from being). Batches
+        are committed concurrently and may be answered out of order. A writer
+        that audits every request (the gateway) keeps one stream open instead of
+        making a call per batch: a message costs a fraction of a call's setup on
+        both sides (bench/README.md, issue 18).
         """
 
     @_abc_1.abstractmethod
