@@ -73,6 +73,14 @@ class RenewingChannel(grpc.aio.Channel):
                 self._renew()
         return self._current
 
+    def epoch(self) -> int:
+        """How many times the certificate was renewed so far, the files looked at first
+        (at most once a second). A long-lived stream keeps the channel, and so the
+        certificate, it was opened with: its owner compares this with the epoch the
+        stream was opened in, and opens a new stream after a renewal."""
+        self._generation()
+        return self.renewals
+
     def _renew(self) -> None:
         try:
             loaded = self._watch.load()

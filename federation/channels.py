@@ -121,6 +121,14 @@ class RequestIdChannel(grpc.aio.Channel):
         await self.close(None)
 
 
+def channel_epoch(channel: grpc.aio.Channel) -> int:
+    """The certificate generation ``channel`` presents now: changes when a renewing
+    channel picks up a renewed certificate (see ``RenewingChannel.epoch``); 0 for a
+    channel with a fixed certificate."""
+    epoch = getattr(channel, "epoch", None)
+    return int(epoch()) if callable(epoch) else 0
+
+
 def request_id_metadata() -> tuple[tuple[str, str], ...] | None:
     """The current request id (and, when tracing, trace context) as call metadata, for
     channels built without interceptors."""

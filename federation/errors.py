@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import grpc
 
+from federation.v1 import common_pb2
+
 RETRY_AFTER_METADATA: Final = "retry-after-ms"
 """Trailing metadata key carrying how long to wait before retrying, in ms."""
 
@@ -149,14 +151,21 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> FederationError
     return from_status(status, details, trailers or ())
 
 
-def status_number(error: FederationError) -> int:
-    """The number of ``error``'s gRPC status code (what travels in a message, e.g. one
-    batch's outcome on a stream, where no call status can carry it)."""
-    return int(error.spec.grpc_status.value[0])
+def call_error_to_proto(error: FederationError) -> common_pb2.CallError:
+    """``error`` as one operation's outcome on a stream that carries many, where no call
+    status can carry it: the status and trailers a failed call would have had."""
+    trailers = dict(error.trailing_metadata())
+    return common_pb2.CallError(
+        code=error.spec.grpc_status.value[0], message=error.message, param=error.param or "",
+        federation_code=trailers.get(CODE_METADATA, ""),
+        retry_after_ms=int(trailers.get(RETRY_AFTER_METADATA, 0)))
 
 
-def status_from_number(number: int) -> grpc.StatusCode:
-    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+def call_error_from_proto(error: common_pb2.CallError) -> FederationError:
+    return from_status(
+        _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN), error.message,
+        ((PARAM_METADATA, error.param), (CODE_METADATA, error.federation_code),
+         (RETRY_AFTER_METADATA, error.retry_after_ms)))
 
 
 _STATUS_BY_NUMBER: Final = {status.value[0]: status for status in grpc.StatusCode}

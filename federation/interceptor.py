@@ -75,6 +75,35 @@ def recheck_caller() -> None:
         raise FederationError(ErrorCode.UNAUTHENTICATED, refusal)
 
 
+_interceptor_var: contextvars.ContextVar[FederationServerInterceptor | None] = (
+    contextvars.ContextVar("interceptor", default=None))
+"""The interceptor of the call being served (see ``CountedOperation``)."""
+
+
+class CountedOperation:
+    """One operation of a stream that carries many (a generation on GenerateStream),
+    counted in the RPC series as a call of ``method`` would be: in flight, then handled
+    with its status code and timed, so dashboards and alerts see it the same."""
+
+    __slots__ = ("_series", "_started")
+
+    def __init__(self, method: str) -> None:
+        interceptor = _interceptor_var.get()
+        self._series = None if interceptor is None else interceptor.method_series(method)
+        self._started = time.perf_counter()
+        if self._series is not None:
+            self._series.in_flight.inc()
+
+    def end(self, error: FederationError | None, *, cancelled: bool = False) -> None:
+        if self._series is None:
+            return
+        code = ("CANCELLED" if cancelled else "OK" if error is None
+                else error.spec.grpc_status.name)
+        self._series.handled(code).inc()
+        self._series.latency.observe(time.perf_counter() - self._started)
+        self._series.in_flight.dec()
+
+
 def current_caller() -> Identity:
     """The authenticated identity of the call being served."""
     caller = caller_var.get()
@@ -270,7 +299,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             return str(exc)
         return self._refusal(context, caller)
 
-    def _method_series(self, method: str) -> _MethodSeries:
+    def method_series(self, method: str) -> _MethodSeries:
         series = self._series.get(method)
         if series is None:
             series = self._series[method] = _MethodSeries(self._metrics, self._children,
@@ -282,7 +311,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         """The handler's behaviour, wrapped: (streaming, unary). Only these two closures
         are made per call; the rest is methods (a decorated closure per call cost
         ~10 us in ``functools.update_wrapper`` alone)."""
-        call = _CallInfo(method, request_id, trace_parent, self._method_series(method))
+        call = _CallInfo(method, request_id, trace_parent, self.method_series(method))
         served = self._served
 
         async def unary_result(request: Any, context: Context) -> Any:
@@ -332,6 +361,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         caller_var.set(caller)
         peer_var.set(caller.spiffe_id)
         _recheck_var.set(functools.partial(self._recheck, context, caller))
+        _interceptor_var.set(self)
         if service == _HEALTH_SERVICE:
             # What `federation status` shows for each node across hosts.
             await context.send_initial_metadata(((VERSION_HEADER, VERSION),))

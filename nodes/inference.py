@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
 
-from federation.errors import ErrorCode, FederationError
+from federation.errors import INTERNAL_MESSAGE, ErrorCode, FederationError, call_error_to_proto
 from federation.inference.backend import BackendSet, build_backend_set
 from federation.inference.convert import (
     delta_to_pb,
@@ -38,21 +40,34 @@ from federation.inference.types import (
     ToolCallDelta,
 )
 from federation.inference.watchdog import StallWatchdog
+from federation.interceptor import CountedOperation, recheck_caller
+from federation.logs import request_id_var
 from federation.periodic import cancel_and_wait
 from federation.prototime import duration
 from federation.server import ServiceRegistration
+from federation.telemetry import tracing
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from nodes.runtime import NodeRuntime
 
 SERVICE_NAME = "federation.v1.InferenceService"
+GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
+"""What a generation on GenerateStream is counted and traced as: a Generate call."""
+_END = object()
+"""On a GenerateStream's queue: the caller closed its side and every generation ended."""
+_DRAIN = object()
+"""On a GenerateStream's queue: the node is stopping."""
+log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, backends: BackendSet, watchdog: StallWatchdog | None = None) -> None:
+    def __init__(self, backends: BackendSet, watchdog: StallWatchdog | None = None, *,
+                 max_generations_per_stream: int = 256) -> None:
         self._backends = backends
         self._watchdog = watchdog or StallWatchdog.disabled()
+        self._max_generations_per_stream = max(1, max_generations_per_stream)
+        self._streams: set[_GenerationStream] = set()
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
@@ -72,6 +87,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(  # type: ignore[override]
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async for response in self._generate(request):
+            yield response
+
+    async def _generate(self, request: inference_pb2.GenerateRequest
+                        ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         self._watchdog.refuse_if_wedged()
         started = time.perf_counter()
         coalescer = _Coalescer(self._backends.generate(request_from_pb(request)))
@@ -79,6 +99,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             coalescer.on_event = progress
             async for response in _responses(coalescer, started):
                 yield response
+
+    async def GenerateStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[inference_pb2.GenerateStreamRequest],
+        context: Context,
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        # Each generation runs in a task of its own and puts its messages on the
+        # stream's queue; this handler writes them in order of arrival. The interceptor
+        # authenticated the caller once, for the stream; each start checks again.
+        stream = _GenerationStream(self, self._max_generations_per_stream)
+        self._streams.add(stream)
+        try:
+            async for message in stream.messages(request_iterator):
+                yield message
+        finally:
+            self._streams.discard(stream)
+
+    def drain(self) -> None:
+        """The node is stopping: every open GenerateStream starts no more generations and
+        ends (UNAVAILABLE, so the caller reconnects elsewhere) once its running ones are
+        done; an idle stream ends at once instead of holding the graceful stop."""
+        for stream in self._streams:
+            stream.drain()
 
     async def Embed(  # type: ignore[override]
         self, request: inference_pb2.EmbedRequest, context: Context
@@ -93,6 +135,139 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     yield inference_pb2.EmbedResponse(finished=embeddings_finished_to_pb(event))
                     return
         raise FederationError(ErrorCode.INTERNAL, "the backend ended without finishing")
+
+
+class _GenerationStream:
+    """The node's side of one GenerateStream: generations started and cancelled by id,
+    their messages interleaved on the stream."""
+
+    def __init__(self, servicer: InferenceServicer, max_running: int) -> None:
+        self._servicer = servicer
+        self._max_running = max_running
+        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._drain_asked = False
+        self._draining = False
+        self._ended = False
+
+    def drain(self) -> None:
+        self._out.put_nowait(_DRAIN)
+
+    async def _ready(self) -> inference_pb2.GenerateStreamResponse:
+        """Every message queued by now (waiting for one), in one response: a write per
+        message would cost the node and the caller a wakeup each."""
+        ready = inference_pb2.GenerateStreamResponse()
+        item = await self._out.get()
+        while True:
+            if item is _END:
+                self._ended = True
+            elif item is _DRAIN:
+                self._drain_asked = True
+            else:
+                assert isinstance(item, inference_pb2.GenerationMessage)
+                ready.messages.append(item)
+            if self._out.empty():
+                return ready
+            item = self._out.get_nowait()
+
+    async def messages(self, requests: AsyncIterator[inference_pb2.GenerateStreamRequest]
+                       ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                if self._draining and not self._running and self._out.empty():
+                    raise FederationError(ErrorCode.UNAVAILABLE,
+                                          "the inference node is shutting down; reconnect",
+                                          retry_after_seconds=1.0)
+                ready = await self._ready()
+                if ready.messages:
+                    yield ready
+                if self._ended:
+                    return
+                if self._drain_asked and not self._draining:
+                    self._draining = True
+                    await cancel_and_wait(reader)  # no new generations; the running ones end
+        finally:
+            await cancel_and_wait(reader)
+            for task in list(self._running.values()):
+                task.cancel()
+
+    async def _read(self, requests: AsyncIterator[inference_pb2.GenerateStreamRequest]
+                    ) -> None:
+        async for request in requests:
+            generation_id = request.generation_id
+            if request.WhichOneof("action") == "cancel":
+                running = self._running.get(generation_id)
+                if running is not None:
+                    running.cancel()
+            elif request.HasField("start"):
+                self._start(generation_id, request.start)
+        # The caller has closed its side: the stream ends when its generations have.
+        while self._running:  # wait, not gather: cancelling this must not cancel them
+            await asyncio.wait(list(self._running.values()))
+        self._out.put_nowait(_END)
+
+    def _start(self, generation_id: int, start: inference_pb2.GenerateStart) -> None:
+        refusal = None
+        if generation_id in self._running:
+            refusal = FederationError(ErrorCode.ALREADY_EXISTS,
+                                      f"generation {generation_id} is already running",
+                                      param="generation_id")
+        elif len(self._running) >= self._max_running:
+            refusal = FederationError(ErrorCode.RESOURCE_EXHAUSTED,
+                                      f"{self._max_running} generations already run on this "
+                                      "stream", retry_after_seconds=1.0)
+        if refusal is not None:
+            self._out.put_nowait(_stream_error(generation_id, refusal))
+            return
+        self._running[generation_id] = asyncio.create_task(
+            self._generation(generation_id, start))
+
+    async def _generation(self, generation_id: int, start: inference_pb2.GenerateStart
+                          ) -> None:
+        """Put the generation's messages on the stream; its last one is its finished event
+        or its error. A cancelled generation sends nothing more."""
+        request_id_var.set(start.request_id)
+        counted = CountedOperation(GENERATE_METHOD)
+        error: FederationError | None = None
+        try:
+            carrier = dict(start.trace_context) if tracing.enabled() else None
+            with tracing.span(GENERATE_METHOD.lstrip("/"), kind=SpanKind.SERVER,
+                              carrier=carrier):
+                recheck_caller()  # the stream may outlive the caller's certificate
+                async with asyncio.timeout(_seconds(start) if start.HasField("timeout")
+                                           else None):
+                    async for response in self._servicer._generate(start.request):
+                        self._out.put_nowait(inference_pb2.GenerationMessage(
+                            generation_id=generation_id, response=response))
+        except asyncio.CancelledError:
+            counted.end(None, cancelled=True)
+            raise
+        except FederationError as exc:
+            error = exc
+        except TimeoutError:
+            error = FederationError(ErrorCode.DEADLINE_EXCEEDED,
+                                    "the generation ran past its deadline")
+        except Exception:
+            log.exception("generation failed", extra={"generation_id": generation_id})
+            error = FederationError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            # In the same step as its last message: the writer never sees the last
+            # message of a generation still counted as running.
+            self._running.pop(generation_id, None)
+        if error is not None:
+            self._out.put_nowait(_stream_error(generation_id, error))
+        counted.end(error)
+
+
+def _stream_error(generation_id: int, error: FederationError
+                  ) -> inference_pb2.GenerationMessage:
+    return inference_pb2.GenerationMessage(generation_id=generation_id,
+                                           error=call_error_to_proto(error))
+
+
+def _seconds(start: inference_pb2.GenerateStart) -> float:
+    return start.timeout.seconds + start.timeout.nanos / 1e9
 
 
 async def _responses(coalescer: _Coalescer, started: float
@@ -235,7 +410,8 @@ def _joined_calls(deltas: list[TokenDelta]) -> tuple[ToolCallDelta, ...]:
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:
     return ServiceRegistration.of(
-        SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer)
+        SERVICE_NAME, inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
+        on_drain=servicer.drain)
 
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
@@ -249,4 +425,5 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
                              lambda: runtime.set_serving(False), registry=runtime.registry)
     await watchdog.start()
     runtime.cleanup.push_async_callback(watchdog.stop)
-    return registration(InferenceServicer(backends, watchdog))
+    return registration(InferenceServicer(
+        backends, watchdog, max_generations_per_stream=config.stream_max_generations))

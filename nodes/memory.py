@@ -22,7 +22,12 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry.trace import SpanKind
 
-from federation.errors import INTERNAL_MESSAGE, ErrorCode, FederationError
+from federation.errors import (
+    INTERNAL_MESSAGE,
+    ErrorCode,
+    FederationError,
+    call_error_to_proto,
+)
 from federation.guardian.chain_checks import (
     GuardianCheckpoints,
     guardian_public_key,
@@ -31,7 +36,7 @@ from federation.guardian.chain_checks import (
 from federation.guardian.checkpoints import CheckpointScheduler
 from federation.interceptor import current_caller, recheck_caller
 from federation.logs import request_id_var
-from federation.memory.convert import TIER_FROM_PROTO, batch_error_to_proto, record_to_proto
+from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
 from federation.memory.decay import temperature_decay_job
 from federation.memory.records import AuditEntry, MemoryRecord
 from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
@@ -183,7 +188,8 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
                 task = asyncio.create_task(answer(batch))
                 appending.add(task)
                 task.add_done_callback(appending.discard)
-            await asyncio.gather(*appending)
+            if appending:  # wait, not gather: cancelling this must not cancel them
+                await asyncio.wait(list(appending))
         finally:
             answers.put_nowait(_END)
 
@@ -199,12 +205,12 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
                 records = await self._record_batch(batch.requests)
             except FederationError as exc:
                 return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
-                                                 error=batch_error_to_proto(exc))
+                                                 error=call_error_to_proto(exc))
             except Exception:
                 log.exception("a streamed batch failed")
                 error = FederationError(ErrorCode.INTERNAL, INTERNAL_MESSAGE)
                 return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
-                                                 error=batch_error_to_proto(error))
+                                                 error=call_error_to_proto(error))
         return pb.StreamMemoriesResponse(batch_id=batch.batch_id,
                                          records=[record_to_proto(r) for r in records])
 

@@ -191,6 +191,11 @@ class InferenceConfig:
     stalled streams' clients and for the gateways' routers (which re-probe every
     ``gateway.route_refresh_seconds``, 2 s) to stop sending work here."""
 
+    stream_max_generations: int = 256
+    """Generations one GenerateStream may run at once (a gateway keeps one stream per
+    node); more are refused with RESOURCE_EXHAUSTED, which the gateway's router takes
+    to another node. Each model's ``queue_capacity`` still bounds what it accepts."""
+
 
 @dataclass(frozen=True)
 class KeysConfig:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -35,6 +35,7 @@ from federation.inference.convert import (
     model_from_pb,
     request_to_pb,
 )
+from federation.inference.streams import NodeGenerations, StreamedGeneration
 from federation.inference.types import (
     Embedding,
     EmbeddingRequest,
@@ -50,7 +51,8 @@ from federation.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_Call = grpc.aio.UnaryStreamCall[Any, Any]
+_Reader = grpc.aio.UnaryStreamCall[Any, Any] | StreamedGeneration
+"""A generation or an embedding in progress: ``read()`` its messages, ``cancel()`` it."""
 E = TypeVar("E")
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from the stubs
 
@@ -68,6 +70,7 @@ class NodeState:
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceServiceAsyncStub
     health: health_pb2_grpc.HealthStub
+    generations: NodeGenerations
     healthy: bool = False
     models: dict[str, ModelInfo] = field(default_factory=dict)
     local_in_flight: int = 0
@@ -122,9 +125,10 @@ class InferenceRouter:
             # ``generate`` sends the request id itself.
             channel = open_channel(address, self._credentials, self._grpc_config,
                                    forward_request_id=False)
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
             self._nodes.append(NodeState(
-                address, channel, inference_pb2_grpc.InferenceServiceStub(channel),
-                health_pb2_grpc.HealthStub(channel),
+                address, channel, stub, health_pb2_grpc.HealthStub(channel),
+                NodeGenerations(channel, stub),
             ))
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="inference-router")
@@ -133,6 +137,7 @@ class InferenceRouter:
         await cancel_and_wait(self._refresher)
         self._refresher = None
         for node in self._nodes:
+            await node.generations.close()
             await node.channel.close(None)
         self._nodes = []
 
@@ -246,22 +251,31 @@ class InferenceRouter:
         gRPC call, which stops the generation on the node.
         """
         message = request_to_pb(request)
-        return self._stream(request.model, lambda stub, **kw: stub.Generate(message, **kw),
-                            _event, lambda e: not isinstance(e, TokenDelta), deadline_seconds)
+
+        async def start(node: NodeState, deadline_seconds: float | None) -> _Reader:
+            return await node.generations.start(message, deadline_seconds)
+
+        return self._stream(request.model, start, _event,
+                            lambda e: not isinstance(e, TokenDelta), deadline_seconds)
 
     def embed(self, request: EmbeddingRequest, *, deadline_seconds: float | None = None
               ) -> AsyncGenerator[EmbedEvent, None]:
         """Embed on the best node serving the model (retried like :meth:`generate`)."""
         message = embed_request_to_pb(request)
-        return self._stream(request.model, lambda stub, **kw: stub.Embed(message, **kw),
-                            _embed_event, lambda e: not isinstance(e, Embedding),
-                            deadline_seconds)
+        metadata = request_id_metadata()
 
-    async def _stream(self, model: str, start: Callable[..., _Call],
+        async def start(node: NodeState, deadline_seconds: float | None) -> _Reader:
+            call = node.stub.Embed(message, timeout=deadline_seconds, metadata=metadata)
+            return call  # type: ignore[return-value]
+
+        return self._stream(request.model, start, _embed_event,
+                            lambda e: not isinstance(e, Embedding), deadline_seconds)
+
+    async def _stream(self, model: str,
+                      start: Callable[[NodeState, float | None], Awaitable[_Reader]],
                       decode: Callable[[Any], E], is_last: Callable[[E], bool],
                       deadline_seconds: float | None) -> AsyncGenerator[E, None]:
         self.check_model(model)
-        metadata = request_id_metadata()
         tried: set[str] = set()
         last_error: FederationError | None = None
         for _ in range(self._attempts):
@@ -270,7 +284,11 @@ class InferenceRouter:
                 break
             tried.add(node.address)
             node.local_in_flight += 1
-            call = start(node.stub, timeout=deadline_seconds, metadata=metadata)
+            try:
+                call = await start(node, deadline_seconds)
+            except BaseException:
+                node.local_in_flight -= 1
+                raise
             try:
                 try:
                     first = await self._first_event(node, call)
@@ -292,13 +310,13 @@ class InferenceRouter:
                 call.cancel()  # type: ignore[no-untyped-call]  # no-op when finished; stops the node's work otherwise
         raise last_error or self._no_node(model)
 
-    async def _first_event(self, node: NodeState, call: _Call) -> Any:
+    async def _first_event(self, node: NodeState, call: _Reader) -> Any:
         """The first message, or ``None`` when the node failed in a way worth a retry."""
         try:
             async with asyncio.timeout(self._first_event_timeout):
                 response = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc)
+        except (grpc.aio.AioRpcError, FederationError) as exc:
+            error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
             self._node_failed(node, error, before_first=True)
             raise error from None
         except TimeoutError:
@@ -311,13 +329,13 @@ class InferenceRouter:
             return None
         return response
 
-    async def _rest(self, node: NodeState, call: _Call, decode: Callable[[Any], E],
+    async def _rest(self, node: NodeState, call: _Reader, decode: Callable[[Any], E],
                     is_last: Callable[[E], bool]) -> AsyncGenerator[E, None]:
         while True:
             try:
                 response = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
+            except (grpc.aio.AioRpcError, FederationError) as exc:
+                error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
                 self._node_failed(node, error, before_first=False)
                 if error.code in _RETRYABLE:
                     raise FederationError(

@@ -30,9 +30,10 @@ import logging
 import grpc
 from opentelemetry.context import Context
 
-from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.channels import channel_epoch
+from federation.errors import ErrorCode, FederationError, call_error_from_proto, from_rpc_error
 from federation.logs import request_id_var
-from federation.memory.convert import batch_error_from_proto, record_from_proto
+from federation.memory.convert import record_from_proto
 from federation.memory.records import AuditEntry, MemoryRecord
 from federation.periodic import cancel_and_wait
 from federation.telemetry import tracing
@@ -51,7 +52,9 @@ class GrpcAuditSink:
     def __init__(self, channel: grpc.aio.Channel, *, timeout_seconds: float = 10.0,
                  max_batch: int = 512) -> None:
         """``max_batch``: most records in one batch (the memory node's ``memory.max_batch``)."""
+        self._channel = channel
         self._stub = pb_grpc.ThermalMemoryServiceStub(channel)
+        self._retiring: set[asyncio.Task[None]] = set()
         self._timeout = timeout_seconds
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
@@ -79,6 +82,8 @@ class GrpcAuditSink:
         if self._stream is not None:
             await self._stream.close(self._timeout)
             self._stream = None
+        if self._retiring:
+            await asyncio.wait(list(self._retiring))
 
     async def _send_queued(self) -> None:
         try:
@@ -110,21 +115,37 @@ class GrpcAuditSink:
     async def _write(self, batch: list[_Pending]) -> list[MemoryRecord]:
         """``batch`` over the stream (opened if need be), in the trace of its first record."""
         self.batches += 1
-        if self._stream is None or self._stream.ended:
-            self._stream = _AuditStream(self._stub.StreamMemories())
+        self._stream = self._open_stream()
         with tracing.continued(batch[0][2]):
             trace_context = dict(tracing.trace_metadata())
         message = pb.StreamMemoriesRequest(requests=[request for request, _, _ in batch],
                                            trace_context=trace_context)
         return await self._stream.send(message, self._timeout)
 
+    def _open_stream(self) -> _AuditStream:
+        """The stream to write on: the open one, or a new one if it has ended or the
+        channel has a renewed certificate since (the old one is closed in the background
+        once its batches are answered)."""
+        epoch = channel_epoch(self._channel)
+        stream = self._stream
+        if stream is not None and not stream.ended and stream.epoch == epoch:
+            return stream
+        if stream is not None and not stream.ended:
+            retiring = asyncio.create_task(stream.close(self._timeout))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+        return _AuditStream(self._stub.StreamMemories(), epoch)
+
 
 class _AuditStream:
     """One StreamMemories call: batches written with an id, answers matched by it."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall[pb.StreamMemoriesRequest,
-                                                       pb.StreamMemoriesResponse]) -> None:
+                                                       pb.StreamMemoriesResponse],
+                 epoch: int) -> None:
         self._call = call
+        self.epoch = epoch
+        """The channel's certificate generation when the stream opened."""
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[pb.StreamMemoriesResponse]] = {}
         self._reader = asyncio.create_task(self._read(), name="audit-stream-reader")
@@ -148,7 +169,7 @@ class _AuditStream:
                 ErrorCode.DEADLINE_EXCEEDED,
                 f"the memory node did not answer within {timeout_seconds:g} s") from None
         if response.HasField("error"):
-            raise batch_error_from_proto(response.error)
+            raise call_error_from_proto(response.error)
         if len(response.records) != len(message.requests):
             raise FederationError(ErrorCode.INTERNAL,
                                   f"the memory node answered {len(response.records)} records "

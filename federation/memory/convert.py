@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-from federation.errors import (
-    CODE_METADATA,
-    PARAM_METADATA,
-    FederationError,
-    from_status,
-    status_from_number,
-    status_number,
-)
 from federation.memory.records import MemoryRecord, Tier
 from federation.prototime import timestamp, to_datetime
 from federation.v1 import thermal_memory_pb2 as pb
@@ -45,15 +37,3 @@ def record_from_proto(message: pb.MemoryRecord) -> MemoryRecord:
         compressed=message.compressed,
     )
 
-
-def batch_error_to_proto(error: FederationError) -> pb.BatchError:
-    """What a failed call's status and trailers would have said, as a message."""
-    trailers = dict(error.trailing_metadata())
-    return pb.BatchError(code=status_number(error), message=error.message,
-                         param=error.param or "",
-                         federation_code=trailers.get(CODE_METADATA, ""))
-
-
-def batch_error_from_proto(error: pb.BatchError) -> FederationError:
-    return from_status(status_from_number(error.code), error.message,
-                       ((PARAM_METADATA, error.param), (CODE_METADATA, error.federation_code)))

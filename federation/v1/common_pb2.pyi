@@ -13,7 +13,10 @@ Conventions that apply to every file in this package:
 - List RPCs paginate per AIP-158: `page_size` (0 = server default; the
   server may return fewer), opaque `page_token`, and `next_page_token`
   (empty when there are no more results).
-- Errors are reported as gRPC status codes, not as fields in responses.
+- Errors are reported as gRPC status codes, not as fields in responses;
+  except on a stream that carries many operations (StreamMemories,
+  GenerateStream), where each operation's failure is a CallError message:
+  what its own call's status would have said.
 """
 
 from google.protobuf import descriptor as _descriptor
@@ -62,3 +65,47 @@ class Usage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class CallError(_message.Message):
+    """The failure of one operation on a stream that carries many: what a failed
+    call's status and trailers would have said.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PARAM_FIELD_NUMBER: _builtins.int
+    FEDERATION_CODE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code's number (e.g. 3 = INVALID_ARGUMENT)."""
+    message: _builtins.str
+    """The reason, for people."""
+    param: _builtins.str
+    """The request field at fault, e.g. "requests[2].action"; may be empty."""
+    federation_code: _builtins.str
+    """The federation's finer code where one status covers several (what the
+    `error-code` trailer says of a call); may be empty.
+    """
+    retry_after_ms: _builtins.int
+    """How long to wait before retrying, in milliseconds (the `retry-after-ms`
+    trailer of a call); 0 when not given.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        param: _builtins.str = ...,
+        federation_code: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "federation_code", b"federation_code", "message", b"message", "param", b"param", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallError: _TypeAlias = CallError  # noqa: Y015

@@ -13,7 +13,10 @@ Conventions that apply to every file in this package:
 - List RPCs paginate per AIP-158: `page_size` (0 = server default; the
   server may return fewer), opaque `page_token`, and `next_page_token`
   (empty when there are no more results).
-- Errors are reported as gRPC status codes, not as fields in responses.
+- Errors are reported as gRPC status codes, not as fields in responses;
+  except on a stream that carries many operations (StreamMemories,
+  GenerateStream), where each operation's failure is a CallError message:
+  what its own call's status would have said.
 """
 
 from collections import abc as _abc

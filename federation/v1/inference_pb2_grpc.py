@@ -46,6 +46,11 @@ class InferenceServiceStub:
                 request_serializer=federation_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/federation.v1.InferenceService/GenerateStream',
+                request_serializer=federation_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_stream(
                 '/federation.v1.InferenceService/Embed',
                 request_serializer=federation_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
@@ -81,6 +86,21 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request_iterator, context):
+        """Generations multiplexed on one long-lived stream: each request starts or
+        cancels one generation, named by an id its caller chooses; each response
+        carries the messages that were ready, each naming its generation, which
+        ends with its `finished` event or with an `error` (what Generate's status
+        would have said). Generations run concurrently; their messages
+        interleave. A caller that generates often (the gateway) keeps one stream
+        per node instead of a call per generation: a message costs a fraction of
+        a call's setup on both sides (bench/README.md, issue 18). The node ends
+        the stream with UNAVAILABLE when it stops, once its generations are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Embeds one or more inputs: one Embedding event per input, in any order
         (each carries its input's index), then exactly one EmbeddingsFinished.
@@ -111,6 +131,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=federation_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=federation_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=federation_dot_v1_dot_inference__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Embed': grpc.unary_stream_rpc_method_handler(
                     servicer.Embed,
@@ -179,6 +204,33 @@ class InferenceService:
             '/federation.v1.InferenceService/Generate',
             federation_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             federation_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/federation.v1.InferenceService/GenerateStream',
+            federation_dot_v1_dot_inference__pb2.GenerateStreamRequest.SerializeToString,
+            federation_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

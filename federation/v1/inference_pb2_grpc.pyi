@@ -44,6 +44,17 @@ class InferenceServiceStub:
     CANCELLED; backend failures as gRPC status errors (no finished event is
     sent in either case).
     """
+    GenerateStream: _grpc.StreamStreamMultiCallable[_inference_pb2.GenerateStreamRequest, _inference_pb2.GenerateStreamResponse]
+    """Generations multiplexed on one long-lived stream: each request starts or
+    cancels one generation, named by an id its caller chooses; each response
+    carries the messages that were ready, each naming its generation, which
+    ends with its `finished` event or with an `error` (what Generate's status
+    would have said). Generations run concurrently; their messages
+    interleave. A caller that generates often (the gateway) keeps one stream
+    per node instead of a call per generation: a message costs a fraction of
+    a call's setup on both sides (bench/README.md, issue 18). The node ends
+    the stream with UNAVAILABLE when it stops, once its generations are done.
+    """
     Embed: _grpc.UnaryStreamMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
     """Embeds one or more inputs: one Embedding event per input, in any order
     (each carries its input's index), then exactly one EmbeddingsFinished.
@@ -69,6 +80,17 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     GenerationFinished event. Cancellation by the client surfaces as gRPC
     CANCELLED; backend failures as gRPC status errors (no finished event is
     sent in either case).
+    """
+    GenerateStream: _aio.StreamStreamMultiCallable[_inference_pb2.GenerateStreamRequest, _inference_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """Generations multiplexed on one long-lived stream: each request starts or
+    cancels one generation, named by an id its caller chooses; each response
+    carries the messages that were ready, each naming its generation, which
+    ends with its `finished` event or with an `error` (what Generate's status
+    would have said). Generations run concurrently; their messages
+    interleave. A caller that generates often (the gateway) keeps one stream
+    per node instead of a call per generation: a message costs a fraction of
+    a call's setup on both sides (bench/README.md, issue 18). The node ends
+    the stream with UNAVAILABLE when it stops, once its generations are done.
     """
     Embed: _aio.UnaryStreamMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embeds one or more inputs: one Embedding event per input, in any order
@@ -104,6 +126,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         GenerationFinished event. Cancellation by the client surfaces as gRPC
         CANCELLED; backend failures as gRPC status errors (no finished event is
         sent in either case).
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.GenerateStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateStreamResponse], _abc.AsyncIterator[_inference_pb2.GenerateStreamResponse]]:
+        """Generations multiplexed on one long-lived stream: each request starts or
+        cancels one generation, named by an id its caller chooses; each response
+        carries the messages that were ready, each naming its generation, which
+        ends with its `finished` event or with an `error` (what Generate's status
+        would have said). Generations run concurrently; their messages
+        interleave. A caller that generates often (the gateway) keeps one stream
+        per node instead of a call per generation: a message costs a fraction of
+        a call's setup on both sides (bench/README.md, issue 18). The node ends
+        the stream with UNAVAILABLE when it stops, once its generations are done.
         """
 
     @_abc_1.abstractmethod

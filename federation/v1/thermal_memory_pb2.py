@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from federation.v1 import common_pb2 as federation_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"federation/v1/thermal_memory.proto\x12\rfederation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x0c\x41uditPayload\x12?\n\nattributes\x18\x01 \x03(\x0b\x32+.federation.v1.AuditPayload.AttributesEntry\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x02\n\x0cMemoryRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07payload\x18\x08 \x01(\x0b\x32\x1b.federation.v1.AuditPayload\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x13\n\x0btemperature\x18\x0b \x01(\r\x12,\n\x04tier\x18\x0c \x01(\x0e\x32\x1e.federation.v1.TemperatureTier\x12\x12\n\ncompressed\x18\r \x01(\x08\"\xc4\x01\n\x13RecordMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.federation.v1.AuditPayload\x12\x18\n\x0btemperature\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0e\n\x0c_temperature\"M\n\x15RecordMemoriesRequest\x12\x34\n\x08requests\x18\x01 \x03(\x0b\x32\".federation.v1.RecordMemoryRequest\"F\n\x16RecordMemoriesResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\"\xe3\x01\n\x15StreamMemoriesRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x34\n\x08requests\x18\x02 \x03(\x0b\x32\".federation.v1.RecordMemoryRequest\x12M\n\rtrace_context\x18\x03 \x03(\x0b\x32\x36.federation.v1.StreamMemoriesRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x01\n\x16StreamMemoriesResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x07records\x18\x02 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.federation.v1.BatchError\"S\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\x12\x17\n\x0f\x66\x65\x64\x65ration_code\x18\x04 \x01(\t\"C\n\x14RecordMemoryResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.federation.v1.MemoryRecord\"8\n\x11ReadMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\"A\n\x12ReadMemoryResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.federation.v1.MemoryRecord\"\x95\x02\n\x13SearchMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x15\n\raction_prefix\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x04tier\x18\x07 \x01(\x0e\x32\x1e.federation.v1.TemperatureTier\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"]\n\x14SearchMemoryResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x12VerifyChainRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\x12\x13\n\x0bto_sequence\x18\x02 \x01(\x03\"\xfa\x01\n\x13VerifyChainResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1f\n\x12\x66irst_bad_sequence\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12%\n\x18last_checkpoint_sequence\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12-\n\x08restores\x18\x06 \x03(\x0b\x32\x1b.federation.v1.ChainRestoreB\x15\n\x13_first_bad_sequenceB\x1b\n\x19_last_checkpoint_sequence\"\x9b\x02\n\x0c\x43hainRestore\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x30\n\x0crestore_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brestored_by\x18\x03 \x01(\t\x12\x11\n\tbackup_id\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kup_sequence\x18\x06 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kup_hash\x18\x07 \x01(\x0c\x12\x11\n\tlost_from\x18\x08 \x01(\x03\x12\x0f\n\x07lost_to\x18\t \x01(\x03\x12\x12\n\nlost_count\x18\n \x01(\x03\x12$\n\x1cguardian_checkpoint_sequence\x18\x0b \x01(\x03*\x9f\x01\n\x0fTemperatureTier\x12 \n\x1cTEMPERATURE_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14TEMPERATURE_TIER_HOT\x10\x01\x12\x19\n\x15TEMPERATURE_TIER_WARM\x10\x02\x12\x19\n\x15TEMPERATURE_TIER_COLD\x10\x03\x12\x1a\n\x16TEMPERATURE_TIER_EMBER\x10\x04\x32\xb3\x04\n\x14ThermalMemoryService\x12W\n\x0cRecordMemory\x12\".federation.v1.RecordMemoryRequest\x1a#.federation.v1.RecordMemoryResponse\x12]\n\x0eRecordMemories\x12$.federation.v1.RecordMemoriesRequest\x1a%.federation.v1.RecordMemoriesResponse\x12\x61\n\x0eStreamMemories\x12$.federation.v1.StreamMemoriesRequest\x1a%.federation.v1.StreamMemoriesResponse(\x01\x30\x01\x12Q\n\nReadMemory\x12 .federation.v1.ReadMemoryRequest\x1a!.federation.v1.ReadMemoryResponse\x12W\n\x0cSearchMemory\x12\".federation.v1.SearchMemoryRequest\x1a#.federation.v1.SearchMemoryResponse\x12T\n\x0bVerifyChain\x12!.federation.v1.VerifyChainRequest\x1a\".federation.v1.VerifyChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"federation/v1/thermal_memory.proto\x12\rfederation.v1\x1a\x1a\x66\x65\x64\x65ration/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x0c\x41uditPayload\x12?\n\nattributes\x18\x01 \x03(\x0b\x32+.federation.v1.AuditPayload.AttributesEntry\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x02\n\x0cMemoryRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x07payload\x18\x08 \x01(\x0b\x32\x1b.federation.v1.AuditPayload\x12\x11\n\tprev_hash\x18\t \x01(\x0c\x12\x0c\n\x04hash\x18\n \x01(\x0c\x12\x13\n\x0btemperature\x18\x0b \x01(\r\x12,\n\x04tier\x18\x0c \x01(\x0e\x32\x1e.federation.v1.TemperatureTier\x12\x12\n\ncompressed\x18\r \x01(\x08\"\xc4\x01\n\x13RecordMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.federation.v1.AuditPayload\x12\x18\n\x0btemperature\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0e\n\x0c_temperature\"M\n\x15RecordMemoriesRequest\x12\x34\n\x08requests\x18\x01 \x03(\x0b\x32\".federation.v1.RecordMemoryRequest\"F\n\x16RecordMemoriesResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\"\xe3\x01\n\x15StreamMemoriesRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x34\n\x08requests\x18\x02 \x03(\x0b\x32\".federation.v1.RecordMemoryRequest\x12M\n\rtrace_context\x18\x03 \x03(\x0b\x32\x36.federation.v1.StreamMemoriesRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x16StreamMemoriesResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x07records\x18\x02 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.federation.v1.CallError\"C\n\x14RecordMemoryResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.federation.v1.MemoryRecord\"8\n\x11ReadMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\"A\n\x12ReadMemoryResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.federation.v1.MemoryRecord\"\x95\x02\n\x13SearchMemoryRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x15\n\raction_prefix\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x04tier\x18\x07 \x01(\x0e\x32\x1e.federation.v1.TemperatureTier\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"]\n\x14SearchMemoryResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.federation.v1.MemoryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x12VerifyChainRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\x12\x13\n\x0bto_sequence\x18\x02 \x01(\x03\"\xfa\x01\n\x13VerifyChainResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1f\n\x12\x66irst_bad_sequence\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12%\n\x18last_checkpoint_sequence\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12-\n\x08restores\x18\x06 \x03(\x0b\x32\x1b.federation.v1.ChainRestoreB\x15\n\x13_first_bad_sequenceB\x1b\n\x19_last_checkpoint_sequence\"\x9b\x02\n\x0c\x43hainRestore\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x30\n\x0crestore_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brestored_by\x18\x03 \x01(\t\x12\x11\n\tbackup_id\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x61\x63kup_time\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x61\x63kup_sequence\x18\x06 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kup_hash\x18\x07 \x01(\x0c\x12\x11\n\tlost_from\x18\x08 \x01(\x03\x12\x0f\n\x07lost_to\x18\t \x01(\x03\x12\x12\n\nlost_count\x18\n \x01(\x03\x12$\n\x1cguardian_checkpoint_sequence\x18\x0b \x01(\x03*\x9f\x01\n\x0fTemperatureTier\x12 \n\x1cTEMPERATURE_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14TEMPERATURE_TIER_HOT\x10\x01\x12\x19\n\x15TEMPERATURE_TIER_WARM\x10\x02\x12\x19\n\x15TEMPERATURE_TIER_COLD\x10\x03\x12\x1a\n\x16TEMPERATURE_TIER_EMBER\x10\x04\x32\xb3\x04\n\x14ThermalMemoryService\x12W\n\x0cRecordMemory\x12\".federation.v1.RecordMemoryRequest\x1a#.federation.v1.RecordMemoryResponse\x12]\n\x0eRecordMemories\x12$.federation.v1.RecordMemoriesRequest\x1a%.federation.v1.RecordMemoriesResponse\x12\x61\n\x0eStreamMemories\x12$.federation.v1.StreamMemoriesRequest\x1a%.federation.v1.StreamMemoriesResponse(\x01\x30\x01\x12Q\n\nReadMemory\x12 .federation.v1.ReadMemoryRequest\x1a!.federation.v1.ReadMemoryResponse\x12W\n\x0cSearchMemory\x12\".federation.v1.SearchMemoryRequest\x1a#.federation.v1.SearchMemoryResponse\x12T\n\x0bVerifyChain\x12!.federation.v1.VerifyChainRequest\x1a\".federation.v1.VerifyChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,44 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITPAYLOAD_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_TEMPERATURETIER']._serialized_start=2543
-  _globals['_TEMPERATURETIER']._serialized_end=2702
-  _globals['_AUDITPAYLOAD']._serialized_start=87
-  _globals['_AUDITPAYLOAD']._serialized_end=231
-  _globals['_AUDITPAYLOAD_ATTRIBUTESENTRY']._serialized_start=182
-  _globals['_AUDITPAYLOAD_ATTRIBUTESENTRY']._serialized_end=231
-  _globals['_MEMORYRECORD']._serialized_start=234
-  _globals['_MEMORYRECORD']._serialized_end=568
-  _globals['_RECORDMEMORYREQUEST']._serialized_start=571
-  _globals['_RECORDMEMORYREQUEST']._serialized_end=767
-  _globals['_RECORDMEMORIESREQUEST']._serialized_start=769
-  _globals['_RECORDMEMORIESREQUEST']._serialized_end=846
-  _globals['_RECORDMEMORIESRESPONSE']._serialized_start=848
-  _globals['_RECORDMEMORIESRESPONSE']._serialized_end=918
-  _globals['_STREAMMEMORIESREQUEST']._serialized_start=921
-  _globals['_STREAMMEMORIESREQUEST']._serialized_end=1148
-  _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._serialized_start=1097
-  _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._serialized_end=1148
-  _globals['_STREAMMEMORIESRESPONSE']._serialized_start=1151
-  _globals['_STREAMMEMORIESRESPONSE']._serialized_end=1281
-  _globals['_BATCHERROR']._serialized_start=1283
-  _globals['_BATCHERROR']._serialized_end=1366
-  _globals['_RECORDMEMORYRESPONSE']._serialized_start=1368
-  _globals['_RECORDMEMORYRESPONSE']._serialized_end=1435
-  _globals['_READMEMORYREQUEST']._serialized_start=1437
-  _globals['_READMEMORYREQUEST']._serialized_end=1493
-  _globals['_READMEMORYRESPONSE']._serialized_start=1495
-  _globals['_READMEMORYRESPONSE']._serialized_end=1560
-  _globals['_SEARCHMEMORYREQUEST']._serialized_start=1563
-  _globals['_SEARCHMEMORYREQUEST']._serialized_end=1840
-  _globals['_SEARCHMEMORYRESPONSE']._serialized_start=1842
-  _globals['_SEARCHMEMORYRESPONSE']._serialized_end=1935
-  _globals['_VERIFYCHAINREQUEST']._serialized_start=1937
-  _globals['_VERIFYCHAINREQUEST']._serialized_end=2001
-  _globals['_VERIFYCHAINRESPONSE']._serialized_start=2004
-  _globals['_VERIFYCHAINRESPONSE']._serialized_end=2254
-  _globals['_CHAINRESTORE']._serialized_start=2257
-  _globals['_CHAINRESTORE']._serialized_end=2540
-  _globals['_THERMALMEMORYSERVICE']._serialized_start=2705
-  _globals['_THERMALMEMORYSERVICE']._serialized_end=3268
+  _globals['_TEMPERATURETIER']._serialized_start=2485
+  _globals['_TEMPERATURETIER']._serialized_end=2644
+  _globals['_AUDITPAYLOAD']._serialized_start=115
+  _globals['_AUDITPAYLOAD']._serialized_end=259
+  _globals['_AUDITPAYLOAD_ATTRIBUTESENTRY']._serialized_start=210
+  _globals['_AUDITPAYLOAD_ATTRIBUTESENTRY']._serialized_end=259
+  _globals['_MEMORYRECORD']._serialized_start=262
+  _globals['_MEMORYRECORD']._serialized_end=596
+  _globals['_RECORDMEMORYREQUEST']._serialized_start=599
+  _globals['_RECORDMEMORYREQUEST']._serialized_end=795
+  _globals['_RECORDMEMORIESREQUEST']._serialized_start=797
+  _globals['_RECORDMEMORIESREQUEST']._serialized_end=874
+  _globals['_RECORDMEMORIESRESPONSE']._serialized_start=876
+  _globals['_RECORDMEMORIESRESPONSE']._serialized_end=946
+  _globals['_STREAMMEMORIESREQUEST']._serialized_start=949
+  _globals['_STREAMMEMORIESREQUEST']._serialized_end=1176
+  _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._serialized_start=1125
+  _globals['_STREAMMEMORIESREQUEST_TRACECONTEXTENTRY']._serialized_end=1176
+  _globals['_STREAMMEMORIESRESPONSE']._serialized_start=1179
+  _globals['_STREAMMEMORIESRESPONSE']._serialized_end=1308
+  _globals['_RECORDMEMORYRESPONSE']._serialized_start=1310
+  _globals['_RECORDMEMORYRESPONSE']._serialized_end=1377
+  _globals['_READMEMORYREQUEST']._serialized_start=1379
+  _globals['_READMEMORYREQUEST']._serialized_end=1435
+  _globals['_READMEMORYRESPONSE']._serialized_start=1437
+  _globals['_READMEMORYRESPONSE']._serialized_end=1502
+  _globals['_SEARCHMEMORYREQUEST']._serialized_start=1505
+  _globals['_SEARCHMEMORYREQUEST']._serialized_end=1782
+  _globals['_SEARCHMEMORYRESPONSE']._serialized_start=1784
+  _globals['_SEARCHMEMORYRESPONSE']._serialized_end=1877
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=1879
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=1943
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=1946
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=2196
+  _globals['_CHAINRESTORE']._serialized_start=2199
+  _globals['_CHAINRESTORE']._serialized_end=2482
+  _globals['_THERMALMEMORYSERVICE']._serialized_start=2647
+  _globals['_THERMALMEMORYSERVICE']._serialized_end=3210
 # @@protoc_insertion_point(module_scope)

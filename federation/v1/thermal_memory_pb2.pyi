@@ -6,6 +6,7 @@ over time and are compressed as they go cold; reading warms them up.
 """
 
 from collections import abc as _abc
+from federation.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -368,7 +369,7 @@ class StreamMemoriesResponse(_message.Message):
         """
 
     @_builtins.property
-    def error(self) -> Global___BatchError:
+    def error(self) -> _common_pb2.CallError:
         """Why the batch was not appended; unset on success. Some of its records
         may have been stored when the code is UNAVAILABLE, as with
         RecordMemories.
@@ -379,7 +380,7 @@ class StreamMemoriesResponse(_message.Message):
         *,
         batch_id: _builtins.int = ...,
         records: _abc.Iterable[Global___MemoryRecord] | None = ...,
-        error: Global___BatchError | None = ...,
+        error: _common_pb2.CallError | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -388,44 +389,6 @@ class StreamMemoriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamMemoriesResponse: _TypeAlias = StreamMemoriesResponse  # noqa: Y015
-
-@_typing.final
-class BatchError(_message.Message):
-    """The error of one batch of a stream: what a failed call would have had as
-    its status and trailers.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CODE_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    PARAM_FIELD_NUMBER: _builtins.int
-    FEDERATION_CODE_FIELD_NUMBER: _builtins.int
-    code: _builtins.int
-    """The gRPC status code's number (e.g. 3 = INVALID_ARGUMENT)."""
-    message: _builtins.str
-    """The reason, for people."""
-    param: _builtins.str
-    """The request field at fault, e.g. "requests[2].action"; may be empty."""
-    federation_code: _builtins.str
-    """The federation's finer code where one status covers several (what the
-    `error-code` trailer says of a call); may be empty.
-    """
-    def __init__(
-        self,
-        *,
-        code: _builtins.int = ...,
-        message: _builtins.str = ...,
-        param: _builtins.str = ...,
-        federation_code: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "federation_code", b"federation_code", "message", b"message", "param", b"param"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
 
 @_typing.final
 class RecordMemoryResponse(_message.Message):

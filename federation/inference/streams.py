@@ -1,0 +1,226 @@
+"""The gateway's side of ``GenerateStream``: many generations on one long-lived stream
+per inference node.
+
+A generation is a message each way on a stream that is already open, where a
+``Generate`` call costs its setup on both sides: 0.32 against 0.53 ms per generation
+to an idle node, 0.09 against 0.23 ms back to back (a grpc.aio echo between two
+processes, issue 18). :class:`GenerationStream` starts generations by id and routes
+each response to its generation; :class:`StreamedGeneration` reads like the call it
+replaces (``read``, ``cancel``), raising :class:`FederationError` where the call raised
+``AioRpcError``.
+
+When the stream fails (the node stopped, the link broke), every open generation
+fails with the stream's error, and the next generation opens a new stream. A stream
+opened before the channel's certificate was renewed is closed once its generations
+end, new ones going to a stream on the new certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+
+from federation.channels import channel_epoch, request_id_metadata
+from federation.errors import ErrorCode, FederationError, call_error_from_proto, from_rpc_error
+from federation.logs import REQUEST_ID_HEADER
+from federation.periodic import cancel_and_wait
+from federation.prototime import duration
+from federation.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_Message = inference_pb2.GenerateResponse | FederationError
+"""What a generation's queue holds: its messages, or the error that ended it."""
+
+
+class StreamedGeneration:
+    """One generation on a :class:`GenerationStream`."""
+
+    __slots__ = ("_deadline", "_ended", "_id", "_queue", "_stream")
+
+    def __init__(self, stream: GenerationStream, generation_id: int,
+                 deadline: float | None) -> None:
+        self._stream = stream
+        self._id = generation_id
+        self._queue: asyncio.Queue[_Message] = asyncio.Queue()
+        self._deadline = deadline
+        self._ended = False
+
+    def deliver(self, message: _Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def read(self) -> inference_pb2.GenerateResponse:
+        """The next message; raises the generation's error (DEADLINE_EXCEEDED when its
+        deadline passes here first)."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                message = await self._queue.get()
+        except TimeoutError:
+            self.cancel()
+            raise FederationError(ErrorCode.DEADLINE_EXCEEDED,
+                                  "the generation ran past its deadline") from None
+        if isinstance(message, FederationError):
+            self._ended = True
+            raise message
+        if message.WhichOneof("event") == "finished":
+            self._ended = True
+        return message
+
+    def cancel(self) -> None:
+        """Stop the generation on the node (nothing happens once it has ended)."""
+        if not self._ended:
+            self._ended = True
+            self._stream.cancel(self._id)
+
+
+class GenerationStream:
+    """One GenerateStream call to a node. ``close()`` ends it."""
+
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, epoch: int) -> None:
+        # No request iterator: requests are written with ``call.write``.
+        self._call: Any = stub.GenerateStream()  # type: ignore[call-arg]
+        self.epoch = epoch
+        """The channel's certificate generation when the stream opened."""
+        self._ids = itertools.count(1)
+        self._open: dict[int, StreamedGeneration] = {}
+        self._writing = asyncio.Lock()
+        self._retired = False
+        # Outside any request's context: the stream outlives the request that opens it
+        # (each start carries its own request id and trace).
+        self._reader = asyncio.create_task(self._read(), name="generate-stream-reader",
+                                           context=contextvars.Context())
+        self.ended = False
+
+    async def start(self, request: inference_pb2.GenerateRequest,
+                    timeout_seconds: float | None) -> StreamedGeneration:
+        generation_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_seconds is None else loop.time() + timeout_seconds
+        generation = StreamedGeneration(self, generation_id, deadline)
+        self._open[generation_id] = generation
+        start = inference_pb2.GenerateStart(request=request)
+        for key, value in request_id_metadata() or ():
+            if key == REQUEST_ID_HEADER:
+                start.request_id = value
+            else:
+                start.trace_context[key] = value
+        if timeout_seconds is not None:
+            start.timeout.CopyFrom(duration(timeout_seconds))
+        await self._write(inference_pb2.GenerateStreamRequest(
+            generation_id=generation_id, start=start))
+        return generation
+
+    def cancel(self, generation_id: int) -> None:
+        if self._open.pop(generation_id, None) is None or self.ended:
+            return
+        _in_background(self._write(inference_pb2.GenerateStreamRequest(
+            generation_id=generation_id, cancel=inference_pb2.GenerateCancel())))
+        self._close_if_done()
+
+    def retire(self) -> None:
+        """Start no more generations here; close once the open ones have ended."""
+        self._retired = True
+        self._close_if_done()
+
+    async def close(self, grace_seconds: float = 5.0) -> None:
+        """End the caller's side; the node ends the stream once its generations are done
+        (at most ``grace_seconds``, then it is cancelled)."""
+        if not self.ended:
+            async with self._writing:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await self._call.done_writing()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_seconds):
+                    await asyncio.shield(self._reader)
+        self._end(FederationError(ErrorCode.UNAVAILABLE, "the generation stream was closed"))
+        await cancel_and_wait(self._reader)
+
+    def _close_if_done(self) -> None:
+        if self._retired and not self._open and not self.ended:
+            _in_background(self.close())
+
+    async def _write(self, message: inference_pb2.GenerateStreamRequest) -> None:
+        # One write at a time on a call; a call that has ended refuses it, and its
+        # reader fails the generations open on it.
+        async with self._writing:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await self._call.write(message)
+
+    async def _read(self) -> None:
+        ended = FederationError(ErrorCode.UNAVAILABLE, "the inference node ended the stream")
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                for message in response.messages:
+                    self._deliver(message)
+        except grpc.aio.AioRpcError as exc:
+            ended = from_rpc_error(exc)
+        finally:
+            self._end(ended)
+
+    def _deliver(self, response: inference_pb2.GenerationMessage) -> None:
+        generation = self._open.get(response.generation_id)
+        if generation is None:
+            return  # cancelled meanwhile
+        if response.WhichOneof("message") == "error":
+            del self._open[response.generation_id]
+            generation.deliver(call_error_from_proto(response.error))
+            self._close_if_done()
+            return
+        if response.response.WhichOneof("event") == "finished":
+            del self._open[response.generation_id]
+            self._close_if_done()
+        generation.deliver(response.response)
+
+    def _end(self, error: FederationError) -> None:
+        """No more generations on this stream; the open ones fail with ``error``."""
+        if not self.ended:
+            self.ended = True
+            self._call.cancel()  # a no-op once the call is done
+        for generation in self._open.values():
+            generation.deliver(error)
+        self._open.clear()
+
+
+class NodeGenerations:
+    """The generation stream to one node, opened when needed."""
+
+    def __init__(self, channel: grpc.aio.Channel,
+                 stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+        self._channel = channel
+        self._stub = stub
+        self._stream: GenerationStream | None = None
+
+    async def start(self, request: inference_pb2.GenerateRequest,
+                    timeout_seconds: float | None) -> StreamedGeneration:
+        return await self._current().start(request, timeout_seconds)
+
+    def _current(self) -> GenerationStream:
+        epoch = channel_epoch(self._channel)
+        stream = self._stream
+        if stream is not None and not stream.ended and stream.epoch == epoch:
+            return stream
+        if stream is not None:
+            stream.retire()  # a renewed certificate: the open generations finish there
+        self._stream = GenerationStream(self._stub, epoch)
+        return self._stream
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
