@@ -192,7 +192,13 @@ def identity_from_context(context: Context, trust_domain: str,
                           policy: ChainPolicy | None = None) -> Identity:
     """The caller's SPIFFE identity; exactly one URI SAN is required, the certificate
     must still be valid and (with ``policy``) signed by the intermediate of its kind."""
-    auth = context.auth_context()
+    return identity_from_auth(context.auth_context(), trust_domain, policy)
+
+
+def identity_from_auth(auth: Mapping[str, Iterable[bytes]], trust_domain: str,
+                       policy: ChainPolicy | None = None) -> Identity:
+    """:func:`identity_from_context` of a call's ``auth_context()`` (read once per call:
+    each read copies the peer's properties, its certificate's PEM included)."""
     uris = [
         v.decode()
         for v in auth.get("x509_subject_alternative_name", [])
@@ -234,10 +240,10 @@ def _serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
-def _presented_no_certificate(context: Context) -> bool:
+def _presented_no_certificate(auth: Mapping[str, Iterable[bytes]]) -> bool:
     """A TLS peer that sent no client certificate (possible only on a port that
     does not require one, i.e. the broker's enrollment port)."""
-    return "x509_pem_cert" not in context.auth_context()
+    return "x509_pem_cert" not in auth
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -276,28 +282,27 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
         )
         return wrapped
 
-    def _authenticate(self, method: str, context: Context) -> Identity:
+    def _authenticate(self, auth: Mapping[str, Iterable[bytes]]) -> Identity:
         if self._insecure_dev:
             return Identity(self._trust_domain, "insecure-dev", "admin")
-        return identity_from_context(context, self._trust_domain, self._policy)
+        return identity_from_auth(auth, self._trust_domain, self._policy)
 
-    def _refusal(self, context: Context, caller: Identity) -> str | None:
+    def _refusal(self, leaf: bytes | None, caller: Identity) -> str | None:
         """Why the deny list refuses the caller's certificate, if it does."""
-        if self._deny_list is None or self._insecure_dev:
+        if self._deny_list is None or self._insecure_dev or leaf is None:
             return None
-        pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
-        return None if pem is None else self._deny_list.refusal(_serial(pem), caller.spiffe_id)
+        return self._deny_list.refusal(_serial(leaf), caller.spiffe_id)
 
-    def _recheck(self, context: Context, caller: Identity) -> str | None:
-        """Why the caller's certificate is refused now (expired, denied), if it is."""
+    def _recheck(self, leaf: bytes | None, caller: Identity) -> str | None:
+        """Why the caller's certificate (``leaf``, fixed for the call's connection) is
+        refused now (expired, denied), if it is."""
         if self._insecure_dev:
             return None
-        leaf = _leaf_pem(context.auth_context())
         try:
             ensure_unexpired(not_after(leaf) if leaf else None)
         except PKIError as exc:
             return str(exc)
-        return self._refusal(context, caller)
+        return self._refusal(leaf, caller)
 
     def method_series(self, method: str) -> _MethodSeries:
         series = self._series.get(method)
@@ -334,7 +339,8 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     async def _enter(self, call: _CallInfo, context: Context) -> None:
         method, service, name, metrics = call.method, call.service, call.name, self._metrics
         request_id_var.set(call.request_id)
-        if not self._insecure_dev and _presented_no_certificate(context):
+        auth = context.auth_context()
+        if not self._insecure_dev and _presented_no_certificate(auth):
             if method in authz.UNAUTHENTICATED_METHODS:
                 caller_var.set(None)
                 return
@@ -343,7 +349,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.UNAUTHENTICATED, f"{method} requires a client certificate"
             )
         try:
-            caller = self._authenticate(method, context)
+            caller = self._authenticate(auth)
         except PKIError as exc:
             metrics.denied.labels(service, name, "unauthenticated").inc()
             log.warning(
@@ -351,7 +357,8 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             )
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise  # unreachable: abort raises
-        refusal = self._refusal(context, caller)
+        leaf = _leaf_pem(auth)
+        refusal = self._refusal(leaf, caller)
         if refusal is not None:
             metrics.denied.labels(service, name, "denied").inc()
             log.warning("refused a denied certificate",
@@ -360,7 +367,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         caller_var.set(caller)
         peer_var.set(caller.spiffe_id)
-        _recheck_var.set(functools.partial(self._recheck, context, caller))
+        _recheck_var.set(functools.partial(self._recheck, leaf, caller))
         _interceptor_var.set(self)
         if service == _HEALTH_SERVICE:
             # What `federation status` shows for each node across hosts.

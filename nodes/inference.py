@@ -31,13 +31,13 @@ from federation.inference.convert import (
     model_to_pb,
     request_from_pb,
 )
+from federation.inference.deltas import joined
 from federation.inference.metrics import InferenceLoadCollector
 from federation.inference.types import (
     Embedding,
     GenerationEvent,
     GenerationFinished,
     TokenDelta,
-    ToolCallDelta,
 )
 from federation.inference.watchdog import StallWatchdog
 from federation.interceptor import CountedOperation, recheck_caller
@@ -358,7 +358,7 @@ class _Coalescer:
             # Deltas that arrived while a batch was being sent go out before the end,
             # which may have arrived meanwhile too.
             while self._deltas:
-                batches, self._deltas = _joined(self._deltas), []
+                batches, self._deltas = joined(self._deltas), []
                 for batch in batches:
                     yield batch
             end = self._end
@@ -373,39 +373,6 @@ def _nothing() -> None:
     return None
 
 
-def _joined(deltas: list[TokenDelta]) -> list[TokenDelta]:
-    """Consecutive deltas as one (an echoed prompt kept apart from generated text)."""
-    groups: list[list[TokenDelta]] = []
-    for delta in deltas:
-        if groups and groups[-1][0].echo == delta.echo:
-            groups[-1].append(delta)
-        else:
-            groups.append([delta])
-    return [_join(group) for group in groups]
-
-
-def _join(deltas: list[TokenDelta]) -> TokenDelta:
-    if len(deltas) == 1:
-        return deltas[0]
-    prompt = next((d.prompt_tokens for d in deltas if d.prompt_tokens is not None), None)
-    return TokenDelta("".join(d.text for d in deltas), sum(d.tokens for d in deltas), prompt,
-                      tool_calls=_joined_calls(deltas),
-                      logprobs=tuple(lp for d in deltas for lp in d.logprobs),
-                      echo=deltas[0].echo)
-
-
-def _joined_calls(deltas: list[TokenDelta]) -> tuple[ToolCallDelta, ...]:
-    """Tool-call pieces in order; a piece that continues the previous one's call (same
-    index, no id of its own) is appended to it."""
-    calls: list[ToolCallDelta] = []
-    for piece in (c for d in deltas for c in d.tool_calls):
-        last = calls[-1] if calls else None
-        if last is not None and last.index == piece.index and not piece.id:
-            calls[-1] = ToolCallDelta(last.index, last.id, last.name or piece.name,
-                                      last.arguments + piece.arguments)
-        else:
-            calls.append(piece)
-    return tuple(calls)
 
 
 def registration(servicer: InferenceServicer) -> ServiceRegistration:

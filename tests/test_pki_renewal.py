@@ -137,3 +137,44 @@ async def test_an_expired_client_certificate_without_renewal_is_refused(
                 raise AssertionError("an expired client certificate was accepted")
     finally:
         await server.stop(0)
+
+
+async def test_long_lived_streams_move_to_the_renewed_certificate(pki: TestPKI) -> None:
+    """The router's generation stream was opened with the old certificate, and a stream
+    keeps it: the node re-checks it at every start, so past its expiry generations on
+    that stream would be refused. After a renewal the router opens a new stream with the
+    new certificate (and retires the old one)."""
+    from federation.inference.client import InferenceRouter
+    from federation.inference.types import ChatMessage, GenerationFinished, GenerationRequest
+
+    server = NodeServer(
+        [registration(InferenceServicer(BackendSet([TestBackend()])))],
+        trust_domain=TRUST_DOMAIN, grpc_config=GrpcConfig(grace_seconds=0),
+        listen="127.0.0.1:0", credentials=pki.identity("inference"), metrics_port=None)
+    await server.start()
+    client = pki.ca.issue("gateway", "streaming", validity=LIFETIME)
+    router = InferenceRouter([f"localhost:{server.port}"], client, GrpcConfig(),
+                             refresh_seconds=60)
+    await router.start()
+
+    async def generate(text: str) -> GenerationFinished:
+        events = [e async for e in router.generate(GenerationRequest(
+            "test-model", (ChatMessage("user", text),)))]
+        assert isinstance(events[-1], GenerationFinished)
+        return events[-1]
+
+    expiry = leaf_certificate(client.cert).not_valid_after_utc
+    try:
+        await generate("before the renewal")
+        renew_identities(pki.ca, dt.timedelta(days=1))
+        await _sleep_past(expiry)
+        for n in range(3):
+            assert (await generate(f"after {n}")).finish_reason == "stop"
+        streams_handled = server.registry.get_sample_value(
+            "federation_grpc_server_handled_total",
+            {"grpc_service": "federation.v1.InferenceService",
+             "grpc_method": "GenerateStream", "grpc_code": "OK"})
+    finally:
+        await router.stop()
+        await server.stop(0)
+    assert streams_handled == 1  # the old stream, retired and ended once idle
