@@ -63,10 +63,14 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, backends: BackendSet, watchdog: StallWatchdog | None = None, *,
-                 max_generations_per_stream: int = 256) -> None:
+                 max_generations_per_stream: int = 256,
+                 response_budget_bytes: int = 1024 * 1024) -> None:
+        """``response_budget_bytes``: most bytes of messages one GenerateStream response
+        gathers, well under gRPC's message limit (``grpc.max_message_bytes``, 4 MiB)."""
         self._backends = backends
         self._watchdog = watchdog or StallWatchdog.disabled()
         self._max_generations_per_stream = max(1, max_generations_per_stream)
+        self._response_budget_bytes = response_budget_bytes
         self._streams: set[_GenerationStream] = set()
 
     async def ListModels(
@@ -107,7 +111,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         # Each generation runs in a task of its own and puts its messages on the
         # stream's queue; this handler writes them in order of arrival. The interceptor
         # authenticated the caller once, for the stream; each start checks again.
-        stream = _GenerationStream(self, self._max_generations_per_stream)
+        stream = _GenerationStream(self, self._max_generations_per_stream,
+                                   self._response_budget_bytes)
         self._streams.add(stream)
         try:
             async for message in stream.messages(request_iterator):
@@ -141,10 +146,14 @@ class _GenerationStream:
     """The node's side of one GenerateStream: generations started and cancelled by id,
     their messages interleaved on the stream."""
 
-    def __init__(self, servicer: InferenceServicer, max_running: int) -> None:
+    def __init__(self, servicer: InferenceServicer, max_running: int,
+                 response_budget_bytes: int) -> None:
         self._servicer = servicer
         self._max_running = max_running
+        self._response_budget = response_budget_bytes
         self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._carried: inference_pb2.GenerationMessage | None = None
+        """A message left for the next response (the last one was full)."""
         self._running: dict[int, asyncio.Task[None]] = {}
         self._drain_asked = False
         self._draining = False
@@ -154,10 +163,16 @@ class _GenerationStream:
         self._out.put_nowait(_DRAIN)
 
     async def _ready(self) -> inference_pb2.GenerateStreamResponse:
-        """Every message queued by now (waiting for one), in one response: a write per
-        message would cost the node and the caller a wakeup each."""
+        """The messages queued by now (waiting for one), in one response of at most the
+        budget's bytes (a single larger message goes alone): a write per message would
+        cost the node and the caller a wakeup each."""
         ready = inference_pb2.GenerateStreamResponse()
-        item = await self._out.get()
+        size = 0
+        item: object
+        if self._carried is not None:
+            item, self._carried = self._carried, None
+        else:
+            item = await self._out.get()
         while True:
             if item is _END:
                 self._ended = True
@@ -165,7 +180,12 @@ class _GenerationStream:
                 self._drain_asked = True
             else:
                 assert isinstance(item, inference_pb2.GenerationMessage)
+                item_size = item.ByteSize()
+                if ready.messages and size + item_size > self._response_budget:
+                    self._carried = item
+                    return ready
                 ready.messages.append(item)
+                size += item_size
             if self._out.empty():
                 return ready
             item = self._out.get_nowait()
@@ -175,7 +195,8 @@ class _GenerationStream:
         reader = asyncio.create_task(self._read(requests))
         try:
             while True:
-                if self._draining and not self._running and self._out.empty():
+                if (self._draining and not self._running and self._out.empty()
+                        and self._carried is None):
                     raise FederationError(ErrorCode.UNAVAILABLE,
                                           "the inference node is shutting down; reconnect",
                                           retry_after_seconds=1.0)
@@ -393,4 +414,5 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     await watchdog.start()
     runtime.cleanup.push_async_callback(watchdog.stop)
     return registration(InferenceServicer(
-        backends, watchdog, max_generations_per_stream=config.stream_max_generations))
+        backends, watchdog, max_generations_per_stream=config.stream_max_generations,
+        response_budget_bytes=runtime.settings.grpc.max_message_bytes // 4))

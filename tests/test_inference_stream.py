@@ -208,3 +208,44 @@ async def test_a_stopping_node_finishes_its_generations_then_ends_the_stream(
     assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in (ended.value.details() or "")
     assert idle_code is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_messages_ready_together_share_responses_up_to_a_byte_budget(
+        pki: TestPKI) -> None:
+    """Messages queued at once travel in one response (a generation's last delta with
+    its finished event), but never more bytes in one than the budget, which keeps
+    responses under gRPC's message limit however many generations pile up."""
+    backend = TestBackend(first_token_delay=0.1)  # all eight produce at the same moment
+    budget = 400
+    server = NodeServer(
+        [registration(InferenceServicer(BackendSet([backend]), response_budget_bytes=budget))],
+        trust_domain=pki.ca.trust_domain, grpc_config=GrpcConfig(grace_seconds=0.5),
+        listen="127.0.0.1:0", credentials=pki.identity("inference", "budget"),
+        metrics_port=None)
+    await server.start()
+    channel = pki.channel(f"127.0.0.1:{server.port}", "gateway")
+    texts = {n: " ".join(f"t{n}w{i}" for i in range(30)) for n in range(1, 9)}
+    responses: list[inference_pb2.GenerateStreamResponse] = []
+    try:
+        call = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream()
+        for generation_id, text in texts.items():
+            await call.write(start(generation_id, text))
+        finished: set[int] = set()
+        while len(finished) < len(texts):
+            response = await call.read()
+            assert isinstance(response, inference_pb2.GenerateStreamResponse)
+            responses.append(response)
+            finished |= {m.generation_id for m in response.messages
+                         if m.response.HasField("finished")}
+        call.cancel()
+    finally:
+        await channel.close()
+        await server.stop(0)
+    sizes = [sum(m.ByteSize() for m in r.messages) for r in responses]
+    assert all(size <= budget or len(r.messages) == 1
+               for size, r in zip(sizes, responses, strict=True)), sizes
+    assert any(len(r.messages) > 1 for r in responses)  # some did travel together
+    for generation_id, text in texts.items():
+        deltas = [m.response.delta.text for r in responses for m in r.messages
+                  if m.generation_id == generation_id and m.response.HasField("delta")]
+        assert "".join(deltas) == text

@@ -645,7 +645,8 @@ Global___GenerateCancel: _TypeAlias = GenerateCancel  # noqa: Y015
 class GenerateStreamResponse(_message.Message):
     """What is ready on InferenceService.GenerateStream: the messages the node had
     queued when it wrote, of one or more generations, in the order produced (a
-    generation's last delta and its finished event often travel together).
+    generation's last delta and its finished event often travel together), up
+    to a size the node keeps well under the message limit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
