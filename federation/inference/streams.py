@@ -18,9 +18,6 @@ end, new ones going to a stream on the new certificate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
-import itertools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -28,13 +25,16 @@ from typing import Any
 import grpc
 
 from federation.channels import channel_epoch, request_id_metadata
-from federation.errors import ErrorCode, FederationError, call_error_from_proto, from_rpc_error
+from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.logs import REQUEST_ID_HEADER
-from federation.periodic import cancel_and_wait
+from federation.multiplexed import MultiplexedCall
 from federation.prototime import duration
 from federation.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+_CLOSE_GRACE_SECONDS = 5.0
+"""How long a closing stream waits for the node to end it (its generations done)."""
 
 _Message = inference_pb2.GenerateResponse | FederationError
 """What a generation's queue holds: its messages, or the error that ended it."""
@@ -80,23 +80,15 @@ class StreamedGeneration:
             self._stream.cancel(self._id)
 
 
-class GenerationStream:
+class GenerationStream(MultiplexedCall):
     """One GenerateStream call to a node. ``close()`` ends it."""
 
     def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, epoch: int) -> None:
-        # No request iterator: requests are written with ``call.write``.
-        self._call: Any = stub.GenerateStream()  # type: ignore[call-arg]
-        self.epoch = epoch
-        """The channel's certificate generation when the stream opened."""
-        self._ids = itertools.count(1)
         self._open: dict[int, StreamedGeneration] = {}
-        self._writing = asyncio.Lock()
         self._retired = False
-        # Outside any request's context: the stream outlives the request that opens it
-        # (each start carries its own request id and trace).
-        self._reader = asyncio.create_task(self._read(), name="generate-stream-reader",
-                                           context=contextvars.Context())
-        self.ended = False
+        # No request iterator: requests are written with ``call.write``.
+        super().__init__(stub.GenerateStream(),  # type: ignore[call-arg]
+                         epoch, what="generation stream", peer="inference node")
 
     async def start(self, request: inference_pb2.GenerateRequest,
                     timeout_seconds: float | None) -> StreamedGeneration:
@@ -129,40 +121,13 @@ class GenerationStream:
         self._retired = True
         self._close_if_done()
 
-    async def close(self, grace_seconds: float = 5.0) -> None:
-        """End the caller's side; the node ends the stream once its generations are done
-        (at most ``grace_seconds``, then it is cancelled)."""
-        if not self.ended:
-            async with self._writing:
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    await self._call.done_writing()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace_seconds):
-                    await asyncio.shield(self._reader)
-        self._end(FederationError(ErrorCode.UNAVAILABLE, "the generation stream was closed"))
-        await cancel_and_wait(self._reader)
-
     def _close_if_done(self) -> None:
         if self._retired and not self._open and not self.ended:
-            _in_background(self.close())
+            _in_background(self.close(_CLOSE_GRACE_SECONDS))
 
-    async def _write(self, message: inference_pb2.GenerateStreamRequest) -> None:
-        # One write at a time on a call; a call that has ended refuses it, and its
-        # reader fails the generations open on it.
-        async with self._writing:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await self._call.write(message)
-
-    async def _read(self) -> None:
-        ended = FederationError(ErrorCode.UNAVAILABLE, "the inference node ended the stream")
-        try:
-            while (response := await self._call.read()) is not grpc.aio.EOF:
-                for message in response.messages:
-                    self._deliver(message)
-        except grpc.aio.AioRpcError as exc:
-            ended = from_rpc_error(exc)
-        finally:
-            self._end(ended)
+    def _route(self, response: inference_pb2.GenerateStreamResponse) -> None:
+        for message in response.messages:
+            self._deliver(message)
 
     def _deliver(self, response: inference_pb2.GenerationMessage) -> None:
         generation = self._open.get(response.generation_id)
@@ -178,11 +143,7 @@ class GenerationStream:
             self._close_if_done()
         generation.deliver(response.response)
 
-    def _end(self, error: FederationError) -> None:
-        """No more generations on this stream; the open ones fail with ``error``."""
-        if not self.ended:
-            self.ended = True
-            self._call.cancel()  # a no-op once the call is done
+    def _fail_open(self, error: FederationError) -> None:
         for generation in self._open.values():
             generation.deliver(error)
         self._open.clear()
@@ -213,7 +174,7 @@ class NodeGenerations:
 
     async def close(self) -> None:
         if self._stream is not None:
-            await self._stream.close()
+            await self._stream.close(_CLOSE_GRACE_SECONDS)
             self._stream = None
 
 

@@ -24,18 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
 
 import grpc
 from opentelemetry.context import Context
 
 from federation.channels import channel_epoch
-from federation.errors import ErrorCode, FederationError, call_error_from_proto, from_rpc_error
+from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.logs import request_id_var
 from federation.memory.convert import record_from_proto
 from federation.memory.records import AuditEntry, MemoryRecord
-from federation.periodic import cancel_and_wait
+from federation.multiplexed import MultiplexedCall
 from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
@@ -137,27 +136,20 @@ class GrpcAuditSink:
         return _AuditStream(self._stub.StreamMemories(), epoch)
 
 
-class _AuditStream:
+class _AuditStream(MultiplexedCall):
     """One StreamMemories call: batches written with an id, answers matched by it."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall[pb.StreamMemoriesRequest,
                                                        pb.StreamMemoriesResponse],
                  epoch: int) -> None:
-        self._call = call
-        self.epoch = epoch
-        """The channel's certificate generation when the stream opened."""
-        self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[pb.StreamMemoriesResponse]] = {}
-        self._reader = asyncio.create_task(self._read(), name="audit-stream-reader")
-        self.ended = False
+        super().__init__(call, epoch, what="audit stream", peer="memory node")
 
     async def send(self, message: pb.StreamMemoriesRequest, timeout_seconds: float
                    ) -> list[MemoryRecord]:
         message.batch_id = batch_id = next(self._ids)
         answer = self._waiting[batch_id] = asyncio.get_running_loop().create_future()
-        # A call that has ended refuses the write: its reader fails the batch then.
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._call.write(message)
+        await self._write(message)
         try:
             async with asyncio.timeout(timeout_seconds):
                 response = await answer
@@ -176,34 +168,12 @@ class _AuditStream:
                                   f"for {len(message.requests)}")
         return [record_from_proto(record) for record in response.records]
 
-    async def close(self, timeout_seconds: float) -> None:
-        """End the writer's side and wait (at most ``timeout_seconds``) for the memory
-        node to end the stream; then cancel it."""
-        if not self.ended:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await self._call.done_writing()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            async with asyncio.timeout(timeout_seconds):
-                await asyncio.shield(self._reader)
-        await cancel_and_wait(self._reader)
+    def _route(self, response: pb.StreamMemoriesResponse) -> None:
+        answer = self._waiting.pop(response.batch_id, None)
+        if answer is not None and not answer.done():
+            answer.set_result(response)
 
-    async def _read(self) -> None:
-        ended = FederationError(ErrorCode.UNAVAILABLE, "the memory node ended the audit stream")
-        try:
-            while (response := await self._call.read()) is not grpc.aio.EOF:
-                assert isinstance(response, pb.StreamMemoriesResponse)
-                answer = self._waiting.pop(response.batch_id, None)
-                if answer is not None and not answer.done():
-                    answer.set_result(response)
-        except grpc.aio.AioRpcError as exc:
-            ended = from_rpc_error(exc)
-        finally:
-            self._end(ended)
-
-    def _end(self, error: FederationError) -> None:
-        """No more batches on this stream; those unanswered fail with ``error``."""
-        self.ended = True
-        self._call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the call is done
+    def _fail_open(self, error: FederationError) -> None:
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(error)
