@@ -99,9 +99,7 @@ class CountedOperation:
             return
         code = ("CANCELLED" if cancelled else "OK" if error is None
                 else error.spec.grpc_status.name)
-        self._series.handled(code).inc()
-        self._series.latency.observe(time.perf_counter() - self._started)
-        self._series.in_flight.dec()
+        self._series.ended(code, self._started)
 
 
 def current_caller() -> Identity:
@@ -172,6 +170,13 @@ class _MethodSeries:
         self.handled: Callable[[str], Any] = functools.partial(
             children, metrics.handled, service, name)
         """The child of one status code (``handled(code_name)``)."""
+
+    def ended(self, code_name: str, started: float) -> None:
+        """A call (or an operation counted as one) that was in flight since ``started``
+        ended with status ``code_name``."""
+        self.handled(code_name).inc()
+        self.latency.observe(time.perf_counter() - started)
+        self.in_flight.dec()
 
 
 class _CallInfo:
@@ -399,10 +404,7 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     def _finish(series: _MethodSeries, started: float, context: Context) -> None:
         code = context.code() if hasattr(context, "code") else None
-        code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-        series.handled(code_name).inc()
-        series.latency.observe(time.perf_counter() - started)
-        series.in_flight.dec()
+        series.ended(code.name if isinstance(code, grpc.StatusCode) else "OK", started)
 
     @contextlib.asynccontextmanager
     async def _served(self, call: _CallInfo, context: Context) -> AsyncIterator[None]:
