@@ -12,7 +12,6 @@ are bound to the renewing channel, not to one generation of it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 import grpc
 
 from federation.credentials import CertificateWatch, LoadedCertificate
+from federation.periodic import TaskSet
 from federation.pki import CertificateFiles, PKIError
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,12 @@ class _Generation:
             _close_later(self.channel)
 
 
-_closing: set[asyncio.Task[None]] = set()
+_closing = TaskSet()
+"""Closes of retired channels, which no caller waits for."""
 
 
 def _close_later(channel: grpc.aio.Channel) -> None:
-    task = asyncio.get_running_loop().create_task(channel.close())
-    _closing.add(task)
-    task.add_done_callback(_closing.discard)
+    _closing.spawn(channel.close())
 
 
 class RenewingChannel(grpc.aio.Channel):

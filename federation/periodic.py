@@ -1,15 +1,17 @@
 """Background work: periodic jobs in one asyncio task with an explicit start and stop,
-and the one way a background task is stopped."""
+the one way a background task is stopped, and the one way a task nobody awaits is kept."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -20,6 +22,37 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class TaskSet:
+    """Tasks started and not awaited where they start, held until they end: the event
+    loop keeps only weak references to tasks, so one nobody holds may be collected
+    before it is done. An owner that stops waits for them (``wait``) or ends them
+    (``cancel``)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, T], *, name: str | None = None
+              ) -> asyncio.Task[T]:
+        """``work`` in a task of its own (with a copy of the current context)."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def wait(self, grace_seconds: float | None = None) -> None:
+        """Until the tasks running now have ended, or for at most ``grace_seconds``;
+        they go on after it either way (cancelling this wait does not cancel them)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
 class PeriodicTask:

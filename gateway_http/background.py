@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from federation.periodic import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +16,7 @@ class BackgroundTasks:
     at shutdown: tracked here and awaited by ``drain``."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.failures = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None], what: str,
@@ -29,10 +30,7 @@ class BackgroundTasks:
                     on_failure()
                 log.warning("background %s failed", what, extra={"error": str(exc)[:200]})
 
-        task = asyncio.create_task(guarded())  # copies the context: request id included
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded())  # copies the context: request id included
 
     async def drain(self, grace_seconds: float = 5.0) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        await self._tasks.wait(grace_seconds)

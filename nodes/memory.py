@@ -41,7 +41,7 @@ from federation.memory.decay import temperature_decay_job
 from federation.memory.records import AuditEntry, MemoryRecord
 from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
 from federation.memory.store import MemoryStore, SearchQuery
-from federation.periodic import cancel_and_wait
+from federation.periodic import TaskSet, cancel_and_wait
 from federation.pki import PKIPaths
 from federation.prototime import to_datetime
 from federation.server import ServiceRegistration
@@ -140,7 +140,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         # the batches in flight share the chain writer's commits. The interceptor
         # authenticated the caller once, for the stream; the tasks inherit its identity.
         answers: asyncio.Queue[object] = asyncio.Queue()
-        appending: set[asyncio.Task[None]] = set()
+        appending = TaskSet()
         reader = asyncio.create_task(self._read_batches(request_iterator, answers, appending))
         self._streams.add(answers)
         try:
@@ -149,7 +149,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
                     # Stop reading; answer what is being appended; then tell the writer
                     # to reconnect (its batches not read yet fail there, unstored).
                     await cancel_and_wait(reader)
-                    await asyncio.gather(*appending, return_exceptions=True)
+                    await appending.wait()
                     while not answers.empty():
                         if isinstance(left := answers.get_nowait(), pb.StreamMemoriesResponse):
                             yield left
@@ -161,8 +161,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         finally:
             self._streams.discard(answers)
             await cancel_and_wait(reader)
-            for task in appending:
-                task.cancel()
+            appending.cancel()
 
     def drain(self) -> None:
         """End the open StreamMemories streams (once their batches in flight are
@@ -173,7 +172,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
 
     async def _read_batches(self, batches: AsyncIterator[pb.StreamMemoriesRequest],
                             answers: asyncio.Queue[object],
-                            appending: set[asyncio.Task[None]]) -> None:
+                            appending: TaskSet) -> None:
         window = asyncio.Semaphore(self._stream_window)
 
         async def answer(batch: pb.StreamMemoriesRequest) -> None:
@@ -185,11 +184,8 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         try:
             async for batch in batches:
                 await window.acquire()
-                task = asyncio.create_task(answer(batch))
-                appending.add(task)
-                task.add_done_callback(appending.discard)
-            if appending:  # wait, not gather: cancelling this must not cancel them
-                await asyncio.wait(list(appending))
+                appending.spawn(answer(batch))
+            await appending.wait()  # cancelling this wait does not cancel them
         finally:
             answers.put_nowait(_END)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
 
 import grpc
 
@@ -28,6 +26,7 @@ from federation.channels import channel_epoch, request_id_metadata
 from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.logs import REQUEST_ID_HEADER
 from federation.multiplexed import MultiplexedCall
+from federation.periodic import TaskSet
 from federation.prototime import duration
 from federation.v1 import inference_pb2, inference_pb2_grpc
 
@@ -38,6 +37,9 @@ _CLOSE_GRACE_SECONDS = 5.0
 
 _Message = inference_pb2.GenerateResponse | FederationError
 """What a generation's queue holds: its messages, or the error that ended it."""
+
+_background = TaskSet()
+"""Cancel messages and closes of retired streams, which no caller waits for."""
 
 
 class StreamedGeneration:
@@ -112,7 +114,7 @@ class GenerationStream(MultiplexedCall):
     def cancel(self, generation_id: int) -> None:
         if self._open.pop(generation_id, None) is None or self.ended:
             return
-        _in_background(self._write(inference_pb2.GenerateStreamRequest(
+        _background.spawn(self._write(inference_pb2.GenerateStreamRequest(
             generation_id=generation_id, cancel=inference_pb2.GenerateCancel())))
         self._close_if_done()
 
@@ -123,7 +125,7 @@ class GenerationStream(MultiplexedCall):
 
     def _close_if_done(self) -> None:
         if self._retired and not self._open and not self.ended:
-            _in_background(self.close(_CLOSE_GRACE_SECONDS))
+            _background.spawn(self.close(_CLOSE_GRACE_SECONDS))
 
     def _route(self, response: inference_pb2.GenerateStreamResponse) -> None:
         for message in response.messages:
@@ -177,11 +179,3 @@ class NodeGenerations:
             await self._stream.close(_CLOSE_GRACE_SECONDS)
             self._stream = None
 
-
-_background: set[asyncio.Task[None]] = set()
-
-
-def _in_background(work: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.get_running_loop().create_task(work)
-    _background.add(task)
-    task.add_done_callback(_background.discard)

@@ -35,6 +35,7 @@ from federation.logs import request_id_var
 from federation.memory.convert import record_from_proto
 from federation.memory.records import AuditEntry, MemoryRecord
 from federation.multiplexed import MultiplexedCall
+from federation.periodic import TaskSet
 from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
@@ -53,7 +54,8 @@ class GrpcAuditSink:
         """``max_batch``: most records in one batch (the memory node's ``memory.max_batch``)."""
         self._channel = channel
         self._stub = pb_grpc.ThermalMemoryServiceStub(channel)
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring = TaskSet()
+        """Streams replaced after a certificate renewal, closing once their batches are answered."""
         self._timeout = timeout_seconds
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
@@ -81,8 +83,7 @@ class GrpcAuditSink:
         if self._stream is not None:
             await self._stream.close(self._timeout)
             self._stream = None
-        if self._retiring:
-            await asyncio.wait(list(self._retiring))
+        await self._retiring.wait()
 
     async def _send_queued(self) -> None:
         try:
@@ -130,9 +131,7 @@ class GrpcAuditSink:
         if stream is not None and not stream.ended and stream.epoch == epoch:
             return stream
         if stream is not None and not stream.ended:
-            retiring = asyncio.create_task(stream.close(self._timeout))
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+            self._retiring.spawn(stream.close(self._timeout))
         return _AuditStream(self._stub.StreamMemories(), epoch)
 
 

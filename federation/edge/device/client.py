@@ -27,6 +27,7 @@ from federation.channels import secure_channel
 from federation.config import GrpcConfig
 from federation.edge.checksum import crc32c
 from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.periodic import TaskSet
 from federation.pki import CertificateFiles, Identity, PKIError, write_private_file
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -166,7 +167,7 @@ class DeviceChannels:
         self._broker, self._cert_dir, self._config = broker, cert_dir, config
         self._grace = retire_grace_seconds
         self.channel = device_channel(broker, cert_dir, config)
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring = TaskSet()
         self.retired = 0
         """Replaced channels closed so far."""
 
@@ -175,9 +176,7 @@ class DeviceChannels:
 
     def rebuild(self) -> Stub:
         """A stub on a new channel from the credentials now on disk."""
-        retire = asyncio.create_task(self._retire(self.channel))
-        self._retiring.add(retire)
-        retire.add_done_callback(self._retiring.discard)
+        self._retiring.spawn(self._retire(self.channel))
         self.channel = device_channel(self._broker, self._cert_dir, self._config)
         return self.stub()
 
@@ -187,7 +186,7 @@ class DeviceChannels:
 
     async def close(self) -> None:
         await self.channel.close()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._retiring.wait()
 
 
 # -- uploads --------------------------------------------------------------------
