@@ -335,10 +335,11 @@ async def test_agent_keeps_heartbeating_across_a_broker_restart(
 
 async def test_agent_reopens_its_stream_on_the_renewed_certificate(
     pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The renewal lands while a heartbeat's answer is on its way, and the old
-    channel is closed under it: the agent moves its stream to the new channel."""
+    channel is closed under it: the agent moves its stream to the new channel at once,
+    not after the backoff of a failed stream."""
     server, broker = broker_node
     token = await create_token(database.pool, "renewing", dt.timedelta(minutes=1))
     cert_dir = tmp_path / "renewing"
@@ -389,6 +390,9 @@ async def test_agent_reopens_its_stream_on_the_renewed_certificate(
     await wait_for(reopened)  # the stream on the old channel ended, one is open
     await assert_heartbeating(database, "renewing")
     assert agent.fatal_error is None and not running.done()
+    backoffs = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("heartbeat stream failed")]
+    assert not backoffs, backoffs
     stop.set()
     await running
     await asyncio.gather(*closing)

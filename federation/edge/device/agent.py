@@ -225,9 +225,15 @@ class EdgeAgent:
         echo = _Echo()
         failures = 0
         while True:
+            stub = self._stub
             try:
-                await self._heartbeat_stream(self._stub, echo)
+                await self._heartbeat_stream(stub, echo)
             except FederationError as exc:
+                if self._stub is not stub:
+                    # Its channel was closed after a certificate renewal, perhaps under
+                    # a read: not the broker failing, so no backoff before the new one.
+                    log.info("heartbeat stream moved to the renewed certificate's channel")
+                    continue
                 failures = 1 if echo.fresh else failures + 1
                 echo.fresh = False
                 backoff = min(30.0, 0.5 * 2**failures) * random.uniform(0.5, 1.0)
