@@ -203,11 +203,12 @@ class Supervised:
         self.status.last_exit_at = time.time()
         delay = self._policy.next_delay(now, uptime)
         if delay is None:
-            self._set(ChildState.FAILED)
+            # The reason first: whoever then sees the state "failed" finds it printed.
             self._report(
                 f"{self.name} FAILED: crash loop ({ended} after {uptime:.1f}s, "
                 f"{self.status.restarts} restarts already); left stopped, everything else "
                 f"keeps running. Log {self.spec.log_path}:\n{self.log_tail()}")
+            self._set(ChildState.FAILED)
             return None
         self.status.restarts += 1
         self._set(ChildState.RESTARTING)
