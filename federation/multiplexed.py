@@ -3,7 +3,7 @@ an id the caller chooses (``StreamMemories``' batches, ``GenerateStream``'s
 generations): one call, one write at a time, one reader routing each response to its
 operation, and every operation still open failed with the stream's error when it ends.
 Subclasses say how a response is routed (``_route``) and how the open operations fail
-(``_fail_open``).
+(``_fail_open``). :class:`CurrentStream` is where an owner keeps its stream.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import grpc
 
+from federation.channels import channel_epoch
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.periodic import cancel_and_wait
 
@@ -80,3 +82,37 @@ class MultiplexedCall:
             self.ended = True
             self._call.cancel()  # a no-op once the call is done
         self._fail_open(error)
+
+
+S = TypeVar("S", bound=MultiplexedCall)
+
+
+class CurrentStream(Generic[S]):
+    """The stream an owner writes on: opened when first needed, and again once it has
+    ended or the channel has a renewed certificate since it opened (a live stream keeps
+    the certificate it was opened with). A replaced stream that has not ended is handed
+    to ``retire``, which lets its open operations finish there."""
+
+    def __init__(self, channel: grpc.aio.Channel, open_stream: Callable[[int], S],
+                 retire: Callable[[S], object]) -> None:
+        """``open_stream``: a new stream, given the channel's epoch (``channel_epoch``)."""
+        self._channel = channel
+        self._open = open_stream
+        self._retire = retire
+        self._stream: S | None = None
+
+    def get(self) -> S:
+        epoch = channel_epoch(self._channel)
+        stream = self._stream
+        if stream is not None and not stream.ended and stream.epoch == epoch:
+            return stream
+        if stream is not None and not stream.ended:
+            self._retire(stream)
+        self._stream = self._open(epoch)
+        return self._stream
+
+    async def close(self, grace_seconds: float) -> None:
+        """Close the current stream (see ``MultiplexedCall.close``)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close(grace_seconds)

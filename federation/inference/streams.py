@@ -22,10 +22,10 @@ import logging
 
 import grpc
 
-from federation.channels import channel_epoch, request_id_metadata
+from federation.channels import request_id_metadata
 from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.logs import REQUEST_ID_HEADER
-from federation.multiplexed import MultiplexedCall
+from federation.multiplexed import CurrentStream, MultiplexedCall
 from federation.periodic import TaskSet
 from federation.prototime import duration
 from federation.v1 import inference_pb2, inference_pb2_grpc
@@ -156,26 +156,14 @@ class NodeGenerations:
 
     def __init__(self, channel: grpc.aio.Channel,
                  stub: inference_pb2_grpc.InferenceServiceStub) -> None:
-        self._channel = channel
-        self._stub = stub
-        self._stream: GenerationStream | None = None
+        # A replaced stream is retired: its open generations finish there.
+        self._streams = CurrentStream(channel, lambda epoch: GenerationStream(stub, epoch),
+                                      GenerationStream.retire)
 
     async def start(self, request: inference_pb2.GenerateRequest,
                     timeout_seconds: float | None) -> StreamedGeneration:
-        return await self._current().start(request, timeout_seconds)
-
-    def _current(self) -> GenerationStream:
-        epoch = channel_epoch(self._channel)
-        stream = self._stream
-        if stream is not None and not stream.ended and stream.epoch == epoch:
-            return stream
-        if stream is not None:
-            stream.retire()  # a renewed certificate: the open generations finish there
-        self._stream = GenerationStream(self._stub, epoch)
-        return self._stream
+        return await self._streams.get().start(request, timeout_seconds)
 
     async def close(self) -> None:
-        if self._stream is not None:
-            await self._stream.close(_CLOSE_GRACE_SECONDS)
-            self._stream = None
+        await self._streams.close(_CLOSE_GRACE_SECONDS)
 

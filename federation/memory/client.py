@@ -29,12 +29,11 @@ import logging
 import grpc
 from opentelemetry.context import Context
 
-from federation.channels import channel_epoch
 from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.logs import request_id_var
 from federation.memory.convert import record_from_proto
 from federation.memory.records import AuditEntry, MemoryRecord
-from federation.multiplexed import MultiplexedCall
+from federation.multiplexed import CurrentStream, MultiplexedCall
 from federation.periodic import TaskSet
 from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
@@ -52,15 +51,16 @@ class GrpcAuditSink:
     def __init__(self, channel: grpc.aio.Channel, *, timeout_seconds: float = 10.0,
                  max_batch: int = 512) -> None:
         """``max_batch``: most records in one batch (the memory node's ``memory.max_batch``)."""
-        self._channel = channel
-        self._stub = pb_grpc.ThermalMemoryServiceStub(channel)
+        stub = pb_grpc.ThermalMemoryServiceStub(channel)
         self._retiring = TaskSet()
         """Streams replaced after a certificate renewal, closing once their batches are answered."""
+        self._streams = CurrentStream(
+            channel, lambda epoch: _AuditStream(stub.StreamMemories(), epoch),
+            lambda replaced: self._retiring.spawn(replaced.close(self._timeout)))
         self._timeout = timeout_seconds
         self._max_batch = max_batch
         self._queue: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
-        self._stream: _AuditStream | None = None
         self.batches = 0
         """Batches sent (how many records share one: records / batches)."""
 
@@ -80,9 +80,7 @@ class GrpcAuditSink:
         if self._sender is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._sender)
-        if self._stream is not None:
-            await self._stream.close(self._timeout)
-            self._stream = None
+        await self._streams.close(self._timeout)
         await self._retiring.wait()
 
     async def _send_queued(self) -> None:
@@ -115,24 +113,12 @@ class GrpcAuditSink:
     async def _write(self, batch: list[_Pending]) -> list[MemoryRecord]:
         """``batch`` over the stream (opened if need be), in the trace of its first record."""
         self.batches += 1
-        self._stream = self._open_stream()
+        stream = self._streams.get()
         with tracing.continued(batch[0][2]):
             trace_context = dict(tracing.trace_metadata())
         message = pb.StreamMemoriesRequest(requests=[request for request, _, _ in batch],
                                            trace_context=trace_context)
-        return await self._stream.send(message, self._timeout)
-
-    def _open_stream(self) -> _AuditStream:
-        """The stream to write on: the open one, or a new one if it has ended or the
-        channel has a renewed certificate since (the old one is closed in the background
-        once its batches are answered)."""
-        epoch = channel_epoch(self._channel)
-        stream = self._stream
-        if stream is not None and not stream.ended and stream.epoch == epoch:
-            return stream
-        if stream is not None and not stream.ended:
-            self._retiring.spawn(stream.close(self._timeout))
-        return _AuditStream(self._stub.StreamMemories(), epoch)
+        return await stream.send(message, self._timeout)
 
 
 class _AuditStream(MultiplexedCall):
