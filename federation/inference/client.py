@@ -51,10 +51,32 @@ from federation.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_Reader = grpc.aio.UnaryStreamCall[Any, Any] | StreamedGeneration
-"""A generation or an embedding in progress: ``read()`` its messages, ``cancel()`` it."""
 E = TypeVar("E")
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from the stubs
+
+
+class _CallReader:
+    """A server-streaming call (``Embed``) read like a :class:`StreamedGeneration`: its
+    failure raised as a FederationError."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        self._call = call
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()  # type: ignore[no-untyped-call]
+
+
+_Reader = StreamedGeneration | _CallReader
+"""A generation or an embedding in progress: ``read()`` its messages (raising
+FederationError), ``cancel()`` it."""
 
 INFERENCE_SERVICE = "federation.v1.InferenceService"
 
@@ -265,8 +287,8 @@ class InferenceRouter:
         metadata = request_id_metadata()
 
         async def start(node: NodeState, deadline_seconds: float | None) -> _Reader:
-            call = node.stub.Embed(message, timeout=deadline_seconds, metadata=metadata)
-            return call  # type: ignore[return-value]
+            return _CallReader(node.stub.Embed(message, timeout=deadline_seconds,
+                                               metadata=metadata))
 
         return self._stream(request.model, start, _embed_event,
                             lambda e: not isinstance(e, Embedding), deadline_seconds)
@@ -307,7 +329,7 @@ class InferenceRouter:
                 return
             finally:
                 node.local_in_flight -= 1
-                call.cancel()  # type: ignore[no-untyped-call]  # no-op when finished; stops the node's work otherwise
+                call.cancel()  # no-op when finished; stops the node's work otherwise
         raise last_error or self._no_node(model)
 
     async def _first_event(self, node: NodeState, call: _Reader) -> Any:
@@ -315,10 +337,9 @@ class InferenceRouter:
         try:
             async with asyncio.timeout(self._first_event_timeout):
                 response = await call.read()
-        except (grpc.aio.AioRpcError, FederationError) as exc:
-            error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
-            self._node_failed(node, error, before_first=True)
-            raise error from None
+        except FederationError as exc:
+            self._node_failed(node, exc, before_first=True)
+            raise exc from None
         except TimeoutError:
             error = FederationError(ErrorCode.UNAVAILABLE,
                                     f"inference node {node.address} sent nothing in time")
@@ -334,8 +355,7 @@ class InferenceRouter:
         while True:
             try:
                 response = await call.read()
-            except (grpc.aio.AioRpcError, FederationError) as exc:
-                error = from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+            except FederationError as error:
                 self._node_failed(node, error, before_first=False)
                 if error.code in _RETRYABLE:
                     raise FederationError(
