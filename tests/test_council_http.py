@@ -110,7 +110,8 @@ async def test_vote_returns_the_answer_at_level_one(env: Env) -> None:
     status, headers, body = await env.post({"question": "Deploy to production?"})
     assert status == 200, body
     assert body["answer"] == "Proceed." and body["decision"] == "authorized"
-    assert 0.8 < body["confidence"] <= 1
+    # Crawdad (weight 1.25 of 7.5) at 0.8, the others at 0.9: 0.88333…, as users read it.
+    assert body["confidence"] == 0.883
     assert body["request_id"] == headers["x-request-id"]
     assert body["quorum"] == {"asked": 7, "voted": 7, "required": 5, "missing": []}
     assert "members" not in body and "audit_sequences" not in body

@@ -80,13 +80,19 @@ def parse_vote_body(data: Any) -> VoteBody:
     return body
 
 
+def reported(confidence: float) -> float:
+    """A confidence as users read it: three decimals (the audit record's precision), not
+    the float arithmetic's tail (0.5399999999999999)."""
+    return round(confidence, 3)
+
+
 def result_json(result: council_pb2.CouncilResult) -> dict[str, Any]:
     body: dict[str, Any] = {
         "object": "council.result",
         "request_id": result.request_id,
         "answer": result.answer,
         "decision": DECISIONS.get(result.decision, "needs_review"),
-        "confidence": result.confidence,
+        "confidence": reported(result.confidence),
         "concerns": list(result.concerns),
         "fallback_synthesis": result.fallback_synthesis,
         "rounds": result.rounds,
@@ -112,7 +118,7 @@ def member_json(vote: council_pb2.MemberVote) -> dict[str, Any]:
     out: dict[str, Any] = {
         "member": vote.member, "name": vote.display_name, "specialty": vote.specialty,
         "round": vote.round, "stance": STANCES.get(vote.stance, "abstain"),
-        "confidence": vote.confidence, "concerns": list(vote.concerns),
+        "confidence": reported(vote.confidence), "concerns": list(vote.concerns),
     }
     if vote.rationale:
         out["rationale"] = vote.rationale
@@ -148,7 +154,7 @@ def council_extra(result: council_pb2.CouncilResult) -> dict[str, Any]:
     return {
         "request_id": result.request_id,
         "decision": DECISIONS.get(result.decision, "needs_review"),
-        "confidence": result.confidence,
+        "confidence": reported(result.confidence),
         "concerns": list(result.concerns),
         "fallback_synthesis": result.fallback_synthesis,
         "quorum": {"asked": result.quorum.asked, "voted": result.quorum.voted,
