@@ -16,6 +16,11 @@ federation adds (federation percentile − direct percentile), and the CPU milli
 request each federation process spent during the federation rounds (from /proc, through
 psutil; PostgreSQL is the postmaster and all its backends).
 
+Before the first row and after the last, it prints what a round trip to another process
+costs on this machine right now, back to back and after 3 ms idle (``bench/wakeup.py``'s
+probe): at concurrency 1 every hop of the path wakes a sleeping process, so this is the
+figure to read next to a concurrency-1 latency when runs on different days disagree.
+
 The client is this Python process (aiohttp on uvloop): its own CPU is not counted, and on
 2 cores it competes with what it measures, as a real co-located client would.
 
@@ -46,6 +51,7 @@ from typing import Any
 import aiohttp
 import psutil
 from aiohttp import web
+from wakeup import socket_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -365,8 +371,17 @@ def upstream_process(chunks: int) -> Iterator[str]:
         process.wait()
 
 
+async def machine_probe(when: str) -> None:
+    """This machine's cost of waking another process, printed as one JSON row."""
+    busy, idle = await socket_pair(count=300, gap=0.003)
+    print(json.dumps({"machine": when, "process_round_trip_p50_ms": {
+        "back_to_back": round(statistics.median(busy) * 1000, 3),
+        "after_3ms_idle": round(statistics.median(idle) * 1000, 3)}}), flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     rows = []
+    await machine_probe("before")
     trees = [ROOT, *([Path(args.compare).resolve()] if args.compare else [])]
     with upstream_process(args.chunks) as upstream, contextlib.ExitStack() as stack:
         port = int(upstream.split(":")[2].split("/")[0])
@@ -380,6 +395,7 @@ async def main(args: argparse.Namespace) -> None:
                                  str(fed.tree) if args.compare else None)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    await machine_probe("after")
     print(f"\nload average {os.getloadavg()[0]:.2f}; "
           f"{statistics.fmean(r['cpu_ms_per_request_total'] for r in rows):.1f} ms CPU per "
           "request on average over the rows", flush=True)

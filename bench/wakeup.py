@@ -26,7 +26,8 @@ from multiprocessing import Process
 from pathlib import Path
 
 
-def echo(sock: socket.socket) -> None:
+def echo(sock: socket.socket, parents_end: socket.socket) -> None:
+    parents_end.close()  # the fork's copy, or the parent closing its own would not end this
     while data := sock.recv(1):
         sock.sendall(data)
 
@@ -51,10 +52,13 @@ def report(what: str, busy: list[float], idle: list[float], gap: float) -> None:
           f"×{statistics.median(idle) / statistics.median(busy):.1f}")
 
 
-async def socket_pair(count: int, gap: float) -> None:
+async def socket_pair(count: int, gap: float) -> tuple[list[float], list[float]]:
+    """Round trips of one byte to an echoing child process: back to back, then each after
+    ``gap`` seconds of idleness."""
     ours, theirs = socket.socketpair()
-    child = Process(target=echo, args=(theirs,), daemon=True)
+    child = Process(target=echo, args=(theirs, ours), daemon=True)
     child.start()
+    theirs.close()
     reader, writer = await asyncio.open_connection(sock=ours)
 
     async def ping() -> None:
@@ -66,8 +70,9 @@ async def socket_pair(count: int, gap: float) -> None:
         idle = await timed(ping, count, gap)
     finally:
         writer.close()
+        await writer.wait_closed()  # the child's EOF: it exits, and joins at once
         child.join(timeout=5)
-    report("process echo (socket pair)", busy, idle, gap)
+    return busy, idle
 
 
 async def postgres(count: int, gap: float) -> None:
@@ -92,7 +97,7 @@ async def postgres(count: int, gap: float) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     gap = args.gap_ms / 1000
-    await socket_pair(args.count, gap)
+    report("process echo (socket pair)", *await socket_pair(args.count, gap), gap)
     if args.postgres:
         await postgres(args.count, gap)
 
