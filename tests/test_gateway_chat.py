@@ -123,6 +123,16 @@ async def test_non_streaming_completion(env: Env) -> None:
     assert raw.headers["x-request-id"].startswith("req_")
 
 
+async def test_parameters_that_ask_for_nothing_and_hints_are_accepted(env: Env) -> None:
+    body = {"model": MODEL, "messages": user("hi"), "logit_bias": {}, "functions": [],
+            "function_call": "none", "modalities": ["text"], "store": False,
+            "metadata": {"team": "search"}, "service_tier": "auto"}
+    async with env.client() as client:
+        completion = await client.post("/chat/completions", body=body, cast_to=object)
+    assert isinstance(completion, dict)
+    assert completion["choices"][0]["message"]["content"] == "hi"
+
+
 async def test_sampling_limits_are_applied(env: Env) -> None:
     async with env.client() as client:
         completion = await client.chat.completions.create(
@@ -275,6 +285,13 @@ async def test_unknown_model_is_404(env: Env) -> None:
     ({"model": MODEL, "messages": user("hi"), "tool_choice": "invalid"}, "tool_choice"),
     ({"model": MODEL, "messages": user("hi"), "tool_choice": "required"}, "tool_choice"),
     ({"model": MODEL, "messages": user("hi"), "tools": [{"type": "invalid"}]}, "tools[0].type"),
+    # Not implemented, and each would change the answer: refused, never ignored.
+    ({"model": MODEL, "messages": user("hi"), "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"model": MODEL, "messages": user("hi"), "functions": [{"name": "f"}]}, "functions"),
+    ({"model": MODEL, "messages": user("hi"), "function_call": "auto"}, "function_call"),
+    ({"model": MODEL, "messages": user("hi"), "modalities": ["text", "audio"]}, "modalities"),
+    ({"model": MODEL, "messages": user("hi"), "audio": {"voice": "alloy"}}, "audio"),
+    ({"model": MODEL, "messages": user("hi"), "web_search_options": {}}, "web_search_options"),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_invalid_bodies_are_400_naming_the_param(env: Env, body: dict[str, Any],

@@ -223,7 +223,31 @@ def _param(loc: tuple[int | str, ...], field_names: frozenset[str]) -> str:
     return out
 
 
+_NOT_IMPLEMENTED: Final[dict[str, tuple[str, tuple[Any, ...]]]] = {
+    # parameter: (why it is refused, the values that ask for nothing and so pass)
+    "logit_bias": ("logit_bias is not supported.", ({},)),
+    "functions": ("functions is deprecated and not supported; use tools.", ([],)),
+    "function_call": ("function_call is deprecated and not supported; use tool_choice.",
+                      ("none",)),
+    "audio": ("Audio output is not supported.", ()),
+    "modalities": ("Only the text modality is supported.", (["text"],)),
+    "web_search_options": ("Web search is not supported.", ()),
+}
+"""OpenAI parameters that change what is generated and that this server does not
+implement: refused by name, so a caller never takes an answer made without them for one
+made with them. Hints that leave the answer as it is (``store``, ``metadata``,
+``service_tier``, ``prediction``, …) are ignored and logged, as any unknown field is."""
+
+
+def _check_not_implemented(extra: dict[str, Any]) -> None:
+    for param, (reason, harmless) in _NOT_IMPLEMENTED.items():
+        value = extra.get(param)
+        if value is not None and value not in harmless:
+            raise invalid(param, reason)
+
+
 def _check_unsupported(req: ChatCompletionRequest) -> None:
+    _check_not_implemented(req.model_extra or {})
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true.")
     if req.top_logprobs is not None and not req.logprobs:
