@@ -106,6 +106,14 @@ CHAT_REQUEST = {
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
                          "description": "Needs logprobs: true."},
         "user": {"type": "string"},
+        # Not implemented, and each would change the answer: only a value that asks for
+        # nothing passes; anything else is refused (400) naming the parameter.
+        "logit_bias": {"type": "object", "maxProperties": 0},
+        "functions": {"type": "array", "maxItems": 0},
+        "function_call": {"const": "none"},
+        "audio": {"type": "null"},
+        "modalities": {"const": ["text"]},
+        "web_search_options": {"type": "null"},
     },
 }
 
