@@ -86,6 +86,16 @@ def write_denials(path: Path, denials: list[Denial]) -> None:
 
 
 def add_denial(path: Path, *, serial: str = "", identity: str = "", reason: str) -> Denial:
+    """Deny ``serial`` or ``identity`` (exactly one, not blank) for ``reason`` (not blank).
+
+    Checked before the file is written: an entry naming nothing would make the whole list
+    unreadable, and every node would keep its previous list (or refuse to start)."""
+    serial, identity, reason = serial.strip(), identity.strip(), reason.strip()
+    if bool(serial) == bool(identity):
+        raise PKIError("a denial names one certificate serial or one identity, not blank")
+    if not reason:
+        raise PKIError("a denial needs a reason: it is kept with the entry and given with "
+                       "every refusal")
     denial = Denial(normalize_serial(serial) if serial else "", identity, reason,
                     dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     denials = [d for d in read_denials(path)

@@ -52,7 +52,11 @@ def _read(path: Path) -> x509.Certificate:
 
 
 def _identity(cert: x509.Certificate) -> str:
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    """The leaf's SPIFFE id; empty for a CA certificate (it has no SAN)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
     uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
             if u.startswith("spiffe://")]
     return uris[0] if len(uris) == 1 else ""

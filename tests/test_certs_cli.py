@@ -1,0 +1,62 @@
+"""``federation certs``: the deny list stays readable whatever an operator types, and
+every certificate of the federation can be shown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.config import GrpcConfig
+from federation.denylist import add_denial, read_denials
+from federation.pki import PKIError
+from tests.support import TestPKI
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "federation.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("serial", "identity", "reason"), [
+    ("", "", "stolen"),
+    ("  ", "", "stolen"),
+    ("", " ", "stolen"),
+    ("5f3a", "spiffe://federation.local/node/lab/admin", "both at once"),
+    ("5f3a", "", ""),
+    ("5f3a", "", "   "),
+])
+def test_a_denial_naming_nothing_or_without_reason_is_refused_before_writing(
+        tmp_path: Path, serial: str, identity: str, reason: str) -> None:
+    path = tmp_path / "denied.json"
+    add_denial(path, serial="ab12", reason="laptop stolen")
+    before = path.read_bytes()
+    with pytest.raises(PKIError):
+        add_denial(path, serial=serial, identity=identity, reason=reason)
+    assert path.read_bytes() == before
+    assert [d.serial for d in read_denials(path)] == ["ab12"]
+
+
+def test_the_cli_refuses_a_blank_serial_and_the_list_stays_usable(tmp_path: Path) -> None:
+    pki = TestPKI(tmp_path / "home")
+    denied = cli(pki.home, "certs", "deny", "--serial", "", "--reason", "x")
+    assert denied.returncode == 1
+    assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
+    assert "serial or one identity" in denied.stderr
+    assert not (pki.home / GrpcConfig().deny_list_file).exists()
+    ok = cli(pki.home, "certs", "deny", "--serial", "5F:3A", "--reason", "lost", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["serial"] == "5f3a"
+    listed = cli(pki.home, "certs", "denied", "--json")
+    assert [d["serial"] for d in json.loads(listed.stdout)] == ["5f3a"]
+
+
+@pytest.mark.parametrize("ca", ["ca.pem", "nodes-ca.pem", "edge-ca.pem"])
+def test_show_works_on_the_federations_ca_certificates(tmp_path: Path, ca: str) -> None:
+    pki = TestPKI(tmp_path / "home")
+    shown = cli(pki.home, "certs", "show", str(pki.home / "pki" / ca), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["identity"] == ""
