@@ -246,6 +246,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     async def VerifyChain(
         self, request: pb.VerifyChainRequest, context: Context
     ) -> pb.VerifyChainResponse:
+        _check_range(request.from_sequence, request.to_sequence)
         checkpoints = await self._guardian.list_all() if self._guardian is not None else None
         report = await verify_with_checkpoints(
             self._store, checkpoints, self._guardian_key(), request.from_sequence,
@@ -260,6 +261,17 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         response.restores.extend(
             restore_to_proto(claim) for claim in report.restores)
         return response
+
+
+def _check_range(from_sequence: int, to_sequence: int) -> None:
+    if from_sequence < 0 or to_sequence < 0:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              "from_sequence and to_sequence are record sequences (1 or "
+                              "more), or 0 for the start and the head of the chain")
+    if to_sequence and from_sequence > to_sequence:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"from_sequence {from_sequence} is after to_sequence "
+                              f"{to_sequence}")
 
 
 def restore_to_proto(claim: RestoreClaim) -> pb.ChainRestore:

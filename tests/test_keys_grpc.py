@@ -95,6 +95,21 @@ async def test_issue_verify_and_quota_over_mtls(federation: Federation) -> None:
     assert chain.intact and chain.records_checked == 2  # key.issue, key.quota_exhausted
 
 
+async def test_verify_chain_ranges_past_the_head_or_inverted(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    for tenant in ("a", "b", "c"):
+        await admin.IssueKey(kpb.IssueKeyRequest(tenant_id=tenant, scopes=["chat"]))
+    memory = federation.memory_stub("admin")
+    # Past the head is not "record 4 is missing": the walk stops at the head.
+    past = await memory.VerifyChain(mpb.VerifyChainRequest(from_sequence=2, to_sequence=99))
+    assert (past.intact, past.records_checked, past.problem) == (True, 2, "")
+    for bad in (mpb.VerifyChainRequest(from_sequence=3, to_sequence=2),
+                mpb.VerifyChainRequest(from_sequence=-1),
+                mpb.VerifyChainRequest(to_sequence=-5)):
+        refused = await rpc_error(memory.VerifyChain(bad))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+
+
 async def test_bad_keys_and_roles_are_refused(federation: Federation) -> None:
     gateway = federation.keys_stub("gateway")
     malformed = await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(key="fed_nope")))

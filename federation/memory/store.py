@@ -165,9 +165,14 @@ class MemoryStore:
         return (int(row["sequence"]), bytes(row["hash"])) if row is not None else None
 
     async def verify_chain(self, from_sequence: int = 1, to_sequence: int = 0) -> ChainReport:
-        """Recompute every hash and link in the range; report the first problem."""
+        """Recompute every hash and link in the range; report the first problem.
+
+        A ``to_sequence`` past the head stops at the head: nothing says a record after it
+        should exist (a signed checkpoint beyond the head does, and the caller compares
+        those)."""
         first = max(from_sequence, 1)
-        last = to_sequence or await self.head()
+        head = await self.head()
+        last = min(to_sequence, head) if to_sequence else head
         walker = _ChainWalker(*await self._start_before(first), self._restore_verifier)
         cursor = first
         while cursor <= last:
