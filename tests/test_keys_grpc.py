@@ -110,6 +110,32 @@ async def test_verify_chain_ranges_past_the_head_or_inverted(federation: Federat
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
 
 
+@pytest.mark.parametrize(("request_fields", "param"), [
+    ({"ttl": Duration(seconds=3_000_000 * 86400)}, "ttl"),
+    ({"token_quota": 5, "quota_period": Duration(seconds=3_000_000 * 86400)}, "quota_period"),
+    ({"requests_per_minute": 2**32 - 1}, "requests_per_minute"),
+    ({"token_quota": 2**64 - 1, "quota_period": Duration(seconds=60)}, "token_quota"),
+    ({"tenant_id": "a\nb"}, "tenant_id"),
+    ({"tenant_id": "x" * 201}, "tenant_id"),
+    ({"tenant_id": " acme"}, "tenant_id"),
+])
+async def test_out_of_range_issues_are_invalid_not_internal(
+        federation: Federation, request_fields: dict[str, object], param: str) -> None:
+    admin = federation.keys_stub("admin")
+    fields: dict[str, object] = {"tenant_id": "acme", "scopes": ["chat"], **request_fields}
+    refused = await rpc_error(admin.IssueKey(kpb.IssueKeyRequest(**fields)))  # type: ignore[arg-type]
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert param in (refused.details() or "")
+
+
+async def test_a_grace_period_past_a_century_is_invalid(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+    refused = await rpc_error(admin.RotateKey(kpb.RotateKeyRequest(
+        key_id=issued.key.key_id, grace_period=Duration(seconds=3_000_000 * 86400))))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+
+
 async def test_bad_keys_and_roles_are_refused(federation: Federation) -> None:
     gateway = federation.keys_stub("gateway")
     malformed = await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(key="fed_nope")))

@@ -38,6 +38,7 @@ from federation.keys.models import (
     Page,
     StrengthKind,
     StrengthSample,
+    check_duration,
 )
 from federation.keys.strength import (
     BURST_WINDOW_SECONDS,
@@ -180,9 +181,7 @@ class KeyAuthority:
     ) -> IssuedKey:
         """New secret, same key id/scopes/quotas; the old secret works for the grace period."""
         keyformat.validate_key_id(key_id)
-        if grace_seconds < 0:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "grace period must not be negative",
-                                  param="grace_period")
+        check_duration(grace_seconds, "grace_period", zero_allowed=True)
         _, full_key = keyformat.generate(key_id)
         now = self._now_dt()
         old_until = now + dt.timedelta(seconds=grace_seconds) if grace_seconds > 0 else None

@@ -10,6 +10,7 @@ from typing import Final, Generic, TypeVar
 
 from federation.errors import ErrorCode, FederationError
 from federation.keys.strength import Accumulator
+from federation.tenancy import checked_tenant_id
 
 SCOPES: Final = frozenset({
     "chat", "embeddings", "council", "council:chiefs", "council:specialist", "memory:read",
@@ -18,6 +19,11 @@ SCOPES: Final = frozenset({
 """Every scope a key may carry (common.proto lists them)."""
 
 MAX_DESCRIPTION_BYTES: Final = 256
+MAX_REQUESTS_PER_MINUTE: Final = 2**31 - 1
+MAX_TOKEN_QUOTA: Final = 2**63 - 1
+"""The columns' ranges (integer, bigint)."""
+MAX_DURATION_SECONDS: Final = 100 * 365 * 86400
+"""Longest ttl, quota period or grace period: a century."""
 T = TypeVar("T")
 
 
@@ -93,26 +99,27 @@ class IssueRequest:
     ttl_seconds: float | None = None
 
     def validated(self) -> IssueRequest:
-        if not self.tenant_id:
-            raise _invalid("tenant_id is required", "tenant_id")
+        checked_tenant_id(self.tenant_id)
         if not self.scopes:
             raise _invalid("at least one scope is required", "scopes")
         unknown = sorted(set(self.scopes) - SCOPES)
         if unknown:
             raise _invalid(f"unknown scope(s) {', '.join(unknown)}; scopes are: "
                            + ", ".join(sorted(SCOPES)), "scopes")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise _invalid("requests_per_minute must be positive", "requests_per_minute")
-        if self.token_quota is not None and self.token_quota <= 0:
-            raise _invalid("token_quota must be positive", "token_quota")
+        if self.requests_per_minute is not None and not (
+                0 < self.requests_per_minute <= MAX_REQUESTS_PER_MINUTE):
+            raise _invalid(f"requests_per_minute must be from 1 to {MAX_REQUESTS_PER_MINUTE}",
+                           "requests_per_minute")
+        if self.token_quota is not None and not 0 < self.token_quota <= MAX_TOKEN_QUOTA:
+            raise _invalid(f"token_quota must be from 1 to {MAX_TOKEN_QUOTA}", "token_quota")
         if (self.token_quota is None) != (self.quota_period_seconds is None):
             raise _invalid("token_quota and quota_period go together", "quota_period")
-        if self.quota_period_seconds is not None and self.quota_period_seconds <= 0:
-            raise _invalid("quota_period must be positive", "quota_period")
+        if self.quota_period_seconds is not None:
+            check_duration(self.quota_period_seconds, "quota_period")
         if len(self.description.encode()) > MAX_DESCRIPTION_BYTES:
             raise _invalid("description is longer than 256 bytes", "description")
-        if self.ttl_seconds is not None and self.ttl_seconds <= 0:
-            raise _invalid("ttl must be positive", "ttl")
+        if self.ttl_seconds is not None:
+            check_duration(self.ttl_seconds, "ttl")
         return self
 
 
@@ -137,6 +144,15 @@ class StrengthSample:
 class Page(Generic[T]):
     items: list[T]
     next_page_token: str
+
+
+def check_duration(seconds: float, param: str, *, zero_allowed: bool = False) -> None:
+    """A positive duration (or zero, when allowed) of at most :data:`MAX_DURATION_SECONDS`:
+    past that, dates overflow and the value was a typo anyway."""
+    long_enough = seconds >= 0 if zero_allowed else seconds > 0
+    if not (long_enough and seconds <= MAX_DURATION_SECONDS):
+        raise _invalid(f"{param} must be {'0 or more' if zero_allowed else 'positive'} and "
+                       f"at most {MAX_DURATION_SECONDS // 86400} days", param)
 
 
 def _invalid(message: str, param: str) -> FederationError:

@@ -19,12 +19,11 @@ from typing import Any, Final
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry, AuditSink
+from federation.tenancy import checked_tenant_id
 
 DEFAULT_TTL_SECONDS: Final = 5.0
 _CACHE_LIMIT: Final = 10_000
-_MAX_TENANT: Final = 200
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,7 @@ class TenantSettings:
 
 
 def _tenant(tenant_id: str) -> str:
-    tenant_id = tenant_id.strip()
-    if not tenant_id or len(tenant_id) > _MAX_TENANT or not tenant_id.isprintable():
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "tenant_id must be printable text "
-                              f"of 1 to {_MAX_TENANT} characters", param="tenant_id")
-    return tenant_id
+    return checked_tenant_id(tenant_id.strip())
 
 
 async def get_settings(
