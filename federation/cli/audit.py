@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from federation.backup.report import describe_restore
+from federation.cli.arguments import INT64_MAX, integer
 from federation.cli.support import all_pages, fail, print_json
 from federation.config import Settings
 from federation.launch.endpoints import admin_channel
@@ -23,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     verify = sub.add_parser(
         "verify", help="recompute the hash chain, check it against the guardian's signed "
                        "checkpoints; non-zero if either fails")
-    verify.add_argument("--from", dest="from_sequence", type=int, default=0)
-    verify.add_argument("--to", dest="to_sequence", type=int, default=0)
+    verify.add_argument("--from", dest="from_sequence", type=integer(0, INT64_MAX), default=0)
+    verify.add_argument("--to", dest="to_sequence", type=integer(0, INT64_MAX), default=0)
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=verify_chain)
 

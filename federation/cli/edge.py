@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from federation.cli.arguments import INT32_MAX, integer, seconds
 from federation.cli.support import print_json
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
@@ -44,8 +44,6 @@ from federation.prototime import timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _STATE_NAMES = {state.value: number for number, state in STATE_FROM_PB.items()}
 
 
@@ -60,7 +58,8 @@ def register(commands: Any) -> None:
 def _add_operator_commands(sub: Any) -> None:
     token = sub.add_parser("token", help="print a one-time enrollment token for a device")
     token.add_argument("--name", required=True, help="device name (its identity)")
-    token.add_argument("--ttl", default=None, help="lifetime, e.g. 10m, 1h (default 10m)")
+    token.add_argument("--ttl", type=seconds, default=None,
+                       help="lifetime, e.g. 10m, 1h (default 10m)")
     token.add_argument("--json", action="store_true")
     token.set_defaults(handler=_token)
     revoke = sub.add_parser("revoke", help="revoke a device: every later call fails")
@@ -87,7 +86,9 @@ def _add_device_commands(sub: Any) -> None:
     upload = sub.add_parser("upload", help="upload a file (resumable); prints its digest")
     upload.add_argument("file", type=Path)
     _device_arguments(upload)
-    upload.add_argument("--chunk-size", type=int, default=1 << 20)
+    # Under gRPC's 4 MiB message limit; the broker takes its own range (64 KiB to 1 MiB).
+    upload.add_argument("--chunk-size", type=integer(1, (4 << 20) - (64 << 10)),
+                        default=1 << 20)
     upload.add_argument("--json", action="store_true")
     upload.set_defaults(handler=_upload)
 
@@ -107,9 +108,9 @@ def _add_jobs(sub: Any) -> None:
     payload = submit.add_mutually_exclusive_group()
     payload.add_argument("--payload", default="", help="inline payload text")
     payload.add_argument("--blob", help="payload blob digest (sha256:…)")
-    submit.add_argument("--priority", type=int, default=0)
-    submit.add_argument("--deadline", help="time from now, e.g. 30s, 5m")
-    submit.add_argument("--max-attempts", type=int, default=0)
+    submit.add_argument("--priority", type=integer(-INT32_MAX - 1, INT32_MAX), default=0)
+    submit.add_argument("--deadline", type=seconds, help="time from now, e.g. 30s, 5m")
+    submit.add_argument("--max-attempts", type=integer(0, INT32_MAX), default=0)
     submit.add_argument("--sensor", action="append", default=[], help="required sensor")
     submit.add_argument("--json", action="store_true")
     submit.set_defaults(handler=_jobs_submit)
@@ -120,16 +121,9 @@ def _add_jobs(sub: Any) -> None:
     listing = actions.add_parser("list", help="list a tenant's jobs, newest first")
     listing.add_argument("--tenant", required=True)
     listing.add_argument("--state", choices=sorted(_STATE_NAMES))
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=integer(1, INT32_MAX), default=50)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_jobs_list)
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise CommandError(f"invalid duration {text!r}: use e.g. 90s, 10m, 2h, 1d")
-    return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
 # -- operator ---------------------------------------------------------------------
@@ -144,9 +138,8 @@ async def _with_pool(settings: Settings) -> asyncpg.Pool:
 
 
 async def _token(settings: Settings, args: argparse.Namespace) -> int:
-    ttl = parse_duration(args.ttl) if args.ttl else dt.timedelta(
-        seconds=settings.edge.token_ttl_seconds
-    )
+    ttl = dt.timedelta(seconds=args.ttl if args.ttl is not None
+                       else settings.edge.token_ttl_seconds)
     pool = await _with_pool(settings)
     try:
         token = await create_token(pool, args.name, ttl)
@@ -287,7 +280,7 @@ async def _jobs_submit(settings: Settings, args: argparse.Namespace) -> int:
         request.inline_payload = args.payload.encode()
     if args.deadline:
         request.deadline.CopyFrom(
-            timestamp(dt.datetime.now(dt.UTC) + parse_duration(args.deadline))
+            timestamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.deadline))
         )
     async with _admin_stub(settings) as stub:
         job = (await stub.SubmitJob(request)).job

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from federation.cli.arguments import INT32_MAX, INT64_MAX, integer, seconds
 from federation.cli.support import all_pages, print_json
 from federation.config import Settings
 from federation.launch.endpoints import admin_channel
 from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
 from federation.v1 import key_authority_pb2_grpc as pb_grpc
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``15m``, ``1h`` or ``2d`` as seconds."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 15m, 1h, 2d)")
-    return float(match[1]) * _UNITS[match[2] or "s"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,12 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     issue = sub.add_parser("issue", help="issue a key; prints only the key unless --json")
     issue.add_argument("--tenant", required=True)
     issue.add_argument("--scope", action="append", required=True, help="repeatable")
-    issue.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
-    issue.add_argument("--token-quota", type=int, help="tokens per quota period")
-    issue.add_argument("--quota-period", type=parse_duration, default=86400.0,
+    issue.add_argument("--rpm", type=integer(1, INT32_MAX),
+                       help="requests per minute (default: unlimited)")
+    issue.add_argument("--token-quota", type=integer(1, INT64_MAX),
+                       help="tokens per quota period")
+    issue.add_argument("--quota-period", type=seconds, default=86400.0,
                        help="length of the token quota period (default 1d)")
     issue.add_argument("--description", default="")
-    issue.add_argument("--ttl", type=parse_duration, help="lifetime (default: no expiry)")
+    issue.add_argument("--ttl", type=seconds, help="lifetime (default: no expiry)")
     issue.add_argument("--json", action="store_true")
     issue.set_defaults(handler=issue_key)
 
@@ -60,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     rotate = sub.add_parser("rotate", help="new secret; the old one works for --grace")
     rotate.add_argument("key_id", metavar="KEY_ID")
-    rotate.add_argument("--grace", type=parse_duration,
+    rotate.add_argument("--grace", type=seconds,
                         help="how long the old secret keeps working (default: keys setting)")
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(handler=rotate_key)
@@ -72,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     strength = sub.add_parser("strength", help="a key's current strength and its history")
     strength.add_argument("key_id", metavar="KEY_ID")
-    strength.add_argument("--limit", type=int, default=20)
+    strength.add_argument("--limit", type=integer(1, INT32_MAX), default=20)
     strength.add_argument("--json", action="store_true")
     strength.set_defaults(handler=key_strength)
 

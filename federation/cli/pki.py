@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from federation.cli.arguments import days
 from federation.cli.support import print_json
 from federation.config import ALL_ROLES, Settings
 from federation.errors import CommandError
@@ -86,9 +87,9 @@ def _register_renew(sub: Any) -> None:
     renew = sub.add_parser(
         "renew", help="reissue this home's certificates close to expiry (running nodes "
                       "reload them), a host's bundle, or an intermediate")
-    renew.add_argument("--within", type=float,
+    renew.add_argument("--within", type=days,
                        help="renew what expires within this many days (default: "
-                            "pki.renew_within_days); 0 renews nothing, a large number all")
+                            "pki.renew_within_days); 0 renews nothing, 36500 (a century) all")
     renew.add_argument("--all", action="store_true", help="renew every certificate now")
     renew.add_argument("--host", help="issue this host's bundle again (needs --out)")
     renew.add_argument("--out", help="with --host: the new archive")
@@ -184,12 +185,17 @@ async def _pki_renew(settings: Settings, args: argparse.Namespace) -> int:
         if not args.root_key:
             raise CommandError("--intermediate needs --root-key: the root CA's key file")
         cert = _ca(settings).renew_intermediate(args.intermediate, Path(args.root_key))
-        print(f"renewed the {args.intermediate} CA until {cert.not_valid_after_utc:%Y-%m-%d}")
+        if args.json:
+            print_json({"renewed": args.intermediate,
+                        "not_after": cert.not_valid_after_utc.isoformat()})
+        else:
+            print(f"renewed the {args.intermediate} CA until "
+                  f"{cert.not_valid_after_utc:%Y-%m-%d}")
         return 0
-    days = 1e6 if args.all else (settings.pki.renew_within_days if args.within is None
-                                 else args.within)
+    within_days = 1e6 if args.all else (settings.pki.renew_within_days if args.within is None
+                                        else args.within)
     try:
-        renewed = renew_identities(_ca(settings), dt.timedelta(days=days))
+        renewed = renew_identities(_ca(settings), dt.timedelta(days=within_days))
     except PKIError as exc:
         raise CommandError(f"{exc}; on a node host, renew its bundle on the CA host "
                            "(`federation pki renew --host NAME --out FILE`) and install it "
