@@ -19,6 +19,7 @@ from federation.cli import _overrides, build_parser
 from federation.config import GrpcConfig, load_settings
 from federation.db import Database
 from federation.edge.device.client import device_channel, upload_status
+from federation.errors import FederationError
 from federation.v1 import edge_broker_pb2_grpc
 from tests.edge_support import (
     FAST_EDGE,
@@ -117,8 +118,14 @@ async def test_device_lifecycle_through_the_cli(
         )
         assert rc == 0 and [j["state"] for j in json.loads(out)] == ["succeeded"]
 
-        rc, _, err = await cli(monkeypatch, capsys, env, "edge", "revoke", "phone")
+        rc, out, err = await cli(monkeypatch, capsys, env, "edge", "revoke", "phnoe", "--json")
         assert rc == 0, err
+        assert json.loads(out)["had_enrolled"] is False  # a typo is said, not taken as done
+        with pytest.raises(FederationError, match="invalid name"):
+            await cli(monkeypatch, capsys, env, "edge", "revoke", "")
+        rc, out, err = await cli(monkeypatch, capsys, env, "edge", "revoke", "phone")
+        assert rc == 0, err
+        assert out.startswith("revoked device phone;")
         rc, _, err = await run(
             env, "edge", "upload", str(tmp_path / "photo.jpg"), "--cert-dir", str(creds),
             "--broker", main,

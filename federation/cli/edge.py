@@ -158,13 +158,16 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
 async def _revoke(settings: Settings, args: argparse.Namespace) -> int:
     pool = await _with_pool(settings)
     try:
-        await DeviceRegistry(pool, settings.edge).revoke(args.name)
+        enrolled = await DeviceRegistry(pool, settings.edge).revoke(args.name)
     finally:
         await pool.close()
     if args.json:
-        print_json({"device": args.name, "state": "revoked"})
-    else:
+        print_json({"device": args.name, "state": "revoked", "had_enrolled": enrolled})
+    elif enrolled:
         print(f"revoked device {args.name}; its leases were returned to the queue")
+    else:
+        print(f"no device has enrolled as {args.name}; the name is revoked, so no token "
+              "can enroll it (check the spelling if you meant an enrolled device)")
     return 0
 
 

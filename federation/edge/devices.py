@@ -26,6 +26,7 @@ import asyncpg
 from federation.config import EdgeConfig
 from federation.edge.model import Capabilities, Device, DeviceState
 from federation.errors import ErrorCode, FederationError
+from federation.pki import PKIError, validate_name
 
 
 def device_from_row(row: asyncpg.Record) -> Device:
@@ -228,9 +229,18 @@ class DeviceRegistry:
             raise FederationError(ErrorCode.NOT_FOUND, f"no device {device_id}")
         return device_from_row(row)
 
-    async def revoke(self, device_id: str) -> None:
-        """Revoke for good and hand its leased jobs back to the queue, atomically."""
+    async def revoke(self, device_id: str) -> bool:
+        """Revoke for good and hand its leased jobs back to the queue, atomically.
+
+        A name no device has enrolled under is revoked too (an unused enrollment token
+        for it can then no longer enroll); returns whether a device had enrolled."""
+        try:
+            validate_name(device_id)
+        except PKIError as exc:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, str(exc), param="name") from None
         async with self._pool.acquire() as conn, conn.transaction():
+            known = await conn.fetchval(
+                "SELECT true FROM edge_devices WHERE device_id = $1 FOR UPDATE", device_id)
             await conn.execute(
                 """
                 INSERT INTO edge_devices (device_id, state, revoked_at)
@@ -247,6 +257,7 @@ class DeviceRegistry:
                 """,
                 device_id,
             )
+        return bool(known)
 
     async def is_revoked(self, device_id: str) -> bool:
         state = await self._pool.fetchval(
