@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from federation.errors import ErrorCode, FederationError
+from federation.keys import keyformat
 from federation.keys.client import KeyPrincipal, KeyVerifier
 
 CHAT_SCOPE = "chat"
@@ -23,7 +24,10 @@ def bearer_key(request: web.Request) -> str:
             ErrorCode.UNAUTHENTICATED,
             "Missing API key: send it as 'Authorization: Bearer <key>'",
         )
-    return key.strip()
+    key = key.strip()
+    if not key.isascii():  # issued keys are ASCII; a stray byte must not reach a hash or a proto
+        raise FederationError(ErrorCode.UNAUTHENTICATED, keyformat.MALFORMED)
+    return key
 
 
 async def authenticate(request: web.Request, verifier: KeyVerifier, scope: str) -> KeyPrincipal:

@@ -236,6 +236,19 @@ async def test_authentication_errors(env: Env, key: str) -> None:
         assert "x-request-id" in response.headers
 
 
+@pytest.mark.parametrize("header", [b"Bearer fed_\xff", "Bearer fed_é".encode("latin-1"),
+                                    "Bearer fed_é".encode()])
+async def test_a_key_that_is_not_ascii_is_401_not_500(env: Env, header: bytes) -> None:
+    host, port = env.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Authorization: " + header + b"\r\n\r\n")
+    answer = (await reader.read()).decode("latin-1")
+    writer.close()
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+    assert '"malformed API key' in answer
+
+
 @pytest.mark.parametrize(("kind", "reason"), [("admin-only", "lacks the 'chat' scope"),
                                               ("suspended", "is suspended")])
 async def test_permission_errors(env: Env, kind: str, reason: str) -> None:

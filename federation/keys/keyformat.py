@@ -73,15 +73,15 @@ def generate(key_id: str | None = None) -> tuple[ParsedKey, str]:
     return parsed, format_key(parsed.key_id, parsed.secret)
 
 
+MALFORMED = ("malformed API key: expected fed_<key id>_<secret> as issued by "
+             "`federation keys issue`")
+
+
 def parse(key: str) -> ParsedKey:
     """Split a presented key, refusing malformed or mistyped ones before any lookup."""
     match = _KEY_PATTERN.match(key.strip())
     if match is None:
-        raise FederationError(
-            ErrorCode.UNAUTHENTICATED,
-            "malformed API key: expected fed_<key id>_<secret> "
-            "as issued by `federation keys issue`",
-        )
+        raise FederationError(ErrorCode.UNAUTHENTICATED, MALFORMED)
     key_id, secret, check = match.groups()
     if checksum(f"{PREFIX}{key_id}_{secret}") != check:
         raise FederationError(
