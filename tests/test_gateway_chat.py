@@ -123,6 +123,15 @@ async def test_non_streaming_completion(env: Env) -> None:
     assert raw.headers["x-request-id"].startswith("req_")
 
 
+async def test_choices_of_a_seeded_chat_sample_with_consecutive_seeds(env: Env) -> None:
+    async with env.client() as client:
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=user("hi"), n=3, seed=41)
+    assert len(completion.choices) == 3
+    requests = [r for backend in env.backends for r in backend.requests]
+    assert sorted(r.sampling.seed for r in requests) == [41, 42, 43]
+
+
 async def test_parameters_that_ask_for_nothing_and_hints_are_accepted(env: Env) -> None:
     body = {"model": MODEL, "messages": user("hi"), "logit_bias": {}, "functions": [],
             "function_call": "none", "modalities": ["text"], "store": False,

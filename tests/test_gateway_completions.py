@@ -58,6 +58,23 @@ async def test_max_tokens_defaults_to_16(env: OpenAIEnv) -> None:
     assert env.backend.requests[-1].sampling.max_tokens == 16
 
 
+async def test_a_null_max_tokens_is_the_default_not_unlimited(env: OpenAIEnv) -> None:
+    async with env.client() as client:
+        await client.post("/completions", body={"model": MODEL, "prompt": "x",
+                                                "max_tokens": None}, cast_to=object)
+    assert env.backend.requests[-1].sampling.max_tokens == 16
+
+
+async def test_choices_of_a_seeded_request_get_consecutive_seeds(env: OpenAIEnv) -> None:
+    async with env.client() as client:
+        await client.completions.create(model=MODEL, prompt=["a", "b"], n=2, seed=2**63 - 1)
+    # Each prompt's choices sample differently (one seed for all would repeat one text);
+    # the seed wraps within int64.
+    assert sorted((r.prompt.text, r.sampling.seed) for r in env.backend.requests[-4:]
+                  if r.prompt is not None) == [
+        ("a", -(2**63)), ("a", 2**63 - 1), ("b", -(2**63)), ("b", 2**63 - 1)]
+
+
 async def test_prompt_lists_and_n_make_choices_in_openais_order(env: OpenAIEnv) -> None:
     async with env.client() as client:
         completion = await client.completions.create(

@@ -189,10 +189,21 @@ def parse_chat_request(body: Any, tenant_id: str = "") -> ChatCall:
         logprobs=(parsed.top_logprobs or 0) if parsed.logprobs else None,
     )
     return ChatCall(
-        generations=(generation,) * (parsed.n or 1),
+        generations=tuple(with_choice_seed(generation, i) for i in range(parsed.n or 1)),
         stream=bool(parsed.stream),
         include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
     )
+
+
+def with_choice_seed(generation: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice ``index``'s generation: with a ``seed``, choice i samples with seed + i, so
+    ``n`` choices differ and the whole answer stays reproducible (one seed for all would
+    make every choice the same text)."""
+    seed = generation.sampling.seed
+    if seed is None or index == 0:
+        return generation
+    wrapped = (seed + index - INT64_MIN) % 2**64 + INT64_MIN  # stays an int64
+    return replace(generation, sampling=replace(generation.sampling, seed=wrapped))
 
 
 def invalid(param: str | None, message: str) -> FederationError:

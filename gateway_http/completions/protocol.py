@@ -27,6 +27,7 @@ from gateway_http.chat.protocol import (
     StreamOptions,
     invalid,
     validation_error,
+    with_choice_seed,
 )
 
 DEFAULT_MAX_TOKENS: Final = 16
@@ -72,9 +73,10 @@ def parse_completion_request(body: Any, tenant_id: str = "") -> ChatCall:
     _check(parsed)
     n = parsed.n or 1
     generations = tuple(
-        GenerationRequest(parsed.model, (), _sampling(parsed), tenant_id=tenant_id,
-                          logprobs=parsed.logprobs, prompt=prompt)
-        for prompt in _prompts(parsed) for _ in range(n))
+        with_choice_seed(GenerationRequest(parsed.model, (), _sampling(parsed),
+                                           tenant_id=tenant_id, logprobs=parsed.logprobs,
+                                           prompt=prompt), choice)
+        for prompt in _prompts(parsed) for choice in range(n))
     if len(generations) > MAX_CHOICES:
         raise invalid("prompt", f"At most {MAX_CHOICES} choices (prompts times n) are allowed "
                                 "in one request.")
@@ -126,6 +128,8 @@ def _tokens(ids: list[int], param: str, suffix: str, echo: bool) -> TextPrompt:
 def _sampling(req: CompletionRequest) -> SamplingParams:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens, stop=stop,
+        temperature=req.temperature, top_p=req.top_p, stop=stop,
+        # An explicit null is the default, as OpenAI and vLLM read it (not "no limit").
+        max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
         seed=req.seed, repeat_penalty=req.repeat_penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
