@@ -20,7 +20,7 @@ import logging
 import math
 import re
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -59,6 +59,9 @@ too slow (504)."""
 BODY_STATUSES: tuple[int, ...] = (400, 408, 413)
 """Statuses of reading a request body: not JSON, too deep, a number out of range
 (400), not in time (408), larger than ``gateway.max_body_bytes`` (413)."""
+
+DEFAULT_RETRY_AFTER_SECONDS: Final = 1
+"""``Retry-After`` of a 503 whose cause gave no estimate of its own."""
 
 _KEPT_STATUSES = frozenset({405, 408, 415})
 """HTTP statuses answered as they are, though their catalog code maps to another
@@ -178,9 +181,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 def _retry_after(error: FederationError) -> dict[str, str]:
-    if error.retry_after_seconds is None:
+    seconds = error.retry_after_seconds
+    if seconds is None and error.code is ErrorCode.UNAVAILABLE:
+        # Every 503 says when to retry, also when the failure came without an estimate
+        # (a node's connection reset, a stream that timed out).
+        seconds = DEFAULT_RETRY_AFTER_SECONDS
+    if seconds is None:
         return {}
-    return {"Retry-After": str(max(1, math.ceil(error.retry_after_seconds)))}
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _dumps(value: Any) -> str:
