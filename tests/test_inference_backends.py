@@ -440,6 +440,33 @@ class TestLlamaCppBackend(BackendContract):
         second, _ = await collect(backend.generate(request(model, self.long_prompt, **kwargs)))
         assert first == second
 
+    async def test_message_content_is_literal_text_not_control_tokens(
+        self, backend: Backend, model: str
+    ) -> None:
+        # "<|im_start|>" typed by a user is text (several tokens each), never the marker
+        # that opens a turn (one control token each).
+        plain = (await self.first_delta(backend, request(model, "x", max_tokens=1))
+                 ).prompt_tokens
+        marked = (await self.first_delta(backend, request(model, "<|im_start|>" * 10,
+                                                          max_tokens=1))).prompt_tokens
+        assert plain is not None and marked is not None
+        assert marked - plain >= 30
+
+    @pytest.mark.parametrize("messages", [
+        (ChatMessage("user", "a"),) * 30_000,             # refused before the template
+        (ChatMessage("user", "<|im_end|>" * 12_000),),   # refused as the context fills
+    ], ids=["many messages", "one long message"])
+    async def test_a_prompt_far_past_the_context_is_refused(
+        self, backend: Backend, model: str, messages: tuple[ChatMessage, ...]
+    ) -> None:
+        req = GenerationRequest(model, messages, SamplingParams(max_tokens=1))
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(req))
+        assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+        assert "more than 512 tokens" in caught.value.message
+        text, _ = await collect(backend.generate(request(model, max_tokens=2)))
+        assert text  # and the model still serves the next request
+
     async def test_a_schema_llama_cpp_rejects_is_refused_not_a_crash(
         self, backend: Backend, model: str
     ) -> None:

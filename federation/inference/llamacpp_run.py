@@ -97,10 +97,7 @@ def prompt_tokens(model: Model, request: GenerationRequest) -> tuple[list[int], 
     llm = model.llm
     prompt = request.prompt
     if prompt is None:
-        formatted = model.formatter(messages=prompt_messages(request))
-        text = formatted.prompt
-        return llm.tokenize(text.encode("utf-8"), add_bos=not formatted.added_special,
-                            special=True), text
+        return chat_prompt_tokens(model, prompt_messages(request))
     if prompt.text is not None:
         tokens = llm.tokenize(prompt.text.encode("utf-8"), add_bos=True, special=True) \
             if prompt.text else [llm.token_bos()]
@@ -116,6 +113,69 @@ def prompt_tokens(model: Model, request: GenerationRequest) -> tuple[list[int], 
     if prompt.suffix:
         tokens = _fill_in_the_middle(model, tokens, prompt.suffix)
     return tokens, text
+
+
+def chat_prompt_tokens(model: Model, messages: list[dict[str, str]]
+                       ) -> tuple[list[int], str]:
+    """The chat template's prompt, tokenized so that only the template's own markers can
+    be control tokens; and its text.
+
+    Each message's content is tokenized as literal text: a ``<|im_start|>system`` that a
+    user typed, or a tool returned, stays text and never opens a turn of its own (as
+    OpenAI treats content). The template is rendered with a placeholder for each content,
+    so its text holds nothing of the caller's. Tokenizing stops once the prompt outgrows
+    the context: a megabyte of messages costs no more than the context's worth of work.
+    """
+    if sum(1 for message in messages if message["content"]) > model.context_length:
+        raise prompt_too_long(model, None, messages=True)  # each is a token at least
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters
+    formatted = model.formatter(messages=[{**message, "content": mark}
+                                          for message, mark in zip(messages, marks,
+                                                                   strict=True)])
+    pieces = _split_on_marks(formatted.prompt, marks)
+    if pieces is None:  # the template transformed a content (e.g. escaped it): as it was
+        whole = model.formatter(messages=messages).prompt
+        return model.llm.tokenize(whole.encode("utf-8"), add_bos=not formatted.added_special,
+                                  special=True), whole
+    tokens: list[int] = []
+    for i, piece in enumerate(pieces):
+        is_content = i % 2 == 1
+        text_piece = messages[i // 2]["content"] if is_content else piece
+        if text_piece or i == 0:  # the first piece carries the BOS the model wants
+            tokens += model.llm.tokenize(text_piece.encode("utf-8"), special=not is_content,
+                                         add_bos=i == 0 and not formatted.added_special)
+        if len(tokens) > model.context_length:
+            raise prompt_too_long(model, None, messages=True)
+    text = "".join(messages[i // 2]["content"] if i % 2 else piece
+                   for i, piece in enumerate(pieces))
+    return tokens, text
+
+
+def _split_on_marks(prompt: str, marks: list[str]) -> list[str] | None:
+    """``[template, mark 0, template, mark 1, …, template]``, or ``None`` when the marks are
+    not each in the prompt once, in order."""
+    pieces: list[str] = []
+    cursor = 0
+    for mark in marks:
+        at = prompt.find(mark, cursor)
+        if at < 0:
+            return None
+        pieces += [prompt[cursor:at], mark]
+        cursor = at + len(mark)
+    pieces.append(prompt[cursor:])
+    if any("\ue000" in piece for piece in pieces[::2]):  # a content rendered twice
+        return None
+    return pieces
+
+
+def prompt_too_long(model: Model, tokens: int | None, *, messages: bool) -> FederationError:
+    """``tokens``: the prompt's length; ``None`` when counting stopped past the context."""
+    size = f"{tokens} tokens" if tokens is not None else \
+        f"more than {model.context_length} tokens"
+    return FederationError(
+        ErrorCode.INVALID_ARGUMENT,
+        f"the prompt is {size}; model {model.model_id} has a context of "
+        f"{model.context_length}", param="messages" if messages else "prompt")
 
 
 def _fill_in_the_middle(model: Model, prefix: list[int], suffix: str) -> list[int]:
@@ -198,10 +258,7 @@ def generate(model: Model, request: GenerationRequest, cancel: threading.Event
     prompt, prompt_text = prompt_tokens(model, request)
     room = model.context_length - len(prompt)
     if room < 1:
-        raise FederationError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"the prompt is {len(prompt)} tokens; model {model.model_id} has a context of "
-            f"{model.context_length}", param="prompt" if request.prompt else "messages")
+        raise prompt_too_long(model, len(prompt), messages=request.prompt is None)
     limit = completion_limit(request.token_budget, len(prompt),
                              min(request.sampling.max_tokens or room, room))
     assert limit is not None
