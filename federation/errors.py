@@ -32,6 +32,7 @@ status maps back to (two codes share RESOURCE_EXHAUSTED, two OUT_OF_RANGE)."""
 
 class ErrorCode(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     NOT_FOUND = "not_found"
@@ -59,6 +60,11 @@ class ErrorSpec:
 
 CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
     ErrorCode.INVALID_ARGUMENT: ErrorSpec(
+        grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
+    ),
+    # The prompt does not fit the model's context: OpenAI's code, which clients look for
+    # to shorten a conversation and retry.
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: ErrorSpec(
         grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"
     ),
     ErrorCode.UNAUTHENTICATED: ErrorSpec(

@@ -65,6 +65,8 @@ class OpenAIUpstream:
     token_delay: float = 0.0
     status: int = 200
     """Answer every request with this status (an OpenAI error body) when not 200."""
+    error: dict[str, Any] = field(default_factory=lambda: {"message": "slow down"})
+    """The error object of those answers."""
     open_streams: int = 0
 
     def app(self) -> web.Application:
@@ -79,7 +81,7 @@ class OpenAIUpstream:
         self.bodies.append(body)
         if self.status == 200:
             return body, None
-        return body, web.json_response({"error": {"message": "slow down"}},
+        return body, web.json_response({"error": self.error},
                                        status=self.status, headers={"Retry-After": "7"})
 
     # ---- chat ----------------------------------------------------------------------------

@@ -92,8 +92,15 @@ async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
                     text_completion = await client.completions.create(
                         model=MODEL, prompt="The capital of France is", max_tokens=4,
                         temperature=0, logprobs=2, echo=False)
+                    with pytest.raises(openai.BadRequestError) as overflow:
+                        await client.chat.completions.create(
+                            model=MODEL, max_tokens=1,
+                            messages=[{"role": "user", "content": "word " * 3000}])
             finally:
                 await gateway.stop()
+    # A prompt past the context: OpenAI's code, which clients act on by shortening it.
+    assert overflow.value.code == "context_length_exceeded"
+    assert overflow.value.param == "messages"
     # A tool call under the grammar: arguments valid against the function's schema.
     (call,) = called.choices[0].message.tool_calls or []
     assert call.function.name == "get_weather" and call.id.startswith("call_")

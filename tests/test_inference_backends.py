@@ -335,6 +335,7 @@ class TestOpenAIUpstreamBackend(BackendContract):
                       ) -> AsyncIterator[OpenAIUpstreamBackend]:
         fake, url = upstream
         fake.status, fake.token_delay = 200, 0.005
+        fake.error = {"message": "slow down"}
         backend = OpenAIUpstreamBackend(ModelConfig(
             id="upstream-model", backend="openai", base_url=url, upstream_model="real-name"))
         await backend.start()
@@ -381,6 +382,18 @@ class TestOpenAIUpstreamBackend(BackendContract):
             await collect(backend.generate(request(model)))
         assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
         assert caught.value.retry_after_seconds == 7
+
+    async def test_an_upstream_context_overflow_keeps_its_code(
+        self, backend: OpenAIUpstreamBackend, model: str, upstream: tuple[OpenAIUpstream, str]
+    ) -> None:
+        upstream[0].status = 400
+        upstream[0].error = {"message": "This model's maximum context length is 4096 tokens.",
+                             "type": "invalid_request_error", "param": "messages",
+                             "code": "context_length_exceeded"}
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(request(model)))
+        assert caught.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        assert caught.value.message.startswith("This model's maximum context length")
 
     async def test_unreachable_upstream_is_unavailable(self) -> None:
         backend = OpenAIUpstreamBackend(ModelConfig(
@@ -462,7 +475,7 @@ class TestLlamaCppBackend(BackendContract):
         req = GenerationRequest(model, messages, SamplingParams(max_tokens=1))
         with pytest.raises(FederationError) as caught:
             await collect(backend.generate(req))
-        assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+        assert caught.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
         assert "more than 512 tokens" in caught.value.message
         text, _ = await collect(backend.generate(request(model, max_tokens=2)))
         assert text  # and the model still serves the next request

@@ -173,7 +173,7 @@ def prompt_too_long(model: Model, tokens: int | None, *, messages: bool) -> Fede
     size = f"{tokens} tokens" if tokens is not None else \
         f"more than {model.context_length} tokens"
     return FederationError(
-        ErrorCode.INVALID_ARGUMENT,
+        ErrorCode.CONTEXT_LENGTH_EXCEEDED,
         f"the prompt is {size}; model {model.model_id} has a context of "
         f"{model.context_length}", param="messages" if messages else "prompt")
 

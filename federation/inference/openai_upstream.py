@@ -162,10 +162,13 @@ async def _upstream_error(response: aiohttp.ClientResponse) -> FederationError:
     code = _UPSTREAM_STATUS.get(response.status, ErrorCode.UNAVAILABLE)
     message = f"upstream answered HTTP {response.status}"
     try:
-        detail = json.loads(text)["error"]["message"]
+        error = json.loads(text)["error"]
+        detail = error["message"]
         if code is ErrorCode.INVALID_ARGUMENT and isinstance(detail, str):
             message = detail  # the caller's own mistake: worth showing
-    except (ValueError, KeyError, TypeError):
+            if error.get("code") == ErrorCode.CONTEXT_LENGTH_EXCEEDED.value:
+                code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
     retry = response.headers.get("Retry-After")
     retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
