@@ -99,6 +99,24 @@ async def test_a_council_answer_is_audited_before_it_is_answered(env: Env) -> No
     assert raw.parse().choices[0].message.content == "Proceed."
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"max_tokens": 1}, "max_tokens"), ({"max_completion_tokens": 5}, "max_tokens"),
+    ({"stop": ["\n"]}, "stop"), ({"seed": 7}, "seed"), ({"n": 2}, "n"),
+])
+async def test_parameters_the_council_cannot_honour_are_refused(
+        env: Env, extra: dict[str, object], param: str) -> None:
+    async with env.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model="council", messages=QUESTION,  # type: ignore[arg-type]
+                                                 **extra)  # type: ignore[arg-type]
+    assert caught.value.param == param  # type: ignore[attr-defined]
+    # temperature is sent by many clients by default: accepted.
+    async with env.client() as client:
+        answer = await client.chat.completions.create(model="council", messages=QUESTION,  # type: ignore[arg-type]
+                                                      temperature=0.7)
+    assert answer.choices[0].message.content == "Proceed."
+
+
 async def test_a_council_answer_whose_record_cannot_be_written_is_withheld(env: Env) -> None:
     env.audit.refusing = True
     async with env.client() as client:

@@ -63,11 +63,19 @@ class CouncilChatBackend:
             raise FederationError(ErrorCode.NOT_FOUND,
                                   f"The model '{call.model}' does not exist", param="model")
         generation = call.generation
+        sampling = generation.sampling
+        # The members and the chair set their own lengths and sampling, so a cap or a
+        # seed the caller relies on could not hold (a max_tokens of 1 still cost the
+        # whole vote): refused. temperature and top_p are accepted and have no effect, as
+        # clients send them by default.
         for param, unsupported in (("n", len(call.generations) > 1),
                                    ("tools", generation.calls_tools),
                                    ("logprobs", generation.logprobs is not None),
                                    ("response_format",
-                                    generation.response_format.type != "text")):
+                                    generation.response_format.type != "text"),
+                                   ("max_tokens", sampling.max_tokens is not None),
+                                   ("stop", bool(sampling.stop)),
+                                   ("seed", sampling.seed is not None)):
             if unsupported:
                 raise invalid(param, f"{param} is not supported by the council models.")
         protocol.last_user_message(generation.messages)  # the question, or a 400
