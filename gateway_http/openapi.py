@@ -91,7 +91,9 @@ CHAT_REQUEST = {
             "type": {"enum": ["text", "json_object", "json_schema"]},
             "json_schema": {"type": "object", "properties": {
                 "name": {"type": "string"}, "schema": {"type": "object"},
-                "strict": {"type": "boolean"}}},
+                "strict": {"type": "boolean", "description": "Every answer validates: the "
+                           "embedded model refuses (400) keywords its grammar cannot "
+                           "enforce; without it the schema is followed as far as it can."}}},
         }},
         "tools": {"type": "array", "maxItems": 128,
                   "items": {"$ref": "#/components/schemas/Tool"}},

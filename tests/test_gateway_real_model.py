@@ -92,12 +92,23 @@ async def test_smollm2_end_to_end(tmp_path: Path, database: Database) -> None:
                     text_completion = await client.completions.create(
                         model=MODEL, prompt="The capital of France is", max_tokens=4,
                         temperature=0, logprobs=2, echo=False)
+                    with pytest.raises(openai.BadRequestError) as unenforceable:
+                        await client.chat.completions.create(
+                            model=MODEL, max_tokens=8, messages=[
+                                {"role": "user", "content": "A price as JSON."}],
+                            response_format={"type": "json_schema", "json_schema": {
+                                "name": "price", "strict": True, "schema": {
+                                    "type": "object", "required": ["eur"],
+                                    "properties": {"eur": {"type": "number",
+                                                           "minimum": 0}}}}})
                     with pytest.raises(openai.BadRequestError) as overflow:
                         await client.chat.completions.create(
                             model=MODEL, max_tokens=1,
                             messages=[{"role": "user", "content": "word " * 3000}])
             finally:
                 await gateway.stop()
+    # strict: a schema the grammar cannot hold to is refused, naming where.
+    assert unenforceable.value.param == "response_format.json_schema.schema"
     # A prompt past the context: OpenAI's code, which clients act on by shortening it.
     assert overflow.value.code == "context_length_exceeded"
     assert overflow.value.param == "messages"

@@ -480,6 +480,25 @@ class TestLlamaCppBackend(BackendContract):
         text, _ = await collect(backend.generate(request(model, max_tokens=2)))
         assert text  # and the model still serves the next request
 
+    async def test_a_strict_schema_with_a_keyword_the_grammar_cannot_enforce_is_refused(
+        self, backend: Backend, model: str
+    ) -> None:
+        schema = json.dumps({"type": "object", "required": ["x"],
+                             "properties": {"x": {"type": "number", "minimum": 0}}})
+        strict = GenerationRequest(model, (ChatMessage("user", "JSON please."),),
+                                   SamplingParams(max_tokens=12),
+                                   ResponseFormat("json_schema", schema, "x", strict=True))
+        with pytest.raises(FederationError) as caught:
+            await collect(backend.generate(strict))
+        assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+        assert caught.value.param is not None and \
+            caught.value.param.startswith("response_format.json_schema.schema")
+        assert "bounds at #/properties/x" in caught.value.message
+        # Without strict the schema is followed as far as the grammar goes (best effort).
+        text, _ = await collect(backend.generate(replace(
+            strict, response_format=replace(strict.response_format, strict=False))))
+        assert text.startswith("{")
+
     async def test_a_schema_llama_cpp_rejects_is_refused_not_a_crash(
         self, backend: Backend, model: str
     ) -> None:

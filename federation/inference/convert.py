@@ -89,6 +89,7 @@ def request_to_pb(request: GenerationRequest) -> inference_pb2.GenerateRequest:
             type=_FORMAT_TO_PB[fmt.type],  # type: ignore[arg-type]
             json_schema=fmt.json_schema,
             schema_name=fmt.schema_name,
+            strict=fmt.strict,
         ),
         tools=[inference_pb2.Tool(name=t.name, description=t.description,
                                   parameters_json_schema=t.parameters, strict=t.strict)
@@ -183,6 +184,7 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
         type=_FORMAT_FROM_PB.get(pb.response_format.type, "text"),
         json_schema=pb.response_format.json_schema,
         schema_name=pb.response_format.schema_name,
+        strict=pb.response_format.strict,
     )
     budget = pb.token_budget if pb.HasField("token_budget") else None
     return GenerationRequest(

@@ -246,14 +246,17 @@ def _convert(schema: dict[str, Any], root_name: str) -> str:
     return _tightened(converter.format_grammar())
 
 
-def json_schema_grammar(schema: str, param: str = "response_format") -> str:
+def json_schema_grammar(schema: str, param: str = "response_format", *,
+                        strict: bool = False) -> str:
     """The GBNF grammar of a JSON Schema (JSON text), as llama.cpp takes it: every output
-    it admits is valid JSON. A response format is best effort, as OpenAI's without
-    ``strict``: keywords the converter does not implement are not enforced (the
-    council's vote schema bounds a number, which its parser clamps); tool arguments are
-    held to :func:`check_enforceable`. Refuses (INVALID_ARGUMENT, ``param``) a schema
-    that cannot be converted."""
+    it admits is valid JSON. Without ``strict`` a response format is best effort, as
+    OpenAI's: keywords the converter does not implement are not enforced (the council's
+    vote schema bounds a number, which its parser clamps). With ``strict``, as tool
+    arguments, it is held to :func:`check_enforceable`. Refuses (INVALID_ARGUMENT,
+    ``param``) a schema that cannot be converted."""
     document = json.loads(schema)
+    if strict:
+        check_enforceable(document, f"{param}.json_schema.schema")
     try:
         return _convert(document, "")
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:

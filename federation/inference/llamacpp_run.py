@@ -208,7 +208,7 @@ def grammar_text(model: Model, request: GenerationRequest, *, opened: bool = Fal
         return tool_calls_grammar(request.tools, function=choice.function,
                                   parallel=request.parallel_tool_calls, opened=opened)
     if fmt.type == "json_schema":
-        return json_schema_grammar(fmt.json_schema)
+        return json_schema_grammar(fmt.json_schema, strict=fmt.strict)
     if fmt.type == "json_object":
         return str(model.json_gbnf)
     return None

@@ -76,7 +76,8 @@ def chat_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": fmt.schema_name or "response",
-                            "schema": json.loads(fmt.json_schema)},
+                            "schema": json.loads(fmt.json_schema),
+                            **({"strict": True} if fmt.strict else {})},
         }
     if request.tools:
         body["tools"] = [_tool(t.name, t.description, t.parameters, t.strict)

@@ -92,6 +92,8 @@ class ResponseFormat:
     json_schema: str = ""
     """The JSON Schema as JSON text (``json_schema`` type only)."""
     schema_name: str = ""
+    strict: bool = False
+    """Every answer must validate: keywords a backend cannot enforce are refused."""
 
 
 @dataclass(frozen=True)

@@ -837,6 +837,7 @@ class ResponseFormat(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     SCHEMA_NAME_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
     type: Global___ResponseFormatType.ValueType
     """Kind of constraint."""
     json_schema: _builtins.str
@@ -846,16 +847,22 @@ class ResponseFormat(_message.Message):
     """
     schema_name: _builtins.str
     """Name of the schema (OpenAI `json_schema.name`). Optional."""
+    strict: _builtins.bool
+    """OpenAI `json_schema.strict`: every answer must validate against the schema, so a
+    node refuses (INVALID_ARGUMENT) a schema with keywords it cannot enforce.
+    Without it, the schema is followed as far as the node can.
+    """
     def __init__(
         self,
         *,
         type: Global___ResponseFormatType.ValueType = ...,
         json_schema: _builtins.str = ...,
         schema_name: _builtins.str = ...,
+        strict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "schema_name", b"schema_name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "schema_name", b"schema_name", "strict", b"strict", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

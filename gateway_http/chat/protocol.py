@@ -358,4 +358,4 @@ def _response_format(fmt: ResponseFormatIn | None) -> ResponseFormat:
         return ResponseFormat("json_object")
     assert fmt.json_schema is not None and fmt.json_schema.schema_ is not None
     return ResponseFormat("json_schema", json.dumps(fmt.json_schema.schema_),
-                          fmt.json_schema.name)
+                          fmt.json_schema.name, strict=fmt.json_schema.strict is True)
