@@ -28,6 +28,7 @@ BAD = [
     ("pki", "renew", "--within", "nan"),
     ("pki", "renew", "--within", "inf"),
     ("pki", "renew", "--within", "1e300"),
+    ("pki", "issue", "--role", "inference", "--name", "n", "--ip", "notanip"),
 ]
 
 
@@ -41,3 +42,53 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag(tmp_path: Path,
     error = run.stderr.strip().splitlines()[-1]  # argparse: the usage line, then the error
     assert f"argument {argv[-2]}:" in error, run.stderr
     assert run.stdout == ""
+
+
+def cli(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "federation.cli", "--home", str(home), *argv],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (("keys", "issue", "--tenant", "t", "--scope", "chat", "--quota-period", "1h"),
+     "--quota-period is the period of --token-quota"),
+    (("audit", "trail", " "), "a request id is needed"),
+])
+def test_a_request_that_asks_for_nothing_or_everything_is_refused(
+        tmp_path: Path, argv: tuple[str, ...], says: str) -> None:
+    run = cli(tmp_path, *argv)  # refused before any connection (none runs here)
+    assert run.returncode == 1
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("federation: error: ") and says in line
+
+
+def test_enroll_names_a_ca_file_that_is_not_a_certificate(tmp_path: Path) -> None:
+    not_pem = tmp_path / "hostname"
+    not_pem.write_text("host1\n")
+    run = cli(tmp_path, "edge", "enroll", "--broker", "127.0.0.1:9", "--ca", str(not_pem),
+              "--token", "fedenroll_x", "--device-name", "phone", "--out",
+              str(tmp_path / "creds"))
+    assert run.returncode == 1
+    assert run.stderr.strip() == (f"federation: error: {not_pem} is not a PEM certificate "
+                                  "(the federation's CA, pki/ca.pem on the CA host)")
+    assert not (tmp_path / "creds").exists()
+
+
+def test_json_prints_zero_fields_and_leaves_unset_optionals_out() -> None:
+    from federation.cli.support import proto_json
+    from federation.v1 import key_authority_pb2 as kpb
+
+    printed = proto_json(kpb.IssueKeyRequest(tenant_id="t"))
+    assert printed["description"] == "" and printed["scopes"] == []
+    assert "requests_per_minute" not in printed  # optional and unset: no limit
+
+
+def test_a_bundle_into_a_new_directory_is_written_there(tmp_path: Path) -> None:
+    from tests.support import TestPKI
+
+    pki = TestPKI(tmp_path / "home")
+    out = tmp_path / "bundles" / "db1.tar.gz"  # as docs/deploy.md writes it
+    run = cli(pki.home, "pki", "bundle", "--host", "db1", "--roles", "memory", "--out",
+              str(out))
+    assert run.returncode == 0, run.stderr
+    assert out.is_file() and (out.parent.stat().st_mode & 0o777) == 0o700

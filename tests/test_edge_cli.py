@@ -110,6 +110,11 @@ async def test_device_lifecycle_through_the_cli(
         rc, out, err = await cli(monkeypatch, capsys, env, "edge", "jobs", "watch", job_id)
         assert rc == 0, err
         assert out.splitlines()[-1].startswith("succeeded") and digest in out
+        rc, out, err = await cli(monkeypatch, capsys, env, "edge", "jobs", "watch", job_id,
+                                 "--json")
+        assert rc == 0, err
+        updates = [json.loads(line) for line in out.splitlines()]  # JSON Lines
+        assert updates and updates[-1]["state"] == "succeeded"
         agent.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(agent.wait(), 20) == 0
 

@@ -5,6 +5,7 @@ field out of range, a date past the year 9999)."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -44,6 +45,15 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is longer than {LONGEST_SECONDS // 86400} "
                                          "days")
     return value
+
+
+def ip_address(text: str) -> str:
+    """An IPv4 or IPv6 address, as typed (a certificate's SAN)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    return text
 
 
 def days(text: str) -> float:

@@ -6,11 +6,10 @@ import argparse
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from federation.backup.report import describe_restore
 from federation.cli.arguments import INT64_MAX, integer
-from federation.cli.support import all_pages, fail, print_json
+from federation.cli.support import all_pages, fail, print_json, proto_json
 from federation.config import Settings
 from federation.launch.endpoints import admin_channel
 from federation.v1 import thermal_memory_pb2 as pb
@@ -46,8 +45,7 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
             pb.VerifyChainRequest(from_sequence=args.from_sequence, to_sequence=args.to_sequence),
             timeout=max(settings.grpc.call_timeout_seconds, 300.0))
     if args.json:
-        print_json(MessageToDict(report, preserving_proto_field_name=True,
-                                 always_print_fields_with_no_presence=True))
+        print_json(proto_json(report))
         return 0 if report.intact else 1
     checkpoint = (
         f"last guardian checkpoint: record {report.last_checkpoint_sequence}"
@@ -63,6 +61,8 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def request_trail(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.request_id.strip():  # an empty filter would list every record there is
+        fail("a request id is needed (the x-request-id of the answer)")
     async with admin_channel(settings, "memory") as channel:
         async def fetch(token: str) -> tuple[Sequence[pb.MemoryRecord], str]:
             page = await _stub(channel).SearchMemory(pb.SearchMemoryRequest(
@@ -73,7 +73,7 @@ async def request_trail(settings: Settings, args: argparse.Namespace) -> int:
         records = await all_pages(fetch)
     records.reverse()  # oldest first reads as a story
     if args.json:
-        print_json([MessageToDict(r, preserving_proto_field_name=True) for r in records])
+        print_json([proto_json(r) for r in records])
         return 0
     if not records:
         fail(f"no audit records for request {args.request_id}")

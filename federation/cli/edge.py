@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from cryptography import x509
 
 from federation.cli.arguments import INT32_MAX, integer, seconds
-from federation.cli.support import print_json
+from federation.cli.support import print_json, print_json_line
 from federation.config import Settings
 from federation.db import DatabaseUnavailable, create_pool
 from federation.edge.convert import STATE_FROM_PB
@@ -179,6 +180,11 @@ async def _enroll(settings: Settings, args: argparse.Namespace) -> int:
         ca_pem = args.ca.read_bytes()
     except FileNotFoundError:
         raise CommandError(f"{args.ca} does not exist") from None
+    try:  # checked here: gRPC would only say it could not make a TLS handshaker
+        x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise CommandError(f"{args.ca} is not a PEM certificate (the federation's CA, "
+                           "pki/ca.pem on the CA host)") from None
     args.out.mkdir(parents=True, exist_ok=True)
     reply = await enroll(args.broker, ca_pem, args.token, args.device_name, args.out)
     files = device_files(args.out)
@@ -301,7 +307,7 @@ async def _jobs_watch(settings: Settings, args: argparse.Namespace) -> int:
             final = update.job
             summary = _job_summary(update.job)
             if args.json:
-                print_json(summary)
+                print_json_line(summary)  # one object per update, as it happens
             else:
                 print(f"{summary['state']:<12} attempts={summary['attempts']} "
                       f"{summary['leased_by'] or ''} {summary['last_error'] or summary['result']}",

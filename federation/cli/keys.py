@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from federation.cli.arguments import INT32_MAX, INT64_MAX, integer, seconds
-from federation.cli.support import all_pages, print_json
+from federation.cli.support import all_pages, print_json, proto_json
 from federation.config import Settings
+from federation.errors import CommandError
 from federation.launch.endpoints import admin_channel
 from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
@@ -30,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="requests per minute (default: unlimited)")
     issue.add_argument("--token-quota", type=integer(1, INT64_MAX),
                        help="tokens per quota period")
-    issue.add_argument("--quota-period", type=seconds, default=86400.0,
-                       help="length of the token quota period (default 1d)")
+    issue.add_argument("--quota-period", type=seconds,
+                       help="length of the token quota period (default 1d; needs "
+                            "--token-quota)")
     issue.add_argument("--description", default="")
     issue.add_argument("--ttl", type=seconds, help="lifetime (default: no expiry)")
     issue.add_argument("--json", action="store_true")
@@ -72,25 +72,23 @@ def _stub(channel: grpc.aio.Channel) -> pb_grpc.KeyAuthorityServiceAsyncStub:
     return pb_grpc.KeyAuthorityServiceStub(channel)
 
 
-def _dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
-
-
 async def issue_key(settings: Settings, args: argparse.Namespace) -> int:
     request = pb.IssueKeyRequest(tenant_id=args.tenant, scopes=args.scope,
                                  description=args.description)
     if args.rpm is not None:
         request.requests_per_minute = args.rpm
+    if args.quota_period is not None and args.token_quota is None:
+        raise CommandError("--quota-period is the period of --token-quota: give both")
     if args.token_quota is not None:
         request.token_quota = args.token_quota
-        request.quota_period.CopyFrom(duration(args.quota_period))
+        request.quota_period.CopyFrom(duration(args.quota_period or 86400.0))
     if args.ttl is not None:
         request.ttl.CopyFrom(duration(args.ttl))
     async with admin_channel(settings, "keys") as channel:
         response = await _stub(channel).IssueKey(
             request, timeout=settings.grpc.call_timeout_seconds)
     if args.json:
-        print_json({"key": response.secret, "metadata": _dict(response.key)})
+        print_json({"key": response.secret, "metadata": proto_json(response.key)})
     else:
         print(response.secret)
     return 0
@@ -106,7 +104,7 @@ async def list_keys(settings: Settings, args: argparse.Namespace) -> int:
 
         keys = await all_pages(fetch)
     if args.json:
-        print_json([_dict(k) for k in keys])
+        print_json([proto_json(k) for k in keys])
         return 0
     for key in keys:
         state = pb.KeyState.Name(key.state).removeprefix("KEY_STATE_").lower()
@@ -121,7 +119,7 @@ async def revoke_key(settings: Settings, args: argparse.Namespace) -> int:
             pb.RevokeKeyRequest(key_id=args.key_id, reason=args.reason),
             timeout=settings.grpc.call_timeout_seconds)
     if args.json:
-        print_json(_dict(response.key))
+        print_json(proto_json(response.key))
     else:
         print(f"revoked {response.key.key_id}")
     return 0
@@ -134,7 +132,7 @@ async def rotate_key(settings: Settings, args: argparse.Namespace) -> int:
             pb.RotateKeyRequest(key_id=args.key_id, grace_period=duration(grace)),
             timeout=settings.grpc.call_timeout_seconds)
     if args.json:
-        print_json({"key": response.secret, "metadata": _dict(response.key),
+        print_json({"key": response.secret, "metadata": proto_json(response.key),
                     "old_secret_expires_at": (response.old_secret_expires_at.ToJsonString()
                                               if response.HasField("old_secret_expires_at")
                                               else None)})
@@ -152,7 +150,7 @@ async def key_strength(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print_json({"key_id": args.key_id,
                     "strength": samples[0].strength if samples else None,
-                    "history": [_dict(s) for s in samples]})
+                    "history": [proto_json(s) for s in samples]})
         return 0
     if samples:
         print(f"{args.key_id}: strength {samples[0].strength:.3f} (1.0 = ceiling)")
@@ -170,7 +168,7 @@ async def key_quota(settings: Settings, args: argparse.Namespace) -> int:
             timeout=settings.grpc.call_timeout_seconds)
     status = response.status
     if args.json:
-        print_json({"key_id": args.key_id, **_dict(status)})
+        print_json({"key_id": args.key_id, **proto_json(status)})
         return 0
     if status.HasField("tokens_remaining"):
         total = status.tokens_used + status.tokens_remaining

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from federation.cli.arguments import days
+from federation.cli.arguments import days, ip_address
 from federation.cli.support import print_json
 from federation.config import ALL_ROLES, Settings
 from federation.errors import CommandError
@@ -66,7 +66,8 @@ def register(commands: Any) -> None:
 
 def _add_names(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dns", action="append", default=[], help="DNS name (repeatable)")
-    parser.add_argument("--ip", action="append", default=[], help="IP address (repeatable)")
+    parser.add_argument("--ip", action="append", default=[], type=ip_address,
+                        help="IP address (repeatable)")
 
 
 def _register_bundle(sub: Any) -> None:
@@ -148,6 +149,10 @@ async def _pki_bundle(settings: Settings, args: argparse.Namespace) -> int:
 def _make_bundle(settings: Settings, spec: BundleSpec, out: Path, json_output: bool) -> int:
     if out.exists():
         raise CommandError(f"{out} already exists; choose a new file")
+    # Before anything is issued: a missing directory used to fail the write after the
+    # host's certificates were issued. New directories are private (the archive holds
+    # keys); an existing one is left as it is.
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca = _ca(settings)
     with tempfile.TemporaryDirectory(prefix="federation-bundle-") as staging:
         bundle = build_bundle(ca, settings, spec, Path(staging))
