@@ -170,6 +170,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         answer = error_response(error, exc.status if exc.status in _KEPT_STATUSES else None)
         if exc.status == 408:
             answer.force_close()  # the rest of the request is not coming in time
+        if "Allow" in exc.headers:  # a 405 names the methods that are (RFC 9110)
+            answer.headers["Allow"] = exc.headers["Allow"]
         return answer
     except Exception as exc:
         outage = outage_error(exc)  # the vault's own database: 503, not 500

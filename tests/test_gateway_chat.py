@@ -385,6 +385,7 @@ async def test_unknown_routes_and_methods_are_json_errors(env: Env) -> None:
         async with http.get(env.base + "/v1/chat/completions") as resp:
             assert resp.status == 405
             assert "error" in await resp.json()
+            assert resp.headers["Allow"] == "POST"
 
 
 # ---- failures in flight -----------------------------------------------------------------------

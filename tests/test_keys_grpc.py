@@ -128,6 +128,12 @@ async def test_out_of_range_issues_are_invalid_not_internal(
     assert param in (refused.details() or "")
 
 
+async def test_a_scope_given_twice_is_kept_once(federation: Federation) -> None:
+    issued = await federation.keys_stub("admin").IssueKey(
+        kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat", "embeddings", "chat"]))
+    assert list(issued.key.scopes) == ["chat", "embeddings"]
+
+
 async def test_a_grace_period_past_a_century_is_invalid(federation: Federation) -> None:
     admin = federation.keys_stub("admin")
     issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))

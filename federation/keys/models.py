@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Generic, TypeVar
 
 from federation.errors import ErrorCode, FederationError
@@ -120,7 +120,7 @@ class IssueRequest:
             raise _invalid("description is longer than 256 bytes", "description")
         if self.ttl_seconds is not None:
             check_duration(self.ttl_seconds, "ttl")
-        return self
+        return replace(self, scopes=tuple(dict.fromkeys(self.scopes)))  # each once
 
 
 @dataclass(frozen=True)
