@@ -123,6 +123,8 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(url, timeout=settings.database.connect_timeout_seconds)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise CommandError(f"cannot connect to PostgreSQL: {exc}") from None
+    except asyncpg.ClientConfigurationError as exc:  # a malformed URL; its text has no secret
+        raise CommandError(f"--database-url: {exc}") from None
     try:
         applied = await apply_migrations(conn)
     except asyncpg.InsufficientPrivilegeError as exc:

@@ -27,6 +27,9 @@ def host_dsns(dsn: str) -> list[str]:
     each connects to that host whatever its role."""
     parts = urlsplit(dsn)
     credentials, _, hosts = parts.netloc.rpartition("@")
+    if parts.scheme not in ("postgresql", "postgres") or not hosts:
+        raise CommandError("not a PostgreSQL URL: expected "
+                           "postgresql://USER@HOST[:PORT][,HOST2…]/DATABASE")
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != SESSION_ATTRS])
     prefix = f"{credentials}@" if credentials else ""
     return [urlunsplit((parts.scheme, prefix + host, parts.path, query, ""))
