@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,18 @@ def test_a_bundle_into_a_new_directory_is_written_there(tmp_path: Path) -> None:
               str(out))
     assert run.returncode == 0, run.stderr
     assert out.is_file() and (out.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_addresses_left_by_a_federation_that_exited_are_refused_in_words(
+        tmp_path: Path) -> None:
+    from tests.support import TestPKI
+
+    pki = TestPKI(tmp_path / "home")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (pki.home / "endpoints.json").write_text(json.dumps({
+        "supervisor_pid": int(gone.stdout), "nodes": {"keys": {"grpc": "127.0.0.1:9"}}}))
+    run = cli(pki.home, "keys", "list", "--tenant", "t")
+    assert run.returncode == 1
+    (line,) = run.stderr.splitlines()
+    assert "is not running (its supervisor, pid" in line and "make run" in line

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import grpc
+import psutil
 
 from federation.channels import secure_channel
 from federation.config import Settings
@@ -31,6 +32,34 @@ def load_endpoints(settings: Settings) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CommandError(f"{path} is not valid JSON: {exc}") from exc
     return data
+
+
+def supervisor_alive(pid: int, written: float) -> bool:
+    """Whether the ``federation up`` that wrote an endpoints file at ``written`` (its
+    mtime) as ``pid`` still runs: that process, started before the file was written
+    (not a later one that reused the pid), not a zombie."""
+    try:
+        process = psutil.Process(pid)
+        return (process.create_time() <= written and process.status() != psutil.STATUS_ZOMBIE
+                and any("federation" in part for part in process.cmdline()))
+    except psutil.Error:
+        return False
+
+
+def _check_running(settings: Settings, endpoints: dict[str, Any]) -> None:
+    """Refuse, in words, addresses left by a ``federation up`` that is gone (killed, or
+    the machine restarted): gRPC would only say it could not connect."""
+    pid = endpoints.get("supervisor_pid")
+    path = settings.endpoints_file
+    try:
+        written = path.stat().st_mtime
+    except OSError:
+        return
+    if isinstance(pid, int) and pid > 0 and not supervisor_alive(pid, written):
+        raise CommandError(
+            f"the federation of {settings.home} is not running (its supervisor, pid {pid}, "
+            f"has exited; {path.name} is left from that run): start it with `make run` or "
+            "`federation up`")
 
 
 def operator_actor(settings: Settings) -> str:
@@ -61,7 +90,9 @@ def node_address(settings: Settings, role: str) -> str:
     configured = settings.peers.addresses(role)
     if configured:
         return configured[0]
-    nodes = load_endpoints(settings).get("nodes", {})
+    endpoints = load_endpoints(settings)
+    _check_running(settings, endpoints)
+    nodes = endpoints.get("nodes", {})
     if role not in nodes:
         raise CommandError(f"the running federation has no {role} node")
     return str(nodes[role]["grpc"])

@@ -31,6 +31,7 @@ import psutil
 from federation.config import SupervisorConfig
 from federation.db.postmaster import PostmasterPid, describe_exit, postmaster_alive
 from federation.errors import CommandError
+from federation.launch.endpoints import supervisor_alive
 from federation.launch.state import (
     ChildState,
     ChildStatus,
@@ -326,13 +327,7 @@ def _refuse_if_legacy_supervisor_alive(home: Path,
     pid = data.get("supervisor_pid")
     if not isinstance(pid, int) or pid == os.getpid():
         return
-    try:
-        process = psutil.Process(pid)
-        alive = (process.create_time() <= written and process.status() != psutil.STATUS_ZOMBIE
-                 and any("federation" in part for part in process.cmdline()))
-    except psutil.Error:
-        return
-    if alive:
+    if supervisor_alive(pid, written):
         raise CommandError(
             f"a federation is already running on {home} (supervisor pid {pid}); stop it first "
             f"(Ctrl-C in its terminal, or kill {pid})")
