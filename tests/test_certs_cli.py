@@ -52,6 +52,9 @@ def test_the_cli_refuses_a_blank_serial_and_the_list_stays_usable(tmp_path: Path
     assert json.loads(ok.stdout)["serial"] == "5f3a"
     listed = cli(pki.home, "certs", "denied", "--json")
     assert [d["serial"] for d in json.loads(listed.stdout)] == ["5f3a"]
+    allowed = cli(pki.home, "certs", "allow", "5f3a", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout) == {"allowed": "5f3a", "entries_removed": 1}
 
 
 @pytest.mark.parametrize("ca", ["ca.pem", "nodes-ca.pem", "edge-ca.pem"])

@@ -31,6 +31,7 @@ BAD = [
     ("pki", "renew", "--within", "1e300"),
     ("pki", "issue", "--role", "inference", "--name", "n", "--ip", "notanip"),
     ("--log-level", "BOGUS", "status"),
+    ("node", "--role", "admin"),  # the operator's role serves nothing
 ]
 
 

@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     deny.set_defaults(handler=deny_certificate)
     allow = commands.add_parser("allow", help="remove a serial or identity from the deny list")
     allow.add_argument("what", help="a serial (hexadecimal) or a SPIFFE id")
+    allow.add_argument("--json", action="store_true")
     allow.set_defaults(handler=allow_certificate)
     denied = commands.add_parser("denied", help="list the deny list")
     denied.add_argument("--json", action="store_true")
@@ -83,7 +84,10 @@ async def allow_certificate(settings: Settings, args: argparse.Namespace) -> int
     removed = remove_denial(_path(settings), args.what)
     if not removed:
         raise CommandError(f"{args.what} is not on the deny list")
-    print(f"allowed {args.what} again")
+    if args.json:
+        print_json({"allowed": args.what, "entries_removed": removed})
+    else:
+        print(f"allowed {args.what} again")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from federation import logs
-from federation.config import ALL_ROLES, ROLES_WITH_SERVICES, Settings
+from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.errors import CommandError
 from federation.launch.up import run_federation
 
@@ -33,7 +33,8 @@ def register(commands: Any) -> None:
 
 def _add_node(commands: Any) -> None:
     node = commands.add_parser("node", help="run one role as a gRPC daemon")
-    node.add_argument("--role", required=True, choices=ALL_ROLES)
+    # The roles a process serves: admin (the operator) and edge (a device) have none.
+    node.add_argument("--role", required=True, choices=(*ROLES_WITH_SERVICES, "gateway"))
     node.add_argument("--listen", help="HOST:PORT to serve on (port 0 picks a free one)")
     node.add_argument(
         "--metrics-port", type=int,
@@ -74,11 +75,6 @@ async def _node(settings: Settings, args: argparse.Namespace) -> int:
         # One command for every role a host runs: the systemd template is
         # `federation node --role %i`, the gateway included.
         return await _gateway(settings, args)
-    if args.role not in ROLES_WITH_SERVICES:
-        raise CommandError(
-            f"role {args.role!r} has no service to run; node roles are: "
-            + ", ".join((*ROLES_WITH_SERVICES, "gateway"))
-        )
     if args.insecure_dev:
         print(
             "WARNING: --insecure-dev serves plaintext gRPC without client certificates; "
