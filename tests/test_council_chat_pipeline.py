@@ -74,7 +74,8 @@ async def env(home: Path, database: Database) -> AsyncIterator[Env]:
         key_nodes(pki, database,
                   memory_address=f"127.0.0.1:{stack.memory_server.port}") as federation,
     ):
-        issued = await federation.issue("tenant_a", ("council",), requests_per_minute=1000)
+        issued = await federation.issue("tenant_a", ("council", "chat", "embeddings"),
+                                        requests_per_minute=1000)
         base = federation.wire(gateway_settings(home, [stack.router.nodes[0].address],
                                                 route_refresh_seconds=60))
         settings = dataclasses.replace(
@@ -115,6 +116,17 @@ async def test_parameters_the_council_cannot_honour_are_refused(
         answer = await client.chat.completions.create(model="council", messages=QUESTION,  # type: ignore[arg-type]
                                                       temperature=0.7)
     assert answer.choices[0].message.content == "Proceed."
+
+
+async def test_a_council_id_on_other_endpoints_says_it_is_a_chat_model(env: Env) -> None:
+    async with env.client() as client:
+        with pytest.raises(openai.NotFoundError) as completion:
+            await client.completions.create(model="council", prompt="Deploy?")
+        with pytest.raises(openai.NotFoundError) as embedding:
+            await client.embeddings.create(model="council", input="Deploy?")
+    assert "answers on /v1/chat/completions only, not on /v1/completions" in \
+        completion.value.message
+    assert "not on /v1/embeddings" in embedding.value.message
 
 
 async def test_a_council_answer_whose_record_cannot_be_written_is_withheld(env: Env) -> None:

@@ -54,6 +54,15 @@ def backend_for(app: web.Application, model: Any) -> ChatBackend:
     return inference_backend(app)
 
 
+def refuse_chat_only_model(app: web.Application, model: str, endpoint: str) -> None:
+    """A model another backend answers (a council's) is a chat model only: NOT_FOUND
+    saying so, rather than "does not exist" for an id ``/v1/models`` lists."""
+    if any(resolve(app, model) is not None for resolve in app.get(MODEL_BACKENDS, ())):
+        raise FederationError(ErrorCode.NOT_FOUND, f"The model '{model}' answers on "
+                              f"/v1/chat/completions only, not on {endpoint}",
+                              param="model")
+
+
 def inference_backend(app: web.Application) -> InferenceChatBackend:
     state = app[STATE]
     return InferenceChatBackend(state.router, state.settings.gateway.request_timeout_seconds)

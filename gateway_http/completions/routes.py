@@ -7,7 +7,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway_http.body import json_body
-from gateway_http.chat.routes import authenticated, inference_backend, serve
+from gateway_http.chat.routes import (
+    authenticated,
+    inference_backend,
+    refuse_chat_only_model,
+    serve,
+)
 from gateway_http.completions.protocol import parse_completion_request
 from gateway_http.completions.responses import TextShape
 
@@ -16,6 +21,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     backend = inference_backend(request.app)
     principal = await authenticated(request, backend.scope)
     call = parse_completion_request(json_body(request), principal.tenant_id)
+    refuse_chat_only_model(request.app, call.model, "/v1/completions")
     shape = TextShape(call.model, logprobs=call.generation.logprobs is not None,
                       include_usage=call.include_usage)
     return await serve(request, backend, principal, call, shape)

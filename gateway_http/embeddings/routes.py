@@ -21,7 +21,7 @@ from federation.inference.types import (
     GenerationFinished,
 )
 from gateway_http.body import json_body
-from gateway_http.chat.routes import authenticated
+from gateway_http.chat.routes import authenticated, refuse_chat_only_model
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.embeddings.protocol import embeddings_object, parse_embeddings_request
 from gateway_http.lifecycle import record_audit_now
@@ -35,6 +35,7 @@ async def embeddings(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = await authenticated(request, EMBEDDINGS_SCOPE)
     call = parse_embeddings_request(json_body(request), principal.tenant_id)
+    refuse_chat_only_model(request.app, call.request.model, "/v1/embeddings")
     state.router.check_model(call.request.model)
     request[MODEL] = call.request.model
     reservation = await reserve_embedding(request, principal.key_id, call.request)
