@@ -85,6 +85,10 @@ async def test_a_streamed_call_arrives_as_openai_streams_it(env: OpenAIEnv, mode
     assert json.loads(arguments) == {"location": "San Francisco, CA"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # A forced call opens with content null, as OpenAI's: the SDK's helper then rebuilds
+    # a message whose content is None, not "".
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content is None
 
 
 async def test_the_sdks_stream_helper_reassembles_the_calls(env: OpenAIEnv) -> None:

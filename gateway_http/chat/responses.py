@@ -55,8 +55,11 @@ class ChatShape:
     """The chat-completions shape of one request (see ``serving.ResponseShape``)."""
 
     def __init__(self, model: str, *, logprobs: bool, cid: str | None = None,
-                 include_usage: bool = False) -> None:
+                 include_usage: bool = False, forced_call: bool = False) -> None:
+        """``forced_call``: the answer is a tool call (tool_choice required or a named
+        function), so its opening chunk says ``content: null``, as OpenAI's does."""
         self._cid = cid or completion_id()
+        self._opening_content: str | None = None if forced_call else ""
         self._model = model
         self._logprobs = logprobs
         self._created = int(time.time())
@@ -111,7 +114,7 @@ class ChatShape:
                              "finish_reason": finish_reason}], **extra)
 
     def opening(self, index: int) -> bytes:
-        return self._delta(index, {"role": "assistant", "content": ""})
+        return self._delta(index, {"role": "assistant", "content": self._opening_content})
 
     def delta(self, index: int, delta: TokenDelta) -> bytes | None:
         if not delta.text and not delta.tool_calls and not delta.logprobs:

@@ -73,8 +73,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     backend = backend_for(request.app, body.get("model") if isinstance(body, dict) else None)
     principal = await authenticated(request, backend.scope)
     call = parse_chat_request(body, principal.tenant_id)
-    shape = ChatShape(call.model, logprobs=call.generation.logprobs is not None,
-                      include_usage=call.include_usage)
+    generation = call.generation
+    shape = ChatShape(call.model, logprobs=generation.logprobs is not None,
+                      include_usage=call.include_usage,
+                      forced_call=generation.calls_tools
+                      and generation.tool_choice.mode in ("required", "function"))
     return await serve(request, backend, principal, call, shape)
 
 
