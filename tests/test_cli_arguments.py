@@ -113,3 +113,17 @@ def test_addresses_left_by_a_federation_that_exited_are_refused_in_words(
     assert run.returncode == 1
     (line,) = run.stderr.splitlines()
     assert "is not running (its supervisor, pid" in line and "make run" in line
+
+
+def test_a_progress_bar_never_drawn_leaves_no_empty_line() -> None:
+    import io
+
+    from federation.edge.device.client import ProgressBar
+
+    silent, drawn = io.StringIO(), io.StringIO()
+    ProgressBar(silent).close()  # the upload failed before its first chunk
+    bar = ProgressBar(drawn)
+    bar(10, 10)
+    bar.close()
+    assert silent.getvalue() == ""
+    assert drawn.getvalue().startswith("\r[") and drawn.getvalue().endswith("\n")

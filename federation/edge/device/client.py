@@ -334,7 +334,10 @@ class ProgressBar:
         print(line, end="", file=self._stream, flush=True)
 
     def close(self) -> None:
-        print(file=self._stream)
+        """End the bar's line; nothing when no bar was drawn (an upload that failed
+        before its first chunk leaves no empty line above its error)."""
+        if self._first is not None:
+            print(file=self._stream)
 
 
 def _size(n: int) -> str:
