@@ -179,6 +179,9 @@ def _share(request: web.Request) -> str:
 
 
 def _value(body: dict[str, Any]) -> bytes:
+    if "value_base64" in body and "value" in body:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, "give value or value_base64, not "
+                              "both", param="value")
     if "value_base64" in body:
         try:
             return base64.b64decode(_string(body, "value_base64"), validate=True)

@@ -79,6 +79,30 @@ async def test_create_read_rotate_recover_destroy_over_http(stack: Stack, keys: 
     assert status == 409
 
 
+@pytest.mark.parametrize("secret_id", ["a%00b", "vs_%00", "x" * 300,
+                                       "vs_0123456789abcdef0123456Z"])
+async def test_an_id_never_issued_is_404_on_every_route(stack: Stack, keys: Keys,
+                                                        secret_id: str) -> None:
+    _, created, _ = await stack.call("POST", SECRETS, keys.writer,
+                                     json={"name": "real", "value": "v"})
+    share = created["client_share"]  # well formed, so the id is what is judged
+    url = f"{SECRETS}/{secret_id}"
+    for method, path, key, kwargs in (
+            ("GET", url, keys.writer, {"share": share}),
+            ("POST", f"{url}/rotate", keys.writer, {"share": share}),
+            ("DELETE", url, keys.writer, {}),
+            ("POST", f"{url}/recover", keys.admin, {"json": {"reason": "lost"}})):
+        status, body, _ = await stack.call(method, path, key, **kwargs)
+        assert (status, body["error"]["code"]) == (404, "not_found"), (method, path, body)
+        assert len(body["error"]["message"]) < 120  # the id is not echoed whole
+
+
+async def test_a_value_given_twice_is_refused(stack: Stack, keys: Keys) -> None:
+    status, body, _ = await stack.call("POST", SECRETS, keys.writer, json={
+        "name": "both", "value": "x", "value_base64": "AAEC"})
+    assert (status, body["error"]["param"]) == (400, "value")
+
+
 async def test_recovery_rate_limit_is_429_with_retry_after(stack: Stack, keys: Keys) -> None:
     _, created, _ = await stack.call("POST", SECRETS, keys.writer,
                                      json={"name": "n", "value": "v"})

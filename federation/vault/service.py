@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
@@ -68,6 +69,8 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
+_SECRET_ID: Final = re.compile(r"vs_[0-9a-f]{24}")
+"""What :meth:`VaultService.create` issues."""
 
 
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
@@ -341,6 +344,10 @@ class VaultService:
     # ---- helpers ---------------------------------------------------------------------------
 
     async def _row(self, tenant_id: str | None, secret_id: str) -> asyncpg.Record:
+        if _SECRET_ID.fullmatch(secret_id) is None:  # never issued, and a NUL would not even
+            # reach the query: PostgreSQL refuses it as text
+            raise FederationError(ErrorCode.NOT_FOUND,
+                                  f"no secret {secret_id[:64]!r} for this tenant")
         query = (
             "SELECT * FROM vault_secrets WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)"
         )
