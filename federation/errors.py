@@ -107,6 +107,8 @@ _BY_GRPC_STATUS: Final = {
 }
 
 INTERNAL_MESSAGE: Final = "Internal server error."
+TRANSPORT_FAILURE_MESSAGE: Final = ("a federation node could not be reached (its connection "
+                                    "failed or was lost); retry shortly")
 
 
 class FederationError(Exception):
@@ -136,8 +138,9 @@ class FederationError(Exception):
             pairs.append((RETRY_AFTER_METADATA, str(math.ceil(self.retry_after_seconds * 1000))))
         if self.param:
             pairs.append((PARAM_METADATA, self.param))
-        if _BY_GRPC_STATUS[self.spec.grpc_status] is not self.code:
-            pairs.append((CODE_METADATA, self.code.value))
+        # Always sent: it also marks the status as a federation server's own answer, which
+        # a connection failure (gRPC's text, with internal addresses) is not.
+        pairs.append((CODE_METADATA, self.code.value))
         return tuple(pairs)
 
     def __repr__(self) -> str:
@@ -184,6 +187,7 @@ def from_status(status: grpc.StatusCode, details: str | None,
     code = _BY_GRPC_STATUS.get(status, ErrorCode.INTERNAL)
     retry_after: float | None = None
     param: str | None = None
+    from_a_server = False
     for key, value in trailers:
         if not value:
             continue
@@ -193,9 +197,13 @@ def from_status(status: grpc.StatusCode, details: str | None,
             param = str(value)
         elif key == CODE_METADATA:
             code = _refined(code, str(value))
+            from_a_server = True
     message = details or status.name.lower()
-    if code is ErrorCode.UNAVAILABLE and not details:
-        message = "the node is unavailable"
+    if code is ErrorCode.UNAVAILABLE and not from_a_server:
+        # gRPC's own words for a failed or lost connection ("failed to connect to all
+        # addresses; … ipv4:10.0.0.7:50051 …"): internal addresses, no use to a caller.
+        message = TRANSPORT_FAILURE_MESSAGE
+        retry_after = retry_after if retry_after is not None else 1.0
     return FederationError(code, message, param=param, retry_after_seconds=retry_after)
 
 

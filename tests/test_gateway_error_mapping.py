@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
-from federation.errors import ErrorCode, FederationError
+from federation.errors import (
+    TRANSPORT_FAILURE_MESSAGE,
+    ErrorCode,
+    FederationError,
+    call_error_from_proto,
+    call_error_to_proto,
+    from_status,
+)
 from gateway_http.errors import error_response
 
 
@@ -25,3 +33,19 @@ def test_statuses_and_retry_after(error: FederationError, status: int,
     assert response.headers.get("Retry-After") == retry_after
     assert response.text is not None
     assert json.loads(response.text)["error"]["message"] == error.message
+
+
+def test_a_connection_failure_does_not_show_grpcs_text_or_internal_addresses() -> None:
+    failed = from_status(grpc.StatusCode.UNAVAILABLE,
+                         "failed to connect to all addresses; last error: UNKNOWN: "
+                         "ipv4:127.0.0.1:53851: Failed to connect to remote host")
+    assert failed.message == TRANSPORT_FAILURE_MESSAGE and "127.0.0.1" not in failed.message
+    assert failed.retry_after_seconds == 1.0
+    # A server's own UNAVAILABLE (its trailers mark it) keeps its words for the caller.
+    own = FederationError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry shortly",
+                          retry_after_seconds=2)
+    relayed = from_status(grpc.StatusCode.UNAVAILABLE, own.message, own.trailing_metadata())
+    assert (relayed.message, relayed.retry_after_seconds) == (own.message, 2.0)
+    # And the same through a stream's per-operation error.
+    streamed = call_error_from_proto(call_error_to_proto(own))
+    assert streamed.message == own.message and streamed.code is ErrorCode.UNAVAILABLE
