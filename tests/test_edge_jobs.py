@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 
+import asyncpg
 import pytest
 
 from federation.config import DatabaseConfig, EdgeConfig
@@ -317,3 +319,21 @@ async def test_two_brokers_twenty_devices_no_double_lease(
         assert {(r["state"], r["attempts"]) for r in rows} == {("succeeded", 1)}
     finally:
         await second.stop()
+
+
+async def test_the_reaper_says_once_that_the_database_is_down(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on port 9: every pass fails as in an outage.
+    pool = await asyncpg.create_pool("postgresql://nobody@127.0.0.1:9/none", min_size=0)
+    reaper = Reaper(pool, dataclasses.replace(CONFIG, reaper_interval_seconds=0.02))
+    task = asyncio.create_task(reaper.run())
+    try:
+        await asyncio.sleep(0.4)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pool.close()
+    records = [r for r in caplog.records if r.name == "federation.edge.reaper"]
+    assert [r.levelname for r in records] == ["WARNING"]
+    assert "the database is unavailable" in records[0].getMessage()

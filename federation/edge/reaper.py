@@ -18,6 +18,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from federation.config import EdgeConfig
+from federation.db.errors import outage_error
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,16 @@ class Reaper:
 
     async def run(self) -> None:
         """Reap every ``reaper_interval_seconds`` until cancelled."""
+        in_outage = False
         while True:
             try:
                 await self.reap_once()
-            except Exception:  # an outage (timeouts included) must not end the reaper
-                log.exception("reaper pass failed; retrying next interval")
+                in_outage = False
+            except Exception as exc:  # an outage (timeouts included) must not end the reaper
+                if outage_error(exc) is None:
+                    log.exception("reaper pass failed; retrying next interval")
+                elif not in_outage:  # once per outage, not a traceback every interval
+                    log.warning("reaper paused: the database is unavailable; retrying every "
+                                f"{self._config.reaper_interval_seconds:g}s")
+                in_outage = outage_error(exc) is not None
             await asyncio.sleep(self._config.reaper_interval_seconds)
