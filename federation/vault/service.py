@@ -69,8 +69,9 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
-_SECRET_ID: Final = re.compile(r"vs_[0-9a-f]{24}")
-"""What :meth:`VaultService.create` issues."""
+_SECRET_ID: Final = re.compile(r"[a-z]{1,16}_[0-9a-f]{24}")
+"""The ids the vault issues: a prefix (``vs_`` secrets, ``vt_`` transcripts, …) and 24
+hexadecimal digits."""
 
 
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
