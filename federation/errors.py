@@ -26,8 +26,10 @@ PARAM_METADATA: Final = "error-param"
 """Trailing metadata key naming the offending request parameter, if any."""
 
 CODE_METADATA: Final = "error-code"
-"""Trailing metadata key carrying the domain code when it is not the one its gRPC
-status maps back to (two codes share RESOURCE_EXHAUSTED, two OUT_OF_RANGE)."""
+"""Trailing metadata key carrying the domain code, on every error a federation server
+sends: it refines the gRPC status where codes share one (INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED, OUT_OF_RANGE each carry two), and its presence tells a server's
+answer from a transport failure (:func:`from_status`)."""
 
 
 class ErrorCode(enum.Enum):
@@ -101,7 +103,7 @@ CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
 }
 
 # The first code listed for a status is the one the bare status maps back to; the
-# others travel with a CODE_METADATA trailer.
+# CODE_METADATA trailer names the others.
 _BY_GRPC_STATUS: Final = {
     spec.grpc_status: code for code, spec in reversed(CATALOG.items())
 }
