@@ -121,10 +121,11 @@ class Reaper:
                 await self.reap_once()
                 in_outage = False
             except Exception as exc:  # an outage (timeouts included) must not end the reaper
-                if outage_error(exc) is None:
+                outage = outage_error(exc) is not None
+                if not outage:
                     log.exception("reaper pass failed; retrying next interval")
                 elif not in_outage:  # once per outage, not a traceback every interval
                     log.warning("reaper paused: the database is unavailable; retrying every "
                                 f"{self._config.reaper_interval_seconds:g}s")
-                in_outage = outage_error(exc) is not None
+                in_outage = outage
             await asyncio.sleep(self._config.reaper_interval_seconds)
