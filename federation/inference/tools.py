@@ -80,7 +80,7 @@ def check_tools(request: GenerationRequest) -> None:
                 raise _invalid(f"tools[{i}].function.parameters",
                                "The function's parameters must be a JSON Schema object.")
     choice = request.tool_choice
-    if choice.mode in ("required", "function") and not tools:
+    if choice.forces_call and not tools:
         raise _invalid("tool_choice", "tool_choice requires tools.")
     if choice.mode == "function" and choice.function not in seen:
         raise _invalid("tool_choice", f"tool_choice names the function {choice.function!r}, "

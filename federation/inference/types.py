@@ -58,6 +58,11 @@ class ToolChoice:
     function: str = ""
     """The function that must be called (mode ``function`` only)."""
 
+    @property
+    def forces_call(self) -> bool:
+        """The answer must be a tool call (``required``, or a named function)."""
+        return self.mode in ("required", "function")
+
 
 @dataclass(frozen=True)
 class TextPrompt:

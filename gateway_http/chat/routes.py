@@ -76,8 +76,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     generation = call.generation
     shape = ChatShape(call.model, logprobs=generation.logprobs is not None,
                       include_usage=call.include_usage,
-                      forced_call=generation.calls_tools
-                      and generation.tool_choice.mode in ("required", "function"))
+                      forced_call=generation.calls_tools and generation.tool_choice.forces_call)
     return await serve(request, backend, principal, call, shape)
 
 
