@@ -69,9 +69,14 @@ CLIENT_INDEX: Final = 1
 GATEWAY_INDEX: Final = 2
 GUARDIAN_INDEX: Final = 3
 SHARE_HEADER: Final = "X-Federation-Share"
-_SECRET_ID: Final = re.compile(r"[a-z]{1,16}_[0-9a-f]{24}")
-"""The ids the vault issues: a prefix (``vs_`` secrets, ``vt_`` transcripts, …) and 24
-hexadecimal digits."""
+_ID_BYTES: Final = 12
+_OBJECT_ID: Final = re.compile(rf"[a-z]{{1,16}}_[0-9a-f]{{{2 * _ID_BYTES}}}")
+"""The ids the vault issues (:func:`_new_object_id`): a prefix (``vs_`` secrets, ``vt_``
+transcripts, …) and random hexadecimal digits."""
+
+
+def _new_object_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(_ID_BYTES)
 
 
 def _gateway_context(tenant_id: str, secret_id: str, version: int, key_id: str) -> bytes:
@@ -138,7 +143,7 @@ class VaultService:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"a secret value is at most {self._config.max_value_bytes} bytes", param="value",
             )
-        secret_id = "vs_" + secrets.token_hex(12)
+        secret_id = _new_object_id("vs_")
         key, key_id = new_data_key(), new_key_id()
         sealed = seal(key, value, tenant_id=tenant_id, object_id=secret_id, version=1,
                       key_id=key_id)
@@ -166,7 +171,7 @@ class VaultService:
         caller *before* it does the work), the client share dropped at once. Finish
         with :meth:`commit_escrowed` or :meth:`abandon_escrowed`."""
         tenant_id = _text(tenant_id, "tenant_id")
-        object_id = prefix + secrets.token_hex(12)
+        object_id = _new_object_id(prefix)
         key, key_id = new_data_key(), new_key_id()
         _, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, object_id)
         return PendingObject(tenant_id, object_id, key_id, key, gateway)  # no client share
@@ -345,7 +350,7 @@ class VaultService:
     # ---- helpers ---------------------------------------------------------------------------
 
     async def _row(self, tenant_id: str | None, secret_id: str) -> asyncpg.Record:
-        if _SECRET_ID.fullmatch(secret_id) is None:  # never issued, and a NUL would not even
+        if _OBJECT_ID.fullmatch(secret_id) is None:  # never issued, and a NUL would not even
             # reach the query: PostgreSQL refuses it as text
             raise FederationError(ErrorCode.NOT_FOUND,
                                   f"no secret {secret_id[:64]!r} for this tenant")
