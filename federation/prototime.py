@@ -7,9 +7,14 @@ duration is float seconds; on the wire both keep nanosecond precision.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Final
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+
+MAX_DURATION_SECONDS: Final = 100 * 365 * 86400
+"""The longest duration the federation takes anywhere (a ttl, a period, a flag): a
+century. Past it, a date overflows, and the value was a typo anyway."""
 
 
 def timestamp(moment: dt.datetime) -> Timestamp:

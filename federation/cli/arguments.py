@@ -11,12 +11,10 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+from federation.prototime import MAX_DURATION_SECONDS
+
 INT32_MAX: Final = 2**31 - 1
-UINT32_MAX: Final = 2**32 - 1
 INT64_MAX: Final = 2**63 - 1
-UINT64_MAX: Final = 2**64 - 1
-LONGEST_SECONDS: Final = 100 * 365 * 86400
-"""The longest duration any flag takes (a century): longer is a typo."""
 
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -41,9 +39,9 @@ def seconds(text: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90s, 15m, 1h, 2d)")
     value = float(match[1]) * _UNITS[match[2] or "s"]
-    if value > LONGEST_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text!r} is longer than {LONGEST_SECONDS // 86400} "
-                                         "days")
+    if value > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is longer than {MAX_DURATION_SECONDS // 86400} days")
     return value
 
 
@@ -62,7 +60,7 @@ def days(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not (math.isfinite(value) and 0 <= value <= LONGEST_SECONDS / 86400):
+    if not (math.isfinite(value) and 0 <= value <= MAX_DURATION_SECONDS / 86400):
         raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and "
-                                         f"{LONGEST_SECONDS // 86400} days")
+                                         f"{MAX_DURATION_SECONDS // 86400} days")
     return value

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import grpc
 
-from federation.cli.arguments import INT32_MAX, INT64_MAX, integer, seconds
+from federation.cli.arguments import INT32_MAX, integer, seconds
 from federation.cli.support import all_pages, print_json, proto_json
 from federation.config import Settings
 from federation.errors import CommandError
+from federation.keys.models import MAX_REQUESTS_PER_MINUTE, MAX_TOKEN_QUOTA
 from federation.launch.endpoints import admin_channel
 from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
@@ -25,9 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     issue = sub.add_parser("issue", help="issue a key; prints only the key unless --json")
     issue.add_argument("--tenant", required=True)
     issue.add_argument("--scope", action="append", required=True, help="repeatable")
-    issue.add_argument("--rpm", type=integer(1, INT32_MAX),
+    issue.add_argument("--rpm", type=integer(1, MAX_REQUESTS_PER_MINUTE),
                        help="requests per minute (default: unlimited)")
-    issue.add_argument("--token-quota", type=integer(1, INT64_MAX),
+    issue.add_argument("--token-quota", type=integer(1, MAX_TOKEN_QUOTA),
                        help="tokens per quota period")
     issue.add_argument("--quota-period", type=seconds,
                        help="length of the token quota period (default 1d; needs "

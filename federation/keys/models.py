@@ -10,6 +10,7 @@ from typing import Final, Generic, TypeVar
 
 from federation.errors import ErrorCode, FederationError
 from federation.keys.strength import Accumulator
+from federation.prototime import MAX_DURATION_SECONDS
 from federation.tenancy import checked_tenant_id
 
 SCOPES: Final = frozenset({
@@ -22,8 +23,6 @@ MAX_DESCRIPTION_BYTES: Final = 256
 MAX_REQUESTS_PER_MINUTE: Final = 2**31 - 1
 MAX_TOKEN_QUOTA: Final = 2**63 - 1
 """The columns' ranges (integer, bigint)."""
-MAX_DURATION_SECONDS: Final = 100 * 365 * 86400
-"""Longest ttl, quota period or grace period: a century."""
 T = TypeVar("T")
 
 
