@@ -29,6 +29,15 @@ from federation.errors import ErrorCode, FederationError
 from federation.pki import PKIError, validate_name
 
 
+def checked_device_name(name: str) -> str:
+    """``name`` when it can name a device (its certificate's name); INVALID_ARGUMENT on
+    ``name`` otherwise."""
+    try:
+        return validate_name(name)
+    except PKIError as exc:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, str(exc), param="name") from None
+
+
 def device_from_row(row: asyncpg.Record) -> Device:
     return Device(
         device_id=row["device_id"],
@@ -234,10 +243,7 @@ class DeviceRegistry:
 
         A name no device has enrolled under is revoked too (an unused enrollment token
         for it can then no longer enroll); returns whether a device had enrolled."""
-        try:
-            validate_name(device_id)
-        except PKIError as exc:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, str(exc), param="name") from None
+        checked_device_name(device_id)
         async with self._pool.acquire() as conn, conn.transaction():
             known = await conn.fetchval(
                 "SELECT true FROM edge_devices WHERE device_id = $1 FOR UPDATE", device_id)

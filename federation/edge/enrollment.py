@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import EdgeConfig
+from federation.edge.devices import checked_device_name
 from federation.errors import ErrorCode, FederationError
-from federation.pki import Identity, Issuer, PKIError, validate_name
+from federation.pki import Identity, Issuer
 
 if TYPE_CHECKING:
     from federation.edge.jobs import Conn
@@ -50,10 +51,7 @@ def hash_token(token: str) -> bytes:
 
 async def create_token(pool: asyncpg.Pool, name: str, ttl: dt.timedelta) -> str:
     """A new one-time token for device ``name``; printed once, stored hashed."""
-    try:
-        validate_name(name)
-    except PKIError as exc:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, str(exc), param="name") from None
+    checked_device_name(name)
     if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, "token TTL must be positive and at most 7 days", param="ttl"
