@@ -13,7 +13,6 @@ errors in OpenAI's shape. ``/v1/completions`` runs the same :func:`serve`.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from aiohttp import web
 from federation.errors import ErrorCode, FederationError
 from federation.keys.client import KeyPrincipal
 from gateway_http.auth import authenticate
-from gateway_http.body import json_body
+from gateway_http.body import json_body, json_response
 from gateway_http.chat.backends import InferenceChatBackend
 from gateway_http.chat.protocol import ChatCall, parse_chat_request
 from gateway_http.chat.responses import ChatShape
@@ -103,7 +102,7 @@ async def serve(request: web.Request, backend: ChatBackend, principal: KeyPrinci
         raise await refused_by_node(request, state.keys, error) from None
     if isinstance(result, dict):
         await record_audit_now(request)  # no answer leaves unaudited
-        return web.json_response(result, dumps=_dumps)
+        return json_response(result)
     return await _stream(request, result, outcome)
 
 
@@ -134,10 +133,6 @@ async def _audited_end(request: web.Request, outcome: ChatOutcome) -> bytes:
         outcome.error = error
         return sse_error(error) + DONE
     return DONE
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def add_routes(app: web.Application) -> None:

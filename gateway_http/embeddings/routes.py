@@ -7,7 +7,6 @@ through the outbox, errors in OpenAI's shape."""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import replace
 
 from aiohttp import web
@@ -20,7 +19,7 @@ from federation.inference.types import (
     EmbeddingsFinished,
     GenerationFinished,
 )
-from gateway_http.body import json_body
+from gateway_http.body import json_body, json_response
 from gateway_http.chat.routes import authenticated, refuse_chat_only_model
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.embeddings.protocol import embeddings_object, parse_embeddings_request
@@ -51,7 +50,7 @@ async def embeddings(request: web.Request) -> web.Response:
     await record_audit_now(request)  # no vector leaves unaudited
     body = embeddings_object(call.request.model, vectors, finished.prompt_tokens,
                              call.encoding)
-    return web.json_response(body, dumps=lambda v: json.dumps(v, separators=(",", ":")))
+    return json_response(body)
 
 
 async def embed(router: InferenceRouter, request: EmbeddingRequest, deadline_seconds: float
