@@ -51,7 +51,7 @@ from typing import Any
 import aiohttp
 import psutil
 from aiohttp import web
-from wakeup import socket_pair
+from wakeup import disk_flush, socket_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -374,9 +374,13 @@ def upstream_process(chunks: int) -> Iterator[str]:
 async def machine_probe(when: str) -> None:
     """This machine's cost of waking another process, printed as one JSON row."""
     busy, idle = await socket_pair(count=300, gap=0.003)
+    flushed_busy, flushed_idle = disk_flush(count=300, gap=0.003)
     print(json.dumps({"machine": when, "process_round_trip_p50_ms": {
         "back_to_back": round(statistics.median(busy) * 1000, 3),
-        "after_3ms_idle": round(statistics.median(idle) * 1000, 3)}}), flush=True)
+        "after_3ms_idle": round(statistics.median(idle) * 1000, 3)},
+        "disk_flush_p50_ms": {
+        "back_to_back": round(statistics.median(flushed_busy) * 1000, 3),
+        "after_3ms_idle": round(statistics.median(flushed_idle) * 1000, 3)}}), flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -7,6 +7,10 @@ of idleness, so the share of a concurrency-1 latency that is the machine waking 
 processes (not our code) can be read off:
 
 * a byte sent over a socket pair to a child process and echoed back;
+* 8 KiB written and ``fdatasync``-ed in a temporary file (where a federation's
+  PostgreSQL keeps its WAL when it runs from ``/tmp``): a commit's flush. This one
+  waits for the disk with nothing else to do, so it also shows what a vCPU that
+  halts while the disk works costs when the disk answers;
 * ``SELECT 1`` on an embedded PostgreSQL (``--postgres``; takes a few seconds more).
 
 Usage: python bench/wakeup.py [--count 600] [--gap-ms 3] [--postgres]
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import sys
@@ -75,6 +80,31 @@ async def socket_pair(count: int, gap: float) -> tuple[list[float], list[float]]
     return busy, idle
 
 
+def disk_flush(count: int, gap: float) -> tuple[list[float], list[float]]:
+    """``fdatasync`` of 8 KiB just written to a temporary file: back to back, then each
+    after ``gap`` seconds of idleness (a blocking sleep: this is a lone process)."""
+    block = os.urandom(8192)
+    with tempfile.TemporaryDirectory(prefix="bench-wakeup-") as directory:
+        fd = os.open(Path(directory) / "flush", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            def flush(index: int) -> float:
+                os.pwrite(fd, block, (index % 64) * len(block))
+                started = time.perf_counter()
+                os.fdatasync(fd)
+                return time.perf_counter() - started
+
+            for index in range(64):  # the file's blocks allocated before anything counts
+                flush(index)
+            busy = [flush(index) for index in range(count)]
+            idle = []
+            for index in range(count):
+                time.sleep(gap)
+                idle.append(flush(index))
+        finally:
+            os.close(fd)
+    return busy, idle
+
+
 async def postgres(count: int, gap: float) -> None:
     import asyncpg
 
@@ -98,6 +128,7 @@ async def postgres(count: int, gap: float) -> None:
 async def main(args: argparse.Namespace) -> None:
     gap = args.gap_ms / 1000
     report("process echo (socket pair)", *await socket_pair(args.count, gap), gap)
+    report("disk flush (fdatasync 8 KiB)", *disk_flush(args.count, gap), gap)
     if args.postgres:
         await postgres(args.count, gap)
 
