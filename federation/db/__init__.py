@@ -83,6 +83,18 @@ class BoundedPool(asyncpg.Pool):
             raise DatabaseUnreachable("the database is unreachable")
         return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
 
+    def abort_connections(self) -> None:
+        """Close every connection of the pool now, those lent out included: a statement
+        in flight on a server that stopped answering fails at once (an outage, 503 to
+        its caller) instead of after ``command_timeout_seconds``, and a connection to a
+        server that went away is not handed out again. The pool stays open and connects
+        anew on the next ``acquire()`` once the database is back. An aborted commit's
+        outcome is unknown to its caller, as with any connection lost mid-commit."""
+        # asyncpg has no public way to reach the connections it has lent out; each
+        # holder's terminate() closes its connection and returns the holder to the pool.
+        for holder in self._holders:  # type: ignore[attr-defined]
+            holder.terminate()
+
 
 async def keep_session(conn: asyncpg.Connection) -> None:
     """The pools' reset on release: nothing to undo (see the module's docstring)."""
@@ -181,8 +193,11 @@ class DatabaseWatch:
     (NOT_SERVING while the database is unreachable), so load balancers, the
     gateway's ``/health`` and ``federation status`` see the outage; meanwhile its
     pool fails fast (:attr:`BoundedPool.known_unreachable`), so callers get 503 at
-    once instead of after the timeouts. It comes back by itself: the first probe
-    that succeeds reopens the pool, which reconnects on its next acquire.
+    once instead of after the timeouts, and the statements already waiting on the
+    server are failed too (:meth:`BoundedPool.abort_connections`): a request caught
+    by a stalled server or a cut link gets its 503 within a probe, not the command
+    timeout. It comes back by itself: the first probe that succeeds reopens the
+    pool, which reconnects on its next acquire.
 
     The probe has a connection of its own, outside the pool: a pool saturated by
     load must not look like an outage. ``start()``/``stop()`` run it periodically.
@@ -227,6 +242,7 @@ class DatabaseWatch:
             log.info("database reachable again")
         else:
             log.warning("database unreachable: failing fast until it returns")
+            self._pool.abort_connections()
         if self._on_change is not None:
             await self._on_change(reachable)
 

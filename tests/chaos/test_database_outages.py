@@ -5,13 +5,16 @@
   timeout; when it returns, everything recovers with no node restarted, and every
   answered request is audited.
 * Every embedded PostgreSQL process is SIGSTOPped for 30 s: 503 (never 500, never 429
-  "backend is full" from requests stuck on the database), then recovery.
+  "backend is full" from requests stuck on the database), the requests caught in flight
+  included, within a probe of the database watch rather than the statement timeout;
+  then recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import time
 from collections import Counter
@@ -30,6 +33,11 @@ CLIENTS = 4
 UNHEALTHY_WITHIN = DatabaseConfig().acquire_timeout_seconds
 """The acceptance bound: ``/health`` answers 503 within the pool's acquire timeout."""
 RECOVERED_WITHIN = 20.0
+_DB = DatabaseConfig()
+ANSWERED_WITHIN = _DB.probe_interval_seconds + _DB.probe_timeout_seconds + 2.0
+"""The acceptance bound for a request caught by a stalled database: the watch's probe
+interval and timeout, and some slack for a loaded machine; well under the statement
+timeout (``command_timeout_seconds``) it used to wait."""
 
 
 @pytest.fixture
@@ -139,6 +147,17 @@ async def test_a_stalled_database_answers_503_then_recovers(tmp_path: Path) -> N
                                     RECOVERED_WITHIN)
         statuses = await check_nothing_lost(up, loops, pids)
         assert statuses[503] > 0, "the stall was not seen"
+        slowest = max(longest_wait(loop, stalled_at, resumed_at) for loop in loops)
+        assert slowest < ANSWERED_WITHIN, f"a request waited {slowest:.1f}s for its answer"
         assert up.child("postgres")["restarts"] == 0  # stalled is not dead
-    print(f"\n/health 503 {unhealthy:.1f}s into the stall; 200s again {recovered:.1f}s after "
-          f"SIGCONT; outcomes {dict(statuses)}")
+    print(f"\n/health 503 {unhealthy:.1f}s into the stall; longest wait for an answer "
+          f"{slowest:.1f}s; 200s again {recovered:.1f}s after SIGCONT; "
+          f"outcomes {dict(statuses)}")
+
+
+def longest_wait(loop: ChatClient, start: float, end: float) -> float:
+    """The longest a request of ``loop`` can have waited for its answer between ``start``
+    and ``end``: a loop sends its next request as soon as it has the previous answer, so
+    the time between two answers bounds the second one's wait."""
+    answered = [start] + [at for at, _, _ in loop.outcomes if start < at < end] + [end]
+    return max(later - earlier for earlier, later in itertools.pairwise(answered))
