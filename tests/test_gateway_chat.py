@@ -132,6 +132,21 @@ async def test_choices_of_a_seeded_chat_sample_with_consecutive_seeds(env: Env) 
     assert sorted(r.sampling.seed for r in requests) == [41, 42, 43]
 
 
+async def test_usage_of_n_choices_counts_the_prompt_once(env: Env) -> None:
+    async with env.client() as client:
+        one = await client.chat.completions.create(model=MODEL, messages=user("a b c"))
+        three = await client.chat.completions.create(model=MODEL, messages=user("a b c"), n=3)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=user("a b c"), n=3, stream=True,
+            stream_options={"include_usage": True})
+        streamed = [chunk.usage async for chunk in stream if chunk.usage is not None]
+    assert one.usage is not None and three.usage is not None
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # as OpenAI counts it
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert [(u.prompt_tokens, u.completion_tokens) for u in streamed] == [
+        (three.usage.prompt_tokens, three.usage.completion_tokens)]
+
+
 async def test_parameters_that_ask_for_nothing_and_hints_are_accepted(env: Env) -> None:
     body = {"model": MODEL, "messages": user("hi"), "logit_bias": {}, "functions": [],
             "function_call": "none", "modalities": ["text"], "store": False,

@@ -79,11 +79,16 @@ async def test_prompt_lists_and_n_make_choices_in_openais_order(env: OpenAIEnv) 
     async with env.client() as client:
         completion = await client.completions.create(
             model=MODEL, prompt=["alpha beta", "gamma"], n=2, max_tokens=5)
+        once = await client.completions.create(
+            model=MODEL, prompt=["alpha beta", "gamma"], max_tokens=5)
         tokens = await client.completions.create(model=MODEL, prompt=[[5, 6], [7]])
     assert [(c.index, c.text) for c in completion.choices] == [
         (0, "alpha beta"), (1, "alpha beta"), (2, "gamma"), (3, "gamma")]
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 6
+    # Each prompt's tokens once, however many choices answer it (OpenAI's count).
+    assert once.usage is not None
+    assert completion.usage.prompt_tokens == once.usage.prompt_tokens > 0
     assert [c.text for c in tokens.choices] == ["t5 t6", "t7"]
 
 

@@ -153,6 +153,8 @@ class ChatCall:
     generations: tuple[GenerationRequest, ...]
     stream: bool
     include_usage: bool
+    n: int = 1
+    """Choices per prompt: generations ``i * n`` to ``i * n + n - 1`` answer prompt ``i``."""
 
     @property
     def generation(self) -> GenerationRequest:
@@ -192,6 +194,7 @@ def parse_chat_request(body: Any, tenant_id: str = "") -> ChatCall:
         generations=tuple(with_choice_seed(generation, i) for i in range(parsed.n or 1)),
         stream=bool(parsed.stream),
         include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
+        n=parsed.n or 1,
     )
 
 

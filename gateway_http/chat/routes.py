@@ -93,7 +93,7 @@ async def serve(request: web.Request, backend: ChatBackend, principal: KeyPrinci
     request[MODEL] = call.model
     budget = await backend.reserve(request, principal, call)
     outcome = request[OUTCOME] = ChatOutcome(request[STARTED], stream=call.stream,
-                                             choices=len(call.generations),
+                                             choices=len(call.generations), n=call.n,
                                              paced=backend.paced)
     try:
         result = await state.chat.create(call.with_budget(budget), backend, principal, shape,

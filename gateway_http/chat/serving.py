@@ -93,11 +93,15 @@ class ChatOutcome:
     started: float
     stream: bool = False
     choices: int = 1
+    n: int = 1
+    """Choices per prompt (``ChatCall.n``): a prompt's tokens count once however many
+    choices answer it, as OpenAI's usage counts them."""
     paced: bool = True
     first_token_at: float | None = None
     finished_at: float | None = None
     finished: GenerationFinished | None = None
-    """Set once every choice has finished: their usage summed, the first one's reason."""
+    """Set once every choice has finished: their usage summed (each prompt once), the
+    first one's reason."""
     error: FederationError | None = None
     deltas_seen: int = 0
     prompt_seen: int | None = None
@@ -121,14 +125,14 @@ class ChatOutcome:
                 self.first_token_at = now
             self.deltas_seen += 1
             self.completion_seen += event.tokens
-            if event.prompt_tokens is not None:
+            if event.prompt_tokens is not None and index % self.n == 0:
                 self.prompt_seen = (self.prompt_seen or 0) + event.prompt_tokens
         elif isinstance(event, GenerationFinished):
             self._ended[index] = event
             if len(self._ended) == self.choices:
                 ended = [self._ended[i] for i in sorted(self._ended)]
                 self.finished = GenerationFinished(
-                    ended[0].finish_reason, sum(e.prompt_tokens for e in ended),
+                    ended[0].finish_reason, sum(e.prompt_tokens for e in ended[::self.n]),
                     sum(e.completion_tokens for e in ended), ended[0].model)
                 self.finished_at = now if self.paced else None
 

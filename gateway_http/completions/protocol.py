@@ -81,7 +81,7 @@ def parse_completion_request(body: Any, tenant_id: str = "") -> ChatCall:
         raise invalid("prompt", f"At most {MAX_CHOICES} choices (prompts times n) are allowed "
                                 "in one request.")
     return ChatCall(generations, bool(parsed.stream),
-                    bool(parsed.stream_options and parsed.stream_options.include_usage))
+                    bool(parsed.stream_options and parsed.stream_options.include_usage), n=n)
 
 
 def _check(req: CompletionRequest) -> None:
