@@ -28,6 +28,7 @@ from federation.errors import (
     FederationError,
     call_error_to_proto,
 )
+from federation.fields import storable, storable_map
 from federation.guardian.chain_checks import (
     GuardianCheckpoints,
     guardian_public_key,
@@ -77,6 +78,11 @@ def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> Audi
     if request.HasField("temperature") and request.temperature > 100:
         raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
                               param=param_prefix + "temperature")
+    # Checked before the entry joins a group commit, whose one statement it would fail
+    # for every record sharing it.
+    for name in ("tenant_id", "actor", "action", "subject", "request_id"):
+        storable(getattr(request, name), param_prefix + name)
+    storable_map(request.payload.attributes, param_prefix + "payload.attributes")
     return AuditEntry(
         actor=request.actor or current_caller().spiffe_id, action=request.action,
         tenant_id=request.tenant_id, subject=request.subject,

@@ -103,6 +103,9 @@ async def test_record_memories_refuses_a_bad_batch_and_stores_none_of_it(
         "over the batch limit": [good] * (Settings().memory.max_batch + 1),
         "a reserved action": [good, pb.RecordMemoryRequest(action=RESTORE_ACTION)],
         "a temperature over 100": [good, pb.RecordMemoryRequest(action="a.b", temperature=101)],
+        "a NUL in a subject": [good, pb.RecordMemoryRequest(action="a.b", subject="s\x00")],
+        "a NUL in an attribute": [good, pb.RecordMemoryRequest(
+            action="a.b", payload=pb.AuditPayload(attributes={"k": "v\x00"}))],
     }
     params = {}
     for what, requests in cases.items():
@@ -112,12 +115,31 @@ async def test_record_memories_refuses_a_bad_batch_and_stores_none_of_it(
         params[what] = from_rpc_error(refused.value).param
     assert params == {"no records": "requests", "over the batch limit": "requests",
                       "a reserved action": "requests[1].action",
-                      "a temperature over 100": "requests[1].temperature"}
+                      "a temperature over 100": "requests[1].temperature",
+                      "a NUL in a subject": "requests[1].subject",
+                      "a NUL in an attribute": "requests[1].payload.attributes['k']"}
     assert await MemoryStore(database.pool, Settings().memory).head() == 0
     written = await stub.RecordMemories(pb.RecordMemoriesRequest(requests=[good, good]),
                                         timeout=10)
     assert [r.sequence for r in written.records] == [1, 2]
     assert {r.request_id for r in written.records} == {"req_good"}
+
+
+async def test_a_record_postgresql_cannot_store_fails_only_its_own_call(
+        memory_channel: grpc.aio.Channel) -> None:
+    """A NUL (which text and jsonb columns refuse) is refused before the record joins a
+    group commit: the records committed with it are not failed with it."""
+    stub = pb_grpc.ThermalMemoryServiceStub(memory_channel)
+    bad = [pb.RecordMemoryRequest(action="a.b", tenant_id="t\x00"),
+           pb.RecordMemoryRequest(action="a.b", payload=pb.AuditPayload(attributes={"\x00": "v"}))]
+    good = [pb.RecordMemoryRequest(action=f"good.{n}") for n in range(12)]
+    outcomes = await asyncio.gather(*(stub.RecordMemory(r, timeout=10) for r in bad + good),
+                                    return_exceptions=True)
+    refused = [from_rpc_error(o) for o in outcomes[:2] if isinstance(o, grpc.aio.AioRpcError)]
+    assert [(e.code, e.param) for e in refused] == [
+        (ErrorCode.INVALID_ARGUMENT, "tenant_id"),
+        (ErrorCode.INVALID_ARGUMENT, "payload.attributes key")]
+    assert all(isinstance(o, pb.RecordMemoryResponse) for o in outcomes[2:]), outcomes[2:]
 
 
 async def test_every_caller_of_a_failed_call_gets_the_error(

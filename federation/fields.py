@@ -1,0 +1,28 @@
+"""Checks of request text that PostgreSQL would otherwise refuse mid-statement.
+
+PostgreSQL's ``text`` and ``jsonb`` cannot hold U+0000. A NUL that reaches a
+statement fails it with a driver error the caller sees as INTERNAL (and, in a
+group commit, fails every record sharing the commit); checked here it is
+INVALID_ARGUMENT naming the field, before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from federation.errors import ErrorCode, FederationError
+
+
+def storable(value: str, param: str) -> str:
+    """``value`` when PostgreSQL can store it; INVALID_ARGUMENT naming ``param`` if not."""
+    if "\x00" in value:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{param} must not contain NUL characters", param=param)
+    return value
+
+
+def storable_map(values: Mapping[str, str], param: str) -> None:
+    """Each key and value of ``values`` storable (as text or in ``jsonb``)."""
+    for key, value in values.items():
+        storable(key, f"{param} key")
+        storable(value, f"{param}[{key!r}]")
