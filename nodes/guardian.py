@@ -18,7 +18,7 @@ from federation.guardian.convert import checkpoint_message, share_record
 from federation.guardian.custody import GuardianCustody
 from federation.interceptor import current_caller
 from federation.memory.client import GrpcAuditSink
-from federation.paging import page_size
+from federation.paging import page_size, sequence_token
 from federation.server import ServiceRegistration
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from nodes.runtime import NodeRuntime
@@ -95,10 +95,7 @@ class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
         size = page_size(request.page_size)
         newest = self._checkpoints.newest_first()
         if request.page_token:
-            if not request.page_token.isdigit():
-                raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                                      param="page_token")
-            below = int(request.page_token)
+            below = sequence_token(request.page_token)
             newest = [c for c in newest if c.sequence < below]
         page = newest[:size]
         token = str(page[-1].sequence) if len(newest) > size else ""

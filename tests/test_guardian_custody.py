@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,6 +205,20 @@ async def test_list_gives_metadata_only_in_pages(guardian: GuardianNode) -> None
         if not token:
             break
     assert seen == [f"o{i}" for i in range(5)]
+
+
+async def test_garbage_page_tokens_are_invalid_not_internal(guardian: GuardianNode) -> None:
+    admin = stub(guardian, "admin")
+    calls = [admin.ListShares(guardian_pb2.ListSharesRequest(
+        tenant_id="t1", page_token=base64.urlsafe_b64encode(raw.encode()).decode()))
+        for raw in ("s" + "9" * 19, "s" + "9" * 5000, "s\u00b2", "s", "x1")]
+    calls += [admin.ListCheckpoints(guardian_pb2.ListCheckpointsRequest(page_token=token))
+              for token in ("\u00b2", "9" * 19, "9" * 5000, "-1")]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert refused.value.details() == "page_token is not valid"
 
 
 async def test_the_share_is_stored_wrapped_never_in_the_clear(

@@ -173,6 +173,26 @@ async def test_rotate_revoke_list_history(federation: Federation) -> None:
     ]
 
 
+_BAD_SEQUENCE_TOKENS = ("\u00b2", "12\u00b3", "9" * 19, "9" * 5000, "-1", " 1")
+"""Digits ``int`` refuses, numbers past a bigint or past int's digit limit, signs, spaces."""
+
+
+async def test_garbage_page_tokens_are_invalid_not_internal(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+    memory = federation.memory_stub("admin")
+    calls = [admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme", page_token=token))
+             for token in ("inf|x", "1e300|x", "1.5|x\x00", "1.5|not a key id", "nan|x")]
+    calls += [admin.GetKeyStrengthHistory(kpb.GetKeyStrengthHistoryRequest(
+        key_id=issued.key.key_id, page_token=token)) for token in _BAD_SEQUENCE_TOKENS]
+    calls += [memory.SearchMemory(mpb.SearchMemoryRequest(page_token=token))
+              for token in _BAD_SEQUENCE_TOKENS]
+    for call in calls:
+        refused = from_rpc_error(await rpc_error(call))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "page_token"), \
+            refused.message
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -30,6 +30,7 @@ from federation.crypto.shares import MalformedShare, Share
 from federation.db import transaction_as
 from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry, AuditSink
+from federation.paging import invalid_page_token, sequence_token
 from federation.paging import page_size as checked_page_size
 from federation.pki import Identity
 
@@ -276,11 +277,11 @@ def _parse_token(token: str) -> int:
         return 0
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        if raw.startswith("s") and raw[1:].isdigit():
-            return int(raw[1:])
     except (ValueError, UnicodeDecodeError):
-        pass
-    raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid", param="page_token")
+        raise invalid_page_token() from None
+    if not raw.startswith("s"):
+        raise invalid_page_token()
+    return sequence_token(raw[1:])
 
 
 def _human(window: dt.timedelta) -> str:

@@ -53,6 +53,7 @@ from federation.keys.strength import (
 )
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
+from federation.paging import invalid_page_token, sequence_token
 from federation.paging import page_size as checked_page_size
 from federation.periodic import cancel_and_wait
 
@@ -472,20 +473,17 @@ def _not_found(key_id: str) -> FederationError:
 
 
 def _int_token(token: str) -> int | None:
-    if not token:
-        return None
-    if not token.isdigit():
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token")
-    return int(token)
+    return sequence_token(token) if token else None
 
 
 def _list_cursor(token: str) -> tuple[dt.datetime, str] | None:
+    """The (creation time, key id) a ListKeys token names. A time past ``datetime``'s
+    range ("inf", "1e300") raises OverflowError, not ValueError, and a key id that is
+    not one would reach the query: both are a bad token."""
     if not token:
         return None
     try:
         seconds, key_id = token.split("|", 1)
-        return repo.from_posix(float(seconds)), key_id
-    except ValueError:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token") from None
+        return repo.from_posix(float(seconds)), keyformat.validate_key_id(key_id)
+    except (ValueError, OverflowError, OSError, FederationError):
+        raise invalid_page_token() from None

@@ -30,6 +30,7 @@ from federation.memory.restore_event import (
 )
 from federation.memory.writer import ChainWriter
 from federation.paging import page_size as checked_page_size
+from federation.paging import sequence_token
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +351,6 @@ def _search_filters(query: SearchQuery) -> tuple[list[str], list[Any]]:
         add("temperature >= ?", low)
         add("temperature <= ?", high)
     if query.page_token:
-        add("sequence < ?", _parse_token(query.page_token))
+        add("sequence < ?", sequence_token(query.page_token))
     return where, args
 
-
-def _parse_token(token: str) -> int:
-    if not token.isdigit():
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "page_token is not valid",
-                              param="page_token")
-    return int(token)
