@@ -99,7 +99,7 @@ def tenant_scope(tenant_id: str) -> str | None:
         raise FederationError(ErrorCode.PERMISSION_DENIED,
                               f"role {role!r} may not read thermal memory")
     if tenant_id:
-        return tenant_id
+        return storable(tenant_id, "tenant_id")
     if role == "admin":
         return None
     raise FederationError(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", param="tenant_id")
@@ -239,8 +239,10 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         self, request: pb.SearchMemoryRequest, context: Context
     ) -> pb.SearchMemoryResponse:
         page = await self._store.search(SearchQuery(
-            tenant_id=tenant_scope(request.tenant_id), action_prefix=request.action_prefix,
-            request_id=request.request_id, actor=request.actor,
+            tenant_id=tenant_scope(request.tenant_id),
+            action_prefix=storable(request.action_prefix, "action_prefix"),
+            request_id=storable(request.request_id, "request_id"),
+            actor=storable(request.actor, "actor"),
             start_time=to_datetime(request.start_time) if request.HasField("start_time") else None,
             end_time=to_datetime(request.end_time) if request.HasField("end_time") else None,
             tier=TIER_FROM_PROTO.get(request.tier), page_size=request.page_size,

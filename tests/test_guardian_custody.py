@@ -221,6 +221,29 @@ async def test_garbage_page_tokens_are_invalid_not_internal(guardian: GuardianNo
         assert refused.value.details() == "page_token is not valid"
 
 
+async def test_a_nul_in_any_text_field_is_invalid_not_internal(guardian: GuardianNode) -> None:
+    key_id, text = await deposit(guardian)
+    admin = stub(guardian, "admin")
+    calls = {
+        "tenant_id": admin.DepositShare(guardian_pb2.DepositShareRequest(
+            tenant_id="t\x00", object_id="o2", key_id=key_id, share_index=3, share=text)),
+        "object_id": admin.ReleaseShare(release_request("t1", "o\x001", key_id)),
+        "reason": admin.ReleaseShare(release_request("t1", "o1", key_id, reason="r\x00")),
+        "requested_by_key_id": admin.ReleaseShare(release_request("t1", "o1", key_id,
+                                                                  by="k\x00")),
+        "key_id": admin.DestroyShare(guardian_pb2.DestroyShareRequest(
+            tenant_id="t1", object_id="o1", key_id=key_id + "\x00", reason="r")),
+    }
+    for param, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert dict(refused.value.trailing_metadata() or ())["error-param"] == param
+    listed = await admin.ListShares(guardian_pb2.ListSharesRequest(tenant_id="t1"))
+    assert [(s.release_count, s.state) for s in listed.shares] == [
+        (0, guardian_pb2.SHARE_STATE_HELD)]
+
+
 async def test_the_share_is_stored_wrapped_never_in_the_clear(
     guardian: GuardianNode, database: Database
 ) -> None:

@@ -15,6 +15,7 @@ from federation.cli import build_parser
 from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, from_rpc_error
+from federation.keys.keyformat import format_key, new_secret
 from federation.pki import ADMIN_NAME
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
@@ -191,6 +192,41 @@ async def test_garbage_page_tokens_are_invalid_not_internal(federation: Federati
         refused = from_rpc_error(await rpc_error(call))
         assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "page_token"), \
             refused.message
+
+
+async def test_a_nul_in_any_text_field_is_invalid_not_internal(
+        federation: Federation) -> None:
+    """PostgreSQL text cannot hold U+0000: refused naming the field, nothing changed."""
+    admin, gateway = federation.keys_stub("admin"), federation.keys_stub("gateway")
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+    key_id = issued.key.key_id
+    wrong_secret = format_key(key_id, new_secret())
+    memory = federation.memory_stub("admin")
+    calls = {
+        "tenant_id": admin.ListKeys(kpb.ListKeysRequest(tenant_id="ac\x00me")),
+        "description": admin.IssueKey(kpb.IssueKeyRequest(
+            tenant_id="acme", scopes=["chat"], description="a\x00")),
+        "reason": admin.RevokeKey(kpb.RevokeKeyRequest(key_id=key_id, reason="r\x00")),
+        "source": gateway.VerifyKey(kpb.VerifyKeyRequest(key=wrong_secret, source="s\x00")),
+        "reservation_id": gateway.SettleQuota(kpb.SettleQuotaRequest(
+            key_id=key_id, reservation_id="rsv_\x00", used_tokens=1)),
+        "lease_id": gateway.SettleQuotaLease(kpb.SettleQuotaLeaseRequest(
+            key_id=key_id, lease_id="lse_\x00", used_tokens=1)),
+    }
+    reads = {
+        "tenant_id": memory.ReadMemory(mpb.ReadMemoryRequest(tenant_id="\x00", sequence=1)),
+        "actor": memory.SearchMemory(mpb.SearchMemoryRequest(actor="\x00")),
+        "action_prefix": memory.SearchMemory(mpb.SearchMemoryRequest(action_prefix="k\x00")),
+        "request_id": memory.SearchMemory(mpb.SearchMemoryRequest(request_id="\x00")),
+    }
+    for param, call in [*calls.items(), *reads.items()]:
+        refused = from_rpc_error(await rpc_error(call))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, param), \
+            refused.message
+    blank = from_rpc_error(await rpc_error(admin.ListKeys(kpb.ListKeysRequest(tenant_id=" "))))
+    assert (blank.code, blank.param) == (ErrorCode.INVALID_ARGUMENT, "tenant_id")
+    listed = await admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme"))
+    assert [k.state for k in listed.keys] == [kpb.KEY_STATE_ACTIVE]
 
 
 async def test_keys_fail_closed_when_memory_is_down(

@@ -29,6 +29,7 @@ from federation.crypto.envelope import UnwrapError, unwrap, wrap, wrap_context
 from federation.crypto.shares import MalformedShare, Share
 from federation.db import transaction_as
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.memory import AuditEntry, AuditSink
 from federation.paging import invalid_page_token, sequence_token
 from federation.paging import page_size as checked_page_size
@@ -72,7 +73,7 @@ def _require(value: str, name: str, limit: int = _MAX_ID) -> str:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, f"{name} is longer than {limit} characters", param=name
         )
-    return value
+    return storable(value, name)
 
 
 def _context(tenant_id: str, object_id: str, key_id: str, index: int) -> bytes:

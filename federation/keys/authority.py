@@ -26,6 +26,7 @@ import asyncpg
 
 from federation.config import KeysConfig
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.keys import keyformat
 from federation.keys import repository as repo
 from federation.keys.cache import CachedKey, KeyCache, SourceState
@@ -56,6 +57,7 @@ from federation.memory.sink import AuditSink
 from federation.paging import invalid_page_token, sequence_token
 from federation.paging import page_size as checked_page_size
 from federation.periodic import cancel_and_wait
+from federation.tenancy import checked_tenant_id
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,7 @@ class KeyAuthority:
     ) -> KeyView:
         """Permanently disable a key. Revoking a revoked key changes nothing."""
         keyformat.validate_key_id(key_id)
+        storable(reason, "reason")  # else the audit write fails, reported as an outage
         now = self._now_dt()
         async with self._transaction() as conn:
             record = await self._locked(conn, key_id, tenant_id)
@@ -232,9 +235,7 @@ class KeyAuthority:
         self, tenant_id: str, *, include_revoked: bool = False, page_size: int = 0,
         page_token: str = "",
     ) -> Page[KeyView]:
-        if not tenant_id:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT, "tenant_id is required",
-                                  param="tenant_id")
+        checked_tenant_id(tenant_id)  # as IssueKey checks it: no such key otherwise
         size = checked_page_size(page_size, DEFAULT_LIST_PAGE)
         records = await repo.list_keys(
             self._pool, tenant_id, include_revoked=include_revoked,
@@ -269,6 +270,7 @@ class KeyAuthority:
     async def verify(self, presented: str, source: str, required_scope: str = "") -> KeyView:
         """Authenticate ``presented`` from ``source``; check ``required_scope``."""
         parsed = keyformat.parse(presented)
+        storable(source, "source")  # written with a failed attempt
         full_key = keyformat.format_key(parsed.key_id, parsed.secret)
         now = self._clock()
         cached = await self._cache.get(parsed.key_id, now)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.keys.quota import (
     LOCKED_COUNTER_SQL,
     MAX_TOKENS,
@@ -234,6 +235,7 @@ class LeaseService:
                      at: dt.datetime | None = None) -> LeaseSettlement:
         """Charge what a lease's requests used and give back the rest; idempotent."""
         validate_charge(key_id, used_tokens)
+        storable(lease_id, "lease_id")
         if used_tokens > MAX_TOKENS:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"used_tokens must be at most {MAX_TOKENS}",

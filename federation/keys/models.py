@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Final, Generic, TypeVar
 
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.keys.strength import Accumulator
 from federation.prototime import MAX_DURATION_SECONDS
 from federation.tenancy import checked_tenant_id
@@ -115,6 +116,7 @@ class IssueRequest:
             raise _invalid("token_quota and quota_period go together", "quota_period")
         if self.quota_period_seconds is not None:
             check_duration(self.quota_period_seconds, "quota_period")
+        storable(self.description, "description")
         if len(self.description.encode()) > MAX_DESCRIPTION_BYTES:
             raise _invalid("description is longer than 256 bytes", "description")
         if self.ttl_seconds is not None:

@@ -34,6 +34,7 @@ from typing import NoReturn
 import asyncpg
 
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.keys import keyformat
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
@@ -302,6 +303,7 @@ class QuotaService:
         alone. ``used_tokens`` above the reservation is charged too (same period).
         """
         validate_charge(key_id, used_tokens)
+        storable(reservation_id, "reservation_id")
         if used_tokens > MAX_TOKENS:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"used_tokens must be at most {MAX_TOKENS}",
