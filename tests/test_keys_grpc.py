@@ -229,6 +229,24 @@ async def test_a_nul_in_any_text_field_is_invalid_not_internal(
     assert [k.state for k in listed.keys] == [kpb.KEY_STATE_ACTIVE]
 
 
+async def test_token_figures_past_the_counters_are_invalid_not_internal(
+        federation: Federation) -> None:
+    admin, gateway = federation.keys_stub("admin"), federation.keys_stub("gateway")
+    key_id = (await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+              ).key.key_id
+    for tokens in (2**64 - 1, 2**63 - 1):
+        for call in (gateway.CheckQuota(kpb.CheckQuotaRequest(key_id=key_id, tokens=tokens)),
+                     gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=tokens))):
+            refused = from_rpc_error(await rpc_error(call))
+            assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "tokens")
+    settle = from_rpc_error(await rpc_error(gateway.SettleQuota(kpb.SettleQuotaRequest(
+        key_id=key_id, reservation_id="rsv_1", used_tokens=2**64 - 1))))
+    assert (settle.code, settle.param) == (ErrorCode.INVALID_ARGUMENT, "used_tokens")
+    # Nothing was charged, and the key's counter still takes charges.
+    charged = await gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=5))
+    assert charged.status.tokens_used == 5
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -234,12 +234,8 @@ class LeaseService:
     async def settle(self, key_id: str, lease_id: str, *, used_tokens: int, used_requests: int,
                      at: dt.datetime | None = None) -> LeaseSettlement:
         """Charge what a lease's requests used and give back the rest; idempotent."""
-        validate_charge(key_id, used_tokens)
+        validate_charge(key_id, used_tokens, "used_tokens")
         storable(lease_id, "lease_id")
-        if used_tokens > MAX_TOKENS:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT,
-                                  f"used_tokens must be at most {MAX_TOKENS}",
-                                  param="used_tokens")
         if used_requests < 0:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   "used_requests must not be negative", param="used_requests")

@@ -302,12 +302,8 @@ class QuotaService:
         Idempotent: a reservation already settled (or purged, or unknown) is left
         alone. ``used_tokens`` above the reservation is charged too (same period).
         """
-        validate_charge(key_id, used_tokens)
+        validate_charge(key_id, used_tokens, "used_tokens")
         storable(reservation_id, "reservation_id")
-        if used_tokens > MAX_TOKENS:
-            raise FederationError(ErrorCode.INVALID_ARGUMENT,
-                                  f"used_tokens must be at most {MAX_TOKENS}",
-                                  param="used_tokens")
         row = await self._pool.fetchrow(_SETTLE_SQL, key_id, reservation_id, used_tokens, at)
         if row is None:
             return Settlement(False, 0)
@@ -373,11 +369,14 @@ class QuotaService:
         return row
 
 
-def validate_charge(key_id: str, tokens: int) -> None:
+def validate_charge(key_id: str, tokens: int, param: str = "tokens") -> None:
+    """A known key id and a token figure the bigint counters can take: a uint64 past a
+    bigint failed the statement (INTERNAL), and one charge of 2**63 - 1 left the counter
+    where every later charge of the key overflowed."""
     keyformat.validate_key_id(key_id)
-    if tokens < 0:
-        raise FederationError(ErrorCode.INVALID_ARGUMENT, "tokens must not be negative",
-                              param="tokens")
+    if not 0 <= tokens <= MAX_TOKENS:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{param} must be between 0 and {MAX_TOKENS}", param=param)
 
 
 def quota_status(row: asyncpg.Record, tokens: int, requests: int, *, charged: bool) -> QuotaStatus:
