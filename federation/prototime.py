@@ -12,6 +12,8 @@ from typing import Final
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from federation.errors import ErrorCode, FederationError
+
 MAX_DURATION_SECONDS: Final = 100 * 365 * 86400
 """The longest duration the federation takes anywhere (a ttl, a period, a flag): a
 century. Past it, a date overflows, and the value was a typo anyway."""
@@ -26,6 +28,20 @@ def timestamp(moment: dt.datetime) -> Timestamp:
 def to_datetime(stamp: Timestamp) -> dt.datetime:
     """The moment, timezone-aware in UTC (what every ``Timestamp`` means)."""
     return stamp.ToDatetime(tzinfo=dt.UTC)
+
+
+_MIN_SECONDS: Final = -62_135_596_800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+def checked_datetime(stamp: Timestamp, param: str) -> dt.datetime:
+    """:func:`to_datetime` of a caller's timestamp: one outside the range a ``Timestamp``
+    may hold (years 1 to 9999, nanos 0 to 999,999,999) makes ``ToDatetime`` raise, which
+    is the caller's mistake (INVALID_ARGUMENT naming ``param``), not the server's."""
+    if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 10**9):
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{param} must be a time from year 1 to 9999", param=param)
+    return to_datetime(stamp)
 
 
 def duration(seconds: float) -> Duration:

@@ -14,6 +14,7 @@ the database owner is still caught. See ``federation/guardian/chain_checks.py``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeAlias
@@ -39,12 +40,12 @@ from federation.interceptor import current_caller, recheck_caller
 from federation.logs import request_id_var
 from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
 from federation.memory.decay import temperature_decay_job
-from federation.memory.records import AuditEntry, MemoryRecord
+from federation.memory.records import AuditEntry, MemoryRecord, Tier
 from federation.memory.restore_event import RESTORE_ACTION, RestoreClaim, RestoreVerifier
 from federation.memory.store import MemoryStore, SearchQuery
 from federation.periodic import TaskSet, cancel_and_wait
 from federation.pki import PKIPaths
-from federation.prototime import to_datetime
+from federation.prototime import checked_datetime
 from federation.server import ServiceRegistration
 from federation.telemetry import tracing
 from federation.v1 import thermal_memory_pb2 as pb
@@ -243,9 +244,9 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
             action_prefix=storable(request.action_prefix, "action_prefix"),
             request_id=storable(request.request_id, "request_id"),
             actor=storable(request.actor, "actor"),
-            start_time=to_datetime(request.start_time) if request.HasField("start_time") else None,
-            end_time=to_datetime(request.end_time) if request.HasField("end_time") else None,
-            tier=TIER_FROM_PROTO.get(request.tier), page_size=request.page_size,
+            start_time=_search_time(request, "start_time"),
+            end_time=_search_time(request, "end_time"),
+            tier=_search_tier(request.tier), page_size=request.page_size,
             page_token=request.page_token,
         ))
         return pb.SearchMemoryResponse(records=[record_to_proto(r) for r in page.records],
@@ -269,6 +270,23 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         response.restores.extend(
             restore_to_proto(claim) for claim in report.restores)
         return response
+
+
+def _search_time(request: pb.SearchMemoryRequest, field: str) -> dt.datetime | None:
+    if not request.HasField(field):  # type: ignore[arg-type]
+        return None
+    return checked_datetime(getattr(request, field), field)
+
+
+def _search_tier(tier: int) -> Tier | None:
+    """The tier to filter on; ``None`` for UNSPECIFIED. A number the proto does not
+    define is refused: ignoring it would answer with records of every tier."""
+    if tier == pb.TEMPERATURE_TIER_UNSPECIFIED:
+        return None
+    if tier not in TIER_FROM_PROTO:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"tier {tier} is not a tier",
+                              param="tier")
+    return TIER_FROM_PROTO[tier]
 
 
 def _check_range(from_sequence: int, to_sequence: int) -> None:

@@ -10,6 +10,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.cli import build_parser
 from federation.config import PeersConfig, Settings
@@ -245,6 +246,25 @@ async def test_token_figures_past_the_counters_are_invalid_not_internal(
     # Nothing was charged, and the key's counter still takes charges.
     charged = await gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=5))
     assert charged.status.tokens_used == 5
+
+
+async def test_search_times_out_of_range_and_unknown_tiers_are_invalid(
+        federation: Federation) -> None:
+    memory = federation.memory_stub("admin")
+    await memory.RecordMemory(mpb.RecordMemoryRequest(action="a.b", temperature=10))
+    bad = {
+        "start_time": mpb.SearchMemoryRequest(start_time=Timestamp(seconds=2**62)),
+        "end_time": mpb.SearchMemoryRequest(end_time=Timestamp(seconds=-2**40)),
+        "tier": mpb.SearchMemoryRequest(tier=99),  # type: ignore[arg-type]
+    }
+    bad_nanos = mpb.SearchMemoryRequest()
+    bad_nanos.end_time.nanos = -5
+    for param, request in [*bad.items(), ("end_time", bad_nanos)]:
+        refused = from_rpc_error(await rpc_error(memory.SearchMemory(request)))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, param), \
+            refused.message
+    hot = await memory.SearchMemory(mpb.SearchMemoryRequest(tier=mpb.TEMPERATURE_TIER_HOT))
+    assert list(hot.records) == []  # the record is cold: a defined tier still filters
 
 
 async def test_keys_fail_closed_when_memory_is_down(
