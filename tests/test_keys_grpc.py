@@ -267,6 +267,16 @@ async def test_search_times_out_of_range_and_unknown_tiers_are_invalid(
     assert list(hot.records) == []  # the record is cold: a defined tier still filters
 
 
+async def test_thousands_of_unknown_scopes_get_a_short_invalid_argument(
+        federation: Federation) -> None:
+    scopes = [f"scope-{n:05d}-" + "x" * 60 for n in range(3000)]
+    refused = await rpc_error(federation.keys_stub("admin").IssueKey(
+        kpb.IssueKeyRequest(tenant_id="acme", scopes=scopes)))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert "and 2995 more" in (refused.details() or "")
+    assert len(refused.details() or "") < 1000
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

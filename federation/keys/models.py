@@ -104,7 +104,7 @@ class IssueRequest:
             raise _invalid("at least one scope is required", "scopes")
         unknown = sorted(set(self.scopes) - SCOPES)
         if unknown:
-            raise _invalid(f"unknown scope(s) {', '.join(unknown)}; scopes are: "
+            raise _invalid(f"unknown scope(s) {_few(unknown)}; scopes are: "
                            + ", ".join(sorted(SCOPES)), "scopes")
         if self.requests_per_minute is not None and not (
                 0 < self.requests_per_minute <= MAX_REQUESTS_PER_MINUTE):
@@ -154,6 +154,20 @@ def check_duration(seconds: float, param: str, *, zero_allowed: bool = False) ->
     if not (long_enough and seconds <= MAX_DURATION_SECONDS):
         raise _invalid(f"{param} must be {'0 or more' if zero_allowed else 'positive'} and "
                        f"at most {MAX_DURATION_SECONDS // 86400} days", param)
+
+
+_SHOWN_SCOPES: Final = 5
+_SHOWN_SCOPE_CHARS: Final = 40
+
+
+def _few(names: list[str]) -> str:
+    """A few of ``names``, each cut short: the message travels in a gRPC trailer, and one
+    naming thousands of long scopes overflowed its size limit, so the caller got a
+    transport error (RESOURCE_EXHAUSTED, "Stream removed") instead of this one."""
+    shown = [n if len(n) <= _SHOWN_SCOPE_CHARS else n[:_SHOWN_SCOPE_CHARS] + "…"
+             for n in names[:_SHOWN_SCOPES]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def _invalid(message: str, param: str) -> FederationError:
