@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -326,12 +327,14 @@ class FederationServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary_result(request: Any, context: Context) -> Any:
             async with served(call, context):
+                _refuse_undecodable(request)
                 return await behavior(request, context)
 
         async def stream_result(
             request: Any, context: Context
         ) -> AsyncIterator[Any]:
             async with served(call, context):
+                _refuse_undecodable(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -440,11 +443,47 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
+class _Undecodable:
+    """Stands for a single request message that does not parse (bad UTF-8 in a string,
+    a corrupt wire format): the guard refuses it once the caller is authorized."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` answering :class:`_Undecodable` instead of raising: grpc turns a
+    raising deserializer into UNKNOWN, with the parser's exception in the details."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def parsed(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parsed
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        log.info("refused an undecodable request", extra={"reason": request.reason[:200]})
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              "the request message does not parse (a string field that is "
+                              "not UTF-8, or a corrupt encoding)")
+
+
 def _wrap_handler(handler: Handler, guard: Callable[[Any], Any]) -> Any:
+    # Only a single request message is parsed before the handler runs; the messages of
+    # a request stream are parsed as the servicer reads them.
     if handler.unary_unary:
         _, unary = guard(handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+            unary, _tolerant(handler.request_deserializer), handler.response_serializer
         )
     if handler.stream_unary:
         _, unary = guard(handler.stream_unary)
@@ -454,7 +493,7 @@ def _wrap_handler(handler: Handler, guard: Callable[[Any], Any]) -> Any:
     if handler.unary_stream:
         stream, _ = guard(handler.unary_stream)
         return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
+            stream, _tolerant(handler.request_deserializer), handler.response_serializer
         )
     stream, _ = guard(handler.stream_stream)
     return grpc.stream_stream_rpc_method_handler(

@@ -277,6 +277,28 @@ async def test_thousands_of_unknown_scopes_get_a_short_invalid_argument(
     assert len(refused.details() or "") < 1000
 
 
+async def test_an_undecodable_request_is_invalid_argument_not_unknown(
+        federation: Federation) -> None:
+    """Bytes a stub of another language could send: a string field (actor, tenant_id)
+    that is not UTF-8, or a corrupt encoding. Authorization still comes first."""
+    def raw(port: int, role: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        channel = federation._channel(port, role)
+        return channel.unary_unary(method, request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+
+    search = raw(federation.memory.port, "admin", "/federation.v1.ThermalMemoryService/"
+                                                  "SearchMemory")
+    list_keys = raw(federation.keys.port, "admin", "/federation.v1.KeyAuthorityService/ListKeys")
+    for call, body in ((search, b"\x22\x02\xff\xfe"), (search, b"\xff\xff\xff"),
+                       (list_keys, b"\x0a\x02\xff\xfe")):
+        refused = await rpc_error(call(body))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+        assert "DecodeError" not in (refused.details() or "")
+    denied = await rpc_error(raw(federation.keys.port, "inference",
+                                 "/federation.v1.KeyAuthorityService/ListKeys")(b"\xff"))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:
