@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -183,8 +184,9 @@ async def test_garbage_page_tokens_are_invalid_not_internal(federation: Federati
     admin = federation.keys_stub("admin")
     issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
     memory = federation.memory_stub("admin")
-    calls = [admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme", page_token=token))
-             for token in ("inf|x", "1e300|x", "1.5|x\x00", "1.5|not a key id", "nan|x")]
+    calls: list[Any] = [
+        admin.ListKeys(kpb.ListKeysRequest(tenant_id="acme", page_token=token))
+        for token in ("inf|x", "1e300|x", "1.5|x\x00", "1.5|not a key id", "nan|x")]
     calls += [admin.GetKeyStrengthHistory(kpb.GetKeyStrengthHistoryRequest(
         key_id=issued.key.key_id, page_token=token)) for token in _BAD_SEQUENCE_TOKENS]
     calls += [memory.SearchMemory(mpb.SearchMemoryRequest(page_token=token))
