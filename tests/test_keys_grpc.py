@@ -301,6 +301,18 @@ async def test_an_undecodable_request_is_invalid_argument_not_unknown(
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_key_id_with_a_trailing_newline_is_not_a_key_id(
+        federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    key_id = (await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+              ).key.key_id
+    for call in (admin.RevokeKey(kpb.RevokeKeyRequest(key_id=key_id + "\n")),
+                 admin.GetKeyStrengthHistory(kpb.GetKeyStrengthHistoryRequest(
+                     key_id=key_id + "\n"))):
+        refused = from_rpc_error(await rpc_error(call))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "key_id")
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -92,7 +92,9 @@ def parse(key: str) -> ParsedKey:
 
 
 def validate_key_id(key_id: str) -> str:
-    if not _KEY_ID_PATTERN.match(key_id):
+    # fullmatch: with match, "$" also matches before a final newline, and such an id
+    # reached the database (NOT_FOUND, the newline echoed) instead of being refused.
+    if not _KEY_ID_PATTERN.fullmatch(key_id):
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, f"{key_id!r} is not a key id (16 letters and digits)",
             param="key_id",
