@@ -233,7 +233,11 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     async def ReadMemory(
         self, request: pb.ReadMemoryRequest, context: Context
     ) -> pb.ReadMemoryResponse:
-        record = await self._store.read(tenant_scope(request.tenant_id), request.sequence)
+        tenant = tenant_scope(request.tenant_id)
+        if request.sequence < 1:  # sequences start at 1: no record could be found
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  "sequence is a record sequence, 1 or more", param="sequence")
+        record = await self._store.read(tenant, request.sequence)
         return pb.ReadMemoryResponse(record=record_to_proto(record))
 
     async def SearchMemory(

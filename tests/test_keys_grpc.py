@@ -313,6 +313,17 @@ async def test_a_key_id_with_a_trailing_newline_is_not_a_key_id(
         assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "key_id")
 
 
+async def test_reading_a_sequence_below_one_is_invalid(federation: Federation) -> None:
+    memory = federation.memory_stub("admin")
+    for sequence in (0, -1, -(2**63)):
+        refused = from_rpc_error(await rpc_error(memory.ReadMemory(
+            mpb.ReadMemoryRequest(sequence=sequence))))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "sequence")
+    missing = from_rpc_error(await rpc_error(memory.ReadMemory(
+        mpb.ReadMemoryRequest(sequence=2**63 - 1))))
+    assert missing.code is ErrorCode.NOT_FOUND
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:
