@@ -324,6 +324,26 @@ async def test_reading_a_sequence_below_one_is_invalid(federation: Federation) -
     assert missing.code is ErrorCode.NOT_FOUND
 
 
+async def test_counters_of_a_key_without_limits_saturate_rather_than_overflow(
+        federation: Federation) -> None:
+    """Such a key never starts a new period: its counters only grow. Charges of the most
+    each call accepts used to overflow them, and every later charge failed (INTERNAL)."""
+    admin, gateway = federation.keys_stub("admin"), federation.keys_stub("gateway")
+    key_id = (await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+              ).key.key_id
+    for _ in range(2):
+        await gateway.GrantQuotaLease(kpb.GrantQuotaLeaseRequest(
+            key_id=key_id, requests=2**31 - 1, need_tokens=2**62))
+        await gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=2**62,
+                                                           is_request=True))
+        await gateway.ReserveQuota(kpb.ReserveQuotaRequest(key_id=key_id, tokens=2**62))
+    charged = await gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=1,
+                                                                 is_request=True))
+    assert charged.status.tokens_used == 2**62 - 1
+    checked = await gateway.CheckQuota(kpb.CheckQuotaRequest(key_id=key_id, tokens=2**62))
+    assert checked.allowed
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -35,6 +35,8 @@ from federation.fields import storable
 from federation.keys.quota import (
     LOCKED_COUNTER_SQL,
     MAX_TOKENS,
+    REQUESTS_STORED,
+    TOKENS_STORED,
     QuotaService,
     QuotaStatus,
     quota_status,
@@ -48,11 +50,11 @@ MAX_LEASE_REQUESTS = 2**31 - 1
 # the lease ($4 requests and $5 tokens wanted, capped to $9 of what remains; exact when
 # that cannot cover $6), charge it and record it, or change nothing when the request
 # rate is spent or fewer than $7 tokens remain. The plan row comes back either way.
-_GRANT_SQL = LOCKED_COUNTER_SQL + """,
+_GRANT_SQL = LOCKED_COUNTER_SQL + f""",
     nxt AS (
         SELECT win.*,
             CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
-            CASE WHEN minute_over THEN 0 ELSE minute_requests END AS made,
+            CASE WHEN minute_over THEN 0 ELSE minute_requests::bigint END AS made,
             CASE WHEN period_over THEN now ELSE period_start END AS new_period_start,
             CASE WHEN period_over THEN 0 ELSE period_tokens END AS used
         FROM win
@@ -91,8 +93,9 @@ _GRANT_SQL = LOCKED_COUNTER_SQL + """,
     upd AS (
         UPDATE api_key_quotas q SET
             minute_start = plan.new_minute_start,
-            minute_requests = plan.made + plan.lease_requests,
-            period_start = plan.new_period_start, period_tokens = plan.used + plan.reserved
+            minute_requests = {REQUESTS_STORED.format("plan.made + plan.lease_requests")},
+            period_start = plan.new_period_start,
+            period_tokens = {TOKENS_STORED.format("plan.used + plan.reserved")}
         FROM plan
         WHERE q.tenant_id = plan.tenant_id AND q.key_id = plan.key_id
           AND plan.requests_fit AND plan.tokens_fit
@@ -116,7 +119,7 @@ _GRANT_SQL = LOCKED_COUNTER_SQL + """,
 # One statement: delete the lease (a second settlement finds nothing) and, while the
 # counter is still in the lease's period, swap its tokens for the used ones; while it is
 # still in the lease's rate window, give back the requests it did not serve.
-_SETTLE_SQL = """
+_SETTLE_SQL = f"""
     WITH p AS (SELECT coalesce($5::timestamptz, statement_timestamp()) AS now),
     r AS (
         DELETE FROM api_key_quota_reservations r USING api_keys k
@@ -130,7 +133,8 @@ _SETTLE_SQL = """
             period_tokens = CASE
                 WHEN q.period_start = r.period_start AND (r.period IS NULL OR
                      p.now < r.period_start + make_interval(secs => r.period))
-                THEN greatest(0, q.period_tokens - r.tokens + $3::bigint)
+                THEN {TOKENS_STORED.format(
+                    "greatest(0, q.period_tokens - r.tokens + $3::bigint)")}
                 ELSE q.period_tokens END,
             minute_requests = CASE
                 WHEN q.minute_start = r.minute_start

@@ -39,6 +39,19 @@ from federation.keys import keyformat
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 
+MAX_TOKENS = 2**62
+"""Largest token figure accepted (the counters are PostgreSQL bigints)."""
+
+TOKENS_STORED = f"least({{}}, {MAX_TOKENS - 1})"
+"""A token counter as written: saturated below :data:`MAX_TOKENS`, so a stored counter
+plus any figure accepted still fits a bigint. A key without a token quota never starts
+a new period, and its counter grew (a few charges of MAX_TOKENS) until every charge of
+the key overflowed it: INTERNAL for good."""
+
+REQUESTS_STORED = "least({}, 2147483647)"
+"""A request counter as written (an integer column), saturated likewise: a lease of
+the most requests on a key without a rate limit overflowed it for a minute."""
+
 _WINDOWS = """
     WITH p AS (SELECT coalesce($3::timestamptz, statement_timestamp()) AS now),
     cur AS (
@@ -55,7 +68,7 @@ _WINDOWS = """
     nxt AS (
         SELECT cur.*,
             CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
-            CASE WHEN minute_over THEN 0 ELSE minute_requests END + $4 AS new_requests,
+            CASE WHEN minute_over THEN 0 ELSE minute_requests END + $4::bigint AS new_requests,
             CASE WHEN period_over THEN now ELSE period_start END AS new_period_start,
             CASE WHEN period_over THEN 0 ELSE period_tokens END + $5 AS new_tokens
         FROM cur
@@ -74,19 +87,21 @@ _CHARGE_SQL = _WINDOWS + """
     UPDATE api_key_quotas q SET
         minute_start = CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
                             THEN nxt.now ELSE q.minute_start END,
-        minute_requests = CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
-                               THEN 0 ELSE q.minute_requests END + $4,
+        minute_requests = """ + REQUESTS_STORED.format("""
+                          CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
+                               THEN 0 ELSE q.minute_requests END + $4::bigint""") + """,
         period_start = CASE WHEN nxt.period IS NOT NULL AND
                                  nxt.now >= q.period_start + make_interval(secs => nxt.period)
                             THEN nxt.now ELSE q.period_start END,
-        period_tokens = CASE WHEN nxt.period IS NOT NULL AND
+        period_tokens = """ + TOKENS_STORED.format("""
+                        CASE WHEN nxt.period IS NOT NULL AND
                                   nxt.now >= q.period_start + make_interval(secs => nxt.period)
-                             THEN 0 ELSE q.period_tokens END + $5
+                             THEN 0 ELSE q.period_tokens END + $5""") + """
     FROM nxt
     WHERE q.tenant_id = nxt.tenant_id AND q.key_id = nxt.key_id
       AND (nxt.rpm IS NULL OR
            CASE WHEN nxt.now >= q.minute_start + interval '1 minute'
-                THEN 0 ELSE q.minute_requests END + $4 <= nxt.rpm)
+                THEN 0 ELSE q.minute_requests END + $4::bigint <= nxt.rpm)
       AND (nxt.token_quota IS NULL OR
            CASE WHEN nxt.period IS NOT NULL AND
                      nxt.now >= q.period_start + make_interval(secs => nxt.period)
@@ -122,11 +137,11 @@ LOCKED_COUNTER_SQL = """
 # roll expired windows over, and when the request fits count it, reserve
 # min($4, remaining) tokens and record the reservation. The plan row comes back either
 # way, so a refusal needs no second query to say why.
-_RESERVE_SQL = LOCKED_COUNTER_SQL + """,
+_RESERVE_SQL = LOCKED_COUNTER_SQL + f""",
     nxt AS (
         SELECT win.*,
             CASE WHEN minute_over THEN now ELSE minute_start END AS new_minute_start,
-            CASE WHEN minute_over THEN 0 ELSE minute_requests END + 1 AS new_requests,
+            CASE WHEN minute_over THEN 0 ELSE minute_requests::bigint END + 1 AS new_requests,
             CASE WHEN period_over THEN now ELSE period_start END AS new_period_start,
             CASE WHEN period_over THEN 0 ELSE period_tokens END AS used
         FROM win
@@ -141,8 +156,10 @@ _RESERVE_SQL = LOCKED_COUNTER_SQL + """,
     ),
     upd AS (
         UPDATE api_key_quotas q SET
-            minute_start = plan.new_minute_start, minute_requests = plan.new_requests,
-            period_start = plan.new_period_start, period_tokens = plan.used + plan.reserved
+            minute_start = plan.new_minute_start,
+            minute_requests = {REQUESTS_STORED.format("plan.new_requests")},
+            period_start = plan.new_period_start,
+            period_tokens = {TOKENS_STORED.format("plan.used + plan.reserved")}
         FROM plan
         WHERE q.tenant_id = plan.tenant_id AND q.key_id = plan.key_id
           AND plan.requests_fit AND plan.tokens_fit
@@ -162,7 +179,7 @@ _RESERVE_SQL = LOCKED_COUNTER_SQL + """,
 # One statement: delete the reservation (a second settlement, or a concurrent one,
 # finds nothing) and, while the counter is still in the reservation's period, swap
 # its reserved tokens for the used ones.
-_SETTLE_SQL = """
+_SETTLE_SQL = f"""
     WITH p AS (SELECT coalesce($4::timestamptz, statement_timestamp()) AS now),
     r AS (
         DELETE FROM api_key_quota_reservations r USING api_keys k
@@ -173,7 +190,8 @@ _SETTLE_SQL = """
     ),
     q AS (
         UPDATE api_key_quotas q SET
-            period_tokens = greatest(0, q.period_tokens - r.tokens + $3::bigint)
+            period_tokens = {TOKENS_STORED.format(
+                "greatest(0, q.period_tokens - r.tokens + $3::bigint)")}
         FROM r, p
         WHERE q.tenant_id = r.tenant_id AND q.key_id = r.key_id
           AND q.period_start = r.period_start
@@ -193,9 +211,6 @@ _IN_FLIGHT_SQL = """
 IN_FLIGHT_RETRY_SECONDS = 1.0
 """Retry hint when the tokens a request needs are held by reservations of requests still
 running: they settle (and release what they did not use) as they finish."""
-
-MAX_TOKENS = 2**62
-"""Largest token figure accepted (the counters are PostgreSQL bigints)."""
 
 
 @dataclass(frozen=True)
