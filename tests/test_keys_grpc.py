@@ -344,6 +344,24 @@ async def test_counters_of_a_key_without_limits_saturate_rather_than_overflow(
     assert checked.allowed
 
 
+async def test_a_search_over_large_records_pages_within_the_message_limit(
+        federation: Federation) -> None:
+    memory = federation.memory_stub("admin")
+    for n in range(3):  # each within a request; together past gRPC's 4 MiB
+        await memory.RecordMemory(mpb.RecordMemoryRequest(
+            action="big.record", subject=str(n),
+            payload=mpb.AuditPayload(body=bytes([n]) * 1_500_000)))
+    await memory.RecordMemory(mpb.RecordMemoryRequest(action="big.small"))
+    subjects, token = [], ""
+    while True:
+        page = await memory.SearchMemory(mpb.SearchMemoryRequest(
+            action_prefix="big.", page_token=token))
+        subjects += [r.subject or r.action for r in page.records]
+        if not (token := page.next_page_token):
+            break
+    assert subjects == ["big.small", "2", "1", "0"]
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -14,7 +14,7 @@ import logging
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -34,6 +34,10 @@ from federation.paging import sequence_token
 
 log = logging.getLogger(__name__)
 
+SEARCH_PAGE_BYTES: Final = 1024 * 1024
+"""Most record content one search page carries (a record holds up to a whole request):
+a page of large records otherwise outgrew gRPC's message limit (4 MiB by default), and
+the search failed RESOURCE_EXHAUSTED on the server's side, page after page."""
 
 
 @dataclass(frozen=True)
@@ -132,9 +136,9 @@ class MemoryStore:
             f"ORDER BY sequence DESC LIMIT ${len(args)}",
             *args,
         )
-        records = [record_from_row(r) for r in rows[:size]]
-        token = str(records[-1].sequence) if len(rows) > size else ""
-        return SearchPage(records, token)
+        records = _within_budget([record_from_row(r) for r in rows[:size]])
+        more = len(rows) > len(records)
+        return SearchPage(records, str(records[-1].sequence) if more else "")
 
     async def trail(self, request_id: str, tenant_id: str | None = None) -> list[MemoryRecord]:
         """Every record written while serving ``request_id``, oldest first."""
@@ -324,6 +328,23 @@ def _attributes(raw: str | Mapping[str, Any]) -> dict[str, str]:
     return dict(value)
 
 
+
+
+def _within_budget(records: list[MemoryRecord]) -> list[MemoryRecord]:
+    """The first of ``records`` (at least one) whose content fits
+    :data:`SEARCH_PAGE_BYTES`; the next page starts after the last one kept."""
+    used = 0
+    for count, record in enumerate(records):
+        used += _content_bytes(record)
+        if used > SEARCH_PAGE_BYTES and count:
+            return records[:count]
+    return records
+
+
+def _content_bytes(record: MemoryRecord) -> int:
+    texts = (record.tenant_id, record.actor, record.action, record.subject, record.request_id,
+             *record.attributes.keys(), *record.attributes.values())
+    return len(record.body) + sum(len(str(t).encode()) for t in texts)  # str: tampered values
 
 
 def _search_filters(query: SearchQuery) -> tuple[list[str], list[Any]]:
