@@ -362,6 +362,17 @@ async def test_a_search_over_large_records_pages_within_the_message_limit(
     assert subjects == ["big.small", "2", "1", "0"]
 
 
+async def test_a_revocation_reason_past_the_limit_is_invalid(federation: Federation) -> None:
+    admin = federation.keys_stub("admin")
+    key_id = (await admin.IssueKey(kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+              ).key.key_id
+    refused = from_rpc_error(await rpc_error(admin.RevokeKey(kpb.RevokeKeyRequest(
+        key_id=key_id, reason="r" * 1001))))
+    assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "reason")
+    revoked = await admin.RevokeKey(kpb.RevokeKeyRequest(key_id=key_id, reason="r" * 1000))
+    assert revoked.key.state == kpb.KEY_STATE_REVOKED
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -62,6 +62,9 @@ from federation.tenancy import checked_tenant_id
 log = logging.getLogger(__name__)
 
 DEFAULT_LIST_PAGE = 50
+MAX_REASON_CHARS = 1000
+"""A revocation's reason, as the guardian bounds a release's: megabytes of it made an
+audit record that no search page could carry."""
 DEFAULT_HISTORY_PAGE = 100
 Clock = Callable[[], float]
 
@@ -166,6 +169,9 @@ class KeyAuthority:
         """Permanently disable a key. Revoking a revoked key changes nothing."""
         keyformat.validate_key_id(key_id)
         storable(reason, "reason")  # else the audit write fails, reported as an outage
+        if len(reason) > MAX_REASON_CHARS:  # it is copied into the audit record
+            raise FederationError(ErrorCode.INVALID_ARGUMENT, "reason is longer than "
+                                  f"{MAX_REASON_CHARS} characters", param="reason")
         now = self._now_dt()
         async with self._transaction() as conn:
             record = await self._locked(conn, key_id, tenant_id)
