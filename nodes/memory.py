@@ -69,7 +69,7 @@ _DRAIN = object()
 
 def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> AuditEntry:
     """The entry ``request`` asks to append; INVALID_ARGUMENT naming the bad field."""
-    if not request.action:
+    if not request.action.strip():  # a blank action names nothing a search could find
         raise FederationError(ErrorCode.INVALID_ARGUMENT, "action is required",
                               param=param_prefix + "action")
     if request.action == RESTORE_ACTION:

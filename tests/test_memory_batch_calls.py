@@ -104,6 +104,7 @@ async def test_record_memories_refuses_a_bad_batch_and_stores_none_of_it(
         "a reserved action": [good, pb.RecordMemoryRequest(action=RESTORE_ACTION)],
         "a temperature over 100": [good, pb.RecordMemoryRequest(action="a.b", temperature=101)],
         "a NUL in a subject": [good, pb.RecordMemoryRequest(action="a.b", subject="s\x00")],
+        "a blank action": [good, pb.RecordMemoryRequest(action=" \t")],
         "a NUL in an attribute": [good, pb.RecordMemoryRequest(
             action="a.b", payload=pb.AuditPayload(attributes={"k": "v\x00"}))],
     }
@@ -117,6 +118,7 @@ async def test_record_memories_refuses_a_bad_batch_and_stores_none_of_it(
                       "a reserved action": "requests[1].action",
                       "a temperature over 100": "requests[1].temperature",
                       "a NUL in a subject": "requests[1].subject",
+                      "a blank action": "requests[1].action",
                       "a NUL in an attribute": "requests[1].payload.attributes['k']"}
     assert await MemoryStore(database.pool, Settings().memory).head() == 0
     written = await stub.RecordMemories(pb.RecordMemoriesRequest(requests=[good, good]),
