@@ -373,6 +373,21 @@ async def test_a_revocation_reason_past_the_limit_is_invalid(federation: Federat
     assert revoked.key.state == kpb.KEY_STATE_REVOKED
 
 
+async def test_an_unknown_required_scope_is_the_callers_mistake_not_the_keys(
+        federation: Federation) -> None:
+    issued = await federation.keys_stub("admin").IssueKey(
+        kpb.IssueKeyRequest(tenant_id="acme", scopes=["chat"]))
+    gateway = federation.keys_stub("gateway")
+    for scope in ("bogus", "chat\x00", "x" * 10_000):
+        refused = from_rpc_error(await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(
+            key=issued.secret, source="10.0.0.1", required_scope=scope))))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "required_scope")
+        assert len(refused.message) < 200
+    history = await federation.keys_stub("admin").GetKeyStrengthHistory(
+        kpb.GetKeyStrengthHistoryRequest(key_id=issued.key.key_id))
+    assert [s.kind for s in history.samples] == [kpb.STRENGTH_EVENT_KIND_ISSUED]
+
+
 async def test_keys_fail_closed_when_memory_is_down(
     federation: Federation, database: Database
 ) -> None:

@@ -31,6 +31,7 @@ from federation.keys import keyformat
 from federation.keys import repository as repo
 from federation.keys.cache import CachedKey, KeyCache, SourceState
 from federation.keys.models import (
+    SCOPES,
     IssuedKey,
     IssueRequest,
     KeyRecord,
@@ -275,6 +276,12 @@ class KeyAuthority:
 
     async def verify(self, presented: str, source: str, required_scope: str = "") -> KeyView:
         """Authenticate ``presented`` from ``source``; check ``required_scope``."""
+        if required_scope and required_scope not in SCOPES:
+            # The caller's mistake, not the key holder's: refused before the key is
+            # looked at, not counted as a failed attempt that weakens the key.
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"required_scope {required_scope[:64]!r} is not a scope",
+                                  param="required_scope")
         parsed = keyformat.parse(presented)
         storable(source, "source")  # written with a failed attempt
         full_key = keyformat.format_key(parsed.key_id, parsed.secret)
