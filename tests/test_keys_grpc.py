@@ -118,6 +118,8 @@ async def test_verify_chain_ranges_past_the_head_or_inverted(federation: Federat
     ({"token_quota": 5, "quota_period": Duration(seconds=3_000_000 * 86400)}, "quota_period"),
     ({"requests_per_minute": 2**32 - 1}, "requests_per_minute"),
     ({"token_quota": 2**64 - 1, "quota_period": Duration(seconds=60)}, "token_quota"),
+    ({"token_quota": 5, "quota_period": Duration(seconds=1, nanos=500_000_000)},
+     "quota_period"),
     ({"tenant_id": "a\nb"}, "tenant_id"),
     ({"tenant_id": "x" * 201}, "tenant_id"),
     ({"tenant_id": " acme"}, "tenant_id"),

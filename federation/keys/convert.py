@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
+
+from federation.errors import ErrorCode, FederationError
 from federation.keys.models import IssueRequest, KeyState, KeyView, StrengthKind, StrengthSample
 from federation.keys.quota import QuotaStatus
 from federation.prototime import duration, timestamp, to_seconds
@@ -56,13 +59,22 @@ def sample_to_proto(sample: StrengthSample) -> pb.StrengthSample:
                              kind=KIND_TO_PROTO[sample.kind], source=sample.source)
 
 
+def _whole_seconds(value: Duration, param: str) -> int:
+    """The period in seconds (its column's unit); a fraction is refused, not dropped: a
+    period of 1.5 s became 1 s, and one of 0.5 s was refused as not positive."""
+    if value.nanos:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{param} must be whole seconds",
+                              param=param)
+    return value.seconds
+
+
 def issue_request_from_proto(request: pb.IssueKeyRequest) -> IssueRequest:
     return IssueRequest(
         tenant_id=request.tenant_id, scopes=list(request.scopes),
         requests_per_minute=(request.requests_per_minute
                              if request.HasField("requests_per_minute") else None),
         token_quota=request.token_quota if request.HasField("token_quota") else None,
-        quota_period_seconds=(request.quota_period.seconds
+        quota_period_seconds=(_whole_seconds(request.quota_period, "quota_period")
                               if request.HasField("quota_period") else None),
         description=request.description,
         ttl_seconds=to_seconds(request.ttl) if request.HasField("ttl") else None,
