@@ -66,6 +66,10 @@ been answered."""
 _DRAIN = object()
 """On a stream's queue of answers: the node is stopping."""
 
+RECORDED_BY = "recorded_by"
+"""The attribute naming the node that wrote a record (its certificate's SPIFFE id), set
+by this node over whatever the writer sent under that name."""
+
 
 def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> AuditEntry:
     """The entry ``request`` asks to append; INVALID_ARGUMENT naming the bad field."""
@@ -84,10 +88,14 @@ def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> Audi
     for name in ("tenant_id", "actor", "action", "subject", "request_id"):
         storable(getattr(request, name), param_prefix + name)
     storable_map(request.payload.attributes, param_prefix + "payload.attributes")
+    writer = current_caller().spiffe_id
+    # The writer's own identity, from its certificate: ``actor`` is what the writer says
+    # acted, and any role that may write could name anyone there.
+    attributes = {**request.payload.attributes, RECORDED_BY: writer}
     return AuditEntry(
-        actor=request.actor or current_caller().spiffe_id, action=request.action,
+        actor=request.actor or writer, action=request.action,
         tenant_id=request.tenant_id, subject=request.subject,
-        attributes=dict(request.payload.attributes), body=request.payload.body,
+        attributes=attributes, body=request.payload.body,
         temperature=request.temperature if request.HasField("temperature") else None,
         request_id=request.request_id,
     )

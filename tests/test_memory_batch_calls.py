@@ -290,3 +290,18 @@ async def test_a_stream_refuses_batches_once_its_writers_certificate_is_denied(
     assert refused.value.code is ErrorCode.UNAUTHENTICATED
     assert "denied (stolen laptop)" in refused.value.message
     assert await MemoryStore(database.pool, Settings().memory).head() == 1
+
+
+async def test_a_record_names_the_node_that_wrote_it_whatever_the_writer_claims(
+        memory_channel: grpc.aio.Channel, pki: TestPKI) -> None:
+    sink = GrpcAuditSink(memory_channel, timeout_seconds=10)
+    forged = AuditEntry(actor="spiffe://federation/admin", action="keys.revoke",
+                        tenant_id="t1", attributes={memory_node.RECORDED_BY: "admin"})
+    try:
+        records = [await sink.record(entry(1)), await sink.record(forged)]
+    finally:
+        await sink.close()
+    writer = pki.identity("gateway").identity.spiffe_id
+    assert [r.attributes[memory_node.RECORDED_BY] for r in records] == [writer, writer]
+    assert records[0].attributes["n"] == "1"  # the writer's own attributes are kept
+    assert records[1].actor == "spiffe://federation/admin"  # what the writer says acted
