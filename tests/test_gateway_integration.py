@@ -99,10 +99,13 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
     assert (record.actor, record.subject, record.request_id) == (
         issued.key.key_id, MODEL, "rid-integration-1")
     assert (attributes["status"], attributes["total_tokens"]) == ("200", "7")
-    # The record's whole shape, as the gateway has always written it.
+    # The record's whole shape: what the gateway writes, and the memory node's name for
+    # the writer (the gateway's certificate).
     assert sorted(attributes) == sorted([
         "request_id", "key_id", "route", "model", "status", "latency_ms", "prompt_tokens",
-        "completion_tokens", "total_tokens", "stream", "finish_reason", "error_code"])
+        "completion_tokens", "total_tokens", "stream", "finish_reason", "error_code",
+        "recorded_by"])
+    assert attributes["recorded_by"].endswith("/gateway")  # spiffe://…/node/<name>/<role>
     assert {k: attributes[k] for k in ("request_id", "key_id", "route", "model", "stream",
                                        "finish_reason", "error_code")} == {
         "request_id": "rid-integration-1", "key_id": issued.key.key_id,
