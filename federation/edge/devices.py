@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from federation.config import EdgeConfig
+from federation.edge.fields import INT16_MAX, INT32_MAX, INT64_MAX, checked_int
 from federation.edge.model import Capabilities, Device, DeviceState
 from federation.errors import ErrorCode, FederationError
 from federation.pki import PKIError, validate_name
@@ -108,6 +109,13 @@ class _Beat:
     reply: asyncio.Future[asyncpg.Record | None] = field(repr=False)
 
 
+def _check_capabilities(caps: Capabilities) -> None:
+    checked_int(caps.cpu_cores, "cpu_cores", INT32_MAX)
+    checked_int(caps.memory_bytes, "memory_bytes", INT64_MAX)
+    # An open enum: a newer device may send a type this broker does not know yet.
+    checked_int(caps.network_type, "network_type", INT16_MAX)
+
+
 class DeviceRegistry:
     def __init__(self, pool: asyncpg.Pool, config: EdgeConfig) -> None:
         self._pool = pool
@@ -118,6 +126,7 @@ class DeviceRegistry:
     async def register(self, device_id: str, caps: Capabilities) -> Device:
         """Record capabilities and mark online; creates the row for a device whose
         certificate was issued directly by an operator (``pki issue --role edge``)."""
+        _check_capabilities(caps)
         row = await self._pool.fetchrow(
             _REGISTER,
             device_id,

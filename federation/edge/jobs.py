@@ -31,6 +31,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from federation.config import EdgeConfig
 from federation.edge.devices import device_from_row
+from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int
 from federation.edge.model import (
     Device,
     DeviceState,
@@ -218,8 +219,9 @@ class JobQueue:
             )
         if spec.payload_blob is not None:
             parse_blob_digest(spec.payload_blob)
-        if spec.max_attempts < 0:
-            raise _error(ErrorCode.INVALID_ARGUMENT, "max_attempts must be >= 0", "max_attempts")
+        checked_int(spec.max_attempts, "max_attempts", INT32_MAX)
+        checked_int(spec.requirements.min_cpu_cores, "min_cpu_cores", INT32_MAX)
+        checked_int(spec.requirements.min_memory_bytes, "min_memory_bytes", INT64_MAX)
 
     async def get(self, job_id: str, tenant_id: str | None = None) -> Job:
         """The job; NOT_FOUND when absent or (with ``tenant_id``) another tenant's."""
@@ -319,6 +321,7 @@ class JobQueue:
         self, device_id: str, job_id: str, fencing_token: int, extension_seconds: float | None
     ) -> Lease:
         seconds = self._lease_seconds(extension_seconds)
+        _check_token(fencing_token)
         row = await self._pool.fetchrow(
             f"""
             UPDATE edge_jobs SET lease_expires_at = now() + make_interval(secs => $4),
@@ -359,6 +362,7 @@ class JobQueue:
             )
         if result_blob is not None:
             parse_blob_digest(result_blob)
+        _check_token(fencing_token)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""
@@ -387,6 +391,7 @@ class JobQueue:
         self, device_id: str, job_id: str, fencing_token: int, error: str, retryable: bool
     ) -> Job:
         """FAILED with a jittered exponential backoff, or DEAD_LETTER when out of attempts."""
+        _check_token(fencing_token)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""
@@ -457,6 +462,12 @@ async def _lock_device(conn: Conn, device_id: str) -> Device:
             f"device {device_id} is {device.state.value}: RegisterDevice or Heartbeat first",
         )
     return device
+
+
+def _check_token(fencing_token: int) -> None:
+    """A token the broker never issued (tokens are ``bigint``s) is a malformed request,
+    not a database error."""
+    checked_int(fencing_token, "fencing_token", INT64_MAX)
 
 
 def _job_uuid(job_id: str) -> uuid.UUID:
