@@ -3,10 +3,18 @@ field, never INTERNAL (values PostgreSQL cannot store included)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import grpc
 import pytest
 
-from federation.errors import PARAM_METADATA
+from federation.db import Database
+from federation.edge.device.client import enroll
+from federation.edge.enrollment import create_token
+from federation.errors import PARAM_METADATA, ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import BrokerNode, admin_stub, device_stub, register
 from tests.support import TestPKI
@@ -69,3 +77,48 @@ async def test_integers_the_tables_cannot_hold_are_invalid_arguments(
     done = await phone.CompleteJob(pb.CompleteJobRequest(
         job_id=job_id, fencing_token=lease.fencing_token, inline_result=b"r"))
     assert done.job.state == pb.JOB_STATE_SUCCEEDED
+
+
+async def test_nul_characters_are_invalid_arguments(
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
+) -> None:
+    """PostgreSQL text cannot hold NUL; protobuf strings can."""
+    server, broker = broker_node
+    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
+    assert await refused(phone.RegisterDevice(pb.RegisterDeviceRequest(
+        capabilities=pb.DeviceCapabilities(sensors=["cam\x00"])))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "sensors")
+    for field in ("tenant_id", "kind"):
+        assert await refused(ops.SubmitJob(job(**{field: "a\x00b"}))) == (
+            grpc.StatusCode.INVALID_ARGUMENT, field)
+    assert await refused(ops.ListJobs(pb.ListJobsRequest(tenant_id="t\x00"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "tenant_id")
+
+    await register(phone)
+    await ops.SubmitJob(job())
+    lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
+    job_id = lease.job.job_id
+    assert await refused(phone.FailJob(pb.FailJobRequest(
+        job_id=job_id, fencing_token=lease.fencing_token, error="boom\x00"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "error")
+    assert await refused(ops.CancelJob(pb.CancelJobRequest(job_id=job_id, reason="\x00"))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "reason")
+    assert (await broker.queue.get(job_id)).state.value == "leased"  # nothing changed
+
+    assert await refused(phone.QueryUploadStatus(pb.QueryUploadStatusRequest(
+        upload_id="u\x00"))) == (grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
+
+    async def opening() -> AsyncIterator[pb.UploadRequest]:
+        yield pb.UploadRequest(start=pb.UploadStart(
+            upload_id="u\x00", total_size=0, sha256=hashlib.sha256(b"").digest()))
+
+    assert await refused(phone.Upload(opening())) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
+
+    token = await create_token(database.pool, "newphone", dt.timedelta(minutes=5))
+    ca = pki.ca.paths.ca_cert.read_bytes()
+    target = f"localhost:{server.enrollment_port}"
+    with pytest.raises(FederationError) as caught:
+        await enroll(target, ca, token, "Pixel\x00", tmp_path)
+    assert (caught.value.code, caught.value.param) == (ErrorCode.INVALID_ARGUMENT, "device_name")
+    await enroll(target, ca, token, "Pixel", tmp_path)  # the token was not spent

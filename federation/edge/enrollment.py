@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import EdgeConfig
 from federation.edge.devices import checked_device_name
+from federation.edge.fields import checked_text
 from federation.errors import ErrorCode, FederationError
 from federation.pki import Identity, Issuer
 
@@ -82,6 +83,7 @@ class Enrollment:
         self._root = root
 
     async def enroll(self, token: str, csr_der: bytes, display_name: str) -> IssuedCertificate:
+        checked_text(display_name, "device_name")
         public_key = _public_key_from_csr(csr_der)
         async with self._pool.acquire() as conn, conn.transaction():
             name = await conn.fetchval(

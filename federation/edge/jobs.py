@@ -31,7 +31,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from federation.config import EdgeConfig
 from federation.edge.devices import device_from_row
-from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int
+from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int, checked_text, checked_texts
 from federation.edge.model import (
     Device,
     DeviceState,
@@ -199,6 +199,10 @@ class JobQueue:
         return job
 
     def _validate(self, spec: JobSpec) -> None:
+        checked_text(spec.tenant_id, "tenant_id")
+        checked_text(spec.kind, "kind")
+        checked_texts(spec.requirements.sensors, "sensors")
+        checked_texts(spec.requirements.local_models, "local_models")
         if not spec.tenant_id:
             raise _error(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", "tenant_id")
         if not spec.kind:
@@ -238,7 +242,7 @@ class JobQueue:
         self, tenant_id: str, state: JobState | None, page_size: int, page_token: str
     ) -> tuple[list[Job], str]:
         """A page of the tenant's jobs, newest first (keyset pagination)."""
-        if not tenant_id:
+        if not checked_text(tenant_id, "tenant_id"):
             raise _error(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", "tenant_id")
         size = checked_page_size(page_size)
         after_time, after_id = _decode_page_token(page_token)
@@ -262,6 +266,7 @@ class JobQueue:
 
     async def cancel(self, job_id: str, reason: str, *, actor: str) -> Job:
         """Cancel unless terminal already; idempotent. A holder's later answer is refused."""
+        checked_text(reason, "reason")
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """
@@ -392,6 +397,7 @@ class JobQueue:
     ) -> Job:
         """FAILED with a jittered exponential backoff, or DEAD_LETTER when out of attempts."""
         _check_token(fencing_token)
+        checked_text(error, "error")
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""

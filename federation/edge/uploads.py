@@ -28,6 +28,7 @@ import asyncpg
 
 from federation.config import EdgeConfig
 from federation.edge.blobs import BlobStore
+from federation.edge.fields import checked_text
 from federation.edge.upload_session import UploadSession
 from federation.errors import ErrorCode, FederationError
 
@@ -56,6 +57,7 @@ class UploadStore:
         self._parts = home / "uploads"
 
     async def status(self, owner: str, upload_id: str) -> UploadStatus:
+        checked_text(upload_id, "upload_id")
         row = await self._pool.fetchrow(
             "SELECT * FROM edge_uploads WHERE owner = $1 AND upload_id = $2", owner, upload_id
         )
@@ -105,6 +107,7 @@ class UploadStore:
         return session
 
     def _check_start(self, upload_id: str, total_size: int, sha256: bytes) -> None:
+        checked_text(upload_id, "upload_id")
         if not upload_id or len(upload_id) > 128:
             raise _refuse(ErrorCode.INVALID_ARGUMENT, "upload_id must be 1-128 characters",
                           "upload_id")
