@@ -21,12 +21,13 @@ from federation.config import ConfigError
 from federation.edge import convert
 from federation.edge.broker import EdgeBroker
 from federation.edge.convert import STATE_FROM_PB
+from federation.edge.fields import checked_datetime
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import EdgeSigner, PKIError, load_edge_signer
-from federation.prototime import duration, timestamp, to_datetime, to_seconds
+from federation.prototime import duration, timestamp, to_seconds
 from federation.server import ServiceRegistration, until_drained
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -338,7 +339,7 @@ def _round_trip_ms(request: pb.HeartbeatRequest, now: dt.datetime) -> float | No
     """Broker time now minus the broker time it handed out, minus the device's wait."""
     if not request.HasField("echo_time"):
         return None
-    echoed = to_datetime(request.echo_time)
+    echoed = checked_datetime(request.echo_time, "echo_time")
     held = dt.timedelta(seconds=to_seconds(request.echo_hold))
     if not dt.timedelta(0) <= now - echoed <= _MAX_ECHO_AGE:
         return None

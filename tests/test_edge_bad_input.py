@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.db import Database
 from federation.edge.device.client import enroll
@@ -122,3 +123,23 @@ async def test_nul_characters_are_invalid_arguments(
         await enroll(target, ca, token, "Pixel\x00", tmp_path)
     assert (caught.value.code, caught.value.param) == (ErrorCode.INVALID_ARGUMENT, "device_name")
     await enroll(target, ca, token, "Pixel", tmp_path)  # the token was not spent
+
+
+async def test_timestamps_python_cannot_represent_are_invalid_arguments(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    server, _ = broker_node
+    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
+    far = Timestamp(seconds=2**62)
+    request = job()
+    request.deadline.CopyFrom(far)
+    assert await refused(ops.SubmitJob(request)) == (grpc.StatusCode.INVALID_ARGUMENT, "deadline")
+    await register(phone)
+    assert await refused(phone.Heartbeat(pb.HeartbeatRequest(echo_time=far))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "echo_time")
+    beats = phone.HeartbeatStream()
+    await beats.write(pb.HeartbeatStreamRequest(heartbeat=pb.HeartbeatRequest(
+        echo_time=Timestamp(seconds=0, nanos=-1))))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await beats.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from federation.edge.fields import checked_datetime
 from federation.edge.model import (
     Capabilities,
     Device,
@@ -20,7 +21,7 @@ from federation.edge.model import (
     Requirements,
 )
 from federation.errors import ErrorCode, FederationError
-from federation.prototime import duration, timestamp, to_datetime
+from federation.prototime import duration, timestamp
 from federation.v1 import edge_broker_pb2 as pb
 
 _STATE_TO_PB: Final[dict[JobState, int]] = {
@@ -111,7 +112,8 @@ def spec_from_pb(request: pb.SubmitJobRequest) -> JobSpec:
         kind=request.kind,
         job_type=JobType(request.type),
         requirements=requirements_from_pb(request.requirements),
-        deadline=to_datetime(request.deadline) if request.HasField("deadline") else None,
+        deadline=(checked_datetime(request.deadline, "deadline")
+                  if request.HasField("deadline") else None),
         priority=request.priority,
         inline_payload=request.inline_payload if which == "inline_payload" else None,
         payload_blob=request.payload_blob_digest if which == "payload_blob_digest" else None,

@@ -1,6 +1,7 @@
 """Request values checked against what the broker's tables can hold.
 
-Protobuf carries ``uint32``/``uint64`` and strings with NUL characters; PostgreSQL's
+Protobuf carries ``uint32``/``uint64``, strings with NUL characters and timestamps
+outside the years 1-9999; PostgreSQL's
 ``integer``/``bigint``/``smallint`` columns and ``text`` cannot take all of them, and
 its refusal would reach the caller as INTERNAL. Checked here, first, a bad field is
 INVALID_ARGUMENT naming it.
@@ -8,10 +9,14 @@ INVALID_ARGUMENT naming it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from typing import Final
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from federation.errors import ErrorCode, FederationError
+from federation.prototime import to_datetime
 
 INT16_MAX: Final = 2**15 - 1
 """Largest ``smallint``."""
@@ -43,3 +48,12 @@ def checked_text(value: str, param: str) -> str:
 
 def checked_texts(values: Iterable[str], param: str) -> tuple[str, ...]:
     return tuple(checked_text(value, param) for value in values)
+
+
+def checked_datetime(stamp: Timestamp, param: str) -> dt.datetime:
+    """The moment of ``stamp``; INVALID_ARGUMENT on ``param`` when it is not a valid
+    ``Timestamp`` (years 1-9999, nanos within a second), which Python cannot represent."""
+    try:
+        return to_datetime(stamp)
+    except (ValueError, OverflowError) as exc:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{param}: {exc}", param=param) from None
