@@ -186,16 +186,19 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request: pb.SubmitJobRequest, context: Context
     ) -> pb.SubmitJobResponse:
         spec = convert.spec_from_pb(request)
-        if spec.payload_blob is not None and not self._broker.uploads.blobs.exists(
-            spec.payload_blob
-        ):
-            raise FederationError(
-                ErrorCode.FAILED_PRECONDITION,
-                f"blob {spec.payload_blob} has not been uploaded",
-                param="payload_blob_digest",
-            )
+        if spec.payload_blob is not None:
+            self._require_blob(spec.payload_blob, "payload_blob_digest")
         job = await self._broker.queue.submit(spec, actor=current_caller().spiffe_id)
         return pb.SubmitJobResponse(job=convert.job_to_pb(job))
+
+    def _require_blob(self, digest: str, param: str) -> None:
+        """A job may only name a blob the broker holds: a digest nobody uploaded would
+        leave the job pointing at nothing."""
+        if not self._broker.uploads.blobs.exists(digest):
+            raise FederationError(
+                ErrorCode.FAILED_PRECONDITION, f"blob {digest} has not been uploaded",
+                param=param,
+            )
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         job = await self._broker.queue.get(request.job_id)
@@ -262,6 +265,8 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     ) -> pb.CompleteJobResponse:
         device_id = await self._device()
         which = request.WhichOneof("result")
+        if which == "result_blob_digest":
+            self._require_blob(request.result_blob_digest, "result_blob_digest")
         job = await self._broker.queue.complete(
             device_id,
             request.job_id,

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.db import Database
+from federation.edge.checksum import crc32c
 from federation.edge.device.client import enroll
 from federation.edge.enrollment import create_token
 from federation.errors import PARAM_METADATA, ErrorCode, FederationError
@@ -143,3 +144,32 @@ async def test_timestamps_python_cannot_represent_are_invalid_arguments(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await beats.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_result_blob_must_have_been_uploaded(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    """Else the job SUCCEEDED with a result nobody can download: the output is lost."""
+    server, broker = broker_node
+    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
+    await register(phone)
+    await ops.SubmitJob(job())
+    lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
+    result = b"the transcript"
+    digest = "sha256:" + hashlib.sha256(result).hexdigest()
+    complete = pb.CompleteJobRequest(job_id=lease.job.job_id, fencing_token=lease.fencing_token,
+                                     result_blob_digest=digest)
+    assert await refused(phone.CompleteJob(complete)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "result_blob_digest")
+    assert (await broker.queue.get(lease.job.job_id)).state.value == "leased"
+
+    async def upload() -> AsyncIterator[pb.UploadRequest]:
+        yield pb.UploadRequest(start=pb.UploadStart(
+            upload_id="result", total_size=len(result), sha256=hashlib.sha256(result).digest()))
+        yield pb.UploadRequest(chunk=pb.UploadChunk(offset=0, data=result,
+                                                    crc32c=crc32c(result)))
+        yield pb.UploadRequest(finish=True)
+
+    assert (await phone.Upload(upload())).blob_digest == digest
+    done = await phone.CompleteJob(complete)
+    assert done.job.result_blob_digest == digest
