@@ -118,7 +118,7 @@ async def test_revoked_device_refused_on_next_call(
     stub = device_stub(pki, server.port, "lost-phone")
     await register(stub)
     await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
-    await broker.devices.revoke("lost-phone")
+    await broker.devices.revoke("lost-phone", actor="ops")
     for call in (
         stub.Heartbeat(pb.HeartbeatRequest()),
         stub.LeaseJobs(pb.LeaseJobsRequest()),

@@ -148,7 +148,7 @@ async def test_revoked_device_stream_ends_unauthenticated_without_reviving(
     server, broker = broker_node
     stub, stream = await streaming_device(pki, server, "stolen")
     await stream.beat()
-    await broker.devices.revoke("stolen")
+    await broker.devices.revoke("stolen", actor="ops")
     revoked_at = await last_heartbeat(database, "stolen")
     # The same open stream: authenticated at its start, refused now by the
     # conditional UPDATE (not by a cache: this broker never saw it revoked).
@@ -270,7 +270,7 @@ async def test_revoked_agent_stops_on_its_next_streamed_heartbeat(
         return False
 
     await wait_for(heartbeating)
-    await broker.devices.revoke("lost")
+    await broker.devices.revoke("lost", actor="ops")
     with pytest.raises(FederationError) as stopped:
         async with asyncio.timeout(10):
             await running

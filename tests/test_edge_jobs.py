@@ -211,7 +211,7 @@ async def test_offline_device_loses_leases_and_revoked_never_revives(
         dev, battery_percent=50, charging=False, load=0, round_trip_ms=None
     )
     assert revived.state.value == "online"
-    await registry.revoke(dev)
+    await registry.revoke(dev, actor="ops")
     with pytest.raises(FederationError) as refused:
         await registry.heartbeat(dev, battery_percent=50, charging=False, load=0, round_trip_ms=1)
     assert refused.value.code is ErrorCode.UNAUTHENTICATED
@@ -242,7 +242,7 @@ async def test_batched_heartbeats_each_get_their_own_outcome(
     for name in live:
         await registry.register(name, PHONE)
     await registry.register("batch-revoked", PHONE)
-    await registry.revoke("batch-revoked")
+    await registry.revoke("batch-revoked", actor="ops")
 
     async def beat(name: str, sample: float | None) -> object:
         try:
@@ -337,3 +337,29 @@ async def test_the_reaper_says_once_that_the_database_is_down(
     records = [r for r in caplog.records if r.name == "federation.edge.reaper"]
     assert [r.levelname for r in records] == ["WARNING"]
     assert "the database is unavailable" in records[0].getMessage()
+
+
+async def test_revocation_is_audited_and_spends_the_attempt(
+    queue: JobQueue, registry: DeviceRegistry, database: Database
+) -> None:
+    """A revoked device's leases go back like lapsed ones: a job with an attempt left is
+    PENDING again, one without is DEAD_LETTER (never leased past max_attempts); the
+    revocation and the dead-lettering are audited in the revoking transaction."""
+    last_try = await submit(queue, max_attempts=1)
+    retried = await submit(queue, max_attempts=2)
+    stolen = await device(registry, "stolen")
+    assert len(await queue.lease(stolen, 2)) == 2
+    assert await registry.revoke(stolen, actor="ops")
+    assert (await queue.get(last_try)).state is JobState.DEAD_LETTER
+    assert (await queue.get(retried)).state is JobState.PENDING
+    other = await device(registry, "other")
+    (lease,) = await queue.lease(other, 3)
+    assert (lease.job.job_id, lease.job.attempts) == (retried, 2)
+    rows = await database.pool.fetch(
+        "SELECT actor, action, subject, attributes FROM edge_audit_outbox "
+        "WHERE action NOT IN ('edge.job.submit') ORDER BY id")
+    assert [(r["actor"], r["action"], r["subject"]) for r in rows] == [
+        ("ops", "edge.device.revoke", "stolen"),
+        ("ops", "edge.job.dead_letter", last_try),
+    ]
+    assert '"released_leases": "2"' in rows[0]["attributes"]

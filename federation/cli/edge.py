@@ -40,7 +40,7 @@ from federation.edge.device.client import (
 from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
 from federation.errors import CommandError
-from federation.launch.endpoints import admin_channel, database_url
+from federation.launch.endpoints import admin_channel, database_url, operator_actor
 from federation.prototime import timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -159,7 +159,8 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
 async def _revoke(settings: Settings, args: argparse.Namespace) -> int:
     pool = await _with_pool(settings)
     try:
-        enrolled = await DeviceRegistry(pool, settings.edge).revoke(args.name)
+        enrolled = await DeviceRegistry(pool, settings.edge).revoke(
+            args.name, actor=operator_actor(settings))
     finally:
         await pool.close()
     if args.json:

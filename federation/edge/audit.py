@@ -16,17 +16,44 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from federation.db.sessions import session_advisory_lock
+from federation.logs import request_id_var
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
+
+if TYPE_CHECKING:
+    from federation.edge.jobs import Conn
 
 log = logging.getLogger(__name__)
 
 OUTBOX_LOCK_KEY = 0x46454452_41554454  # "FEDRAUDT"
+
+
+async def write_audit(
+    conn: Conn,
+    *,
+    tenant_id: str,
+    actor: str,
+    action: str,
+    subject: str,
+    attributes: Mapping[str, str],
+) -> None:
+    """Queue one thermal-memory event in the caller's transaction."""
+    await conn.execute(
+        "INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes, request_id)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        tenant_id,
+        actor,
+        action,
+        subject,
+        json.dumps(dict(attributes), sort_keys=True),
+        request_id_var.get(),
+    )
 
 
 def entry_from_row(row: Any) -> AuditEntry:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from federation.config import EdgeConfig
+from federation.edge.audit import write_audit
 from federation.edge.fields import (
     INT16_MAX,
     INT32_MAX,
@@ -91,6 +92,15 @@ FROM unnest($1::text[], $2::integer[], $3::boolean[], $4::float8[], $5::float8[]
     AS b(device_id, battery_percent, charging, load, sample)
 WHERE d.device_id = b.device_id AND d.state IN ('online', 'offline')
 RETURNING d.*
+"""
+
+_RELEASE_REVOKED = """
+UPDATE edge_jobs SET
+    state = CASE WHEN attempts >= max_attempts THEN 'dead_letter' ELSE 'pending' END,
+    lease_expires_at = NULL, available_at = now(), last_error = 'device revoked',
+    updated_at = now()
+WHERE state = 'leased' AND leased_by = $1
+RETURNING tenant_id, job_id, state, attempts
 """
 
 _MAX_BATCH = 512
@@ -255,11 +265,15 @@ class DeviceRegistry:
             raise FederationError(ErrorCode.NOT_FOUND, f"no device {device_id}")
         return device_from_row(row)
 
-    async def revoke(self, device_id: str) -> bool:
-        """Revoke for good and hand its leased jobs back to the queue, atomically.
+    async def revoke(self, device_id: str, *, actor: str) -> bool:
+        """Revoke for good and hand its leased jobs back to the queue, atomically, with
+        the revocation (and any job it dead-letters) audited in the same transaction.
 
-        A name no device has enrolled under is revoked too (an unused enrollment token
-        for it can then no longer enroll); returns whether a device had enrolled."""
+        A handed-back lease counts as a spent attempt, as when it lapses (the reaper's
+        rule): a job with no attempt left is dead-lettered, not leased past
+        ``max_attempts``. A name no device has enrolled under is revoked too (an
+        unused enrollment token for it can then no longer enroll); returns whether a
+        device had enrolled."""
         checked_device_name(device_id)
         async with self._pool.acquire() as conn, conn.transaction():
             known = await conn.fetchval(
@@ -272,14 +286,21 @@ class DeviceRegistry:
                 """,
                 device_id,
             )
-            await conn.execute(
-                """
-                UPDATE edge_jobs SET state = 'pending', lease_expires_at = NULL,
-                    last_error = 'device revoked', updated_at = now()
-                WHERE state = 'leased' AND leased_by = $1
-                """,
-                device_id,
+            released = await conn.fetch(_RELEASE_REVOKED, device_id)
+            await write_audit(
+                conn, tenant_id="", actor=actor, action="edge.device.revoke",
+                subject=device_id,
+                attributes={"had_enrolled": str(bool(known)).lower(),
+                            "released_leases": str(len(released))},
             )
+            for job in released:
+                if job["state"] == "dead_letter":
+                    await write_audit(
+                        conn, tenant_id=job["tenant_id"], actor=actor,
+                        action="edge.job.dead_letter", subject=str(job["job_id"]),
+                        attributes={"attempts": str(job["attempts"]),
+                                    "last_error": "device revoked"},
+                    )
         return bool(known)
 
     async def is_revoked(self, device_id: str) -> bool:

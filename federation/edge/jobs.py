@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import uuid
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from federation.config import EdgeConfig
+from federation.edge.audit import write_audit
 from federation.edge.devices import device_from_row
 from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int, checked_text, checked_texts
 from federation.edge.model import (
@@ -45,7 +44,6 @@ from federation.edge.model import (
     parse_blob_digest,
 )
 from federation.errors import ErrorCode, FederationError
-from federation.logs import request_id_var
 from federation.paging import page_size as checked_page_size
 
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
@@ -54,28 +52,6 @@ if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
 
 def _error(code: ErrorCode, message: str, param: str | None = None) -> FederationError:
     return FederationError(code, message, param=param)
-
-
-async def write_audit(
-    conn: Conn,
-    *,
-    tenant_id: str,
-    actor: str,
-    action: str,
-    subject: str,
-    attributes: Mapping[str, str],
-) -> None:
-    """Queue one thermal-memory event in the caller's transaction."""
-    await conn.execute(
-        "INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes, request_id)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-        tenant_id,
-        actor,
-        action,
-        subject,
-        json.dumps(dict(attributes), sort_keys=True),
-        request_id_var.get(),
-    )
 
 
 def job_from_row(row: asyncpg.Record) -> Job:
