@@ -22,6 +22,7 @@ from federation.edge import convert
 from federation.edge.broker import EdgeBroker
 from federation.edge.convert import STATE_FROM_PB
 from federation.edge.fields import checked_datetime
+from federation.edge.model import JobState
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
@@ -207,7 +208,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: Context
     ) -> pb.ListJobsResponse:
-        state = STATE_FROM_PB.get(request.state) if request.state else None
+        state = _state_filter(request.state)
         jobs, token = await self._broker.queue.list_jobs(
             request.tenant_id, state, request.page_size, request.page_token
         )
@@ -338,6 +339,18 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         async for data in self._broker.uploads.blobs.read(request.blob_digest, offset, size):
             yield pb.DownloadResponse(offset=offset, data=data)
             offset += len(data)
+
+
+def _state_filter(number: int) -> JobState | None:
+    """The ListJobs filter: UNSPECIFIED is any state; a number no state has is refused
+    rather than read as "any" (the caller asked for something it would not get)."""
+    if number == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    state = STATE_FROM_PB.get(number)
+    if state is None:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"unknown job state {number}",
+                              param="state")
+    return state
 
 
 def _round_trip_ms(request: pb.HeartbeatRequest, now: dt.datetime) -> float | None:

@@ -173,3 +173,15 @@ async def test_a_result_blob_must_have_been_uploaded(
     assert (await phone.Upload(upload())).blob_digest == digest
     done = await phone.CompleteJob(complete)
     assert done.job.result_blob_digest == digest
+
+
+async def test_list_jobs_refuses_a_state_that_does_not_exist(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    server, _ = broker_node
+    ops = admin_stub(pki, server.port)
+    await ops.SubmitJob(job())
+    listing = pb.ListJobsRequest(tenant_id="t1", state=99)  # type: ignore[arg-type]
+    assert await refused(ops.ListJobs(listing)) == (grpc.StatusCode.INVALID_ARGUMENT, "state")
+    pending = await ops.ListJobs(pb.ListJobsRequest(tenant_id="t1", state=pb.JOB_STATE_PENDING))
+    assert len(pending.jobs) == 1
