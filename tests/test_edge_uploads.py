@@ -16,7 +16,8 @@ from federation.db import Database
 from federation.edge.checksum import crc32c, crc32c_python
 from federation.edge.device.client import describe_file, download_blob, upload_file, upload_status
 from federation.edge.uploads import UploadStore
-from federation.errors import ErrorCode, FederationError
+from federation.errors import RETRY_AFTER_METADATA, ErrorCode, FederationError
+from federation.pki import Identity
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import FAST_EDGE, broker_server, device_stub
 from tests.support import TestPKI
@@ -223,3 +224,31 @@ async def test_a_failed_background_write_is_never_committed(
         digest = await resumed.finish()
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert store.blobs.path(digest).read_bytes() == data
+
+
+async def test_an_upload_held_by_a_crashed_broker_resumes_when_its_lease_lapses(
+    home: Path, database: Database, tmp_path: Path
+) -> None:
+    """A broker killed mid-upload cannot release its writer lease. The ABORTED answer
+    says when the lease lapses (retry-after), and the client waits that long instead
+    of spending its attempts on a backoff shorter than the lease."""
+    pki = TestPKI(home)
+    config = dataclasses.replace(CONFIG, upload_writer_lease_seconds=1.5)
+    data = os.urandom(2 * CHUNK)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(data)
+    info = describe_file(path)
+    async with broker_server(pki, database, home, config) as (server, broker, _):
+        owner = Identity(pki.ca.trust_domain, "cam", "edge").spiffe_id
+        crashed = await broker.uploads.open(  # a stream whose broker died: never closed
+            owner, info.upload_id, len(data), hashlib.sha256(data).digest())
+        stub = device_stub(pki, server.port, "cam")
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await stub.Upload(iter([start(info.upload_id, data)]))
+        assert aborted.value.code() is grpc.StatusCode.ABORTED
+        hint = dict(aborted.value.trailing_metadata() or ())[RETRY_AFTER_METADATA]
+        assert 0 < int(hint) <= 1500
+        digest = await upload_file(stub, path, chunk_size=CHUNK, attempts=3, info=info)
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        await crashed.close()  # late: its lease is gone, it releases nothing
+    assert (home / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data

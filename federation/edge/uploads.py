@@ -17,6 +17,7 @@ and moved to ``$FEDERATION_HOME/blobs/sha256/<2 hex>/<64 hex>``.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import uuid
@@ -160,13 +161,26 @@ class UploadStore:
             row["owner"], row["upload_id"], token, self._config.upload_writer_lease_seconds,
         )
         if resumed is None:
-            raise _refuse(
+            # The other stream may be gone (a broker that crashed cannot release its
+            # lease): say when the lease lapses, so a client's retries outlast it.
+            wait = self._lease_left(row["writer_expires_at"])
+            raise FederationError(
                 ErrorCode.ABORTED,
                 f"upload {row['upload_id']!r} is being written by another stream "
-                f"(committed_size={row['committed_size']})",
+                f"(committed_size={row['committed_size']}); its writer lease lapses in "
+                f"{wait:.1f}s if that stream is gone",
+                retry_after_seconds=wait,
             )
         result: asyncpg.Record = resumed
         return result
+
+    def _lease_left(self, expires_at: dt.datetime | None) -> float:
+        """Seconds until a writer lease lapses (at least a moment, at most one lease)."""
+        lease = self._config.upload_writer_lease_seconds
+        if expires_at is None:
+            return lease
+        left = (expires_at - dt.datetime.now(dt.UTC)).total_seconds()
+        return min(max(left, 0.1), lease)
 
     def part_path(self, owner: str, upload_id: str) -> Path:
         name = hashlib.sha256(f"{owner}\0{upload_id}".encode()).hexdigest()

@@ -45,6 +45,9 @@ RETRYABLE_UPLOAD_ERRORS = frozenset(
 )
 """Failures after which an upload asks for the committed offset and resumes."""
 
+_MAX_RETRY_HINT_SECONDS = 120.0
+"""Longest wait a broker's retry-after hint can impose between upload attempts."""
+
 
 # -- enrollment -----------------------------------------------------------------
 
@@ -277,7 +280,10 @@ async def upload_file(
             error = from_rpc_error(exc)
             if error.code not in RETRYABLE_UPLOAD_ERRORS or attempt == attempts - 1:
                 raise error from exc
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            # The broker's hint counts: an upload still held by a stream of a broker that
+            # crashed is free only when that writer lease lapses, later than the backoff.
+            hint = min(error.retry_after_seconds or 0.0, _MAX_RETRY_HINT_SECONDS)
+            await asyncio.sleep(max(delay * (0.5 + random.random() / 2), hint))
             delay = min(delay * 2, 10.0)
             continue
         if reply.complete:
