@@ -252,3 +252,36 @@ async def test_an_upload_held_by_a_crashed_broker_resumes_when_its_lease_lapses(
         assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
         await crashed.close()  # late: its lease is gone, it releases nothing
     assert (home / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes() == data
+
+
+async def test_abandoned_uploads_expire_and_free_the_quota(
+    home: Path, database: Database
+) -> None:
+    """An unfinished upload nobody resumes must not hold the device's quota (and the
+    broker's disk) for ever: after upload_expiry_seconds it is gone, part file too."""
+    pki = TestPKI(home)
+    config = dataclasses.replace(CONFIG, upload_expiry_seconds=0.5)
+    data = os.urandom(CONFIG.upload_quota_bytes)
+    async with broker_server(pki, database, home, config) as (server, broker, _):
+        stub = device_stub(pki, server.port, "cam")
+        reply = await stub.Upload(iter([start("abandoned", data), chunk(0, data[:CHUNK])]))
+        assert reply.committed_size == CHUNK  # then the phone never comes back
+        owner = Identity(pki.ca.trust_domain, "cam", "edge").spiffe_id
+        part = broker.uploads.part_path(owner, "abandoned")
+        assert part.stat().st_size == CHUNK
+        small = b"x" * 100
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await stub.Upload(iter([start("next", small), chunk(0, small)]))
+        assert full.value.code() is grpc.StatusCode.OUT_OF_RANGE  # the quota is held
+
+        async def forgotten() -> bool:
+            return await upload_status(stub, "abandoned") is None
+
+        for _ in range(200):
+            if await forgotten():
+                break
+            await asyncio.sleep(0.02)
+        assert await forgotten() and not part.exists()
+        finished = await stub.Upload(iter([start("next", small), chunk(0, small),
+                                           pb.UploadRequest(finish=True)]))
+        assert finished.complete

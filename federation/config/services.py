@@ -400,6 +400,11 @@ class EdgeConfig:
     upload_writer_lease_seconds: float = 30.0
     """How long an upload stays locked to a writer that stopped sending."""
 
+    upload_expiry_seconds: float = 86400.0
+    """An unfinished upload untouched this long is forgotten and its part file deleted
+    (QueryUploadStatus then answers NOT_FOUND): abandoned uploads would otherwise hold
+    the device's ``upload_quota_bytes`` and the broker's disk for ever."""
+
 
 @dataclass(frozen=True)
 class CouncilConfig:

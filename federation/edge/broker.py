@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import asyncpg
 
 from federation.config import EdgeConfig
+from federation.db.errors import outage_error
 from federation.edge.audit import AuditOutbox
 from federation.edge.devices import DeviceRegistry, RevocationCache
 from federation.edge.enrollment import Enrollment
@@ -20,6 +22,8 @@ from federation.edge.reaper import Reaper
 from federation.edge.uploads import UploadStore
 from federation.memory.sink import AuditSink
 from federation.pki import EdgeSigner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class EdgeBroker:
             asyncio.create_task(
                 self.outbox.run(self.config.audit_flush_seconds), name="edge-audit-outbox"
             ),
+            asyncio.create_task(self._expire_uploads(), name="edge-upload-expiry"),
         ]
         try:
             yield
@@ -74,6 +79,17 @@ class EdgeBroker:
             # Best effort: deliver what the last calls queued before the pool closes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush_once(), timeout=2)
+
+    async def _expire_uploads(self) -> None:
+        """Forget abandoned uploads, a tenth of their expiry apart (at most a minute)."""
+        interval = min(max(self.config.upload_expiry_seconds / 10, 0.05), 60.0)
+        while True:
+            try:
+                await self.uploads.expire_stale()
+            except Exception as exc:  # an outage must not end the sweep
+                if outage_error(exc) is None:
+                    log.exception("upload expiry failed; retrying")
+            await asyncio.sleep(interval)
 
     def heartbeat_interval(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.config.heartbeat_interval_seconds)

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_STALE = """
+NOT complete AND updated_at < now() - make_interval(secs => $1)
+AND (writer_token IS NULL OR writer_expires_at <= now())
+"""
+"""An unfinished upload nobody has written for ``upload_expiry_seconds``."""
+
+
 @dataclass(frozen=True)
 class UploadStatus:
     committed_size: int
@@ -173,6 +180,34 @@ class UploadStore:
             )
         result: asyncpg.Record = resumed
         return result
+
+    async def expire_stale(self) -> int:
+        """Forget unfinished uploads idle for ``upload_expiry_seconds`` (no live writer)
+        and delete their part files; returns how many."""
+        rows = await self._pool.fetch(
+            f"SELECT owner, upload_id FROM edge_uploads WHERE {_STALE} LIMIT 1000",
+            self._config.upload_expiry_seconds,
+        )
+        expired = 0
+        for row in rows:
+            expired += await self._expire(row["owner"], row["upload_id"])
+        if expired:
+            log.info("expired abandoned uploads", extra={"uploads": expired})
+        return expired
+
+    async def _expire(self, owner: str, upload_id: str) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The owner's lock, as open() takes it: no stream of this owner can create
+            # the part file anew between the row's deletion and the file's.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 8))", owner)
+            gone = await conn.fetchval(
+                f"DELETE FROM edge_uploads WHERE owner = $2 AND upload_id = $3 AND {_STALE} "
+                "RETURNING true",
+                self._config.upload_expiry_seconds, owner, upload_id,
+            )
+            if gone:
+                self.part_path(owner, upload_id).unlink(missing_ok=True)
+        return 1 if gone else 0
 
     def _lease_left(self, expires_at: dt.datetime | None) -> float:
         """Seconds until a writer lease lapses (at least a moment, at most one lease)."""
