@@ -185,3 +185,35 @@ async def test_list_jobs_refuses_a_state_that_does_not_exist(
     assert await refused(ops.ListJobs(listing)) == (grpc.StatusCode.INVALID_ARGUMENT, "state")
     pending = await ops.ListJobs(pb.ListJobsRequest(tenant_id="t1", state=pb.JOB_STATE_PENDING))
     assert len(pending.jobs) == 1
+
+
+async def test_answers_for_a_lease_say_exactly_what_is_wrong(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    server, _ = broker_node
+    phone, thief = device_stub(pki, server.port, "phone"), device_stub(pki, server.port, "thief")
+    ops = admin_stub(pki, server.port)
+    await register(phone)
+    await register(thief)
+    await ops.SubmitJob(job())
+    lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
+    job_id, token = lease.job.job_id, lease.fencing_token
+
+    def complete(token: int, job_id: str = job_id) -> pb.CompleteJobRequest:
+        return pb.CompleteJobRequest(job_id=job_id, fencing_token=token, inline_result=b"r")
+
+    # Another device presenting the holder's own token: not a stale answer, a foreign one.
+    assert await refused(thief.CompleteJob(complete(token))) == (
+        grpc.StatusCode.PERMISSION_DENIED, "job_id")
+    assert await refused(thief.RenewLease(pb.RenewLeaseRequest(
+        job_id=job_id, fencing_token=token))) == (grpc.StatusCode.PERMISSION_DENIED, "job_id")
+    assert await refused(phone.CompleteJob(complete(token + 1))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "fencing_token")
+    assert await refused(phone.CompleteJob(complete(token, "5b7fb7a4-0000-4000-8000-"
+                                                           "000000000000"))) == (
+        grpc.StatusCode.NOT_FOUND, "job_id")
+    await phone.CompleteJob(complete(token))
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await phone.CompleteJob(complete(token))
+    assert twice.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "already succeeded" in str(twice.value.details())

@@ -316,7 +316,7 @@ class JobQueue:
             seconds,
         )
         if row is None:
-            raise await self._stale_lease(job_id, fencing_token)
+            raise await self._stale_lease(device_id, job_id, fencing_token)
         return Lease(job_from_row(row))
 
     async def complete(
@@ -359,7 +359,7 @@ class JobQueue:
                 result_blob,
             )
             if row is None:
-                raise await self._stale_lease(job_id, fencing_token)
+                raise await self._stale_lease(device_id, job_id, fencing_token)
             job = job_from_row(row)
             await write_audit(
                 conn, tenant_id=job.tenant_id, actor=device_id, action="edge.job.complete",
@@ -396,7 +396,7 @@ class JobQueue:
                 error[:2000],
             )
             if row is None:
-                raise await self._stale_lease(job_id, fencing_token)
+                raise await self._stale_lease(device_id, job_id, fencing_token)
             job = job_from_row(row)
             if job.state is JobState.DEAD_LETTER:
                 await write_audit(
@@ -406,17 +406,34 @@ class JobQueue:
                 )
         return job
 
-    async def _stale_lease(self, job_id: str, fencing_token: int) -> FederationError:
-        """Why a conditional write matched nothing: absent job, or not this lease."""
+    async def _stale_lease(
+        self, device_id: str, job_id: str, fencing_token: int
+    ) -> FederationError:
+        """Why a conditional write matched nothing, as precisely as the row tells."""
         row = await self._pool.fetchrow(
-            "SELECT state, fencing_token FROM edge_jobs WHERE job_id = $1", _job_uuid(job_id)
+            "SELECT state, fencing_token, leased_by, lease_expires_at <= now() AS lapsed "
+            "FROM edge_jobs WHERE job_id = $1",
+            _job_uuid(job_id),
         )
         if row is None:
-            return _error(ErrorCode.NOT_FOUND, f"no job {job_id}")
+            return _error(ErrorCode.NOT_FOUND, f"no job {job_id}", "job_id")
+        current = row["fencing_token"] == fencing_token
+        if current and row["leased_by"] != device_id:
+            # Not a late answer of this device: the lease it names was never its own.
+            return _error(ErrorCode.PERMISSION_DENIED,
+                          f"job {job_id} is not leased to device {device_id}", "job_id")
+        if not current:
+            why = f"a newer lease holds the job (it is {row['state']})"
+        elif row["state"] in (JobState.PENDING.value, JobState.FAILED.value):
+            why = "the lease lapsed or was handed back; the job is queued again"
+        elif row["state"] != JobState.LEASED.value:
+            why = f"the job is already {row['state']}"
+        else:
+            why = "the lease expired; the job goes back to the queue"
         return _error(
             ErrorCode.FAILED_PRECONDITION,
-            f"lease on job {job_id} with fencing token {fencing_token} is not current "
-            f"(job is {row['state']}, current token {row['fencing_token']})",
+            f"lease on job {job_id} with fencing token {fencing_token} is not current: {why}",
+            "fencing_token",
         )
 
 
