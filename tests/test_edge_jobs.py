@@ -165,7 +165,10 @@ async def test_retries_back_off_then_dead_letter(
     actions = await database.pool.fetch(
         "SELECT action FROM edge_audit_outbox WHERE subject = $1 ORDER BY id", job_id
     )
-    assert [r["action"] for r in actions] == ["edge.job.submit", "edge.job.dead_letter"]
+    assert [r["action"] for r in actions] == [
+        "edge.job.submit", "edge.job.lease", "edge.job.retry", "edge.job.lease",
+        "edge.job.dead_letter",
+    ]
 
 
 async def test_non_retryable_failure_dead_letters_at_once(
@@ -357,9 +360,35 @@ async def test_revocation_is_audited_and_spends_the_attempt(
     assert (lease.job.job_id, lease.job.attempts) == (retried, 2)
     rows = await database.pool.fetch(
         "SELECT actor, action, subject, attributes FROM edge_audit_outbox "
-        "WHERE action NOT IN ('edge.job.submit') ORDER BY id")
-    assert [(r["actor"], r["action"], r["subject"]) for r in rows] == [
-        ("ops", "edge.device.revoke", "stolen"),
-        ("ops", "edge.job.dead_letter", last_try),
-    ]
+        "WHERE action NOT IN ('edge.job.submit', 'edge.job.lease') ORDER BY id")
+    events = [(r["actor"], r["action"], r["subject"]) for r in rows]
+    assert events[0] == ("ops", "edge.device.revoke", "stolen")
+    assert sorted(events[1:]) == [("ops", "edge.job.dead_letter", last_try),
+                                  ("ops", "edge.job.release", retried)]
     assert '"released_leases": "2"' in rows[0]["attributes"]
+
+
+async def test_every_job_transition_is_audited(
+    queue: JobQueue, registry: DeviceRegistry, database: Database
+) -> None:
+    """Leased, failed for a retry, released when the lease lapsed: each change of a
+    job's state is in the outbox, written by the transaction that made it."""
+    job_id = await submit(queue, max_attempts=3)
+    dev = await device(registry, "dev")
+    (lease,) = await queue.lease(dev, 1, lease_seconds=0.05)
+    await asyncio.sleep(0.1)
+    report = await Reaper(database.pool, CONFIG).reap_once()
+    assert report is not None and report.released_leases == 1
+    (again,) = await queue.lease(dev, 1)
+    await queue.fail(dev, job_id, again.fencing_token, "flaky", retryable=True)
+    rows = await database.pool.fetch(
+        "SELECT actor, action, attributes FROM edge_audit_outbox WHERE subject = $1 "
+        "ORDER BY id", job_id)
+    assert [(r["actor"], r["action"]) for r in rows] == [
+        ("test", "edge.job.submit"),
+        ("dev", "edge.job.lease"),
+        ("edge-broker", "edge.job.release"),
+        ("dev", "edge.job.lease"),
+        ("dev", "edge.job.retry"),
+    ]
+    assert f'"fencing_token": "{lease.fencing_token}"' in rows[1]["attributes"]

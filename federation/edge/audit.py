@@ -1,7 +1,8 @@
 """Job events to thermal memory: a transactional outbox drained into an AuditSink.
 
-State changes (submission, completion, dead-lettering, expiry, cancellation)
-insert their event into ``edge_audit_outbox`` in the same transaction, so an
+Job state changes (submission, lease, retry, release, completion,
+dead-lettering, expiry, cancellation) and device revocations insert their
+event into ``edge_audit_outbox`` in the same transaction, so an
 event exists exactly when its change committed, and a slow or unreachable
 memory node never holds a row lock or fails a device's call. The broker
 drains the outbox in order into an :class:`~federation.memory.sink.AuditSink`:

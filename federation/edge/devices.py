@@ -294,13 +294,14 @@ class DeviceRegistry:
                             "released_leases": str(len(released))},
             )
             for job in released:
-                if job["state"] == "dead_letter":
-                    await write_audit(
-                        conn, tenant_id=job["tenant_id"], actor=actor,
-                        action="edge.job.dead_letter", subject=str(job["job_id"]),
-                        attributes={"attempts": str(job["attempts"]),
-                                    "last_error": "device revoked"},
-                    )
+                dead = job["state"] == "dead_letter"
+                await write_audit(
+                    conn, tenant_id=job["tenant_id"], actor=actor,
+                    action="edge.job.dead_letter" if dead else "edge.job.release",
+                    subject=str(job["job_id"]),
+                    attributes={"attempts": str(job["attempts"]),
+                                "last_error": "device revoked"},
+                )
         return bool(known)
 
     async def is_revoked(self, device_id: str) -> bool:

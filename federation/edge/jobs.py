@@ -44,6 +44,7 @@ from federation.edge.model import (
     parse_blob_digest,
 )
 from federation.errors import ErrorCode, FederationError
+from federation.logs import request_id_var
 from federation.paging import page_size as checked_page_size
 
 if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
@@ -108,14 +109,22 @@ WITH picked AS (
     ORDER BY deadline ASC NULLS LAST, priority DESC, job_type, created_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), leased AS (
+    UPDATE edge_jobs AS j
+    SET state = 'leased', leased_by = $8, lease_id = gen_random_uuid(),
+        fencing_token = j.fencing_token + 1, attempts = j.attempts + 1,
+        lease_expires_at = now() + make_interval(secs => $9), updated_at = now()
+    FROM picked
+    WHERE j.tenant_id = picked.tenant_id AND j.job_id = picked.job_id
+    RETURNING j.*
+), audited AS (
+    INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes, request_id)
+    SELECT tenant_id, $8, 'edge.job.lease', job_id::text,
+           jsonb_build_object('attempts', attempts::text,
+                              'fencing_token', fencing_token::text), $10
+    FROM leased
 )
-UPDATE edge_jobs AS j
-SET state = 'leased', leased_by = $8, lease_id = gen_random_uuid(),
-    fencing_token = j.fencing_token + 1, attempts = j.attempts + 1,
-    lease_expires_at = now() + make_interval(secs => $9), updated_at = now()
-FROM picked
-WHERE j.tenant_id = picked.tenant_id AND j.job_id = picked.job_id
-RETURNING j.*
+SELECT * FROM leased
 """
 
 _HELD = """
@@ -289,6 +298,7 @@ class JobQueue:
                 device.charging,
                 device_id,
                 seconds,
+                request_id_var.get(),
             )
         jobs = sorted((job_from_row(r) for r in rows), key=claim_order_key)
         return [Lease(job) for job in jobs]
@@ -398,12 +408,13 @@ class JobQueue:
             if row is None:
                 raise await self._stale_lease(device_id, job_id, fencing_token)
             job = job_from_row(row)
-            if job.state is JobState.DEAD_LETTER:
-                await write_audit(
-                    conn, tenant_id=job.tenant_id, actor=device_id,
-                    action="edge.job.dead_letter", subject=job.job_id,
-                    attributes={"attempts": str(job.attempts), "last_error": error[:200]},
-                )
+            dead = job.state is JobState.DEAD_LETTER
+            await write_audit(
+                conn, tenant_id=job.tenant_id, actor=device_id,
+                action="edge.job.dead_letter" if dead else "edge.job.retry",
+                subject=job.job_id,
+                attributes={"attempts": str(job.attempts), "last_error": error[:200]},
+            )
         return job
 
     async def _stale_lease(

@@ -59,12 +59,17 @@ WITH released AS (
     RETURNING tenant_id, job_id, state, attempts, last_error
 ), audited AS (
     INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes)
-    SELECT tenant_id, $1, 'edge.job.dead_letter', job_id::text,
+    SELECT tenant_id, $1,
+           CASE WHEN state = 'dead_letter' THEN 'edge.job.dead_letter'
+                ELSE 'edge.job.release' END,
+           job_id::text,
            jsonb_build_object('attempts', attempts::text, 'last_error', last_error)
-    FROM released WHERE state = 'dead_letter'
-    RETURNING 1
+    FROM released
+    RETURNING action
 )
-SELECT count(*) AS released, (SELECT count(*) FROM audited) AS dead_lettered FROM released
+SELECT count(*) AS released,
+       (SELECT count(*) FROM audited WHERE action = 'edge.job.dead_letter') AS dead_lettered
+FROM released
 """
 
 
