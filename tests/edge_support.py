@@ -135,7 +135,7 @@ async def enroll_device(
 ) -> Path:
     """The real path: an operator token, then Enroll with a key made here; returns the
     credentials directory (cert.pem, key.pem, ca.pem)."""
-    token = await create_token(pool, name, dt.timedelta(minutes=5))
+    token = await create_token(pool, name, dt.timedelta(minutes=5), actor="ops")
     out.mkdir(parents=True, exist_ok=True)
     await enroll(f"localhost:{enrollment_port}", pki.ca.paths.ca_cert.read_bytes(), token,
                  name, out)

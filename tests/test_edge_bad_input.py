@@ -117,7 +117,7 @@ async def test_nul_characters_are_invalid_arguments(
     assert await refused(phone.Upload(opening())) == (
         grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
 
-    token = await create_token(database.pool, "newphone", dt.timedelta(minutes=5))
+    token = await create_token(database.pool, "newphone", dt.timedelta(minutes=5), actor="ops")
     ca = pki.ca.paths.ca_cert.read_bytes()
     target = f"localhost:{server.enrollment_port}"
     with pytest.raises(FederationError) as caught:

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from cryptography import x509
@@ -41,7 +42,7 @@ async def test_enroll_then_call_then_token_reuse_refused(
     pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
     server, _ = broker_node
-    token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10))
+    token = await create_token(database.pool, "pixel-8", dt.timedelta(minutes=10), actor="ops")
     ca_pem = pki.ca.paths.ca_cert.read_bytes()
     target = f"localhost:{server.enrollment_port}"
     out = tmp_path / "device"
@@ -71,7 +72,7 @@ async def test_expired_and_unknown_tokens_refused(
     pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
 ) -> None:
     server, _ = broker_node
-    token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50))
+    token = await create_token(database.pool, "old", dt.timedelta(milliseconds=50), actor="ops")
     await asyncio.sleep(0.1)
     ca_pem = pki.ca.paths.ca_cert.read_bytes()
     target = f"localhost:{server.enrollment_port}"
@@ -129,7 +130,7 @@ async def test_revoked_device_refused_on_next_call(
             await call
         assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(FederationError) as no_token:
-        await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1))
+        await create_token(database.pool, "lost-phone", dt.timedelta(minutes=1), actor="ops")
     assert no_token.value.code is ErrorCode.FAILED_PRECONDITION
 
 
@@ -140,7 +141,7 @@ async def test_certificate_renewal_issues_a_fresh_cert(
 
     pki = TestPKI(home)
     async with broker_server(pki, database, home) as (server, _, _):
-        token = await create_token(database.pool, "renewer", dt.timedelta(minutes=1))
+        token = await create_token(database.pool, "renewer", dt.timedelta(minutes=1), actor="ops")
         out = tmp_path / "renewer"
         await enroll(f"localhost:{server.enrollment_port}",
                      pki.ca.paths.ca_cert.read_bytes(), token, "", out)
@@ -176,3 +177,55 @@ async def test_edge_certificate_cannot_reach_guardian_or_keys(
     finally:
         await guardian_node.server.stop(0)
 
+
+
+_REFUSE_AUDIT = """
+CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the audit outbox refuses writes'; END $$;
+CREATE TRIGGER refuse_audit BEFORE INSERT ON edge_audit_outbox
+FOR EACH ROW EXECUTE FUNCTION refuse_audit();
+"""
+
+
+async def test_credentials_are_audited_and_none_is_issued_unrecorded(
+    pki: TestPKI, broker_node: BrokerNode, database: Database, tmp_path: Path
+) -> None:
+    """Token issue, enrollment and renewal hand out credentials: each is in thermal
+    memory, and when its record cannot be written the credential is not handed out
+    (an enrollment token is then not spent)."""
+    from federation.edge.device.client import renew_certificate
+
+    server, _ = broker_node
+    target = f"localhost:{server.enrollment_port}"
+    ca_pem = pki.ca.paths.ca_cert.read_bytes()
+    await database.pool.execute(_REFUSE_AUDIT)
+    with pytest.raises(asyncpg.RaiseError):
+        await create_token(database.pool, "audited", dt.timedelta(minutes=1), actor="ops")
+    await database.pool.execute("ALTER TABLE edge_audit_outbox DISABLE TRIGGER refuse_audit")
+    token = await create_token(database.pool, "audited", dt.timedelta(minutes=1), actor="ops")
+    await database.pool.execute("ALTER TABLE edge_audit_outbox ENABLE TRIGGER refuse_audit")
+    out = tmp_path / "audited"
+    with pytest.raises(FederationError) as unrecorded:
+        await enroll(target, ca_pem, token, "", out)
+    assert unrecorded.value.code is ErrorCode.INTERNAL
+    assert not (out / "cert.pem").exists()
+    await database.pool.execute("DROP TRIGGER refuse_audit ON edge_audit_outbox")
+    await enroll(target, ca_pem, token, "", out)  # the same token: it was not spent
+    async with device_channel(f"localhost:{server.port}", out, GrpcConfig()) as channel:
+        await renew_certificate(edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel), out)
+
+    device = "spiffe://federation.local/edge/audited"
+    expected = [("ops", "edge.token.issue"), (device, "edge.device.enroll"),
+                (device, "edge.device.renew")]
+
+    async def recorded() -> list[tuple[str, str]]:
+        rows = await database.pool.fetch(
+            "SELECT actor, action FROM memory_records WHERE subject = 'audited' "
+            "ORDER BY sequence")
+        return [(r["actor"], r["action"]) for r in rows]
+
+    for _ in range(200):
+        if await recorded() == expected:
+            break
+        await asyncio.sleep(0.02)
+    assert await recorded() == expected

@@ -341,7 +341,7 @@ async def test_agent_reopens_its_stream_on_the_renewed_certificate(
     channel is closed under it: the agent moves its stream to the new channel at once,
     not after the backoff of a failed stream."""
     server, broker = broker_node
-    token = await create_token(database.pool, "renewing", dt.timedelta(minutes=1))
+    token = await create_token(database.pool, "renewing", dt.timedelta(minutes=1), actor="ops")
     cert_dir = tmp_path / "renewing"
     await enroll(f"localhost:{server.enrollment_port}",
                  pki.ca.paths.ca_cert.read_bytes(), token, "", cert_dir)

@@ -143,7 +143,7 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
                        else settings.edge.token_ttl_seconds)
     pool = await _with_pool(settings)
     try:
-        token = await create_token(pool, args.name, ttl)
+        token = await create_token(pool, args.name, ttl, actor=operator_actor(settings))
     finally:
         await pool.close()
     expires = dt.datetime.now(dt.UTC) + ttl

@@ -1,14 +1,14 @@
 """Job events to thermal memory: a transactional outbox drained into an AuditSink.
 
 Job state changes (submission, lease, retry, release, completion,
-dead-lettering, expiry, cancellation) and device revocations insert their
-event into ``edge_audit_outbox`` in the same transaction, so an
-event exists exactly when its change committed, and a slow or unreachable
-memory node never holds a row lock or fails a device's call. The broker
-drains the outbox in order into an :class:`~federation.memory.sink.AuditSink`:
-in production :class:`~federation.memory.client.GrpcAuditSink`
-(``ThermalMemoryService.RecordMemory`` on the memory peer), in tests also the
-memory node's own ``MemoryStore``.
+dead-lettering, expiry, cancellation), device revocations and the credentials
+handed out (enrollment tokens, enrollments, renewals) insert their event into
+``edge_audit_outbox`` in the same transaction, so an event exists exactly when
+its change committed, and a slow or unreachable memory node never holds a row
+lock or fails a device's call. The broker drains the outbox in order into an
+:class:`~federation.memory.sink.AuditSink`: in production
+:class:`~federation.memory.client.GrpcAuditSink` (``ThermalMemoryService.RecordMemory``
+on the memory peer), in tests also the memory node's own ``MemoryStore``.
 Delivery is at least once: a crash between append and delete repeats one event.
 """
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import EdgeConfig
+from federation.edge.audit import write_audit
 from federation.edge.devices import checked_device_name
 from federation.edge.fields import checked_text
 from federation.errors import ErrorCode, FederationError
@@ -50,8 +51,11 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create_token(pool: asyncpg.Pool, name: str, ttl: dt.timedelta) -> str:
-    """A new one-time token for device ``name``; printed once, stored hashed."""
+async def create_token(
+    pool: asyncpg.Pool, name: str, ttl: dt.timedelta, *, actor: str
+) -> str:
+    """A new one-time token for device ``name``; printed once, stored hashed, and its
+    issue audited (by ``actor``) in the same transaction."""
     checked_device_name(name)
     if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
         raise FederationError(
@@ -64,13 +68,16 @@ async def create_token(pool: asyncpg.Pool, name: str, ttl: dt.timedelta) -> str:
             f"device {name} is revoked; enroll the device under a new name",
         )
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    await pool.execute(
-        "INSERT INTO edge_enrollment_tokens (token_hash, device_name, expires_at) "
-        "VALUES ($1, $2, now() + make_interval(secs => $3))",
-        hash_token(token),
-        name,
-        ttl.total_seconds(),
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO edge_enrollment_tokens (token_hash, device_name, expires_at) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3))",
+            hash_token(token),
+            name,
+            ttl.total_seconds(),
+        )
+        await write_audit(conn, tenant_id="", actor=actor, action="edge.token.issue",
+                          subject=name, attributes={"ttl_seconds": f"{ttl.total_seconds():g}"})
     return token
 
 
@@ -109,11 +116,23 @@ class Enrollment:
             if enrolled is None:
                 raise FederationError(ErrorCode.PERMISSION_DENIED, f"device {name} is revoked")
             # Signed inside the transaction: if signing fails the token is not spent.
-            return self._issue(name, public_key)
+            issued = self._issue(name, public_key)
+            await self._audit(conn, issued, "edge.device.enroll")
+            return issued
+
+    async def _audit(self, conn: Conn, issued: IssuedCertificate, action: str) -> None:
+        """A certificate handed out is on the record before the caller gets it."""
+        identity = Identity(self._issuer.trust_domain, issued.device_id, "edge")
+        await write_audit(conn, tenant_id="", actor=identity.spiffe_id, action=action,
+                          subject=issued.device_id,
+                          attributes={"not_after": issued.not_after.isoformat()})
 
     async def renew(self, device_id: str, csr_der: bytes) -> IssuedCertificate:
         """A fresh certificate for an authenticated, non-revoked device."""
-        return self._issue(device_id, _public_key_from_csr(csr_der))
+        issued = self._issue(device_id, _public_key_from_csr(csr_der))
+        async with self._pool.acquire() as conn:
+            await self._audit(conn, issued, "edge.device.renew")
+        return issued
 
     def _issue(self, name: str, public_key: ec.EllipticCurvePublicKey) -> IssuedCertificate:
         identity = Identity(self._issuer.trust_domain, name, "edge")
