@@ -217,3 +217,14 @@ async def test_answers_for_a_lease_say_exactly_what_is_wrong(
         await phone.CompleteJob(complete(token))
     assert twice.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "already succeeded" in str(twice.value.details())
+
+
+async def test_a_heartbeat_load_must_be_a_number(pki: TestPKI, broker_node: BrokerNode) -> None:
+    server, broker = broker_node
+    phone = device_stub(pki, server.port, "phone")
+    await register(phone)
+    await phone.Heartbeat(pb.HeartbeatRequest(load=0.5))
+    for load in (float("nan"), float("inf")):
+        assert await refused(phone.Heartbeat(pb.HeartbeatRequest(load=load))) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "load")
+    assert (await broker.devices.get("phone")).load == 0.5

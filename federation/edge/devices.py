@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +175,9 @@ class DeviceRegistry:
         Refused (UNAUTHENTICATED) for a revoked device, FAILED_PRECONDITION for
         an unknown one; neither is created or revived.
         """
+        if not math.isfinite(load):  # NaN would sit in the registry and defeat comparisons
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  f"load must be a finite number; got {load}", param="load")
         beat = _Beat(
             device_id,
             min(max(battery_percent, 0), 100),
