@@ -392,3 +392,24 @@ async def test_every_job_transition_is_audited(
         ("dev", "edge.job.retry"),
     ]
     assert f'"fencing_token": "{lease.fencing_token}"' in rows[1]["attributes"]
+
+
+async def test_a_tenant_queue_depth_is_bounded(
+    registry: DeviceRegistry, database: Database
+) -> None:
+    """edge.max_open_jobs_per_tenant: unfinished jobs (pending, leased, awaiting a retry)
+    count; concurrent submissions cannot together pass it; finished jobs free room."""
+    queue = JobQueue(database.pool, dataclasses.replace(CONFIG, max_open_jobs_per_tenant=3))
+    outcomes = await asyncio.gather(*(submit(queue) for _ in range(6)),
+                                    return_exceptions=True)
+    refusals = [o for o in outcomes if isinstance(o, FederationError)]
+    assert len(refusals) == 3
+    assert all(r.code is ErrorCode.RESOURCE_EXHAUSTED for r in refusals)
+    assert "max_open_jobs_per_tenant" in refusals[0].message
+    await submit(queue, tenant_id="t2")  # another tenant's queue is its own
+    dev = await device(registry, "dev")
+    lease, *_ = await queue.lease(dev, 1)
+    await queue.complete(dev, lease.job.job_id, lease.fencing_token, inline_result=b"ok")
+    await submit(queue)
+    with pytest.raises(FederationError):
+        await submit(queue)

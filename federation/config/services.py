@@ -383,6 +383,10 @@ class EdgeConfig:
     audit_flush_seconds: float = 0.5
     """Period of the audit outbox flush to thermal memory."""
 
+    max_open_jobs_per_tenant: int = 10_000
+    """Queue depth: jobs one tenant may have pending, leased or awaiting a retry at
+    once. SubmitJob beyond it is RESOURCE_EXHAUSTED until some finish."""
+
     inline_payload_max_bytes: int = 64 * 1024
     """Largest inline payload or result; bigger ones go through Upload as blobs."""
 

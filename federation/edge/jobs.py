@@ -127,6 +127,11 @@ WITH picked AS (
 SELECT * FROM leased
 """
 
+_OPEN_JOBS = """
+SELECT count(*) FROM edge_jobs
+WHERE tenant_id = $1 AND state IN ('pending', 'leased', 'failed')
+"""
+
 _HELD = """
 SELECT count(*) FROM edge_jobs
 WHERE state = 'leased' AND leased_by = $1 AND lease_expires_at > now()
@@ -148,6 +153,7 @@ class JobQueue:
         max_attempts = spec.max_attempts or self._config.default_max_attempts
         req = spec.requirements
         async with self._pool.acquire() as conn, conn.transaction():
+            await self._check_depth(conn, spec.tenant_id)
             row = await conn.fetchrow(
                 """
                 INSERT INTO edge_jobs (tenant_id, job_id, kind, job_type, min_cpu_cores,
@@ -182,6 +188,20 @@ class JobQueue:
                 attributes={"kind": job.kind, "type": job.job_type.name.lower()},
             )
         return job
+
+    async def _check_depth(self, conn: Conn, tenant_id: str) -> None:
+        """The tenant's queue depth, under its lock: concurrent submissions cannot
+        together pass the limit."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 9))", tenant_id)
+        open_jobs = await conn.fetchval(_OPEN_JOBS, tenant_id)
+        limit = self._config.max_open_jobs_per_tenant
+        if open_jobs >= limit:
+            raise FederationError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"tenant {tenant_id} has {open_jobs} unfinished edge jobs, the most allowed "
+                f"(edge.max_open_jobs_per_tenant); submit again once some have finished",
+                retry_after_seconds=5.0,
+            )
 
     def _validate(self, spec: JobSpec) -> None:
         checked_text(spec.tenant_id, "tenant_id")
