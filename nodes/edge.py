@@ -19,7 +19,7 @@ import grpc
 
 from federation.config import ConfigError
 from federation.edge import convert
-from federation.edge.broker import EdgeBroker
+from federation.edge.broker import EdgeBroker, check_limits
 from federation.edge.convert import STATE_FROM_PB
 from federation.edge.fields import checked_datetime
 from federation.edge.model import JobState
@@ -373,6 +373,7 @@ def registration(broker: EdgeBroker) -> ServiceRegistration:
 
 async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     settings = runtime.settings
+    check_limits(settings.edge, settings.grpc)
     broker = EdgeBroker.create(
         runtime.require_database().pool,
         settings.edge,

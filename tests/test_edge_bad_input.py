@@ -12,7 +12,9 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from federation.config import ConfigError, EdgeConfig, GrpcConfig
 from federation.db import Database
+from federation.edge.broker import check_limits
 from federation.edge.checksum import crc32c
 from federation.edge.device.client import enroll
 from federation.edge.enrollment import create_token
@@ -228,3 +230,18 @@ async def test_a_heartbeat_load_must_be_a_number(pki: TestPKI, broker_node: Brok
         assert await refused(phone.Heartbeat(pb.HeartbeatRequest(load=load))) == (
             grpc.StatusCode.INVALID_ARGUMENT, "load")
     assert (await broker.devices.get("phone")).load == 0.5
+
+
+def test_size_limits_must_fit_a_grpc_message() -> None:
+    check_limits(EdgeConfig(), GrpcConfig())  # the defaults
+    for edge, grpc_config, setting in (
+        (EdgeConfig(chunk_max_bytes=8 << 20), GrpcConfig(), "edge.chunk_max_bytes"),
+        (EdgeConfig(inline_payload_max_bytes=4 << 20), GrpcConfig(),
+         "edge.inline_payload_max_bytes"),
+        (EdgeConfig(), GrpcConfig(max_message_bytes=1 << 20), "edge.chunk_max_bytes"),
+        (EdgeConfig(chunk_min_bytes=2 << 20), GrpcConfig(), "edge.chunk_min_bytes"),
+        (EdgeConfig(max_open_jobs_per_tenant=0), GrpcConfig(), "edge.max_open_jobs_per_tenant"),
+    ):
+        with pytest.raises(ConfigError, match=setting):
+            check_limits(edge, grpc_config)
+    check_limits(EdgeConfig(chunk_max_bytes=8 << 20), GrpcConfig(max_message_bytes=16 << 20))
