@@ -290,6 +290,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: Context
     ) -> pb.UploadResponse:
         owner = await self._uploader()
+        not_after = certificate_not_after(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "start":
             raise FederationError(
@@ -301,6 +302,10 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         )
         async with session:
             async for message in request_iterator:
+                # A long upload outlives checks made once per call: a device revoked
+                # (or whose certificate lapsed) mid-stream is refused at its next message.
+                _ensure_unexpired(not_after)
+                await self._uploader()
                 part = message.WhichOneof("part")
                 if part == "chunk":
                     chunk = message.chunk

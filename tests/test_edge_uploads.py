@@ -285,3 +285,30 @@ async def test_abandoned_uploads_expire_and_free_the_quota(
         finished = await stub.Upload(iter([start("next", small), chunk(0, small),
                                            pb.UploadRequest(finish=True)]))
         assert finished.complete
+
+
+async def test_a_device_revoked_mid_upload_is_refused_at_its_next_chunk(
+    home: Path, database: Database
+) -> None:
+    """Authentication happens once per stream; a long upload must not outlive the
+    device's revocation. What arrived before it stays committed, nothing after it."""
+    pki = TestPKI(home)
+    data = os.urandom(3 * CHUNK)
+    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
+        stub = device_stub(pki, server.port, "stolen")
+        queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
+        call = stub.Upload(feed(queue))
+        queue.put_nowait(start("capture", data))
+        queue.put_nowait(chunk(0, data[:CHUNK]))
+        await until_committed(stub, "capture", CHUNK)
+        await broker.devices.revoke("stolen", actor="ops")
+        queue.put_nowait(chunk(CHUNK, data[CHUNK : 2 * CHUNK]))
+        queue.put_nowait(chunk(2 * CHUNK, data[2 * CHUNK :]))
+        queue.put_nowait(pb.UploadRequest(finish=True))
+        queue.put_nowait(None)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        committed = await database.pool.fetchval(
+            "SELECT committed_size FROM edge_uploads WHERE upload_id = 'capture'")
+        assert committed == CHUNK
