@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from federation.cli.edge import list_jobs
 from federation.config import ConfigError, EdgeConfig, GrpcConfig
 from federation.db import Database
 from federation.edge.broker import check_limits
@@ -245,3 +246,20 @@ def test_size_limits_must_fit_a_grpc_message() -> None:
         with pytest.raises(ConfigError, match=setting):
             check_limits(edge, grpc_config)
     check_limits(EdgeConfig(chunk_max_bytes=8 << 20), GrpcConfig(max_message_bytes=16 << 20))
+
+
+async def test_jobs_list_gives_the_operator_limit_across_pages(
+    pki: TestPKI, broker_node: BrokerNode, database: Database
+) -> None:
+    """`federation edge jobs list --limit N` asked for one page of N, and the broker caps a
+    page at 1000: beyond that the listing was cut short without a word."""
+    server, _ = broker_node
+    await database.pool.execute(
+        "INSERT INTO edge_jobs (tenant_id, job_id, kind, job_type, max_attempts, "
+        "inline_payload, created_at) SELECT 't1', gen_random_uuid(), 'echo', 2, 1, 'x', "
+        "now() - make_interval(secs => n) FROM generate_series(1, 1203) AS n")
+    ops = admin_stub(pki, server.port)
+    listed = await list_jobs(ops, pb.ListJobsRequest(tenant_id="t1"), 1100)
+    assert len(listed) == len({job.job_id for job in listed}) == 1100
+    assert len(await list_jobs(ops, pb.ListJobsRequest(tenant_id="t1"), 5000)) == 1203
+    assert len(await list_jobs(ops, pb.ListJobsRequest(tenant_id="t1"), 7)) == 7

@@ -41,6 +41,7 @@ from federation.edge.devices import DeviceRegistry
 from federation.edge.enrollment import create_token
 from federation.errors import CommandError
 from federation.launch.endpoints import admin_channel, database_url, operator_actor
+from federation.paging import MAX_PAGE_SIZE
 from federation.prototime import timestamp, to_datetime
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc
@@ -316,15 +317,28 @@ async def _jobs_watch(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if final is not None and final.state == pb.JOB_STATE_SUCCEEDED else 1
 
 
+async def list_jobs(stub: Stub, request: pb.ListJobsRequest, limit: int) -> list[pb.Job]:
+    """Up to ``limit`` jobs, newest first, page after page: the broker answers at most
+    ``MAX_PAGE_SIZE`` a page, and ``--limit`` is the operator's number, not the page's."""
+    jobs: list[pb.Job] = []
+    while len(jobs) < limit:
+        request.page_size = min(limit - len(jobs), MAX_PAGE_SIZE)
+        reply = await stub.ListJobs(request)
+        jobs.extend(reply.jobs)
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    return jobs
+
+
 async def _jobs_list(settings: Settings, args: argparse.Namespace) -> int:
     request = pb.ListJobsRequest(
         tenant_id=args.tenant,
-        page_size=args.limit,
         state=_STATE_NAMES[args.state] if args.state else pb.JOB_STATE_UNSPECIFIED,  # type: ignore[arg-type]
     )
     async with _admin_stub(settings) as stub:
-        reply = await stub.ListJobs(request)
-    rows = [_job_summary(job) for job in reply.jobs]
+        jobs = await list_jobs(stub, request, args.limit)
+    rows = [_job_summary(job) for job in jobs]
     if args.json:
         print_json(rows)
         return 0
