@@ -263,3 +263,15 @@ async def test_jobs_list_gives_the_operator_limit_across_pages(
     assert len(listed) == len({job.job_id for job in listed}) == 1100
     assert len(await list_jobs(ops, pb.ListJobsRequest(tenant_id="t1"), 5000)) == 1203
     assert len(await list_jobs(ops, pb.ListJobsRequest(tenant_id="t1"), 7)) == 7
+
+
+async def test_query_upload_status_refuses_an_id_no_upload_can_have(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    server, _ = broker_node
+    phone = device_stub(pki, server.port, "phone")
+    for upload_id in ("", "u" * 129):
+        assert await refused(phone.QueryUploadStatus(pb.QueryUploadStatusRequest(
+            upload_id=upload_id))) == (grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
+    assert await refused(phone.QueryUploadStatus(pb.QueryUploadStatusRequest(
+        upload_id="never-started"))) == (grpc.StatusCode.NOT_FOUND, "upload_id")

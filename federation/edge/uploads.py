@@ -57,6 +57,15 @@ def _refuse(code: ErrorCode, message: str, param: str | None = None) -> Federati
     return FederationError(code, message, param=param)
 
 
+def _check_upload_id(upload_id: str) -> None:
+    """The same rule for starting and for querying: an id no upload can have is a
+    malformed request (INVALID_ARGUMENT), not an unknown upload (NOT_FOUND)."""
+    checked_text(upload_id, "upload_id")
+    if not upload_id or len(upload_id) > 128:
+        raise _refuse(ErrorCode.INVALID_ARGUMENT, "upload_id must be 1-128 characters",
+                      "upload_id")
+
+
 class UploadStore:
     def __init__(self, pool: asyncpg.Pool, config: EdgeConfig, home: Path) -> None:
         self._pool = pool
@@ -65,7 +74,7 @@ class UploadStore:
         self._parts = home / "uploads"
 
     async def status(self, owner: str, upload_id: str) -> UploadStatus:
-        checked_text(upload_id, "upload_id")
+        _check_upload_id(upload_id)
         row = await self._pool.fetchrow(
             "SELECT * FROM edge_uploads WHERE owner = $1 AND upload_id = $2", owner, upload_id
         )
@@ -115,10 +124,7 @@ class UploadStore:
         return session
 
     def _check_start(self, upload_id: str, total_size: int, sha256: bytes) -> None:
-        checked_text(upload_id, "upload_id")
-        if not upload_id or len(upload_id) > 128:
-            raise _refuse(ErrorCode.INVALID_ARGUMENT, "upload_id must be 1-128 characters",
-                          "upload_id")
+        _check_upload_id(upload_id)
         if len(sha256) != 32:
             raise _refuse(ErrorCode.INVALID_ARGUMENT, "sha256 must be 32 bytes", "sha256")
         if total_size > self._config.upload_quota_bytes:
