@@ -245,9 +245,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request: pb.LeaseJobsRequest, context: Context
     ) -> pb.LeaseJobsResponse:
         device_id = await self._device()
-        wanted = to_seconds(request.lease_duration) if request.HasField(
-            "lease_duration"
-        ) else None
+        wanted = _requested_seconds(request, "lease_duration")
         leases = await self._broker.queue.lease(device_id, request.max_jobs or 1, wanted)
         return pb.LeaseJobsResponse(leases=[convert.lease_to_pb(lease) for lease in leases])
 
@@ -255,7 +253,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         self, request: pb.RenewLeaseRequest, context: Context
     ) -> pb.RenewLeaseResponse:
         device_id = await self._device()
-        extension = to_seconds(request.extension) if request.HasField("extension") else None
+        extension = _requested_seconds(request, "extension")
         lease = await self._broker.queue.renew(
             device_id, request.job_id, request.fencing_token, extension
         )
@@ -344,6 +342,18 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
         async for data in self._broker.uploads.blobs.read(request.blob_digest, offset, size):
             yield pb.DownloadResponse(offset=offset, data=data)
             offset += len(data)
+
+
+def _requested_seconds(request: Any, field: str) -> float | None:
+    """A requested lease length: unset (or zero) is the server default, which the broker
+    may shorten; a negative one is a malformed request, not a default."""
+    if not request.HasField(field):
+        return None
+    seconds = to_seconds(getattr(request, field))
+    if seconds < 0:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{field} must not be negative; got {seconds:g}s", param=field)
+    return seconds
 
 
 def _state_filter(number: int) -> JobState | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.cli.edge import list_jobs
@@ -275,3 +276,19 @@ async def test_query_upload_status_refuses_an_id_no_upload_can_have(
             upload_id=upload_id))) == (grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
     assert await refused(phone.QueryUploadStatus(pb.QueryUploadStatusRequest(
         upload_id="never-started"))) == (grpc.StatusCode.NOT_FOUND, "upload_id")
+
+
+async def test_a_negative_lease_length_is_refused_not_defaulted(
+    pki: TestPKI, broker_node: BrokerNode
+) -> None:
+    server, _ = broker_node
+    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
+    await register(phone)
+    await ops.SubmitJob(job())
+    backwards = Duration(seconds=-30)
+    assert await refused(phone.LeaseJobs(pb.LeaseJobsRequest(lease_duration=backwards))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "lease_duration")
+    lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
+    assert await refused(phone.RenewLease(pb.RenewLeaseRequest(
+        job_id=lease.job.job_id, fencing_token=lease.fencing_token, extension=backwards))) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "extension")
