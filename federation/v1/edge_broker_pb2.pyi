@@ -689,11 +689,15 @@ class Job(_message.Message):
     leased_by_device: _builtins.str
     """device_id of the device holding the current lease; empty unless LEASED."""
     inline_payload: _builtins.bytes
-    """Small input carried inline (at most 1 MiB)."""
+    """Small input carried inline: at most edge.inline_payload_max_bytes (64 KiB by
+    default); larger inputs go through Upload as a blob.
+    """
     payload_blob_digest: _builtins.str
     """Digest of an uploaded blob holding the input."""
     inline_result: _builtins.bytes
-    """Small output carried inline (at most 1 MiB)."""
+    """Small output carried inline: at most edge.inline_payload_max_bytes (64 KiB by
+    default); larger outputs go through Upload as a blob.
+    """
     result_blob_digest: _builtins.str
     """Digest of an uploaded blob holding the output."""
     @_builtins.property
@@ -775,7 +779,9 @@ class SubmitJobRequest(_message.Message):
     priority: _builtins.int
     """Higher runs first within a JobType. Default 0; may be negative."""
     inline_payload: _builtins.bytes
-    """Small input carried inline (at most 1 MiB)."""
+    """Small input carried inline: at most edge.inline_payload_max_bytes (64 KiB by
+    default); larger inputs go through Upload as a blob.
+    """
     payload_blob_digest: _builtins.str
     """Digest of a blob previously uploaded with Upload."""
     max_attempts: _builtins.int
@@ -843,7 +849,9 @@ class GetJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Job to return. Must belong to the caller's tenant."""
+    """Job to return, of any tenant: only the gateway and operators may call this,
+    and they answer for the tenant.
+    """
     def __init__(
         self,
         *,
@@ -954,7 +962,9 @@ class CancelJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Job to cancel. Must belong to the caller's tenant."""
+    """Job to cancel, of any tenant: only the gateway and operators may call this,
+    and they answer for the tenant.
+    """
     reason: _builtins.str
     """Why it is cancelled; stored as the job's last_error."""
     def __init__(
@@ -1003,7 +1013,9 @@ class WatchJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Job to watch. Must belong to the caller's tenant."""
+    """Job to watch, of any tenant: only the gateway and operators may call this,
+    and they answer for the tenant.
+    """
     def __init__(
         self,
         *,
@@ -1208,7 +1220,9 @@ class CompleteJobRequest(_message.Message):
     fencing_token: _builtins.int
     """Fencing token of the current lease."""
     inline_result: _builtins.bytes
-    """Small output carried inline (at most 1 MiB)."""
+    """Small output carried inline: at most edge.inline_payload_max_bytes (64 KiB by
+    default); larger outputs go through Upload as a blob.
+    """
     result_blob_digest: _builtins.str
     """Digest of a blob previously uploaded with Upload."""
     def __init__(
@@ -1401,7 +1415,7 @@ class UploadChunk(_message.Message):
     committed_size (chunks are sequential).
     """
     data: _builtins.bytes
-    """The bytes. At most 4 MiB per chunk."""
+    """The bytes. At most edge.chunk_max_bytes (1 MiB by default) per chunk."""
     crc32c: _builtins.int
     """CRC32C (Castagnoli) of `data`; mismatching chunks are rejected with
     DATA_LOSS.
@@ -1521,7 +1535,9 @@ class DownloadRequest(_message.Message):
     offset: _builtins.int
     """Byte offset to start from (for resuming)."""
     chunk_size: _builtins.int
-    """Preferred chunk size in bytes. 0 = server default; capped at 4 MiB."""
+    """Preferred chunk size in bytes. 0 = server default; capped at
+    edge.chunk_max_bytes (1 MiB by default).
+    """
     def __init__(
         self,
         *,
