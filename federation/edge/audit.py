@@ -27,8 +27,11 @@ from federation.logs import request_id_var
 from federation.memory.records import AuditEntry
 from federation.memory.sink import AuditSink
 
-if TYPE_CHECKING:
-    from federation.edge.jobs import Conn
+if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+    """A connection in a transaction: a pool's or one of its own."""
 
 log = logging.getLogger(__name__)
 

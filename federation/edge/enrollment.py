@@ -31,7 +31,7 @@ from federation.errors import ErrorCode, FederationError
 from federation.pki import Identity, Issuer
 
 if TYPE_CHECKING:
-    from federation.edge.jobs import Conn
+    from federation.edge.audit import Conn
 
 TOKEN_PREFIX = "fedenroll_"
 MAX_TOKEN_TTL = dt.timedelta(days=7)

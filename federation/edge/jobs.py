@@ -25,7 +25,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from federation.config import EdgeConfig
 from federation.edge.audit import write_audit
@@ -47,8 +46,8 @@ from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
 from federation.paging import page_size as checked_page_size
 
-if TYPE_CHECKING:  # the stubs are generic, the runtime classes are not
-    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+if TYPE_CHECKING:
+    from federation.edge.audit import Conn
 
 
 def _error(code: ErrorCode, message: str, param: str | None = None) -> FederationError:

@@ -34,7 +34,7 @@ from federation.edge.upload_session import UploadSession
 from federation.errors import ErrorCode, FederationError
 
 if TYPE_CHECKING:
-    from federation.edge.jobs import Conn
+    from federation.edge.audit import Conn
 
 log = logging.getLogger(__name__)
 
