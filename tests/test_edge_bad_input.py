@@ -22,7 +22,7 @@ from federation.edge.device.client import enroll
 from federation.edge.enrollment import create_token
 from federation.errors import PARAM_METADATA, ErrorCode, FederationError
 from federation.v1 import edge_broker_pb2 as pb
-from tests.edge_support import BrokerNode, admin_stub, device_stub, register
+from tests.edge_support import BrokerNode, Stub, admin_stub, device_stub, register
 from tests.support import TestPKI
 
 UINT32_MAX = 2**32 - 1
@@ -155,9 +155,7 @@ async def test_a_result_blob_must_have_been_uploaded(
 ) -> None:
     """Else the job SUCCEEDED with a result nobody can download: the output is lost."""
     server, broker = broker_node
-    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
-    await register(phone)
-    await ops.SubmitJob(job())
+    phone = await phone_with_a_queued_job(pki, server.port)
     lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
     result = b"the transcript"
     digest = "sha256:" + hashlib.sha256(result).hexdigest()
@@ -282,9 +280,7 @@ async def test_a_negative_lease_length_is_refused_not_defaulted(
     pki: TestPKI, broker_node: BrokerNode
 ) -> None:
     server, _ = broker_node
-    phone, ops = device_stub(pki, server.port, "phone"), admin_stub(pki, server.port)
-    await register(phone)
-    await ops.SubmitJob(job())
+    phone = await phone_with_a_queued_job(pki, server.port)
     backwards = Duration(seconds=-30)
     assert await refused(phone.LeaseJobs(pb.LeaseJobsRequest(lease_duration=backwards))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "lease_duration")
@@ -292,3 +288,11 @@ async def test_a_negative_lease_length_is_refused_not_defaulted(
     assert await refused(phone.RenewLease(pb.RenewLeaseRequest(
         job_id=lease.job.job_id, fencing_token=lease.fencing_token, extension=backwards))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "extension")
+
+
+async def phone_with_a_queued_job(pki: TestPKI, port: int) -> Stub:
+    """A registered phone's stub, with one job submitted by an operator for it to lease."""
+    phone = device_stub(pki, port, "phone")
+    await register(phone)
+    await admin_stub(pki, port).SubmitJob(job())
+    return phone

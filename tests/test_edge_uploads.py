@@ -14,7 +14,13 @@ import pytest
 
 from federation.db import Database
 from federation.edge.checksum import crc32c, crc32c_python
-from federation.edge.device.client import describe_file, download_blob, upload_file, upload_status
+from federation.edge.device.client import (
+    Stub,
+    describe_file,
+    download_blob,
+    upload_file,
+    upload_status,
+)
 from federation.edge.uploads import UploadStore
 from federation.errors import RETRY_AFTER_METADATA, ErrorCode, FederationError
 from federation.pki import Identity
@@ -56,6 +62,20 @@ async def until_committed(stub: object, upload_id: str, size: int) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"upload {upload_id} never committed {size} bytes")
+
+
+async def first_chunk_committed(stub: Stub, upload_id: str, data: bytes
+                                ) -> tuple[asyncio.Queue[pb.UploadRequest | None],
+                                           grpc.aio.StreamUnaryCall[pb.UploadRequest,
+                                                                    pb.UploadResponse]]:
+    """An Upload of ``data`` whose first chunk is committed; the rest of the stream is
+    what the caller puts on the queue (``None`` ends it). Returns the queue and the call."""
+    queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
+    call = stub.Upload(feed(queue))
+    queue.put_nowait(start(upload_id, data))
+    queue.put_nowait(chunk(0, data[:CHUNK]))
+    await until_committed(stub, upload_id, CHUNK)
+    return queue, call
 
 
 def test_crc32c_matches_reference_vector() -> None:
@@ -142,11 +162,7 @@ async def test_two_writers_one_aborted(home: Path, database: Database) -> None:
     data = os.urandom(2 * CHUNK)
     async with broker_server(pki, database, home, CONFIG) as (server, _, _):
         stub = device_stub(pki, server.port, "cam")
-        queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
-        first = stub.Upload(feed(queue))
-        queue.put_nowait(start("shared", data))
-        queue.put_nowait(chunk(0, data[:CHUNK]))
-        await until_committed(stub, "shared", CHUNK)
+        queue, first = await first_chunk_committed(stub, "shared", data)
 
         async def second() -> AsyncIterator[pb.UploadRequest]:
             yield start("shared", data)
@@ -296,11 +312,7 @@ async def test_a_device_revoked_mid_upload_is_refused_at_its_next_chunk(
     data = os.urandom(3 * CHUNK)
     async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
         stub = device_stub(pki, server.port, "stolen")
-        queue: asyncio.Queue[pb.UploadRequest | None] = asyncio.Queue()
-        call = stub.Upload(feed(queue))
-        queue.put_nowait(start("capture", data))
-        queue.put_nowait(chunk(0, data[:CHUNK]))
-        await until_committed(stub, "capture", CHUNK)
+        queue, call = await first_chunk_committed(stub, "capture", data)
         await broker.devices.revoke("stolen", actor="ops")
         queue.put_nowait(chunk(CHUNK, data[CHUNK : 2 * CHUNK]))
         queue.put_nowait(chunk(2 * CHUNK, data[2 * CHUNK :]))
