@@ -409,8 +409,11 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     runtime.cleanup.push_async_callback(backends.stop)
     await backends.start()
     runtime.registry.register(InferenceLoadCollector(backends.load))
+    count_file = runtime.settings.home / config.stall_count_file.format(
+        node=runtime.settings.node_name)
     watchdog = StallWatchdog(config.stall_timeout_seconds, config.stall_exit_after_seconds,
-                             lambda: runtime.set_serving(False), registry=runtime.registry)
+                             lambda: runtime.set_serving(False), registry=runtime.registry,
+                             count_file=count_file)
     await watchdog.start()
     runtime.cleanup.push_async_callback(watchdog.stop)
     return registration(InferenceServicer(

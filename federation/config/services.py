@@ -191,6 +191,13 @@ class InferenceConfig:
     stalled streams' clients and for the gateways' routers (which re-probe every
     ``gateway.route_refresh_seconds``, 2 s) to stop sending work here."""
 
+    stall_count_file: str = "inference/{node}.stalls"
+    """How many times this node found itself wedged, kept across its restarts (relative to
+    the home; ``{node}`` is the node's name). A wedged node exits
+    ``stall_exit_after_seconds`` after counting, usually before a scrape (every 15 s)
+    has seen ``federation_inference_stalls_total`` rise; the restarted node starts the
+    counter from this file, so the alert's ``increase()`` sees the stall all the same."""
+
     stream_max_generations: int = 256
     """Generations one GenerateStream may run at once (a gateway keeps one stream per
     node); more are refused with RESOURCE_EXHAUSTED, which the gateway's router takes

@@ -39,6 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter
@@ -74,7 +75,8 @@ class StallWatchdog:
                  on_wedged: Callable[[], Awaitable[None]], *,
                  registry: CollectorRegistry | None = None,
                  exit_process: Callable[[], None] = exit_wedged,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 count_file: Path | None = None) -> None:
         self._stall = stall_seconds
         self._exit_after = exit_after_seconds
         self._on_wedged = on_wedged
@@ -90,6 +92,12 @@ class StallWatchdog:
             "federation_inference_stalls", "Times this node found itself wedged (no token "
             "from any open generation for the stall timeout).",
             registry=registry) if registry is not None else None
+        self._count_file = count_file
+        # The previous runs' stalls: each of them exited seconds after counting, before
+        # a scrape could see its counter rise (see InferenceConfig.stall_count_file).
+        self._stall_count = read_stall_count(count_file)
+        if self._stalls is not None and self._stall_count:
+            self._stalls.inc(self._stall_count)
 
     @classmethod
     def disabled(cls) -> StallWatchdog:
@@ -137,8 +145,10 @@ class StallWatchdog:
         if self.wedged or not self._open or silent < self._stall:
             return
         self.wedged = True
+        self._stall_count += 1
         if self._stalls is not None:
             self._stalls.inc()
+        write_stall_count(self._count_file, self._stall_count)
         log.error("inference wedged: no token from any of the open generations; reporting "
                   "NOT_SERVING, ending them, and exiting to be restarted",
                   extra={"open_generations": len(self._open), "silent_seconds": round(silent, 1),
@@ -154,3 +164,29 @@ class StallWatchdog:
             retry_after_seconds=1.0)
         for fail in list(self._open.values()):
             fail(error)
+
+
+def read_stall_count(path: Path | None) -> int:
+    """Stalls recorded by earlier runs of this node; 0 when none (or unreadable: the
+    count only feeds a metric, and must never stop a node from starting)."""
+    if path is None:
+        return 0
+    try:
+        return max(0, int(path.read_text().strip() or 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def write_stall_count(path: Path | None, count: int) -> None:
+    """Record the count before the exit; a failure (a full disk) is logged, not raised:
+    the wedged node must still leave."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp")
+        partial.write_text(f"{count}\n")
+        os.replace(partial, path)
+    except OSError as exc:
+        log.warning("could not record the stall count", extra={"path": str(path),
+                                                               "error": str(exc)})
