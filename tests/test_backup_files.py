@@ -85,6 +85,30 @@ async def test_restore_into_an_empty_external_database(
         assert err.strip().endswith("tables); restore needs an empty database")
 
 
+async def test_restore_puts_the_backups_blobs_back_into_the_home(
+        database: Database, pg_admin_url: str, tmp_path: Path) -> None:
+    """The broker serves jobs' payloads and results from ``<home>/blobs``: the backup
+    copies them, and the restore must put them where the restored jobs find them."""
+    data = b"an upload bigger than an inline payload"
+    digest = __import__("hashlib").sha256(data).hexdigest()
+    blob = Path("blobs") / "sha256" / digest[:2] / digest
+    source = tmp_path / "source-home"
+    (source / blob).parent.mkdir(parents=True)
+    (source / blob).write_bytes(data)
+    code, _, err = await federation(source, "backup", "--out", str(tmp_path / "with-blob"),
+                                    database_url=database.url)
+    assert code == 0, err
+    assert (tmp_path / "with-blob" / blob).read_bytes() == data
+
+    pki = TestPKI(tmp_path / "home")  # a fresh home on the new machine
+    async with fresh_database_url(pg_admin_url) as empty:
+        code, _, err = await federation(pki.home, "restore", str(tmp_path / "with-blob"),
+                                        database_url=empty)
+        assert code == 0, err
+    assert (pki.home / blob).read_bytes() == data
+    assert "blobs: 1 restored" in err
+
+
 def _corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -39,11 +40,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from federation.backup import BackupError
 from federation.backup.dump import Progress, read_checkpoint_file
-from federation.backup.manifest import CHECKPOINTS_NAME, DUMP_NAME, Manifest, verify_files
+from federation.backup.manifest import (
+    BLOBS_DIR,
+    CHECKPOINTS_NAME,
+    DUMP_NAME,
+    Manifest,
+    verify_files,
+)
 from federation.backup.postgres import Connection, run_tool, tool
 from federation.config import MemoryConfig, Settings
 from federation.db import create_pool, embedded_data_dir, ensure_database
 from federation.db.embedded import DATABASE, EmbeddedPostgres
+from federation.durable import fsync_directory
 from federation.guardian.chain_checks import VerifyReport, verify_with_checkpoints
 from federation.guardian.checkpoints import Checkpoint, load_public_key
 from federation.memory.records import GENESIS_HASH, MemoryRecord, chain_hash
@@ -127,6 +135,8 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
                                       f"event: {after.problem}")
     if not scratch and checkpoints:
         _install_checkpoint_log(settings, checkpoints)
+    if not scratch:
+        _install_blobs(directory / BLOBS_DIR, settings.home / BLOBS_DIR, progress)
     progress.step(f"audit chain intact: {report.records_checked} records verified "
                   f"({len(checkpoints)} guardian checkpoints)")
     return RestoreResult(manifest, manifest.audit_sequence, claim, report, target)
@@ -381,3 +391,25 @@ def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path 
 def _install_checkpoint_log(settings: Settings, checkpoints: list[Checkpoint]) -> None:
     path = settings.home / settings.guardian.checkpoint_file
     write_private_file(path, "".join(c.to_json() + "\n" for c in checkpoints).encode())
+
+
+def _install_blobs(source: Path, target: Path, progress: Progress) -> None:
+    """The backup's uploaded blobs into the home, where the broker serves them: the
+    restored jobs name them as payloads and results. Content-addressed (the name is the
+    SHA-256), so a blob already in the home is the same one and stays."""
+    if not source.is_dir():
+        return
+    copied = 0
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        destination = target / path.relative_to(source)
+        if destination.exists():
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(path, partial)
+        with partial.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, destination)
+        fsync_directory(destination.parent)
+        copied += 1
+    progress.step(f"blobs: {copied} restored into {target}")
