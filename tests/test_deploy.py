@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
 from federation.config import GrpcConfig, Settings
+from federation.denylist import add_denial, read_denials
 from federation.pki import CertificateFiles
 from federation.pki.bundle import BundleSpec, build_bundle, write_bundle
 from tests.nodes_support import free_port
@@ -80,6 +81,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     wheel = next(wheels.glob("federation-*.whl"))
     ca = TestPKI(base / "ca-home")
     ca.identity("admin", "operator")
+    add_denial(ca.home / "pki" / "denied.json", serial="5f3a", identity="",
+               reason="laptop stolen")
     (base / "bundles").mkdir()
     bundle = build_bundle(ca.ca, Settings(home=ca.home),
                           BundleSpec("gpu1", ("inference", "gateway"), ("localhost",),
@@ -100,6 +103,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         "federation_extra_site_packages": sysconfig.get_paths()["purelib"],
         "federation_bundle_dir": str(base / "bundles"),
         "federation_pgpass_dir": str(credentials),
+        "federation_deny_list": str(ca.home / "pki" / "denied.json"),
         "federation_trust_domain": TRUST_DOMAIN,
         "federation_database_host": "127.0.0.1",
         "federation_database_name": "federation",
@@ -154,6 +158,8 @@ def test_the_host_holds_its_bundle_config_units_and_credentials(installed: Insta
     assert "passfile=%d/pgpass" in drop_in and "sslmode=verify-full" in drop_in
     assert not (units / "federation@inference.service.d").exists()  # no database role
     assert (root / INSTALLED_CLI.lstrip("/")).exists()
+    # The CA host's deny list reaches every host: the compromise runbook relies on it.
+    assert [d.serial for d in read_denials(home / "pki" / "denied.json")] == ["5f3a"]
 
 
 def _as_installed(text: str, root: Path) -> str:
