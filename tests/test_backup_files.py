@@ -109,6 +109,28 @@ async def test_restore_puts_the_backups_blobs_back_into_the_home(
     assert "blobs: 1 restored" in err
 
 
+async def test_restore_brings_back_the_deny_list(
+        database: Database, pg_admin_url: str, tmp_path: Path) -> None:
+    """``pki/denied.json`` is not in the database: a home restored without it would
+    accept again every certificate denied before the loss (a stolen laptop's)."""
+    source = tmp_path / "source-home"
+    code, _, err = await federation(source, "certs", "deny", "--serial", "5f3a",
+                                    "--reason", "laptop stolen")
+    assert code == 0, err
+    code, _, err = await federation(source, "backup", "--out", str(tmp_path / "b"),
+                                    database_url=database.url)
+    assert code == 0, err
+
+    pki = TestPKI(tmp_path / "home")
+    async with fresh_database_url(pg_admin_url) as empty:
+        code, _, err = await federation(pki.home, "restore", str(tmp_path / "b"),
+                                        database_url=empty)
+        assert code == 0, err
+    code, out, err = await federation(pki.home, "certs", "denied", "--json")
+    assert code == 0, err
+    assert [(d["serial"], d["reason"]) for d in json.loads(out)] == [("5f3a", "laptop stolen")]
+
+
 def _corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

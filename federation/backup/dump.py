@@ -30,6 +30,7 @@ from federation.backup import BackupError
 from federation.backup.manifest import (
     BLOBS_DIR,
     CHECKPOINTS_NAME,
+    DENY_LIST_NAME,
     DUMP_NAME,
     Manifest,
     checksum_tree,
@@ -141,6 +142,7 @@ async def _write_backup(settings: Settings, directory: Path, progress: Progress)
     covering = [c for c in checkpoints if c.sequence <= sequence]
     newest = max(covering, key=lambda c: c.sequence, default=None)
     _write_checkpoints(directory / CHECKPOINTS_NAME, checkpoints)
+    _copy_deny_list(settings.home / settings.grpc.deny_list_file, directory / DENY_LIST_NAME)
     blob_seconds = _copy_blobs(settings.home / BLOBS_DIR, directory / BLOBS_DIR, progress)
     return Manifest(
         backup_id=f"bk_{taken_at:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:8]}",
@@ -258,6 +260,13 @@ def read_checkpoint_file(path: Path) -> list[Checkpoint]:
 
 def _write_checkpoints(path: Path, checkpoints: list[Checkpoint]) -> None:
     path.write_text("".join(c.to_json() + "\n" for c in checkpoints))
+
+
+def _copy_deny_list(source: Path, target: Path) -> None:
+    """The certificates every server refuses (``federation certs deny``): not in the
+    database, and a home restored without them would accept a stolen certificate again."""
+    if source.is_file():
+        shutil.copyfile(source, target)
 
 
 def _copy_blobs(source: Path, target: Path, progress: Progress) -> float:

@@ -17,6 +17,7 @@ FORMAT: Final = "federation-backup/1"
 DUMP_NAME: Final = "database.dump"
 CHECKPOINTS_NAME: Final = "checkpoints.jsonl"
 BLOBS_DIR: Final = "blobs"
+DENY_LIST_NAME: Final = "denied.json"
 _CHUNK: Final = 1024 * 1024
 
 

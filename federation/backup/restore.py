@@ -43,6 +43,7 @@ from federation.backup.dump import Progress, read_checkpoint_file
 from federation.backup.manifest import (
     BLOBS_DIR,
     CHECKPOINTS_NAME,
+    DENY_LIST_NAME,
     DUMP_NAME,
     Manifest,
     verify_files,
@@ -136,6 +137,8 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
     if not scratch and checkpoints:
         _install_checkpoint_log(settings, checkpoints)
     if not scratch:
+        _install_deny_list(directory / DENY_LIST_NAME,
+                           settings.home / settings.grpc.deny_list_file, progress)
         _install_blobs(directory / BLOBS_DIR, settings.home / BLOBS_DIR, progress)
     progress.step(f"audit chain intact: {report.records_checked} records verified "
                   f"({len(checkpoints)} guardian checkpoints)")
@@ -413,3 +416,18 @@ def _install_blobs(source: Path, target: Path, progress: Progress) -> None:
         fsync_directory(destination.parent)
         copied += 1
     progress.step(f"blobs: {copied} restored into {target}")
+
+
+def _install_deny_list(source: Path, target: Path, progress: Progress) -> None:
+    """The backup's deny list into a home that has none: without it, the restored
+    federation's servers would accept every certificate denied before the loss. A home
+    that has one keeps it (it may be newer; copy entries over with ``certs deny``)."""
+    if not source.is_file():
+        return
+    if target.exists():
+        if target.read_bytes() != source.read_bytes():
+            progress.step(f"deny list: kept {target}; the backup's differs ({source})")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copyfile(source, target)
+    progress.step(f"deny list: restored into {target}")
