@@ -23,7 +23,7 @@ from federation.memory.store import MemoryStore
 from tests.support import TestPKI
 
 UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
-INSTALLED_CLI = "/usr/local/bin/federation"
+INSTALLED_CLI = "/opt/federation/venv/bin/federation"
 ENVIRONMENT_FILE = "/etc/federation/backup.env"
 
 
@@ -52,6 +52,14 @@ def environment(path: Path) -> dict[str, str]:
             name, value = line.split("=", 1)
             env[name] = value
     return env
+
+
+def test_the_units_run_the_federation_the_nodes_run() -> None:
+    """The backup units and the nodes' unit name the same installed ``federation``: a
+    deployed host has only the one the playbook installs."""
+    node = exec_start(UNITS / "federation@.service")[0]
+    assert node == INSTALLED_CLI
+    assert {exec_start(unit)[0] for unit in UNITS.glob("federation-*.service")} == {node}
 
 
 def test_the_units_verify(tmp_path: Path) -> None:
