@@ -44,3 +44,31 @@ def test_bad_values_and_unknown_keys_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "federation.toml").write_text("[gateway\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+
+
+def _load_toml(home: Path, text: str) -> None:
+    (home / "federation.toml").write_text(text)
+    load_settings({}, {"FEDERATION_HOME": str(home)})
+
+
+@pytest.mark.parametrize(("text", "setting"), [
+    ("[gateway]\nhttp_port = 8080.7\n", "gateway.http_port"),
+    ("[gateway]\nmax_body_bytes = true\n", "gateway.max_body_bytes"),
+    ("[database]\nmigrate = 0\n", "database.migrate"),
+    ("[peers]\nkeys = ['a:1', 'b:2']\n", "peers.keys"),
+    ("[gateway]\nhttp_host = 1979-05-27\n", "gateway.http_host"),
+    ("[grpc]\ncall_timeout_seconds = false\n", "grpc.call_timeout_seconds"),
+])
+def test_toml_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str,
+                                                   setting: str) -> None:
+    """A TOML value is never converted: ``8080.7`` is not a port, ``true`` not a size."""
+    with pytest.raises(ConfigError, match=rf"setting {setting}: cannot use"):
+        _load_toml(tmp_path, text)
+
+
+def test_toml_values_of_the_right_type_still_load(tmp_path: Path) -> None:
+    (tmp_path / "federation.toml").write_text(
+        "[grpc]\ncall_timeout_seconds = 7\n[database]\nmigrate = false\n")
+    settings = load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+    assert settings.grpc.call_timeout_seconds == 7.0
+    assert settings.database.migrate is False

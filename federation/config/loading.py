@@ -119,16 +119,35 @@ def _coerce(name: str, value: Any, hinted: Any) -> Any:
     if isinstance(hinted, types.UnionType):
         target = next(t for t in typing.get_args(hinted) if t is not type(None))
     try:
-        if target is bool and isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-                raise ValueError(value)
-            return lowered in {"1", "true", "yes", "on"}
-        if target is Path:
-            return Path(value)
-        return target(value)
+        return _convert(value, target)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name}: cannot use {value!r} as {target.__name__}") from exc
+
+
+def _convert(value: Any, target: type) -> Any:
+    """``value`` as ``target``: text (the environment, flags) is parsed; a TOML value must
+    already have the type, because a conversion would silently change it (``8080.7``
+    truncated to a port, ``true`` taken as 1 byte, a list turned into its ``repr``)."""
+    if isinstance(value, str):
+        if target is bool:
+            lowered = value.strip().lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError(value)
+            return lowered in _TRUE
+        return Path(value) if target is Path else target(value)
+    if isinstance(value, bool):
+        if target is bool:
+            return value
+        raise TypeError(value)
+    if target is float and isinstance(value, int | float):
+        return float(value)
+    if target is int and isinstance(value, int):
+        return value
+    raise TypeError(value)
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _coerce_table_list(name: str, value: Any, hinted: Any) -> tuple[Any, ...]:
