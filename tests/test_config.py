@@ -72,3 +72,23 @@ def test_toml_values_of_the_right_type_still_load(tmp_path: Path) -> None:
     settings = load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
     assert settings.grpc.call_timeout_seconds == 7.0
     assert settings.database.migrate is False
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("home = '/elsewhere'\n", "home cannot be set in the file"),
+    ("gateway = 5\n", r"setting gateway is a section"),
+])
+def test_settings_the_file_cannot_hold_are_refused(tmp_path: Path, text: str,
+                                                   message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load_toml(tmp_path, text)
+
+
+def test_a_file_that_is_not_utf8_or_not_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "federation.toml").write_bytes(b'[gateway]\nhttp_host = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"federation\.toml: not valid TOML"):
+        load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+    (tmp_path / "federation.toml").unlink()
+    (tmp_path / "federation.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"federation\.toml: not a regular file"):
+        load_settings({}, {"FEDERATION_HOME": str(tmp_path)})

@@ -73,12 +73,18 @@ def _from_environ(settings_type: type, environ: Mapping[str, str]) -> dict[str, 
 
 
 def _from_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    if "home" in data:
+        # The file is found through the home: a home written in it could never apply.
+        raise ConfigError(f"{path}: setting home cannot be set in the file; "
+                          "use --home or FEDERATION_HOME")
     values: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
@@ -105,6 +111,8 @@ def _build(cls: type, flat: Mapping[str, Any], prefix: str) -> Any:
         hinted = hints[item.name]
         key = prefix + item.name
         if dataclasses.is_dataclass(hinted) and isinstance(hinted, type):
+            if key in flat:
+                raise ConfigError(f"setting {key} is a section: write [{key}] and its keys")
             nested = {k: v for k, v in flat.items() if k.startswith(key + ".")}
             kwargs[item.name] = _build(hinted, nested, key + ".")
         elif key in flat:
