@@ -92,3 +92,16 @@ def test_a_file_that_is_not_utf8_or_not_a_file_is_a_clear_error(tmp_path: Path) 
     (tmp_path / "federation.toml").mkdir()
     with pytest.raises(ConfigError, match=r"federation\.toml: not a regular file"):
         load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+
+
+def test_errors_in_a_list_of_tables_name_the_table(tmp_path: Path) -> None:
+    text = "[[inference.models]]\nid = 'a'\n[[inference.models]]\nid = 'b'\nbackend = 1\n"
+    with pytest.raises(ConfigError, match=r"setting inference\.models\[1\]\.backend: cannot"):
+        _load_toml(tmp_path, text)
+    text = "[[inference.models]]\nid = 'a'\ngguf_pth = 'x'\n"
+    with pytest.raises(ConfigError, match=r"unknown setting 'inference\.models\[0\]\.gguf_pth'"):
+        _load_toml(tmp_path, text)
+    env = {"FEDERATION_HOME": str(tmp_path),
+           "FEDERATION_INFERENCE_MODELS": '[{"id": "t", "backend": "test"}]'}
+    (tmp_path / "federation.toml").unlink()
+    assert load_settings({}, env).inference.models[0].backend == "test"

@@ -170,6 +170,9 @@ def _coerce_table_list(name: str, value: Any, hinted: Any) -> tuple[Any, ...]:
         raise ConfigError(f"setting {name}: expected a list of tables")
     if any(isinstance(v, item_type) for v in value):
         return tuple(value)
+    # Each table's keys are named in full (``inference.models[1].gguf_path``) so that an
+    # error says which table of the list holds the typo or the bad value.
     return tuple(
-        _build(item_type, {f"{k}": v for k, v in table.items()}, prefix="") for table in value
+        _build(item_type, {f"{name}[{i}].{k}": v for k, v in table.items()}, f"{name}[{i}].")
+        for i, table in enumerate(value)
     )
