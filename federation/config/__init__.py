@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation.config import loading
+from federation.config import checks, loading
 from federation.config.processes import (
     ALL_ROLES,
     CLIENT_ONLY_ROLES,
@@ -88,9 +88,12 @@ def load_settings(
     """Resolve settings from flags (``overrides``), the environment and the file.
 
     ``overrides`` uses dotted names: ``{"gateway.http_port": 9000, "home": "/x"}``;
-    ``None`` values are ignored so that unset flags fall through.
+    ``None`` values are ignored so that unset flags fall through. A value out of its
+    range, or limits that disagree, raise :class:`ConfigError` naming the setting.
     """
-    return loading.load(Settings, Settings.home, overrides, environ)
+    settings = loading.load(Settings, Settings.home, overrides, environ)
+    checks.check(settings)
+    return settings
 
 
 __all__ = [

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import asyncpg
 
-from federation.config import ConfigError, EdgeConfig, GrpcConfig
+from federation.config import EdgeConfig, GrpcConfig
+from federation.config.checks import check_edge_limits
 from federation.db.errors import outage_error
 from federation.edge.audit import AuditOutbox
 from federation.edge.devices import DeviceRegistry, RevocationCache
@@ -26,26 +27,10 @@ from federation.pki import EdgeSigner
 log = logging.getLogger(__name__)
 
 
-_MESSAGE_FRAMING_BYTES = 64 * 1024
-"""Room a chunk or an inline payload leaves in its gRPC message for the other fields."""
-
-
 def check_limits(edge: EdgeConfig, grpc: GrpcConfig) -> None:
-    """The broker's size limits must be coherent and fit in a gRPC message: else uploads,
-    downloads or inline jobs the settings allow would fail in gRPC's own framing
-    (RESOURCE_EXHAUSTED with no word of which setting) instead of being refused by ours."""
-    if not 0 < edge.chunk_min_bytes <= edge.chunk_max_bytes:
-        raise ConfigError(f"edge.chunk_min_bytes ({edge.chunk_min_bytes}) must be positive "
-                          f"and at most edge.chunk_max_bytes ({edge.chunk_max_bytes})")
-    room = grpc.max_message_bytes - _MESSAGE_FRAMING_BYTES
-    for name, value in (("chunk_max_bytes", edge.chunk_max_bytes),
-                        ("inline_payload_max_bytes", edge.inline_payload_max_bytes)):
-        if value > room:
-            raise ConfigError(f"edge.{name} ({value}) must leave {_MESSAGE_FRAMING_BYTES} "
-                              f"bytes under grpc.max_message_bytes ({grpc.max_message_bytes})")
-    for name in ("upload_quota_bytes", "upload_commit_bytes", "max_open_jobs_per_tenant"):
-        if getattr(edge, name) <= 0:
-            raise ConfigError(f"edge.{name} must be positive")
+    """The broker's size limits must be coherent and fit in a gRPC message (checked when
+    the settings are loaded too; here for settings built in code)."""
+    check_edge_limits(edge, grpc)
 
 
 @dataclass
