@@ -189,7 +189,10 @@ class Federation:
         return env
 
     def _base_argv(self) -> list[str]:
-        return [sys.executable, "-m", "federation.cli", "--home", str(self.home)]
+        # The log level goes as a flag: given as one to `federation up` it would otherwise
+        # be lost, the children reading the environment's or the file's.
+        return [sys.executable, "-m", "federation.cli", "--home", str(self.home),
+                "--log-level", self.settings.log_level.upper()]
 
     def _node_argv(self, role: str) -> list[str]:
         return [
