@@ -105,3 +105,19 @@ def test_errors_in_a_list_of_tables_name_the_table(tmp_path: Path) -> None:
            "FEDERATION_INFERENCE_MODELS": '[{"id": "t", "backend": "test"}]'}
     (tmp_path / "federation.toml").unlink()
     assert load_settings({}, env).inference.models[0].backend == "test"
+
+
+def test_an_empty_home_is_an_error_not_the_default(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="setting home: empty"):
+        load_settings({"home": ""}, {"FEDERATION_HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match="setting home: empty"):
+        load_settings({}, {"FEDERATION_HOME": ""})
+    assert load_settings({"home": str(tmp_path)}, {"FEDERATION_HOME": ""}).home == tmp_path
+
+
+def test_an_empty_database_url_in_the_environment_beats_the_file(tmp_path: Path) -> None:
+    """Empty means embedded; the environment wins over the file, as the flag does."""
+    (tmp_path / "federation.toml").write_text("[database]\nurl = 'postgresql://db1/x'\n")
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_DATABASE_URL": ""}
+    assert load_settings({}, env).database.url == ""
+    assert load_settings({"database.url": ""}, env).database.url == ""

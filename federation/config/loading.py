@@ -43,7 +43,7 @@ def load(settings_type: type[T], default_home: Path, overrides: Mapping[str, Any
     flat: dict[str, Any] = {}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     env_values = _from_environ(settings_type, environ)
-    home = Path(flags.get("home") or env_values.get("home") or default_home)
+    home = _home(flags.get("home", env_values.get("home")), default_home)
     flat.update(_from_file(home / "federation.toml"))
     flat.update(env_values)
     flat.update(flags)
@@ -52,10 +52,23 @@ def load(settings_type: type[T], default_home: Path, overrides: Mapping[str, Any
     return settings
 
 
+def _home(given: Any, default_home: Path) -> Path:
+    """The home a flag or the environment names; an empty one is an error, not the
+    default (``./.federation``, wherever the command happens to run)."""
+    if given is None:
+        return default_home
+    if not str(given).strip():
+        raise ConfigError("setting home: empty; name a directory with --home or "
+                          "FEDERATION_HOME, or leave both unset for ./.federation")
+    return Path(given)
+
+
 def _from_environ(settings_type: type, environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, path in _SHORT_ENV_NAMES.items():
-        if environ.get(name):
+        # Set but empty is a value, as with every other variable and as with the flags:
+        # FEDERATION_DATABASE_URL="" means embedded, whatever the file says.
+        if name in environ:
             values[".".join(path)] = environ[name]
     hints = typing.get_type_hints(settings_type)
     for section in dataclasses.fields(settings_type):
