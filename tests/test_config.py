@@ -121,3 +121,14 @@ def test_an_empty_database_url_in_the_environment_beats_the_file(tmp_path: Path)
     env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_DATABASE_URL": ""}
     assert load_settings({}, env).database.url == ""
     assert load_settings({"database.url": ""}, env).database.url == ""
+
+
+def test_a_misspelt_variable_of_a_section_is_an_error(tmp_path: Path) -> None:
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_GATEWAY_HTTP_PROT": "9000"}
+    with pytest.raises(ConfigError, match=r"unknown setting gateway\.http_prot \(environment "
+                                          r"variable FEDERATION_GATEWAY_HTTP_PROT\)"):
+        load_settings({}, env)
+    # Names outside every section's namespace are not ours to judge.
+    env = {"FEDERATION_HOME": str(tmp_path), "FEDERATION_KEY": "sk-…",
+           "FEDERATION_TEST_DATABASE_URL": "postgresql://x/y"}
+    assert load_settings({}, env).home == tmp_path

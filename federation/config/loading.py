@@ -82,7 +82,20 @@ def _from_environ(settings_type: type, environ: Mapping[str, str]) -> dict[str, 
             env_name = f"FEDERATION_{section.name.upper()}_{item.name.upper()}"
             if env_name in environ and env_name not in _SHORT_ENV_NAMES:
                 values[f"{section.name}.{item.name}"] = environ[env_name]
+        _refuse_unknown(environ, section.name, section_type)
     return values
+
+
+def _refuse_unknown(environ: Mapping[str, str], section: str, section_type: type) -> None:
+    """A variable in a section's namespace that names none of its settings is a typo
+    (``FEDERATION_GATEWAY_HTTP_PROT``), refused as one in the file is. Other
+    ``FEDERATION_*`` names are left alone: a shell may hold ``FEDERATION_KEY``."""
+    prefix = f"FEDERATION_{section.upper()}_"
+    known = {prefix + item.name.upper() for item in dataclasses.fields(section_type)}
+    for name in environ:
+        if name.startswith(prefix) and name not in known:
+            raise ConfigError(f"unknown setting {section}.{name[len(prefix):].lower()} "
+                              f"(environment variable {name})")
 
 
 def _from_file(path: Path) -> dict[str, Any]:
