@@ -452,8 +452,9 @@ class CouncilConfig:
     otherwise loop inside a string ("1.1.1.1…") until max_tokens cuts the object."""
 
     members_file: str = ""
-    """A members TOML replacing the shipped one. Empty: ``$FEDERATION_HOME/council/
-    members.toml`` if it exists, else the file shipped in ``federation/council``."""
+    """A members TOML replacing the shipped one (relative to the home, or absolute).
+    Empty: ``$FEDERATION_HOME/council/members.toml`` if it exists, else the file shipped
+    in ``federation/council``."""
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,12 @@ class Roster:
 
 
 def members_file_for(home: Path, override: str = "") -> Path:
-    """Which members file applies: explicit override, then the home's, then the shipped one."""
+    """Which members file applies: explicit override, then the home's, then the shipped one.
+
+    A relative override is in the home, like every other file a setting names: the
+    processes of ``federation up`` and of systemd run in no particular directory."""
     if override:
-        return Path(override)
+        return home / override
     candidate = home / HOME_MEMBERS_FILE
     return candidate if candidate.is_file() else SHIPPED_MEMBERS_FILE
 

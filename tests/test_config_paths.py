@@ -1,0 +1,26 @@
+"""File settings name files relative to the home, whatever the working directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from federation.config import load_settings
+from federation.council.members import SHIPPED_MEMBERS_FILE, load_roster, members_file_for
+
+
+def test_a_relative_members_file_is_in_the_home(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(SHIPPED_MEMBERS_FILE, home / "our-members.toml")
+    (home / "federation.toml").write_text("[council]\nmembers_file = 'our-members.toml'\n")
+    monkeypatch.chdir(tmp_path)  # where `federation up` was started, not the home
+    settings = load_settings({}, {"FEDERATION_HOME": str(home)})
+    path = members_file_for(settings.home, settings.council.members_file)
+    assert path == home / "our-members.toml"
+    assert load_roster(path).members
+    absolute = members_file_for(settings.home, str(SHIPPED_MEMBERS_FILE))
+    assert absolute == SHIPPED_MEMBERS_FILE
