@@ -24,3 +24,19 @@ def test_a_relative_members_file_is_in_the_home(tmp_path: Path,
     assert load_roster(path).members
     absolute = members_file_for(settings.home, str(SHIPPED_MEMBERS_FILE))
     assert absolute == SHIPPED_MEMBERS_FILE
+
+
+async def test_a_missing_or_unusable_gguf_path_is_a_config_error(tmp_path: Path) -> None:
+    """`federation node --role inference` then prints one line naming the setting, not
+    llama.cpp's ValueError traceback."""
+    from federation.config import ConfigError, ModelConfig
+    from federation.inference.llamacpp import LlamaCppBackend
+
+    missing = ModelConfig(id="m", gguf_path=str(tmp_path / "absent.gguf"))
+    with pytest.raises(ConfigError, match=r"inference\.models\[\]\.gguf_path of model 'm'.*"
+                                          r"no such file"):
+        await LlamaCppBackend(missing).start()
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    unusable = ModelConfig(id="m", gguf_path=str(tmp_path / "text.gguf"))
+    with pytest.raises(ConfigError, match=r"gguf_path\): .*text\.gguf: not a usable GGUF"):
+        await LlamaCppBackend(unusable).start()

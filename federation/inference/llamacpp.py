@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation.config import ModelConfig
+from federation.config import ConfigError, ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference import llamacpp_run
 from federation.inference.grammar import json_schema_grammar
@@ -104,7 +104,15 @@ class LlamaCppBackend:
 
     async def start(self) -> None:
         path = Path(self._config.gguf_path) if self._config.gguf_path else embedded_model_path()
-        self._model = await asyncio.to_thread(self._load, path)
+        if self._config.gguf_path and not path.is_file():
+            raise ConfigError(f"setting inference.models[].gguf_path of model "
+                              f"{self._config.id!r}: {path}: no such file")
+        try:
+            self._model = await asyncio.to_thread(self._load, path)
+        except ValueError as exc:
+            # llama.cpp says only "Failed to load model from file": name the setting.
+            raise ConfigError(f"model {self._config.id!r} (inference.models[].gguf_path): "
+                              f"{path}: not a usable GGUF model: {exc}") from exc
         if self._config.embeddings:
             self._embedder = await asyncio.to_thread(self._load_embedder, path)
         log.info("model loaded", extra={"model": self._config.id, "path": str(path)})
