@@ -139,10 +139,16 @@ class NodeServer:
             ],
             server,
         )
-        if self._credentials is None:
-            self.port = server.add_insecure_port(self._listen)
-        else:
-            self.port = server.add_secure_port(self._listen, self._tls(require_client_auth=True))
+        try:
+            if self._credentials is None:
+                self.port = server.add_insecure_port(self._listen)
+            else:
+                self.port = server.add_secure_port(self._listen,
+                                                   self._tls(require_client_auth=True))
+        except RuntimeError as exc:
+            # A host that does not resolve or is not ours (nodes.host, --listen): gRPC
+            # raises a bare RuntimeError, which would end the node in a traceback.
+            raise OSError(f"could not listen on {self._listen}: {exc}") from exc
         if self.port == 0:
             raise OSError(f"could not listen on {self._listen}")
         if self._enrollment_listen is not None and self._credentials is not None:

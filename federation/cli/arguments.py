@@ -54,6 +54,19 @@ def ip_address(text: str) -> str:
     return text
 
 
+port = integer(0, 65535)
+"""A TCP port; 0 picks a free one. (gRPC and the OS would silently take 70000 as 4464.)"""
+
+
+def listen_address(text: str) -> str:
+    """``HOST:PORT`` to serve on (``[::1]:PORT`` for IPv6), the port checked as :data:`port`."""
+    host, colon, number = text.rpartition(":")
+    if not colon or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    port(number)
+    return text
+
+
 def days(text: str) -> float:
     """A number of days, 0 to a century (fractions allowed)."""
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from federation import logs
+from federation.cli.arguments import listen_address, port
 from federation.config import ROLES_WITH_SERVICES, Settings
 from federation.errors import CommandError
 from federation.launch.up import run_federation
@@ -35,9 +36,10 @@ def _add_node(commands: Any) -> None:
     node = commands.add_parser("node", help="run one role as a gRPC daemon")
     # The roles a process serves: admin (the operator) and edge (a device) have none.
     node.add_argument("--role", required=True, choices=(*ROLES_WITH_SERVICES, "gateway"))
-    node.add_argument("--listen", help="HOST:PORT to serve on (port 0 picks a free one)")
+    node.add_argument("--listen", type=listen_address,
+                      help="HOST:PORT to serve on (port 0 picks a free one)")
     node.add_argument(
-        "--metrics-port", type=int,
+        "--metrics-port", type=port,
         help="Prometheus /metrics port (default: nodes.<role>_metrics_port; 0 picks a free one)")
     node.add_argument("--name", help="node name in the identity (default: node_name setting)")
     node.add_argument(
@@ -52,7 +54,7 @@ def _add_node(commands: Any) -> None:
 
 def _add_up(commands: Any) -> None:
     up = commands.add_parser("up", help="run the whole federation on this machine")
-    up.add_argument("--http-port", type=int, help="gateway HTTP port (default 8080; 0 = free)")
+    up.add_argument("--http-port", type=port, help="gateway HTTP port (default 8080; 0 = free)")
     up.add_argument("--http-host", help="gateway HTTP host (default 127.0.0.1)")
     up.add_argument("--database-url", help="external PostgreSQL (default: embedded)")
     up.add_argument("--json", action="store_true", help="print endpoints as JSON when ready")
@@ -61,7 +63,7 @@ def _add_up(commands: Any) -> None:
 
 def _add_gateway(commands: Any) -> None:
     gateway = commands.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
-    gateway.add_argument("--http-port", type=int, help="HTTP port (default 8080; 0 = free)")
+    gateway.add_argument("--http-port", type=port, help="HTTP port (default 8080; 0 = free)")
     gateway.add_argument("--http-host", help="HTTP host (default 127.0.0.1)")
     gateway.add_argument("--ready-file", help="write the bound port here as JSON once serving")
     gateway.add_argument("--lifeline-fd", type=int, help=_LIFELINE_HELP)

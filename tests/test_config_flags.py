@@ -1,0 +1,43 @@
+"""Flags of the process commands that give settings are checked like the settings: a
+port past 65535 is not taken modulo 65536, an address that cannot be bound is one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _run(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+    return subprocess.run([sys.executable, "-m", "federation.cli", "--home", str(home), *argv],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ("node", "--role", "inference", "--insecure-dev", "--listen", "127.0.0.1:99999"),
+    ("node", "--role", "inference", "--insecure-dev", "--listen", "no-port"),
+    ("node", "--role", "inference", "--insecure-dev", "--metrics-port", "70000"),
+    ("up", "--http-port", "70000"),
+    ("gateway", "--http-port", "-1"),
+])
+def test_a_port_out_of_range_is_refused_by_its_flag(tmp_path: Path,
+                                                    argv: tuple[str, ...]) -> None:
+    run = _run(tmp_path, *argv)
+    assert run.returncode == 2, run.stderr
+    flag = next(a for a in reversed(argv) if a.startswith("--") and a != "--insecure-dev")
+    assert f"argument {flag}:" in run.stderr.strip().splitlines()[-1], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "federation.toml").write_text(
+        "[[inference.models]]\nid = 'm'\nbackend = 'test'\n")
+    run = _run(tmp_path, "node", "--role", "inference", "--insecure-dev",
+               "--listen", "256.0.0.1:0")
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "federation: error: could not listen on 256.0.0.1:0" in run.stderr
