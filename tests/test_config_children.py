@@ -26,3 +26,18 @@ def test_children_of_up_get_the_log_level_flag(tmp_path: Path) -> None:
     for argv in (federation._node_argv("keys"), federation._gateway_argv()):
         child_args = parser.parse_args(argv[3:])  # past `python -m federation.cli`
         assert load_settings(_overrides(child_args), env).log_level == "DEBUG"
+
+
+def test_up_uses_the_configured_ports_of_every_node(tmp_path: Path) -> None:
+    """Fixed gRPC and metrics ports in federation.toml are the ones `federation up` hands
+    its nodes; only the ones left at 0 are picked."""
+    (tmp_path / "federation.toml").write_text(
+        "[gateway]\nhttp_port = 0\n[nodes]\nkeys_port = 45101\nkeys_metrics_port = 45102\n")
+    settings = load_settings({}, {"FEDERATION_HOME": str(tmp_path)})
+    federation = Federation(settings, Progress(io.StringIO()))
+    federation._allocate_ports()
+    assert federation.ports["keys"] == 45101
+    assert federation.metrics_ports["keys"] == 45102
+    assert "--metrics-port" in (argv := federation._node_argv("keys"))
+    assert argv[argv.index("--metrics-port") + 1] == "45102"
+    assert federation.metrics_ports["memory"] not in (0, 45102)

@@ -116,8 +116,9 @@ class NodeConfig:
     inference_metrics_port: int = 0
     council_metrics_port: int = 0
     broker_metrics_port: int = 0
-    """Each role's Prometheus port on ``metrics_host``. 0 picks a free one (``federation up``
-    chooses them itself); a deployment fixes them so Prometheus finds every node."""
+    """Each role's Prometheus port on ``metrics_host``. 0 picks a free one (under
+    ``federation up``, listed in ``endpoints.json``); a deployment fixes them so
+    Prometheus finds every node, and ``federation up`` uses a fixed one too."""
     startup_timeout_seconds: float = 60.0
     """How long ``federation up`` waits for every role to report SERVING."""
 

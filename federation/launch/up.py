@@ -168,7 +168,8 @@ class Federation:
         with _FreePorts() as free:
             for role in ROLES_WITH_SERVICES:
                 self.ports[role] = self.settings.port_for(role) or free.pick(host)
-                self.metrics_ports[role] = free.pick(self.settings.nodes.metrics_host)
+                self.metrics_ports[role] = (self.settings.nodes.metrics_port_for(role)
+                                            or free.pick(self.settings.nodes.metrics_host))
             self.ports["enrollment"] = self.settings.edge.enrollment_port or free.pick(host)
             self.http_port = self.http_port or free.pick(self.settings.gateway.http_host)
 
