@@ -87,3 +87,18 @@ def test_commands_refuse_a_bad_setting_in_one_line(tmp_path: Path, command: list
     assert result.stderr.splitlines() == [
         "federation: error: setting grpc.max_message_bytes: must be at least 1, not 0"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["federation.toml"]
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("node_name = ''\n", r"setting node_name: must not be empty"),
+    ("trust_domain = ' '\n", r"setting trust_domain: must not be empty"),
+    ("[nodes]\nhost = ''\n", r"setting nodes\.host: must not be empty"),
+    ("[[inference.models]]\nid = 'm'\nbackend = 'openai'\n",
+     r"setting inference\.models\[0\]\.base_url: must not be empty"),
+    ("[[inference.models]]\nid = 'm'\nbackend = 'test'\n[[inference.models]]\nid = 'm'\n",
+     r"setting inference\.models\[1\]\.id: 'm' is already another model's"),
+])
+def test_empty_names_and_incomplete_models_are_refused(tmp_path: Path, toml: str,
+                                                       message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, toml)

@@ -65,12 +65,41 @@ def check(settings: Settings) -> None:
         value = getattr(settings, section.name)
         if dataclasses.is_dataclass(value):
             _check_section(section.name, value)
-    for i, model in enumerate(settings.inference.models):
-        _check_values(f"inference.models[{i}].", model, short=True)
-        _one_of(f"inference.models[{i}].backend", model.backend, MODEL_BACKENDS)
+    _check_models(settings)
+    _check_names(settings)
     _check_choices(settings)
     _check_agreement(settings)
     check_edge_limits(settings.edge, settings.grpc)
+
+
+def _check_models(settings: Settings) -> None:
+    seen: set[str] = set()
+    for i, model in enumerate(settings.inference.models):
+        where = f"inference.models[{i}]"
+        _check_values(f"{where}.", model, short=True)
+        _one_of(f"{where}.backend", model.backend, MODEL_BACKENDS)
+        _not_empty(f"{where}.id", model.id)
+        if model.id in seen:
+            raise ConfigError(f"setting {where}.id: {model.id!r} is already another model's")
+        seen.add(model.id)
+        if model.backend == "openai":
+            _not_empty(f"{where}.base_url", model.base_url)
+
+
+def _check_names(settings: Settings) -> None:
+    """Names that go into identities and addresses: empty, they make a certificate for
+    ``spiffe://federation.local/node//keys`` or a server listening on ``:0``."""
+    for name, value in (("trust_domain", settings.trust_domain),
+                        ("node_name", settings.node_name),
+                        ("nodes.host", settings.nodes.host),
+                        ("nodes.metrics_host", settings.nodes.metrics_host),
+                        ("gateway.http_host", settings.gateway.http_host)):
+        _not_empty(name, value)
+
+
+def _not_empty(name: str, value: str) -> None:
+    if not value.strip():
+        raise ConfigError(f"setting {name}: must not be empty")
 
 
 def _check_section(name: str, section: Any) -> None:
