@@ -54,6 +54,8 @@ class Settings:
     """SPIFFE trust domain of every identity this federation issues."""
 
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR (any case); ``federation up`` hands it to its children."""
+
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     nodes: NodeConfig = field(default_factory=NodeConfig)
