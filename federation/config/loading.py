@@ -5,7 +5,10 @@ variables, the TOML file ``$FEDERATION_HOME/federation.toml``, then the defaults
 written in the section dataclasses. Environment variables are named
 ``FEDERATION_<SECTION>_<FIELD>`` (for example ``FEDERATION_GATEWAY_HTTP_PORT``);
 ``FEDERATION_HOME`` and ``FEDERATION_DATABASE_URL`` are the two documented short
-forms. Nothing in the project reads ``os.environ`` outside this module.
+forms. A misspelt ``FEDERATION_<SECTION>_*`` variable is refused like a misspelt key.
+Nothing in the project reads a setting from ``os.environ`` outside this module; the
+supervisor (``federation.launch.up``) and the backup (``federation.backup.postgres``)
+copy the environment whole, for the processes they start.
 """
 
 from __future__ import annotations
