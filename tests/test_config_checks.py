@@ -102,3 +102,16 @@ def test_empty_names_and_incomplete_models_are_refused(tmp_path: Path, toml: str
                                                        message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, toml)
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[grpc]\nmax_message_bytes = 2147483648\n", r"grpc\.max_message_bytes: at most 2147483647"),
+    ("[grpc]\nkeepalive_seconds = 3000000\n", r"grpc\.keepalive_seconds: at most 2147483 sec"),
+    ("[pki]\nroot_validity_days = 1e7\n", r"pki\.root_validity_days: .* longer than a century"),
+    ("[edge]\ntoken_ttl_seconds = 1e300\n", r"edge\.token_ttl_seconds: .* longer than a century"),
+])
+def test_values_too_large_for_what_they_become_are_refused(tmp_path: Path, toml: str,
+                                                           message: str) -> None:
+    """gRPC's C ints and x509's dates end in an OverflowError traceback past these."""
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, toml)

@@ -23,6 +23,12 @@ MESSAGE_FRAMING_BYTES = 64 * 1024
 """Room a payload (a chunk, an inline job, a request body, a secret) leaves in its gRPC
 message for the message's other fields."""
 
+LONGEST_SECONDS = 100 * 365 * 86400.0
+"""A century: longer durations overflow the timers and certificate dates they become."""
+
+C_INT_MAX = 2**31 - 1
+"""gRPC takes its options as C ints: a larger one is an OverflowError at the first channel."""
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 GATEWAY_TLS_MODES = ("off", "federation", "files")
 MODEL_BACKENDS = ("llamacpp", "openai", "test", "council-scripted")
@@ -68,6 +74,7 @@ def check(settings: Settings) -> None:
     _check_models(settings)
     _check_names(settings)
     _check_choices(settings)
+    _check_grpc_options(settings)
     _check_agreement(settings)
     check_edge_limits(settings.edge, settings.grpc)
 
@@ -127,10 +134,11 @@ def _check_values(prefix: str, section: Any, *, short: bool) -> None:
 
 
 def _duration(name: str, value: float, *, may_be_zero: bool) -> None:
+    unit = "seconds" if name.endswith("_seconds") else "days"
     if value < 0 or (value == 0 and not may_be_zero):
-        raise ConfigError(f"setting {name}: must be more than 0 seconds, not {value}"
-                          if name.endswith("_seconds")
-                          else f"setting {name}: must be more than 0 days, not {value}")
+        raise ConfigError(f"setting {name}: must be more than 0 {unit}, not {value}")
+    if value * (1 if unit == "seconds" else 86400) > LONGEST_SECONDS:
+        raise ConfigError(f"setting {name}: {value} {unit} is longer than a century")
 
 
 def _count(name: str, value: int, *, positive: bool) -> None:
@@ -148,6 +156,18 @@ def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 def _between(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(f"setting {name}: must be between {low} and {high}, not {value}")
+
+
+def _check_grpc_options(settings: Settings) -> None:
+    grpc = settings.grpc
+    if grpc.max_message_bytes > C_INT_MAX:
+        raise ConfigError(f"setting grpc.max_message_bytes: at most {C_INT_MAX}, "
+                          f"not {grpc.max_message_bytes}")
+    for name in ("keepalive_seconds", "reconnect_initial_backoff_seconds",
+                 "reconnect_max_backoff_seconds"):
+        if getattr(grpc, name) * 1000 > C_INT_MAX:  # passed in milliseconds
+            raise ConfigError(f"setting grpc.{name}: at most {C_INT_MAX // 1000} seconds, "
+                              f"not {getattr(grpc, name)}")
 
 
 def _check_choices(settings: Settings) -> None:
