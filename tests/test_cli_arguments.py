@@ -58,7 +58,8 @@ def cli(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
      "--quota-period is the period of --token-quota"),
     (("audit", "trail", " "), "a request id is needed"),
     (("db", "status", "--url", "nonsense"), "not a PostgreSQL URL"),
-    (("db", "migrate", "--database-url", "nonsense"), "--database-url: invalid DSN"),
+    (("db", "migrate", "--database-url", "nonsense"), "--database-url, FEDERATION_DATABASE_URL): "
+     "not a PostgreSQL URL"),
 ])
 def test_a_request_that_asks_for_nothing_or_everything_is_refused(
         tmp_path: Path, argv: tuple[str, ...], says: str) -> None:

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 
-def _run(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+def _run(home: Path, *argv: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
     return subprocess.run([sys.executable, "-m", "federation.cli", "--home", str(home), *argv],
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+                          env=clean | (env or {}), capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 @pytest.mark.parametrize("argv", [
@@ -41,3 +43,18 @@ def test_an_address_that_cannot_be_bound_is_one_line(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr
     assert "federation: error: could not listen on 256.0.0.1:0" in run.stderr
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("nonsense", "setting database.url (--database-url, FEDERATION_DATABASE_URL): not a "
+                 "PostgreSQL URL"),
+    ("postgresql://u@127.0.0.1:abc/db", "the database URL is not usable: invalid literal"),
+    ("postgresql://u@127.0.0.1/db?sslmode=bogus", "the database URL is not usable: `sslmode`"),
+])
+def test_a_malformed_database_url_is_one_line(tmp_path: Path, url: str, says: str) -> None:
+    run = _run(tmp_path, "node", "--role", "keys", "--insecure-dev", "--listen", "127.0.0.1:0",
+               env={"FEDERATION_DATABASE_URL": url})
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"federation: error: {says}"), (
+        run.stderr)

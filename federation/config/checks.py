@@ -73,6 +73,7 @@ def check(settings: Settings) -> None:
             _check_section(section.name, value)
     _check_models(settings)
     _check_names(settings)
+    _check_database_url(settings.database.url)
     _check_choices(settings)
     _check_grpc_options(settings)
     _check_agreement(settings)
@@ -102,6 +103,15 @@ def _check_names(settings: Settings) -> None:
                         ("nodes.metrics_host", settings.nodes.metrics_host),
                         ("gateway.http_host", settings.gateway.http_host)):
         _not_empty(name, value)
+
+
+def _check_database_url(url: str) -> None:
+    """Empty is the embedded cluster; anything else must be a libpq URL (asyncpg names
+    no setting when it refuses one)."""
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("setting database.url (--database-url, FEDERATION_DATABASE_URL): "
+                          "not a PostgreSQL URL (postgresql://USER@HOST[:PORT]/DATABASE), "
+                          "nor empty for the embedded cluster")
 
 
 def _not_empty(name: str, value: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-from federation.config import DatabaseConfig
+from federation.config import ConfigError, DatabaseConfig
 from federation.db.migrate import apply_migrations, check_schema
 from federation.db.sessions import session_advisory_lock
 from federation.periodic import PeriodicTask
@@ -131,6 +131,11 @@ async def create_pool(
     )
     try:
         await pool
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        # A malformed DSN (a port that is not a number, an unknown sslmode): asyncpg's
+        # exceptions (ValueError for the port) would end the command in a traceback.
+        await pool.close()
+        raise ConfigError(f"the database URL is not usable: {exc}") from exc
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         await pool.close()
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
