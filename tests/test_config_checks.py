@@ -115,3 +115,9 @@ def test_values_too_large_for_what_they_become_are_refused(tmp_path: Path, toml:
     """gRPC's C ints and x509's dates end in an OverflowError traceback past these."""
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, toml)
+
+
+def test_tls_files_without_their_files_is_refused_at_load(tmp_path: Path) -> None:
+    """Before `federation up` starts anything, not when its gateway child crash-loops."""
+    with pytest.raises(ConfigError, match=r"setting gateway\.tls_key_file: must not be empty"):
+        _load(tmp_path, "[gateway]\ntls = 'files'\ntls_cert_file = 'chain.pem'\n")

@@ -184,6 +184,9 @@ def _check_choices(settings: Settings) -> None:
     # Processes upper-case it (federation/logs.py): "debug" in the file is DEBUG.
     _one_of("log_level", settings.log_level.upper(), LOG_LEVELS)
     _one_of("gateway.tls", settings.gateway.tls, GATEWAY_TLS_MODES)
+    if settings.gateway.tls == "files":
+        _not_empty("gateway.tls_cert_file", settings.gateway.tls_cert_file)
+        _not_empty("gateway.tls_key_file", settings.gateway.tls_key_file)
     _one_of("council.rounds", settings.council.rounds, (1, 2))
     _between("tracing.sample_ratio", settings.tracing.sample_ratio, 0.0, 1.0)
     _between("keys.lease_max_fraction", settings.keys.lease_max_fraction, 0.0, 1.0)
