@@ -121,3 +121,14 @@ def test_tls_files_without_their_files_is_refused_at_load(tmp_path: Path) -> Non
     """Before `federation up` starts anything, not when its gateway child crash-loops."""
     with pytest.raises(ConfigError, match=r"setting gateway\.tls_key_file: must not be empty"):
         _load(tmp_path, "[gateway]\ntls = 'files'\ntls_cert_file = 'chain.pem'\n")
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[edge]\noffline_after_intervals = 0.5\n", r"edge\.offline_after_intervals: at least 1"),
+    ("[keys]\ndecay_per_day = -0.01\n", r"keys\.decay_per_day: must not be negative"),
+    ("[council]\nrepeat_penalty = 0\n", r"council\.repeat_penalty: must be more than 0"),
+])
+def test_model_parameters_out_of_range_are_refused(tmp_path: Path, toml: str,
+                                                   message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, toml)

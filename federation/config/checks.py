@@ -191,6 +191,20 @@ def _check_choices(settings: Settings) -> None:
     _between("tracing.sample_ratio", settings.tracing.sample_ratio, 0.0, 1.0)
     _between("keys.lease_max_fraction", settings.keys.lease_max_fraction, 0.0, 1.0)
     _between("edge.latency_smoothing", settings.edge.latency_smoothing, 0.0, 1.0)
+    # Fewer than one interval would take a device offline between two heartbeats.
+    if settings.edge.offline_after_intervals < 1:
+        raise ConfigError(f"setting edge.offline_after_intervals: at least 1, not "
+                          f"{settings.edge.offline_after_intervals}")
+    for name in ("edge.latency_threshold_ms", "council.temperature", "keys.decay_per_day",
+                 "keys.burst_floor_per_minute"):
+        section, field = name.split(".")
+        if getattr(getattr(settings, section), field) < 0:
+            raise ConfigError(f"setting {name}: must not be negative")
+    for name in ("keys.unusual_source_factor", "keys.burst_factor",
+                 "keys.burst_multiplier", "council.repeat_penalty"):
+        section, field = name.split(".")
+        if getattr(getattr(settings, section), field) <= 0:
+            raise ConfigError(f"setting {name}: must be more than 0")
     # The restore reads files of 2^14..2^20 (federation/backup/keys.py).
     _between("backup.scrypt_log2_n", settings.backup.scrypt_log2_n, 14, 20)
 
