@@ -191,6 +191,11 @@ class Database:
 
 
 
+ABORT_AFTER_FAILED_PROBES = 2
+"""Failed probes in a row after which the statements in flight are failed: an outage
+confirmed, not one probe that timed out while this process's event loop was busy."""
+
+
 class DatabaseWatch:
     """Probes the database periodically and reports each change of reachability.
 
@@ -198,11 +203,14 @@ class DatabaseWatch:
     (NOT_SERVING while the database is unreachable), so load balancers, the
     gateway's ``/health`` and ``federation status`` see the outage; meanwhile its
     pool fails fast (:attr:`BoundedPool.known_unreachable`), so callers get 503 at
-    once instead of after the timeouts, and the statements already waiting on the
-    server are failed too (:meth:`BoundedPool.abort_connections`): a request caught
-    by a stalled server or a cut link gets its 503 within a probe, not the command
-    timeout. It comes back by itself: the first probe that succeeds reopens the
-    pool, which reconnects on its next acquire.
+    once instead of after the timeouts. When the next probe fails too, the
+    statements already waiting on the server are failed as well
+    (:meth:`BoundedPool.abort_connections`): a request caught by a stalled server or
+    a cut link gets its 503 within two probes, not the command timeout. One failed
+    probe is not enough for that: a probe also times out when this process's own
+    event loop stalls, and aborting then would fail commits on a healthy server. It
+    comes back by itself: the first probe that succeeds reopens the pool, which
+    reconnects on its next acquire.
 
     The probe has a connection of its own, outside the pool: a pool saturated by
     load must not look like an outage. ``start()``/``stop()`` run it periodically.
@@ -223,6 +231,8 @@ class DatabaseWatch:
         self._on_change = on_change
         self._connection: asyncpg.Connection | None = None
         self.reachable = True
+        self._failed_probes = 0
+        """Failed probes in a row; the second aborts the pool's connections."""
         self._task = PeriodicTask("database-watch", config.probe_interval_seconds, self.check)
 
     @classmethod
@@ -239,6 +249,10 @@ class DatabaseWatch:
 
     async def check(self) -> None:
         reachable = await self._probe()
+        self._failed_probes = 0 if reachable else self._failed_probes + 1
+        if self._failed_probes == ABORT_AFTER_FAILED_PROBES:
+            log.warning("database still unreachable: failing the statements waiting on it")
+            self._pool.abort_connections()
         if reachable == self.reachable:
             return
         self.reachable = reachable
@@ -247,7 +261,6 @@ class DatabaseWatch:
             log.info("database reachable again")
         else:
             log.warning("database unreachable: failing fast until it returns")
-            self._pool.abort_connections()
         if self._on_change is not None:
             await self._on_change(reachable)
 

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from federation.config import DatabaseConfig
+from federation.db import ABORT_AFTER_FAILED_PROBES
 from tests.db_support import OwnCluster, own_cluster
 from tests.up_support import ChatClient, RunningUp, federation_up, until
 
@@ -34,9 +35,11 @@ UNHEALTHY_WITHIN = DatabaseConfig().acquire_timeout_seconds
 """The acceptance bound: ``/health`` answers 503 within the pool's acquire timeout."""
 RECOVERED_WITHIN = 20.0
 _DB = DatabaseConfig()
-ANSWERED_WITHIN = _DB.probe_interval_seconds + _DB.probe_timeout_seconds + 2.0
-"""The acceptance bound for a request caught by a stalled database: the watch's probe
-interval and timeout, and some slack for a loaded machine; well under the statement
+ANSWERED_WITHIN = (ABORT_AFTER_FAILED_PROBES
+                   * (_DB.probe_interval_seconds + _DB.probe_timeout_seconds) + 2.0)
+"""The acceptance bound for a request caught by a stalled database: the failed probes
+in a row after which the watch fails the statements waiting (each a probe interval and
+a probe timeout), and some slack for a loaded machine; well under the statement
 timeout (``command_timeout_seconds``) it used to wait."""
 
 
