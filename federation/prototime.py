@@ -46,7 +46,9 @@ def checked_datetime(stamp: Timestamp, param: str) -> dt.datetime:
 
 def duration(seconds: float) -> Duration:
     value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
+    # Rounded, not truncated: 0.7 days is 60479.999999999993 s as a float, and a
+    # truncated 60479 s + 999999999 ns is not the whole-second period it was typed as.
+    value.FromNanoseconds(round(seconds * 1e9))
     return value
 
 

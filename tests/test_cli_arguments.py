@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from federation.cli.arguments import seconds
+from federation.prototime import duration
+
 BAD = [
     ("keys", "issue", "--tenant", "t", "--scope", "chat", "--rpm", "-1"),
     ("keys", "issue", "--tenant", "t", "--scope", "chat", "--rpm", "99999999999"),
@@ -128,3 +131,17 @@ def test_a_progress_bar_never_drawn_leaves_no_empty_line() -> None:
     bar.close()
     assert silent.getvalue() == ""
     assert drawn.getvalue().startswith("\r[") and drawn.getvalue().endswith("\n")
+
+
+def test_a_whole_second_duration_typed_with_a_decimal_stays_whole() -> None:
+    """``--quota-period 0.7d`` is 60480 s; as a float it is a hair less, and truncated to
+    nanoseconds it was refused by the key authority as not whole seconds (43 of the
+    values below were)."""
+    units = {"m": 60, "h": 3600, "d": 86400}
+    for unit, unit_seconds in units.items():
+        for tenths in range(1, 300):
+            exact = tenths * unit_seconds  # in tenths of a second
+            if exact % 10:
+                continue  # not a whole number of seconds as typed
+            period = duration(seconds(f"{tenths / 10:g}{unit}"))
+            assert (period.seconds, period.nanos) == (exact // 10, 0), f"{tenths / 10:g}{unit}"
