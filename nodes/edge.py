@@ -22,7 +22,7 @@ from federation.edge import convert
 from federation.edge.broker import EdgeBroker, check_limits
 from federation.edge.convert import STATE_FROM_PB
 from federation.edge.fields import checked_datetime
-from federation.edge.model import JobState
+from federation.edge.model import JobState, parse_blob_digest
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
@@ -335,11 +335,19 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     async def Download(  # type: ignore[override]
         self, request: pb.DownloadRequest, context: Context
     ) -> AsyncIterator[pb.DownloadResponse]:
-        await self._uploader()
+        owner = await self._uploader()
+        digest = request.blob_digest
+        parse_blob_digest(digest)
+        caller = current_caller()
+        if caller.role == "edge" and not await self._broker.uploads.device_may_read(
+                owner, caller.name, digest):
+            # The same answer as for a blob that does not exist: a device learns nothing
+            # of blobs it may not read.
+            raise FederationError(ErrorCode.NOT_FOUND, f"no blob {digest}", param="blob_digest")
         config = self._broker.config
         size = min(request.chunk_size or config.chunk_max_bytes, config.chunk_max_bytes)
         offset = request.offset
-        async for data in self._broker.uploads.blobs.read(request.blob_digest, offset, size):
+        async for data in self._broker.uploads.blobs.read(digest, offset, size):
             yield pb.DownloadResponse(offset=offset, data=data)
             offset += len(data)
 

@@ -25,7 +25,7 @@ from federation.edge.uploads import UploadStore
 from federation.errors import RETRY_AFTER_METADATA, ErrorCode, FederationError
 from federation.pki import Identity
 from federation.v1 import edge_broker_pb2 as pb
-from tests.edge_support import FAST_EDGE, broker_server, device_stub
+from tests.edge_support import FAST_EDGE, admin_stub, broker_server, device_stub, register
 from tests.support import TestPKI
 
 KIB = 1024
@@ -324,3 +324,39 @@ async def test_a_device_revoked_mid_upload_is_refused_at_its_next_chunk(
         committed = await database.pool.fetchval(
             "SELECT committed_size FROM edge_uploads WHERE upload_id = 'capture'")
         assert committed == CHUNK
+
+
+async def test_a_device_downloads_only_its_own_blobs_and_its_jobs_payloads(
+        home: Path, database: Database, tmp_path: Path) -> None:
+    pki = TestPKI(home)
+    mine, theirs = tmp_path / "mine.bin", tmp_path / "payload.bin"
+    mine.write_bytes(os.urandom(3000))
+    theirs.write_bytes(os.urandom(2000))
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        cam, phone = (device_stub(pki, server.port, name) for name in ("cam", "phone"))
+        ops = admin_stub(pki, server.port)
+        own = await upload_file(cam, mine, chunk_size=CHUNK)
+        payload = await upload_file(ops, theirs, chunk_size=CHUNK)
+
+        async def refused(stub: Stub, digest: str) -> grpc.StatusCode:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await download_blob(stub, digest)
+            return caught.value.code()
+
+        assert await download_blob(cam, own) == mine.read_bytes()
+        assert await refused(phone, own) is grpc.StatusCode.NOT_FOUND  # another's upload
+        assert await refused(phone, payload) is grpc.StatusCode.NOT_FOUND  # no job yet
+        unknown = "sha256:" + "0" * 64
+        assert await refused(phone, unknown) is grpc.StatusCode.NOT_FOUND  # the same answer
+        assert await refused(phone, "sha256:xyz") is grpc.StatusCode.INVALID_ARGUMENT
+
+        await register(phone)
+        await ops.SubmitJob(pb.SubmitJobRequest(tenant_id="t1", kind="echo",
+                                                type=pb.JOB_TYPE_BATCH,
+                                                payload_blob_digest=payload))
+        lease = (await phone.LeaseJobs(pb.LeaseJobsRequest())).leases[0]
+        assert await download_blob(phone, payload) == theirs.read_bytes()  # its job's input
+        await phone.CompleteJob(pb.CompleteJobRequest(
+            job_id=lease.job.job_id, fencing_token=lease.fencing_token, inline_result=b"ok"))
+        assert await refused(phone, payload) is grpc.StatusCode.NOT_FOUND  # the lease ended
+        assert await download_blob(ops, own) == mine.read_bytes()  # operators read any

@@ -187,6 +187,20 @@ class UploadStore:
         result: asyncpg.Record = resumed
         return result
 
+    async def device_may_read(self, owner: str, device_id: str, digest: str) -> bool:
+        """Whether a device may download blob ``digest``: one it uploaded itself
+        (``owner``, its identity), or the payload of a job it holds the lease of. A blob
+        is content that a tenant or another device gave the broker; knowing its digest
+        (from a job listing, a log) is not a right to read it."""
+        readable: bool = await self._pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM edge_uploads"
+            "               WHERE owner = $1 AND complete AND blob_digest = $3)"
+            "    OR EXISTS (SELECT 1 FROM edge_jobs"
+            "               WHERE leased_by = $2 AND state = 'leased' AND payload_blob = $3)",
+            owner, device_id, digest,
+        )
+        return readable
+
     async def expire_stale(self) -> int:
         """Forget unfinished uploads idle for ``upload_expiry_seconds`` (no live writer)
         and delete their part files; returns how many."""
