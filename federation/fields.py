@@ -8,7 +8,7 @@ INVALID_ARGUMENT naming the field, before anything is written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from federation.errors import ErrorCode, FederationError
 
@@ -19,6 +19,11 @@ def storable(value: str, param: str) -> str:
         raise FederationError(ErrorCode.INVALID_ARGUMENT,
                               f"{param} must not contain NUL characters", param=param)
     return value
+
+
+def storable_all(values: Iterable[str], param: str) -> tuple[str, ...]:
+    """Each of ``values`` storable (a repeated field, all named ``param``)."""
+    return tuple(storable(value, param) for value in values)
 
 
 def storable_map(values: Mapping[str, str], param: str) -> None:

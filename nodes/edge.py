@@ -21,14 +21,13 @@ from federation.config import ConfigError
 from federation.edge import convert
 from federation.edge.broker import EdgeBroker, check_limits
 from federation.edge.convert import STATE_FROM_PB
-from federation.edge.fields import checked_datetime
 from federation.edge.model import JobState, parse_blob_digest
 from federation.errors import ErrorCode, FederationError
 from federation.interceptor import certificate_not_after, current_caller, ensure_unexpired
 from federation.memory.client import GrpcAuditSink
 from federation.memory.sink import AuditSink
 from federation.pki import EdgeSigner, PKIError, load_edge_signer
-from federation.prototime import duration, timestamp, to_seconds
+from federation.prototime import checked_datetime, duration, timestamp, to_seconds
 from federation.server import ServiceRegistration, until_drained
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from federation.edge.fields import checked_datetime
 from federation.edge.model import (
     Capabilities,
     Device,
@@ -21,7 +20,7 @@ from federation.edge.model import (
     Requirements,
 )
 from federation.errors import ErrorCode, FederationError
-from federation.prototime import duration, timestamp
+from federation.prototime import checked_datetime, duration, timestamp
 from federation.v1 import edge_broker_pb2 as pb
 
 _STATE_TO_PB: Final[dict[JobState, int]] = {

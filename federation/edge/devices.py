@@ -31,10 +31,10 @@ from federation.edge.fields import (
     INT32_MAX,
     INT64_MAX,
     checked_int,
-    checked_texts,
 )
 from federation.edge.model import Capabilities, Device, DeviceState
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable_all
 from federation.pki import PKIError, validate_name
 
 
@@ -131,8 +131,8 @@ def _check_capabilities(caps: Capabilities) -> None:
     checked_int(caps.memory_bytes, "memory_bytes", INT64_MAX)
     # An open enum: a newer device may send a type this broker does not know yet.
     checked_int(caps.network_type, "network_type", INT16_MAX)
-    checked_texts(caps.sensors, "sensors")
-    checked_texts(caps.local_models, "local_models")
+    storable_all(caps.sensors, "sensors")
+    storable_all(caps.local_models, "local_models")
 
 
 class DeviceRegistry:

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from federation.config import EdgeConfig
 from federation.edge.audit import write_audit
 from federation.edge.devices import checked_device_name
-from federation.edge.fields import checked_text
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 from federation.pki import Identity, Issuer
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class Enrollment:
         self._root = root
 
     async def enroll(self, token: str, csr_der: bytes, display_name: str) -> IssuedCertificate:
-        checked_text(display_name, "device_name")
+        storable(display_name, "device_name")
         public_key = _public_key_from_csr(csr_der)
         async with self._pool.acquire() as conn, conn.transaction():
             name = await conn.fetchval(

@@ -29,7 +29,7 @@ import asyncpg
 from federation.config import EdgeConfig
 from federation.edge.audit import write_audit
 from federation.edge.devices import device_from_row
-from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int, checked_text, checked_texts
+from federation.edge.fields import INT32_MAX, INT64_MAX, checked_int
 from federation.edge.model import (
     Device,
     DeviceState,
@@ -43,6 +43,7 @@ from federation.edge.model import (
     parse_blob_digest,
 )
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable, storable_all
 from federation.logs import request_id_var
 from federation.paging import page_size as checked_page_size
 
@@ -203,10 +204,10 @@ class JobQueue:
             )
 
     def _validate(self, spec: JobSpec) -> None:
-        checked_text(spec.tenant_id, "tenant_id")
-        checked_text(spec.kind, "kind")
-        checked_texts(spec.requirements.sensors, "sensors")
-        checked_texts(spec.requirements.local_models, "local_models")
+        storable(spec.tenant_id, "tenant_id")
+        storable(spec.kind, "kind")
+        storable_all(spec.requirements.sensors, "sensors")
+        storable_all(spec.requirements.local_models, "local_models")
         if not spec.tenant_id:
             raise _error(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", "tenant_id")
         if not spec.kind:
@@ -246,7 +247,7 @@ class JobQueue:
         self, tenant_id: str, state: JobState | None, page_size: int, page_token: str
     ) -> tuple[list[Job], str]:
         """A page of the tenant's jobs, newest first (keyset pagination)."""
-        if not checked_text(tenant_id, "tenant_id"):
+        if not storable(tenant_id, "tenant_id"):
             raise _error(ErrorCode.INVALID_ARGUMENT, "tenant_id is required", "tenant_id")
         size = checked_page_size(page_size)
         after_time, after_id = _decode_page_token(page_token)
@@ -270,7 +271,7 @@ class JobQueue:
 
     async def cancel(self, job_id: str, reason: str, *, actor: str) -> Job:
         """Cancel unless terminal already; idempotent. A holder's later answer is refused."""
-        checked_text(reason, "reason")
+        storable(reason, "reason")
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """
@@ -402,7 +403,7 @@ class JobQueue:
     ) -> Job:
         """FAILED with a jittered exponential backoff, or DEAD_LETTER when out of attempts."""
         _check_token(fencing_token)
-        checked_text(error, "error")
+        storable(error, "error")
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"""

@@ -29,9 +29,9 @@ import asyncpg
 
 from federation.config import EdgeConfig
 from federation.edge.blobs import BlobStore
-from federation.edge.fields import checked_text
 from federation.edge.upload_session import UploadSession
 from federation.errors import ErrorCode, FederationError
+from federation.fields import storable
 
 if TYPE_CHECKING:
     from federation.edge.audit import Conn
@@ -60,7 +60,7 @@ def _refuse(code: ErrorCode, message: str, param: str | None = None) -> Federati
 def _check_upload_id(upload_id: str) -> None:
     """The same rule for starting and for querying: an id no upload can have is a
     malformed request (INVALID_ARGUMENT), not an unknown upload (NOT_FOUND)."""
-    checked_text(upload_id, "upload_id")
+    storable(upload_id, "upload_id")
     if not upload_id or len(upload_id) > 128:
         raise _refuse(ErrorCode.INVALID_ARGUMENT, "upload_id must be 1-128 characters",
                       "upload_id")
