@@ -195,6 +195,7 @@ async def test_an_unparseable_chair_also_falls_back(pki: TestPKI, database: Data
         result = (await stack.stub().VoteUnary(council_pb2.VoteUnaryRequest(
             question="Proceed?"))).result
     assert result.fallback_synthesis and result.decision == council_pb2.DECISION_AUTHORIZED
+    assert result.answer.startswith("Fallback synthesis (the chair's answer could not be used)")
     assert backend.calls[CHAIR] == 2
 
 

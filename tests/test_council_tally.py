@@ -171,6 +171,13 @@ def test_common_deviations_are_tolerated(text: str, expected: Vote) -> None:
     assert parse_vote(text) == expected
 
 
+def test_concerns_without_a_letter_are_dropped() -> None:
+    # SmolLM2-135M in `make run` numbered its concerns: "1", "2", shown to the user as such.
+    vote = parse_vote(json.dumps({"stance": "approve", "confidence": 0.5, "rationale": "1",
+                                  "concerns": ["2", " - ", "cost of the cache", "3."]}))
+    assert vote.concerns == ("cost of the cache",)
+
+
 @pytest.mark.parametrize("text, reason", [
     ("", "empty"),
     ("I approve.", "no JSON object"),

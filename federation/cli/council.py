@@ -114,7 +114,7 @@ def show_result(result: council_pb2.CouncilResult, out: TextIO) -> None:
     print(file=out)
     print(result.answer, file=out)
     print(file=out)
-    fallback = "  [fallback synthesis: the chair was unavailable]" \
+    fallback = "  [fallback synthesis: the tally, without the chair]" \
         if result.fallback_synthesis else ""
     print(f"decision: {_DECISIONS.get(result.decision, '?')}   confidence "
           f"{result.confidence:.2f}   votes {quorum.voted}/{quorum.asked} "

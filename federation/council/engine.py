@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import string
 import time
@@ -80,6 +81,14 @@ T = TypeVar("T")
 
 MAX_QUESTION_CHARS = 4000
 MAX_ROUNDS = 2
+_FALLBACK_WHY = {
+    "deadline": "the chair did not answer within the synthesis deadline",
+    "unparseable": "the chair's answer could not be used",
+}
+"""What the fallback answer says happened to the chair, by ``SynthesisRecord.failure``;
+any other failure is the chair's model being unavailable."""
+
+log = logging.getLogger(__name__)
 
 
 # ---- the council ------------------------------------------------------------------------
@@ -364,7 +373,12 @@ class Council:
         chair = SynthesisRecord(tuple(attempts), synthesis, failure, self._clock() - started)
         fallback = synthesis is None
         if synthesis is None:
-            synthesis = fallback_synthesis(weighted)
+            log.warning("the chair's synthesis failed: answering with the weighted tally",
+                        extra={"request_id": run.request.request_id, "failure": failure,
+                               "attempts": len(attempts),
+                               "last_error": attempts[-1].error if attempts else ""})
+            synthesis = fallback_synthesis(weighted, _FALLBACK_WHY.get(
+                failure, "the chair was unavailable"))
             decision, concerns = synthesis.decision, synthesis.remaining_concerns
         else:
             decision, note = reconcile(synthesis.decision, tally)

@@ -93,8 +93,10 @@ def concerns_union(votes: Sequence[WeightedVote]) -> tuple[str, ...]:
     return tuple(first_text[k] for k in ranked)
 
 
-def fallback_synthesis(votes: Sequence[WeightedVote]) -> Synthesis:
-    """What the council says without its chair: the weighted tally, in words."""
+def fallback_synthesis(votes: Sequence[WeightedVote],
+                       why: str = "the chair was unavailable") -> Synthesis:
+    """What the council says without its chair: the weighted tally, in words; ``why``
+    says what happened to the chair, in the answer the user reads."""
     score = support(votes)
     decision = tally_decision(score)
     by_stance = Counter(v.vote.stance for v in votes)
@@ -103,7 +105,7 @@ def fallback_synthesis(votes: Sequence[WeightedVote]) -> Synthesis:
             (Stance.APPROVE, "approve"), (Stance.REJECT, "reject"), (Stance.ABSTAIN, "abstain"))
     )
     answer = (
-        f"Fallback synthesis (the chair was unavailable): of {len(votes)} votes, {counts}; "
+        f"Fallback synthesis ({why}): of {len(votes)} votes, {counts}; "
         f"weighted support {score:+.2f}. Decision: {decision.value}."
     )
     return Synthesis(answer, decision, concerns_union(votes))

@@ -211,5 +211,11 @@ def _concerns(raw: Any) -> tuple[str, ...]:
         raw = [raw] if raw.strip() else []
     if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
         raise ParseError('"concerns" must be a list of strings')
-    cleaned = [c.strip()[:MAX_CONCERN_CHARS] for c in raw if c.strip()]
+    # A concern with no letter at all ("1", "- -") is a small model numbering its list,
+    # not a concern: the user sees concerns, so it is dropped rather than shown.
+    cleaned = [c.strip()[:MAX_CONCERN_CHARS] for c in raw if _has_letter(c)]
     return tuple(dict.fromkeys(cleaned))[:MAX_CONCERNS]
+
+
+def _has_letter(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
