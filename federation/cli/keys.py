@@ -11,7 +11,7 @@ from federation.cli.arguments import INT32_MAX, integer, seconds
 from federation.cli.support import all_pages, print_json, proto_json
 from federation.config import Settings
 from federation.errors import CommandError
-from federation.keys.models import MAX_REQUESTS_PER_MINUTE, MAX_TOKEN_QUOTA
+from federation.keys.models import MAX_REQUESTS_PER_MINUTE, MAX_TOKEN_QUOTA, SCOPES
 from federation.launch.endpoints import admin_channel
 from federation.prototime import duration, to_seconds
 from federation.v1 import key_authority_pb2 as pb
@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     issue = sub.add_parser("issue", help="issue a key; prints only the key unless --json")
-    issue.add_argument("--tenant", required=True)
-    issue.add_argument("--scope", action="append", required=True, help="repeatable")
+    issue.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    issue.add_argument("--scope", action="append", required=True,
+                       help="what the key may do; repeatable, one of: "
+                            + ", ".join(sorted(SCOPES)))
     issue.add_argument("--rpm", type=integer(1, MAX_REQUESTS_PER_MINUTE),
                        help="requests per minute (default: unlimited)")
     issue.add_argument("--token-quota", type=integer(1, MAX_TOKEN_QUOTA),
@@ -33,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     issue.add_argument("--quota-period", type=seconds,
                        help="length of the token quota period (default 1d; needs "
                             "--token-quota)")
-    issue.add_argument("--description", default="")
-    issue.add_argument("--ttl", type=seconds, help="lifetime (default: no expiry)")
-    issue.add_argument("--json", action="store_true")
+    issue.add_argument("--description", default="", help="a note for operators")
+    issue.add_argument("--ttl", type=seconds,
+                       help="lifetime, e.g. 90d or 12h (default: no expiry)")
+    issue.add_argument("--json", action="store_true",
+                       help="print the key and its metadata as JSON")
     issue.set_defaults(handler=issue_key)
 
     listing = sub.add_parser("list", help="a tenant's keys (never secrets)")
