@@ -127,7 +127,8 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
     ) -> pb.RegisterDeviceResponse:
         device_id = await self._device()
         device = await self._broker.devices.register(
-            device_id, convert.capabilities_from_pb(request.capabilities)
+            device_id, convert.capabilities_from_pb(request.capabilities),
+            actor=current_caller().spiffe_id,
         )
         return pb.RegisterDeviceResponse(
             device=convert.device_to_pb(device),
@@ -166,6 +167,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
                 charging=request.charging,
                 load=request.load,
                 round_trip_ms=_round_trip_ms(request, now),
+                actor=current_caller().spiffe_id,
             )
         except FederationError as exc:
             if exc.code is ErrorCode.UNAUTHENTICATED:

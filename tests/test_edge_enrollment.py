@@ -229,3 +229,28 @@ async def test_credentials_are_audited_and_none_is_issued_unrecorded(
             break
         await asyncio.sleep(0.02)
     assert await recorded() == expected
+
+
+async def test_registration_is_audited_as_the_device(
+    pki: TestPKI, broker_node: BrokerNode, database: Database
+) -> None:
+    """RegisterDevice reaches thermal memory under the caller's identity; heartbeats of
+    the online device that follow add no record."""
+    server, _ = broker_node
+    stub = device_stub(pki, server.port, "cam")
+    await register(stub)
+    for _ in range(3):
+        await stub.Heartbeat(pb.HeartbeatRequest(battery_percent=50))
+
+    async def recorded() -> list[tuple[str, str]]:
+        rows = await database.pool.fetch(
+            "SELECT actor, action FROM memory_records WHERE subject = 'cam' ORDER BY sequence")
+        return [(r["actor"], r["action"]) for r in rows]
+
+    expected = [("spiffe://federation.local/edge/cam", "edge.device.register")]
+    for _ in range(200):
+        if await recorded() == expected:
+            break
+        await asyncio.sleep(0.02)
+    assert await recorded() == expected
+    assert not await database.pool.fetchval("SELECT count(*) FROM edge_audit_outbox")

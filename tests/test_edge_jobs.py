@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 
 import asyncpg
 import pytest
@@ -360,12 +361,89 @@ async def test_revocation_is_audited_and_spends_the_attempt(
     assert (lease.job.job_id, lease.job.attempts) == (retried, 2)
     rows = await database.pool.fetch(
         "SELECT actor, action, subject, attributes FROM edge_audit_outbox "
-        "WHERE action NOT IN ('edge.job.submit', 'edge.job.lease') ORDER BY id")
+        "WHERE action NOT IN ('edge.job.submit', 'edge.job.lease', 'edge.device.register') "
+        "ORDER BY id")
     events = [(r["actor"], r["action"], r["subject"]) for r in rows]
     assert events[0] == ("ops", "edge.device.revoke", "stolen")
     assert sorted(events[1:]) == [("ops", "edge.job.dead_letter", last_try),
                                   ("ops", "edge.job.release", retried)]
     assert '"released_leases": "2"' in rows[0]["attributes"]
+
+
+async def device_events(database: Database, name: str) -> list[tuple[str, str, str]]:
+    """(actor, action, previous_state) of the device's audit records, oldest first."""
+    rows = await database.pool.fetch(
+        "SELECT actor, action, attributes->>'previous_state' AS previous FROM edge_audit_outbox"
+        " WHERE subject = $1 AND action LIKE 'edge.device.%' ORDER BY id", name)
+    return [(r["actor"], r["action"], r["previous"]) for r in rows]
+
+
+async def test_registration_and_online_offline_are_audited(
+    registry: DeviceRegistry, database: Database
+) -> None:
+    """A registration, a re-registration that changes capabilities, going offline and
+    coming back are state changes, each in the outbox; heartbeats of an online device
+    (telemetry) are not."""
+    config = dataclasses.replace(CONFIG, heartbeat_interval_seconds=0.05)
+    await registry.register("cam", PHONE, actor="spiffe://t/edge/cam")
+    for _ in range(3):
+        await registry.heartbeat("cam", battery_percent=50, charging=False, load=0,
+                                 round_trip_ms=None, actor="spiffe://t/edge/cam")
+    await registry.register("cam", dataclasses.replace(PHONE, sensors=("camera",)),
+                            actor="spiffe://t/edge/cam")
+    await asyncio.sleep(0.15)  # > 2 × 0.05 s without a heartbeat
+    report = await Reaper(database.pool, config).reap_once()
+    assert report is not None and report.offline_devices == ("cam",)
+    again = await Reaper(database.pool, config).reap_once()  # already offline: no record
+    assert again is not None and again.offline_devices == ()
+    for _ in range(2):
+        await registry.heartbeat("cam", battery_percent=50, charging=False, load=0,
+                                 round_trip_ms=None, actor="spiffe://t/edge/cam")
+    assert await device_events(database, "cam") == [
+        ("spiffe://t/edge/cam", "edge.device.register", ""),
+        ("spiffe://t/edge/cam", "edge.device.register", "online"),
+        ("edge-broker", "edge.device.offline", "online"),
+        ("spiffe://t/edge/cam", "edge.device.online", "offline"),
+    ]
+    registered = await database.pool.fetch(
+        "SELECT attributes FROM edge_audit_outbox WHERE action = 'edge.device.register' "
+        "ORDER BY id")
+    first, second = (json.loads(r["attributes"]) for r in registered)
+    assert first["changed"] == "cpu_cores,memory_bytes,network_type,sensors,local_models"
+    assert (second["changed"], second["sensors"]) == ("sensors", "camera")
+
+
+_REFUSE_AUDIT = """
+CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the audit outbox refuses writes'; END $$;
+CREATE TRIGGER refuse_audit BEFORE INSERT ON edge_audit_outbox
+FOR EACH ROW EXECUTE FUNCTION refuse_audit();
+"""
+
+
+async def test_a_device_change_that_cannot_be_audited_is_not_made(
+    registry: DeviceRegistry, database: Database
+) -> None:
+    """Registration and the offline/online transitions fail with their audit record:
+    the stored state is left as it was."""
+    config = dataclasses.replace(CONFIG, heartbeat_interval_seconds=0.05)
+    await registry.register("known", PHONE)
+    await database.pool.execute(_REFUSE_AUDIT)
+    with pytest.raises(asyncpg.RaiseError):
+        await registry.register("new", PHONE)
+    assert not await database.pool.fetchval(
+        "SELECT count(*) FROM edge_devices WHERE device_id = 'new'")
+    await asyncio.sleep(0.15)
+    with pytest.raises(asyncpg.RaiseError):
+        await Reaper(database.pool, config).reap_once()
+    assert (await registry.get("known")).state.value == "online"
+    await database.pool.execute("ALTER TABLE edge_audit_outbox DISABLE TRIGGER refuse_audit")
+    await Reaper(database.pool, config).reap_once()
+    await database.pool.execute("ALTER TABLE edge_audit_outbox ENABLE TRIGGER refuse_audit")
+    with pytest.raises(asyncpg.RaiseError):
+        await registry.heartbeat("known", battery_percent=1, charging=False, load=0,
+                                 round_trip_ms=None)
+    assert (await registry.get("known")).state.value == "offline"
 
 
 async def test_every_job_transition_is_audited(

@@ -1,8 +1,9 @@
 """Job events to thermal memory: a transactional outbox drained into an AuditSink.
 
 Job state changes (submission, lease, retry, release, completion,
-dead-lettering, expiry, cancellation), device revocations and the credentials
-handed out (enrollment tokens, enrollments, renewals) insert their event into
+dead-lettering, expiry, cancellation), device registrations, revocations and
+online/offline transitions, and the credentials handed out (enrollment tokens,
+enrollments, renewals) insert their event into
 ``edge_audit_outbox`` in the same transaction, so an event exists exactly when
 its change committed, and a slow or unreachable memory node never holds a row
 lock or fails a device's call. The broker drains the outbox in order into an

@@ -1,5 +1,14 @@
 """Device registry: capabilities, heartbeats with smoothed latency, revocation.
 
+Every change of a device's stored state is audited in the transaction that
+makes it (:func:`~federation.edge.audit.write_audit`): a registration
+(``edge.device.register``, with the previous state and the capabilities that
+changed), a heartbeat that brings an offline device back (``edge.device.online``;
+the reaper audits the way down, ``edge.device.offline``) and a revocation. A
+heartbeat that only refreshes an online device's battery, load and latency is
+not audited: it is telemetry, several a minute per device, and would drown the
+record.
+
 A heartbeat is one conditional write that only touches a device that is
 online or offline: a revoked device stays revoked and a deleted one stays
 deleted, whatever it sends. Round-trip latency is measured by the broker from
@@ -35,6 +44,7 @@ from federation.edge.fields import (
 from federation.edge.model import Capabilities, Device, DeviceState
 from federation.errors import ErrorCode, FederationError
 from federation.fields import storable_all
+from federation.logs import request_id_var
 from federation.pki import PKIError, validate_name
 
 
@@ -81,18 +91,36 @@ RETURNING *
 """
 
 _HEARTBEAT_BATCH = """
-UPDATE edge_devices AS d SET
-    state = 'online', last_heartbeat_at = now(),
-    battery_percent = b.battery_percent, charging = b.charging, load = b.load,
-    smoothed_latency_ms = CASE
-        WHEN b.sample IS NULL THEN d.smoothed_latency_ms
-        WHEN d.smoothed_latency_ms IS NULL THEN b.sample
-        ELSE $6::float8 * b.sample + (1 - $6::float8) * d.smoothed_latency_ms
-    END
-FROM unnest($1::text[], $2::integer[], $3::boolean[], $4::float8[], $5::float8[])
-    AS b(device_id, battery_percent, charging, load, sample)
-WHERE d.device_id = b.device_id AND d.state IN ('online', 'offline')
-RETURNING d.*
+WITH live AS (
+    -- Locked first, so ``state`` is the one this write replaces (a reaper that marked
+    -- the device offline after this statement's snapshot is seen, not missed).
+    SELECT device_id, state FROM edge_devices
+    WHERE device_id = ANY($1::text[]) AND state IN ('online', 'offline')
+    ORDER BY device_id
+    FOR UPDATE
+), beat AS (
+    UPDATE edge_devices AS d SET
+        state = 'online', last_heartbeat_at = now(),
+        battery_percent = b.battery_percent, charging = b.charging, load = b.load,
+        smoothed_latency_ms = CASE
+            WHEN b.sample IS NULL THEN d.smoothed_latency_ms
+            WHEN d.smoothed_latency_ms IS NULL THEN b.sample
+            ELSE $6::float8 * b.sample + (1 - $6::float8) * d.smoothed_latency_ms
+        END
+    FROM unnest($1::text[], $2::integer[], $3::boolean[], $4::float8[], $5::float8[],
+                $7::text[], $8::text[])
+        AS b(device_id, battery_percent, charging, load, sample, actor, request_id)
+    JOIN live ON live.device_id = b.device_id
+    WHERE d.device_id = b.device_id AND d.state IN ('online', 'offline')
+    RETURNING d.*, live.state AS previous_state, b.actor AS beat_actor,
+        b.request_id AS beat_request_id
+), audited AS (
+    INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes, request_id)
+    SELECT '', beat_actor, 'edge.device.online', device_id,
+           jsonb_build_object('previous_state', previous_state), beat_request_id
+    FROM beat WHERE previous_state = 'offline'
+)
+SELECT * FROM beat
 """
 
 _RELEASE_REVOKED = """
@@ -123,6 +151,9 @@ class _Beat:
     charging: bool
     load: float
     sample: float | None
+    actor: str
+    request_id: str
+    """The caller's, for the audit record of a device coming back online."""
     reply: asyncio.Future[asyncpg.Record | None] = field(repr=False)
 
 
@@ -135,6 +166,22 @@ def _check_capabilities(caps: Capabilities) -> None:
     storable_all(caps.local_models, "local_models")
 
 
+_CAPABILITY_COLUMNS = ("cpu_cores", "memory_bytes", "network_type", "sensors", "local_models")
+"""What a registration records about a device (battery and charging are telemetry)."""
+
+
+def _registration_audit(before: asyncpg.Record | None, after: asyncpg.Record) -> dict[str, str]:
+    """The record of a registration: the state it replaced ("" for a new device), which
+    capabilities changed, and the capabilities now stored."""
+    attributes = {"previous_state": before["state"] if before is not None else ""}
+    changed = [c for c in _CAPABILITY_COLUMNS if before is None or before[c] != after[c]]
+    attributes["changed"] = ",".join(changed)
+    for column in _CAPABILITY_COLUMNS:
+        value = after[column]
+        attributes[column] = ",".join(value) if isinstance(value, list) else str(value)
+    return attributes
+
+
 class DeviceRegistry:
     def __init__(self, pool: asyncpg.Pool, config: EdgeConfig) -> None:
         self._pool = pool
@@ -142,23 +189,36 @@ class DeviceRegistry:
         self._beats: collections.deque[_Beat] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def register(self, device_id: str, caps: Capabilities) -> Device:
+    async def register(
+        self, device_id: str, caps: Capabilities, *, actor: str | None = None
+    ) -> Device:
         """Record capabilities and mark online; creates the row for a device whose
-        certificate was issued directly by an operator (``pki issue --role edge``)."""
+        certificate was issued directly by an operator (``pki issue --role edge``).
+
+        Audited (``edge.device.register``; ``actor``: the caller, by default the device
+        id) in the same transaction: no registration is stored unrecorded."""
         _check_capabilities(caps)
-        row = await self._pool.fetchrow(
-            _REGISTER,
-            device_id,
-            caps.cpu_cores,
-            caps.memory_bytes,
-            caps.network_type,
-            sorted(set(caps.sensors)),
-            sorted(set(caps.local_models)),
-            min(max(caps.battery_percent, 0), 100),
-            caps.charging,
-        )
-        if row is None:
-            raise FederationError(ErrorCode.UNAUTHENTICATED, f"device {device_id} is revoked")
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchrow(
+                "SELECT * FROM edge_devices WHERE device_id = $1 FOR UPDATE", device_id
+            )
+            row = await conn.fetchrow(
+                _REGISTER,
+                device_id,
+                caps.cpu_cores,
+                caps.memory_bytes,
+                caps.network_type,
+                sorted(set(caps.sensors)),
+                sorted(set(caps.local_models)),
+                min(max(caps.battery_percent, 0), 100),
+                caps.charging,
+            )
+            if row is None:
+                raise FederationError(ErrorCode.UNAUTHENTICATED, f"device {device_id} is revoked")
+            await write_audit(
+                conn, tenant_id="", actor=actor or device_id, action="edge.device.register",
+                subject=device_id, attributes=_registration_audit(before, row),
+            )
         return device_from_row(row)
 
     async def heartbeat(
@@ -169,11 +229,14 @@ class DeviceRegistry:
         charging: bool,
         load: float,
         round_trip_ms: float | None,
+        actor: str | None = None,
     ) -> Device:
         """Mark the device online with its battery, load and latency sample.
 
         Refused (UNAUTHENTICATED) for a revoked device, FAILED_PRECONDITION for
-        an unknown one; neither is created or revived.
+        an unknown one; neither is created or revived. A device that was offline
+        comes back online audited (``edge.device.online``; ``actor``: the caller, by
+        default the device id), in the same statement.
         """
         if not math.isfinite(load):  # NaN would sit in the registry and defeat comparisons
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
@@ -184,6 +247,8 @@ class DeviceRegistry:
             charging,
             max(load, 0.0),
             None if round_trip_ms is None else max(round_trip_ms, 0.0),
+            actor or device_id,
+            request_id_var.get(),
             asyncio.get_running_loop().create_future(),
         )
         self._beats.append(beat)
@@ -243,6 +308,8 @@ class DeviceRegistry:
                     [b.load for b in batch],
                     [b.sample for b in batch],
                     self._config.latency_smoothing,
+                    [b.actor for b in batch],
+                    [b.request_id for b in batch],
                 )
                 return rows
             except asyncpg.DeadlockDetectedError:

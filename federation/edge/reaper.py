@@ -1,10 +1,12 @@
 """The reaper: offline devices, expired leases and passed deadlines.
 
-Every broker process runs the loop; each pass first takes a transaction-level
-advisory lock with ``pg_try_advisory_xact_lock``, so exactly one process reaps
-at a time and the others skip the pass. Everything is recovered from the job
-rows themselves (``lease_expires_at``, ``deadline``), never from device or
-worker rows, so no job can be stranded by a pruned or missing worker record.
+Devices that went silent are marked offline, audited (``edge.device.offline``)
+in the same statement. Every broker process runs the loop; each pass first
+takes a transaction-level advisory lock with ``pg_try_advisory_xact_lock``, so
+exactly one process reaps at a time and the others skip the pass. Everything is
+recovered from the job rows themselves (``lease_expires_at``, ``deadline``),
+never from device or worker rows, so no job can be stranded by a pruned or
+missing worker record.
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ log = logging.getLogger(__name__)
 REAPER_LOCK_KEY = 0x46454452_45444745  # "FEDREDGE"
 BROKER_ACTOR = "edge-broker"
 
+# A device's state is stored, so going offline is a state change: audited with it.
 _MARK_OFFLINE = """
-UPDATE edge_devices SET state = 'offline'
-WHERE state = 'online' AND last_heartbeat_at < now() - make_interval(secs => $1)
-RETURNING device_id
+WITH offline AS (
+    UPDATE edge_devices SET state = 'offline'
+    WHERE state = 'online' AND last_heartbeat_at < now() - make_interval(secs => $1)
+    RETURNING device_id, last_heartbeat_at
+), audited AS (
+    INSERT INTO edge_audit_outbox (tenant_id, actor, action, subject, attributes)
+    SELECT '', $2, 'edge.device.offline', device_id,
+           jsonb_build_object('previous_state', 'online',
+                              'last_heartbeat_at', last_heartbeat_at::text)
+    FROM offline
+)
+SELECT device_id FROM offline ORDER BY device_id
 """
 
 _EXPIRE_DEADLINES = """
@@ -96,7 +108,8 @@ class Reaper:
 
     async def _reap(self, conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any]) -> ReapReport:
         silence = self._config.heartbeat_interval_seconds * self._config.offline_after_intervals
-        offline = tuple(r["device_id"] for r in await conn.fetch(_MARK_OFFLINE, silence))
+        went_offline = await conn.fetch(_MARK_OFFLINE, silence, BROKER_ACTOR)
+        offline = tuple(r["device_id"] for r in went_offline)
         expired = int(await conn.fetchval(_EXPIRE_DEADLINES, BROKER_ACTOR))
         released = await conn.fetchrow(_RELEASE_LEASES, BROKER_ACTOR, list(offline))
         assert released is not None  # an aggregate always returns one row
