@@ -213,3 +213,44 @@ async def test_a_renewal_cut_short_between_the_two_files_is_finished_on_load(
         await edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel).RegisterDevice(
             pb.RegisterDeviceRequest())  # and the broker accepts the pair
         await channel.close()
+
+
+async def test_a_result_over_the_upload_quota_fails_the_job_at_once(
+    home: Path, database: Database, tmp_path: Path
+) -> None:
+    """The agent cannot upload a large result because its device's upload quota is
+    spent: it fails the job (retryable, the attempt counts) with the broker's reason,
+    rather than holding the lease until it lapses as after a lost connection."""
+    pki = TestPKI(home)
+    config = dataclasses.replace(FAST_EDGE, upload_quota_bytes=1 << 20)
+    async with broker_server(pki, database, home, config) as (server, _, _):
+        admin = admin_stub(pki, server.port)
+        payload = tmp_path / "payload.bin"
+        payload.write_bytes(os.urandom(100 * 1024))  # echoed: a result above the inline limit
+        digest = await device_client.upload_file(admin, payload)
+        job_id = (await admin.SubmitJob(pb.SubmitJobRequest(
+            tenant_id="acme", kind="echo", type=pb.JOB_TYPE_BATCH,
+            payload_blob_digest=digest, max_attempts=2,
+        ))).job.job_id
+        channel = pki.channel(f"127.0.0.1:{server.port}", "edge", "full-phone")
+        stub = edge_broker_pb2_grpc.EdgeBrokerServiceStub(channel)
+        start = pb.UploadStart(upload_id="held", total_size=1 << 20, sha256=bytes(32))
+        await stub.Upload(iter([pb.UploadRequest(start=start)]))  # holds the whole quota
+        agent = EdgeAgent(stub, FAST_AGENT)
+        stop = asyncio.Event()
+        running = asyncio.create_task(agent.run(stop))
+
+        async def dead() -> bool:
+            job = (await admin.GetJob(pb.GetJobRequest(job_id=job_id))).job
+            return job.state == pb.JOB_STATE_DEAD_LETTER or running.done()
+
+        try:
+            await wait_for(dead, seconds=30)
+        finally:
+            stop.set()
+            await running
+            await channel.close()
+        job = (await admin.GetJob(pb.GetJobRequest(job_id=job_id))).job
+    assert (job.state, job.attempts) == (pb.JOB_STATE_DEAD_LETTER, 2)
+    assert job.last_error.startswith("result upload refused: ")
+    assert "quota" in job.last_error

@@ -22,7 +22,7 @@ from federation.edge.device.client import (
     upload_status,
 )
 from federation.edge.uploads import UploadStore
-from federation.errors import RETRY_AFTER_METADATA, ErrorCode, FederationError
+from federation.errors import RETRY_AFTER_METADATA, ErrorCode, FederationError, from_rpc_error
 from federation.pki import Identity
 from federation.v1 import edge_broker_pb2 as pb
 from tests.edge_support import FAST_EDGE, admin_stub, broker_server, device_stub, register
@@ -76,6 +76,14 @@ async def first_chunk_committed(stub: Stub, upload_id: str, data: bytes
     queue.put_nowait(chunk(0, data[:CHUNK]))
     await until_committed(stub, upload_id, CHUNK)
     return queue, call
+
+
+def assert_over_quota(refused: grpc.aio.AioRpcError) -> None:
+    """gRPC's code for a spent per-user quota, and the catalog's code that tells it
+    from a full disk; no retry-after (waiting alone frees nothing)."""
+    assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    error = from_rpc_error(refused)
+    assert (error.code, error.retry_after_seconds) == (ErrorCode.INSUFFICIENT_QUOTA, None)
 
 
 def test_crc32c_matches_reference_vector() -> None:
@@ -146,15 +154,43 @@ async def test_corrupt_chunk_wrong_offset_and_oversize_refused(
         assert over.code() is grpc.StatusCode.OUT_OF_RANGE
 
         huge = await send(start("u3", b"", total=CONFIG.upload_quota_bytes + 1))
-        assert huge.code() is grpc.StatusCode.OUT_OF_RANGE
+        assert_over_quota(huge)
         async def only_start() -> AsyncIterator[pb.UploadRequest]:
             # u1 (3 chunks) and u2 (100 KiB) are unfinished: this fills the quota.
             yield start("u4", b"", total=CONFIG.upload_quota_bytes - 3 * CHUNK - 100 * KIB)
 
         assert (await stub.Upload(only_start())).committed_size == 0
         quota = await send(start("u5", b"", total=4 * CHUNK))
-        assert quota.code() is grpc.StatusCode.OUT_OF_RANGE
+        assert_over_quota(quota)
         assert "quota" in (quota.details() or "")
+
+
+async def test_the_client_stops_at_once_over_the_quota(
+    home: Path, database: Database, tmp_path: Path
+) -> None:
+    """upload_file takes the quota refusal as final: one Upload call, the error raised
+    as INSUFFICIENT_QUOTA, not retried with backoff as a dropped connection would be."""
+    pki = TestPKI(home)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(os.urandom(2 * CHUNK))
+    async with broker_server(pki, database, home, CONFIG) as (server, _, _):
+        stub = device_stub(pki, server.port, "cam")
+        held = await stub.Upload(iter([start("held", b"", total=CONFIG.upload_quota_bytes)]))
+        assert held.committed_size == 0  # unfinished: it holds the whole quota
+        upload = stub.Upload
+        calls = []
+
+        def counted(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            return upload(*args, **kwargs)
+
+        stub.Upload = counted  # type: ignore[method-assign]
+        with pytest.raises(FederationError) as refused:
+            await upload_file(stub, path, chunk_size=CHUNK)
+        assert refused.value.code is ErrorCode.INSUFFICIENT_QUOTA
+        assert "quota" in refused.value.message
+        assert len(calls) == 1
+        assert await upload_status(stub, describe_file(path).upload_id) is None
 
 
 async def test_two_writers_one_aborted(home: Path, database: Database) -> None:
@@ -288,7 +324,7 @@ async def test_abandoned_uploads_expire_and_free_the_quota(
         small = b"x" * 100
         with pytest.raises(grpc.aio.AioRpcError) as full:
             await stub.Upload(iter([start("next", small), chunk(0, small)]))
-        assert full.value.code() is grpc.StatusCode.OUT_OF_RANGE  # the quota is held
+        assert_over_quota(full.value)  # the quota is held
 
         async def forgotten() -> bool:
             return await upload_status(stub, "abandoned") is None

@@ -124,12 +124,17 @@ class UploadStore:
         return session
 
     def _check_start(self, upload_id: str, total_size: int, sha256: bytes) -> None:
+        """A malformed start is INVALID_ARGUMENT; one over the device's upload quota is
+        INSUFFICIENT_QUOTA (RESOURCE_EXHAUSTED, gRPC's code for a spent per-user quota;
+        the error-code trailer tells it from the broker's full disk, RESOURCE_EXHAUSTED
+        with a retry-after). No retry-after here: room comes back only when the device's
+        unfinished uploads finish or expire."""
         _check_upload_id(upload_id)
         if len(sha256) != 32:
             raise _refuse(ErrorCode.INVALID_ARGUMENT, "sha256 must be 32 bytes", "sha256")
         if total_size > self._config.upload_quota_bytes:
             raise _refuse(
-                ErrorCode.OUT_OF_RANGE,
+                ErrorCode.INSUFFICIENT_QUOTA,
                 f"upload of {total_size} bytes exceeds the per-device quota of "
                 f"{self._config.upload_quota_bytes} bytes",
                 "total_size",
@@ -146,7 +151,7 @@ class UploadStore:
         quota = self._config.upload_quota_bytes
         if open_bytes + total_size > quota:
             raise _refuse(
-                ErrorCode.OUT_OF_RANGE,
+                ErrorCode.INSUFFICIENT_QUOTA,
                 f"upload of {total_size} bytes would exceed the per-device quota: "
                 f"{open_bytes} of {quota} bytes are already in unfinished uploads",
                 "total_size",

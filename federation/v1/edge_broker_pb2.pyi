@@ -1381,7 +1381,12 @@ class UploadStart(_message.Message):
     id resumes it at its committed_size.
     """
     total_size: _builtins.int
-    """Total content length in bytes."""
+    """Total content length in bytes. A size above the device's upload quota
+    (edge.upload_quota_bytes), or one that would take the device's
+    unfinished uploads above it, is refused with RESOURCE_EXHAUSTED
+    (error-code trailer "insufficient_quota"); it is not worth retrying
+    until those uploads finish or expire.
+    """
     sha256: _builtins.bytes
     """SHA-256 of the whole content (32 bytes). The blob digest derives from
     it.

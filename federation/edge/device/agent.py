@@ -24,7 +24,12 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from federation.edge.device.client import Stub, renew_certificate, upload_file
+from federation.edge.device.client import (
+    QUOTA_ERRORS,
+    Stub,
+    renew_certificate,
+    upload_file,
+)
 from federation.edge.device.jobs import JobFailure, LocalModel, generate_available, perform
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.prototime import duration, to_seconds
@@ -351,7 +356,16 @@ class EdgeAgent:
         if len(result) <= INLINE_RESULT_LIMIT:
             request.inline_result = result
         else:
-            request.result_blob_digest = await _upload_bytes(self._stub, result)
+            try:
+                request.result_blob_digest = await _upload_bytes(self._stub, result)
+            except FederationError as exc:
+                if exc.code not in QUOTA_ERRORS:
+                    raise
+                # Not a failure to wait out with the lease held: this device cannot store
+                # the result now, another device may. The attempt counts.
+                await self._report_failure(
+                    job_id, f"result upload refused: {exc.message}", retryable=True)
+                return
         await self._rpc(self._stub.CompleteJob, request)
         self.completed.append(job_id)
 

@@ -45,6 +45,12 @@ RETRYABLE_UPLOAD_ERRORS = frozenset(
 )
 """Failures after which an upload asks for the committed offset and resumes."""
 
+QUOTA_ERRORS = frozenset({ErrorCode.INSUFFICIENT_QUOTA})
+"""The broker refused the upload for the device's upload quota (gRPC RESOURCE_EXHAUSTED,
+error-code ``insufficient_quota``): not in :data:`RETRYABLE_UPLOAD_ERRORS`, so raised at
+once, since sending again cannot help until the device's unfinished uploads finish or
+expire. Not a transport failure either: the agent fails the job rather than waiting."""
+
 _MAX_RETRY_HINT_SECONDS = 120.0
 """Longest wait a broker's retry-after hint can impose between upload attempts."""
 
@@ -262,7 +268,9 @@ async def upload_file(
 ) -> str:
     """Upload ``path``; resume from the committed offset after any disconnect.
 
-    Returns the stored blob's digest (``sha256:<hex>``).
+    Returns the stored blob's digest (``sha256:<hex>``). A refusal for the device's
+    upload quota (:data:`QUOTA_ERRORS`) or any other answer that is not a transport or
+    concurrency failure (:data:`RETRYABLE_UPLOAD_ERRORS`) is raised at once.
     """
     if info is None:
         info = await asyncio.to_thread(describe_file, path)
@@ -279,7 +287,7 @@ async def upload_file(
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc)
             if error.code not in RETRYABLE_UPLOAD_ERRORS or attempt == attempts - 1:
-                raise error from exc
+                raise error from exc  # QUOTA_ERRORS among them: sending again cannot help
             # The broker's hint counts: an upload still held by a stream of a broker that
             # crashed is free only when that writer lease lapses, later than the backoff.
             hint = min(error.retry_after_seconds or 0.0, _MAX_RETRY_HINT_SECONDS)
