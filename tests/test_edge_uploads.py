@@ -119,6 +119,47 @@ async def test_cut_at_half_then_resume(home: Path, database: Database, tmp_path:
         assert await upload_file(stub, path, chunk_size=CHUNK, info=info) == digest
 
 
+@pytest.mark.parametrize("kept", [None, 0, 2 * CHUNK + 1000])
+async def test_a_lost_part_file_is_resent_not_zero_filled(
+    home: Path, database: Database, tmp_path: Path, kept: int | None
+) -> None:
+    """The part file is deleted (``None``) or cut to ``kept`` bytes while the upload is
+    stopped. On resume the broker does not claim the bytes it lost: the stream is
+    ABORTED with the size it really holds, which QueryUploadStatus reports from then on,
+    and the real client resends from there and finishes with the right content."""
+    pki = TestPKI(home)
+    data = os.urandom(12 * CHUNK + 1234)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(data)
+    info = describe_file(path)
+    async with broker_server(pki, database, home, CONFIG) as (server, broker, _):
+        stub = device_stub(pki, server.port, "cam")
+        half = 6 * CHUNK
+        reply = await stub.Upload(iter([start(info.upload_id, data)] + [
+            chunk(offset, data[offset : offset + CHUNK]) for offset in range(0, half, CHUNK)
+        ]))  # the stream ends without finish: the phone stopped midway
+        assert reply.committed_size == half
+        owner = Identity(pki.ca.trust_domain, "cam", "edge").spiffe_id
+        part = broker.uploads.part_path(owner, info.upload_id)
+        if kept is None:
+            part.unlink()
+        else:
+            os.truncate(part, kept)
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await stub.Upload(iter([start(info.upload_id, data),
+                                    chunk(half, data[half : half + CHUNK])]))
+        assert lost.value.code() is grpc.StatusCode.ABORTED
+        assert f"committed_size={kept or 0}" in (lost.value.details() or "")
+        status = await upload_status(stub, info.upload_id)
+        assert status is not None and status.committed_size == (kept or 0)
+        if kept:  # once more, and this time the client meets the loss itself
+            os.truncate(part, kept // 2)
+        digest = await upload_file(stub, path, chunk_size=CHUNK, info=info)
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        stored = home / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        assert stored.read_bytes() == data
+
+
 async def test_corrupt_chunk_wrong_offset_and_oversize_refused(
     home: Path, database: Database
 ) -> None:

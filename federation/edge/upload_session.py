@@ -93,12 +93,43 @@ class UploadSession:
         self._failure: BaseException | None = None
 
     async def open_part(self) -> None:
+        """Open the part file to append at ``committed``.
+
+        A part file shorter than ``committed`` (deleted or cut short under the broker)
+        no longer holds bytes the broker acknowledged: extending it would fill them
+        with zeros, and the upload would fail its SHA-256 only once the client had sent
+        everything. Instead the committed size is set back to what the file holds and
+        the stream is ABORTED with it, so the client resends from there.
+        """
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        held = os.fstat(self._fd).st_size
+        if held < self.committed:
+            raise await self._lost_bytes(held)
         # Bytes past the committed size were never acknowledged: drop them.
         os.ftruncate(self._fd, self.committed)
         if self.committed:  # resuming: the hash must cover the committed prefix
             await asyncio.to_thread(_hash_prefix, self._path, self.committed, self._hasher)
+
+    async def _lost_bytes(self, held: int) -> FederationError:
+        """Record ``held`` as the committed size (below the old one: the exception to
+        "never decreases", since the bytes above it are gone) and say so."""
+        log.warning("upload part file is shorter than its committed size; resuming from "
+                    "what it holds", extra={"upload": self.upload_id, "held": held,
+                                            "committed": self.committed})
+        await self._pool.execute(
+            "UPDATE edge_uploads SET committed_size = $4, updated_at = now() "
+            "WHERE owner = $1 AND upload_id = $2 AND writer_token = $3",
+            self.owner, self.upload_id, self._token, held,
+        )
+        lost = self.committed - held
+        self.committed = self.written = self._target = held
+        return FederationError(
+            ErrorCode.ABORTED,
+            f"the broker lost the last {lost} committed bytes of upload {self.upload_id!r} "
+            f"(its part file is missing or cut short); committed_size={held}: resume from "
+            "QueryUploadStatus",
+        )
 
     async def __aenter__(self) -> UploadSession:
         return self

@@ -6,7 +6,10 @@ explicit offsets that must equal what this stream has written so far; bytes
 are written to a part file and, at least every ``upload_commit_bytes`` and at
 the end of every stream, fsynced and only then recorded as
 ``committed_size``, the figure ``QueryUploadStatus`` reports and clients
-resume from. ``committed_size`` never decreases.
+resume from. ``committed_size`` never decreases, unless the part file lost
+bytes under the broker (deleted, cut short): a stream resuming it is ABORTED
+and the committed size set to what the file still holds, for the client to
+resend the rest (:meth:`UploadSession.open_part`).
 
 One writer at a time: opening a stream takes the upload's writer lease (a row
 lock would pin a connection for the whole stream); a second stream on the

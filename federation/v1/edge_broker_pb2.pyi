@@ -1503,7 +1503,11 @@ class QueryUploadStatusResponse(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     BLOB_DIGEST_FIELD_NUMBER: _builtins.int
     committed_size: _builtins.int
-    """Bytes durably stored so far; resume uploading from this offset."""
+    """Bytes durably stored so far; resume uploading from this offset. It
+    never decreases, unless the broker lost part of the upload (its part
+    file deleted or cut short): a stream resuming it is then ABORTED and this
+    is the size the broker still holds.
+    """
     total_size: _builtins.int
     """Total content length declared in UploadStart."""
     complete: _builtins.bool
