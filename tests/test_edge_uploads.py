@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -378,6 +379,47 @@ async def test_abandoned_uploads_expire_and_free_the_quota(
         finished = await stub.Upload(iter([start("next", small), chunk(0, small),
                                            pb.UploadRequest(finish=True)]))
         assert finished.complete
+
+
+_FAIL_AT_COMMIT = """
+CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the commit fails'; END $$;
+CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER DELETE ON edge_uploads
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+"""
+
+
+async def test_an_expiry_whose_commit_fails_keeps_the_part_file(
+    home: Path, database: Database, tmp_path: Path
+) -> None:
+    """The part file of an expired upload goes only once the row's deletion committed:
+    a deletion that fails at COMMIT leaves the row and its bytes, so the committed size
+    the device would resume from is still true."""
+    pki = TestPKI(home)
+    data = os.urandom(4 * CHUNK)
+    path = tmp_path / "capture.bin"
+    path.write_bytes(data)
+    info = describe_file(path)
+    async with broker_server(pki, database, home, CONFIG, background=False) as (
+            server, broker, _):
+        stub = device_stub(pki, server.port, "cam")
+        reply = await stub.Upload(iter([start(info.upload_id, data), chunk(0, data[:CHUNK])]))
+        assert reply.committed_size == CHUNK
+        owner = Identity(pki.ca.trust_domain, "cam", "edge").spiffe_id
+        part = broker.uploads.part_path(owner, info.upload_id)
+        await database.pool.execute(  # idle for longer than upload_expiry_seconds
+            "UPDATE edge_uploads SET updated_at = now() - interval '2 days'")
+        await database.pool.execute(_FAIL_AT_COMMIT)
+        with pytest.raises(asyncpg.RaiseError):
+            await broker.uploads.expire_stale()
+        status = await upload_status(stub, info.upload_id)
+        assert status is not None and status.committed_size == CHUNK
+        assert part.stat().st_size == CHUNK
+        await database.pool.execute("DROP TRIGGER refuse_at_commit ON edge_uploads")
+        assert await broker.uploads.expire_stale() == 1
+        assert await upload_status(stub, info.upload_id) is None and not part.exists()
+        digest = await upload_file(stub, path, chunk_size=CHUNK, info=info)
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def test_a_device_revoked_mid_upload_is_refused_at_its_next_chunk(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from federation.config import EdgeConfig
+from federation.db.sessions import session_advisory_lock
 from federation.edge.blobs import BlobStore
 from federation.edge.upload_session import UploadSession
 from federation.errors import ErrorCode, FederationError
@@ -224,17 +225,22 @@ class UploadStore:
         return expired
 
     async def _expire(self, owner: str, upload_id: str) -> int:
-        async with self._pool.acquire() as conn, conn.transaction():
-            # The owner's lock, as open() takes it: no stream of this owner can create
-            # the part file anew between the row's deletion and the file's.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 8))", owner)
-            gone = await conn.fetchval(
-                f"DELETE FROM edge_uploads WHERE owner = $2 AND upload_id = $3 AND {_STALE} "
-                "RETURNING true",
-                self._config.upload_expiry_seconds, owner, upload_id,
-            )
-            if gone:
-                self.part_path(owner, upload_id).unlink(missing_ok=True)
+        async with self._pool.acquire() as conn:
+            key = await conn.fetchval("SELECT hashtextextended($1, 8)", owner)
+            # The owner's lock, as open() takes it, but held past the commit until the
+            # part file is gone: no stream of this owner can create the file anew between
+            # the row's deletion and the file's. The file goes only once the deletion has
+            # committed, so a failed commit leaves the row with its file (a crash in
+            # between leaves an orphan file, which a new upload of the id truncates).
+            async with session_advisory_lock(conn, key, wait=True):
+                async with conn.transaction():
+                    gone = await conn.fetchval(
+                        f"DELETE FROM edge_uploads WHERE owner = $2 AND upload_id = $3 "
+                        f"AND {_STALE} RETURNING true",
+                        self._config.upload_expiry_seconds, owner, upload_id,
+                    )
+                if gone:
+                    self.part_path(owner, upload_id).unlink(missing_ok=True)
         return 1 if gone else 0
 
     def _lease_left(self, expires_at: dt.datetime | None) -> float:
