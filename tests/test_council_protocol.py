@@ -325,3 +325,24 @@ async def test_a_unary_caller_whose_deadline_passes_stops_the_members(
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_until_idle(backend)
         assert sum(backend.calls.values()) == 7
+
+
+async def test_a_tenant_id_that_cannot_be_recorded_is_refused_before_any_work(
+    pki: TestPKI, database: Database
+) -> None:
+    # Every audit record of a vote carries its tenant: one thermal memory refuses (a NUL)
+    # used to run all seven members first and then fail as UNAVAILABLE ("could not
+    # record"); one past the federation's tenant-id limit was recorded as given.
+    backend = ScriptedCouncilBackend()
+    async with council_stack(pki, database, backend) as stack:
+        for tenant_id in ("t\x00", "t" * 201, " t1", "t\n1"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stack.stub().VoteUnary(
+                    council_pb2.VoteUnaryRequest(question="Ship it?", tenant_id=tenant_id))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, tenant_id
+            trailers = dict(caught.value.trailing_metadata() or ())
+            assert trailers["error-param"] == "tenant_id"
+        assert backend.requests == []
+        result = await stack.stub().VoteUnary(
+            council_pb2.VoteUnaryRequest(question="Ship it?", tenant_id="t1"))
+    assert result.result.decision == council_pb2.DECISION_AUTHORIZED

@@ -76,6 +76,7 @@ from federation.inference.types import (
     TokenDelta,
 )
 from federation.memory.sink import AuditSink
+from federation.tenancy import checked_tenant_id
 
 T = TypeVar("T")
 
@@ -142,6 +143,10 @@ class Council:
         Called by :meth:`deliberate` before anything runs; transports may call it
         first to refuse a request before they start streaming.
         """
+        if request.tenant_id:  # empty: an operator's vote, on no tenant's behalf
+            # Every audit record of the vote carries it: one thermal memory cannot store
+            # (a NUL, say) would fail the vote only after all its members had run.
+            checked_tenant_id(request.tenant_id)
         question = request.question.strip()
         if not question:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "question must not be empty",
