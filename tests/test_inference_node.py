@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -158,6 +159,55 @@ async def test_bad_requests_map_to_status(pki: TestPKI) -> None:
                         role=inference_pb2.CHAT_ROLE_USER, content="hi")])):
                 pass
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _user_request(**fields: Any) -> inference_pb2.GenerateRequest:
+    role = fields.pop("role", inference_pb2.CHAT_ROLE_USER)
+    return inference_pb2.GenerateRequest(model=MODEL, messages=[
+        inference_pb2.ChatMessage(role=role, content="hi")], **fields)
+
+
+def _sampling(**values: float) -> inference_pb2.SamplingParams:
+    return inference_pb2.SamplingParams(**values)
+
+
+async def test_values_outside_the_protos_ranges_are_refused_naming_the_field(
+    pki: TestPKI,
+) -> None:
+    # proto3 keeps an enum number it does not define, and SamplingParams documents
+    # ranges: both used to be served (an unknown format as free text, an unknown tool
+    # choice as AUTO, a NaN temperature handed to the model).
+    cases = [
+        (_user_request(role=9), "messages[0].role"),
+        (_user_request(response_format=inference_pb2.ResponseFormat(type=9)),  # type: ignore[arg-type]
+         "response_format.type"),
+        (_user_request(tool_choice=inference_pb2.ToolChoice(mode=9)),  # type: ignore[arg-type]
+         "tool_choice.mode"),
+        (_user_request(sampling=_sampling(temperature=math.nan)), "temperature"),
+        (_user_request(sampling=_sampling(temperature=-0.5)), "temperature"),
+        (_user_request(sampling=_sampling(temperature=2.5)), "temperature"),
+        (_user_request(sampling=_sampling(top_p=0.0)), "top_p"),
+        (_user_request(sampling=_sampling(top_p=1.5)), "top_p"),
+        (_user_request(sampling=_sampling(repeat_penalty=0.0)), "repeat_penalty"),
+        (_user_request(sampling=_sampling(presence_penalty=-2.5)), "presence_penalty"),
+        (_user_request(sampling=_sampling(frequency_penalty=math.inf)), "frequency_penalty"),
+    ]
+    backend = TestBackend()
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "council"))
+        for request, param in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.Generate(request):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, param
+            trailers = dict(caught.value.trailing_metadata() or ())
+            assert trailers["error-param"] == param, caught.value.details()
+        assert backend.completed == 0
+        # The bounds themselves are allowed.
+        edges = _sampling(temperature=0.0, top_p=1.0, repeat_penalty=10.0,
+                          presence_penalty=-2.0, frequency_penalty=2.0)
+        responses = [r async for r in stub.Generate(_user_request(sampling=edges))]
+    assert responses[-1].HasField("finished")
 
 
 async def test_edge_devices_may_not_generate(pki: TestPKI) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from federation.config import InferenceConfig, ModelConfig
 from federation.errors import ErrorCode, FederationError
@@ -26,6 +26,7 @@ from federation.inference.types import (
     GenerationRequest,
     LoadSnapshot,
     ModelInfo,
+    SamplingParams,
 )
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,15 @@ log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048
 """OpenAI's limit of inputs per embeddings request."""
+_SAMPLING_RANGES: Final = (
+    # (field, lowest, highest, lowest allowed): SamplingParams' ranges in inference.proto,
+    # the same the gateway's OpenAI front enforces.
+    ("temperature", 0.0, 2.0, True),
+    ("top_p", 0.0, 1.0, False),
+    ("repeat_penalty", 0.0, 10.0, False),
+    ("presence_penalty", -2.0, 2.0, True),
+    ("frequency_penalty", -2.0, 2.0, True),
+)
 
 
 class Backend(Protocol):
@@ -77,6 +87,7 @@ def validate_request(request: GenerationRequest) -> None:
             f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed",
             param="stop",
         )
+    _check_sampling_ranges(sampling)
     if sampling.max_tokens is not None and sampling.max_tokens < 1:
         raise FederationError(
             ErrorCode.INVALID_ARGUMENT, "max_tokens must be at least 1", param="max_tokens"
@@ -89,6 +100,22 @@ def validate_request(request: GenerationRequest) -> None:
             "response_format json_schema needs a schema",
             param="response_format",
         )
+
+
+def _check_sampling_ranges(sampling: SamplingParams) -> None:
+    """A caller of the node other than the gateway (the council, an operator) gets the
+    same ranges: llama.cpp takes a NaN or negative temperature without complaint and
+    samples nonsense, an upstream answers with its own wording."""
+    for name, lowest, highest, lowest_allowed in _SAMPLING_RANGES:
+        value = getattr(sampling, name)
+        if value is None:
+            continue
+        above = value >= lowest if lowest_allowed else value > lowest
+        if not (above and value <= highest):  # NaN fails both comparisons
+            bound = "from" if lowest_allowed else "greater than"
+            raise FederationError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{name} must be {bound} {lowest:g} and at most {highest:g}", param=name)
 
 
 class BackendSet:

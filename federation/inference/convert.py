@@ -6,7 +6,8 @@ so the two ends cannot disagree about a field.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, TypeVar
 
 from federation.errors import ErrorCode, FederationError
 from federation.inference.types import (
@@ -34,6 +35,8 @@ from federation.inference.types import (
     TopLogprob,
 )
 from federation.v1 import common_pb2, inference_pb2
+
+T = TypeVar("T")
 
 _ROLE_TO_PB: Final[dict[Role, int]] = {
     "system": inference_pb2.CHAT_ROLE_SYSTEM,
@@ -157,13 +160,25 @@ def _set_field(message: inference_pb2.SamplingParams, name: str, value: float) -
         ) from None
 
 
+def _enum(known: Mapping[int, T], value: int, param: str) -> T:
+    """The domain value of an enum field. proto3 keeps a number it does not know (a
+    newer caller's, or garbage) instead of refusing it: refused here, not read as the
+    default, which would quietly serve a request other than the one sent."""
+    try:
+        return known[value]
+    except KeyError:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{param} {value} is not defined",
+                              param=param) from None
+
+
 def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
     messages = []
     for i, m in enumerate(pb.messages):
         role = _ROLE_FROM_PB.get(m.role)
-        if role is None:
+        if role is None:  # unset, or a value this node's protos do not define
             raise FederationError(
-                ErrorCode.INVALID_ARGUMENT, "message role is unspecified",
+                ErrorCode.INVALID_ARGUMENT,
+                f"messages[{i}].role must be system, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
         messages.append(ChatMessage(
@@ -181,7 +196,7 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
         frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
     )
     fmt = ResponseFormat(
-        type=_FORMAT_FROM_PB.get(pb.response_format.type, "text"),
+        type=_enum(_FORMAT_FROM_PB, pb.response_format.type, "response_format.type"),
         json_schema=pb.response_format.json_schema,
         schema_name=pb.response_format.schema_name,
         strict=pb.response_format.strict,
@@ -191,7 +206,7 @@ def request_from_pb(pb: inference_pb2.GenerateRequest) -> GenerationRequest:
         pb.model, tuple(messages), sampling, fmt, pb.tenant_id, budget,
         tools=tuple(Tool(t.name, t.description, t.parameters_json_schema, t.strict)
                     for t in pb.tools),
-        tool_choice=ToolChoice(_CHOICE_FROM_PB.get(pb.tool_choice.mode, "auto"),
+        tool_choice=ToolChoice(_enum(_CHOICE_FROM_PB, pb.tool_choice.mode, "tool_choice.mode"),
                                pb.tool_choice.function_name),
         parallel_tool_calls=(pb.parallel_tool_calls if pb.HasField("parallel_tool_calls")
                              else True),

@@ -437,7 +437,9 @@ class ToolChoice(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     FUNCTION_NAME_FIELD_NUMBER: _builtins.int
     mode: Global___ToolChoiceMode.ValueType
-    """The mode."""
+    """The mode. A value not defined in ToolChoiceMode is refused with
+    INVALID_ARGUMENT.
+    """
     function_name: _builtins.str
     """The function that must be called; mode TOOL_CHOICE_MODE_FUNCTION only."""
     def __init__(
@@ -750,7 +752,9 @@ Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 @_typing.final
 class SamplingParams(_message.Message):
     """Sampling controls for generation. Every optional field that is unset uses
-    the backend's default, which is distinct from an explicit zero.
+    the backend's default, which is distinct from an explicit zero. A value
+    outside its field's range (NaN included) is refused with INVALID_ARGUMENT
+    naming the field.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -772,7 +776,9 @@ class SamplingParams(_message.Message):
     seed: _builtins.int
     """Random seed for reproducible sampling. Unset means non-deterministic."""
     repeat_penalty: _builtins.float
-    """llama.cpp-style multiplicative repetition penalty; 1.0 disables it."""
+    """llama.cpp-style multiplicative repetition penalty, greater than 0.0 and
+    at most 10.0; 1.0 disables it.
+    """
     presence_penalty: _builtins.float
     """OpenAI-style additive presence penalty, -2.0 to 2.0."""
     frequency_penalty: _builtins.float
@@ -839,7 +845,9 @@ class ResponseFormat(_message.Message):
     SCHEMA_NAME_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
     type: Global___ResponseFormatType.ValueType
-    """Kind of constraint."""
+    """Kind of constraint. A value not defined in ResponseFormatType is refused
+    with INVALID_ARGUMENT.
+    """
     json_schema: _builtins.str
     """The JSON Schema document, as JSON text. Required when type is
     RESPONSE_FORMAT_TYPE_JSON_SCHEMA, empty otherwise. This is a string
