@@ -66,6 +66,24 @@ async def test_checkpoints_are_signed_monotonic_and_persisted(tmp_path: Path) ->
     assert load_public_key(tmp_path / "signing.key.pub") is not None
 
 
+async def test_a_signing_call_cancelled_mid_write_leaves_the_log_and_its_file_in_step(
+    tmp_path: Path,
+) -> None:
+    # The memory node's SignCheckpoint call may be cancelled (its deadline) while the
+    # guardian writes the line in a thread: the line reached the file but not the
+    # in-memory log, so the retry signed the sequence again, a second line for it.
+    log = log_at(tmp_path)
+    signing = asyncio.create_task(log.sign(10, b"\x01" * 32))
+    await asyncio.sleep(0)  # the write has started in a worker thread
+    signing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await signing
+    retried = await log.sign(10, b"\x01" * 32)  # the scheduler's next attempt
+    lines = (tmp_path / "checkpoints.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    assert log.newest_first() == log_at(tmp_path).newest_first() == [retried]
+
+
 async def test_a_forged_checkpoint_in_the_file_is_refused(tmp_path: Path) -> None:
     log = log_at(tmp_path)
     await log.sign(10, b"\x01" * 32)

@@ -178,6 +178,12 @@ class CheckpointLog:
         if len(chain_head_hash) != HASH_BYTES:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "chain_head_hash must be 32 bytes",
                                   param="chain_head_hash")
+        # Shielded: a caller that goes away (its deadline, a cancelled RPC) while the line
+        # is being written in a thread must not leave it in the file but not in memory.
+        # A retry would then sign the same sequence again, a second line for it.
+        return await asyncio.shield(self._sign(sequence, chain_head_hash))
+
+    async def _sign(self, sequence: int, chain_head_hash: bytes) -> Checkpoint:
         async with self._lock:
             if self._checkpoints:
                 last = self._checkpoints[-1]
