@@ -41,7 +41,7 @@ from federation.inference.types import (
 )
 from federation.inference.watchdog import StallWatchdog
 from federation.interceptor import CountedOperation, recheck_caller
-from federation.logs import request_id_var
+from federation.logs import clean_request_id, request_id_var
 from federation.periodic import cancel_and_wait
 from federation.prototime import duration
 from federation.server import ServiceRegistration
@@ -248,7 +248,9 @@ class _GenerationStream:
                           ) -> None:
         """Put the generation's messages on the stream; its last one is its finished event
         or its error. A cancelled generation sends nothing more."""
-        request_id_var.set(start.request_id)
+        # As the interceptor treats a call's x-request-id: a caller's id that is not short
+        # printable ASCII (a NUL, a newline, a megabyte) never reaches logs and traces.
+        request_id_var.set(clean_request_id(start.request_id))
         counted = CountedOperation(GENERATE_METHOD)
         error: FederationError | None = None
         try:

@@ -132,6 +132,28 @@ async def test_a_refused_start_leaves_the_other_generations_running(pki: TestPKI
             inference_pb2.FINISH_REASON_STOP)
 
 
+async def test_a_generations_request_id_is_cleaned_as_a_calls_is(pki: TestPKI) -> None:
+    # A Generate call's x-request-id goes through the interceptor's clean_request_id; a
+    # start's request_id went to the logs and traces of its generation as sent.
+    backend = TestBackend()
+    sent = {1: "req-ok", 2: "bad\nid", 3: "x" * 5000, 4: "", 5: "nul\x00"}
+    async with inference_nodes(pki, [backend]) as (node,):
+        channel = pki.channel(node.address, "gateway")
+        call = inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream()
+        for generation_id, request_id in sent.items():
+            message = start(generation_id, "hello")
+            message.start.request_id = request_id
+            await call.write(message)
+            await messages_until_done(call, {generation_id})
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        await channel.close()
+    assert backend.request_ids[0] == "req-ok"
+    for minted in backend.request_ids[1:]:
+        assert minted.startswith("req_") and len(minted) <= 128 and minted.isprintable()
+    assert len(set(backend.request_ids)) == len(sent)
+
+
 async def test_a_generation_past_its_deadline_is_stopped_on_the_node(pki: TestPKI) -> None:
     backend = TestBackend(token_delay=0.2)
     async with inference_nodes(pki, [backend]) as (node,), routed(pki, node) as router:
