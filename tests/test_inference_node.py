@@ -210,6 +210,49 @@ async def test_values_outside_the_protos_ranges_are_refused_naming_the_field(
     assert responses[-1].HasField("finished")
 
 
+def _nested(levels: int) -> str:
+    """A JSON Schema ``levels`` schemas deep (a property in a property ...): each adds
+    two levels of nesting, the schema and its ``properties``."""
+    return '{"type": "object", "properties": {"a": ' * (levels - 1) + "{}" + "}}" * (levels - 1)
+
+
+async def test_schemas_that_cannot_be_parsed_or_are_too_deep_are_invalid_not_internal(
+    pki: TestPKI,
+) -> None:
+    # json.loads raises RecursionError, not ValueError, on a document nested past its
+    # limit: a tool's parameters of 100000 "[" failed the call as INTERNAL; a response
+    # format's schema was not looked at by the node at all (each backend tripped on it).
+    def tool(parameters: str) -> inference_pb2.GenerateRequest:
+        return _user_request(tools=[inference_pb2.Tool(name="f",
+                                                       parameters_json_schema=parameters)])
+
+    def schema(text: str) -> inference_pb2.GenerateRequest:
+        return _user_request(response_format=inference_pb2.ResponseFormat(
+            type=inference_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=text))
+
+    cases = [
+        (tool("[" * 100_000), "tools[0].function.parameters"),
+        (tool(_nested(200)), "tools[0].function.parameters"),
+        (schema("[" * 100_000), "response_format"),
+        (schema(_nested(200)), "response_format"),
+        (schema("{not json"), "response_format"),
+        (schema("[]"), "response_format"),
+    ]
+    backend = TestBackend()
+    async with inference_nodes(pki, [backend]) as (node,):
+        stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "gateway"))
+        for request, param in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stub.Generate(request):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, param
+            assert dict(caught.value.trailing_metadata() or ())["error-param"] == param
+        assert backend.started == 0
+        fine = [r async for r in stub.Generate(schema(_nested(32)))]  # 63 levels
+        also_fine = [r async for r in stub.Generate(tool(_nested(32)))]
+    assert fine[-1].HasField("finished") and also_fine[-1].HasField("finished")
+
+
 async def test_edge_devices_may_not_generate(pki: TestPKI) -> None:
     async with inference_nodes(pki, [TestBackend()]) as (node,):
         stub = inference_pb2_grpc.InferenceServiceStub(pki.channel(node.address, "edge"))

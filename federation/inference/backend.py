@@ -17,7 +17,7 @@ from typing import Final, Protocol
 from federation.config import InferenceConfig, ModelConfig
 from federation.errors import ErrorCode, FederationError
 from federation.inference.budget import completion_limit
-from federation.inference.tools import check_tools
+from federation.inference.tools import check_tools, schema_object
 from federation.inference.types import (
     MAX_TOP_LOGPROBS,
     EmbeddingRequest,
@@ -94,12 +94,17 @@ def validate_request(request: GenerationRequest) -> None:
         )
     if request.token_budget is not None:
         completion_limit(request.token_budget, 0, None)  # a budget of 0 leaves nothing
-    if request.response_format.type == "json_schema" and not request.response_format.json_schema:
-        raise FederationError(
-            ErrorCode.INVALID_ARGUMENT,
-            "response_format json_schema needs a schema",
-            param="response_format",
-        )
+    if request.response_format.type == "json_schema":
+        if not request.response_format.json_schema:
+            raise FederationError(
+                ErrorCode.INVALID_ARGUMENT,
+                "response_format json_schema needs a schema",
+                param="response_format",
+            )
+        # Every backend parses it (a grammar, an upstream's body): refused here, not as
+        # an INTERNAL error of whichever backend trips on it.
+        schema_object(request.response_format.json_schema, "response_format",
+                      "The response format's json_schema")
 
 
 def _check_sampling_ranges(sampling: SamplingParams) -> None:

@@ -38,6 +38,11 @@ MAX_TOOLS: Final = 128
 """OpenAI's limit of functions per request."""
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: Final[dict[str, Any]] = {"type": "object", "properties": {}}
+MAX_SCHEMA_DEPTH: Final = 64
+"""Deepest nesting of objects and arrays in a JSON Schema a request may carry (a
+function's parameters, a response format): far beyond any real schema, and well within
+the recursion of the JSON parser and of the grammar converter, which a deeper document
+exhausted (an INTERNAL error instead of the caller's INVALID_ARGUMENT)."""
 
 
 def new_call_id() -> str:
@@ -72,19 +77,43 @@ def check_tools(request: GenerationRequest) -> None:
                            f"The function name {tool.name!r} is used twice.")
         seen.add(tool.name)
         if tool.parameters:
-            try:
-                schema = json.loads(tool.parameters)
-            except ValueError:
-                schema = None
-            if not isinstance(schema, dict):
-                raise _invalid(f"tools[{i}].function.parameters",
-                               "The function's parameters must be a JSON Schema object.")
+            schema_object(tool.parameters, f"tools[{i}].function.parameters",
+                          "The function's parameters")
     choice = request.tool_choice
     if choice.forces_call and not tools:
         raise _invalid("tool_choice", "tool_choice requires tools.")
     if choice.mode == "function" and choice.function not in seen:
         raise _invalid("tool_choice", f"tool_choice names the function {choice.function!r}, "
                        "which is not among the tools.")
+
+
+def schema_object(text: str, param: str, what: str) -> dict[str, Any]:
+    """The JSON Schema object ``text`` holds; INVALID_ARGUMENT naming ``param`` when it
+    is not JSON, not an object, or nested deeper than :data:`MAX_SCHEMA_DEPTH`."""
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
+        schema = None
+    if not isinstance(schema, dict):
+        raise _invalid(param, f"{what} must be a JSON Schema object.")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _invalid(param, f"{what} must not be nested deeper than {MAX_SCHEMA_DEPTH} "
+                              "levels.")
+    return schema
+
+
+def _depth(document: dict[str, Any]) -> int:
+    """How deep objects and arrays nest in ``document`` (itself 1); iterative, so that
+    measuring a deep document cannot exhaust the recursion it is measured to protect."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        node, depth = pending.pop()
+        deepest = max(deepest, depth)
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, dict | list))
+    return deepest
 
 
 def _invalid(param: str, message: str) -> FederationError:
