@@ -20,6 +20,7 @@ from federation.config import GrpcConfig
 from federation.errors import ErrorCode, FederationError, call_error_from_proto
 from federation.inference.backend import BackendSet
 from federation.inference.client import InferenceRouter
+from federation.inference.streams import GenerationStream
 from federation.inference.test_backend import TestBackend
 from federation.inference.types import (
     ChatMessage,
@@ -152,6 +153,30 @@ async def test_a_generations_request_id_is_cleaned_as_a_calls_is(pki: TestPKI) -
     for minted in backend.request_ids[1:]:
         assert minted.startswith("req_") and len(minted) <= 128 and minted.isprintable()
     assert len(set(backend.request_ids)) == len(sent)
+
+
+async def test_a_start_whose_caller_goes_away_before_it_is_written_is_not_left_open(
+    pki: TestPKI,
+) -> None:
+    # Starts take turns writing on the stream. A caller cancelled while waiting its turn
+    # (an HTTP client gone under load) never got its generation back to cancel it, and
+    # the stream kept it open for ever: once retired (a renewed certificate), the stream
+    # never closed.
+    backend = TestBackend()
+    async with inference_nodes(pki, [backend]) as (node,):
+        channel = pki.channel(node.address, "gateway")
+        stream = GenerationStream(inference_pb2_grpc.InferenceServiceStub(channel), epoch=0)
+        request = start(1, "never generated").start.request
+        async with stream._writing:  # another generation's start being written
+            starting = asyncio.create_task(stream.start(request, None))
+            await asyncio.sleep(0)  # it waits for its turn
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+        stream.retire()
+        await eventually(lambda: stream.ended)  # no generation is open: it closes
+        await channel.close()
+    assert backend.started == 0
 
 
 async def test_a_generation_past_its_deadline_is_stopped_on_the_node(pki: TestPKI) -> None:

@@ -107,8 +107,16 @@ class GenerationStream(MultiplexedCall):
                 start.trace_context[key] = value
         if timeout_seconds is not None:
             start.timeout.CopyFrom(duration(timeout_seconds))
-        await self._write(inference_pb2.GenerateStreamRequest(
-            generation_id=generation_id, start=start))
+        try:
+            await self._write(inference_pb2.GenerateStreamRequest(
+                generation_id=generation_id, start=start))
+        except BaseException:
+            # The caller went away (waiting its turn to write, or writing) before it held
+            # the generation it could cancel: left open, the generation would keep a
+            # retired stream from closing, and if the start reached the node, run there
+            # with nobody reading. A cancel of an id the node never saw is ignored.
+            self.cancel(generation_id)
+            raise
         return generation
 
     def cancel(self, generation_id: int) -> None:
