@@ -57,3 +57,26 @@ async def test_put_get_recover_list_destroy(
     listed = await run(settings, "list", "--tenant", "t1")
     assert put["id"] in listed and "fedshare_" not in listed
     assert "destroyed" in await run(settings, "destroy", put["id"])
+
+
+async def test_the_client_share_can_come_from_stdin_not_the_command_line(
+    vault: VaultService, home: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    # A share given as --share S is readable by every local user (/proc/PID/cmdline)
+    # while the command runs, and is kept in the shell's history: get and rotate
+    # required it there.
+    @contextlib.asynccontextmanager
+    async def fake_open(settings: Settings) -> AsyncIterator[VaultService]:
+        yield vault
+
+    monkeypatch.setattr(vault_commands, "open_vault", fake_open)
+    settings = Settings(home=home)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"s3cret")))
+    put = json.loads(await run(settings, "put", "--tenant", "t1", "db", "--json"))
+    share = put["client_share"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{share}\n".encode())))
+    got = json.loads(await run(settings, "get", put["id"], "--json"))
+    assert got["value"] == "s3cret"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{share}\n".encode())))
+    rotated = json.loads(await run(settings, "rotate", put["id"], "--share", "-", "--json"))
+    assert rotated["version"] == 2 and rotated["client_share"] != share

@@ -8,9 +8,10 @@ they need the federation home, not an API key; every action is audited with the
 operator's SPIFFE id as the actor. Tenants' own clients use the HTTP API.
 
     federation vault put --tenant T NAME        (value from stdin)
-    federation vault get ID --share S           (prints the value)
+    federation vault get ID < SHARE_FILE        (prints the value; the client share on
+                                                stdin, or typed at a prompt)
     federation vault recover ID --reason R      (prints a new client share)
-    federation vault rotate ID --share S
+    federation vault rotate ID < SHARE_FILE
     federation vault list --tenant T
     federation vault destroy ID --reason R
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -31,6 +33,11 @@ from federation.launch.endpoints import admin_channel, database_url, operator_ac
 from federation.memory.client import GrpcAuditSink
 from federation.vault.records import IssuedShare, SecretInfo
 from federation.vault.service import VaultService, create_gateway_pool
+
+SHARE_FROM_STDIN = "-"
+_SHARE_HELP_STDIN = ("by default (or '-') read from standard input, which keeps it out of "
+                     "the process list and the shell's history")
+_SHARE_HELP = "the client share (fedshare_...); " + _SHARE_HELP_STDIN
 
 
 def register(commands: Any) -> None:
@@ -45,7 +52,7 @@ def register(commands: Any) -> None:
 
     get = sub.add_parser("get", help="print a secret's value (needs its client share)")
     get.add_argument("id")
-    get.add_argument("--share", required=True, help="the client share (fedshare_...)")
+    get.add_argument("--share", default=SHARE_FROM_STDIN, help=_SHARE_HELP)
     get.add_argument("--json", action="store_true")
     get.set_defaults(handler=_get)
 
@@ -58,7 +65,8 @@ def register(commands: Any) -> None:
 
     rotate = sub.add_parser("rotate", help="re-encrypt under a new key, issue new shares")
     rotate.add_argument("id")
-    rotate.add_argument("--share", required=True, help="the current client share")
+    rotate.add_argument("--share", default=SHARE_FROM_STDIN,
+                        help="the current client share; " + _SHARE_HELP_STDIN)
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(handler=_rotate)
 
@@ -112,10 +120,22 @@ async def _put(settings: Settings, args: argparse.Namespace) -> int:
     return _issued(issued, args)
 
 
+def _client_share(args: argparse.Namespace) -> str:
+    """The client share: ``--share`` as given, or (``-``, the default) from standard input.
+    A command line is readable by every local user (``/proc/PID/cmdline``, ``ps``) and is
+    kept in shell history; standard input is neither."""
+    if args.share != SHARE_FROM_STDIN:
+        return str(args.share)
+    if sys.stdin.isatty():
+        return getpass.getpass("client share: ")
+    return sys.stdin.readline().strip()
+
+
 async def _get(settings: Settings, args: argparse.Namespace) -> int:
+    share = _client_share(args)
     async with open_vault(settings) as vault:
         info, value = await vault.read(tenant_id=None, secret_id=args.id,
-                                       client_share=args.share, actor=operator_actor(settings))
+                                       client_share=share, actor=operator_actor(settings))
     if args.json:
         print_json({**info.to_json(), "value": value.decode(errors="replace")})
     else:
@@ -133,8 +153,9 @@ async def _recover(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _rotate(settings: Settings, args: argparse.Namespace) -> int:
+    share = _client_share(args)
     async with open_vault(settings) as vault:
-        issued = await vault.rotate(tenant_id=None, secret_id=args.id, client_share=args.share,
+        issued = await vault.rotate(tenant_id=None, secret_id=args.id, client_share=share,
                                     actor=operator_actor(settings))
     return _issued(issued, args)
 
