@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
-from federation.guardian.checkpoints import CheckpointLog, load_signing_key
+from federation.guardian.checkpoints import CheckpointLog
 from federation.guardian.convert import checkpoint_message, share_record
 from federation.guardian.custody import GuardianCustody
 from federation.interceptor import current_caller
@@ -114,10 +114,8 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     config = settings.guardian
     database = runtime.require_database()
     wrapping_key = load_or_create_key(settings.home / config.wrapping_key_file)
-    checkpoints = CheckpointLog(
-        settings.home / config.checkpoint_file,
-        load_signing_key(settings.home / config.signing_key_file),
-    )
+    checkpoints = CheckpointLog.open(
+        settings.home / config.checkpoint_file, settings.home / config.signing_key_file)
     audit = GrpcAuditSink(
         runtime.peer_channel("memory"), timeout_seconds=settings.grpc.call_timeout_seconds
     )

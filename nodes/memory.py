@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opentelemetry.trace import SpanKind
 
 from federation.errors import (
@@ -32,10 +31,10 @@ from federation.errors import (
 from federation.fields import storable, storable_map
 from federation.guardian.chain_checks import (
     GuardianCheckpoints,
-    guardian_public_key,
+    guardian_keys,
     verify_with_checkpoints,
 )
-from federation.guardian.checkpoints import CheckpointScheduler
+from federation.guardian.checkpoints import CheckpointScheduler, GuardianKeys
 from federation.interceptor import current_caller, recheck_caller
 from federation.logs import request_id_var
 from federation.memory.convert import TIER_FROM_PROTO, record_to_proto
@@ -118,7 +117,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
     def __init__(
         self, store: MemoryStore, *, guardian: GuardianCheckpoints | None = None,
         scheduler: CheckpointScheduler | None = None,
-        guardian_key: Callable[[], Ed25519PublicKey | None] = lambda: None,
+        guardian_keys: Callable[[], GuardianKeys | None] = lambda: None,
         max_batch: int = 512, stream_max_batches_in_flight: int = 8,
     ) -> None:
         """``guardian``: where the signed checkpoints are (``None``: no guardian
@@ -132,7 +131,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         """The answers of each open StreamMemories stream (told when the node drains)."""
         self._guardian = guardian
         self._scheduler = scheduler
-        self._guardian_key = guardian_key
+        self._guardian_keys = guardian_keys
 
     async def RecordMemory(
         self, request: pb.RecordMemoryRequest, context: Context
@@ -270,7 +269,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         _check_range(request.from_sequence, request.to_sequence)
         checkpoints = await self._guardian.list_all() if self._guardian is not None else None
         report = await verify_with_checkpoints(
-            self._store, checkpoints, self._guardian_key(), request.from_sequence,
+            self._store, checkpoints, self._guardian_keys(), request.from_sequence,
             request.to_sequence,
         )
         response = pb.VerifyChainResponse(
@@ -371,7 +370,7 @@ async def _servicer(runtime: NodeRuntime, store: MemoryStore) -> ThermalMemorySe
     runtime.cleanup.push_async_callback(scheduler.stop)
     key_path = settings.home / config.signing_key_file
     return ThermalMemoryServicer(store, guardian=guardian, scheduler=scheduler,
-                                 guardian_key=lambda: guardian_public_key(key_path),
+                                 guardian_keys=lambda: guardian_keys(key_path),
                                  max_batch=settings.memory.max_batch,
                                  stream_max_batches_in_flight=(
                                      settings.memory.stream_max_batches_in_flight))

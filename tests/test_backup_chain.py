@@ -64,7 +64,7 @@ async def test_a_declared_gap_verifies_and_is_reported(
     await guardian.sign(8, after.hash)  # the guardian signs above its last checkpoint
 
     report = await verify_with_checkpoints(store, guardian.newest_first(),
-                                           guardian.public_key)
+                                           guardian.keys)
     assert report.intact, report.problem
     assert report.records_checked == 5
     assert report.last_checkpoint_sequence == 8

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -15,8 +15,9 @@ from federation.errors import FederationError
 from federation.guardian.checkpoints import (
     CheckpointLog,
     CheckpointScheduler,
-    load_public_key,
-    load_signing_key,
+    GuardianKeys,
+    fingerprint,
+    load_public_keys,
     verify_against_checkpoints,
 )
 from federation.memory import AuditEntry
@@ -44,13 +45,13 @@ async def guardian(database: Database, home: Path, store: MemoryStore
 
 
 def log_at(path: Path) -> CheckpointLog:
-    return CheckpointLog(path / "checkpoints.jsonl", load_signing_key(path / "signing.key"))
+    return CheckpointLog.open(path / "checkpoints.jsonl", path / "signing.key")
 
 
 async def test_checkpoints_are_signed_monotonic_and_persisted(tmp_path: Path) -> None:
     log = log_at(tmp_path)
     first = await log.sign(10, b"\x01" * 32)
-    assert first.verify(log.public_key)
+    assert first.verify(log.keys)
     assert await log.sign(10, b"\x01" * 32) == first  # a retry is idempotent
     with pytest.raises(FederationError, match="rewritten"):
         await log.sign(10, b"\x02" * 32)
@@ -63,7 +64,7 @@ async def test_checkpoints_are_signed_monotonic_and_persisted(tmp_path: Path) ->
     assert [c.sequence for c in reloaded.newest_first()] == [20, 10]
     assert reloaded.get(0) == reloaded.get(20) and reloaded.get(15) is None
     assert (tmp_path / "checkpoints.jsonl").stat().st_mode & 0o777 == 0o600
-    assert load_public_key(tmp_path / "signing.key.pub") is not None
+    assert load_public_keys(tmp_path / "signing.key.pub").current is not None
 
 
 async def test_a_signing_call_cancelled_mid_write_leaves_the_log_and_its_file_in_step(
@@ -82,6 +83,43 @@ async def test_a_signing_call_cancelled_mid_write_leaves_the_log_and_its_file_in
     lines = (tmp_path / "checkpoints.jsonl").read_text().splitlines()
     assert len(lines) == 1
     assert log.newest_first() == log_at(tmp_path).newest_first() == [retried]
+
+
+async def test_a_lost_signing_key_is_replaced_and_old_checkpoints_still_verify(
+    tmp_path: Path,
+) -> None:
+    # docs/guardian.md: losing the signing key means new checkpoints are signed by a new
+    # key while old ones still verify. The guardian refused to start instead: every old
+    # line failed "does not verify" against the new key.
+    old = log_at(tmp_path)
+    await old.sign(10, b"\x01" * 32)
+    (tmp_path / "signing.key").unlink()
+    new = log_at(tmp_path)  # a new key is made; the old one stays in the .pub file
+    assert new.public_key != old.public_key
+    signed_later = await new.sign(20, b"\x02" * 32)
+    keys = load_public_keys(tmp_path / "signing.key.pub")
+    assert list(keys.by_fingerprint) == [fingerprint(new.public_key),
+                                         fingerprint(old.public_key)]
+    assert all(c.verify(keys) for c in log_at(tmp_path).newest_first())
+    assert signed_later.verify(keys) and not signed_later.verify(GuardianKeys.of(old.public_key))
+    report = await verify_against_checkpoints(
+        new.newest_first(), _hashes({10: b"\x01" * 32, 20: b"\x02" * 32}), keys)
+    assert report.intact and report.checkpoints_checked == 2
+
+
+async def test_a_checkpoint_of_an_unknown_key_stops_the_log_naming_it(tmp_path: Path) -> None:
+    log = log_at(tmp_path)
+    await log.sign(10, b"\x01" * 32)
+    (tmp_path / "signing.key").unlink()
+    (tmp_path / "signing.key.pub").unlink()  # and the verifiers' copy is gone too
+    with pytest.raises(ValueError, match="neither the signing key nor one of the earlier"):
+        log_at(tmp_path)
+
+
+def _hashes(stored: dict[int, bytes]) -> Callable[[int], Awaitable[bytes | None]]:
+    async def hash_at(sequence: int) -> bytes | None:
+        return stored.get(sequence)
+    return hash_at
 
 
 async def test_a_forged_checkpoint_in_the_file_is_refused(tmp_path: Path) -> None:
@@ -182,7 +220,7 @@ async def test_a_full_rewrite_by_the_database_owner_is_still_detected(
         await scheduler.stop()
     assert [c.sequence for c in guardian.checkpoints.newest_first()] == [50, 40, 30, 20, 10]
 
-    public_key = load_public_key(guardian.pki.home / "guardian/checkpoint_signing.key.pub")
+    public_key = load_public_keys(guardian.pki.home / "guardian/checkpoint_signing.key.pub")
 
     async def hash_at(sequence: int) -> bytes | None:
         return await _hash_at(pg_url, sequence)
@@ -209,5 +247,5 @@ async def test_a_truncated_chain_is_detected(tmp_path: Path) -> None:
     async def missing(sequence: int) -> bytes | None:
         return None
 
-    report = await verify_against_checkpoints(log.newest_first(), missing, log.public_key)
+    report = await verify_against_checkpoints(log.newest_first(), missing, log.keys)
     assert not report.intact and report.first_bad_sequence == 1 and "missing" in report.problem

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from federation.backup import BackupError
 from federation.backup.dump import Progress, read_checkpoint_file
@@ -54,7 +53,12 @@ from federation.db import create_pool, embedded_data_dir, ensure_database
 from federation.db.embedded import DATABASE, EmbeddedPostgres
 from federation.durable import fsync_directory
 from federation.guardian.chain_checks import VerifyReport, verify_with_checkpoints
-from federation.guardian.checkpoints import Checkpoint, load_public_key
+from federation.guardian.checkpoints import (
+    Checkpoint,
+    GuardianKeys,
+    load_public_keys,
+    public_key_path,
+)
 from federation.memory.records import GENESIS_HASH, MemoryRecord, chain_hash
 from federation.memory.restore_event import RestoreClaim, RestoreVerifier, restore_entry
 from federation.memory.store import MemoryStore
@@ -114,15 +118,15 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
     manifest = await check_backup(directory, settings)
     progress.step(f"backup {manifest.backup_id}: {len(manifest.files)} files match the "
                   f"manifest; audit records 1-{manifest.audit_sequence}")
-    public_key = _guardian_public_key(settings)
-    checkpoints = _gather_checkpoints(settings, directory, guardian_log, public_key, scratch)
+    guardian_keys = _guardian_keys(settings)
+    checkpoints = _gather_checkpoints(settings, directory, guardian_log, guardian_keys, scratch)
     verifier = _restore_verifier(settings)
     admin = None if scratch else _admin_identity(settings)
     async with _target(settings, progress, scratch) as (url, target):
         await _restore_dump(settings, url, directory, manifest, progress)
         async with _pool(settings, url) as pool:
             store = MemoryStore(pool, MemoryConfig(), restore_verifier=verifier)
-            report = await _check_restored_chain(store, manifest, checkpoints, public_key)
+            report = await _check_restored_chain(store, manifest, checkpoints, guardian_keys)
             claim = None
             if admin is not None:
                 claim = await _append_restore_event(pool, manifest, checkpoints, admin)
@@ -130,7 +134,7 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
                 # Records up to the backup were just verified: from there on, the event
                 # and every checkpoint (the lost ones included) are checked again.
                 after = await verify_with_checkpoints(
-                    store, checkpoints, public_key, from_sequence=max(claim.backup_sequence, 1))
+                    store, checkpoints, guardian_keys, from_sequence=max(claim.backup_sequence, 1))
                 if not after.intact:
                     raise BackupError(f"the audit chain does not verify after the restore "
                                       f"event: {after.problem}")
@@ -262,14 +266,14 @@ def _ident(name: str) -> str:
 
 async def _check_restored_chain(store: MemoryStore, manifest: Manifest,
                                 checkpoints: list[Checkpoint],
-                                public_key: Ed25519PublicKey | None) -> VerifyReport:
+                                guardian_keys: GuardianKeys | None) -> VerifyReport:
     head = await store.head_hash()
     sequence, digest = head if head is not None else (0, b"")
     if sequence != manifest.audit_sequence or digest.hex() != manifest.audit_hash:
         raise BackupError(f"the restored audit chain ends at record {sequence}, the manifest "
                           f"says {manifest.audit_sequence}: the dump and manifest disagree")
     covered = [c for c in checkpoints if c.sequence <= sequence]
-    report = await verify_with_checkpoints(store, covered, public_key)
+    report = await verify_with_checkpoints(store, covered, guardian_keys)
     if not report.intact:
         raise BackupError(f"the backup's audit chain does not verify: {report.problem}; "
                           "no restore event was written")
@@ -354,14 +358,13 @@ def _restore_verifier(settings: Settings) -> RestoreVerifier | None:
     return RestoreVerifier.of_home(PKIPaths(settings.home).directory, settings.trust_domain)
 
 
-def _guardian_public_key(settings: Settings) -> Ed25519PublicKey | None:
-    signing = settings.home / settings.guardian.signing_key_file
-    public = signing.with_name(signing.name + ".pub")
-    return load_public_key(public) if public.exists() else None
+def _guardian_keys(settings: Settings) -> GuardianKeys | None:
+    public = public_key_path(settings.home / settings.guardian.signing_key_file)
+    return load_public_keys(public) if public.exists() else None
 
 
 def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path | None,
-                        public_key: Ed25519PublicKey | None, scratch: bool
+                        guardian_keys: GuardianKeys | None, scratch: bool
                         ) -> list[Checkpoint]:
     """The backup's checkpoints, the home's log and the given log, merged; each signature
     checked with the home's guardian key; the same sequence must carry the same hash."""
@@ -375,7 +378,7 @@ def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path 
         if not source.is_file():
             continue
         for checkpoint in read_checkpoint_file(source):
-            if public_key is not None and not checkpoint.verify(public_key):
+            if guardian_keys is not None and not checkpoint.verify(guardian_keys):
                 raise BackupError(f"{source}: checkpoint {checkpoint.sequence} is not signed "
                                   "by this home's guardian key; restore the key material "
                                   "first (`federation restore --keys FILE`)")
@@ -384,7 +387,7 @@ def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path 
                 raise BackupError(f"{source}: checkpoint {checkpoint.sequence} contradicts "
                                   "another log's: the two logs are not of one chain")
             merged.setdefault(checkpoint.sequence, checkpoint)
-    if merged and public_key is None and not scratch:
+    if merged and guardian_keys is None and not scratch:
         raise BackupError(f"no guardian key in {settings.home.resolve()} to check the "
                           "checkpoints with: restore the key material first "
                           "(`federation restore --keys FILE`)")

@@ -9,13 +9,14 @@ Kept out of the servicer (``nodes/memory.py`` only wires and converts):
   comparison and merges them into one report: the smaller ``first_bad_sequence``
   wins, both problems are named.
 
-Which key verifies the signatures: the guardian's public key file
+Which keys verify the signatures: the guardian's public key file
 (``$FEDERATION_HOME/guardian/checkpoint_signing.key.pub``, written by the guardian
-at start). The proto carries only the key's fingerprint, not the key, so on a
-deployment where the memory node does not share the guardian's home, copy that
-``.pub`` file there. Without it the checkpoints are still trusted as far as the
-mTLS channel makes them (they come from the guardian's SPIFFE identity), and the
-report says that signatures were not checked.
+at start: its current key, then any it signed with before). The proto carries only
+the key's fingerprint, not the key, so on a deployment where the memory node does
+not share the guardian's home, copy that ``.pub`` file there. Without it the
+checkpoints are still trusted as far as the mTLS channel makes them (they come from
+the guardian's SPIFFE identity), and the report says that signatures were not
+checked.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from pathlib import Path
 from typing import Final
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.guardian.checkpoints import (
-    PUBLIC_KEY_SUFFIX,
     Checkpoint,
     CheckpointReport,
-    load_public_key,
+    GuardianKeys,
+    load_public_keys,
+    public_key_path,
     verify_against_checkpoints,
 )
 from federation.memory.restore_event import RestoreClaim
@@ -57,14 +58,14 @@ def checkpoint_from_proto(message: guardian_pb2.Checkpoint) -> Checkpoint:
     )
 
 
-def guardian_public_key(signing_key_path: Path) -> Ed25519PublicKey | None:
-    """The guardian's checkpoint verification key next to its signing key, if present."""
-    path = signing_key_path.with_name(signing_key_path.name + PUBLIC_KEY_SUFFIX)
+def guardian_keys(signing_key_path: Path) -> GuardianKeys | None:
+    """The guardian's checkpoint verification keys next to its signing key, if present."""
+    path = public_key_path(signing_key_path)
     if not path.exists():
         log.warning("guardian public key not found; checkpoint signatures are not checked",
                     extra={"path": str(path)})
         return None
-    return load_public_key(path)
+    return load_public_keys(path)
 
 
 class GuardianCheckpoints:
@@ -130,7 +131,7 @@ class VerifyReport:
 async def verify_with_checkpoints(
     store: MemoryStore,
     checkpoints: list[Checkpoint] | None,
-    public_key: Ed25519PublicKey | None,
+    keys: GuardianKeys | None,
     from_sequence: int = 0,
     to_sequence: int = 0,
 ) -> VerifyReport:
@@ -151,11 +152,11 @@ async def verify_with_checkpoints(
     # Checkpoints of records a verified restore event declares lost are the evidence of
     # that loss (the event reports it), not of a rewrite: they are not compared.
     compared = [c for c in in_range if not _declared_lost(c.sequence, chain.restores)]
-    report = await verify_against_checkpoints(compared, hash_at, public_key)
+    report = await verify_against_checkpoints(compared, hash_at, keys)
     last = max((c.sequence for c in compared), default=None)
     bad = [s for s in (chain.first_bad_sequence, report.first_bad_sequence) if s is not None]
     problems = [p for p in (chain.problem, report.problem) if p]
-    if public_key is None and in_range:
+    if keys is None and in_range:
         problems.append("checkpoint signatures were not checked (no guardian public key)")
     return VerifyReport(
         intact=chain.intact and report.intact,

@@ -32,8 +32,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -46,6 +47,7 @@ from federation.clock import Clock, utc_now
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
 from federation.periodic import cancel_and_wait
+from federation.pki.files import write_file
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ class Checkpoint:
     signature: bytes
     key_fingerprint: str
 
-    def verify(self, public_key: Ed25519PublicKey) -> bool:
-        if self.key_fingerprint != fingerprint(public_key):
+    def verify(self, keys: GuardianKeys) -> bool:
+        """Signed by the guardian key it names, one of ``keys``."""
+        public_key = keys.by_fingerprint.get(self.key_fingerprint)
+        if public_key is None:
             return False
         try:
             public_key.verify(
@@ -109,28 +113,77 @@ class Checkpoint:
         )
 
 
+@dataclass(frozen=True)
+class GuardianKeys:
+    """The guardian's checkpoint verification keys: the one it signs with now, then
+    every one it signed with before (a signing key lost or replaced). Checkpoints
+    signed before a key change verify with the key they name, so old checkpoints
+    stay evidence after the change."""
+
+    by_fingerprint: Mapping[str, Ed25519PublicKey]
+    """Newest first; never empty."""
+
+    @classmethod
+    def of(cls, *keys: Ed25519PublicKey) -> GuardianKeys:
+        return cls({fingerprint(k): k for k in keys})
+
+    @property
+    def current(self) -> Ed25519PublicKey:
+        return next(iter(self.by_fingerprint.values()))
+
+    def pem(self) -> bytes:
+        """The ``.pub`` file's content: one PEM block per key, newest first."""
+        return b"".join(k.public_bytes(serialization.Encoding.PEM,
+                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+                        for k in self.by_fingerprint.values())
+
+
+_PEM_BLOCK: Final = re.compile(
+    rb"-----BEGIN PUBLIC KEY-----\r?\n.+?-----END PUBLIC KEY-----\r?\n?", re.DOTALL)
+
+
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """The guardian's signing key (raw 32 bytes, 0600), created on first use; the public
-    key is written next to it as ``<name>.pub`` (PEM, public) for verifiers."""
+    """The guardian's signing key (raw 32 bytes, 0600), created on first use. Its public
+    key is written next to it as ``<name>.pub`` (PEM, public) for verifiers, followed by
+    the keys the file named before: when the signing key is lost or replaced, the new
+    key goes first and the old ones stay, so old checkpoints still verify."""
     raw = load_or_create_key(path, size=32)
     key = Ed25519PrivateKey.from_private_bytes(raw)
-    public_path = path.with_name(path.name + PUBLIC_KEY_SUFFIX)
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public_path = public_key_path(path)
+    keys = GuardianKeys.of(key.public_key())
+    if public_path.exists():
+        earlier = load_public_keys(public_path)
+        keys = GuardianKeys.of(key.public_key(), *earlier.by_fingerprint.values())
+        if earlier.by_fingerprint and fingerprint(earlier.current) != fingerprint(keys.current):
+            log.warning("the checkpoint signing key changed: the earlier public keys stay in "
+                        "the .pub file, after the new one, to verify older checkpoints",
+                        extra={"path": str(public_path),
+                               "new_fingerprint": fingerprint(keys.current),
+                               "earlier": len(earlier.by_fingerprint)})
+    pem = keys.pem()
     if not public_path.exists() or public_path.read_bytes() != pem:
-        public_path.write_bytes(pem)
+        write_file(public_path, pem)
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """A guardian's checkpoint verification key from its ``.pub`` PEM file."""
-    key = serialization.load_pem_public_key(path.read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path} is not an Ed25519 public key")
-    return key
+def public_key_path(signing_key_path: Path) -> Path:
+    """Where the verification keys of the signing key at ``signing_key_path`` are."""
+    return signing_key_path.with_name(signing_key_path.name + PUBLIC_KEY_SUFFIX)
 
 
+def load_public_keys(path: Path) -> GuardianKeys:
+    """A guardian's checkpoint verification keys from its ``.pub`` file (one PEM block per
+    key, newest first; a file written before key changes were kept holds one)."""
+    blocks = _PEM_BLOCK.findall(path.read_bytes())
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM public key")
+    keys: list[Ed25519PublicKey] = []
+    for block in blocks:
+        key = serialization.load_pem_public_key(block)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path} holds a key that is not Ed25519")
+        keys.append(key)
+    return GuardianKeys.of(*keys)
 
 
 class CheckpointLog:
@@ -138,20 +191,37 @@ class CheckpointLog:
 
     def __init__(
         self, path: Path, signing_key: Ed25519PrivateKey,
-        clock: Clock = utc_now,
+        clock: Clock = utc_now, *, earlier_keys: GuardianKeys | None = None,
     ) -> None:
+        """``earlier_keys``: the keys the log's older lines may be signed with (the
+        ``.pub`` file, see :func:`load_signing_key`); the signing key's own is always one."""
         self._path = path
         self._key = signing_key
         self._public = signing_key.public_key()
         self._fingerprint = fingerprint(self._public)
+        earlier = earlier_keys.by_fingerprint.values() if earlier_keys is not None else ()
+        self._keys = GuardianKeys.of(self._public, *earlier)
         self._clock = clock
         self._lock = asyncio.Lock()
         self._checkpoints: list[Checkpoint] = []
         self._load()
 
+    @classmethod
+    def open(cls, path: Path, signing_key_path: Path, clock: Clock = utc_now) -> CheckpointLog:
+        """The log at ``path``, signed with the key at ``signing_key_path`` (created on
+        first use), its older lines checked with the earlier keys of its ``.pub`` file."""
+        signing_key = load_signing_key(signing_key_path)
+        return cls(path, signing_key, clock,
+                   earlier_keys=load_public_keys(public_key_path(signing_key_path)))
+
     @property
     def public_key(self) -> Ed25519PublicKey:
         return self._public
+
+    @property
+    def keys(self) -> GuardianKeys:
+        """The keys this log's checkpoints verify with, the current one first."""
+        return self._keys
 
     def _load(self) -> None:
         if not self._path.exists():
@@ -167,7 +237,13 @@ class CheckpointLog:
                     log.warning("ignoring a truncated last checkpoint line")
                     continue
                 raise
-            if not checkpoint.verify(self._public):
+            if checkpoint.key_fingerprint not in self._keys.by_fingerprint:
+                raise ValueError(
+                    f"{self._path}:{number}: checkpoint {checkpoint.sequence} is signed by "
+                    f"key {checkpoint.key_fingerprint[:16]}…, which is neither the signing "
+                    "key nor one of the earlier keys in its .pub file: put that key's public "
+                    "PEM back at the end of the .pub file (from a backup or a verifier's copy)")
+            if not checkpoint.verify(self._keys):
                 raise ValueError(f"{self._path}:{number}: checkpoint signature does not verify")
             self._checkpoints.append(checkpoint)
 
@@ -251,13 +327,14 @@ class CheckpointReport:
 async def verify_against_checkpoints(
     checkpoints: Sequence[Checkpoint],
     hash_at: Callable[[int], Awaitable[bytes | None]],
-    public_key: Ed25519PublicKey | None,
+    keys: GuardianKeys | None,
 ) -> CheckpointReport:
     """Compare the stored chain with every signed checkpoint, oldest first.
 
     ``hash_at(sequence)`` returns the stored hash of that record (``None`` if it is
-    missing). ``public_key``: the guardian's verification key; when given, every
-    checkpoint's signature must verify (a checkpoint that does not is a problem).
+    missing). ``keys``: the guardian's verification keys; when given, every
+    checkpoint's signature must verify with the key it names (one that does not is a
+    problem).
     A mismatch at checkpoint C means the chain was changed at or before C and after
     the last checkpoint that matches, L: the report names L + 1.
     """
@@ -266,7 +343,7 @@ async def verify_against_checkpoints(
     for checkpoint in sorted(checkpoints, key=lambda c: c.sequence):
         checked += 1
         first_after_good = (last_good or 0) + 1
-        if public_key is not None and not checkpoint.verify(public_key):
+        if keys is not None and not checkpoint.verify(keys):
             return CheckpointReport(
                 False, checked, last_good, first_after_good,
                 f"checkpoint {checkpoint.sequence} is not signed by the guardian's key",
