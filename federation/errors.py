@@ -111,6 +111,11 @@ _BY_GRPC_STATUS: Final = {
 INTERNAL_MESSAGE: Final = "Internal server error."
 TRANSPORT_FAILURE_MESSAGE: Final = ("a federation node could not be reached (its connection "
                                     "failed or was lost); retry shortly")
+TRANSPORT_RETRY_AFTER_SECONDS: Final = 1.0
+"""When to retry an UNAVAILABLE that came without an estimate of its own: a connection
+that failed or was lost (gRPC's status, no server trailer), a stream cut or timed out.
+Both edges use it: :func:`from_status` on the gRPC side, the gateway's ``Retry-After``
+of such a 503 on the HTTP side. A reconnect takes about that long."""
 
 
 class FederationError(Exception):
@@ -205,7 +210,7 @@ def from_status(status: grpc.StatusCode, details: str | None,
         # gRPC's own words for a failed or lost connection ("failed to connect to all
         # addresses; … ipv4:10.0.0.7:50051 …"): internal addresses, no use to a caller.
         message = TRANSPORT_FAILURE_MESSAGE
-        retry_after = retry_after if retry_after is not None else 1.0
+        retry_after = retry_after if retry_after is not None else TRANSPORT_RETRY_AFTER_SECONDS
     return FederationError(code, message, param=param, retry_after_seconds=retry_after)
 
 

@@ -20,13 +20,19 @@ import logging
 import math
 import re
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from federation.db.errors import outage_error
-from federation.errors import CATALOG, INTERNAL_MESSAGE, ErrorCode, FederationError
+from federation.errors import (
+    CATALOG,
+    INTERNAL_MESSAGE,
+    TRANSPORT_RETRY_AFTER_SECONDS,
+    ErrorCode,
+    FederationError,
+)
 from federation.logs import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger(__name__)
@@ -59,9 +65,6 @@ too slow (504)."""
 BODY_STATUSES: tuple[int, ...] = (400, 408, 413)
 """Statuses of reading a request body: not JSON, too deep, a number out of range
 (400), not in time (408), larger than ``gateway.max_body_bytes`` (413)."""
-
-DEFAULT_RETRY_AFTER_SECONDS: Final = 1
-"""``Retry-After`` of a 503 whose cause gave no estimate of its own."""
 
 _KEPT_STATUSES = frozenset({405, 408, 415})
 """HTTP statuses answered as they are, though their catalog code maps to another
@@ -186,8 +189,8 @@ def _retry_after(error: FederationError) -> dict[str, str]:
     seconds = error.retry_after_seconds
     if seconds is None and error.code is ErrorCode.UNAVAILABLE:
         # Every 503 says when to retry, also when the failure came without an estimate
-        # (a node's connection reset, a stream that timed out).
-        seconds = DEFAULT_RETRY_AFTER_SECONDS
+        # (a node's connection reset, a stream that timed out): the transport's default.
+        seconds = TRANSPORT_RETRY_AFTER_SECONDS
     if seconds is None:
         return {}
     return {"Retry-After": str(max(1, math.ceil(seconds)))}

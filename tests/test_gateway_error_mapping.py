@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import grpc
 import pytest
 
 from federation.errors import (
     TRANSPORT_FAILURE_MESSAGE,
+    TRANSPORT_RETRY_AFTER_SECONDS,
     ErrorCode,
     FederationError,
     call_error_from_proto,
@@ -40,7 +42,7 @@ def test_a_connection_failure_does_not_show_grpcs_text_or_internal_addresses() -
                          "failed to connect to all addresses; last error: UNKNOWN: "
                          "ipv4:127.0.0.1:53851: Failed to connect to remote host")
     assert failed.message == TRANSPORT_FAILURE_MESSAGE and "127.0.0.1" not in failed.message
-    assert failed.retry_after_seconds == 1.0
+    assert failed.retry_after_seconds == TRANSPORT_RETRY_AFTER_SECONDS
     # A server's own UNAVAILABLE (its trailers mark it) keeps its words for the caller.
     own = FederationError(ErrorCode.UNAVAILABLE, "the database is unavailable; retry shortly",
                           retry_after_seconds=2)
@@ -49,3 +51,14 @@ def test_a_connection_failure_does_not_show_grpcs_text_or_internal_addresses() -
     # And the same through a stream's per-operation error.
     streamed = call_error_from_proto(call_error_to_proto(own))
     assert streamed.message == own.message and streamed.code is ErrorCode.UNAVAILABLE
+
+
+def test_a_transport_failure_says_when_to_retry_with_one_value_at_both_edges() -> None:
+    """One named default for an UNAVAILABLE without an estimate: what a gRPC client makes
+    of a lost connection, and the ``Retry-After`` the gateway sends for such a 503."""
+    lost = from_status(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert lost.retry_after_seconds == TRANSPORT_RETRY_AFTER_SECONDS
+    without_estimate = error_response(FederationError(ErrorCode.UNAVAILABLE, "Stream removed"))
+    assert without_estimate.headers["Retry-After"] == str(
+        math.ceil(TRANSPORT_RETRY_AFTER_SECONDS))
+    assert error_response(lost).headers["Retry-After"] == without_estimate.headers["Retry-After"]
