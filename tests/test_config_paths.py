@@ -40,3 +40,31 @@ async def test_a_missing_or_unusable_gguf_path_is_a_config_error(tmp_path: Path)
     unusable = ModelConfig(id="m", gguf_path=str(tmp_path / "text.gguf"))
     with pytest.raises(ConfigError, match=r"gguf_path\): .*text\.gguf: not a usable GGUF"):
         await LlamaCppBackend(unusable).start()
+
+
+async def test_a_relative_gguf_path_is_in_the_home(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``gateway.outbox_dir`` and ``council.members_file`` are: not in the directory the
+    command was started from. A missing one is one line naming where it was looked for."""
+    from federation.config import ConfigError
+    from federation.inference.llamacpp import LlamaCppBackend
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "federation.toml").write_text(
+        "[[inference.models]]\nid = 'm'\ngguf_path = 'models/m.gguf'\n"
+        "[[inference.models]]\nid = 'abs'\ngguf_path = '/srv/models/a.gguf'\n")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "models").mkdir(parents=True)
+    (elsewhere / "models" / "m.gguf").write_text("not the home's file\n")
+    monkeypatch.chdir(elsewhere)  # where `federation node` was started, not the home
+    settings = load_settings({}, {"FEDERATION_HOME": str(home)})
+    relative, absolute = settings.inference.models
+    assert relative.gguf_path == str(home / "models" / "m.gguf")
+    assert absolute.gguf_path == "/srv/models/a.gguf"
+    with pytest.raises(ConfigError) as missing:
+        await LlamaCppBackend(relative).start()
+    message = str(missing.value)
+    assert len(message.splitlines()) == 1
+    assert f": {home / 'models' / 'm.gguf'}: no such file" in message
+    assert "inference.models[].gguf_path of model 'm'" in message

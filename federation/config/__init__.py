@@ -10,6 +10,7 @@ defaults).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,9 +94,23 @@ def load_settings(
     ``None`` values are ignored so that unset flags fall through. A value out of its
     range, or limits that disagree, raise :class:`ConfigError` naming the setting.
     """
-    settings = loading.load(Settings, Settings.home, overrides, environ)
+    settings = _files_in_home(loading.load(Settings, Settings.home, overrides, environ))
     checks.check(settings)
     return settings
+
+
+def _files_in_home(settings: Settings) -> Settings:
+    """A relative ``inference.models[].gguf_path`` names a file in the home, as every other
+    file setting does, not in whatever directory the command was started from. Resolved
+    here because a model's settings reach its backend without the home."""
+    models = tuple(
+        dataclasses.replace(model, gguf_path=str(settings.home / model.gguf_path))
+        if model.gguf_path and not Path(model.gguf_path).is_absolute() else model
+        for model in settings.inference.models)
+    if models == settings.inference.models:
+        return settings
+    return dataclasses.replace(
+        settings, inference=dataclasses.replace(settings.inference, models=models))
 
 
 __all__ = [

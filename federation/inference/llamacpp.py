@@ -105,8 +105,10 @@ class LlamaCppBackend:
     async def start(self) -> None:
         path = Path(self._config.gguf_path) if self._config.gguf_path else embedded_model_path()
         if self._config.gguf_path and not path.is_file():
+            # The resolved path (a relative setting is in the home): what was looked at.
             raise ConfigError(f"setting inference.models[].gguf_path of model "
-                              f"{self._config.id!r}: {path}: no such file")
+                              f"{self._config.id!r}: {path.absolute()}: no such file "
+                              "(a relative path is taken from the federation home)")
         try:
             self._model = await asyncio.to_thread(self._load, path)
         except ValueError as exc:
