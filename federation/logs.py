@@ -1,8 +1,10 @@
 """Structured (JSON lines) logging with the request id and caller of each RPC.
 
 The request id and the caller's identity live in context variables set by the
-server interceptor, so every log record written while serving a call carries
-them without threading them through function signatures.
+server interceptor (and the gateway's lifecycle middleware), so every log record
+written while serving a call carries them without threading them through function
+signatures. At the HTTP gateway the request id is always the gateway's own; an id a
+client sent is only a label of its own (``client_request_id``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -17,9 +20,13 @@ from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 peer_var: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="")
+client_request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "client_request_id", default="")
+"""The ``X-Request-Id`` an HTTP client sent (validated), beside the gateway's own id."""
 
 REQUEST_ID_HEADER = "x-request-id"
 _MAX_REQUEST_ID_LENGTH = 128
+_CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{_MAX_REQUEST_ID_LENGTH}}}")
 
 
 def new_request_id() -> str:
@@ -27,10 +34,21 @@ def new_request_id() -> str:
 
 
 def clean_request_id(value: str | None) -> str:
-    """Accept a caller's request id if it is short printable ASCII, else mint one."""
+    """Accept a federation caller's request id (gRPC metadata, from an authenticated
+    peer) if it is short printable ASCII, else mint one."""
     if value and len(value) <= _MAX_REQUEST_ID_LENGTH and value.isascii() and value.isprintable():
         return value
     return new_request_id()
+
+
+def client_request_id(value: str | None) -> str:
+    """An HTTP client's ``X-Request-Id`` as a label to keep beside the gateway's own id:
+    up to 128 letters, digits and ``._:-`` (a UUID, a ULID, ``req_…``); anything else is
+    dropped (``""``). Never the request id itself: a client choosing it could merge its
+    audit trail with another's, or write into another tenant's."""
+    if value and _CLIENT_REQUEST_ID.fullmatch(value):
+        return value
+    return ""
 
 
 class ContextFilter(logging.Filter):
@@ -45,6 +63,8 @@ class ContextFilter(logging.Filter):
             record.request_id = request_id
         if not hasattr(record, "peer") and (peer := peer_var.get()):
             record.peer = peer
+        if not hasattr(record, "client_request_id") and (client := client_request_id_var.get()):
+            record.client_request_id = client
         return True
 
 

@@ -35,6 +35,9 @@ class RequestRecord:
     stream: bool = False
     finish_reason: str = ""
     error_code: str = ""
+    client_request_id: str = ""
+    """The client's ``X-Request-Id`` (validated), a label only: ``request_id`` is the
+    gateway's own. Defaulted, so records spooled before it existed still load."""
 
     def attributes(self) -> dict[str, str]:
         return {
@@ -50,6 +53,7 @@ class RequestRecord:
             "stream": str(self.stream).lower(),
             "finish_reason": self.finish_reason,
             "error_code": self.error_code,
+            "client_request_id": self.client_request_id,
         }
 
     def audit_entry(self) -> AuditEntry:

@@ -29,7 +29,13 @@ from aiohttp import web
 from federation.errors import ErrorCode, FederationError
 from federation.keys.client import KeyReservation, KeyVerifier, QuotaLeaser
 from federation.keys.lease_book import LeaseUse
-from federation.logs import REQUEST_ID_HEADER, clean_request_id, request_id_var
+from federation.logs import (
+    REQUEST_ID_HEADER,
+    client_request_id,
+    client_request_id_var,
+    new_request_id,
+    request_id_var,
+)
 from gateway_http.audit import RequestRecord
 from gateway_http.chat.serving import ChatOutcome
 from gateway_http.errors import ERROR_KEY, error_response
@@ -37,6 +43,7 @@ from gateway_http.outbox import OutboxFull
 from gateway_http.quota import QUOTA_HOLD, tokens_used
 from gateway_http.state import (
     AUDITED,
+    CLIENT_REQUEST_ID,
     MODEL,
     OUTCOME,
     PRINCIPAL,
@@ -67,9 +74,13 @@ _UPSTREAM_CODES = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL,
 @web.middleware
 async def lifecycle_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     state = request.app[STATE]
-    request_id = clean_request_id(request.headers.get(REQUEST_ID_HEADER))
+    # Always our own id: a client's would let it join (or forge) another's audit trail.
+    request_id = new_request_id()
     request[REQUEST_ID] = request_id
     request_id_var.set(request_id)  # reaches gRPC metadata through channels.py
+    client_id = request[CLIENT_REQUEST_ID] = client_request_id(
+        request.headers.get(REQUEST_ID_HEADER))
+    client_request_id_var.set(client_id)  # a label in the log lines, beside our id
     route = _route_name(request)
     started = request[STARTED] = time.perf_counter()
     if state.outbox.full:  # cannot audit what it would serve: refuse before any work
@@ -204,6 +215,7 @@ def _request_record(request: web.Request, route: str, status: int, elapsed: floa
         stream=bool(outcome and outcome.stream),
         finish_reason=outcome.finished.finish_reason if outcome and outcome.finished else "",
         error_code=error.code.value if error else "",
+        client_request_id=request.get(CLIENT_REQUEST_ID, ""),
     )
 
 

@@ -47,6 +47,11 @@ DATABASE_WATCH = web.AppKey("database_watch", DatabaseWatch)
 """Watches the gateway's own database (the vault's) for ``/health``; absent without one."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
+"""The gateway's own id of the request (``X-Request-Id`` of its answer, the audit trail's
+key, gRPC metadata); never the client's."""
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
+"""The client's ``X-Request-Id``, validated (``federation.logs.client_request_id``);
+``""`` without one. Kept in the audit record and the log lines, nowhere else."""
 PRINCIPAL = web.RequestKey("principal", KeyPrincipal)
 MODEL = web.RequestKey("model", str)
 """Set only once the model is known to exist, so metrics labels stay bounded."""

@@ -162,9 +162,9 @@ async def test_a_council_answer_lands_in_the_opted_in_tenants_transcript(
     await cli(stack.settings, "tenants", "transcripts", "optin", "on")
     async with openai.AsyncOpenAI(base_url=f"{stack.base}/v1", api_key=opted,
                                   max_retries=0) as api:
-        reply = await api.chat.completions.create(
-            model="council", messages=QUESTION,  # type: ignore[arg-type]
-            extra_headers={"x-request-id": "rid-council-transcript"})
+        raw = await api.chat.completions.with_raw_response.create(
+            model="council", messages=QUESTION)  # type: ignore[arg-type]
+        reply = raw.parse()
         assert reply.choices[0].message.content == "Proceed."
         streamed = "".join([c.choices[0].delta.content or "" async for c in
                             await api.chat.completions.create(
@@ -173,7 +173,7 @@ async def test_a_council_answer_lands_in_the_opted_in_tenants_transcript(
         assert streamed == "Proceed."
     assert stack.gateway.app[TRANSCRIPTS].stored == 2
     (stored,) = [r for r in await stack.records("optin", "gateway.transcript.store")
-                 if r.request_id == "rid-council-transcript"]
+                 if r.request_id == raw.headers["x-request-id"]]
     recovered = json.loads(await cli(stack.settings, "vault", "recover", stored.subject,
                                      "--reason", "council review", "--json"))
     opened = json.loads(await cli(stack.settings, "vault", "get", stored.subject, "--share",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 import uuid
@@ -23,6 +24,13 @@ from pydantic import BaseModel
 
 from federation.inference.test_backend import TestBackend
 from federation.keys import keyformat
+from federation.logs import (
+    ContextFilter,
+    JsonFormatter,
+    client_request_id,
+    client_request_id_var,
+    request_id_var,
+)
 from federation.v1 import key_authority_pb2 as kpb
 from gateway_http.app import GatewayServer
 from tests.db_support import scratch_database
@@ -211,18 +219,32 @@ async def test_models_list_and_retrieve(env: Env) -> None:
             await client.models.retrieve("nope")
 
 
-async def test_request_id_is_kept_propagated_and_audited(env: Env) -> None:
-    async with env.client() as client:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=user("trace me"), extra_headers={"x-request-id": "abc-123"})
-    assert raw.headers["x-request-id"] == "abc-123"
-    assert "abc-123" in [rid for b in env.backends for rid in b.request_ids]
+async def test_the_request_id_is_the_gateways_and_a_clients_is_a_label(env: Env) -> None:
+    """Two clients sending the same ``X-Request-Id`` (or a client copying another
+    tenant's) get ids of their own: the audit trail of one request is never merged with,
+    or written into, another's. The client's value is kept as ``client_request_id``."""
+    other = await env.federation.issue(env.tenant + "-other", ["chat"])
+    answers = []
+    for key in (env.key, other.secret):
+        async with env.client(key) as client:
+            answers.append(await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=user("trace me"),
+                extra_headers={"x-request-id": "abc-123"}))
+    raw = answers[0]
+    request_id = raw.headers["x-request-id"]
+    assert request_id.startswith("req_") and request_id != "abc-123"
+    assert answers[1].headers["x-request-id"] not in (request_id, "abc-123")
+    seen = [rid for b in env.backends for rid in b.request_ids]
+    assert request_id in seen and "abc-123" not in seen  # the gRPC metadata carries ours
     await env.settle()
+    assert await env.federation.gateway_records(env.tenant, "abc-123") == []
     # The audit record, as thermal memory holds it.
-    (record,) = await env.federation.gateway_records(env.tenant, "abc-123")
+    (record,) = await env.federation.gateway_records(env.tenant, request_id)
     attributes = dict(record.payload.attributes)
     assert (record.request_id, record.actor, record.tenant_id, record.subject) == (
-        "abc-123", env.key_id, env.tenant, MODEL)
+        request_id, env.key_id, env.tenant, MODEL)
+    assert (attributes["request_id"], attributes["client_request_id"]) == (
+        request_id, "abc-123")
     assert (attributes["key_id"], attributes["route"], attributes["status"]) == (
         env.key_id, "/v1/chat/completions", "200")
     assert (attributes["prompt_tokens"], attributes["completion_tokens"]) == ("3", "2")
@@ -232,6 +254,27 @@ async def test_request_id_is_kept_propagated_and_audited(env: Env) -> None:
     window = await env.federation.quota(env.key_id)
     assert (window.requests_remaining, window.tokens_used) == (RPM - 1, 5)
     assert window.tokens_remaining == TOKEN_QUOTA - 5
+
+
+@pytest.mark.parametrize(("sent", "kept"), [
+    ("abc-123", "abc-123"), ("01JEZ3Q4W8:trace.7_x", "01JEZ3Q4W8:trace.7_x"),
+    ("x" * 128, "x" * 128), ("x" * 129, ""), ("two words", ""), ('a"b', ""),
+    ("caf\u00e9", ""), ("", ""), (None, "")])
+def test_a_clients_request_id_is_kept_only_when_short_and_plain(sent: str | None,
+                                                                 kept: str) -> None:
+    assert client_request_id(sent) == kept
+
+
+def test_log_lines_carry_the_clients_request_id_beside_ours() -> None:
+    record = logging.makeLogRecord({"msg": "refused", "name": "gateway_http.test"})
+    ours, theirs = request_id_var.set("req_1"), client_request_id_var.set("abc-123")
+    try:
+        assert ContextFilter().filter(record)
+    finally:
+        request_id_var.reset(ours)
+        client_request_id_var.reset(theirs)
+    line = json.loads(JsonFormatter("gateway").format(record))
+    assert (line["request_id"], line["client_request_id"]) == ("req_1", "abc-123")
 
 
 async def test_key_verification_is_cached(env: Env) -> None:

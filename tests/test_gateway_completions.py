@@ -38,12 +38,14 @@ async def test_a_prompt_is_completed(env: OpenAIEnv, model: str) -> None:
             model=model, prompt="once upon a time", max_tokens=3,
             extra_headers={"x-request-id": f"cmpl-{model}"})
     completion = raw.parse()
+    request_id = raw.headers["x-request-id"]  # the gateway's own, not the one sent
     assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
     (choice,) = completion.choices
     assert (choice.text, choice.finish_reason, choice.index) == ("once upon a", "length", 0)
     assert completion.usage is not None and completion.usage.completion_tokens == 3
     await env.settle()
-    attributes = dict((await env.record(f"cmpl-{model}")).payload.attributes)
+    attributes = dict((await env.record(request_id)).payload.attributes)
+    assert attributes["client_request_id"] == f"cmpl-{model}"
     assert (attributes["route"], attributes["status"], attributes["completion_tokens"]) == (
         "/v1/completions", "200", "3")
     if model == UPSTREAM_MODEL:

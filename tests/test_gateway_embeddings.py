@@ -40,8 +40,7 @@ async def test_each_input_gets_its_vector(env: OpenAIEnv, encoding: str) -> None
     options = {} if encoding == "sdk-default" else {"encoding_format": encoding}
     async with env.client() as client:
         raw = await client.embeddings.with_raw_response.create(
-            model=MODEL, input=["hello world", "the cat sat"], **options,  # type: ignore[arg-type]
-            extra_headers={"x-request-id": f"emb-{encoding}"})
+            model=MODEL, input=["hello world", "the cat sat"], **options)  # type: ignore[arg-type]
     result = raw.parse()
     assert [d.index for d in result.data] == [0, 1]
     vector = result.data[0].embedding
@@ -51,7 +50,7 @@ async def test_each_input_gets_its_vector(env: OpenAIEnv, encoding: str) -> None
     assert vector == pytest.approx(embedding_vector("hello world", DIMENSIONS), rel=1e-6)
     assert (result.usage.prompt_tokens, result.usage.total_tokens) == (7, 7)
     await env.settle()
-    attributes = dict((await env.record(f"emb-{encoding}")).payload.attributes)
+    attributes = dict((await env.record(raw.headers["x-request-id"])).payload.attributes)
     assert (attributes["route"], attributes["status"], attributes["prompt_tokens"]) == (
         "/v1/embeddings", "200", "7")
     assert await env.tokens_used() == 7

@@ -75,9 +75,10 @@ async def test_a_sources_verdict_never_answers_another_source(
 
 
 async def refused_records(stack: Stack, tenant: str) -> list[str]:
-    """Request ids of the tenant's audited gateway requests answered 404."""
-    return sorted(r.request_id for r in await stack.records(tenant, "gateway.request")
-                  if dict(r.payload.attributes)["status"] == "404")
+    """The ids the client sent (``X-Request-Id``, kept as ``client_request_id`` beside the
+    gateway's own) of the tenant's audited gateway requests answered 404."""
+    records = [dict(r.payload.attributes) for r in await stack.records(tenant, "gateway.request")]
+    return sorted(a["client_request_id"] for a in records if a["status"] == "404")
 
 
 @contextlib.asynccontextmanager

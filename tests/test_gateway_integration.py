@@ -84,6 +84,7 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
             model=MODEL, messages=[{"role": "user", "content": "secret plans here"}],
             extra_headers={"x-request-id": "rid-integration-1"})
         completion = raw.parse()
+        request_id = raw.headers["x-request-id"]  # the gateway's own id
         stream = await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "and streamed"}], stream=True,
             stream_options={"include_usage": True})
@@ -93,27 +94,28 @@ async def test_chat_is_authorised_charged_and_audited(stack: Stack) -> None:
     await quiesce(stack.gateway)
 
     found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
-        tenant_id="tenant_a", request_id="rid-integration-1"))
+        tenant_id="tenant_a", request_id=request_id))
     (record,) = [r for r in found.records if r.action == "gateway.request"]
     attributes = dict(record.payload.attributes)
     assert (record.actor, record.subject, record.request_id) == (
-        issued.key.key_id, MODEL, "rid-integration-1")
+        issued.key.key_id, MODEL, request_id)
     assert (attributes["status"], attributes["total_tokens"]) == ("200", "7")
     # The record's whole shape: what the gateway writes, and the memory node's name for
     # the writer (the gateway's certificate).
     assert sorted(attributes) == sorted([
         "request_id", "key_id", "route", "model", "status", "latency_ms", "prompt_tokens",
         "completion_tokens", "total_tokens", "stream", "finish_reason", "error_code",
-        "recorded_by"])
+        "client_request_id", "recorded_by"])
     assert attributes["recorded_by"].endswith("/gateway")  # spiffe://…/node/<name>/<role>
     assert {k: attributes[k] for k in ("request_id", "key_id", "route", "model", "stream",
-                                       "finish_reason", "error_code")} == {
-        "request_id": "rid-integration-1", "key_id": issued.key.key_id,
+                                       "finish_reason", "error_code",
+                                       "client_request_id")} == {
+        "request_id": request_id, "key_id": issued.key.key_id,
         "route": "/v1/chat/completions", "model": MODEL, "stream": "false",
-        "finish_reason": "stop", "error_code": ""}
+        "finish_reason": "stop", "error_code": "", "client_request_id": "rid-integration-1"}
     assert (record.tenant_id, record.payload.body) == ("tenant_a", b"")
     assert "secret plans" not in str(record)  # no prompt or completion text
-    assert stack.backend.request_ids[0] == "rid-integration-1"
+    assert stack.backend.request_ids[0] == request_id
 
     charged = completion.usage.total_tokens + chunks[-1].usage.total_tokens  # type: ignore[union-attr]
     quota = await stack.keys.CheckQuota(kpb.CheckQuotaRequest(key_id=issued.key.key_id))
@@ -143,14 +145,13 @@ async def test_no_answer_leaves_unaudited(stack: Stack) -> None:
     issued = await stack.issue("tenant_c", ["chat"])
     messages = [{"role": "user", "content": "hello there"}]
     async with stack.client(issued.secret) as client:
-        await client.chat.completions.create(
-            model=MODEL, messages=messages,  # type: ignore[arg-type]
-            extra_headers={"x-request-id": "rid-audited-first"})
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=messages, stream=True,  # type: ignore[arg-type]
-            extra_headers={"x-request-id": "rid-audited-stream"})
-        assert [c async for c in stream]
-        for request_id in ("rid-audited-first", "rid-audited-stream"):  # no drain() needed
+        answered = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages)  # type: ignore[arg-type]
+        streamed = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True)  # type: ignore[arg-type]
+        assert [c async for c in streamed.parse()]
+        for request_id in (answered.headers["x-request-id"],  # no drain() needed
+                           streamed.headers["x-request-id"]):
             found = await stack.memory.SearchMemory(mpb.SearchMemoryRequest(
                 tenant_id="tenant_c", request_id=request_id))
             assert [r.action for r in found.records] == ["gateway.request"]

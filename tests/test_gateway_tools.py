@@ -49,7 +49,7 @@ async def test_a_tool_call_is_answered_with_typed_calls(env: OpenAIEnv, model: s
     async with env.client() as client:
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=user('get_weather {"location": "Paris"}'),
-            tools=[WEATHER, TIME], extra_headers={"x-request-id": f"tools-{model}"})
+            tools=[WEATHER, TIME])
     completion = raw.parse()
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -59,7 +59,7 @@ async def test_a_tool_call_is_answered_with_typed_calls(env: OpenAIEnv, model: s
     assert (call.function.name, json.loads(call.function.arguments)) == (
         "get_weather", {"location": "Paris"})
     await env.settle()
-    record = await env.record(f"tools-{model}")
+    record = await env.record(raw.headers["x-request-id"])
     attributes = dict(record.payload.attributes)
     assert (attributes["status"], attributes["finish_reason"]) == ("200", "tool_calls")
     assert int(attributes["completion_tokens"]) > 0

@@ -75,8 +75,8 @@ async def test_opted_in_transcripts_are_sealed_and_recoverable_by_admin_only(
     other_canary = "canary-" + secrets.token_hex(16)
     async with client(stack, opted) as api:
         raw = await api.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": f"remember {canary}"}],
-            extra_headers={"x-request-id": "rid-transcript-1"})
+            model=MODEL, messages=[{"role": "user", "content": f"remember {canary}"}])
+        request_id = raw.headers["x-request-id"]
         assert canary in (raw.parse().choices[0].message.content or "")
         stream = await api.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": f"streamed {canary}"}],
@@ -100,7 +100,7 @@ async def test_opted_in_transcripts_are_sealed_and_recoverable_by_admin_only(
         ("optin", True), ("optin", True)]  # nothing for the tenant that did not opt in
     stored = await stack.records("optin", "gateway.transcript.store")
     assert len(stored) == 2
-    linked = [r for r in stored if r.request_id == "rid-transcript-1"]
+    linked = [r for r in stored if r.request_id == request_id]
     assert len(linked) == 1 and linked[0].subject in {r["id"] for r in rows}
     assert dict(linked[0].payload.attributes)["model"] == MODEL
     assert await stack.records("plain", "gateway.transcript") == []
@@ -122,7 +122,7 @@ async def test_opted_in_transcripts_are_sealed_and_recoverable_by_admin_only(
     opened = json.loads(await cli(stack.settings, "vault", "get", object_id, "--share",
                                   recovered["client_share"], "--json"))
     transcript = json.loads(opened["value"])
-    assert transcript["request_id"] == "rid-transcript-1" and transcript["model"] == MODEL
+    assert transcript["request_id"] == request_id and transcript["model"] == MODEL
     assert transcript["messages"] == [{"role": "user", "content": f"remember {canary}"}]
     assert canary in transcript["completion"]
     (release,) = await stack.records("optin", "guardian.share.release")

@@ -69,14 +69,13 @@ async def test_a_chat_completion_is_one_trace_from_the_gateway_to_the_database(
             federation_stack(tmp_path, database, pg_url) as stack:
         issued = await stack.issue("t1", ["chat"])
         spans.clear()
-        request_id = "req_trace_chat"
         async with stack.http.post(
                 stack.base + "/v1/chat/completions",
-                headers={"Authorization": f"Bearer {issued.secret}",
-                         "x-request-id": request_id},
+                headers={"Authorization": f"Bearer {issued.secret}"},
                 json={"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]},
         ) as response:
             assert response.status == 200, await response.text()
+            request_id = response.headers["x-request-id"]
         trace = the_trace(spans, "POST /v1/chat/completions", request_id)
     assert {
         "federation.v1.KeyAuthorityService/VerifyKey",
@@ -104,12 +103,12 @@ async def test_a_council_vote_is_one_trace_through_council_inference_and_memory(
         import aiohttp
 
         spans.clear()
-        request_id = "req_trace_council"
         async with aiohttp.ClientSession() as session, session.post(
                 gateway.base + "/v1/council/vote",
-                headers={"Authorization": f"Bearer {gateway.key}", "x-request-id": request_id},
+                headers={"Authorization": f"Bearer {gateway.key}"},
                 json={"question": "Should we trace?"}) as response:
             assert response.status == 200, await response.text()
+            request_id = response.headers["x-request-id"]
         trace = the_trace(spans, "POST /v1/council/vote", request_id)
     assert {
         "federation.v1.KeyAuthorityService/VerifyKey",
