@@ -61,6 +61,7 @@ from gateway_http.lifecycle import (
 )
 from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
+from gateway_http.request_rate import RequestRate
 from gateway_http.server import EdgeLimits, EdgeRunner, EdgeServer, fit_connection_limit
 from gateway_http.state import PRINCIPAL, STATE, GatewayState
 from gateway_http.tls import HttpsContext, https_files, warn_if_plain_off_loopback
@@ -168,6 +169,7 @@ def _dependencies(
                 channels=channels,
                 outbox=outbox,
                 leases=leases,
+                request_rate=RequestRate(channels["keys"], timeout) if leaser else None,
             )
             yield
 

@@ -270,7 +270,7 @@ def _vault_paths() -> dict[str, Any]:
                      "description": "Scope `vault:write`. " + _GUARDIAN_DOWN,
                      "requestBody": body,
                      "responses": {"201": _json(issued, "Created; the client share, once."),
-                                   **_errors(409, body=True)}},
+                                   **_errors(409, 429, body=True)}},
             "get": {"operationId": "listVaultSecrets", "security": [{"bearer": []}],
                     "description": "Scope `vault:read`. Metadata of the caller's tenant.",
                     "parameters": [
@@ -283,7 +283,7 @@ def _vault_paths() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object", "properties": {
                         "object": {"const": "list"}, "data": {"type": "array", "items": secret},
                         "next_page_token": {"type": "string"}}}, "Metadata only."),
-                        **_errors()}},
+                        **_errors(429)}},
         },
         "/v1/vault/secrets/{id}": {
             "get": {"operationId": "readVaultSecret", "security": [{"bearer": []}],
@@ -294,7 +294,7 @@ def _vault_paths() -> dict[str, Any]:
                                                                     "properties": {
                         "value": {"type": ["string", "null"]},
                         "value_base64": {"type": "string"}}}]}, "The value."),
-                        **_errors(404, 409)}},
+                        **_errors(404, 409, 429)}},
             "delete": {"operationId": "destroyVaultSecret", "security": [{"bearer": []}],
                        "description": "Scope `vault:write`. Crypto-shredding: irreversible. "
                                       "The reason (printable, at most 1000 characters) in "
@@ -305,14 +305,14 @@ def _vault_paths() -> dict[str, Any]:
                            "schema": {"type": "object",
                                       "properties": {"reason": {"type": "string"}}}}}},
                        "responses": {"200": _json(secret, "Destroyed."),
-                                     **_errors(404, 409, body=True)}},
+                                     **_errors(404, 409, 429, body=True)}},
         },
         "/v1/vault/secrets/{id}/rotate": {"post": {
             "operationId": "rotateVaultSecret", "security": [{"bearer": []}],
             "description": "Scope `vault:write`. New data key and shares. " + _GUARDIAN_DOWN,
             "parameters": [_SECRET_ID, _SHARE_HEADER],
             "responses": {"200": _json(issued, "Rotated; the new client share."),
-                          **_errors(404, 409, body=True)}}},
+                          **_errors(404, 409, 429, body=True)}}},
         "/v1/vault/secrets/{id}/recover": {"post": {
             "operationId": "recoverVaultSecret", "security": [{"bearer": []}],
             "description": "Scope `admin`, a non-empty reason. Gateway + guardian shares; "

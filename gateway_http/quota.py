@@ -2,8 +2,9 @@
 charged once it ends.
 
 Every generating request reserves first, which also counts it against the request
-rate: at most its prompt plus its completion limit, capped to what remains. The
-reservation comes from the gateway's lease of the key's budget
+rate (a request that generates nothing, the vault's, is counted by
+``gateway_http/request_rate.py``): at most its prompt plus its completion limit,
+capped to what remains. The reservation comes from the gateway's lease of the key's budget
 (``federation.keys.lease_book``: no round trip while the lease has room; a new lease,
 or an exact one when little remains, in one ``GrantQuotaLease``), or, with leases off,
 from one ``ReserveQuota``. It travels to the inference node as the generation's token

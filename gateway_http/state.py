@@ -17,6 +17,7 @@ from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
 from gateway_http.metrics import GatewayMetrics
 from gateway_http.outbox import Outbox
+from gateway_http.request_rate import RequestRate
 
 
 @dataclass
@@ -34,6 +35,10 @@ class GatewayState:
     """Channels to the other components (by role), for health probes."""
     outbox: Outbox
     """Durable spool of the records written after an answer is decided."""
+    request_rate: RequestRate | None = None
+    """Counts the requests that generate nothing (the vault's) against their key's
+    request rate; ``None`` with a stand-in key verifier (tests, benchmarks), which has no
+    key authority to count with."""
     leases: LeaseBook | None = None
     """The quota leases requests are admitted from (``keys.quota_leases``); ``None``
     when every request reserves on its own (a stand-in key verifier, or leases off)."""

@@ -10,9 +10,11 @@ Routes (JSON; every response carrying a share or a value is ``Cache-Control: no-
 * ``DELETE /v1/vault/secrets/{id}``          scope ``vault:write``, ``?reason=`` or JSON body
 
 Every route acts on the caller's tenant (the API key's), except ``recover``, which
-needs the ``admin`` scope and may act on any tenant's secret. Errors go through
-the gateway's ``error_middleware`` (one catalog): guardian down → 503, recovery
-rate limit → 429 with ``Retry-After``.
+needs the ``admin`` scope and may act on any tenant's secret. Every call counts
+against the key's requests-per-minute limit, as a generation does
+(``gateway_http/request_rate.py``). Errors go through the gateway's
+``error_middleware`` (one catalog): guardian down → 503, the key's request rate spent
+or the recovery rate limit → 429 with ``Retry-After``.
 
 Wiring (in ``gateway_http/app.py::create_app``)::
 
@@ -145,9 +147,15 @@ def _vault_context(
 
 
 async def _principal(request: web.Request, scope: str) -> KeyPrincipal:
+    """The caller's key, counted against its request rate before any work (a vault call
+    costs database and guardian round trips: ``--rpm`` bounds them as it bounds
+    generations). Set on the request first, so that a refusal is audited too."""
+    state = request.app.get(STATE)
     keys = request.app.get(VAULT_KEYS) or request.app[STATE].keys
     principal = await authenticate(request, keys, scope)
     request[PRINCIPAL] = principal
+    if state is not None and state.request_rate is not None:
+        await state.request_rate.count(principal.key_id)
     return principal
 
 

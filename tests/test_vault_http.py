@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from federation.db import Database
-from tests.stack_support import Stack, federation_stack
+from federation.v1 import key_authority_pb2 as kpb
+from tests.gateway_support import quiesce
+from tests.stack_support import MODEL, Stack, federation_stack
 
 SECRETS = "/v1/vault/secrets"
 
@@ -124,3 +126,33 @@ async def test_creation_is_503_when_the_guardian_is_down(stack: Stack, keys: Key
     assert status == 503
     assert "guardian is unavailable" in body["error"]["message"]
     assert headers.get("Retry-After")
+
+
+async def test_the_keys_request_rate_applies_to_the_vault_as_to_generations(
+        stack: Stack) -> None:
+    """``--rpm 3``: a vault call counts as a chat completion does, and the one past the
+    limit gets the generation routes' 429 (rate_limit_error, Retry-After)."""
+    issued = await stack.keys.IssueKey(kpb.IssueKeyRequest(
+        tenant_id="t1", scopes=["vault:write", "vault:read", "chat"], requests_per_minute=3))
+    key = issued.secret
+    status, created, _ = await stack.call("POST", SECRETS, key,
+                                          json={"name": "n", "value": "v"})
+    assert status == 201
+    assert (await stack.call("GET", SECRETS, key))[0] == 200
+    status, read, _ = await stack.call("GET", f"{SECRETS}/{created['id']}", key,
+                                       share=created["client_share"])
+    assert (status, read["value"]) == (200, "v")
+    status, refused, headers = await stack.call("GET", SECRETS, key)
+    assert status == 429, refused
+    chat_status, chat_refused, chat_headers = await stack.call(
+        "POST", "/v1/chat/completions", key,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat_status == 429, chat_refused
+    assert (refused["error"]["type"], refused["error"]["code"]) == (
+        chat_refused["error"]["type"], chat_refused["error"]["code"]) == (
+        "rate_limit_error", "resource_exhausted")
+    assert 1 <= int(headers["Retry-After"]) <= 60 and 1 <= int(chat_headers["Retry-After"]) <= 60
+    await quiesce(stack.gateway)  # the refusals' records are delivered from the outbox
+    records = [dict(r.payload.attributes) for r in await stack.records("t1", "gateway.request")
+               if dict(r.payload.attributes)["key_id"] == issued.key.key_id]
+    assert sorted(r["status"] for r in records) == ["200", "200", "201", "429", "429"]
