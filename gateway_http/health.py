@@ -2,10 +2,13 @@
 
 200 when every configured component serves, 503 otherwise. Inference counts
 as up while at least one node serves (the router works around the others);
-each node's own status is listed. The database's status is the gateway's own
-database watch (a ``SELECT 1`` every second on a connection of its own) when
-the gateway has a database: probing through the pool could hang a caller of
-``/health`` for the pool's timeouts. Under ``federation up`` each component also
+each node's own status is listed. The database's status, when the gateway has a
+database, is the gateway's own database watch (a probe every second on a long-lived
+connection of its own: probing through the pool could hang a caller of ``/health`` for
+the pool's timeouts) and, while the watch sees it answer, whether a *new* connection
+can be made (``gateway_http/database_probe.py``): with only the postmaster frozen, sessions
+already open keep answering while every new connection hangs, which ``federation
+status`` reports as unreachable. Under ``federation up`` each component also
 shows its supervision state (``supervisor``: running, restarting or failed,
 restarts, last exit). Addresses and PIDs are not shown: the endpoint is
 unauthenticated.
@@ -22,7 +25,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.launch.state import live_state
-from gateway_http.state import DATABASE_WATCH, STATE
+from gateway_http.state import DATABASE_NEW_CONNECTION, DATABASE_WATCH, STATE
 
 COMPONENTS = ("keys", "memory", "guardian", "council", "broker")
 
@@ -42,7 +45,8 @@ async def health(request: web.Request) -> web.Response:
     timeout = state.settings.gateway.health_timeout_seconds
     roles = [r for r in COMPONENTS if r in state.channels]
     nodes = list(state.router.nodes)
-    statuses = await asyncio.gather(
+    database, *statuses = await asyncio.gather(
+        _database_status(request.app),  # beside the other probes: bounded by the same time
         *(probe(state.channels[r], timeout) for r in roles),
         *(probe(n.channel, timeout, "federation.v1.InferenceService") for n in nodes),
     )
@@ -59,7 +63,7 @@ async def health(request: web.Request) -> web.Response:
             for i, (n, s) in enumerate(zip(nodes, node_statuses, strict=True))
         ],
     }
-    components["database"] = {"status": _database_status(request.app)}
+    components["database"] = {"status": database}
     healthy = all(c["status"] in ("serving", "not_configured") for c in components.values())
     body: dict[str, Any] = {"status": "ok" if healthy else "unavailable",
                             "components": components}
@@ -85,11 +89,16 @@ def _add_supervision(body: dict[str, Any], home: Path) -> None:
     body["supervisor"] = {"children": children}
 
 
-def _database_status(app: web.Application) -> str:
+async def _database_status(app: web.Application) -> str:
     watch = app.get(DATABASE_WATCH)
     if watch is None:
         return "not_configured"
-    return "serving" if watch.reachable else "unreachable"
+    if not watch.reachable:
+        return "unreachable"
+    new_connection = app.get(DATABASE_NEW_CONNECTION)
+    if new_connection is not None and not await new_connection.possible():
+        return "unreachable"
+    return "serving"
 
 
 def add_routes(app: web.Application) -> None:

@@ -15,6 +15,7 @@ from federation.keys.lease_book import LeaseBook
 from federation.memory.sink import AuditSink
 from gateway_http.background import BackgroundTasks
 from gateway_http.chat.serving import ChatOutcome, ChatServing
+from gateway_http.database_probe import NewConnectionProbe
 from gateway_http.metrics import GatewayMetrics
 from gateway_http.outbox import Outbox
 from gateway_http.request_rate import RequestRate
@@ -50,6 +51,8 @@ class GatewayState:
 STATE = web.AppKey("gateway_state", GatewayState)
 DATABASE_WATCH = web.AppKey("database_watch", DatabaseWatch)
 """Watches the gateway's own database (the vault's) for ``/health``; absent without one."""
+DATABASE_NEW_CONNECTION = web.AppKey("database_new_connection", NewConnectionProbe)
+"""Whether ``/health`` can open a new connection to that database; absent without one."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 """The gateway's own id of the request (``X-Request-Id`` of its answer, the audit trail's

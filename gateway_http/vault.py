@@ -54,7 +54,8 @@ from federation.vault.service import SHARE_HEADER, VaultService, create_gateway_
 from federation.vault.tenants import TenantSettingsReader
 from gateway_http.auth import authenticate
 from gateway_http.body import has_json_body, json_body
-from gateway_http.state import DATABASE_WATCH, PRINCIPAL, STATE
+from gateway_http.database_probe import NewConnectionProbe
+from gateway_http.state import DATABASE_NEW_CONNECTION, DATABASE_WATCH, PRINCIPAL, STATE
 from gateway_http.transcripts import TRANSCRIPTS, TranscriptRecorder
 
 VAULT = web.AppKey("vault_service", VaultService)
@@ -124,6 +125,11 @@ def _vault_context(
                 state.metrics.registry.register(database_up_collector(lambda: watch.reachable))
             await watch.start()
             stack.push_async_callback(watch.stop)
+            # /health also asks whether a new connection can be made (the watch's is old).
+            new_connection = app[DATABASE_NEW_CONNECTION] = NewConnectionProbe(
+                settings.database.url, settings.gateway.health_timeout_seconds,
+                settings.gateway.health_database_cache_seconds)
+            stack.push_async_callback(new_connection.stop)
             channels = {}
             for role in ("guardian", "memory"):
                 channels[role] = open_channel(settings.peers.address(role), credentials,

@@ -3,9 +3,13 @@ key authority and thermal memory nodes (real PostgreSQL) configured as its peers
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -14,8 +18,11 @@ import pytest
 from federation.db import Database
 from federation.inference.test_backend import TestBackend
 from gateway_http.app import GatewayServer
+from gateway_http.state import DATABASE_WATCH
+from tests.db_support import OwnCluster, own_cluster
 from tests.gateway_support import InferenceNode, gateway_settings, inference_nodes
 from tests.keys_support import KeyNodes, key_nodes
+from tests.stack_support import Stack, federation_stack
 from tests.support import TestPKI
 
 
@@ -124,3 +131,43 @@ async def test_openapi_document(gateway: Gateway) -> None:
             "/health", "/metrics"} <= set(document["paths"])
     operation = document["paths"]["/v1/chat/completions"]["post"]
     assert {"400", "401", "403", "404", "413", "429", "503"} <= set(operation["responses"])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[OwnCluster]:
+    """A PostgreSQL of this test's own, for the gateway's database: its postmaster is frozen."""
+    with own_cluster(tmp_path / "pg" / "data") as running:
+        yield running
+
+
+async def database_health(stack: Stack) -> tuple[int, str]:
+    status, _, body = await get(stack.base + "/health")
+    return status, json.loads(body)["components"]["database"]["status"]
+
+
+async def until_database_health(stack: Stack, wanted: str) -> int:
+    """The /health status once its database component reads ``wanted`` (polled: the
+    change is in another process, which offers nothing to await)."""
+    async with asyncio.timeout(30):
+        while (answer := await database_health(stack))[1] != wanted:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    return answer[0]
+
+
+async def test_health_sees_that_no_new_database_connection_can_be_made(
+        tmp_path: Path, database: Database, cluster: OwnCluster) -> None:
+    """Only the postmaster frozen: sessions already open keep answering (the database
+    watch's among them), but no new connection can be made, which ``federation status``
+    reports as unreachable; so does ``/health`` now."""
+    async with federation_stack(tmp_path, database, cluster.url,
+                                gateway_config={"health_database_cache_seconds": 0.2}) as stack:
+        assert await database_health(stack) == (200, "serving")
+        watch = stack.gateway.app[DATABASE_WATCH]
+        await watch.check()  # its session is open, as it is from its first probe on
+        os.kill(cluster.postmaster_pid, signal.SIGSTOP)
+        try:
+            assert await until_database_health(stack, "unreachable") == 503
+            assert watch.reachable  # what /health went by: the watch's old session answers
+        finally:
+            os.kill(cluster.postmaster_pid, signal.SIGCONT)
+        assert await until_database_health(stack, "serving") == 200

@@ -31,7 +31,15 @@ class GatewayConfig:
     """Larger request bodies are refused with 413."""
 
     health_timeout_seconds: float = 2.0
-    """Per-component deadline of a ``GET /health`` probe."""
+    """Per-component deadline of a ``GET /health`` probe, the database's new connection
+    included."""
+
+    health_database_cache_seconds: float = 5.0
+    """How long ``GET /health`` reuses its last answer to "can a new database connection be
+    made?" (the gateway's own database, beside the watch's long-lived connection): a frozen
+    postmaster stops new connections while sessions already open keep answering. The
+    endpoint is unauthenticated, so this bounds the connections it opens to one per
+    interval, whatever the rate of calls; an outage shows within this plus the timeout."""
 
     auth_cache_ttl_seconds: float = 5.0
     """How long a verified key is trusted without asking the key authority again.
