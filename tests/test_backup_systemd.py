@@ -13,13 +13,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pytest
 
 from federation.config import MemoryConfig
 from federation.db import Database
+from federation.db.roles import pgpass_line
 from federation.memory.records import AuditEntry
 from federation.memory.store import MemoryStore
+from federation.pki import write_private_file
 from tests.support import TestPKI
 
 UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
@@ -86,8 +89,15 @@ async def test_the_exec_start_lines_back_up_and_restore_test(
         await store.record(AuditEntry(actor="test", action="key.issue", subject=f"k{number}"))
     await store.stop()
     home = TestPKI(tmp_path / "home").home
+    # As backup.env.example has it: no password in the URL, a pgpass file (0600) named by
+    # passfile=, as the playbook installs the owner's on the database host.
+    dsn = urlsplit(database.url)
+    passfile = home / "owner.pgpass"
+    write_private_file(passfile, pgpass_line(database.url, unquote(dsn.password or "")).encode())
+    url = urlunsplit(dsn._replace(netloc=f"{dsn.username}@{dsn.hostname}:{dsn.port}",
+                                  query=f"passfile={passfile}"))
     env_file = tmp_path / "backup.env"
-    env_file.write_text(f"FEDERATION_HOME={home}\nFEDERATION_DATABASE_URL={database.url}\n")
+    env_file.write_text(f"FEDERATION_HOME={home}\nFEDERATION_DATABASE_URL={url}\n")
     units = {u.name: u for u in installed_units(tmp_path, env_file)}
 
     backup = await asyncio.to_thread(

@@ -24,9 +24,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
@@ -43,6 +45,8 @@ TEMPLATE = REPO / "deploy" / "systemd" / "federation@.service"
 BIN = Path(sys.executable).parent
 INSTALLED_CLI = "/opt/federation/venv/bin/federation"
 INSTALLED_HOME = "/var/lib/federation/home"
+BACKUP_ENV = REPO / "deploy" / "systemd" / "backup.env.example"
+OWNER_PGPASS = "127.0.0.1:5432:federation:federation_owner:owner-secret\n"
 
 needs_ansible = pytest.mark.skipif(
     not (BIN / "ansible-playbook").exists(),
@@ -91,9 +95,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     credentials = base / "credentials"
     credentials.mkdir()
     (credentials / "gateway.pgpass").write_text("127.0.0.1:5432:federation:u:p\n")
+    (credentials / "owner.pgpass").write_text(OWNER_PGPASS)
+    # The database host's role too (it runs no node): the backups run there.
     (base / "inventory.yml").write_text(
         "federation:\n  hosts:\n    gpu1:\n      ansible_connection: local\n"
-        "      federation_address: 127.0.0.1\n      federation_roles: [inference, gateway]\n")
+        "      federation_address: 127.0.0.1\n"
+        "      federation_roles: [inference, gateway, postgres]\n")
     ports = {role: free_port() for role in
              ("keys", "memory", "guardian", "inference", "council", "broker")}
     variables = {
@@ -145,7 +152,7 @@ def test_the_host_holds_its_bundle_config_units_and_credentials(installed: Insta
         "gateway-gpu1.key", "gateway-gpu1.pem", "inference-gpu1.key", "inference-gpu1.pem"]
     assert not (home / "pki" / "ca.key").exists() and not (home / "pki" / "nodes-ca.key").exists()
     for private in (home / "pki/issued/inference-gpu1.key",
-                    root / "etc/federation/credentials/gateway.pgpass",
+                    root / "etc/federation/credentials/gateway.pgpass", home / "owner.pgpass",
                     root / "etc/federation/bundle.tar.gz", home / "federation.toml"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
@@ -158,6 +165,8 @@ def test_the_host_holds_its_bundle_config_units_and_credentials(installed: Insta
     assert "passfile=%d/pgpass" in drop_in and "sslmode=verify-full" in drop_in
     assert not (units / "federation@inference.service.d").exists()  # no database role
     assert (root / INSTALLED_CLI.lstrip("/")).exists()
+    # The database owner's password, where the backup units' DSN names it (passfile=).
+    assert (home / "owner.pgpass").read_text() == OWNER_PGPASS
     # The CA host's deny list reaches every host: the compromise runbook relies on it.
     assert [d.serial for d in read_denials(home / "pki" / "denied.json")] == ["5f3a"]
 
@@ -270,3 +279,31 @@ def test_the_playbook_passes_syntax_check_and_ansible_lint(tmp_path: Path) -> No
                           check=False)
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
     assert "0 failure(s), 0 warning(s)" in lint.stdout + lint.stderr
+
+
+def _task(name_starts: str) -> dict[str, object]:
+    (play,) = yaml.safe_load(PLAYBOOK.read_text())
+    (task,) = [t for t in play["tasks"] if t["name"].startswith(name_starts)]
+    return dict(task)
+
+
+def test_the_backups_dsn_names_the_owners_pgpass_where_the_playbook_installs_it() -> None:
+    """The database host gets the owner's pgpass file, the service user's and 0600, and
+    the backup units' example DSN names it instead of holding a password."""
+    (play,) = yaml.safe_load(PLAYBOOK.read_text())
+    task = _task("Install the database owner's password")
+    copy = task["ansible.builtin.copy"]
+    assert isinstance(copy, dict)
+    assert (copy["src"], copy["mode"]) == ("{{ federation_pgpass_dir }}/owner.pgpass", "0600")
+    assert copy["owner"] == copy["group"] == "{{ federation_owner }}"  # the service user
+    assert play["vars"]["federation_owner"].startswith("{{ federation_user if ")
+    assert task["when"] == "'postgres' in federation_roles"
+    installed = copy["dest"].replace("{{ federation_home }}",
+                                     play["vars"]["federation_home_installed"])
+    lines = [line.lstrip("# ") for line in BACKUP_ENV.read_text().splitlines()]
+    (url,) = [line.split("=", 1)[1] for line in lines
+              if line.startswith("FEDERATION_DATABASE_URL=")]
+    dsn = urlsplit(url)
+    assert dsn.password is None and dsn.username == "federation_owner"
+    assert parse_qs(dsn.query)["passfile"] == [installed]
+    assert parse_qs(dsn.query)["sslmode"] == ["verify-full"]
