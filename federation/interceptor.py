@@ -469,24 +469,54 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parsed
 
 
+def _undecodable(reason: str) -> FederationError:
+    log.info("refused an undecodable request", extra={"reason": reason[:200]})
+    return FederationError(ErrorCode.INVALID_ARGUMENT,
+                           "the request message does not parse (a string field that is "
+                           "not UTF-8, or a corrupt encoding)")
+
+
 def _refuse_undecodable(request: Any) -> None:
     if isinstance(request, _Undecodable):
-        log.info("refused an undecodable request", extra={"reason": request.reason[:200]})
-        raise FederationError(ErrorCode.INVALID_ARGUMENT,
-                              "the request message does not parse (a string field that is "
-                              "not UTF-8, or a corrupt encoding)")
+        raise _undecodable(request.reason)
+
+
+async def _parsed_messages(messages: AsyncIterator[Any], context: Context
+                           ) -> AsyncIterator[Any]:
+    """The messages of a request stream, as the servicer reads them (the caller was
+    authorized before the first one is read). One that does not parse ends the call
+    INVALID_ARGUMENT here: raised to the servicer instead, it became INTERNAL (or was
+    lost when a servicer reads its stream in a task of its own)."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            message = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except DecodeError as exc:
+            error = _undecodable(str(exc))
+            context.set_trailing_metadata(error.trailing_metadata())
+            await context.abort(error.spec.grpc_status, error.message)
+        yield message
+
+
+def _reading(behavior: Any) -> Callable[[AsyncIterator[Any], Context], Any]:
+    """``behavior`` of a request stream, reading it through :func:`_parsed_messages`."""
+    def read(messages: AsyncIterator[Any], context: Context) -> Any:
+        return behavior(_parsed_messages(messages, context), context)
+    return read
 
 
 def _wrap_handler(handler: Handler, guard: Callable[[Any], Any]) -> Any:
-    # Only a single request message is parsed before the handler runs; the messages of
-    # a request stream are parsed as the servicer reads them.
+    # A single request message is parsed before the handler runs; the messages of a
+    # request stream are parsed as the servicer reads them, after the guard's checks.
     if handler.unary_unary:
         _, unary = guard(handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
             unary, _tolerant(handler.request_deserializer), handler.response_serializer
         )
     if handler.stream_unary:
-        _, unary = guard(handler.stream_unary)
+        _, unary = guard(_reading(handler.stream_unary))
         return grpc.stream_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
         )
@@ -495,7 +525,7 @@ def _wrap_handler(handler: Handler, guard: Callable[[Any], Any]) -> Any:
         return grpc.unary_stream_rpc_method_handler(
             stream, _tolerant(handler.request_deserializer), handler.response_serializer
         )
-    stream, _ = guard(handler.stream_stream)
+    stream, _ = guard(_reading(handler.stream_stream))
     return grpc.stream_stream_rpc_method_handler(
         stream, handler.request_deserializer, handler.response_serializer
     )
