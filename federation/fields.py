@@ -21,6 +21,17 @@ def storable(value: str, param: str) -> str:
     return value
 
 
+def bounded(value: str, param: str, max_chars: int) -> str:
+    """``value`` when storable and at most ``max_chars`` characters long; INVALID_ARGUMENT
+    naming ``param`` if not. For a field that a btree index holds: PostgreSQL refuses an
+    index row past 2704 bytes, mid-statement, as it refuses a NUL."""
+    storable(value, param)
+    if len(value) > max_chars:
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{param} is longer than {max_chars} characters", param=param)
+    return value
+
+
 def storable_all(values: Iterable[str], param: str) -> tuple[str, ...]:
     """Each of ``values`` storable (a repeated field, all named ``param``)."""
     return tuple(storable(value, param) for value in values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, from_rpc_error
 from federation.keys.keyformat import format_key, new_secret
+from federation.keys.models import MAX_SOURCE_CHARS
 from federation.pki import ADMIN_NAME
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
@@ -446,3 +449,33 @@ async def test_cli_keys_and_audit_verify(
     assert exited.value.code != 0
     assert "broken at record 2" in capsys.readouterr().err
     assert await run_cli(settings, "audit", "verify", "--json") == 1
+
+
+async def test_a_source_past_the_limit_is_invalid(federation: Federation) -> None:
+    """The source is the key of a failed attempt's row: one past the index's 2704 bytes
+    failed the attempt (INTERNAL), and a verified one failed every later flush of key
+    uses. Refused naming the field; the longest allowed fits with the longest tenant."""
+    admin, gateway = federation.keys_stub("admin"), federation.keys_stub("gateway")
+    tenant = "\U0001F600" * 200  # 4 bytes a character, as the longest source below
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(tenant_id=tenant, scopes=["chat"]))
+    wrong_secret = format_key(issued.key.key_id, new_secret())
+    incompressible = base64.b64encode(os.urandom(3000)).decode()
+    for key in (wrong_secret, issued.secret):
+        for source in ("x" * (MAX_SOURCE_CHARS + 1), incompressible, "x" * 100_000):
+            refused = from_rpc_error(await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(
+                key=key, source=source, required_scope="chat"))))
+            assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "source")
+            assert len(refused.message) < 200
+    history = await admin.GetKeyStrengthHistory(
+        kpb.GetKeyStrengthHistoryRequest(key_id=issued.key.key_id))
+    assert [s.kind for s in history.samples] == [kpb.STRENGTH_EVENT_KIND_ISSUED]
+    longest = "".join(chr(0x10000 + (n * 7919) % 0xFFFF) for n in range(MAX_SOURCE_CHARS))
+    refused = from_rpc_error(await rpc_error(gateway.VerifyKey(kpb.VerifyKeyRequest(
+        key=wrong_secret, source=longest, required_scope="chat"))))
+    assert refused.code is ErrorCode.UNAUTHENTICATED
+    history = await admin.GetKeyStrengthHistory(
+        kpb.GetKeyStrengthHistoryRequest(key_id=issued.key.key_id))
+    assert history.samples[0].source == longest  # newest first
+    verified = await gateway.VerifyKey(kpb.VerifyKeyRequest(
+        key=issued.secret, source=longest, required_scope="chat"))
+    assert verified.key.key_id == issued.key.key_id

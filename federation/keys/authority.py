@@ -26,11 +26,12 @@ import asyncpg
 
 from federation.config import KeysConfig
 from federation.errors import ErrorCode, FederationError
-from federation.fields import storable
+from federation.fields import bounded, storable
 from federation.keys import keyformat
 from federation.keys import repository as repo
 from federation.keys.cache import CachedKey, KeyCache, SourceState
 from federation.keys.models import (
+    MAX_SOURCE_CHARS,
     SCOPES,
     IssuedKey,
     IssueRequest,
@@ -283,7 +284,7 @@ class KeyAuthority:
                                   f"required_scope {required_scope[:64]!r} is not a scope",
                                   param="required_scope")
         parsed = keyformat.parse(presented)
-        storable(source, "source")  # written with a failed attempt
+        bounded(source, "source", MAX_SOURCE_CHARS)  # written with a failed attempt
         full_key = keyformat.format_key(parsed.key_id, parsed.secret)
         now = self._clock()
         cached = await self._cache.get(parsed.key_id, now)

@@ -24,6 +24,10 @@ MAX_DESCRIPTION_BYTES: Final = 256
 MAX_REQUESTS_PER_MINUTE: Final = 2**31 - 1
 MAX_TOKEN_QUOTA: Final = 2**63 - 1
 """The columns' ranges (integer, bigint)."""
+MAX_SOURCE_CHARS: Final = 256
+"""Longest VerifyKey source (an address, or a certificate's identity). A source is part
+of the key of its failed-attempt row: with a tenant id of up to 200 characters, 256
+characters of up to 4 bytes each keep that row within the index's 2704 bytes."""
 T = TypeVar("T")
 
 

@@ -296,7 +296,9 @@ class VerifyKeyRequest(_message.Message):
     """The full key as presented by the original caller (`fed_...`)."""
     source: _builtins.str
     """Where the original caller came from: client address ("ip:port") or
-    mTLS certificate identity. Feeds the strength model.
+    mTLS certificate identity. Feeds the strength model. At most 256
+    characters (INVALID_ARGUMENT naming `source` otherwise); empty = the
+    caller's own certificate identity.
     """
     required_scope: _builtins.str
     """Scope the call needs, e.g. "chat". Empty checks authentication only."""
