@@ -20,7 +20,7 @@ from federation.config import PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, from_rpc_error
 from federation.keys.keyformat import format_key, new_secret
-from federation.keys.models import MAX_SOURCE_CHARS
+from federation.keys.models import MAX_SOURCE_CHARS, MAX_TOKEN_QUOTA
 from federation.pki import ADMIN_NAME
 from federation.server import NodeServer
 from federation.v1 import key_authority_pb2 as kpb
@@ -479,3 +479,39 @@ async def test_a_source_past_the_limit_is_invalid(federation: Federation) -> Non
     verified = await gateway.VerifyKey(kpb.VerifyKeyRequest(
         key=issued.secret, source=longest, required_scope="chat"))
     assert verified.key.key_id == issued.key.key_id
+
+
+async def test_the_largest_token_quota_is_the_most_a_counter_holds(
+        federation: Federation) -> None:
+    """Token counters saturate at MAX_TOKEN_QUOTA so that a counter plus a charge fits a
+    bigint. A quota above it was accepted and never reached: a key of 2**62 tokens took
+    a token, then another, for ever, its counter stuck one below the quota."""
+    admin, gateway = federation.keys_stub("admin"), federation.keys_stub("gateway")
+    day = Duration(seconds=86400)
+    for too_many in (MAX_TOKEN_QUOTA + 1, 2**63 - 1):
+        refused = from_rpc_error(await rpc_error(admin.IssueKey(kpb.IssueKeyRequest(
+            tenant_id="acme", scopes=["chat"], token_quota=too_many, quota_period=day))))
+        assert (refused.code, refused.param) == (ErrorCode.INVALID_ARGUMENT, "token_quota")
+    issued = await admin.IssueKey(kpb.IssueKeyRequest(
+        tenant_id="acme", scopes=["chat"], token_quota=MAX_TOKEN_QUOTA, quota_period=day))
+    key_id = issued.key.key_id
+    assert issued.key.token_quota == MAX_TOKEN_QUOTA
+
+    def consume(tokens: int) -> Any:
+        return gateway.ConsumeQuota(kpb.ConsumeQuotaRequest(key_id=key_id, tokens=tokens))
+
+    over = from_rpc_error(await rpc_error(consume(MAX_TOKEN_QUOTA + 1)))
+    assert over.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert (await consume(MAX_TOKEN_QUOTA - 1)).status.tokens_used == MAX_TOKEN_QUOTA - 1
+    full = (await consume(1)).status
+    assert (full.tokens_used, full.tokens_remaining) == (MAX_TOKEN_QUOTA, 0)
+    for _ in range(2):
+        spent = from_rpc_error(await rpc_error(consume(1)))
+        assert spent.code is ErrorCode.RESOURCE_EXHAUSTED
+    checked = await gateway.CheckQuota(kpb.CheckQuotaRequest(key_id=key_id, tokens=1))
+    assert not checked.allowed and checked.status.tokens_used == MAX_TOKEN_QUOTA
+    for call in (gateway.ReserveQuota(kpb.ReserveQuotaRequest(key_id=key_id, tokens=1,
+                                                              min_tokens=1)),
+                 gateway.GrantQuotaLease(kpb.GrantQuotaLeaseRequest(
+                     key_id=key_id, requests=1, tokens=1, need_tokens=1, min_tokens=1))):
+        assert from_rpc_error(await rpc_error(call)).code is ErrorCode.INSUFFICIENT_QUOTA

@@ -10,6 +10,7 @@ from typing import Final, Generic, TypeVar
 
 from federation.errors import ErrorCode, FederationError
 from federation.fields import storable
+from federation.keys.quota import MAX_TOKENS
 from federation.keys.strength import Accumulator
 from federation.prototime import MAX_DURATION_SECONDS
 from federation.tenancy import checked_tenant_id
@@ -22,8 +23,12 @@ SCOPES: Final = frozenset({
 
 MAX_DESCRIPTION_BYTES: Final = 256
 MAX_REQUESTS_PER_MINUTE: Final = 2**31 - 1
-MAX_TOKEN_QUOTA: Final = 2**63 - 1
-"""The columns' ranges (integer, bigint)."""
+"""The request counter's range (integer)."""
+MAX_TOKEN_QUOTA: Final = MAX_TOKENS - 1
+"""The most tokens a counter holds: it saturates there
+(:data:`~federation.keys.quota.TOKENS_STORED`), so that a counter plus any charge still
+fits its bigint. A quota above it could never be reached: a key of 2**62 tokens or more
+took charges for ever, its counter stuck below the quota."""
 MAX_SOURCE_CHARS: Final = 256
 """Longest VerifyKey source (an address, or a certificate's identity). A source is part
 of the key of its failed-attempt row: with a tenant id of up to 200 characters, 256

@@ -210,7 +210,9 @@ class IssueKeyRequest(_message.Message):
     requests_per_minute: _builtins.int
     """Request rate limit per minute. Unset means unlimited."""
     token_quota: _builtins.int
-    """Tokens allowed per quota_period. Unset means unlimited."""
+    """Tokens allowed per quota_period, 1 to 2^62 - 1 (the most a token
+    counter holds). Unset means unlimited.
+    """
     description: _builtins.str
     """Free-text note to help humans identify the key. At most 256 bytes."""
     @_builtins.property
