@@ -28,7 +28,7 @@ from federation.errors import (
     FederationError,
     call_error_to_proto,
 )
-from federation.fields import storable, storable_map
+from federation.fields import bounded, storable, storable_map
 from federation.guardian.chain_checks import (
     GuardianCheckpoints,
     guardian_keys,
@@ -47,6 +47,7 @@ from federation.pki import PKIPaths
 from federation.prototime import checked_datetime
 from federation.server import ServiceRegistration
 from federation.telemetry import tracing
+from federation.tenancy import MAX_TENANT_ID
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
 from nodes.runtime import NodeRuntime
@@ -64,6 +65,12 @@ _END = object()
 been answered."""
 _DRAIN = object()
 """On a stream's queue of answers: the node is stopping."""
+
+MAX_REQUEST_ID_CHARS = 128
+"""The longest request id a record holds: the longest the federation accepts from a
+caller (``federation.logs.clean_request_id``). Like ``tenant_id`` (at most
+:data:`~federation.tenancy.MAX_TENANT_ID` characters, as everywhere), it is indexed, and
+PostgreSQL refuses an index row past 2704 bytes."""
 
 RECORDED_BY = "recorded_by"
 """The attribute naming the node that wrote a record (its certificate's SPIFFE id), set
@@ -83,9 +90,11 @@ def audit_entry(request: pb.RecordMemoryRequest, param_prefix: str = "") -> Audi
         raise FederationError(ErrorCode.INVALID_ARGUMENT, "temperature is 0 to 100",
                               param=param_prefix + "temperature")
     # Checked before the entry joins a group commit, whose one statement it would fail
-    # for every record sharing it.
-    for name in ("tenant_id", "actor", "action", "subject", "request_id"):
+    # for every record sharing it: a NUL, or a value too long for its index's row.
+    for name in ("actor", "action", "subject"):
         storable(getattr(request, name), param_prefix + name)
+    bounded(request.tenant_id, param_prefix + "tenant_id", MAX_TENANT_ID)
+    bounded(request.request_id, param_prefix + "request_id", MAX_REQUEST_ID_CHARS)
     storable_map(request.payload.attributes, param_prefix + "payload.attributes")
     writer = current_caller().spiffe_id
     # The writer's own identity, from its certificate: ``actor`` is what the writer says

@@ -7,8 +7,10 @@ gives way to a new stream."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -26,9 +28,11 @@ from federation.memory.client import GrpcAuditSink
 from federation.memory.restore_event import RESTORE_ACTION
 from federation.memory.store import MemoryStore
 from federation.server import NodeServer
+from federation.tenancy import MAX_TENANT_ID
 from federation.v1 import thermal_memory_pb2 as pb
 from federation.v1 import thermal_memory_pb2_grpc as pb_grpc
 from nodes import memory as memory_node
+from nodes.memory import MAX_REQUEST_ID_CHARS
 from nodes.runtime import NodeRuntime
 from tests.nodes_support import node
 from tests.support import TestPKI
@@ -142,6 +146,39 @@ async def test_a_record_postgresql_cannot_store_fails_only_its_own_call(
         (ErrorCode.INVALID_ARGUMENT, "tenant_id"),
         (ErrorCode.INVALID_ARGUMENT, "payload.attributes key")]
     assert all(isinstance(o, pb.RecordMemoryResponse) for o in outcomes[2:]), outcomes[2:]
+
+
+async def test_an_id_too_long_for_its_index_fails_only_its_own_call(
+        memory_channel: grpc.aio.Channel, database: Database) -> None:
+    """tenant_id and request_id are indexed, and PostgreSQL refuses an index row past
+    2704 bytes: such a record failed the group commit it joined, every record sharing it
+    UNAVAILABLE. Refused before it joins one; the chain goes on, intact."""
+    stub = pb_grpc.ThermalMemoryServiceStub(memory_channel)
+    noise = base64.b64encode(os.urandom(3000)).decode()  # incompressible
+    bad = [pb.RecordMemoryRequest(action="a.b", tenant_id=noise),
+           pb.RecordMemoryRequest(action="a.b", tenant_id="t" * (MAX_TENANT_ID + 1)),
+           pb.RecordMemoryRequest(action="a.b", request_id=noise),
+           pb.RecordMemoryRequest(action="a.b", request_id="r" * (MAX_REQUEST_ID_CHARS + 1))]
+    good = [pb.RecordMemoryRequest(action=f"good.{n}") for n in range(12)]
+    outcomes = await asyncio.gather(*(stub.RecordMemory(r, timeout=10) for r in bad + good),
+                                    return_exceptions=True)
+    refused = [from_rpc_error(o) if isinstance(o, grpc.aio.AioRpcError) else o
+               for o in outcomes[:4]]
+    assert [(e.code, e.param) for e in refused] == [  # type: ignore[union-attr]
+        (ErrorCode.INVALID_ARGUMENT, "tenant_id"), (ErrorCode.INVALID_ARGUMENT, "tenant_id"),
+        (ErrorCode.INVALID_ARGUMENT, "request_id"), (ErrorCode.INVALID_ARGUMENT, "request_id")]
+    assert all(isinstance(o, pb.RecordMemoryResponse) for o in outcomes[4:]), outcomes[4:]
+    with pytest.raises(grpc.aio.AioRpcError) as batch:
+        await stub.RecordMemories(pb.RecordMemoriesRequest(requests=[good[0], bad[0]]),
+                                  timeout=10)
+    assert from_rpc_error(batch.value).param == "requests[1].tenant_id"
+    # The longest of each, in characters of 4 bytes, fits its index.
+    widest = pb.RecordMemoryRequest(action="a.b", tenant_id="\U0001F600" * MAX_TENANT_ID,
+                                    request_id="\U0001F601" * MAX_REQUEST_ID_CHARS)
+    stored = (await stub.RecordMemory(widest, timeout=10)).record
+    assert (stored.sequence, stored.request_id) == (13, widest.request_id)
+    report = await MemoryStore(database.pool, Settings().memory).verify_chain()
+    assert (report.intact, report.records_checked) == (True, 13), report.problem
 
 
 async def test_every_caller_of_a_failed_call_gets_the_error(

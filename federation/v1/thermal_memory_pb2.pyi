@@ -202,7 +202,9 @@ class RecordMemoryRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """Tenant the event belongs to; empty for system-wide events."""
+    """Tenant the event belongs to; empty for system-wide events. At most 200
+    characters, as a tenant id is everywhere.
+    """
     actor: _builtins.str
     """Identity of who performed the action."""
     action: _builtins.str
@@ -214,7 +216,8 @@ class RecordMemoryRequest(_message.Message):
     request_id: _builtins.str
     """Request id the record belongs to; empty = the call's `x-request-id`.
     Set by a caller that sends the records of several requests in one
-    RecordMemories call.
+    RecordMemories call. At most 128 characters, the longest request id the
+    federation accepts.
     """
     @_builtins.property
     def payload(self) -> Global___AuditPayload:
