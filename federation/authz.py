@@ -84,8 +84,10 @@ ROLE_METHODS: Final[dict[str, tuple[str, ...]]] = {
     "keys": _AUDIT_WRITE,
     "broker": _AUDIT_WRITE,
     "inference": _AUDIT_WRITE,
-    # The guardian audits releases and signs checkpoints of the memory chain.
-    "guardian": (*_AUDIT_WRITE, MEMORY + "VerifyChain", MEMORY + "SearchMemory"),
+    # The guardian audits releases and signs checkpoints of the memory chain, each one
+    # checked against the chain first.
+    "guardian": (*_AUDIT_WRITE, MEMORY + "VerifyChain", MEMORY + "SearchMemory",
+                 MEMORY + "GetChainLink"),
     # The memory node asks the guardian to sign chain-head checkpoints.
     "memory": (
         GUARDIAN + "SignCheckpoint", GUARDIAN + "GetCheckpoint", GUARDIAN + "ListCheckpoints",

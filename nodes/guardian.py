@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
+from federation.guardian.chain_links import MemoryChainLinks
 from federation.guardian.checkpoints import CheckpointLog
 from federation.guardian.convert import checkpoint_message, share_record
 from federation.guardian.custody import GuardianCustody
@@ -115,7 +116,10 @@ async def create_service(runtime: NodeRuntime) -> ServiceRegistration:
     database = runtime.require_database()
     wrapping_key = load_or_create_key(settings.home / config.wrapping_key_file)
     checkpoints = CheckpointLog.open(
-        settings.home / config.checkpoint_file, settings.home / config.signing_key_file)
+        settings.home / config.checkpoint_file, settings.home / config.signing_key_file,
+        chain=MemoryChainLinks(runtime.peer_channel("memory"),
+                               settings.grpc.call_timeout_seconds),
+    )
     audit = GrpcAuditSink(
         runtime.peer_channel("memory"), timeout_seconds=settings.grpc.call_timeout_seconds
     )

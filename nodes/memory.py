@@ -291,6 +291,18 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
             restore_to_proto(claim) for claim in report.restores)
         return response
 
+    async def GetChainLink(
+        self, request: pb.GetChainLinkRequest, context: Context
+    ) -> pb.GetChainLinkResponse:
+        if request.sequence < 1:
+            raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                                  "sequence is a record sequence, 1 or more", param="sequence")
+        # The head first: a record appended between the two reads then counts as beyond
+        # the head, never as one missing below it.
+        head = await self._store.head()
+        digest = await self._store.hash_at(request.sequence) if request.sequence <= head else None
+        return pb.GetChainLinkResponse(head_sequence=head, hash=digest or b"")
+
 
 def _search_time(request: pb.SearchMemoryRequest, field: str) -> dt.datetime | None:
     if not request.HasField(field):  # type: ignore[arg-type]

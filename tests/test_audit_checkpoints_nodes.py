@@ -20,6 +20,7 @@ import pytest
 from federation.cli import audit as audit_commands
 from federation.config import GuardianConfig, PeersConfig, Settings
 from federation.db import Database
+from federation.errors import ErrorCode, FederationError, from_rpc_error
 from federation.pki import ADMIN_NAME
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from federation.v1 import thermal_memory_pb2 as mpb
@@ -181,3 +182,78 @@ async def test_appends_do_not_wait_for_a_stopped_guardian(cluster: Cluster) -> N
                     break
     code, out, _ = await audit_verify(cluster.settings)
     assert code == 0 and "last guardian checkpoint: record" in out
+
+
+async def _refusal(call: object) -> FederationError:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call  # type: ignore[misc]
+    return from_rpc_error(failed.value)
+
+
+async def test_the_guardian_signs_only_what_the_chain_holds(
+    cluster: Cluster, pg_url: str
+) -> None:
+    """A checkpoint request the chain does not hold (from an operator, or a confused
+    memory node) was signed: one at 2**63 - 1 refused every later checkpoint and failed
+    every verification for good (the log is append-only). Refused, naming the head."""
+    await write_records(cluster, EVERY + 2)  # a checkpoint at 10; the head is 12
+    admin = cluster.stub("admin")
+    link = await admin.GetChainLink(mpb.GetChainLinkRequest(sequence=12))
+    assert link.head_sequence == 12 and len(link.hash) == 32
+    memory_role = guardian_pb2_grpc.GuardianServiceStub(
+        cluster._channel(cluster.guardian.address, "memory"))
+    for guardian in (cluster.guardian_stub(), memory_role):
+        for sequence in (2**63 - 1, 13):
+            refused = await _refusal(guardian.SignCheckpoint(guardian_pb2.SignCheckpointRequest(
+                sequence=sequence, chain_head_hash=link.hash)))
+            assert (refused.code, refused.param) == (ErrorCode.OUT_OF_RANGE, "sequence")
+            assert f"sequence {sequence} is beyond the chain's head (record 12)" in \
+                refused.message
+        wrong = await _refusal(guardian.SignCheckpoint(guardian_pb2.SignCheckpointRequest(
+            sequence=12, chain_head_hash=b"\x01" * 32)))
+        assert (wrong.code, wrong.param) == (ErrorCode.FAILED_PRECONDITION, "chain_head_hash")
+    listed = await cluster.guardian_stub().ListCheckpoints(guardian_pb2.ListCheckpointsRequest())
+    assert [c.sequence for c in listed.checkpoints] == [10]
+    signed = await memory_role.SignCheckpoint(guardian_pb2.SignCheckpointRequest(
+        sequence=12, chain_head_hash=link.hash))
+    assert signed.checkpoint.sequence == 12
+    await write_records(cluster, EVERY - 2)  # the memory node's checkpoint at 20 follows
+    code, out, _ = await audit_verify(cluster.settings)
+    assert code == 0, out
+    assert "intact: 20 records verified (last guardian checkpoint: record 20)" in out
+    beyond = await admin.GetChainLink(mpb.GetChainLinkRequest(sequence=2**63 - 1))
+    assert (beyond.head_sequence, beyond.hash) == (20, b"")
+    for sequence in (0, -1):
+        below = await _refusal(admin.GetChainLink(mpb.GetChainLinkRequest(sequence=sequence)))
+        assert (below.code, below.param) == (ErrorCode.INVALID_ARGUMENT, "sequence")
+    # A record lost from the middle of the chain (as a restore's gap is) is not signed.
+    lost = await admin.GetChainLink(mpb.GetChainLinkRequest(sequence=15))
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("SET session_replication_role = replica")  # triggers off
+        await conn.execute("DELETE FROM memory_records WHERE sequence = 15")
+    finally:
+        await conn.close()
+    missing = await _refusal(memory_role.SignCheckpoint(guardian_pb2.SignCheckpointRequest(
+        sequence=15, chain_head_hash=lost.hash)))
+    assert (missing.code, missing.param) == (ErrorCode.FAILED_PRECONDITION, "sequence")
+    assert "record 15 is not in the chain" in missing.message
+
+
+async def test_no_checkpoint_is_signed_while_the_chain_cannot_be_read(cluster: Cluster) -> None:
+    await write_records(cluster, 2)
+    link = await cluster.stub("admin").GetChainLink(mpb.GetChainLinkRequest(sequence=2))
+    await cluster.memory.stop()
+    refused = await _refusal(cluster.guardian_stub().SignCheckpoint(
+        guardian_pb2.SignCheckpointRequest(sequence=2, chain_head_hash=link.hash)))
+    assert refused.code is ErrorCode.UNAVAILABLE
+    assert "the memory node could not be asked for record 2" in refused.message
+    await cluster.memory.start()
+    async with asyncio.timeout(10):  # once the guardian's channel has reconnected
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                signed = await cluster.guardian_stub().SignCheckpoint(
+                    guardian_pb2.SignCheckpointRequest(sequence=2, chain_head_hash=link.hash))
+                break
+            await asyncio.sleep(0.05)
+    assert signed.checkpoint.sequence == 2

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from federation.clock import Clock, utc_now
 from federation.crypto.keyfile import load_or_create_key
 from federation.errors import ErrorCode, FederationError
+from federation.guardian.chain_links import ChainLinks, check_link
 from federation.periodic import cancel_and_wait
 from federation.pki.files import write_file
 
@@ -192,10 +193,14 @@ class CheckpointLog:
     def __init__(
         self, path: Path, signing_key: Ed25519PrivateKey,
         clock: Clock = utc_now, *, earlier_keys: GuardianKeys | None = None,
+        chain: ChainLinks | None = None,
     ) -> None:
         """``earlier_keys``: the keys the log's older lines may be signed with (the
-        ``.pub`` file, see :func:`load_signing_key`); the signing key's own is always one."""
+        ``.pub`` file, see :func:`load_signing_key`); the signing key's own is always one.
+        ``chain``: where a request is checked against the chain before it is signed
+        (``None``: not checked, for a log with no chain to ask)."""
         self._path = path
+        self._chain = chain
         self._key = signing_key
         self._public = signing_key.public_key()
         self._fingerprint = fingerprint(self._public)
@@ -207,11 +212,12 @@ class CheckpointLog:
         self._load()
 
     @classmethod
-    def open(cls, path: Path, signing_key_path: Path, clock: Clock = utc_now) -> CheckpointLog:
+    def open(cls, path: Path, signing_key_path: Path, clock: Clock = utc_now, *,
+             chain: ChainLinks | None = None) -> CheckpointLog:
         """The log at ``path``, signed with the key at ``signing_key_path`` (created on
         first use), its older lines checked with the earlier keys of its ``.pub`` file."""
         signing_key = load_signing_key(signing_key_path)
-        return cls(path, signing_key, clock,
+        return cls(path, signing_key, clock, chain=chain,
                    earlier_keys=load_public_keys(public_key_path(signing_key_path)))
 
     @property
@@ -254,6 +260,8 @@ class CheckpointLog:
         if len(chain_head_hash) != HASH_BYTES:
             raise FederationError(ErrorCode.INVALID_ARGUMENT, "chain_head_hash must be 32 bytes",
                                   param="chain_head_hash")
+        if self._chain is not None:  # before the lock: it is a call to the memory node
+            check_link(sequence, chain_head_hash, await self._chain.link(sequence))
         # Shielded: a caller that goes away (its deadline, a cancelled RPC) while the line
         # is being written in a thread must not leave it in the file but not in memory.
         # A retry would then sign the same sequence again, a second line for it.

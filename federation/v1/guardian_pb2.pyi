@@ -414,10 +414,15 @@ class SignCheckpointRequest(_message.Message):
     CHAIN_HEAD_HASH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Sequence number of the chain head being checkpointed. Must be greater
-    than the last signed checkpoint's sequence.
+    than the last signed checkpoint's sequence, and a record of the chain
+    (the guardian asks the memory node, ThermalMemoryService.GetChainLink):
+    OUT_OF_RANGE beyond the chain's head, FAILED_PRECONDITION when no record
+    is there.
     """
     chain_head_hash: _builtins.bytes
-    """Hash of the record at that sequence."""
+    """Hash of the record at that sequence (32 bytes); FAILED_PRECONDITION when
+    the record stored there has another.
+    """
     def __init__(
         self,
         *,

@@ -586,6 +586,56 @@ class VerifyChainRequest(_message.Message):
 Global___VerifyChainRequest: _TypeAlias = VerifyChainRequest  # noqa: Y015
 
 @_typing.final
+class GetChainLinkRequest(_message.Message):
+    """Request for ThermalMemoryService.GetChainLink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Sequence of the record whose hash to return, 1 or more."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChainLinkRequest: _TypeAlias = GetChainLinkRequest  # noqa: Y015
+
+@_typing.final
+class GetChainLinkResponse(_message.Message):
+    """Response for ThermalMemoryService.GetChainLink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    head_sequence: _builtins.int
+    """Sequence of the newest record of the chain; 0 when the chain is empty."""
+    hash: _builtins.bytes
+    """Stored hash of the record at the requested sequence; empty when there
+    is no record there (beyond the head, or lost in a database restore).
+    """
+    def __init__(
+        self,
+        *,
+        head_sequence: _builtins.int = ...,
+        hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "head_sequence", b"head_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChainLinkResponse: _TypeAlias = GetChainLinkResponse  # noqa: Y015
+
+@_typing.final
 class VerifyChainResponse(_message.Message):
     """Response for ThermalMemoryService.VerifyChain."""
 

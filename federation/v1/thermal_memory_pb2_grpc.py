@@ -68,6 +68,11 @@ class ThermalMemoryServiceStub:
                 request_serializer=federation_dot_v1_dot_thermal__memory__pb2.VerifyChainRequest.SerializeToString,
                 response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.VerifyChainResponse.FromString,
                 _registered_method=True)
+        self.GetChainLink = channel.unary_unary(
+                '/federation.v1.ThermalMemoryService/GetChainLink',
+                request_serializer=federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkRequest.SerializeToString,
+                response_deserializer=federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkResponse.FromString,
+                _registered_method=True)
 
 
 class ThermalMemoryServiceServicer:
@@ -130,6 +135,15 @@ class ThermalMemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetChainLink(self, request, context):
+        """Returns the chain's head and the stored hash of one record, without
+        warming it: the guardian checks a checkpoint request against them before
+        signing it (GuardianService.SignCheckpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ThermalMemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +176,11 @@ def add_ThermalMemoryServiceServicer_to_server(servicer, server):
                     servicer.VerifyChain,
                     request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.VerifyChainRequest.FromString,
                     response_serializer=federation_dot_v1_dot_thermal__memory__pb2.VerifyChainResponse.SerializeToString,
+            ),
+            'GetChainLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChainLink,
+                    request_deserializer=federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkRequest.FromString,
+                    response_serializer=federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +349,33 @@ class ThermalMemoryService:
             '/federation.v1.ThermalMemoryService/VerifyChain',
             federation_dot_v1_dot_thermal__memory__pb2.VerifyChainRequest.SerializeToString,
             federation_dot_v1_dot_thermal__memory__pb2.VerifyChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChainLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/federation.v1.ThermalMemoryService/GetChainLink',
+            federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkRequest.SerializeToString,
+            federation_dot_v1_dot_thermal__memory__pb2.GetChainLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class ThermalMemoryServiceStub:
     """Recomputes hashes over a range of the chain and checks links and
     checkpoints.
     """
+    GetChainLink: _grpc.UnaryUnaryMultiCallable[_thermal_memory_pb2.GetChainLinkRequest, _thermal_memory_pb2.GetChainLinkResponse]
+    """Returns the chain's head and the stored hash of one record, without
+    warming it: the guardian checks a checkpoint request against them before
+    signing it (GuardianService.SignCheckpoint).
+    """
 
 @_typing.type_check_only
 class ThermalMemoryServiceAsyncStub(ThermalMemoryServiceStub):
@@ -102,6 +107,11 @@ class ThermalMemoryServiceAsyncStub(ThermalMemoryServiceStub):
     VerifyChain: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.VerifyChainRequest, _thermal_memory_pb2.VerifyChainResponse]  # type: ignore[assignment]
     """Recomputes hashes over a range of the chain and checks links and
     checkpoints.
+    """
+    GetChainLink: _aio.UnaryUnaryMultiCallable[_thermal_memory_pb2.GetChainLinkRequest, _thermal_memory_pb2.GetChainLinkResponse]  # type: ignore[assignment]
+    """Returns the chain's head and the stored hash of one record, without
+    warming it: the guardian checks a checkpoint request against them before
+    signing it (GuardianService.SignCheckpoint).
     """
 
 class ThermalMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -172,6 +182,17 @@ class ThermalMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_thermal_memory_pb2.VerifyChainResponse, _abc.Awaitable[_thermal_memory_pb2.VerifyChainResponse]]:
         """Recomputes hashes over a range of the chain and checks links and
         checkpoints.
+        """
+
+    @_abc_1.abstractmethod
+    def GetChainLink(
+        self,
+        request: _thermal_memory_pb2.GetChainLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_thermal_memory_pb2.GetChainLinkResponse, _abc.Awaitable[_thermal_memory_pb2.GetChainLinkResponse]]:
+        """Returns the chain's head and the stored hash of one record, without
+        warming it: the guardian checks a checkpoint request against them before
+        signing it (GuardianService.SignCheckpoint).
         """
 
 def add_ThermalMemoryServiceServicer_to_server(servicer: ThermalMemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
