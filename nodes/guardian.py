@@ -93,13 +93,9 @@ class GuardianServicer(guardian_pb2_grpc.GuardianServiceServicer):
     async def ListCheckpoints(
         self, request: guardian_pb2.ListCheckpointsRequest, context: Context
     ) -> guardian_pb2.ListCheckpointsResponse:
-        size = page_size(request.page_size)
-        newest = self._checkpoints.newest_first()
-        if request.page_token:
-            below = sequence_token(request.page_token)
-            newest = [c for c in newest if c.sequence < below]
-        page = newest[:size]
-        token = str(page[-1].sequence) if len(newest) > size else ""
+        below = sequence_token(request.page_token) if request.page_token else None
+        page, more = self._checkpoints.newest_below(below, page_size(request.page_size))
+        token = str(page[-1].sequence) if more else ""
         return guardian_pb2.ListCheckpointsResponse(
             checkpoints=[checkpoint_message(c) for c in page], next_page_token=token
         )

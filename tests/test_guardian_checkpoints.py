@@ -131,6 +131,37 @@ async def test_a_forged_checkpoint_in_the_file_is_refused(tmp_path: Path) -> Non
         log_at(tmp_path)
 
 
+async def test_checkpoints_are_found_and_paged_by_sequence(tmp_path: Path) -> None:
+    log = log_at(tmp_path)
+    for sequence in range(3, 75, 3):  # 24 checkpoints: 3, 6, ..., 72
+        await log.sign(sequence, sequence.to_bytes(32, "big"))
+    assert log.get(33) is not None and log.get(33).sequence == 33  # type: ignore[union-attr]
+    assert log.get(34) is None and log.get(1) is None and log.get(99) is None
+    pages, below, more = [], None, True
+    while more:
+        page, more = log.newest_below(below, 10)
+        pages.append([c.sequence for c in page])
+        below = page[-1].sequence
+    assert pages == [list(range(72, 42, -3)), list(range(42, 12, -3)), [12, 9, 6, 3]]
+    assert log.newest_below(3, 10) == ([], False)
+    assert [c.sequence for c in log.newest_below(10, 2)[0]] == [9, 6]
+
+
+async def test_a_sequence_signed_twice_before_the_shield_is_loaded_once(tmp_path: Path) -> None:
+    # A guardian before the shielded write could leave the same checkpoint twice in the
+    # file (a cancelled call's retry); such a log must still load, each record once.
+    log = log_at(tmp_path)
+    await log.sign(10, b"\x01" * 32)
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(path.read_text() * 2)
+    reloaded = log_at(tmp_path)
+    assert [c.sequence for c in reloaded.newest_first()] == [10]
+    await reloaded.sign(11, b"\x02" * 32)
+    path.write_text(path.read_text() + path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="not after checkpoint 11"):
+        log_at(tmp_path)
+
+
 async def test_only_the_memory_node_and_admins_request_checkpoints(guardian: GuardianNode) -> None:
     request = guardian_pb2.SignCheckpointRequest(sequence=1, chain_head_hash=b"\x00" * 32)
     for role in ("gateway", "edge", "inference"):
@@ -145,6 +176,18 @@ async def test_only_the_memory_node_and_admins_request_checkpoints(guardian: Gua
     assert latest.checkpoint == signed.checkpoint
     listed = await memory.ListCheckpoints(guardian_pb2.ListCheckpointsRequest())
     assert [c.sequence for c in listed.checkpoints] == [1]
+    for sequence in (2, 3, 4):
+        await memory.SignCheckpoint(guardian_pb2.SignCheckpointRequest(
+            sequence=sequence, chain_head_hash=bytes([sequence]) * 32))
+    pages, token = [], ""
+    while True:
+        page = await memory.ListCheckpoints(
+            guardian_pb2.ListCheckpointsRequest(page_size=3, page_token=token))
+        pages.append([c.sequence for c in page.checkpoints])
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [[4, 3, 2], [1]]
 
 
 async def _hash_at(pg_url: str, sequence: int) -> bytes | None:

@@ -26,6 +26,7 @@ audit trail.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import datetime as dt
 import hashlib
@@ -209,6 +210,9 @@ class CheckpointLog:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._checkpoints: list[Checkpoint] = []
+        self._sequences: list[int] = []
+        """``_checkpoints``' sequences, strictly increasing: looked up by bisection, so a
+        verification's paging through a year of checkpoints is not quadratic."""
         self._load()
 
     @classmethod
@@ -251,7 +255,14 @@ class CheckpointLog:
                     "PEM back at the end of the .pub file (from a backup or a verifier's copy)")
             if not checkpoint.verify(self._keys):
                 raise ValueError(f"{self._path}:{number}: checkpoint signature does not verify")
-            self._checkpoints.append(checkpoint)
+            if self._sequences and checkpoint.sequence == self._sequences[-1] and (
+                    checkpoint.chain_head_hash == self._checkpoints[-1].chain_head_hash):
+                # A sequence signed twice by a guardian before c3cf816 (a cancelled call's
+                # retry): the same evidence twice, kept once.
+                log.warning("ignoring a second checkpoint of the same record",
+                            extra={"line": number, "sequence": checkpoint.sequence})
+                continue
+            self._add(checkpoint)
 
     async def sign(self, sequence: int, chain_head_hash: bytes) -> Checkpoint:
         if sequence < 1:
@@ -292,7 +303,7 @@ class CheckpointLog:
                 self._fingerprint,
             )
             await asyncio.to_thread(self._append, checkpoint)
-            self._checkpoints.append(checkpoint)
+            self._add(checkpoint)
             return checkpoint
 
     def _append(self, checkpoint: Checkpoint) -> None:
@@ -304,16 +315,31 @@ class CheckpointLog:
         finally:
             os.close(fd)
 
+    def _add(self, checkpoint: Checkpoint) -> None:
+        if self._sequences and checkpoint.sequence <= self._sequences[-1]:
+            raise ValueError(f"{self._path}: checkpoint {checkpoint.sequence} is not after "
+                             f"checkpoint {self._sequences[-1]}")
+        self._checkpoints.append(checkpoint)
+        self._sequences.append(checkpoint.sequence)
+
     def get(self, sequence: int) -> Checkpoint | None:
         """The checkpoint at ``sequence``; 0 = the latest. ``None`` if there is none."""
         if not self._checkpoints:
             return None
         if sequence == 0:
             return self._checkpoints[-1]
-        for checkpoint in self._checkpoints:
-            if checkpoint.sequence == sequence:
-                return checkpoint
+        index = bisect.bisect_left(self._sequences, sequence)
+        if index < len(self._sequences) and self._sequences[index] == sequence:
+            return self._checkpoints[index]
         return None
+
+    def newest_below(self, below: int | None, limit: int) -> tuple[list[Checkpoint], bool]:
+        """Up to ``limit`` checkpoints newest first, of sequences below ``below`` (``None``:
+        from the newest); and whether older ones remain (a page and its "more")."""
+        end = len(self._sequences) if below is None else bisect.bisect_left(
+            self._sequences, below)
+        start = max(0, end - limit)
+        return self._checkpoints[start:end][::-1], start > 0
 
     def newest_first(self) -> list[Checkpoint]:
         return list(reversed(self._checkpoints))
