@@ -54,3 +54,18 @@ def duration(seconds: float) -> Duration:
 
 def to_seconds(value: Duration) -> float:
     return float(value.ToNanoseconds()) / 1e9
+
+
+_MAX_DURATION_WIRE_SECONDS: Final = 315_576_000_000  # what a Duration may hold: 10,000 years
+
+
+def checked_seconds(value: Duration, param: str) -> float:
+    """:func:`to_seconds` of a caller's duration that must be well formed: seconds and
+    nanos of one sign, nanos under a second, within a ``Duration``'s range (otherwise
+    INVALID_ARGUMENT naming ``param``)."""
+    seconds, nanos = value.seconds, value.nanos
+    if not (abs(seconds) <= _MAX_DURATION_WIRE_SECONDS and abs(nanos) < 10**9
+            and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0))):
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{param} is not a well-formed duration", param=param)
+    return to_seconds(value)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from federation.config import CouncilConfig
 from federation.council.events import prompt_sha256
 from federation.council.scripted_backend import (
     CHAIR,
@@ -287,6 +288,9 @@ async def test_concurrent_votes_do_not_mix(pki: TestPKI, database: Database) -> 
 
 # Deadlines far beyond the test's patience: only the cancellation can stop the members.
 LONG = {"member_deadline": seconds(300), "overall_deadline": seconds(600)}
+PATIENT = CouncilConfig(member_deadline_seconds=300, overall_deadline_seconds=600,
+                        synthesis_deadline_seconds=5)
+"""A node whose settings allow :data:`LONG` (a request may not exceed them)."""
 
 
 async def wait_until_idle(backend: ScriptedCouncilBackend, seconds: float = 2.0) -> None:
@@ -299,7 +303,7 @@ async def test_a_client_that_cancels_stops_every_member_call(
     pki: TestPKI, database: Database
 ) -> None:
     backend = ScriptedCouncilBackend(default=Script([HANG]))
-    async with council_stack(pki, database, backend) as stack:
+    async with council_stack(pki, database, backend, config=PATIENT) as stack:
         call = stack.stub().Vote(council_pb2.VoteRequest(question="Hang on?", **LONG))
         started = 0
         async for event in call:
@@ -318,13 +322,34 @@ async def test_a_unary_caller_whose_deadline_passes_stops_the_members(
     pki: TestPKI, database: Database
 ) -> None:
     backend = ScriptedCouncilBackend(default=Script([HANG]))
-    async with council_stack(pki, database, backend) as stack:
+    async with council_stack(pki, database, backend, config=PATIENT) as stack:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.stub().VoteUnary(
                 council_pb2.VoteUnaryRequest(question="Hang on?", **LONG), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_until_idle(backend)
         assert sum(backend.calls.values()) == 7
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("member_deadline", Duration(seconds=6), "member_deadline may be at most 5 s here"),
+    ("overall_deadline", Duration(seconds=21), "overall_deadline may be at most 20 s here"),
+    ("overall_deadline", Duration(seconds=1, nanos=-5), "not a well-formed duration"),
+    ("member_deadline", Duration(seconds=10**12), "not a well-formed duration"),
+])
+async def test_deadlines_beyond_the_nodes_settings_or_malformed_are_refused(
+    pki: TestPKI, database: Database, field: str, value: Duration, message: str
+) -> None:
+    # A request could ask for ~10**11 s per member, holding the node's slots past any
+    # bound the operator set; a negative-nanos duration was taken as given.
+    backend = ScriptedCouncilBackend()
+    async with council_stack(pki, database, backend) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub().VoteUnary(
+                council_pb2.VoteUnaryRequest(question="Proceed?", **{field: value}))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in str(caught.value.details())
+    assert sum(backend.calls.values()) == 0
 
 
 async def test_a_tenant_id_that_cannot_be_recorded_is_refused_before_any_work(

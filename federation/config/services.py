@@ -440,7 +440,10 @@ class CouncilConfig:
     count as missing (reason ``deadline``)."""
 
     overall_deadline_seconds: float = 300.0
-    """Time for the whole vote, rounds and synthesis included (DEADLINE_EXCEEDED)."""
+    """Time for the whole vote, rounds and synthesis included: members still running
+    then count as missing, a chair cut off is replaced by the fallback synthesis. Also
+    the longest ``overall_deadline`` a request may ask for (``member_deadline_seconds``
+    likewise bounds ``member_deadline``)."""
 
     synthesis_deadline_seconds: float = 60.0
     """Time the chair gets to synthesise before the deterministic fallback is used."""

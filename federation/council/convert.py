@@ -21,7 +21,7 @@ from federation.council.events import (
     SynthesisStarted,
 )
 from federation.council.votes import Decision, Stance
-from federation.prototime import duration, to_seconds
+from federation.prototime import checked_seconds, duration
 from federation.v1 import common_pb2, council_pb2
 
 VoteRequestPb: TypeAlias = council_pb2.VoteRequest | council_pb2.VoteUnaryRequest
@@ -52,7 +52,7 @@ def _seconds(request: VoteRequestPb, name: str) -> float | None:
     if not request.HasField(name):  # type: ignore[arg-type]
         return None
     value: Duration = getattr(request, name)
-    return to_seconds(value)
+    return checked_seconds(value, name)
 
 
 def event_to_pb(event: CouncilEvent, disclosure: Disclosure) -> council_pb2.VoteResponse:

@@ -169,11 +169,20 @@ class Council:
             raise FederationError(ErrorCode.INVALID_ARGUMENT,
                                   f"quorum {request.quorum} exceeds the {len(asked)} members "
                                   "asked", param="quorum")
-        for name, value in (("member_deadline", request.member_deadline),
-                            ("overall_deadline", request.overall_deadline)):
+        for name, value, limit in (
+                ("member_deadline", request.member_deadline,
+                 self._config.member_deadline_seconds),
+                ("overall_deadline", request.overall_deadline,
+                 self._config.overall_deadline_seconds)):
             if value is not None and value <= 0:
                 raise FederationError(ErrorCode.INVALID_ARGUMENT, f"{name} must be positive",
                                       param=name)
+            # The node's settings are the operator's bound on what one vote may hold.
+            if value is not None and value > limit:
+                raise FederationError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"{name} may be at most {limit:g} s here (council.{name}_seconds)",
+                    param=name)
         return asked, rounds, required
 
     async def deliberate(self, request: CouncilRequest

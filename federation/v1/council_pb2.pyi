@@ -170,15 +170,17 @@ class VoteRequest(_message.Message):
     @_builtins.property
     def member_deadline(self) -> _duration_pb2.Duration:
         """Time each member gets per round; late members count as missing.
-        Unset = server default.
+        Unset = server default, which is also the most a request may ask for
+        (more is INVALID_ARGUMENT).
         """
 
     @_builtins.property
     def overall_deadline(self) -> _duration_pb2.Duration:
         """Time for the whole vote including synthesis. Members still running when
         it expires count as missing ("deadline"), and a chair cut off by it is
-        replaced by the fallback synthesis. Unset = server default. The gRPC
-        deadline, if shorter, also applies.
+        replaced by the fallback synthesis. Unset = server default, which is
+        also the most a request may ask for. The gRPC deadline, if shorter,
+        also applies.
         """
 
     def __init__(
@@ -615,11 +617,15 @@ class VoteUnaryRequest(_message.Message):
     """Minimum votes needed. 0 = server default (scaled 5 of 7)."""
     @_builtins.property
     def member_deadline(self) -> _duration_pb2.Duration:
-        """Time each member gets per round. Unset = server default."""
+        """Time each member gets per round. Unset = server default (also the most
+        a request may ask for).
+        """
 
     @_builtins.property
     def overall_deadline(self) -> _duration_pb2.Duration:
-        """Time for the whole vote including synthesis. Unset = server default."""
+        """Time for the whole vote including synthesis. Unset = server default
+        (also the most a request may ask for).
+        """
 
     def __init__(
         self,
