@@ -87,7 +87,8 @@ CATALOG: Final[dict[ErrorCode, ErrorSpec]] = {
     ErrorCode.RESOURCE_EXHAUSTED: ErrorSpec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"
     ),
-    # A key's token quota cannot cover the request: OpenAI's own type and code.
+    # A key's token quota cannot cover the request (OpenAI's own type and code), or an
+    # edge device's upload quota cannot take the upload.
     ErrorCode.INSUFFICIENT_QUOTA: ErrorSpec(
         grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "insufficient_quota"
     ),

@@ -151,6 +151,7 @@ async def test_the_keys_request_rate_applies_to_the_vault_as_to_generations(
     assert (refused["error"]["type"], refused["error"]["code"]) == (
         chat_refused["error"]["type"], chat_refused["error"]["code"]) == (
         "rate_limit_error", "resource_exhausted")
+    assert refused["error"]["message"].startswith("request rate limit reached for API key")
     assert 1 <= int(headers["Retry-After"]) <= 60 and 1 <= int(chat_headers["Retry-After"]) <= 60
     await quiesce(stack.gateway)  # the refusals' records are delivered from the outbox
     records = [dict(r.payload.attributes) for r in await stack.records("t1", "gateway.request")

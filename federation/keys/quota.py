@@ -366,9 +366,12 @@ class QuotaService:
         except Exception as exc:
             raise FederationError(ErrorCode.UNAVAILABLE,
                                   "the audit log could not record key.quota_exhausted") from exc
+        # A charge of no tokens (a vault call's) can only be refused for the request rate:
+        # it says so, in the words of a generation's refusal.
+        limit = "request rate limit reached" if tokens == 0 else "quota exceeded"
         raise error or FederationError(
             ErrorCode.RESOURCE_EXHAUSTED,
-            f"quota exceeded for API key {key_id}; retry in {max(retry, 0.001):.3g}s",
+            f"{limit} for API key {key_id}; retry in {_wait_text(retry)}",
             retry_after_seconds=retry,
         )
 
@@ -463,7 +466,9 @@ def _reserve_refusal(key_id: str, row: asyncpg.Record, status: QuotaStatus, min_
 
 
 def _wait_text(seconds: float) -> str:
-    """A wait as people read it: ``40 s``, ``15 min``, ``24.0 h``."""
+    """A wait as people read it: ``0.4 s``, ``40 s``, ``15 min``, ``24.0 h``."""
+    if seconds < 1:
+        return f"{max(seconds, 0.0):.1f} s"
     if seconds < 120:
         return f"{max(seconds, 0.0):.0f} s"
     if seconds < 7200:
