@@ -93,6 +93,29 @@ async def test_an_idle_append_and_a_crowd_of_appends_each_cost_one_statement(
         await store.stop()
 
 
+async def test_a_group_is_cut_at_its_byte_bound(logged: tuple[BoundedPool, Statements]) -> None:
+    # 512 records of gRPC's largest message would pass PostgreSQL's 1 GiB per parameter
+    # and fail every record of the group; a group is cut at memory.max_batch_bytes.
+    pool, statements = logged
+    store = MemoryStore(pool, MemoryConfig(max_batch_bytes=10_000))
+    await store.start()
+    try:
+        await store.record(entry(0))
+        statements.sent.clear()
+        large = [AuditEntry(actor="keys", action="key.issue", body=bytes([n]) * 4_000)
+                 for n in range(6)]
+        crowd = await asyncio.gather(*(store.record(e) for e in [*large, entry(6)]))
+        inserts = [s for s in statements.sent if s.startswith("INSERT")]
+        assert len(inserts) == 3, statements.sent  # 2 + 2 + 2 large, the small one joins
+        assert [r.sequence for r in crowd] == list(range(2, 9))
+        huge = await store.record(AuditEntry(actor="keys", action="key.issue",
+                                             body=b"x" * 50_000))  # alone, still written
+        assert huge.sequence == 9
+        assert (await store.verify_chain()).intact
+    finally:
+        await store.stop()
+
+
 async def test_a_failed_batch_fails_every_caller_and_the_next_one_links_to_the_head(
         store: MemoryStore) -> None:
     await store.record(entry(1))

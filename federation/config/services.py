@@ -329,6 +329,12 @@ class MemoryConfig:
     """Most records the chain writer appends in one transaction, and most records one
     RecordMemories call may carry (a gateway under load sends a few dozen)."""
 
+    max_batch_bytes: int = 64 << 20
+    """Most bytes of record content (bodies, attributes, names) the chain writer appends
+    in one transaction; the group is cut before the record that would pass it (a larger
+    record goes alone). PostgreSQL refuses a statement parameter over 1 GiB, which 512
+    records of gRPC's largest message could reach, failing every record of the group."""
+
     stream_max_batches_in_flight: int = 8
     """Batches of one StreamMemories stream being appended at once; past it the node stops
     reading the stream until one is answered (HTTP/2 flow control then holds the writer

@@ -86,7 +86,8 @@ class MemoryStore:
         self._restore_verifier = restore_verifier
         self._writer = ChainWriter(
             pool, default_temperature=config.initial_temperature,
-            max_batch=config.max_batch, max_attempts=config.append_attempts, clock=clock,
+            max_batch=config.max_batch, max_batch_bytes=config.max_batch_bytes,
+            max_attempts=config.append_attempts, clock=clock,
         )
 
     async def start(self) -> None:

@@ -100,6 +100,7 @@ class ChainWriter:
         *,
         default_temperature: int = 100,
         max_batch: int = 512,
+        max_batch_bytes: int = 64 << 20,
         max_attempts: int = 8,
         clock: Clock = utc_now,
     ) -> None:
@@ -107,6 +108,7 @@ class ChainWriter:
         self._pool = pool
         self._default_temperature = clamp_temperature(default_temperature)
         self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
         self._max_attempts = max_attempts
         self._clock = clock
         self._queue: list[_Pending] = []
@@ -171,11 +173,23 @@ class ChainWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
+                batch = self._next_batch()
                 await self._write_batch(batch)
             if self._stopping:
                 return
+
+    def _next_batch(self) -> list[_Pending]:
+        """The queue's head, up to ``max_batch`` records and ``max_batch_bytes`` of
+        content (at least one record, however large)."""
+        taken, size = 0, 0
+        for entry, _, _ in self._queue[: self._max_batch]:
+            size += _content_bytes(entry)
+            if taken and size > self._max_batch_bytes:
+                break
+            taken += 1
+        batch = self._queue[:taken]
+        del self._queue[:taken]
+        return batch
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -271,6 +285,14 @@ class ChainWriter:
         for _, future, _ in pending:
             if not future.done():
                 future.set_exception(error)
+
+
+def _content_bytes(entry: AuditEntry) -> int:
+    """About what ``entry`` adds to the INSERT's parameters (characters counted as bytes:
+    an estimate, which the cap's margin under PostgreSQL's 1 GiB covers)."""
+    return (len(entry.body) + len(entry.tenant_id) + len(entry.actor) + len(entry.action)
+            + len(entry.subject) + len(entry.request_id)
+            + sum(len(k) + len(v) for k, v in entry.attributes.items()))
 
 
 def _lost(conn: PoolConnectionProxy[asyncpg.Record]) -> bool:
