@@ -284,6 +284,7 @@ class ThermalMemoryServicer(pb_grpc.ThermalMemoryServiceServicer):
         response = pb.VerifyChainResponse(
             intact=report.intact, records_checked=report.records_checked,
             first_bad_sequence=report.first_bad_sequence, problem=report.problem,
+            checkpoint_signatures_checked=report.signatures_checked,
         )
         if report.last_checkpoint_sequence is not None:
             response.last_checkpoint_sequence = report.last_checkpoint_sequence

@@ -21,6 +21,7 @@ from federation.cli import audit as audit_commands
 from federation.config import GuardianConfig, PeersConfig, Settings
 from federation.db import Database
 from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.guardian.checkpoints import public_key_path
 from federation.pki import ADMIN_NAME
 from federation.v1 import guardian_pb2, guardian_pb2_grpc
 from federation.v1 import thermal_memory_pb2 as mpb
@@ -128,7 +129,8 @@ async def test_a_full_rewrite_is_caught_by_audit_verify_through_the_nodes(
 
     code, out, _ = await audit_verify(cluster.settings)
     assert code == 0
-    assert "intact: 50 records verified (last guardian checkpoint: record 50)" in out
+    assert ("intact: 50 records verified (last guardian checkpoint: record 50, signatures "
+            "checked)") in out
 
     await _rewrite_chain_as_superuser(pg_url, edit_sequence=27)
     admin = cluster.stub("admin")
@@ -145,6 +147,20 @@ async def test_a_full_rewrite_is_caught_by_audit_verify_through_the_nodes(
 
     code, out, _ = await audit_verify(cluster.settings, "--json")
     assert code == 1 and '"first_bad_sequence": "21"' in out
+
+
+async def test_verify_says_when_it_could_not_check_the_signatures(cluster: Cluster) -> None:
+    # Without the guardian's .pub on the memory host, checkpoints are trusted as far as
+    # mTLS goes: the answer was "intact" either way, with nothing to tell them apart.
+    await write_records(cluster, 2 * EVERY)
+    admin = cluster.stub("admin")
+    assert (await admin.VerifyChain(mpb.VerifyChainRequest())).checkpoint_signatures_checked
+    settings = cluster.settings
+    public_key_path(settings.home / settings.guardian.signing_key_file).unlink()
+    report = await admin.VerifyChain(mpb.VerifyChainRequest())
+    assert report.intact and not report.checkpoint_signatures_checked
+    code, out, _ = await audit_verify(settings)
+    assert code == 0 and "signatures NOT checked" in out
 
 
 async def test_records_deleted_from_the_end_are_caught(
@@ -220,7 +236,7 @@ async def test_the_guardian_signs_only_what_the_chain_holds(
     await write_records(cluster, EVERY - 2)  # the memory node's checkpoint at 20 follows
     code, out, _ = await audit_verify(cluster.settings)
     assert code == 0, out
-    assert "intact: 20 records verified (last guardian checkpoint: record 20)" in out
+    assert "intact: 20 records verified (last guardian checkpoint: record 20, signatures" in out
     beyond = await admin.GetChainLink(mpb.GetChainLinkRequest(sequence=2**63 - 1))
     assert (beyond.head_sequence, beyond.hash) == (20, b"")
     for sequence in (0, -1):

@@ -48,7 +48,9 @@ async def verify_chain(settings: Settings, args: argparse.Namespace) -> int:
         print_json(proto_json(report))
         return 0 if report.intact else 1
     checkpoint = (
-        f"last guardian checkpoint: record {report.last_checkpoint_sequence}"
+        f"last guardian checkpoint: record {report.last_checkpoint_sequence}, signatures "
+        + ("checked" if report.checkpoint_signatures_checked else
+           "NOT checked: no copy of the guardian's public keys on the memory host")
         if report.HasField("last_checkpoint_sequence") else "no guardian checkpoint"
     )
     if not report.intact:

@@ -126,6 +126,9 @@ class VerifyReport:
     """``None`` when no guardian is configured (chain-only verification)."""
     restores: tuple[RestoreClaim, ...] = ()
     """Restore events in the range, oldest first: what each restore lost."""
+    signatures_checked: bool = False
+    """The checkpoints compared were checked with the guardian's keys (``False`` when
+    there were none, or no keys to check them with)."""
 
 
 async def verify_with_checkpoints(
@@ -166,6 +169,7 @@ async def verify_with_checkpoints(
         last_checkpoint_sequence=last,
         checkpoints=report,
         restores=chain.restores,
+        signatures_checked=keys is not None and bool(compared),
     )
 
 

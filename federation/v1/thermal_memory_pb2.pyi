@@ -647,6 +647,7 @@ class VerifyChainResponse(_message.Message):
     PROBLEM_FIELD_NUMBER: _builtins.int
     LAST_CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
     RESTORES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SIGNATURES_CHECKED_FIELD_NUMBER: _builtins.int
     intact: _builtins.bool
     """True if every record in the range hashes correctly, links to its
     predecessor, and matches every signed checkpoint in the range.
@@ -663,6 +664,13 @@ class VerifyChainResponse(_message.Message):
     """Sequence of the latest guardian-signed checkpoint in the range. Unset
     if the range contains no checkpoint.
     """
+    checkpoint_signatures_checked: _builtins.bool
+    """True when the checkpoints in the range were checked against the
+    guardian's public keys. False when the memory node has no copy of them
+    (the checkpoints are then trusted only as far as the mTLS channel they
+    came on) or the range holds no checkpoint: an intact answer is then
+    weaker evidence.
+    """
     @_builtins.property
     def restores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainRestore]:
         """Every restore event in the range, oldest first: each one declares the
@@ -678,10 +686,11 @@ class VerifyChainResponse(_message.Message):
         problem: _builtins.str = ...,
         last_checkpoint_sequence: _builtins.int | None = ...,
         restores: _abc.Iterable[Global___ChainRestore] | None = ...,
+        checkpoint_signatures_checked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "first_bad_sequence", b"first_bad_sequence", "last_checkpoint_sequence", b"last_checkpoint_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "first_bad_sequence", b"first_bad_sequence", "intact", b"intact", "last_checkpoint_sequence", b"last_checkpoint_sequence", "problem", b"problem", "records_checked", b"records_checked", "restores", b"restores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence", "_last_checkpoint_sequence", b"_last_checkpoint_sequence", "checkpoint_signatures_checked", b"checkpoint_signatures_checked", "first_bad_sequence", b"first_bad_sequence", "intact", b"intact", "last_checkpoint_sequence", b"last_checkpoint_sequence", "problem", b"problem", "records_checked", b"records_checked", "restores", b"restores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__first_bad_sequence: _TypeAlias = _typing.Literal["first_bad_sequence"]  # noqa: Y015
     _WhichOneofArgType__first_bad_sequence: _TypeAlias = _typing.Literal["_first_bad_sequence", b"_first_bad_sequence"]  # noqa: Y015
