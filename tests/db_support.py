@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
@@ -21,13 +22,22 @@ from federation.db import Database, ensure_database
 from federation.db.embedded import EmbeddedPostgres
 
 
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead, its options kept."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
 @contextlib.asynccontextmanager
 async def fresh_database_url(pg_admin_url: str) -> AsyncIterator[str]:
     """DSN of a brand-new, empty database, dropped (connections forced out) at exit."""
     name = "t_" + uuid.uuid4().hex[:12]
     await _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
     try:
-        yield f"{pg_admin_url.rpartition('/')[0]}/{name}"
+        yield with_database(pg_admin_url, name)
     finally:
         await _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

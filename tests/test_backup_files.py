@@ -21,7 +21,7 @@ from federation.db import Database
 from federation.memory.records import AuditEntry
 from federation.memory.restore_event import RestoreVerifier
 from federation.memory.store import MemoryStore
-from tests.db_support import fresh_database_url, started_database
+from tests.db_support import database_name, fresh_database_url, started_database
 from tests.support import TestPKI
 
 PASSPHRASE = "correct horse battery staple"
@@ -81,7 +81,7 @@ async def test_restore_into_an_empty_external_database(
         assert code == 1
         assert err.count("error") == 1  # progress lines before it, then one error line
         assert err.strip().splitlines()[-1].startswith(
-            f"federation: error: database {empty.rsplit('/', 1)[1]!r} is not empty (")
+            f"federation: error: database {database_name(empty)!r} is not empty (")
         assert err.strip().endswith("tables); restore needs an empty database")
 
 

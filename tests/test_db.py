@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncpg
 import pytest
 
 from federation.db.migrate import Migration, MigrationError, apply_migrations, load_migrations
+from tests.db_support import started_database
 
 
 async def _versions(url: str) -> list[int]:
@@ -31,6 +33,19 @@ async def _schema_snapshot(url: str) -> list[tuple[str, str, str]]:
         return [(r[0], r[1], r[2]) for r in rows]
     finally:
         await conn.close()
+
+
+async def test_pg_variables_of_the_shell_do_not_reach_the_embedded_server(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncpg and libpq fill what a DSN leaves out from PG* variables: a developer's
+    # PGSSLMODE=require, meant for another server, failed every connection of `make run`
+    # ("rejected SSL upgrade"), and PGTARGETSESSIONATTRS=standby found no server.
+    if os.environ.get("FEDERATION_TEST_DATABASE_URL"):
+        pytest.skip("the external test database's DSN is the user's own")
+    monkeypatch.setenv("PGSSLMODE", "require")
+    monkeypatch.setenv("PGTARGETSESSIONATTRS", "standby")
+    async with started_database(pg_url) as database:
+        assert await database.pool.fetchval("SELECT 1") == 1
 
 
 async def test_migrations_applied_twice_change_nothing(pg_url: str) -> None:

@@ -16,6 +16,7 @@ from federation.errors import ErrorCode, FederationError
 from federation.memory import AuditEntry
 from federation.memory.store import MemoryStore
 from federation.memory.writer import _INSERT_LINKED
+from tests.db_support import database_name
 
 
 def entry(n: int, actor: str = "keys") -> AuditEntry:
@@ -135,7 +136,7 @@ async def test_the_chain_goes_on_after_the_connections_are_lost(
     await store.record(entry(1))
     admin = await asyncpg.connect(pg_admin_url)
     try:
-        database = pg_url.rsplit("/", 1)[1]
+        database = database_name(pg_url)
         await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                             "WHERE datname = $1 AND pid <> pg_backend_pid()", database)
     finally:

@@ -72,6 +72,10 @@ OWNED_ROOT = Path("/var/lib/federation")
 """Where the federation keeps what the PostgreSQL system user must reach when the
 home or the checkout is private (see the module docstring)."""
 
+EMBEDDED_CONNECTION_OPTIONS = "sslmode=prefer&target_session_attrs=any"
+"""libpq's defaults, stated: TLS when the server offers it (a server with ``tls``), and
+whichever server answers (there is one)."""
+
 READY_TIMEOUT_SECONDS = 60.0
 """How long a start (crash recovery included) may take before it counts as failed."""
 
@@ -88,7 +92,11 @@ class EmbeddedDsn:
     def url(
         self, database: str = DATABASE, user: str = SUPERUSER, password: str | None = None
     ) -> str:
-        return f"postgresql://{user}:{password or self.password}@{self.host}:{self.port}/{database}"
+        # Complete: asyncpg and libpq fill what a DSN leaves out from PG* variables, and a
+        # shell's PGSSLMODE=require or PGTARGETSESSIONATTRS=standby, meant for another
+        # server, made every connection to this one fail ("rejected SSL upgrade").
+        return (f"postgresql://{user}:{password or self.password}@{self.host}:{self.port}/"
+                f"{database}?{EMBEDDED_CONNECTION_OPTIONS}")
 
 
 class EmbeddedPostgres:
