@@ -54,10 +54,10 @@ from gateway_http.lifecycle import (
     AUDIT_RECORD,
     QUOTA_LEASE_SETTLEMENT,
     QUOTA_SETTLEMENT,
-    add_request_id_header,
     lifecycle_middleware,
     settle_from_outbox,
     settle_lease_from_outbox,
+    stamp_headers,
 )
 from gateway_http.metrics import GatewayMetrics, metrics_handler
 from gateway_http.outbox import Outbox, OutboxConfig, OutboxMetrics
@@ -95,7 +95,7 @@ def create_app(
     registry = registry or CollectorRegistry()
     register_process_metrics(registry, settings, "gateway")
     app.cleanup_ctx.append(_dependencies(settings, credentials, keys, audit, registry))
-    app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(stamp_headers)
     chat_routes.add_routes(app)
     completions_routes.add_routes(app)
     embeddings_routes.add_routes(app)

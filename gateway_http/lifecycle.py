@@ -108,8 +108,15 @@ async def lifecycle_middleware(request: web.Request, handler: Any) -> web.Stream
             state.in_progress -= 1
 
 
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streams and errors included."""
+SERVER_HEADER = "federation"
+"""The ``Server`` header: aiohttp's default names Python's and its own versions, which
+tells a scanner which published flaws to try."""
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams and errors included, carries the
+    request id and a ``Server`` header without versions."""
+    response.headers["Server"] = SERVER_HEADER
     request_id = request.get(REQUEST_ID)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id

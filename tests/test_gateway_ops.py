@@ -61,6 +61,7 @@ async def test_health_lists_components(gateway: Gateway) -> None:
     status, headers, body = await get(gateway.base + "/health")
     assert status == 200
     assert "x-request-id" in headers
+    assert headers["server"] == "federation"  # not aiohttp's, which names its versions
     report = json.loads(body)
     assert report["status"] == "ok"
     inference = report["components"]["inference"]
