@@ -5,6 +5,7 @@ of damaged backups (one line, nothing written), and the key-material file."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import stat
@@ -12,12 +13,19 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from federation.backup import BackupError
 from federation.backup.keys import read_key_file, restore_key_file, write_key_file
 from federation.config import BackupConfig, MemoryConfig, Settings
 from federation.db import Database
+from federation.guardian.checkpoints import (
+    Checkpoint,
+    fingerprint,
+    load_signing_key,
+    signed_message,
+)
 from federation.memory.records import AuditEntry
 from federation.memory.restore_event import RestoreVerifier
 from federation.memory.store import MemoryStore
@@ -83,6 +91,46 @@ async def test_restore_into_an_empty_external_database(
         assert err.strip().splitlines()[-1].startswith(
             f"federation: error: database {database_name(empty)!r} is not empty (")
         assert err.strip().endswith("tables); restore needs an empty database")
+
+
+async def test_a_restore_that_fails_after_pg_restore_leaves_the_database_empty(
+        backup: Path, pg_admin_url: str, tmp_path: Path) -> None:
+    """The data is in the external database when the restored chain is checked: a chain
+    the guardian's checkpoints contradict used to stay there (17 tables, no restore
+    event), and every later restore was refused as "not empty". Now what the restore
+    made is dropped again, and the restore can be run once more."""
+    pki = TestPKI(tmp_path / "home")
+    key = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
+    now = dt.datetime.now(dt.UTC)
+    forged = b"\x01" * 32  # a signed checkpoint of record 2 with another hash
+    contradicting = tmp_path / "other-guardian.jsonl"
+    contradicting.write_text(Checkpoint(
+        2, forged, now, key.sign(signed_message(2, forged, now)),
+        fingerprint(key.public_key())).to_json() + "\n")
+    async with fresh_database_url(pg_admin_url) as empty:
+        code, out, err = await federation(pki.home, "restore", str(backup),
+                                          "--guardian-checkpoints", str(contradicting),
+                                          database_url=empty)
+        assert code == 1 and out == ""
+        assert err.count("federation: error:") == 1
+        assert "the backup's audit chain does not verify: record 2 does not match" in err
+        assert "the external database is empty again" in err
+        conn = await asyncpg.connect(empty)
+        try:
+            left = await conn.fetch(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON "
+                "n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', "
+                "'information_schema') AND n.nspname NOT LIKE 'pg\\_%'")
+            schemas = await conn.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'guardian'")
+        finally:
+            await conn.close()
+        assert (left, schemas) == ([], 0)
+
+        code, out, err = await federation(pki.home, "restore", str(backup), "--json",
+                                          database_url=empty)
+        assert code == 0, err
+        assert json.loads(out)["records"] == 3
 
 
 async def test_restore_puts_the_backups_blobs_back_into_the_home(

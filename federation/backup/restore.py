@@ -19,12 +19,17 @@ In order, and nothing is written before the first three pass:
    again;
 7. the merged checkpoint log is installed as the home's guardian log.
 
+A failure after step 3 undoes what was made: the embedded cluster is deleted, and what
+the restore created in an external database is dropped, so the target is empty again
+and the restore can be run once more (steps 7-9 are idempotent).
+
 ``scratch=True`` (the weekly restore test) does 1, 2, 4 and 5 into a temporary
 embedded cluster that is deleted afterwards; nothing in the home changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -34,6 +39,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -138,12 +144,11 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
                 if not after.intact:
                     raise BackupError(f"the audit chain does not verify after the restore "
                                       f"event: {after.problem}")
-    if not scratch and checkpoints:
-        _install_checkpoint_log(settings, checkpoints)
-    if not scratch:
-        _install_deny_list(directory / DENY_LIST_NAME,
-                           settings.home / settings.grpc.deny_list_file, progress)
-        _install_blobs(directory / BLOBS_DIR, settings.home / BLOBS_DIR, progress)
+        if not scratch:
+            # Inside the target's block: should one of these fail, the database is taken
+            # back to empty too, and the whole restore can simply be run again (each of
+            # these is idempotent: a merged log, a list kept, content-addressed blobs).
+            _install_home_files(settings, directory, checkpoints, progress)
     progress.step(f"audit chain intact: {report.records_checked} records verified "
                   f"({len(checkpoints)} guardian checkpoints)")
     return RestoreResult(manifest, manifest.audit_sequence, claim, report, target)
@@ -158,9 +163,15 @@ async def _target(settings: Settings, progress: Progress, scratch: bool
     """An empty database to restore into: the external one, or an embedded cluster (the
     home's, new; or a scratch one, deleted afterwards)."""
     if settings.database.url and not scratch:
-        await _refuse_non_empty(settings.database.url)
+        url = settings.database.url
+        await _refuse_non_empty(url)
+        before = await _objects(url)
         progress.step("restoring into the external database (FEDERATION_DATABASE_URL)")
-        yield settings.database.url, "external database"
+        try:
+            yield url, "external database"
+        except BaseException as exc:
+            await _empty_again(url, before, exc, progress)
+            raise
         return
     if scratch:
         place = Path(tempfile.mkdtemp(prefix="federation-restore-test-"))
@@ -203,6 +214,80 @@ async def _refuse_non_empty(url: str) -> None:
     if tables:
         raise BackupError(f"database {name!r} is not empty ({tables} tables); restore needs "
                           "an empty database")
+
+
+_USER_SCHEMA = ("n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                "AND n.nspname NOT LIKE 'pg\\_%'")
+_OBJECTS_SQL = f"""
+SELECT 0 AS rank, 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.oid, n.oid AS schema
+  FROM pg_namespace n WHERE {_USER_SCHEMA}
+UNION ALL
+SELECT 1, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                         WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE'
+                         ELSE 'TABLE' END,
+       format('%I.%I', n.nspname, c.relname), c.oid, n.oid
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE {_USER_SCHEMA} AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+UNION ALL
+SELECT 2, 'ROUTINE', p.oid::regprocedure::text, p.oid, n.oid
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {_USER_SCHEMA}
+UNION ALL
+SELECT 3, CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END,
+       format('%I.%I', n.nspname, t.typname), t.oid, n.oid
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE {_USER_SCHEMA} AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND
+       (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c'))
+ ORDER BY 1, 3
+"""
+"""Every object a dump can create in a database: schemas, relations, routines, types
+(rank, DROP kind, qualified name, oid, the schema's oid)."""
+
+_DatabaseObjects = set[tuple[int, int]]
+
+
+async def _objects(url: str) -> _DatabaseObjects:
+    """(rank, oid) of every object in the database now: what a failed restore keeps."""
+    conn = await _connect(url)
+    try:
+        return {(int(r["rank"]), int(r["oid"])) for r in await conn.fetch(_OBJECTS_SQL)}
+    finally:
+        await conn.close()
+
+
+async def _empty_again(url: str, before: _DatabaseObjects, error: BaseException,
+                       progress: Progress) -> None:
+    """A restore into the external database failed after the data may have gone in: drop,
+    in one transaction, every object that was not there before, so the database is as it
+    was (empty) and the restore can be run again. When that fails too, the error says
+    what is left and what to do."""
+    try:
+        conn = await _connect(url)
+        try:
+            async with conn.transaction():
+                created = [r for r in await conn.fetch(_OBJECTS_SQL)
+                           if (int(r["rank"]), int(r["oid"])) not in before]
+                new_schemas = {int(r["oid"]) for r in created if r["rank"] == 0}
+                for row in created:
+                    if row["rank"] != 0 and int(row["schema"]) in new_schemas:
+                        continue  # dropped with its schema
+                    await conn.execute(f"DROP {row['kind']} IF EXISTS {row['name']} CASCADE")
+        finally:
+            await conn.close()
+    except (BackupError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        name = urlsplit(url).path.lstrip("/") or "the database"
+        raise BackupError(f"{_reason(error)}; and what the restore wrote into {name!r} could "
+                          f"not be dropped again ({exc}): drop and re-create {name!r} before "
+                          "restoring again") from None
+    if created:
+        progress.step(f"the external database is empty again ({len(created)} objects the "
+                      "restore made were dropped)")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, BackupError):
+        return str(error)
+    return "the restore was interrupted" if isinstance(
+        error, (KeyboardInterrupt, asyncio.CancelledError)) else f"{type(error).__name__}: {error}"
 
 
 async def _connect(url: str) -> asyncpg.Connection:
@@ -392,6 +477,16 @@ def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path 
                           "checkpoints with: restore the key material first "
                           "(`federation restore --keys FILE`)")
     return [merged[s] for s in sorted(merged)]
+
+
+def _install_home_files(settings: Settings, directory: Path, checkpoints: list[Checkpoint],
+                        progress: Progress) -> None:
+    """Steps 7-9: the merged checkpoint log, the deny list and the blobs into the home."""
+    if checkpoints:
+        _install_checkpoint_log(settings, checkpoints)
+    _install_deny_list(directory / DENY_LIST_NAME, settings.home / settings.grpc.deny_list_file,
+                       progress)
+    _install_blobs(directory / BLOBS_DIR, settings.home / BLOBS_DIR, progress)
 
 
 def _install_checkpoint_log(settings: Settings, checkpoints: list[Checkpoint]) -> None:
