@@ -82,7 +82,7 @@ class RenewingChannel(grpc.aio.Channel):
 
     def _renew(self) -> None:
         try:
-            loaded = self._watch.load()
+            loaded = self._watch.load(replacing=True)
         except (OSError, ValueError, PKIError) as exc:
             log.warning("renewed client certificate not loaded; keeping the previous one",
                         extra={"error": str(exc)[:300]})

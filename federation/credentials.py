@@ -4,7 +4,9 @@ A node's server certificate is served through grpc's dynamic server credentials:
 grpc asks :meth:`ReloadingServerCredentials.fetch` before every new TLS handshake,
 and it answers with the files' new contents once they changed on disk (``federation
 pki renew`` or an installed bundle replaces them atomically), else "no change".
-Connections already open keep their session; calls on them are not disturbed. The
+Connections already open keep their session; calls on them are not disturbed. A
+replacement that is not valid at that moment (not yet, or no more) is not taken: the
+certificate in use stays until the files hold one that is. The
 expiry of every certificate a process holds is a Prometheus gauge,
 ``federation_certificate_expiry_timestamp_seconds``, so an alert can fire long before
 a failed renewal matters.
@@ -12,6 +14,7 @@ a failed renewal matters.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
@@ -87,8 +90,9 @@ class CertificateWatch:
         except OSError:
             return False  # a file being replaced: keep what we have, look again next time
 
-    def load(self) -> LoadedCertificate:
-        """Read the files; :class:`PKIError` if the key does not match the certificate."""
+    def load(self, *, replacing: bool = False) -> LoadedCertificate:
+        """Read the files; :class:`PKIError` if the key does not match the certificate,
+        or (``replacing`` the one in use) if the new certificate is not valid now."""
         signature = self._current_signature()
         key_pem, chain_pem, ca_pem = self.files.read()
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -96,8 +100,28 @@ class CertificateWatch:
         if key.public_key() != leaf.public_key():
             raise PKIError(f"{self.files.key} does not match {self.files.cert} (a renewal "
                            "half written?)")
+        if replacing:
+            _check_in_force(leaf, self.files.cert)
         self._signature = signature
         return LoadedCertificate(key_pem, chain_pem, ca_pem)
+
+
+def _check_in_force(leaf: x509.Certificate, path: Path) -> None:
+    """A replacement is taken only while it is valid: one not valid yet (issued on a host
+    whose clock is ahead) or already expired (an old archive installed) would make every
+    peer refuse the handshake, while the one in use may still be good. The files are
+    looked at again at the next handshake or call, so a certificate that becomes valid a
+    little later is then taken."""
+    now = dt.datetime.now(dt.UTC)
+    if now < leaf.not_valid_before_utc:
+        ahead = (leaf.not_valid_before_utc - now).total_seconds()
+        when = f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}"
+        raise PKIError(f"{path} is not valid before {when} UTC ({ahead:.0f}s from now: is "
+                       "the issuing host's clock ahead?); keeping the current certificate "
+                       "until then")
+    if now >= leaf.not_valid_after_utc:
+        raise PKIError(f"{path} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC "
+                       "(an old certificate installed?); keeping the current certificate")
 
 
 class ReloadingServerCredentials:
@@ -126,7 +150,7 @@ class ReloadingServerCredentials:
             if not self._watch.changed():
                 return None
             try:
-                loaded = self._watch.load()
+                loaded = self._watch.load(replacing=True)
             except (OSError, ValueError, PKIError) as exc:
                 log.warning("renewed certificate not loaded; serving the previous one",
                             extra={"error": str(exc)[:300]})

@@ -18,16 +18,19 @@ from federation.pki.files import cert_pem, key_pem, write_file, write_private_fi
 
 def mint(issuer: Issuer, identity: Identity, home: Path, *, unit: str | None = None,
          dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-         server: bool = False) -> CertificateFiles:
+         server: bool = False, valid_from: dt.datetime | None = None,
+         lifetime: dt.timedelta = dt.timedelta(hours=1)) -> CertificateFiles:
     """A leaf for ``identity`` signed by ``issuer`` directly, bypassing ``Issuer.sign``'s
-    rules; ``unit`` is the subject's OU (default: the identity's role)."""
+    rules; ``unit`` is the subject's OU (default: the identity's role). ``valid_from``
+    (default: 5 minutes ago) and ``lifetime`` give what an issuer with a wrong clock, or
+    an old archive, would."""
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
     sans += [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH]
                                                   if server else [])
-    now = dt.datetime.now(dt.UTC)
+    start = valid_from or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([
@@ -38,8 +41,8 @@ def mint(issuer: Issuer, identity: Identity, home: Path, *, unit: str | None = N
         .issuer_name(issuer.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
+        .not_valid_before(start)
+        .not_valid_after(start + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)

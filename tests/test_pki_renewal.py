@@ -13,17 +13,20 @@ import asyncio
 import datetime as dt
 
 import grpc
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from federation.channel_renewal import CHECK_INTERVAL_SECONDS
 from federation.channels import secure_channel
 from federation.config import GrpcConfig
 from federation.inference.backend import BackendSet
 from federation.inference.test_backend import TestBackend
-from federation.pki import leaf_certificate, renew_identities
+from federation.pki import NODES, leaf_certificate, renew_identities
 from federation.server import NodeServer
 from federation.v1 import inference_pb2, inference_pb2_grpc
 from nodes.inference import InferenceServicer, registration
+from tests.pki_support import mint
 from tests.support import TRUST_DOMAIN, TestPKI
 
 LIFETIME = dt.timedelta(seconds=4)
@@ -178,3 +181,42 @@ async def test_long_lived_streams_move_to_the_renewed_certificate(pki: TestPKI) 
         await router.stop()
         await server.stop(0)
     assert streams_handled == 1  # the old stream, retired and ended once idle
+
+
+@pytest.mark.parametrize("valid_from", [dt.timedelta(hours=1), -dt.timedelta(hours=2)],
+                         ids=["not-valid-yet", "expired"])
+async def test_a_replacement_that_is_not_valid_now_is_not_taken(
+        pki: TestPKI, valid_from: dt.timedelta) -> None:
+    """A renewal issued on a host whose clock is an hour ahead is not valid yet here, and
+    an old archive installed again holds expired certificates: the node used to serve
+    such a replacement at once (every new handshake then failed, "certificate is not yet
+    valid") and a client to present it. Both keep the certificate in use instead."""
+    server_files = pki.ca.issue("inference", "replaced")
+    client_files = pki.ca.issue("gateway", "replaced")
+    server = NodeServer(
+        [registration(InferenceServicer(BackendSet([TestBackend()])))],
+        trust_domain=TRUST_DOMAIN, grpc_config=GrpcConfig(grace_seconds=0),
+        listen="127.0.0.1:0", credentials=server_files, metrics_port=None)
+    await server.start()
+    start = dt.datetime.now(dt.UTC) + valid_from
+    try:
+        async with secure_channel(f"localhost:{server.port}", client_files,
+                                  GrpcConfig()) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            nodes_ca = pki.ca.issuer(NODES)
+            mint(nodes_ca, server_files.identity, pki.home, server=True, dns=("localhost",),
+                 ips=("127.0.0.1",), valid_from=start)
+            mint(nodes_ca, client_files.identity, pki.home, valid_from=start)
+            await asyncio.sleep(CHECK_INTERVAL_SECONDS + 0.2)  # the channel looks again
+            # A new handshake with the node, and calls on the client's channel.
+            async with secure_channel(f"localhost:{server.port}", pki.identity("admin"),
+                                      GrpcConfig()) as fresh:
+                await inference_pb2_grpc.InferenceServiceStub(fresh).ListModels(
+                    inference_pb2.ListModelsRequest(), timeout=5)
+            for _ in range(3):
+                await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            assert channel.renewals == 0  # type: ignore[attr-defined]
+        assert server.credentials[0].reloads == 0
+    finally:
+        await server.stop(0)
