@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
 from federation.config import GrpcConfig, Settings
+from federation.credentials import CertificateWatch
 from federation.pki import PKIError, certificate_files, leaf_certificate, load_ca
 from federation.pki.bundle import (
     BundleSpec,
@@ -153,3 +154,22 @@ def test_the_bundle_command_writes_a_private_archive(pki: TestPKI, tmp_path: Pat
          "--host", "gw1", "--roles", "gateway", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=60)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_an_install_that_fails_half_way_replaces_nothing(pki: TestPKI, tmp_path: Path) -> None:
+    """Keys were renamed into place one by one before the certificates were written: a
+    write failing in between (a full disk; here the certificate's staging file cannot be
+    created) left the host with new keys beside old certificates, and a node restarted
+    then could not load its identity. Now every file is staged before any is replaced."""
+    host = tmp_path / "host"
+    install_bundle(_bundle(pki, tmp_path, BundleSpec("h4", ("keys",))), host, TRUST_DOMAIN)
+    files = certificate_files(host, TRUST_DOMAIN, "keys", "h4")
+    before = CertificateWatch(files).load()
+    renewed = tmp_path / "renewed"
+    renewed.mkdir()
+    archive = _bundle(pki, renewed, BundleSpec("h4", ("keys",)))
+    files.cert.with_name(files.cert.name + ".tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        install_bundle(archive, host, TRUST_DOMAIN)
+    assert CertificateWatch(files).load() == before  # the old pair, whole
+    assert not files.key.with_name(files.key.name + ".tmp").exists()

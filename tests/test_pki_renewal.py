@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from federation.channel_renewal import CHECK_INTERVAL_SECONDS
 from federation.channels import secure_channel
 from federation.config import GrpcConfig
+from federation.credentials import CertificateWatch
 from federation.inference.backend import BackendSet
 from federation.inference.test_backend import TestBackend
 from federation.pki import NODES, leaf_certificate, renew_identities
@@ -220,3 +221,16 @@ async def test_a_replacement_that_is_not_valid_now_is_not_taken(
         assert server.credentials[0].reloads == 0
     finally:
         await server.stop(0)
+
+
+def test_a_renewal_that_fails_half_way_leaves_a_matching_pair(pki: TestPKI) -> None:
+    """``pki renew`` renamed the new key into place before writing the certificate: when
+    that write failed (a full disk; here its staging file cannot be created), the old
+    certificate stayed beside a new key, and the node could not start again."""
+    files = pki.ca.issue("inference", "halfway")
+    before = CertificateWatch(files).load()
+    files.cert.with_name(files.cert.name + ".tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        renew_identities(pki.ca, dt.timedelta(days=3650))
+    assert CertificateWatch(files).load() == before  # the old pair, whole
+    assert not files.key.with_name(files.key.name + ".tmp").exists()

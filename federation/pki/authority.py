@@ -31,6 +31,7 @@ from federation.pki.files import (
     leaf_certificate,
     load_private_key,
     write_file,
+    write_files,
     write_private_file,
 )
 from federation.pki.identity import Identity, PKIError, validate_name, validate_role
@@ -125,8 +126,11 @@ class CertificateAuthority:
         cert = self.sign(identity, key.public_key(), dns_names, ip_addresses, validity)
         target = into or self.paths
         cert_path, key_path = target.leaf_cert(role, name), target.leaf_key(role, name)
-        write_private_file(key_path, key_pem(key))
-        write_file(cert_path, cert_pem(cert, self.issuer(issuer_kind(role)).certificate))
+        # Both staged before either replaces the old one (key first): a renewal that fails
+        # half-way must not leave the old certificate beside a new key.
+        write_files([(key_path, key_pem(key), 0o600),
+                     (cert_path, cert_pem(cert, self.issuer(issuer_kind(role)).certificate),
+                      0o644)])
         return CertificateFiles(identity, cert_path, key_path, target.ca_cert)
 
     def sign(

@@ -46,6 +46,7 @@ from federation.pki.files import (
     key_pem,
     leaf_certificate,
     write_file,
+    write_files,
 )
 from federation.pki.identity import ADMIN_NAME, Identity, PKIError, validate_name
 
@@ -251,10 +252,13 @@ def install_bundle(archive: Path, home: Path, trust_domain: str) -> dict[str, An
                        f"this home's is {trust_domain!r}")
     modes: dict[str, dict[str, int]] = manifest["files"]
     private_first = sorted(contents, key=lambda n: (modes[n]["mode"] != _PRIVATE_MODE, n))
-    for name in private_first:
-        write_file(home / name, contents[name], _PRIVATE_MODE
-                   if modes[name]["mode"] == _PRIVATE_MODE else _PUBLIC_MODE)
-    write_file(home / "pki" / MANIFEST, json.dumps(manifest, indent=2).encode())
+    # Every file staged before any is replaced: a write that fails half-way (a full disk)
+    # must not leave new keys beside the old certificates.
+    write_files([(home / name, contents[name], _PRIVATE_MODE
+                  if modes[name]["mode"] == _PRIVATE_MODE else _PUBLIC_MODE)
+                 for name in private_first]
+                + [(home / "pki" / MANIFEST, json.dumps(manifest, indent=2).encode(),
+                    _PUBLIC_MODE)])
     return manifest
 
 

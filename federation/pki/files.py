@@ -17,6 +17,7 @@ keys only where they are needed, see :mod:`federation.pki.bundle`):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,27 @@ def write_private_file(path: Path, data: bytes) -> None:
 def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` beside ``path`` with ``mode``, fsync it, then rename it into place: a
     reader (a node reloading its certificate) sees the old file or the new one, never half."""
+    write_files([(path, data, mode)])
+
+
+def write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Several files that belong together (a key and its certificate), in order: every one
+    is written and fsynced beside its path first, and only then are they renamed into
+    place. A write that fails (a full disk) replaces nothing, so a key is never left
+    beside a certificate of another key; only a crash between two renames could."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            staged.append((_stage(path, data, mode), path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def _stage(path: Path, data: bytes, mode: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -140,7 +162,7 @@ def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    return tmp
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
