@@ -12,12 +12,14 @@ import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from federation.backup import BackupError
 from federation.backup.keys import read_key_file, restore_key_file, write_key_file
+from federation.backup.postgres import Connection
 from federation.config import BackupConfig, MemoryConfig, Settings
 from federation.db import Database
 from federation.guardian.checkpoints import (
@@ -279,3 +281,25 @@ def test_an_altered_key_file_does_not_open(tmp_path: Path) -> None:
     key_file.write_text(json.dumps(document))
     with pytest.raises(BackupError, match="does not open"):
         read_key_file(key_file, PASSPHRASE)
+
+
+async def test_a_password_in_the_url_parameters_stays_off_the_command_line(
+        database: Database, tmp_path: Path) -> None:
+    """libpq takes a password as a URL parameter too (``?password=…``). Only the one in
+    the user part was moved into PGPASSWORD: a ``password=`` parameter stayed in the
+    ``--dbname`` of pg_dump and pg_restore, visible to every user in
+    /proc/PID/cmdline. Now both go into the environment, and the backup still works."""
+    parts = urlsplit(database.url)
+    secret = parts.password or ""
+    assert secret
+    url = urlunsplit(parts._replace(
+        netloc=f"{parts.username}@{parts.hostname}:{parts.port}",
+        query=f"{parts.query}&password={quote(secret)}"))
+    connection = Connection.of(url)
+    assert secret not in connection.dsn_without_password
+    assert connection.password == secret
+    assert "sslmode=prefer" in connection.dsn_without_password  # the other options stay
+    code, out, err = await federation(tmp_path / "home", "backup", "--out",
+                                      str(tmp_path / "b"), "--json", database_url=url)
+    assert code == 0, err
+    assert json.loads(out)["files"]["database.dump"]["bytes"] > 0

@@ -9,7 +9,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from federation.backup import BackupError
 from federation.db.embedded import installed_wheel_bin
@@ -32,6 +32,8 @@ class Connection:
 
     @classmethod
     def of(cls, dsn: str) -> Connection:
+        """``dsn`` without its password, wherever it was: in the user part
+        (``user:secret@host``) or as a ``password=`` parameter, which libpq accepts too."""
         parts = urlsplit(dsn)
         if parts.scheme not in ("postgresql", "postgres"):
             raise BackupError("the database URL must start with postgresql://")
@@ -42,7 +44,12 @@ class Connection:
             netloc_clean = f"{user}@{netloc[1]}"
         else:
             netloc_clean = parts.netloc
-        clean = urlunsplit((parts.scheme, netloc_clean, parts.path, parts.query, ""))
+        query = parts.query
+        options = parse_qsl(query, keep_blank_values=True)
+        if any(name == "password" for name, _ in options):
+            password = password or next(v for n, v in options if n == "password")
+            query = urlencode([(n, v) for n, v in options if n != "password"])
+        clean = urlunsplit((parts.scheme, netloc_clean, parts.path, query, ""))
         return cls(clean, password)
 
     def environment(self) -> dict[str, str]:
