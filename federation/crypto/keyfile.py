@@ -24,8 +24,7 @@ def load_or_create_key(
     """
     make = generate or (lambda: secrets.token_bytes(size))
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+        _make_private_directories(path.parent)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -49,3 +48,19 @@ def load_or_create_key(
     if len(data) != size:
         raise KeyFileError(f"{path} does not hold a {size}-byte key")
     return data
+
+
+def _make_private_directories(directory: Path) -> None:
+    """Create the missing directories up to ``directory``, each 0700. One that exists is
+    left as it is: its mode is its owner's choice (``/etc/federation`` shared with other
+    readers, say), and it may not even be ours to change."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        try:
+            created.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process starting at the same time
+        os.chmod(created, 0o700)  # the umask may have taken bits mkdir's mode asked for
