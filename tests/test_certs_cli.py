@@ -63,3 +63,26 @@ def test_show_works_on_the_federations_ca_certificates(tmp_path: Path, ca: str) 
     shown = cli(pki.home, "certs", "show", str(pki.home / "pki" / ca), "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["identity"] == ""
+
+
+@pytest.mark.parametrize("ca", ["ca.pem", "nodes-ca.pem", "edge-ca.pem"])
+@pytest.mark.parametrize("by", ["--cert", "--serial"])
+def test_denying_a_ca_is_refused_rather_than_reported_done(
+        tmp_path: Path, ca: str, by: str) -> None:
+    """Servers compare the deny list with the serial of the certificate a caller presents,
+    never with the CAs above it: `certs deny --cert pki/edge-ca.pem` (the broker's key
+    stolen, say) said "denied ... every server on this host refuses it" while every
+    device certificate it signed was still accepted."""
+    pki = TestPKI(tmp_path / "home")
+    path = pki.home / "pki" / ca
+    what = str(path) if by == "--cert" else json.loads(
+        cli(pki.home, "certs", "show", str(path), "--json").stdout)["serial"]
+    denied = cli(pki.home, "certs", "deny", by, what, "--reason", "key stolen")
+    assert denied.returncode == 1, denied.stdout
+    assert denied.stderr.count("\n") == 1 and "Traceback" not in denied.stderr
+    assert "the deny list refuses the certificates callers present" in denied.stderr
+    assert "key-or-certificate-compromised.md" in denied.stderr
+    assert not (pki.home / GrpcConfig().deny_list_file).exists()
+    leaf = cli(pki.home, "certs", "deny", "--cert", str(pki.identity("admin").cert),
+               "--reason", "laptop stolen")
+    assert leaf.returncode == 0, leaf.stderr  # a leaf is denied as before

@@ -10,9 +10,9 @@ from cryptography import x509
 
 from federation.cli.support import print_json
 from federation.config import Settings
-from federation.denylist import add_denial, read_denials, remove_denial
+from federation.denylist import add_denial, normalize_serial, read_denials, remove_denial
 from federation.errors import CommandError
-from federation.pki import parse_spiffe_id
+from federation.pki import EDGE, NODES, PKIPaths, parse_spiffe_id
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,10 +63,39 @@ def _identity(cert: x509.Certificate) -> str:
     return uris[0] if len(uris) == 1 else ""
 
 
+def _refuse_authority(settings: Settings, serial: str, cert: x509.Certificate | None) -> None:
+    """A CA's serial on the deny list refuses nobody: servers compare it with the serial of
+    the certificate a caller presents, never with the CAs above it. Said at once, rather
+    than reported as denied while every certificate it signed is still accepted."""
+    paths = PKIPaths(settings.home)
+    named = {"the root CA": paths.ca_cert, "the nodes CA": paths.intermediate_cert(NODES),
+             "the edge CA": paths.intermediate_cert(EDGE)}
+    wanted = normalize_serial(serial)
+    which = next((name for name, path in named.items()
+                  if path.is_file() and format(_read(path).serial_number, "x") == wanted), None)
+    if which is None and cert is not None and _is_authority(cert):
+        which = "a certificate authority"
+    if which is not None:
+        raise CommandError(
+            f"serial {wanted} is {which}'s: the deny list refuses the certificates callers "
+            "present, not the CAs that signed them, so this would deny nobody; for a "
+            "compromised CA key see docs/runbooks/key-or-certificate-compromised.md (Limits)")
+
+
+def _is_authority(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
 async def deny_certificate(settings: Settings, args: argparse.Namespace) -> int:
     serial, identity = args.serial or "", args.identity or ""
-    if args.cert is not None:
-        serial = format(_read(args.cert).serial_number, "x")
+    cert = _read(args.cert) if args.cert is not None else None
+    if cert is not None:
+        serial = format(cert.serial_number, "x")
+    if serial.strip():
+        _refuse_authority(settings, serial, cert)
     if identity:
         parse_spiffe_id(identity, settings.trust_domain)  # a typo would deny nobody
     denial = add_denial(_path(settings), serial=serial, identity=identity, reason=args.reason)
