@@ -135,6 +135,33 @@ async def test_a_restore_that_fails_after_pg_restore_leaves_the_database_empty(
         assert json.loads(out)["records"] == 3
 
 
+async def test_a_guardian_log_whose_last_line_was_cut_short_is_taken(
+        backup: Path, pg_admin_url: str, tmp_path: Path) -> None:
+    """The surviving guardian's log is passed after a crash, and a crash can cut its last
+    line short. The guardian leaves such a line out when it opens the log; the restore
+    refused the whole file ("not a checkpoint") and with it every checkpoint it holds."""
+    pki = TestPKI(tmp_path / "home")
+    key = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
+    head = bytes.fromhex(json.loads((backup / "manifest.json").read_text())["audit_hash"])
+    now = dt.datetime.now(dt.UTC)
+    signed = Checkpoint(3, head, now, key.sign(signed_message(3, head, now)),
+                        fingerprint(key.public_key())).to_json()
+    log = tmp_path / "surviving-guardian.jsonl"
+    log.write_text(signed + "\n" + signed.replace('"sequence": 3', '"sequence": 9')[:40])
+    async with fresh_database_url(pg_admin_url) as empty:
+        code, out, err = await federation(pki.home, "restore", str(backup), "--json",
+                                          "--guardian-checkpoints", str(log),
+                                          database_url=empty)
+        assert code == 0, err
+        assert f"{log}:2: left out a last line cut short" in err
+        event = json.loads(out)["restore_event"]
+        assert (event["sequence"], event["guardian_checkpoint_sequence"]) == (4, 3)
+    log.write_text(signed[:40] + "\n" + signed + "\n")  # not the last line: refused
+    code, _, err = await federation(pki.home, "restore", str(backup), "--guardian-checkpoints",
+                                    str(log))
+    assert code == 1 and f"{log}:1: not a checkpoint" in err
+
+
 async def test_restore_puts_the_backups_blobs_back_into_the_home(
         database: Database, pg_admin_url: str, tmp_path: Path) -> None:
     """The broker serves jobs' payloads and results from ``<home>/blobs``: the backup

@@ -112,7 +112,7 @@ async def create_backup(settings: Settings, out: Path | None, progress: Progress
 async def _write_backup(settings: Settings, directory: Path, progress: Progress) -> Manifest:
     url = database_url(settings)
     connection = Connection.of(url)
-    checkpoints, source = await _guardian_checkpoints(settings)
+    checkpoints, source = await _guardian_checkpoints(settings, progress)
     progress.step(f"guardian checkpoints: {len(checkpoints)} ({source})")
     try:
         conn = await asyncpg.connect(url, timeout=settings.database.connect_timeout_seconds)
@@ -231,7 +231,8 @@ async def _roles_and_owners(conn: asyncpg.Connection) -> tuple[list[str], list[l
     return sorted(grantees | {o[2] for o in owners}), owners
 
 
-async def _guardian_checkpoints(settings: Settings) -> tuple[list[Checkpoint], str]:
+async def _guardian_checkpoints(settings: Settings, progress: Progress
+                                ) -> tuple[list[Checkpoint], str]:
     """Every signed checkpoint: from the running guardian (as the operator), else from the
     guardian's file in this home, else none."""
     try:
@@ -243,17 +244,27 @@ async def _guardian_checkpoints(settings: Settings) -> tuple[list[Checkpoint], s
         log.info("guardian not reachable for checkpoints", extra={"error": str(exc)[:200]})
     path = settings.home / settings.guardian.checkpoint_file
     if path.exists():
-        return read_checkpoint_file(path), f"from {path}"
+        return read_checkpoint_file(path, progress), f"from {path}"
     return [], "none found"
 
 
-def read_checkpoint_file(path: Path) -> list[Checkpoint]:
+def read_checkpoint_file(path: Path, progress: Progress | None = None) -> list[Checkpoint]:
+    """A guardian's checkpoint log. A last line that does not parse is a write cut short
+    by a crash (the guardian appends one fsynced line per checkpoint) and is left out, as
+    the guardian itself does when it opens the log: the log of a guardian whose host went
+    down is exactly the one a restore needs. Any other bad line refuses the file."""
     checkpoints = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 checkpoints.append(Checkpoint.from_json(line))
             except (ValueError, KeyError) as exc:
+                if number == len(lines):
+                    if progress is not None:
+                        progress.step(f"{path}:{number}: left out a last line cut short "
+                                      f"({exc})")
+                    continue
                 raise BackupError(f"{path}:{number}: not a checkpoint ({exc})") from None
     return sorted(checkpoints, key=lambda c: c.sequence)
 

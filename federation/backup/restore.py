@@ -125,7 +125,8 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
     progress.step(f"backup {manifest.backup_id}: {len(manifest.files)} files match the "
                   f"manifest; audit records 1-{manifest.audit_sequence}")
     guardian_keys = _guardian_keys(settings)
-    checkpoints = _gather_checkpoints(settings, directory, guardian_log, guardian_keys, scratch)
+    checkpoints = _gather_checkpoints(settings, directory, guardian_log, guardian_keys, scratch,
+                                      progress)
     verifier = _restore_verifier(settings)
     admin = None if scratch else _admin_identity(settings)
     async with _target(settings, progress, scratch) as (url, target):
@@ -449,8 +450,8 @@ def _guardian_keys(settings: Settings) -> GuardianKeys | None:
 
 
 def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path | None,
-                        guardian_keys: GuardianKeys | None, scratch: bool
-                        ) -> list[Checkpoint]:
+                        guardian_keys: GuardianKeys | None, scratch: bool,
+                        progress: Progress) -> list[Checkpoint]:
     """The backup's checkpoints, the home's log and the given log, merged; each signature
     checked with the home's guardian key; the same sequence must carry the same hash."""
     sources = [directory / CHECKPOINTS_NAME, settings.home / settings.guardian.checkpoint_file]
@@ -462,7 +463,7 @@ def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path 
     for source in sources:
         if not source.is_file():
             continue
-        for checkpoint in read_checkpoint_file(source):
+        for checkpoint in read_checkpoint_file(source, progress):
             if guardian_keys is not None and not checkpoint.verify(guardian_keys):
                 raise BackupError(f"{source}: checkpoint {checkpoint.sequence} is not signed "
                                   "by this home's guardian key; restore the key material "
