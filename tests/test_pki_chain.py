@@ -10,11 +10,14 @@ port and on the broker's enrollment port alike.
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -33,6 +36,7 @@ from federation.pki import (
     load_edge_signer,
     migrate_legacy,
 )
+from federation.pki.files import cert_pem, load_private_key, write_file
 from federation.server import NodeServer
 from federation.v1 import edge_broker_pb2 as pb
 from federation.v1 import edge_broker_pb2_grpc, key_authority_pb2, key_authority_pb2_grpc
@@ -224,3 +228,41 @@ def _legacy_home(home: Path) -> None:
     files.cert.write_bytes(files.cert.read_bytes().split(b"-----END CERTIFICATE-----")[0]
                            + b"-----END CERTIFICATE-----\n")
     assert dt.datetime.now(dt.UTC) < leaf_certificate(files.cert).not_valid_after_utc
+
+
+def test_an_expired_intermediate_is_reported_with_its_remedy(pki: TestPKI) -> None:
+    """Leaves live no longer than their intermediate: once it had expired, `pki issue` and
+    `pki renew` (and `federation up`'s renewal) ended in a traceback from the x509
+    builder ("not valid after date must be after the not valid before date"). Now one
+    line names the remedy, and the runbook's command brings issuance back."""
+    pki.identity("keys")  # a leaf for `pki renew --all` to renew
+    paths = pki.ca.paths
+    root_key = load_private_key(paths.ca_key)
+    current = leaf_certificate(paths.intermediate_cert(NODES))
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(current.subject)
+               .issuer_name(current.issuer).public_key(current.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=400))
+               .not_valid_after(now - dt.timedelta(days=1)))
+    for extension in current.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    write_file(paths.intermediate_cert(NODES),
+               cert_pem(builder.sign(root_key, hashes.SHA256())))
+
+    for command in (("issue", "--role", "keys", "--name", "k2"), ("renew", "--all")):
+        done = _cli(pki.home, "pki", *command)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1
+        assert "the nodes CA's certificate expired at" in done.stderr
+        assert "federation pki renew --intermediate nodes --root-key FILE" in done.stderr
+    renewed = _cli(pki.home, "pki", "renew", "--intermediate", "nodes", "--root-key",
+                   str(paths.ca_key))
+    assert renewed.returncode == 0, renewed.stderr
+    issued = _cli(pki.home, "pki", "issue", "--role", "keys", "--name", "k2", "--json")
+    assert issued.returncode == 0, issued.stderr
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "federation.cli", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=60, check=False)

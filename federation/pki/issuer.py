@@ -114,6 +114,8 @@ def build_intermediate(
     (a new one by default)."""
     if kind not in (NODES, EDGE):
         raise PKIError(f"unknown intermediate {kind!r}")
+    _ensure_in_force(root, "the root CA", "federation pki init --force (a new CA), then "
+                     "every identity again")
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
     builder = (
@@ -135,6 +137,15 @@ def build_intermediate(
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     return key, builder.sign(root_key, hashes.SHA256())
+
+
+def _ensure_in_force(ca: x509.Certificate, name: str, remedy: str) -> None:
+    """What a CA signs lives no longer than the CA's own certificate: once that has
+    expired, nothing it signs can be valid, so it signs nothing, and says what to do."""
+    expiry = ca.not_valid_after_utc
+    if _now() >= expiry:
+        raise PKIError(f"{name}'s certificate expired at {expiry:%Y-%m-%d %H:%M:%S} UTC, so "
+                       f"nothing it signed would be valid: {remedy}")
 
 
 def key_identifier(certificate: x509.Certificate) -> bytes:
@@ -176,6 +187,8 @@ class Issuer:
             raise PKIError(f"{identity.spiffe_id} is not in trust domain {self.trust_domain}")
         if self.kind == EDGE and (dns_names or ip_addresses):
             raise PKIError("edge certificates carry no DNS name or IP address")
+        _ensure_in_force(self.certificate, f"the {self.kind} CA",
+                         f"federation pki renew --intermediate {self.kind} --root-key FILE")
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.spiffe_id)]
         sans += [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ip_addresses)]
