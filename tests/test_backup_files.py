@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -330,3 +331,19 @@ async def test_a_password_in_the_url_parameters_stays_off_the_command_line(
                                       str(tmp_path / "b"), "--json", database_url=url)
     assert code == 0, err
     assert json.loads(out)["files"]["database.dump"]["bytes"] > 0
+
+
+def test_key_material_of_another_trust_domain_is_refused(tmp_path: Path) -> None:
+    """The file records its trust domain, but the restore did not look: a home set up
+    for another one took the CA, then issued identities of its own domain under it (the
+    edge CA's name constraints name the old one, so no device could connect)."""
+    source = _settings(TestPKI(tmp_path / "source").home)
+    key_file = tmp_path / "federation.keys"
+    write_key_file(source, key_file, PASSPHRASE)
+    other = Settings(home=tmp_path / "other", trust_domain="other.example",
+                     backup=BackupConfig(scrypt_log2_n=14))
+    with pytest.raises(BackupError, match=re.escape(
+            "trust domain 'federation.local', and this home's is 'other.example'")):
+        restore_key_file(other, key_file, PASSPHRASE)
+    assert not other.home.exists()  # nothing written
+    restore_key_file(_settings(tmp_path / "same"), key_file, PASSPHRASE)

@@ -100,8 +100,10 @@ def write_key_file(settings: Settings, out: Path, passphrase: str) -> KeyFileSum
     return KeyFileSummary(out, sorted(files))
 
 
-def read_key_file(path: Path, passphrase: str) -> dict[str, tuple[int, bytes]]:
-    """The files inside ``path`` (relative path -> mode, content)."""
+def read_key_file(path: Path, passphrase: str, trust_domain: str | None = None
+                  ) -> dict[str, tuple[int, bytes]]:
+    """The files inside ``path`` (relative path -> mode, content); with ``trust_domain``,
+    refused unless they are that trust domain's."""
     try:
         document = json.loads(path.read_bytes())
         header = {k: v for k, v in document.items() if k != "ciphertext"}
@@ -124,6 +126,11 @@ def read_key_file(path: Path, passphrase: str) -> dict[str, tuple[int, bytes]]:
     except InvalidTag:
         raise BackupError(f"{path} does not open: wrong passphrase, or the file was altered"
                           ) from None
+    # Checked once the header is authenticated (it is the cipher's associated data).
+    if trust_domain is not None and header.get("trust_domain") != trust_domain:
+        raise BackupError(f"{path} holds the key material of trust domain "
+                          f"{header.get('trust_domain')!r}, and this home's is {trust_domain!r}: "
+                          "set trust_domain in its federation.toml to restore it here")
     files = json.loads(plaintext)["files"]
     return {name: (int(entry["mode"]), base64.b64decode(entry["data"]))
             for name, entry in files.items()}
@@ -132,7 +139,7 @@ def read_key_file(path: Path, passphrase: str) -> dict[str, tuple[int, bytes]]:
 def restore_key_file(settings: Settings, path: Path, passphrase: str) -> KeyFileSummary:
     """Put the key material of ``path`` into the home. Refuses, before writing anything,
     when the home already holds a different file at one of those paths."""
-    files = read_key_file(path, passphrase)
+    files = read_key_file(path, passphrase, settings.trust_domain)
     home = settings.home
     for name, (_, data) in sorted(files.items()):
         _check_relative(name)
