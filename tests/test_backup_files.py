@@ -9,7 +9,10 @@ import datetime as dt
 import json
 import os
 import re
+import resource
+import signal
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -347,3 +350,35 @@ def test_key_material_of_another_trust_domain_is_refused(tmp_path: Path) -> None
         restore_key_file(other, key_file, PASSPHRASE)
     assert not other.home.exists()  # nothing written
     restore_key_file(_settings(tmp_path / "same"), key_file, PASSPHRASE)
+
+
+def _with_file_size_limit(limit: int) -> None:
+    """In the child: writes past ``limit`` bytes are cut short, then fail (EFBIG), as on a
+    disk that fills up; SIGXFSZ ignored so that the process sees the error."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_key_file_cut_short_is_an_error_not_a_backup(tmp_path: Path) -> None:
+    """One write(2) may write less than asked and still succeed: the key file was
+    written with one unchecked os.write, so on a filling disk `backup --keys` printed
+    "encrypted into ... (0600)", exited 0, and left 2000 of its 6000 bytes, which no
+    passphrase opens."""
+    home = TestPKI(tmp_path / "home").home
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    out = tmp_path / "offsite" / "federation.keys"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+    env |= {"FEDERATION_HOME": str(home), "FEDERATION_BACKUP_SCRYPT_LOG2_N": "14"}
+    command = [sys.executable, "-m", "federation.cli", "backup", "--keys", "--out", str(out),
+               "--passphrase-file", str(passphrase)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                          check=False, preexec_fn=lambda: _with_file_size_limit(2000))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"federation: error: File too large: {out}"], done.stderr
+    assert not out.exists()  # nothing that looks like a key backup
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert read_key_file(out, PASSPHRASE)

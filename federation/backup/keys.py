@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from federation.backup import BackupError
 from federation.backup.manifest import MANIFEST_NAME
 from federation.config import Settings
+from federation.durable import write_all
 from federation.pki import EDGE, NODES, PKIPaths, write_private_file
 
 FORMAT: Final = "federation-keys/1"
@@ -187,7 +188,10 @@ def _create_private(path: Path, data: bytes) -> None:
     except FileExistsError:
         raise BackupError(f"{path} already exists; choose a new file") from None
     try:
-        os.write(fd, data)
+        write_all(fd, data, path)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)  # ours (O_EXCL): no truncated key file left behind
+        raise
+    os.close(fd)

@@ -8,6 +8,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from federation.durable import write_all
+
 
 class KeyFileError(RuntimeError):
     pass
@@ -28,16 +30,16 @@ def load_or_create_key(
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, make())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                write_all(fd, make(), path)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.link(tmp, path)
         except FileExistsError:
             pass  # someone else created it first: use theirs
         finally:
-            tmp.unlink()
+            tmp.unlink()  # also when the write failed: no partial key left behind
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(

@@ -36,6 +36,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import ALL_ROLES, Settings
+from federation.durable import write_all
 from federation.guardian.checkpoints import PUBLIC_KEY_SUFFIX, load_signing_key
 from federation.pki.authority import CertificateAuthority, log_issuance
 from federation.pki.files import (
@@ -183,10 +184,13 @@ def write_bundle(bundle: Bundle, trust_domain: str, out: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_MODE)
     try:
-        os.write(fd, buffer.getvalue())
+        write_all(fd, buffer.getvalue(), out)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        out.unlink(missing_ok=True)  # ours (O_EXCL): no truncated archive left behind
+        raise
+    os.close(fd)
 
 
 def remember_spec(paths: PKIPaths, spec: BundleSpec) -> None:

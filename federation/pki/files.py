@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federation.durable import write_all
 from federation.pki.identity import Identity, PKIError
 
 NODES, EDGE = "nodes", "edge"
@@ -157,10 +158,13 @@ def _stage(path: Path, data: bytes, mode: int) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        write_all(fd, data, path)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.chmod(tmp, mode)
     return tmp
 
