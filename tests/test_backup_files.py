@@ -80,6 +80,9 @@ async def test_restore_into_an_empty_external_database(
         assert code == 0, err
         event = json.loads(out)["restore_event"]
         assert (event["sequence"], event["lost_count"]) == (4, 0)
+        # Each step says what it does, the long chain walk before it starts.
+        steps = [line.split(":")[1].strip() for line in err.splitlines()]
+        assert steps.index("verifying the restored audit chain") > steps.index("pg_restore")
         async with started_database(empty) as restored:
             verifier = RestoreVerifier.of_home(pki.ca.paths.directory, pki.ca.trust_domain)
             report = await MemoryStore(restored.pool, MemoryConfig(),
