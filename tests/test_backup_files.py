@@ -385,3 +385,26 @@ def test_a_key_file_cut_short_is_an_error_not_a_backup(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert read_key_file(out, PASSPHRASE)
+
+
+async def test_unreadable_guardian_keys_or_passphrase_are_one_line(
+        backup: Path, tmp_path: Path) -> None:
+    """Two inputs an operator hands over that ended in a traceback: a guardian ``.pub``
+    that is not PEM (a restore), and a passphrase file that is not UTF-8 text."""
+    home = TestPKI(tmp_path / "home").home
+    public = home / "guardian" / "checkpoint_signing.key.pub"
+    public.parent.mkdir(parents=True)
+    public.write_text("not a key\n")
+    code, _, err = await federation(home, "restore", "--scratch", str(backup))
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"federation: error: cannot read the guardian's public keys in {public}: {public} "
+        "holds no PEM public key; restore the key material (`federation restore --keys "
+        "FILE`)")
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_bytes(b"\xff\xfe latin-1 bytes\n")
+    code, _, err = await federation(home, "backup", "--keys", "--out",
+                                    str(tmp_path / "federation.keys"), "--passphrase-file",
+                                    str(passphrase))
+    assert code == 1 and err.strip().splitlines() == [
+        f"federation: error: {passphrase}: the passphrase file is not UTF-8 text"], err

@@ -449,7 +449,14 @@ def _restore_verifier(settings: Settings) -> RestoreVerifier | None:
 
 def _guardian_keys(settings: Settings) -> GuardianKeys | None:
     public = public_key_path(settings.home / settings.guardian.signing_key_file)
-    return load_public_keys(public) if public.exists() else None
+    if not public.exists():
+        return None
+    try:
+        return load_public_keys(public)
+    except ValueError as exc:  # not PEM, or a key that is not Ed25519
+        raise BackupError(f"cannot read the guardian's public keys in {public}: {exc}; "
+                          "restore the key material (`federation restore --keys FILE`)"
+                          ) from None
 
 
 def _gather_checkpoints(settings: Settings, directory: Path, guardian_log: Path | None,

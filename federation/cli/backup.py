@@ -112,7 +112,11 @@ async def restore_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def _passphrase(args: argparse.Namespace, confirm: bool) -> str:
     if args.passphrase_file:
-        text = Path(args.passphrase_file).read_text()
+        try:
+            text = Path(args.passphrase_file).read_bytes().decode()
+        except UnicodeDecodeError:
+            raise CommandError(f"{args.passphrase_file}: the passphrase file is not UTF-8 "
+                               "text") from None
         return text.splitlines()[0] if text else ""
     if not sys.stdin.isatty():
         raise CommandError("no terminal to ask for the passphrase: use --passphrase-file FILE")
