@@ -122,6 +122,20 @@ def _hashes(stored: dict[int, bytes]) -> Callable[[int], Awaitable[bytes | None]
     return hash_at
 
 
+async def test_a_line_torn_by_a_crash_is_cut_before_the_next_checkpoint(tmp_path: Path) -> None:
+    # A crash mid-write leaves half a line with no newline; the next checkpoint was appended
+    # to it, and at the start after that the bad line was no longer the last: refused.
+    log = log_at(tmp_path)
+    await log.sign(10, b"\x01" * 32)
+    path = tmp_path / "checkpoints.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + whole[:40])  # the torn half of a second line
+    after_crash = log_at(tmp_path)
+    await after_crash.sign(11, b"\x02" * 32)
+    assert [c.sequence for c in log_at(tmp_path).newest_first()] == [11, 10]
+    assert len(path.read_text().splitlines()) == 2
+
+
 async def test_a_forged_checkpoint_in_the_file_is_refused(tmp_path: Path) -> None:
     log = log_at(tmp_path)
     await log.sign(10, b"\x01" * 32)

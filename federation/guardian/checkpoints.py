@@ -245,6 +245,7 @@ class CheckpointLog:
             except (ValueError, KeyError):
                 if number == len(lines):  # a write cut short by a crash: drop it
                     log.warning("ignoring a truncated last checkpoint line")
+                    self._cut_torn_last_line()
                     continue
                 raise
             if checkpoint.key_fingerprint not in self._keys.by_fingerprint:
@@ -311,6 +312,19 @@ class CheckpointLog:
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, (checkpoint.to_json() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _cut_torn_last_line(self) -> None:
+        """Cut the file back to its last whole line: the next checkpoint would otherwise
+        be appended to the torn one, making a bad line that is no longer the last, and
+        the guardian would refuse its own log at the next start."""
+        data = self._path.read_bytes()
+        whole = data.rstrip(b"\n").rfind(b"\n") + 1
+        fd = os.open(self._path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, whole)
             os.fsync(fd)
         finally:
             os.close(fd)
