@@ -193,6 +193,26 @@ async def test_restore_puts_the_backups_blobs_back_into_the_home(
     assert "blobs: 1 restored" in err
 
 
+async def test_a_directory_at_the_partial_path_is_refused_a_killed_backups_is_replaced(
+        database: Database, tmp_path: Path) -> None:
+    """``backup --out B`` writes ``B.partial`` first. It deleted whatever stood there,
+    someone's directory too; now only a backup killed mid-way (its mark inside) goes."""
+    theirs = tmp_path / "b.partial"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    code, _, err = await federation(tmp_path / "home", "backup", "--out", str(tmp_path / "b"),
+                                    database_url=database.url)
+    assert code == 1 and "is not a backup in progress" in err
+    assert (theirs / "notes.txt").read_text() == "mine"
+    (theirs / "notes.txt").unlink()
+    (theirs / ".federation-backup-in-progress").touch()  # as a killed backup leaves it
+    code, _, err = await federation(tmp_path / "home", "backup", "--out", str(tmp_path / "b"),
+                                    database_url=database.url)
+    assert code == 0, err
+    assert not theirs.exists()
+    assert not (tmp_path / "b" / ".federation-backup-in-progress").exists()
+
+
 async def test_restore_brings_back_the_deny_list(
         database: Database, pg_admin_url: str, tmp_path: Path) -> None:
     """``pki/denied.json`` is not in the database: a home restored without it would

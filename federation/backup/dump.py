@@ -92,11 +92,10 @@ async def create_backup(settings: Settings, out: Path | None, progress: Progress
     target = (out or default_target(settings, now)).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise BackupError(f"{target} already exists and is not empty")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, mode=0o700)
+    partial = _fresh_partial(target.with_name(target.name + ".partial"))
     try:
         manifest = await _write_backup(settings, partial, progress)
+        (partial / IN_PROGRESS_MARK).unlink()
         manifest = _finish(manifest, partial, started)
         if target.exists():
             target.rmdir()
@@ -107,6 +106,22 @@ async def create_backup(settings: Settings, out: Path | None, progress: Progress
         raise
     progress.step(f"done in {manifest.seconds['total']:.1f}s: {target}")
     return target, manifest
+
+
+IN_PROGRESS_MARK = ".federation-backup-in-progress"
+"""In ``<out>.partial`` while a backup writes it: a leftover of a backup killed mid-way
+is removed by the next one, anything else at that path is refused, not deleted."""
+
+
+def _fresh_partial(partial: Path) -> Path:
+    if partial.exists():
+        if not (partial / IN_PROGRESS_MARK).is_file():
+            raise BackupError(f"{partial} exists and is not a backup in progress: move it "
+                              "away or choose another --out")
+        shutil.rmtree(partial)  # a backup killed before it could clean up
+    partial.mkdir(parents=True, mode=0o700)
+    (partial / IN_PROGRESS_MARK).touch(mode=0o600)
+    return partial
 
 
 async def _write_backup(settings: Settings, directory: Path, progress: Progress) -> Manifest:
