@@ -287,6 +287,25 @@ async def test_a_truncated_dump_with_a_matching_manifest_is_refused(
     assert not (home / "postgres").exists()
 
 
+async def test_a_manifest_cannot_smuggle_sql_into_the_restore(
+        backup: Path, pg_admin_url: str, tmp_path: Path) -> None:
+    """The manifest is not authenticated: the objects it re-owns were pasted into
+    ``ALTER … OWNER`` as SQL, and one statement could carry another."""
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["owners"] = [["TABLE", "memory_records OWNER TO federation_guardian; "
+                           "CREATE TABLE smuggled (x int); --", "federation_guardian"]]
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    async with fresh_database_url(pg_admin_url) as empty:
+        code, _, err = await federation(TestPKI(tmp_path / "fresh").home, "restore",
+                                        str(backup), database_url=empty)
+        assert code == 1 and "which the dump did not create" in err, err
+        conn = await asyncpg.connect(empty)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('smuggled')") is None
+        finally:
+            await conn.close()
+
+
 def _settings(home: Path) -> Settings:
     # 2^14 keeps the test fast; the default (2^17) is measured in docs/backup.md.
     return Settings(home=home, backup=BackupConfig(scrypt_log2_n=14))

@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -330,10 +331,36 @@ async def _restore_dump(settings: Settings, url: str, directory: Path, manifest:
     try:
         async with conn.transaction():
             for kind, name, role in manifest.owners:
-                await conn.execute(f"ALTER {kind} {name} OWNER TO {_ident(role)}")
+                await conn.execute(f"ALTER {kind} {await _restored_object(conn, kind, name)} "
+                                   f"OWNER TO {_ident(role)}")
     finally:
         await conn.close()
     progress.step(f"pg_restore: {seconds:.1f}s")
+
+
+_LOOKUP_BY_KIND: Final = {
+    "SCHEMA": "to_regnamespace", "TABLE": "to_regclass", "VIEW": "to_regclass",
+    "MATERIALIZED VIEW": "to_regclass", "SEQUENCE": "to_regclass",
+    "FUNCTION": "to_regprocedure",
+}
+"""The kinds of object a backup's manifest re-owns (``dump._OWNERS_SQL``), and how each
+is looked up by name."""
+
+
+async def _restored_object(conn: asyncpg.Connection, kind: str, name: str) -> str:
+    """The database's own spelling of the object the manifest names: the manifest is not
+    authenticated, so its text is only ever a parameter of a lookup, never SQL."""
+    lookup = _LOOKUP_BY_KIND.get(kind)
+    if lookup is None:
+        raise BackupError(f"the manifest re-owns an object of unknown kind {kind!r}")
+    try:
+        found = await conn.fetchval(f"SELECT {lookup}($1)::text", name)
+    except asyncpg.PostgresError:
+        found = None  # not even the syntax of a name
+    if found is None:
+        raise BackupError(f"the manifest re-owns {kind.lower()} {name!r}, which the dump "
+                          "did not create")
+    return str(found)
 
 
 async def _ensure_role(conn: asyncpg.Connection, role: str) -> None:
