@@ -28,15 +28,30 @@ _STOP_ORDER_TIMEOUT = 5.0
 
 
 class Progress:
-    """Human progress lines on stderr: what is being done, what is done, how long it took."""
+    """Human progress lines on stderr: what is being done, what is done, how long it took.
+
+    Best effort: the supervisor reports through it, so a write that fails (the terminal
+    closed, ``federation up 2>&1 | head`` whose reader left: EPIPE) must not end the
+    supervision that called it. The lines are lost from then on; ``run/supervisor.json``
+    and ``federation status`` still say everything."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self._stream = stream
         self._started = time.monotonic()
+        self._lost = False
 
     def step(self, message: str) -> None:
         elapsed = time.monotonic() - self._started
-        print(f"[{elapsed:5.1f}s] {message}", file=self._stream, flush=True)
+        self.write(f"[{elapsed:5.1f}s] {message}")
+
+    def write(self, text: str) -> None:
+        """``text`` and a newline, if the stream still takes them."""
+        if self._lost:
+            return
+        try:
+            print(text, file=self._stream, flush=True)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self._lost = True
 
     @property
     def elapsed(self) -> float:

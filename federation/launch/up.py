@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import asyncpg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -345,22 +345,17 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def _print_summary(data: dict[str, Any], elapsed: float, stream: TextIO) -> None:
-    print(f"\nFederation is up in {elapsed:.1f}s (home {data['home']})", file=stream)
-    print(
-        f"  gateway   {data['gateway']['url']}  "
-        f"(OpenAI base URL {data['gateway']['openai_base_url']})",
-        file=stream,
-    )
+def _print_summary(data: dict[str, Any], elapsed: float, progress: Progress) -> None:
+    say = progress.write
+    say(f"\nFederation is up in {elapsed:.1f}s (home {data['home']})")
+    say(f"  gateway   {data['gateway']['url']}  "
+        f"(OpenAI base URL {data['gateway']['openai_base_url']})")
     for role, node in data["nodes"].items():
-        print(f"  {role:<9} grpc {node['grpc']}  metrics {node['metrics']}", file=stream)
-    print(
-        f"  database  {'embedded' if data['database']['embedded'] else 'external'} PostgreSQL",
-        file=stream,
-    )
-    print(f"  endpoints written to {Path(data['home']) / 'endpoints.json'}", file=stream)
-    print("A crashed process is restarted; `federation status` shows every one.", file=stream)
-    print("Press Ctrl-C to stop.", file=stream, flush=True)
+        say(f"  {role:<9} grpc {node['grpc']}  metrics {node['metrics']}")
+    say(f"  database  {'embedded' if data['database']['embedded'] else 'external'} PostgreSQL")
+    say(f"  endpoints written to {Path(data['home']) / 'endpoints.json'}")
+    say("A crashed process is restarted; `federation status` shows every one.")
+    say("Press Ctrl-C to stop.")
 
 
 async def run_federation(settings: Settings, *, json_output: bool = False) -> int:
@@ -397,8 +392,8 @@ async def _run(federation: Federation, progress: Progress, json_output: bool) ->
         data = federation.write_endpoints()
         federation.watch()
         if json_output:
-            print(json.dumps(data, indent=2), flush=True)
-        _print_summary(data, progress.elapsed, sys.stderr)
+            Progress(sys.stdout).write(json.dumps(data, indent=2))
+        _print_summary(data, progress.elapsed, progress)
         await stop.wait()
         return 0
     finally:
