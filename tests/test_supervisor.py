@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,6 +120,8 @@ def test_a_live_supervisor_of_an_earlier_version_is_refused_and_left_alone(
 
 class _ExitingChild:
     """Runs ``argv``; ready once it has lived 0.2 s (a crash loop exits before that)."""
+
+    stop_now_signal = signal.SIGKILL
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
         self.name = "broken"

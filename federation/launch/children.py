@@ -79,6 +79,8 @@ class Launcher(Protocol):
 class _PythonChild:
     """A ``federation node`` or ``federation gateway`` process (see ``ChildSpec``)."""
 
+    stop_now_signal = signal.SIGKILL
+
     def __init__(self, federation: Launcher, name: str, argv: list[str]) -> None:
         self.federation = federation
         self.name = name
@@ -169,6 +171,9 @@ class PostgresChild:
     """The embedded postmaster, in the foreground (see ``federation.db.embedded``)."""
 
     name = POSTGRES
+    stop_now_signal = signal.SIGQUIT
+    """PostgreSQL's immediate shutdown: no checkpoint, WAL replayed at the next start,
+    nothing committed lost."""
 
     def __init__(self, federation: Launcher, server: EmbeddedPostgres) -> None:
         self.federation = federation

@@ -81,6 +81,8 @@ class ChildSpec(Protocol):
 
     name: str
     log_path: Path
+    stop_now_signal: signal.Signals
+    """What ends the process at once, when the operator will not wait for :meth:`stop`."""
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the process. Called on the event-loop thread (see federation.launch.lifeline)."""
@@ -136,6 +138,15 @@ class Supervised:
             await self.spec.stop(self.process)
         if self.status.state != ChildState.FAILED:
             self._set(ChildState.STOPPED)
+
+    def stop_at_once(self) -> bool:
+        """Send the process its ``stop_now_signal``; whether it was still running."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(self.spec.stop_now_signal)
+        return True
 
     def log_tail(self, lines: int = 12) -> str:
         try:

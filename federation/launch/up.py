@@ -13,7 +13,8 @@ and that child marked ``failed`` while the others keep running. Every change is
 written to ``run/supervisor.json`` (read by ``GET /health`` and ``federation
 status``), and ``endpoints.json`` follows each new PID. Children never outlive
 the supervisor (:mod:`federation.launch.lifeline`). Ctrl-C (or SIGTERM) stops
-everything in reverse order, PostgreSQL last with a fast shutdown.
+everything in reverse order, PostgreSQL last with a fast shutdown; a second one
+during that stop ends every child still running at once.
 """
 
 from __future__ import annotations
@@ -299,6 +300,14 @@ class Federation:
 
     # -- stop ----------------------------------------------------------------
 
+    def stop_at_once(self) -> None:
+        """End every child still running now, without its graceful stop (a second Ctrl-C
+        or SIGTERM while :meth:`stop` runs; that stop then only waits for the exits)."""
+        running = [child for child in self.children.values() if child.stop_at_once()]
+        if running:
+            self.progress.step("stopping at once: "
+                               + ", ".join(child.name for child in running))
+
     async def stop(self) -> None:
         if self._endpoints_written:
             with contextlib.suppress(FileNotFoundError):
@@ -397,6 +406,10 @@ async def _run(federation: Federation, progress: Progress, json_output: bool) ->
         await stop.wait()
         return 0
     finally:
-        progress.step("stopping the federation")
+        # A graceful stop may take each node its grace period (longer for one that hangs,
+        # or a stalled PostgreSQL): the operator who asks again gets a stop at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, federation.stop_at_once)
+        progress.step("stopping the federation (Ctrl-C again to stop at once)")
         await federation.stop()
         progress.step("stopped")
