@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -58,3 +59,37 @@ def test_a_malformed_database_url_is_one_line(tmp_path: Path, url: str, says: st
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(f"federation: error: {says}"), (
         run.stderr)
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or "postgres"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("command", [("up", "--http-port", "0"), ("db", "migrate")])
+def test_a_database_that_refuses_the_login_is_one_line(tmp_path: Path, pg_admin_url: str,
+                                                       command: tuple[str, ...]) -> None:
+    # `federation up --database-url` ended in asyncpg's InvalidPasswordError traceback.
+    url = _with_password(pg_admin_url, "certainly-not-the-password")
+    run = _run(tmp_path, *command, "--database-url", url)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    where = urlsplit(url).netloc.rpartition("@")[2]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"federation: error: cannot connect to PostgreSQL at {where}: password "
+        "authentication failed"), run.stderr
+    assert "certainly-not-the-password" not in run.stderr
+
+
+@pytest.mark.parametrize("command", [("up", "--http-port", "0"), ("db", "migrate")])
+def test_a_malformed_database_url_for_migrations_is_one_line(tmp_path: Path,
+                                                            command: tuple[str, ...]) -> None:
+    # `federation up`'s own migrations connected without the pools' checks: a port that is
+    # not a number ended in asyncpg's ValueError traceback.
+    run = _run(tmp_path, *command, "--database-url", "postgresql://u@127.0.0.1:abc/db")
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "federation: error: the database URL is not usable: invalid literal"), run.stderr

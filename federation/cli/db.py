@@ -19,6 +19,7 @@ import asyncpg
 
 from federation.cli.support import print_json
 from federation.config import Settings
+from federation.db import connect
 from federation.db.migrate import apply_migrations
 from federation.db.replication import display, host_dsns, promote, roles
 from federation.db.roles import (
@@ -119,12 +120,7 @@ async def promote_standby(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     url = args.database_url or database_url(settings)
-    try:
-        conn = await asyncpg.connect(url, timeout=settings.database.connect_timeout_seconds)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise CommandError(f"cannot connect to PostgreSQL: {exc}") from None
-    except asyncpg.ClientConfigurationError as exc:  # a malformed URL; its text has no secret
-        raise CommandError(f"--database-url: {exc}") from None
+    conn = await connect(url, settings.database)
     try:
         applied = await apply_migrations(conn)
     except asyncpg.InsufficientPrivilegeError as exc:

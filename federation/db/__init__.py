@@ -28,6 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -132,14 +133,39 @@ async def create_pool(
     try:
         await pool
     except (asyncpg.ClientConfigurationError, ValueError) as exc:
-        # A malformed DSN (a port that is not a number, an unknown sslmode): asyncpg's
-        # exceptions (ValueError for the port) would end the command in a traceback.
         await pool.close()
-        raise ConfigError(f"the database URL is not usable: {exc}") from exc
+        raise _unusable_url(exc) from exc
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         await pool.close()
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        raise _cannot_connect(url, config, exc) from exc
     return pool
+
+
+async def connect(url: str, config: DatabaseConfig) -> asyncpg.Connection:
+    """One connection outside any pool (``federation up``'s and ``federation db migrate``'s
+    migrations), within ``connect_timeout_seconds``; a failure is one line for people:
+    :class:`DatabaseUnavailable` or, for a malformed URL, ``ConfigError``."""
+    try:
+        return await asyncpg.connect(url, timeout=config.connect_timeout_seconds)
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        raise _unusable_url(exc) from exc
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise _cannot_connect(url, config, exc) from exc
+
+
+def _unusable_url(exc: Exception) -> ConfigError:
+    # A malformed DSN (a port that is not a number, an unknown sslmode): asyncpg's
+    # exceptions (ValueError for the port) would end the command in a traceback.
+    return ConfigError(f"the database URL is not usable: {exc}")
+
+
+def _cannot_connect(url: str, config: DatabaseConfig, exc: Exception) -> DatabaseUnavailable:
+    """Where (host and port only: the URL may hold a password) and why; a timeout has no
+    text of its own."""
+    where = urlsplit(url).netloc.rpartition("@")[2]
+    why = (f"no answer within {config.connect_timeout_seconds:g}s"
+           if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {why}")
 
 
 def _with_query_logger(init: Callable[[asyncpg.Connection], Awaitable[None]] | None,

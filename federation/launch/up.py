@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federation.channels import secure_channel
 from federation.config import ROLES_WITH_SERVICES, Settings
-from federation.db import embedded_data_dir, ensure_database
+from federation.db import connect, embedded_data_dir, ensure_database
 from federation.db.embedded import DATABASE, EmbeddedPostgres
 from federation.db.migrate import apply_migrations
 from federation.errors import CommandError
@@ -149,7 +148,7 @@ class Federation:
             await self._supervise(PostgresChild(self, self.embedded)).start()
             await ensure_database(dsn.url("postgres"), DATABASE)
             self.database_url = dsn.url()
-        conn = await asyncpg.connect(self.database_url)
+        conn = await connect(self.database_url, self.settings.database)
         try:
             applied = await apply_migrations(conn)
         finally:
