@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -88,3 +90,42 @@ async def test_edited_applied_migration_is_refused(pg_url: str) -> None:
             await apply_migrations(conn, [edited])
     finally:
         await conn.close()
+
+
+async def _migrate_command(url: str, home: Path) -> tuple[int, str]:
+    """``federation db migrate --database-url URL``: (exit code, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDERATION_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "federation.cli", "--home", str(home), "db", "migrate",
+        "--database-url", url, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_a_migration_that_fails_is_rolled_back_and_named_in_one_line(
+        pg_url: str, tmp_path: Path) -> None:
+    # A table in the way of 0003's second one: its first statement runs, then it fails.
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("CREATE TABLE api_key_sources (id int)")
+    finally:
+        await conn.close()
+    code, err = await _migrate_command(pg_url, tmp_path)
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    assert err.splitlines() == [
+        "federation: error: migration 0003_api_keys failed and was rolled back, so the "
+        "schema stands just before it; 2 before it applied now: DuplicateTableError: "
+        'relation "api_key_sources" already exists'], err
+    assert await _versions(pg_url) == [1, 2]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('api_keys')") is None  # rolled back
+        await conn.execute("DROP TABLE api_key_sources")
+    finally:
+        await conn.close()
+    code, err = await _migrate_command(pg_url, tmp_path)
+    assert code == 0, err
+    assert await _versions(pg_url) == [m.version for m in load_migrations()]

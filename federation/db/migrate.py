@@ -86,20 +86,37 @@ async def apply_migrations(
                         "was applied; add a new migration instead of editing an applied one"
                     )
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                )
+            await _apply(conn, migration, applied_now)
             applied_now.append(migration.version)
             log.info(
                 "applied migration",
                 extra={"version": migration.version, "migration": migration.name},
             )
     return applied_now
+
+
+async def _apply(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], migration: Migration,
+                 applied_now: list[int]) -> None:
+    """One migration and its record, in one transaction. A statement that fails is one
+    error naming the migration and what is applied, not PostgreSQL's bare message (a
+    traceback at the command line): the operator must know where the schema stands."""
+    try:
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+    except asyncpg.InsufficientPrivilegeError:
+        raise  # `federation db migrate` says to run it as the owner
+    except asyncpg.PostgresError as exc:
+        now = f"; {len(applied_now)} before it applied now" if applied_now else ""
+        raise MigrationError(
+            f"migration {migration.version:04d}_{migration.name} failed and was rolled back, "
+            f"so the schema stands just before it{now}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 async def check_schema(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
