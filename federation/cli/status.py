@@ -31,9 +31,13 @@ from federation.errors import CommandError
 from federation.launch.endpoints import admin_credentials, load_endpoints
 from federation.launch.probe import peer_targets, probe_peers
 from federation.launch.state import ChildState, ChildStatus, SupervisorState, live_state
+from federation.launch.supervisor import HomeLock
 from federation.pki import CertificateFiles
 
 SERVING = "serving"
+STARTING = "starting"
+"""The health of every component while ``federation up`` starts: not probed, since the
+addresses of this run are not known before ``endpoints.json`` is written."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 class ComponentStatus:
     name: str
     health: str
-    """``serving``, ``not_serving`` or ``unreachable``."""
+    """``serving``, ``not_serving``, ``unreachable`` or (not probed yet) ``starting``."""
     state: str
     """The supervisor's view: ``running``, ``restarting``, ``failed``… (``-``: not supervised)."""
     pid: int | None
@@ -66,17 +70,36 @@ async def show_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.peers or (state is None and peer_targets(settings)):
         return await _show_peers(settings, args.json)
     if state is None:
+        if (starting := HomeLock.holder(home)) is not None:
+            raise CommandError(f"the federation on {home} is starting (supervisor pid "
+                               f"{starting}); ask again once it is up")
         raise CommandError(f"no federation is running on {home} (start one with `make run` "
                            "or `federation up`, or set FEDERATION_HOME)")
-    endpoints = load_endpoints(settings)
-    components = await _probe_all(settings, endpoints, state)
+    endpoints = _current_endpoints(settings, state)
+    if endpoints is None:
+        components = [_component(name, "", STARTING, child)
+                      for name, child in state.children.items()]
+    else:
+        components = await _probe_all(settings, endpoints, state)
     healthy = all(c.health == SERVING for c in components)
     if args.json:
         print_json({"home": str(home), "supervisor_pid": state.pid, "healthy": healthy,
+                    "starting": endpoints is None,
                     "components": {c.name: _json(c) for c in components}})
     else:
         _print_table(components, state)
     return 0 if healthy else 1
+
+
+def _current_endpoints(settings: Settings, state: SupervisorState) -> dict[str, Any] | None:
+    """The live supervisor's ``endpoints.json``; ``None`` while it is starting, when there
+    is none yet or only one left by an earlier run (whose addresses are not this run's:
+    probing them would call serving components unreachable)."""
+    try:
+        endpoints = load_endpoints(settings)
+    except CommandError:
+        return None
+    return endpoints if endpoints.get("supervisor_pid") == state.pid else None
 
 
 async def _probe_all(settings: Settings, endpoints: dict[str, Any],
@@ -193,6 +216,10 @@ def _print_table(components: list[ComponentStatus], state: SupervisorState) -> N
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
               .rstrip())
     down = [c for c in components if c.health != SERVING]
+    if all(c.health == STARTING for c in components):
+        print(f"\nthe federation is starting (supervisor pid {state.pid}); ask again once "
+              "it is up")
+        return
     if not down:
         print(f"\nall {len(components)} components serving (supervisor pid {state.pid})")
         return

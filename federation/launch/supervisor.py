@@ -288,6 +288,19 @@ class HomeLock:
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
+    @staticmethod
+    def holder(home: Path) -> int | None:
+        """The PID of the supervisor holding the lock of ``home`` now, found without
+        touching the lock (taking it, even shared for an instant, could make a
+        ``federation up`` starting at that moment refuse): the PID it wrote, if that
+        process is a ``federation`` one started before it wrote it."""
+        path = home / "run" / "supervisor.lock"
+        try:
+            pid, written = int(path.read_text().split()[0]), path.stat().st_mtime
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if supervisor_alive(pid, written) else None
+
 
 # -- what a dead supervisor left -------------------------------------------------------
 
