@@ -186,3 +186,12 @@ async def test_a_child_that_cannot_even_be_started_ends_failed_saying_why(
     spec.argv = [str(tmp_path / "no-such-program")]  # e.g. the venv was removed
     child, _ = await _supervise_until_failed(spec, first)
     assert child.status.last_exit.startswith("could not start: [Errno 2]")
+
+
+def test_exits_not_counted_back_off_but_never_make_a_crash_loop() -> None:
+    policy = RestartPolicy(CONFIG)
+    delays = [policy.next_delay(float(t), uptime=1.0, counted=False) for t in range(10)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, *[4.0] * 6]
+    # ...and do not use up the counted ones either.
+    counted = [policy.next_delay(10.0 + t, uptime=1.0) for t in range(6)]
+    assert counted[:5] == [4.0] * 5 and counted[5] is None

@@ -13,13 +13,17 @@ module is: every other command (an operator's ``federation keys list``, a phone'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from federation import logs
 from federation.cli.arguments import listen_address, port
-from federation.config import ROLES_WITH_SERVICES, Settings
+from federation.cli.support import fail
+from federation.config import ROLES_WITH_SERVICES, ConfigError, Settings
+from federation.db.errors import EXIT_DATABASE_UNAVAILABLE, is_outage
 from federation.errors import CommandError
 from federation.launch.up import run_federation
 
@@ -96,7 +100,8 @@ async def _node(settings: Settings, args: argparse.Namespace) -> int:
     )
     logs.configure(f"node:{args.role}", settings.log_level)
     try:
-        await serve(settings, options)
+        async with _exit_on_database_outage():
+            await serve(settings, options)
     except DaemonError as exc:
         raise CommandError(str(exc)) from exc
     return 0
@@ -110,6 +115,21 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
     from gateway_http.app import run_gateway
 
     logs.configure("gateway", settings.log_level)
-    exit_code: int = await run_gateway(settings, ready_file=args.ready_file,
-                                       lifeline_fd=args.lifeline_fd)
+    async with _exit_on_database_outage():
+        exit_code: int = await run_gateway(settings, ready_file=args.ready_file,
+                                           lifeline_fd=args.lifeline_fd)
     return exit_code
+
+
+@contextlib.asynccontextmanager
+async def _exit_on_database_outage() -> AsyncIterator[None]:
+    """A process that cannot start (or run) because the database is unavailable exits
+    with its own status, one line: ``federation up`` retries it without counting a crash
+    loop (see ``EXIT_DATABASE_UNAVAILABLE``). Anything else is left to the caller."""
+    try:
+        yield
+    except Exception as exc:
+        # A malformed URL is raised by asyncpg as a client error too: not an outage.
+        if isinstance(exc, ConfigError) or not is_outage(exc):
+            raise
+        fail(f"the database is unavailable: {exc}", EXIT_DATABASE_UNAVAILABLE)

@@ -27,6 +27,12 @@ DISK_FULL_MESSAGE: Final = ("the database is out of disk space: writes are refus
 DISK_FULL_RETRY_AFTER_SECONDS: Final = 30.0
 """Freeing space takes a person: retrying every two seconds would only add load."""
 
+EXIT_DATABASE_UNAVAILABLE: Final = 69
+"""The exit status of a process that could not start because the database is unavailable
+(EX_UNAVAILABLE). ``federation up`` retries it at its back-off without counting it
+towards a crash loop: the process is not broken, and must come back by itself once the
+database does (a node restarted during an outage would otherwise end ``failed``)."""
+
 _SERVER_OUTAGES: Final = (
     asyncpg.PostgresConnectionError,  # class 08: connection lost, refused, rejected
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery

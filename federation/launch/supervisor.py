@@ -29,6 +29,7 @@ from typing import Protocol
 import psutil
 
 from federation.config import SupervisorConfig
+from federation.db.errors import EXIT_DATABASE_UNAVAILABLE
 from federation.db.postmaster import PostmasterPid, describe_exit, postmaster_alive
 from federation.errors import CommandError
 from federation.launch.endpoints import supervisor_alive
@@ -59,20 +60,22 @@ class RestartPolicy:
         self._consecutive = 0
         self._restarts: deque[float] = deque()
 
-    def next_delay(self, now: float, uptime: float) -> float | None:
+    def next_delay(self, now: float, uptime: float, *, counted: bool = True) -> float | None:
         """Seconds to wait before restarting a child that exited at ``now`` after
-        ``uptime`` seconds of running; ``None`` when it is in a crash loop."""
+        ``uptime`` seconds of running; ``None`` when it is in a crash loop. An exit not
+        ``counted`` (the database unavailable) backs off the same way but never makes one."""
         config = self._config
         if uptime >= config.stable_after_seconds:
             self._consecutive = 0
         while self._restarts and self._restarts[0] <= now - config.crash_loop_window_seconds:
             self._restarts.popleft()
-        if len(self._restarts) >= config.crash_loop_restarts:
+        if counted and len(self._restarts) >= config.crash_loop_restarts:
             return None
         delay = min(config.restart_max_delay_seconds,
                     config.restart_initial_delay_seconds * 2.0 ** self._consecutive)
         self._consecutive += 1
-        self._restarts.append(now)
+        if counted:
+            self._restarts.append(now)
         return delay
 
 
@@ -174,14 +177,16 @@ class Supervised:
         self._on_change()
 
     async def _supervise(self) -> None:
-        ended = describe_exit(await self._wait_exit())
+        ended: int | str | None = await self._wait_exit()
         while (delay := self._record_exit(ended, time.monotonic())) is not None:
             await asyncio.sleep(delay)
-            restarted = await self._restart()
-            ended = restarted or describe_exit(await self._wait_exit())
+            ended = await self._restart()
+            if ended is None:
+                ended = await self._wait_exit()
 
-    async def _restart(self) -> str | None:
-        """Start the child again; ``None`` once it serves, else how this attempt ended."""
+    async def _restart(self) -> int | str | None:
+        """Start the child again; ``None`` once it serves, else how this attempt ended
+        (its exit status, or why it could not be started)."""
         exited_at = self._exited_at
         try:
             self._spawn()
@@ -197,7 +202,7 @@ class Supervised:
                 self._report(f"{self.name} did not become ready ({_first_line(exc)}); "
                              "killing it")
                 await self._kill_unready()
-            return describe_exit(await self._wait_exit())
+            return await self._wait_exit()
         self._ready()
         self._report(f"{self.name} serving again (pid {self.process.pid}, "
                      f"{time.monotonic() - exited_at:.1f}s after the exit)")
@@ -206,14 +211,18 @@ class Supervised:
     async def _wait_exit(self) -> int | None:
         return None if self.process is None else await process_exit(self.process)
 
-    def _record_exit(self, ended: str, now: float) -> float | None:
-        """Record how the child ended; the delay before its restart, or ``None`` when
-        that makes a crash loop."""
+    def _record_exit(self, how: int | str | None, now: float) -> float | None:
+        """Record how the child ended (exit status, or why it could not start); the delay
+        before its restart, or ``None`` when that makes a crash loop."""
         uptime = now - self._started_at
+        waiting = how == EXIT_DATABASE_UNAVAILABLE
+        ended = how if isinstance(how, str) else describe_exit(how)
+        if waiting:
+            ended += " (the database is unavailable)"
         self._exited_at = now
         self.status.last_exit = ended
         self.status.last_exit_at = time.time()
-        delay = self._policy.next_delay(now, uptime)
+        delay = self._policy.next_delay(now, uptime, counted=not waiting)
         if delay is None:
             # The reason first: whoever then sees the state "failed" finds it printed.
             self._report(

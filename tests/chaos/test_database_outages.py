@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import signal
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ import pytest
 from federation.config import DatabaseConfig
 from federation.db import ABORT_AFTER_FAILED_PROBES
 from tests.db_support import OwnCluster, own_cluster
-from tests.up_support import ChatClient, RunningUp, federation_up, until
+from tests.up_support import TEST_MODEL_TOML, ChatClient, RunningUp, federation_up, until
 
 STALL_SECONDS = 30.0
 CLIENTS = 4
@@ -164,3 +165,32 @@ def longest_wait(loop: ChatClient, start: float, end: float) -> float:
     the time between two answers bounds the second one's wait."""
     answered = [start] + [at for at, _, _ in loop.outcomes if start < at < end] + [end]
     return max(later - earlier for earlier, later in itertools.pairwise(answered))
+
+
+FAST_CRASH_LOOP = TEST_MODEL_TOML + """
+[supervisor]
+restart_max_delay_seconds = 2.0
+crash_loop_restarts = 3
+"""
+"""A crash loop after 3 restarts, at most 2 s apart: reached within seconds."""
+
+
+async def test_a_node_restarted_while_the_database_is_down_comes_back_with_it(
+        tmp_path: Path, cluster: OwnCluster) -> None:
+    # It used to exit 1 at each start ("cannot connect to PostgreSQL"), a crash loop: left
+    # `failed` for good, the database's return notwithstanding.
+    async with federation_up(tmp_path / "home", tmp_path / "up.log", toml=FAST_CRASH_LOOP,
+                             extra_env={"FEDERATION_DATABASE_URL": cluster.url}) as up:
+        await asyncio.to_thread(cluster.kill)
+        os.kill(up.pid("keys"), signal.SIGKILL)
+        await until(lambda: up.child("keys")["restarts"] > 3 + 1, 40)
+        keys = up.child("keys")
+        assert keys["state"] == "restarting", (keys, up.output()[-3000:])
+        assert keys["last_exit"] == "exit status 69 (the database is unavailable)", keys
+        assert "keys FAILED" not in up.output()
+
+        cluster.restart()
+        await until(lambda: up.child("keys")["state"] == "running", 30)
+        assert await up.serving("keys")
+        code, out, err = await up.cli("status")
+        assert code == 0, out + err
