@@ -192,3 +192,22 @@ async def test_stalled_database_is_unavailable_then_recovers(tmp_path: Path,
         assert await issue(stub) is None
         assert all(node.process.returncode is None for node in nodes), "a node restarted"
 
+
+
+async def test_a_node_stopped_while_the_database_is_stalled_stops_cleanly(
+        tmp_path: Path, cluster: OwnCluster) -> None:
+    # Closing its pool waited for a stalled server to hang up each session, for the whole
+    # command timeout, then ended the node in a TimeoutError ("federation: error: ").
+    async with key_authority(tmp_path, cluster) as (stub, _, nodes):
+        assert await issue(stub) is None
+        keys = nodes[-1]
+        stalled = cluster.stall()
+        try:
+            keys.process.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(keys.process.wait(), 30)
+        finally:
+            cluster.resume(stalled)
+        log = (tmp_path / "home" / "keys.log").read_text()
+        assert code == 0, log[-2000:]
+        assert "federation: error" not in log
+        assert "connections dropped" in log

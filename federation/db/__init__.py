@@ -74,10 +74,26 @@ class BoundedPool(asyncpg.Pool):
     ``known_unreachable`` (set by the database watch) answers them in microseconds.
     """
 
-    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, acquire_timeout: float, close_timeout: float,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.acquire_timeout = acquire_timeout
+        self.close_timeout = close_timeout
         self.known_unreachable = False
+
+    async def close(self) -> None:
+        """asyncpg's graceful close, within ``close_timeout``; past it, the connections are
+        dropped (``terminate()``). Each connection asks the server to end its session and
+        waits for it to hang up: a stalled server never does, and asyncpg would wait the
+        whole command timeout and then raise, so a process stopping during an outage
+        took that long and ended in an error. Nothing is lost by dropping them: a pool is
+        closed once nothing uses it, and an open transaction is rolled back either way."""
+        try:
+            await asyncio.wait_for(super().close(), self.close_timeout)
+        except Exception as exc:
+            log.warning("the database did not answer the pool's close; connections dropped",
+                        extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+            self.terminate()
 
     def acquire(self, *, timeout: float | None = None) -> Any:
         if self.known_unreachable:
@@ -118,6 +134,8 @@ async def create_pool(
     pool = BoundedPool(
         url,
         acquire_timeout=config.acquire_timeout_seconds,
+        # What counts as unreachable for a probe is long enough for a server to answer.
+        close_timeout=config.probe_timeout_seconds,
         min_size=config.pool_min_size if min_size is None else min_size,
         max_size=config.pool_max_size if max_size is None else max_size,
         max_queries=50_000,
