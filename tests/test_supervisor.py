@@ -195,3 +195,24 @@ def test_exits_not_counted_back_off_but_never_make_a_crash_loop() -> None:
     # ...and do not use up the counted ones either.
     counted = [policy.next_delay(10.0 + t, uptime=1.0) for t in range(6)]
     assert counted[:5] == [4.0] * 5 and counted[5] is None
+
+
+async def test_while_a_child_waits_for_its_restart_no_pid_is_shown(tmp_path: Path) -> None:
+    # The PID of the process that exited stayed in supervisor.json, `federation status`
+    # and endpoints.json through the back-off, free to be reused by any process.
+    spec = _ExitingChild([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "x.log")
+    first = spec.spawn()
+    slow = SupervisorConfig(restart_initial_delay_seconds=30.0)
+    child = Supervised(spec, slow, lambda: None, lambda _: None)
+    child.process = first
+    child.status.pid = first.pid
+    child.watch()
+    try:
+        for _ in range(100):
+            if child.status.state == ChildState.RESTARTING:
+                break
+            await asyncio.sleep(0.05)
+        assert child.status.state == ChildState.RESTARTING
+        assert (child.status.pid, child.status.last_exit) == (None, "exit status 3")
+    finally:
+        await child.stop()

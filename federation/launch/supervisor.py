@@ -222,6 +222,9 @@ class Supervised:
         self._exited_at = now
         self.status.last_exit = ended
         self.status.last_exit_at = time.time()
+        # No process now: `federation status`, endpoints.json and scripts must not be
+        # shown a PID that is free to be reused by any other process.
+        self.status.pid = self.status.create_time = None
         delay = self._policy.next_delay(now, uptime, counted=not waiting)
         if delay is None:
             # The reason first: whoever then sees the state "failed" finds it printed.

@@ -36,8 +36,9 @@ async def test_killed_postmaster_is_restarted_on_its_port_and_nodes_recover(
             assert before is not None and before.pid == postmaster
 
             os.kill(postmaster, signal.SIGKILL)
-            back = await until(lambda: up.pid("postgres") != postmaster
-                               and up.child("postgres")["state"] == "running",
+            # State first: while it waits for its restart, no PID is listed.
+            back = await until(lambda: up.child("postgres")["state"] == "running"
+                               and up.pid("postgres") != postmaster,
                                BACK_WITHIN_SECONDS)
             after = PostmasterPid.read(data_dir)
             assert after is not None and after.pid == up.pid("postgres")
