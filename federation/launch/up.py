@@ -64,6 +64,12 @@ from federation.pki import (
     write_private_file,
 )
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, a service manager's stop, and the terminal going away (its window closed, an
+ssh session lost): each stops the federation gracefully. SIGHUP's default action would
+end the supervisor at once, leaving its children to the lifeline's short orphan stop
+and its state file saying "running"."""
+
 STOP_ORDER = (GATEWAY, "council", "inference", "broker", "guardian", "keys", "memory", POSTGRES)
 """Front door first, then the nodes that call others, then the ones they call, then
 the database."""
@@ -383,7 +389,7 @@ async def run_federation(settings: Settings, *, json_output: bool = False) -> in
 async def _run(federation: Federation, progress: Progress, json_output: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
         start = asyncio.create_task(federation.start())
@@ -407,7 +413,7 @@ async def _run(federation: Federation, progress: Progress, json_output: bool) ->
     finally:
         # A graceful stop may take each node its grace period (longer for one that hangs,
         # or a stalled PostgreSQL): the operator who asks again gets a stop at once.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, federation.stop_at_once)
         progress.step("stopping the federation (Ctrl-C again to stop at once)")
         await federation.stop()

@@ -64,3 +64,22 @@ async def test_a_second_ctrl_c_stops_everything_at_once(tmp_path: Path) -> None:
     finally:
         await stop_up(up)
         delete_embedded_data(home)
+
+
+async def test_a_hangup_stops_the_federation_gracefully(tmp_path: Path) -> None:
+    # The terminal of `federation up` closed (its window, an ssh session lost): SIGHUP's
+    # default action ended the supervisor at once, its children left to the lifeline's
+    # short orphan stop, endpoints.json and the state file saying "running" behind it.
+    home = tmp_path / "home"
+    up = await start_up(home, tmp_path / "up.log")
+    try:
+        processes = up.processes()
+        up.process.send_signal(signal.SIGHUP)
+        assert await asyncio.wait_for(up.process.wait(), 60) == 0, up.output()[-2000:]
+        assert running_processes(processes) == []
+        assert not (home / "endpoints.json").exists()
+        states = {c["state"] for c in up.supervisor_state["children"].values()}
+        assert states == {"stopped"}
+    finally:
+        await stop_up(up)
+        delete_embedded_data(home)
