@@ -8,7 +8,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -216,3 +216,29 @@ async def test_while_a_child_waits_for_its_restart_no_pid_is_shown(tmp_path: Pat
         assert (child.status.pid, child.status.last_exit) == (None, "exit status 3")
     finally:
         await child.stop()
+
+
+def _refuse() -> None:
+    raise RuntimeError("refused")
+
+
+async def test_a_spawn_failing_with_any_error_is_counted_and_ends_failed_saying_why(
+        tmp_path: Path) -> None:
+    # Popen raises SubprocessError, not OSError, when its preexec_fn fails (PostgreSQL's
+    # spawn has one): that ended the child's supervision, "restarting" for ever.
+    spec = _PreexecChild([sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "x.log")
+    first = spec.spawn()
+    spec.preexec = _refuse
+    child, reports = await _supervise_until_failed(spec, first)
+    assert child.status.last_exit == "could not start: Exception occurred in preexec_fn."
+    assert reports[-1].startswith("broken FAILED: crash loop (could not start")
+
+
+class _PreexecChild(_ExitingChild):
+    preexec: Callable[[], None] | None = None
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self.spawned += 1
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(self.argv, stdout=log, stderr=log,
+                                    preexec_fn=self.preexec)

@@ -190,8 +190,12 @@ class Supervised:
         exited_at = self._exited_at
         try:
             self._spawn()
-        except OSError as exc:  # e.g. out of file descriptors or processes
-            return f"could not start: {exc}"
+        except Exception as exc:
+            # Out of file descriptors or processes (OSError), a preexec_fn that failed
+            # (SubprocessError), a data directory another server holds (PostgreSQL): an
+            # attempt that failed, counted like an exit. Raised, it ended this supervision
+            # silently (the child "restarting" for ever) and then the federation's stop.
+            return f"could not start: {_first_line(exc)}"
         assert self.process is not None
         try:
             await self.spec.wait_ready(self.process)
