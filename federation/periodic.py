@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -14,14 +14,31 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+CANCEL_AGAIN_SECONDS = 0.5
+"""How long :func:`cancel_and_wait` gives a task to end before cancelling it again."""
+
+
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` (``None``: nothing to stop) and wait until it has ended. Its
-    cancellation is the expected end; any other exception it ended with is raised."""
+    cancellation is the expected end; any other exception it ended with is raised.
+
+    A task can swallow one cancellation: asyncpg turns a cancel that lands while it
+    releases a connection into a TimeoutError, which a retry loop's ``except Exception``
+    takes for an outage (a broker's stop then hung during a database stall until it was
+    killed). So the task is cancelled again every ``CANCEL_AGAIN_SECONDS`` until it ends."""
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_SECONDS)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """:func:`cancel_and_wait` of every task at once; their other exceptions are dropped
+    (a stop must stop every task, whatever one of them ended with)."""
+    await asyncio.gather(*(cancel_and_wait(t) for t in tasks), return_exceptions=True)
 
 
 class TaskSet:

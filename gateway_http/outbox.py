@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from federation.durable import fsync_directory
 from federation.errors import ErrorCode, FederationError
+from federation.periodic import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +247,7 @@ class Outbox:
         if not self._tasks:
             return
         await self.drain(grace_seconds, while_failing=False)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         self._fail_unsynced(FederationError(ErrorCode.UNAVAILABLE, "the outbox is stopping"))
         if self._pending:

@@ -1,10 +1,13 @@
-"""TaskSet: the one holder of tasks nobody awaits where they start."""
+"""TaskSet, the one holder of tasks nobody awaits where they start; and the one way a
+background task is stopped."""
 
 from __future__ import annotations
 
 import asyncio
 
-from federation.periodic import TaskSet
+import pytest
+
+from federation.periodic import TaskSet, cancel_all, cancel_and_wait
 
 
 async def test_a_spawned_task_is_held_until_it_ends() -> None:
@@ -50,3 +53,31 @@ async def test_cancel_ends_every_task() -> None:
     await asyncio.gather(*spawned, return_exceptions=True)
     assert all(task.cancelled() for task in spawned)
     assert len(tasks) == 0
+
+
+async def _retry_loop_that_swallows_one_cancel(attempts: list[int]) -> None:
+    """A retry loop whose ``except Exception`` takes a cancellation asyncpg turned into a
+    TimeoutError (it does, when the cancel lands while it releases a connection) for an
+    outage, as the edge broker's audit-outbox flusher did."""
+    while True:
+        attempts.append(1)
+        try:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if len(attempts) == 1:
+                    raise TimeoutError from None
+                raise
+        except Exception:
+            pass  # "an outage: retry"
+
+
+@pytest.mark.parametrize("stop", [cancel_and_wait, lambda task: cancel_all([task])])
+async def test_a_task_that_swallows_a_cancel_is_cancelled_again(stop: object) -> None:
+    attempts: list[int] = []
+    task = asyncio.create_task(_retry_loop_that_swallows_one_cancel(attempts))
+    await asyncio.sleep(0)
+    assert callable(stop)
+    async with asyncio.timeout(5):  # a single cancel left it running for ever
+        await stop(task)
+    assert task.cancelled() and len(attempts) == 2

@@ -22,6 +22,7 @@ from federation.edge.jobs import JobQueue
 from federation.edge.reaper import Reaper
 from federation.edge.uploads import UploadStore
 from federation.memory.sink import AuditSink
+from federation.periodic import cancel_all
 from federation.pki import EdgeSigner
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,7 @@ class EdgeBroker:
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
             # Best effort: deliver what the last calls queued before the pool closes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush_once(), timeout=2)
