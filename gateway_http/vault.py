@@ -36,13 +36,13 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from federation.channels import open_channel
 from federation.config import ConfigError, Settings
 from federation.crypto.keyfile import load_or_create_key
 from federation.db import DatabaseWatch
+from federation.db import connect as connect_database
 from federation.db.migrate import apply_migrations, check_schema
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GrpcGuardianClient
@@ -108,7 +108,7 @@ def _vault_context(
             # Migrations normally ran when the nodes started; applying them here too makes
             # the gateway's role exist even if the gateway starts first. A gateway logging
             # in as its own role (database.migrate = false) only checks the schema.
-            conn = await asyncpg.connect(settings.database.url)
+            conn = await connect_database(settings.database.url, settings.database)
             try:
                 if settings.database.migrate:
                     await apply_migrations(conn)

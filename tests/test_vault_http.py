@@ -4,14 +4,19 @@ the real guardian and thermal memory nodes, real PostgreSQL, mTLS everywhere."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from federation.db import Database
+from federation.config import DatabaseConfig, Settings
+from federation.db import Database, DatabaseUnavailable
 from federation.v1 import key_authority_pb2 as kpb
+from gateway_http.vault import add_vault_routes
 from tests.gateway_support import quiesce
 from tests.stack_support import MODEL, Stack, federation_stack
 
@@ -157,3 +162,24 @@ async def test_the_keys_request_rate_applies_to_the_vault_as_to_generations(
     records = [dict(r.payload.attributes) for r in await stack.records("t1", "gateway.request")
                if dict(r.payload.attributes)["key_id"] == issued.key.key_id]
     assert sorted(r["status"] for r in records) == ["200", "200", "201", "429", "429"]
+
+
+async def test_a_vault_whose_database_does_not_answer_fails_the_start_in_one_line(
+        tmp_path: Path) -> None:
+    """The vault's migrations connected with asyncpg's own 60 s timeout and its raw
+    errors; it now connects as every other start does."""
+    with socket.socket() as silent:  # accepts nothing: connecting waits for the timeout
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        port = silent.getsockname()[1]
+        settings = Settings(home=tmp_path, database=DatabaseConfig(
+            url=f"postgresql://nobody@127.0.0.1:{port}/federation",
+            connect_timeout_seconds=0.5))
+        app = web.Application()
+        add_vault_routes(app, settings, None)
+        runner = web.AppRunner(app)
+        async with asyncio.timeout(10):
+            with pytest.raises(DatabaseUnavailable, match=f"cannot connect to PostgreSQL at "
+                                                          f"127.0.0.1:{port}: no answer"):
+                await runner.setup()
+        await runner.cleanup()
