@@ -10,7 +10,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from federation.db.migrate import Migration, MigrationError, apply_migrations, load_migrations
+from federation.db.migrate import (
+    Migration,
+    MigrationError,
+    apply_migrations,
+    check_schema,
+    load_migrations,
+)
 from tests.db_support import started_database
 
 
@@ -88,6 +94,22 @@ async def test_edited_applied_migration_is_refused(pg_url: str) -> None:
         edited = Migration(9001, "probe", "CREATE TABLE probe (id bigint)")
         with pytest.raises(MigrationError, match="changed after it was applied"):
             await apply_migrations(conn, [edited])
+    finally:
+        await conn.close()
+
+
+async def test_a_schema_newer_than_the_code_is_taken_and_said(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        newer = [Migration(9001, "one", "CREATE TABLE one (id int)"),
+                 Migration(9002, "two", "CREATE TABLE two (id int)")]
+        await apply_migrations(conn, newer)
+        with caplog.at_level("WARNING", logger="federation.db.migrate"):
+            assert await apply_migrations(conn, newer[:1]) == []  # the older code
+            await check_schema(conn, newer[:1])
+        warnings = [r for r in caplog.records if "newer than this code" in r.getMessage()]
+        assert [getattr(r, "unknown_versions", "") for r in warnings] == ["9002", "9002"]
     finally:
         await conn.close()
 

@@ -78,6 +78,7 @@ async def apply_migrations(
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
         }
+        _warn_if_newer(done, migrations)
         for migration in migrations:
             if migration.version in done:
                 if done[migration.version] != migration.checksum:
@@ -93,6 +94,17 @@ async def apply_migrations(
                 extra={"version": migration.version, "migration": migration.name},
             )
     return applied_now
+
+
+def _warn_if_newer(done: dict[int, str], migrations: list[Migration]) -> None:
+    """A schema migrated by a newer version is taken (a rollback of the code runs on it,
+    docs/deploy.md), but said: the operator should know this code does not know it all."""
+    known = {m.version for m in migrations}
+    unknown = sorted(v for v in done if v not in known)
+    if unknown:
+        log.warning("the database schema is newer than this code: migrations it does not "
+                    "know are applied (a rollback? run the newer version if not)",
+                    extra={"unknown_versions": ",".join(f"{v:04d}" for v in unknown)})
 
 
 async def _apply(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any], migration: Migration,
@@ -134,6 +146,7 @@ async def check_schema(conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
         raise MigrationError(
             f"the database schema lacks migration(s) {', '.join(missing)}: run `federation "
             "db migrate` as the database owner before starting this version")
+    _warn_if_newer(done, migrations)
     changed = [f"{m.version:04d}_{m.name}" for m in migrations
                if done[m.version] != m.checksum]
     if changed:
