@@ -132,4 +132,6 @@ async def _exit_on_database_outage() -> AsyncIterator[None]:
         # A malformed URL is raised by asyncpg as a client error too: not an outage.
         if isinstance(exc, ConfigError) or not is_outage(exc):
             raise
-        fail(f"the database is unavailable: {exc}", EXIT_DATABASE_UNAVAILABLE)
+        # A timeout raised inside asyncpg has no text: the line would end at the colon.
+        reason = str(exc) or type(exc).__name__
+        fail(f"the database is unavailable: {reason}", EXIT_DATABASE_UNAVAILABLE)
