@@ -256,11 +256,21 @@ def test_an_expired_intermediate_is_reported_with_its_remedy(pki: TestPKI) -> No
         assert done.stderr.count("\n") == 1
         assert "the nodes CA's certificate expired at" in done.stderr
         assert "federation pki renew --intermediate nodes --root-key FILE" in done.stderr
+        assert "on a node host" not in done.stderr  # the hint for a home without CA keys
     renewed = _cli(pki.home, "pki", "renew", "--intermediate", "nodes", "--root-key",
                    str(paths.ca_key))
     assert renewed.returncode == 0, renewed.stderr
     issued = _cli(pki.home, "pki", "issue", "--role", "keys", "--name", "k2", "--json")
     assert issued.returncode == 0, issued.stderr
+
+
+def test_renew_on_a_node_host_says_to_renew_its_bundle_on_the_ca_host(pki: TestPKI) -> None:
+    pki.identity("keys")
+    pki.ca.paths.intermediate_key(NODES).unlink()  # what a node host's home holds
+    done = _cli(pki.home, "pki", "renew", "--all")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "holds no key for the nodes CA" in done.stderr
+    assert "renew its bundle on the CA host" in done.stderr
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ from federation.pki import (
     NODES,
     CertificateAuthority,
     CertificateFiles,
-    PKIError,
+    NoIssuerKey,
     load_ca,
     migrate_legacy,
     renew_identities,
@@ -201,7 +201,7 @@ async def _pki_renew(settings: Settings, args: argparse.Namespace) -> int:
                                         else args.within)
     try:
         renewed = renew_identities(_ca(settings), dt.timedelta(days=within_days))
-    except PKIError as exc:
+    except NoIssuerKey as exc:
         raise CommandError(f"{exc}; on a node host, renew its bundle on the CA host "
                            "(`federation pki renew --host NAME --out FILE`) and install it "
                            "here (`federation pki install FILE`)") from None

@@ -35,6 +35,7 @@ from federation.pki.files import (
 from federation.pki.identity import (
     ADMIN_NAME,
     Identity,
+    NoIssuerKey,
     PKIError,
     parse_spiffe_id,
     validate_name,
@@ -52,6 +53,7 @@ __all__ = [
     "EdgeSigner",
     "Identity",
     "Issuer",
+    "NoIssuerKey",
     "PKIError",
     "PKIPaths",
     "certificate_files",

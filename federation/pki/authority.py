@@ -34,7 +34,13 @@ from federation.pki.files import (
     write_files,
     write_private_file,
 )
-from federation.pki.identity import Identity, PKIError, validate_name, validate_role
+from federation.pki.identity import (
+    Identity,
+    NoIssuerKey,
+    PKIError,
+    validate_name,
+    validate_role,
+)
 from federation.pki.issuer import Issuer, build_intermediate, build_root
 
 DEFAULT_DNS = ("localhost",)
@@ -69,7 +75,7 @@ class CertificateAuthority:
 
     def issuer(self, kind: str) -> Issuer:
         if kind not in self._issuers:
-            raise PKIError(
+            raise NoIssuerKey(
                 f"this home holds no key for the {kind} CA ({self.paths.intermediate_key(kind)}); "
                 "issue such certificates on the CA host")
         return self._issuers[kind]

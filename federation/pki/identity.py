@@ -21,6 +21,11 @@ class PKIError(Exception):
     """The PKI is missing, malformed, or asked for something it must not do."""
 
 
+class NoIssuerKey(PKIError):
+    """This home holds no key of the CA that would sign: a node host, whose certificates
+    are issued on the CA host and arrive in a bundle."""
+
+
 @dataclass(frozen=True, order=True)
 class Identity:
     """Who a certificate says its holder is."""
