@@ -35,6 +35,7 @@ from federation.guardian.checkpoints import (
 from federation.memory.records import AuditEntry
 from federation.memory.restore_event import RestoreVerifier
 from federation.memory.store import MemoryStore
+from federation.pki import ADMIN_NAME, PKIError, certificate_files
 from tests.db_support import database_name, fresh_database_url, started_database
 from tests.support import TestPKI
 
@@ -285,6 +286,26 @@ async def test_a_truncated_dump_with_a_matching_manifest_is_refused(
     assert err.startswith("federation: error: reading database.dump failed:"), err
     assert len(err.strip().splitlines()) == 1
     assert not (home / "postgres").exists()
+
+
+async def test_a_refused_target_leaves_the_home_as_it_was(
+        backup: Path, database: Database, tmp_path: Path) -> None:
+    """docs/backup.md: nothing is written before the checks pass. The admin certificate
+    that signs the restore event was issued into the home before the target database
+    was found not empty."""
+    pki = TestPKI(tmp_path / "home")  # a CA, no admin certificate yet
+
+    def admin_certificate() -> bool:
+        try:
+            certificate_files(pki.home, pki.ca.trust_domain, "admin", ADMIN_NAME)
+        except PKIError:
+            return False
+        return True
+
+    assert not admin_certificate()
+    code, _, err = await federation(pki.home, "restore", str(backup), database_url=database.url)
+    assert code == 1 and "is not empty" in err
+    assert not admin_certificate()
 
 
 async def test_a_manifest_cannot_smuggle_sql_into_the_restore(

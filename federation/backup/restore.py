@@ -36,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -129,8 +129,9 @@ async def restore_backup(settings: Settings, directory: Path, progress: Progress
     checkpoints = _gather_checkpoints(settings, directory, guardian_log, guardian_keys, scratch,
                                       progress)
     verifier = _restore_verifier(settings)
-    admin = None if scratch else _admin_identity(settings)
+    issue_admin = None if scratch else _admin_identity(settings)
     async with _target(settings, progress, scratch) as (url, target):
+        admin = issue_admin() if issue_admin is not None else None
         await _restore_dump(settings, url, directory, manifest, progress)
         async with _pool(settings, url) as pool:
             store = MemoryStore(pool, MemoryConfig(), restore_verifier=verifier)
@@ -455,19 +456,22 @@ def _describe(claim: RestoreClaim) -> str:
 # -- keys, identities, checkpoints ---------------------------------------------------------
 
 
-def _admin_identity(settings: Settings) -> CertificateFiles:
-    """The operator's admin identity, which signs the restore event (issued from the CA
-    when the home has the CA but no admin certificate yet, as after ``restore --keys``)."""
+def _admin_identity(settings: Settings) -> Callable[[], CertificateFiles]:
+    """How to get the operator's admin identity, which signs the restore event: checked
+    now, before anything is written, and issued from the CA (a write to the home) only
+    when called, once the target is known to be fit (when the home has the CA but no
+    admin certificate yet, as after ``restore --keys``)."""
     try:
-        return certificate_files(settings.home, settings.trust_domain, "admin", ADMIN_NAME)
+        files = certificate_files(settings.home, settings.trust_domain, "admin", ADMIN_NAME)
+        return lambda: files
     except PKIError:
         pass
     try:
-        return ensure_identity(load_ca(settings.home, settings.trust_domain), "admin",
-                               ADMIN_NAME)
+        ca = load_ca(settings.home, settings.trust_domain)
     except PKIError:
         raise BackupError(f"no federation CA in {settings.home.resolve()}: restore the key "
                           "material first (`federation restore --keys FILE`)") from None
+    return lambda: ensure_identity(ca, "admin", ADMIN_NAME)
 
 
 def _restore_verifier(settings: Settings) -> RestoreVerifier | None:
