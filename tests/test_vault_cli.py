@@ -36,14 +36,19 @@ async def run(settings: Settings, *argv: str) -> str:
     return out.getvalue()
 
 
+def cli_opens(service: VaultService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands open this test's vault (on the test's database) instead of the home's."""
+    @contextlib.asynccontextmanager
+    async def open_test_vault(settings: Settings) -> AsyncIterator[VaultService]:
+        yield service
+
+    monkeypatch.setattr(vault_commands, "open_vault", open_test_vault)
+
+
 async def test_put_get_recover_list_destroy(
     vault: VaultService, home: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    @contextlib.asynccontextmanager
-    async def fake_open(settings: Settings) -> AsyncIterator[VaultService]:
-        yield vault
-
-    monkeypatch.setattr(vault_commands, "open_vault", fake_open)
+    cli_opens(vault, monkeypatch)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"p@ss\n")))
     settings = Settings(home=home)
     put = json.loads(await run(settings, "put", "--tenant", "t1", "db", "--json"))
@@ -65,11 +70,7 @@ async def test_the_client_share_can_come_from_stdin_not_the_command_line(
     # A share given as --share S is readable by every local user (/proc/PID/cmdline)
     # while the command runs, and is kept in the shell's history: get and rotate
     # required it there.
-    @contextlib.asynccontextmanager
-    async def fake_open(settings: Settings) -> AsyncIterator[VaultService]:
-        yield vault
-
-    monkeypatch.setattr(vault_commands, "open_vault", fake_open)
+    cli_opens(vault, monkeypatch)
     settings = Settings(home=home)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"s3cret")))
     put = json.loads(await run(settings, "put", "--tenant", "t1", "db", "--json"))
