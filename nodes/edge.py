@@ -345,6 +345,7 @@ class EdgeBrokerServicer(edge_broker_pb2_grpc.EdgeBrokerServiceServicer):
             # The same answer as for a blob that does not exist: a device learns nothing
             # of blobs it may not read.
             raise FederationError(ErrorCode.NOT_FOUND, f"no blob {digest}", param="blob_digest")
+        await self._broker.uploads.check_blob_present(digest)
         config = self._broker.config
         size = min(request.chunk_size or config.chunk_max_bytes, config.chunk_max_bytes)
         offset = request.offset

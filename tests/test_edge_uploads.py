@@ -479,3 +479,13 @@ async def test_a_device_downloads_only_its_own_blobs_and_its_jobs_payloads(
             job_id=lease.job.job_id, fencing_token=lease.fencing_token, inline_result=b"ok"))
         assert await refused(phone, payload) is grpc.StatusCode.NOT_FOUND  # the lease ended
         assert await download_blob(ops, own) == mine.read_bytes()  # operators read any
+
+        # A stored blob whose file is gone (a disk lost, a hand's cleanup) is the broker's
+        # loss, not an unknown digest: it answered NOT_FOUND, as for a typo.
+        (home / "blobs" / "sha256" / own[7:9] / own[7:]).unlink()
+        for stub in (cam, ops):
+            with pytest.raises(grpc.aio.AioRpcError) as lost:
+                await download_blob(stub, own)
+            assert lost.value.code() is grpc.StatusCode.DATA_LOSS
+            assert "restore it from a backup" in str(lost.value.details())
+        assert await refused(ops, unknown) is grpc.StatusCode.NOT_FOUND

@@ -210,6 +210,23 @@ class UploadStore:
         )
         return readable
 
+    async def check_blob_present(self, digest: str) -> None:
+        """NOT_FOUND for a blob the broker never stored; DATA_LOSS for one a finished
+        upload stored whose file is gone from the blob store (a disk lost or cleaned by
+        hand): that is not the caller's mistake, and the operator must restore it."""
+        if self.blobs.exists(digest):
+            return
+        stored = await self._pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM edge_uploads WHERE complete AND blob_digest = $1)",
+            digest)
+        if stored:
+            log.error("a stored blob's file is missing", extra={
+                "blob_digest": digest, "path": str(self.blobs.path(digest))})
+            raise FederationError(
+                ErrorCode.DATA_LOSS, f"blob {digest} was stored but its file is gone from "
+                "the broker's blob store; restore it from a backup", param="blob_digest")
+        raise FederationError(ErrorCode.NOT_FOUND, f"no blob {digest}", param="blob_digest")
+
     async def expire_stale(self) -> int:
         """Forget unfinished uploads idle for ``upload_expiry_seconds`` (no live writer)
         and delete their part files; returns how many."""

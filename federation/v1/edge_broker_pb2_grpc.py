@@ -266,7 +266,9 @@ class EdgeBrokerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Download(self, request, context):
-        """Streams a blob in chunks, starting at an offset.
+        """Streams a blob in chunks, starting at an offset. NOT_FOUND for a blob
+        the caller may not read or that does not exist; DATA_LOSS for a stored
+        blob whose file the broker lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

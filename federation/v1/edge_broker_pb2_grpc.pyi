@@ -89,7 +89,10 @@ class EdgeBrokerServiceStub:
     QueryUploadStatus: _grpc.UnaryUnaryMultiCallable[_edge_broker_pb2.QueryUploadStatusRequest, _edge_broker_pb2.QueryUploadStatusResponse]
     """Reports how much of an upload the broker has committed."""
     Download: _grpc.UnaryStreamMultiCallable[_edge_broker_pb2.DownloadRequest, _edge_broker_pb2.DownloadResponse]
-    """Streams a blob in chunks, starting at an offset."""
+    """Streams a blob in chunks, starting at an offset. NOT_FOUND for a blob
+    the caller may not read or that does not exist; DATA_LOSS for a stored
+    blob whose file the broker lost.
+    """
 
 @_typing.type_check_only
 class EdgeBrokerServiceAsyncStub(EdgeBrokerServiceStub):
@@ -150,7 +153,10 @@ class EdgeBrokerServiceAsyncStub(EdgeBrokerServiceStub):
     QueryUploadStatus: _aio.UnaryUnaryMultiCallable[_edge_broker_pb2.QueryUploadStatusRequest, _edge_broker_pb2.QueryUploadStatusResponse]  # type: ignore[assignment]
     """Reports how much of an upload the broker has committed."""
     Download: _aio.UnaryStreamMultiCallable[_edge_broker_pb2.DownloadRequest, _edge_broker_pb2.DownloadResponse]  # type: ignore[assignment]
-    """Streams a blob in chunks, starting at an offset."""
+    """Streams a blob in chunks, starting at an offset. NOT_FOUND for a blob
+    the caller may not read or that does not exist; DATA_LOSS for a stored
+    blob whose file the broker lost.
+    """
 
 class EdgeBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Broker between tenants that submit jobs and edge devices that run them.
@@ -310,6 +316,9 @@ class EdgeBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _edge_broker_pb2.DownloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_edge_broker_pb2.DownloadResponse], _abc.AsyncIterator[_edge_broker_pb2.DownloadResponse]]:
-        """Streams a blob in chunks, starting at an offset."""
+        """Streams a blob in chunks, starting at an offset. NOT_FOUND for a blob
+        the caller may not read or that does not exist; DATA_LOSS for a stored
+        blob whose file the broker lost.
+        """
 
 def add_EdgeBrokerServiceServicer_to_server(servicer: EdgeBrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
