@@ -13,7 +13,7 @@ from federation.config import GrpcConfig, GuardianConfig
 from federation.crypto.keyfile import load_or_create_key
 from federation.db import Database
 from federation.errors import ErrorCode, FederationError
-from federation.guardian.checkpoints import CheckpointLog, load_signing_key
+from federation.guardian.checkpoints import CheckpointLog
 from federation.guardian.custody import GuardianCustody
 from federation.memory import AuditEntry, MemoryRecord
 from federation.memory.store import MemoryStore
@@ -80,8 +80,7 @@ def build_guardian(
         database.pool, load_or_create_key(home / config.wrapping_key_file), sink, config,
         **({"clock": clock} if clock else {}),
     )
-    log = CheckpointLog(home / config.checkpoint_file,
-                        load_signing_key(home / config.signing_key_file))
+    log = CheckpointLog.open(home / config.checkpoint_file, home / config.signing_key_file)
     return custody, log
 
 

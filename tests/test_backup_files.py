@@ -110,7 +110,7 @@ async def test_a_restore_that_fails_after_pg_restore_leaves_the_database_empty(
     event), and every later restore was refused as "not empty". Now what the restore
     made is dropped again, and the restore can be run once more."""
     pki = TestPKI(tmp_path / "home")
-    key = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
+    key, _ = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
     now = dt.datetime.now(dt.UTC)
     forged = b"\x01" * 32  # a signed checkpoint of record 2 with another hash
     contradicting = tmp_path / "other-guardian.jsonl"
@@ -149,7 +149,7 @@ async def test_a_guardian_log_whose_last_line_was_cut_short_is_taken(
     line short. The guardian leaves such a line out when it opens the log; the restore
     refused the whole file ("not a checkpoint") and with it every checkpoint it holds."""
     pki = TestPKI(tmp_path / "home")
-    key = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
+    key, _ = load_signing_key(pki.home / "guardian" / "checkpoint_signing.key")
     head = bytes.fromhex(json.loads((backup / "manifest.json").read_text())["audit_hash"])
     now = dt.datetime.now(dt.UTC)
     signed = Checkpoint(3, head, now, key.sign(signed_message(3, head, now)),

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from federation.clock import Clock, utc_now
 from federation.crypto.keyfile import load_or_create_key
+from federation.durable import write_all
 from federation.errors import ErrorCode, FederationError
 from federation.guardian.chain_links import ChainLinks, check_link
 from federation.periodic import cancel_and_wait
@@ -144,28 +145,26 @@ _PEM_BLOCK: Final = re.compile(
     rb"-----BEGIN PUBLIC KEY-----\r?\n.+?-----END PUBLIC KEY-----\r?\n?", re.DOTALL)
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """The guardian's signing key (raw 32 bytes, 0600), created on first use. Its public
-    key is written next to it as ``<name>.pub`` (PEM, public) for verifiers, followed by
-    the keys the file named before: when the signing key is lost or replaced, the new
-    key goes first and the old ones stay, so old checkpoints still verify."""
-    raw = load_or_create_key(path, size=32)
-    key = Ed25519PrivateKey.from_private_bytes(raw)
+def load_signing_key(path: Path) -> tuple[Ed25519PrivateKey, GuardianKeys]:
+    """The guardian's signing key (raw 32 bytes, 0600), created on first use, and the keys
+    its checkpoints verify with. Those are written next to it as ``<name>.pub`` (PEM,
+    public) for verifiers: its own key first, then the keys the file named before, so
+    that when the signing key is lost or replaced, old checkpoints still verify."""
+    key = Ed25519PrivateKey.from_private_bytes(load_or_create_key(path, size=32))
     public_path = public_key_path(path)
-    keys = GuardianKeys.of(key.public_key())
-    if public_path.exists():
-        earlier = load_public_keys(public_path)
-        keys = GuardianKeys.of(key.public_key(), *earlier.by_fingerprint.values())
-        if earlier.by_fingerprint and fingerprint(earlier.current) != fingerprint(keys.current):
-            log.warning("the checkpoint signing key changed: the earlier public keys stay in "
-                        "the .pub file, after the new one, to verify older checkpoints",
-                        extra={"path": str(public_path),
-                               "new_fingerprint": fingerprint(keys.current),
-                               "earlier": len(earlier.by_fingerprint)})
+    earlier = load_public_keys(public_path) if public_path.exists() else None
+    keys = GuardianKeys.of(key.public_key(),
+                           *(earlier.by_fingerprint.values() if earlier else ()))
+    if earlier is not None and fingerprint(earlier.current) != fingerprint(keys.current):
+        log.warning("the checkpoint signing key changed: the earlier public keys stay in "
+                    "the .pub file, after the new one, to verify older checkpoints",
+                    extra={"path": str(public_path),
+                           "new_fingerprint": fingerprint(keys.current),
+                           "earlier": len(earlier.by_fingerprint)})
     pem = keys.pem()
     if not public_path.exists() or public_path.read_bytes() != pem:
         write_file(public_path, pem)
-    return key
+    return key, keys
 
 
 def public_key_path(signing_key_path: Path) -> Path:
@@ -193,11 +192,11 @@ class CheckpointLog:
 
     def __init__(
         self, path: Path, signing_key: Ed25519PrivateKey,
-        clock: Clock = utc_now, *, earlier_keys: GuardianKeys | None = None,
+        clock: Clock = utc_now, *, keys: GuardianKeys | None = None,
         chain: ChainLinks | None = None,
     ) -> None:
-        """``earlier_keys``: the keys the log's older lines may be signed with (the
-        ``.pub`` file, see :func:`load_signing_key`); the signing key's own is always one.
+        """``keys``: the keys the log's lines may be signed with (from the ``.pub`` file,
+        see :func:`load_signing_key`); the signing key's own is always one.
         ``chain``: where a request is checked against the chain before it is signed
         (``None``: not checked, for a log with no chain to ask)."""
         self._path = path
@@ -205,14 +204,13 @@ class CheckpointLog:
         self._key = signing_key
         self._public = signing_key.public_key()
         self._fingerprint = fingerprint(self._public)
-        earlier = earlier_keys.by_fingerprint.values() if earlier_keys is not None else ()
-        self._keys = GuardianKeys.of(self._public, *earlier)
+        self._keys = GuardianKeys.of(
+            self._public, *(keys.by_fingerprint.values() if keys is not None else ()))
         self._clock = clock
         self._lock = asyncio.Lock()
         self._checkpoints: list[Checkpoint] = []
-        self._sequences: list[int] = []
-        """``_checkpoints``' sequences, strictly increasing: looked up by bisection, so a
-        verification's paging through a year of checkpoints is not quadratic."""
+        """Strictly increasing by sequence: looked up by bisection, so a verification's
+        paging through a year of checkpoints is not quadratic."""
         self._load()
 
     @classmethod
@@ -220,9 +218,8 @@ class CheckpointLog:
              chain: ChainLinks | None = None) -> CheckpointLog:
         """The log at ``path``, signed with the key at ``signing_key_path`` (created on
         first use), its older lines checked with the earlier keys of its ``.pub`` file."""
-        signing_key = load_signing_key(signing_key_path)
-        return cls(path, signing_key, clock, chain=chain,
-                   earlier_keys=load_public_keys(public_key_path(signing_key_path)))
+        signing_key, keys = load_signing_key(signing_key_path)
+        return cls(path, signing_key, clock, keys=keys, chain=chain)
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -256,8 +253,9 @@ class CheckpointLog:
                     "PEM back at the end of the .pub file (from a backup or a verifier's copy)")
             if not checkpoint.verify(self._keys):
                 raise ValueError(f"{self._path}:{number}: checkpoint signature does not verify")
-            if self._sequences and checkpoint.sequence == self._sequences[-1] and (
-                    checkpoint.chain_head_hash == self._checkpoints[-1].chain_head_hash):
+            last = self._checkpoints[-1] if self._checkpoints else None
+            if last is not None and (checkpoint.sequence, checkpoint.chain_head_hash) == (
+                    last.sequence, last.chain_head_hash):
                 # A sequence signed twice by a guardian before c3cf816 (a cancelled call's
                 # retry): the same evidence twice, kept once.
                 log.warning("ignoring a second checkpoint of the same record",
@@ -311,7 +309,7 @@ class CheckpointLog:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, (checkpoint.to_json() + "\n").encode())
+            write_all(fd, (checkpoint.to_json() + "\n").encode(), self._path)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -330,11 +328,14 @@ class CheckpointLog:
             os.close(fd)
 
     def _add(self, checkpoint: Checkpoint) -> None:
-        if self._sequences and checkpoint.sequence <= self._sequences[-1]:
+        if self._checkpoints and checkpoint.sequence <= self._checkpoints[-1].sequence:
             raise ValueError(f"{self._path}: checkpoint {checkpoint.sequence} is not after "
-                             f"checkpoint {self._sequences[-1]}")
+                             f"checkpoint {self._checkpoints[-1].sequence}")
         self._checkpoints.append(checkpoint)
-        self._sequences.append(checkpoint.sequence)
+
+    def _index(self, sequence: int) -> int:
+        """Where ``sequence`` is, or would go, in the log."""
+        return bisect.bisect_left(self._checkpoints, sequence, key=_sequence)
 
     def get(self, sequence: int) -> Checkpoint | None:
         """The checkpoint at ``sequence``; 0 = the latest. ``None`` if there is none."""
@@ -342,21 +343,24 @@ class CheckpointLog:
             return None
         if sequence == 0:
             return self._checkpoints[-1]
-        index = bisect.bisect_left(self._sequences, sequence)
-        if index < len(self._sequences) and self._sequences[index] == sequence:
+        index = self._index(sequence)
+        if index < len(self._checkpoints) and self._checkpoints[index].sequence == sequence:
             return self._checkpoints[index]
         return None
 
     def newest_below(self, below: int | None, limit: int) -> tuple[list[Checkpoint], bool]:
         """Up to ``limit`` checkpoints newest first, of sequences below ``below`` (``None``:
         from the newest); and whether older ones remain (a page and its "more")."""
-        end = len(self._sequences) if below is None else bisect.bisect_left(
-            self._sequences, below)
+        end = len(self._checkpoints) if below is None else self._index(below)
         start = max(0, end - limit)
         return self._checkpoints[start:end][::-1], start > 0
 
     def newest_first(self) -> list[Checkpoint]:
         return list(reversed(self._checkpoints))
+
+
+def _sequence(checkpoint: Checkpoint) -> int:
+    return checkpoint.sequence
 
 
 # ---- verification of the chain against the checkpoints ---------------------------------------
