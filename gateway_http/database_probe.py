@@ -10,11 +10,12 @@ reports the database unreachable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 import asyncpg
+
+from federation.periodic import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ class NewConnectionProbe:
         return await asyncio.shield(self._running)
 
     async def stop(self) -> None:
-        running = self._running
-        if running is not None:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+        await cancel_and_wait(self._running)
 
     async def _probe(self) -> bool:
         try:

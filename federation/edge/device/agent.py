@@ -32,6 +32,7 @@ from federation.edge.device.client import (
 )
 from federation.edge.device.jobs import JobFailure, LocalModel, generate_available, perform
 from federation.errors import ErrorCode, FederationError, from_rpc_error
+from federation.periodic import cancel_all
 from federation.prototime import duration, to_seconds
 from federation.v1 import edge_broker_pb2 as pb
 
@@ -130,10 +131,7 @@ class EdgeAgent:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             held = dict(self.leases)  # job tasks forget their lease as they are cancelled
-            for task in [*loops, *waiters, *self._running.values()]:
-                task.cancel()
-            await asyncio.gather(*loops, *waiters, *self._running.values(),
-                                 return_exceptions=True)
+            await cancel_all([*loops, *waiters, *self._running.values()])
             await asyncio.to_thread(self._model.close)
         await self._return_leases(held)
         if self.fatal_error is not None:
