@@ -23,9 +23,9 @@ endif
 LLAMA_VERSION := 0.3.36
 WHEELHOUSE := $(HOME)/.cache/federation/wheels/llama-$(LLAMA_VERSION)-$(ARCH)-$(shell echo '$(LLAMA_CMAKE_ARGS)' | cksum | cut -d' ' -f1)
 
-.PHONY: run test install protos check-protos lint-protos lint typecheck pytest promtool bench clean
+.PHONY: run test install bytecode protos check-protos lint-protos lint typecheck pytest promtool bench clean
 
-run: $(STAMP)
+run: $(STAMP) bytecode
 	$(BIN)/federation up
 
 test: $(STAMP) check-protos lint-protos lint typecheck pytest
@@ -43,6 +43,13 @@ $(STAMP):
 	touch $@
 
 install: $(STAMP)
+
+# Where PYTHONDONTWRITEBYTECODE is set (it is on our CI machines) Python writes no .pyc, so
+# every process `make run` or a test starts compiled all of our modules again: 0.45 s of CPU
+# per process start, of 1.15 s. compileall writes them here, and later only what changed
+# (0.5 s when nothing did); Python still checks each .pyc against its source.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q federation nodes gateway_http tests
 
 # Regenerate the committed Python code from protos/ (grpcio-tools + mypy-protobuf).
 protos: $(STAMP)
@@ -72,7 +79,7 @@ typecheck: $(STAMP)
 # than they compute, so two at once halve the suite on two cores (10 min 18 s serial,
 # 5 min 50 s with -n 2, same machine). PYTEST_WORKERS=0 runs it serially.
 PYTEST_WORKERS ?= 2
-pytest: $(STAMP) promtool
+pytest: $(STAMP) promtool bytecode
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 # promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus in the
