@@ -12,6 +12,7 @@ are bound to the renewing channel, not to one generation of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -38,20 +39,22 @@ class _Generation:
         self.channel = channel
         self.running = 0
         self.retired = False
+        self.closed = False
         self.multicallables: dict[tuple[str, str], Any] = {}
 
     def call_done(self, _: object) -> None:
         self.running -= 1
         if self.retired and self.running == 0:
-            _close_later(self.channel)
+            self.close_later()
+
+    def close_later(self) -> None:
+        if not self.closed:
+            self.closed = True
+            _closing.spawn(self.channel.close())
 
 
 _closing = TaskSet()
 """Closes of retired channels, which no caller waits for."""
-
-
-def _close_later(channel: grpc.aio.Channel) -> None:
-    _closing.spawn(channel.close())
 
 
 class RenewingChannel(grpc.aio.Channel):
@@ -61,6 +64,8 @@ class RenewingChannel(grpc.aio.Channel):
         self._watch = CertificateWatch(files)
         self._factory = factory
         self._current = _Generation(factory(_credentials(self._watch.load())))
+        self._retired: list[_Generation] = []
+        """Earlier generations whose calls (long-lived streams) still run."""
         self._checked_at = time.monotonic()
         self.renewals = 0
 
@@ -90,8 +95,11 @@ class RenewingChannel(grpc.aio.Channel):
         old, self._current = self._current, _Generation(self._factory(_credentials(loaded)))
         old.retired = True
         self.renewals += 1
+        self._retired = [g for g in self._retired if not g.closed]
         if old.running == 0:
-            _close_later(old.channel)
+            old.close_later()
+        else:
+            self._retired.append(old)
 
     def _call(self, kind: str, method: str, args: tuple[Any, ...]) -> Callable[..., Any]:
         def invoke(*call_args: Any, **kwargs: Any) -> Any:
@@ -128,7 +136,13 @@ class RenewingChannel(grpc.aio.Channel):
         await self._generation().channel.channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
-        await self._current.channel.close(grace)
+        """Close every generation still open: a stream opened before a renewal ends
+        here too, as it would on a plain channel, instead of outliving its owner."""
+        generations = [g for g in (self._current, *self._retired) if not g.closed]
+        self._retired.clear()
+        for generation in generations:
+            generation.closed = True
+        await asyncio.gather(*(g.channel.close(grace) for g in generations))
 
     async def __aenter__(self) -> RenewingChannel:
         return self

@@ -234,3 +234,39 @@ def test_a_renewal_that_fails_half_way_leaves_a_matching_pair(pki: TestPKI) -> N
         renew_identities(pki.ca, dt.timedelta(days=3650))
     assert CertificateWatch(files).load() == before  # the old pair, whole
     assert not files.key.with_name(files.key.name + ".tmp").exists()
+
+
+async def test_closing_a_renewed_channel_ends_the_streams_it_opened_before(
+        pki: TestPKI) -> None:
+    """A stream opened before a renewal runs on the retired channel; closing the
+    renewing channel must end it too, not leave it running for its whole length
+    (40 tokens × 0.15 s here)."""
+    server = NodeServer(
+        [registration(InferenceServicer(BackendSet([TestBackend(token_delay=0.15)])))],
+        trust_domain=TRUST_DOMAIN, grpc_config=GrpcConfig(grace_seconds=0),
+        listen="127.0.0.1:0", credentials=pki.identity("inference"), metrics_port=None)
+    await server.start()
+    client = pki.ca.issue("gateway", "closing", validity=dt.timedelta(days=1))
+    try:
+        channel = secure_channel(f"localhost:{server.port}", client, GrpcConfig())
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        stream = stub.Generate(_request(), timeout=30)
+        assert (await stream.read()) is not grpc.aio.EOF
+        renew_identities(pki.ca, dt.timedelta(days=1))
+        await asyncio.sleep(CHECK_INTERVAL_SECONDS + 0.1)
+        await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+        assert channel.renewals == 1  # type: ignore[attr-defined]
+
+        await asyncio.wait_for(channel.close(), timeout=5)
+        # grpc.aio reports a call its own channel cancelled as CancelledError; had the
+        # old channel stayed open, the stream would still be running: TimeoutError.
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(_drain(stream), timeout=2)
+        assert await stream.code() == grpc.StatusCode.CANCELLED
+    finally:
+        await server.stop(0)
+
+
+async def _drain(stream: grpc.aio.UnaryStreamCall) -> None:
+    while (await stream.read()) is not grpc.aio.EOF:
+        pass
