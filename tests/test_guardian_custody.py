@@ -290,3 +290,27 @@ async def test_create_service_makes_private_key_files(database: Database, home: 
     for name in (config.wrapping_key_file, config.signing_key_file):
         assert (home / name).stat().st_mode & 0o777 == 0o600
     assert (home / (config.signing_key_file + ".pub")).read_bytes().startswith(b"-----BEGIN")
+
+
+async def test_ids_with_surrounding_spaces_are_refused_not_rewritten(
+        guardian: GuardianNode) -> None:
+    """A share is found by exactly the ids it was deposited under: " t1" is not "t1"
+    (a key for " t1" could never be issued: ``checked_tenant_id`` refuses it)."""
+    key_id, _ = await deposit(guardian)
+    admin = stub(guardian, "admin")
+    calls = {
+        "tenant_id": admin.ReleaseShare(release_request(" t1", "o1", key_id)),
+        "object_id": admin.ReleaseShare(release_request("t1", "o1 ", key_id)),
+        "key_id": admin.DestroyShare(guardian_pb2.DestroyShareRequest(
+            tenant_id="t1", object_id="o1", key_id=f" {key_id}", reason="r")),
+        "requested_by_key_id": admin.ReleaseShare(release_request("t1", "o1", key_id,
+                                                                  by="k1 ")),
+    }
+    for param, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert dict(refused.value.trailing_metadata() or ())["error-param"] == param
+    listed = await admin.ListShares(guardian_pb2.ListSharesRequest(tenant_id="t1"))
+    assert [(s.release_count, s.state) for s in listed.shares] == [
+        (0, guardian_pb2.SHARE_STATE_HELD)]

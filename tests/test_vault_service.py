@@ -83,6 +83,11 @@ async def test_create_then_read_with_the_client_share(vault: VaultService) -> No
         tenant_id="t2", secret_id=issued.info.id, client_share=issued.client_share, actor="x"))
     await expect(ErrorCode.ALREADY_EXISTS, vault.create(
         tenant_id="t1", name="db-password", value=b"again", actor="key_a"))
+    # A tenant id is taken exactly as a key holds it: " t1" is refused, not read as "t1".
+    await expect(ErrorCode.INVALID_ARGUMENT, vault.create(
+        tenant_id=" t1", name="other", value=b"x", actor="key_a"), "tenant_id")
+    await expect(ErrorCode.INVALID_ARGUMENT, vault.reserve_escrowed(tenant_id="t1 "),
+                 "tenant_id")
 
 
 async def test_wrong_mistyped_and_foreign_shares_are_refused_clearly(vault: VaultService) -> None:

@@ -34,6 +34,7 @@ from federation.memory import AuditEntry, AuditSink
 from federation.paging import invalid_page_token, sequence_token
 from federation.paging import page_size as checked_page_size
 from federation.pki import Identity
+from federation.tenancy import checked_tenant_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,15 @@ class ShareInfo:
 class SharePage:
     shares: list[ShareInfo]
     next_page_token: str
+
+
+def _identifier(value: str, name: str) -> str:
+    """An id exactly as its caller stored it: refused, never rewritten, when it has
+    surrounding spaces (a share deposited under " k1" must not answer for "k1")."""
+    if value != value.strip():
+        raise FederationError(ErrorCode.INVALID_ARGUMENT,
+                              f"{name} must not have surrounding spaces", param=name)
+    return _require(value, name)
 
 
 def _require(value: str, name: str, limit: int = _MAX_ID) -> str:
@@ -102,9 +112,9 @@ class GuardianCustody:
         self, caller: Identity, *, tenant_id: str, object_id: str, key_id: str,
         share_index: int, share_text: str,
     ) -> ShareInfo:
-        tenant_id = _require(tenant_id, "tenant_id")
-        object_id = _require(object_id, "object_id")
-        key_id = _require(key_id, "key_id")
+        tenant_id = checked_tenant_id(tenant_id)
+        object_id = _identifier(object_id, "object_id")
+        key_id = _identifier(key_id, "key_id")
         try:
             share = Share.decode(share_text)
         except MalformedShare as exc:
@@ -149,10 +159,10 @@ class GuardianCustody:
                 ErrorCode.PERMISSION_DENIED,
                 f"role {caller.role!r} may not receive shares; only the gateway or an admin",
             )
-        tenant_id = _require(tenant_id, "tenant_id")
-        object_id = _require(object_id, "object_id")
-        key_id = _require(key_id, "key_id")
-        requested_by_key_id = _require(requested_by_key_id, "requested_by_key_id")
+        tenant_id = checked_tenant_id(tenant_id)
+        object_id = _identifier(object_id, "object_id")
+        key_id = _identifier(key_id, "key_id")
+        requested_by_key_id = _identifier(requested_by_key_id, "requested_by_key_id")
         reason = _require(reason, "reason", _MAX_REASON)
         now = self._clock()
         window = dt.timedelta(seconds=self._config.release_window_seconds)
@@ -224,9 +234,9 @@ class GuardianCustody:
         self, caller: Identity, *, tenant_id: str, object_id: str, key_id: str, reason: str,
     ) -> ShareInfo:
         """Erase the share's material (idempotent); the record stays."""
-        tenant_id = _require(tenant_id, "tenant_id")
-        object_id = _require(object_id, "object_id")
-        key_id = _require(key_id, "key_id")
+        tenant_id = checked_tenant_id(tenant_id)
+        object_id = _identifier(object_id, "object_id")
+        key_id = _identifier(key_id, "key_id")
         reason = _require(reason, "reason", _MAX_REASON)
         now = self._clock()
         async with transaction_as(self._pool, ROLE) as conn:
@@ -246,7 +256,7 @@ class GuardianCustody:
         return _info(updated)
 
     async def list(self, tenant_id: str, page_size: int = 0, page_token: str = "") -> SharePage:
-        tenant_id = _require(tenant_id, "tenant_id")
+        tenant_id = checked_tenant_id(tenant_id)
         size = checked_page_size(page_size)
         after = _parse_token(page_token)
         async with transaction_as(self._pool, ROLE) as conn:

@@ -50,6 +50,7 @@ from federation.errors import ErrorCode, FederationError
 from federation.guardian.client import GuardianClient
 from federation.memory import AuditEntry, AuditSink
 from federation.paging import page_size as checked_page_size
+from federation.tenancy import checked_tenant_id
 from federation.vault.records import (
     MAX_NAME,
     IssuedShare,
@@ -136,7 +137,7 @@ class VaultService:
     # ---- create ----------------------------------------------------------------------------
 
     async def create(self, *, tenant_id: str, name: str, value: bytes, actor: str) -> IssuedShare:
-        tenant_id = _text(tenant_id, "tenant_id")
+        tenant_id = checked_tenant_id(tenant_id)
         name = _text(name, "name")
         if len(value) > self._config.max_value_bytes:
             raise FederationError(
@@ -170,7 +171,7 @@ class VaultService:
         split 2-of-3, the guardian's share deposited now (so a guardian outage fails the
         caller *before* it does the work), the client share dropped at once. Finish
         with :meth:`commit_escrowed` or :meth:`abandon_escrowed`."""
-        tenant_id = _text(tenant_id, "tenant_id")
+        tenant_id = checked_tenant_id(tenant_id)
         object_id = _new_object_id(prefix)
         key, key_id = new_data_key(), new_key_id()
         _, gateway = await self._deposit_guardian_share(key, key_id, tenant_id, object_id)

@@ -43,7 +43,7 @@ class TenantSettings:
 
 
 def _tenant(tenant_id: str) -> str:
-    return checked_tenant_id(tenant_id.strip())
+    return checked_tenant_id(tenant_id)
 
 
 async def get_settings(
