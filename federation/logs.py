@@ -68,6 +68,27 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class OneLineReasonFilter(logging.Filter):
+    """Logs a failure's reason as one ``error`` field instead of its traceback.
+
+    For asyncpg's pool, which logs a whole traceback each time it fails to restore its
+    connection floor: through a database outage that is every 1 to 60 s per process,
+    and the reason ("Connect call failed", "the database system is starting up") is all
+    an operator needs. Our own code logs its failures itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.error = f"{type(exc).__name__}: {exc}"[:300]
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+QUIET_TRACEBACK_LOGGERS = ("asyncpg.pool",)
+"""Loggers whose failures are logged as one line (:class:`OneLineReasonFilter`)."""
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, context, extras."""
 
@@ -104,3 +125,7 @@ def configure(component: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # grpc and asyncio chatter at INFO is noise for operators.
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    for name in QUIET_TRACEBACK_LOGGERS:
+        quiet = logging.getLogger(name)
+        if not any(isinstance(f, OneLineReasonFilter) for f in quiet.filters):
+            quiet.addFilter(OneLineReasonFilter())
