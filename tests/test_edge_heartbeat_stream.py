@@ -319,8 +319,12 @@ async def test_agent_keeps_heartbeating_across_a_broker_restart(
                 return (await broker.devices.get("steady")).last_heartbeat_at is not None
             return False
 
+        async def streaming() -> bool:
+            return stream_counts(first)[1] == 1
+
+        # Registration alone sets last_heartbeat_at: wait for the stream itself too.
         await wait_for(heartbeating)
-        assert stream_counts(first)[1] == 1
+        await wait_for(streaming)
     async with broker_at(pki, database, home, port) as (second, _):
 
         async def reopened() -> bool:
