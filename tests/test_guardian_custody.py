@@ -6,6 +6,7 @@ import base64
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -234,14 +235,8 @@ async def test_a_nul_in_any_text_field_is_invalid_not_internal(guardian: Guardia
         "key_id": admin.DestroyShare(guardian_pb2.DestroyShareRequest(
             tenant_id="t1", object_id="o1", key_id=key_id + "\x00", reason="r")),
     }
-    for param, call in calls.items():
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await call
-        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
-        assert dict(refused.value.trailing_metadata() or ())["error-param"] == param
-    listed = await admin.ListShares(guardian_pb2.ListSharesRequest(tenant_id="t1"))
-    assert [(s.release_count, s.state) for s in listed.shares] == [
-        (0, guardian_pb2.SHARE_STATE_HELD)]
+    await refused_naming_each(calls)
+    await only_share_still_held(admin)
 
 
 async def test_the_share_is_stored_wrapped_never_in_the_clear(
@@ -306,11 +301,21 @@ async def test_ids_with_surrounding_spaces_are_refused_not_rewritten(
         "requested_by_key_id": admin.ReleaseShare(release_request("t1", "o1", key_id,
                                                                   by="k1 ")),
     }
+    await refused_naming_each(calls)
+    await only_share_still_held(admin)
+
+
+async def refused_naming_each(calls: dict[str, Any]) -> None:
+    """Each call (started already) fails INVALID_ARGUMENT naming its key's field."""
     for param, call in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
         assert dict(refused.value.trailing_metadata() or ())["error-param"] == param
+
+
+async def only_share_still_held(admin: Any) -> None:
+    """Tenant t1's one share is held and was never released."""
     listed = await admin.ListShares(guardian_pb2.ListSharesRequest(tenant_id="t1"))
     assert [(s.release_count, s.state) for s in listed.shares] == [
         (0, guardian_pb2.SHARE_STATE_HELD)]
