@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from federation import logs
+from federation.db.errors import OUTAGE_MESSAGE, log_job_failure
 from tests.db_support import database_name, with_database
 
 
@@ -69,3 +70,20 @@ def test_our_own_failures_keep_their_traceback(configured_logs: io.StringIO) -> 
         logging.getLogger("federation.test").exception("unexpected")
     line = json.loads(configured_logs.getvalue())
     assert "Traceback" in line["exc"] and "error" not in line
+
+
+def test_a_job_failing_in_an_outage_logs_one_line_and_a_bug_its_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("federation.test.job")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log_job_failure(log, "flushing failed", asyncpg.CannotConnectNowError(
+            "the database system is starting up"), job="flush")
+        try:
+            raise KeyError("a bug")
+        except KeyError as exc:
+            log_job_failure(log, "flushing failed", exc, job="flush")
+    outage, bug = caplog.records
+    assert (outage.levelno, outage.exc_info) == (logging.WARNING, None)
+    assert outage.getMessage() == f"flushing failed: {OUTAGE_MESSAGE}"
+    assert bug.levelno == logging.ERROR and bug.exc_info and bug.exc_info[0] is KeyError
+    assert bug.job == "flush"  # type: ignore[attr-defined]

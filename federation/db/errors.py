@@ -9,8 +9,9 @@ before falling back to "Internal server error.".
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
@@ -105,3 +106,16 @@ def outage_error(exc: BaseException) -> FederationError | None:
     return FederationError(
         ErrorCode.UNAVAILABLE, OUTAGE_MESSAGE, retry_after_seconds=RETRY_AFTER_SECONDS
     )
+
+
+def log_job_failure(log: logging.Logger, message: str, exc: BaseException,
+                    **extra: Any) -> None:
+    """Log a failure of a background job that retries (a flusher, a sweep, a writer):
+    during a database outage as one warning naming it, every retry (the outage itself
+    is on ``/health`` and ``federation status``; a traceback each time buries it); any
+    other failure at error level with its traceback."""
+    error = outage_error(exc)
+    if error is not None:
+        log.warning("%s: %s", message, error.message, extra=extra)
+    else:
+        log.error(message, exc_info=exc, extra=extra)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from federation.db.errors import log_job_failure
 from federation.db.sessions import session_advisory_lock
 from federation.logs import request_id_var
 from federation.memory.records import AuditEntry
@@ -111,6 +112,6 @@ class AuditOutbox:
             try:
                 while await self.flush_once() >= self._batch:
                     pass
-            except Exception:  # an outage (timeouts included) must not end the flusher
-                log.warning("audit outbox flush failed; will retry", exc_info=True)
+            except Exception as exc:  # an outage (timeouts included) must not end it
+                log_job_failure(log, "audit outbox flush failed; will retry", exc)
             await asyncio.sleep(interval_seconds)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from federation.config import KeysConfig
+from federation.db.errors import log_job_failure
 from federation.errors import ErrorCode, FederationError
 from federation.fields import bounded, storable
 from federation.keys import keyformat
@@ -137,8 +138,8 @@ class KeyAuthority:
             await asyncio.sleep(self._config.use_flush_interval_seconds)
             try:
                 await self.flush()
-            except Exception:  # keep flushing; the uses were put back
-                log.exception("flushing key uses failed")
+            except Exception as exc:  # keep flushing; the uses were put back
+                log_job_failure(log, "flushing key uses failed", exc)
 
     # -- issue / revoke / rotate -----------------------------------------------------------
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter
 
 from federation.config import KeysConfig
+from federation.db.errors import log_job_failure
 from federation.errors import FederationError
 from federation.keys.client import (
     GrantedLease,
@@ -185,8 +186,8 @@ class LeaseBook:
             await asyncio.sleep(interval)
             try:
                 await self.sweep()
-            except Exception:  # keep sweeping; a lease not settled stays charged
-                log.exception("settling expired quota leases failed")
+            except Exception as exc:  # keep sweeping; a lease not settled stays charged
+                log_job_failure(log, "settling expired quota leases failed", exc)
 
     async def sweep(self) -> None:
         """End every lease that has expired (settled once its requests have ended)."""

@@ -38,7 +38,7 @@ from asyncpg.pool import PoolConnectionProxy
 from opentelemetry.context import Context
 
 from federation.clock import Clock, utc_now
-from federation.db.errors import outage_error
+from federation.db.errors import log_job_failure, outage_error
 from federation.errors import ErrorCode, FederationError
 from federation.logs import request_id_var
 from federation.memory.records import (
@@ -201,7 +201,7 @@ class ChainWriter:
                 records = await self._append_linked([entry for entry, _, _ in batch])
         except Exception as exc:
             self._head = None  # the outcome may be unknown (a lost commit): read it again
-            log.exception("thermal memory append failed", extra={"records": len(batch)})
+            log_job_failure(log, "thermal memory append failed", exc, records=len(batch))
             error = _append_error(exc)
             for _, future, _ in batch:
                 if not future.done():
