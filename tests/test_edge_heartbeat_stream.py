@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -394,7 +395,7 @@ async def test_agent_reopens_its_stream_on_the_renewed_certificate(
     await wait_for(reopened)  # the stream on the old channel ended, one is open
     await assert_heartbeating(database, "renewing")
     assert agent.fatal_error is None and not running.done()
-    backoffs = [r.getMessage() for r in caplog.records
+    backoffs = [(r.getMessage(), getattr(r, "detail", "")) for r in caplog.records
                 if r.getMessage().startswith("heartbeat stream failed")]
     assert not backoffs, backoffs
     stop.set()
@@ -445,3 +446,27 @@ async def _stopped_on_failure(server: NodeServer) -> AsyncIterator[None]:
         yield
     finally:
         await server.stop(0)  # a no-op once the test has stopped it
+
+
+async def test_an_unreachable_broker_is_logged_with_what_grpc_said(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No broker on the port: the agent's warning words the failure generally, and
+    carries gRPC's own reason (the refused connection) for the operator; asked to
+    stop while it still cannot register, the agent stops."""
+    agent = EdgeAgent(device_stub(TestPKI(home), free_port(), "alone"), AGENT)
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+
+    def retries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("broker unavailable")]
+
+    async def retried() -> bool:
+        return bool(retries())
+
+    with caplog.at_level(logging.WARNING, logger="federation.edge.device.agent"):
+        await wait_for(retried)
+    stop.set()
+    await asyncio.wait_for(running, timeout=5)  # it retried for ever before
+    detail = retries()[0].detail  # type: ignore[attr-defined]
+    assert "Connection refused" in detail, detail

@@ -118,7 +118,10 @@ class EdgeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then return held leases. Cancelling the task
         instead is a crash: leases are left to expire (what a killed app does)."""
-        reply = await self._register()
+        reply = await self._register_unless(stop)
+        if reply is None:  # asked to stop before the broker could be reached
+            await asyncio.to_thread(self._model.close)
+            return
         self._interval = to_seconds(reply.heartbeat_interval) or self._interval
         loops = [asyncio.create_task(self._heartbeats(), name="heartbeat"),
                  asyncio.create_task(self._work(), name="work")]
@@ -137,6 +140,19 @@ class EdgeAgent:
         if self.fatal_error is not None:
             raise self.fatal_error
 
+    async def _register_unless(self, stop: asyncio.Event) -> pb.RegisterDeviceResponse | None:
+        """:meth:`_register`, given up (``None``) if ``stop`` is set first: a device asked
+        to stop while its broker is unreachable stops, instead of retrying for ever."""
+        registering = asyncio.create_task(self._register(), name="register")
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([registering, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_all([stopped] if registering.done() else [registering, stopped])
+        if registering.cancelled() or (stop.is_set() and registering.exception()):
+            return None  # stopped under it; an error it ended with is the stop's doing
+        return registering.result()  # or its error: a refusal that is not an outage
+
     async def _register(self) -> pb.RegisterDeviceResponse:
         """Register, waiting out a broker that is not reachable yet (with backoff)."""
         request = pb.RegisterDeviceRequest(capabilities=self._capabilities())
@@ -150,7 +166,8 @@ class EdgeAgent:
             except FederationError as exc:
                 if exc.code is not ErrorCode.UNAVAILABLE:
                     raise
-                log.warning("broker unavailable (%s); retrying in %.1fs", exc.message, delay)
+                log.warning("broker unavailable (%s); retrying in %.1fs", exc.message, delay,
+                            extra={"detail": _rpc_detail(exc)})
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 30.0)
 
@@ -241,7 +258,7 @@ class EdgeAgent:
                 echo.fresh = False
                 backoff = min(30.0, 0.5 * 2**failures) * random.uniform(0.5, 1.0)
                 log.warning("heartbeat stream failed (%s); reopening in %.1fs",
-                            exc.message, backoff)
+                            exc.message, backoff, extra={"detail": _rpc_detail(exc)})
                 await asyncio.sleep(backoff)
 
     async def _heartbeat_stream(self, stub: Stub, echo: _Echo) -> None:
@@ -418,6 +435,13 @@ async def _upload_bytes(stub: Stub, data: bytes) -> str:
         path = Path(tmp) / "result"
         path.write_bytes(data)
         return await upload_file(stub, path)
+
+
+def _rpc_detail(exc: FederationError) -> str:
+    """What gRPC said of a failed call (``failed to connect to all addresses; …``): the
+    operator's clue to a transport failure that the agent's message words generally."""
+    cause = exc.__cause__
+    return (cause.details() or "")[:300] if isinstance(cause, grpc.aio.AioRpcError) else ""
 
 
 def _load() -> float:
